@@ -1,0 +1,105 @@
+"""The ``slmfleet`` command.
+
+``slmfleet agent ...`` runs the device agent and needs only the ``agent``
+extra (argparse, no CLI framework). Every other subcommand belongs to the
+controller's CLI, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__
+
+
+def _agent_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="slmfleet agent",
+        description="Run the slmfleet device agent. Settings come from --config (TOML) and these flags.",
+    )
+    p.add_argument("--config", type=Path, help="TOML settings file (flags override it)")
+    p.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883")
+    p.add_argument("--device-id", dest="device_id", help="this device's id")
+    p.add_argument("--data-dir", dest="data_dir", type=Path, help="state directory (spool, models)")
+    p.add_argument("--model", type=Path, help="ONNX model to serve")
+    p.add_argument("--input", help="JSON-lines input file, or - for stdin")
+    p.add_argument("--results", type=Path, help="append results to this JSON-lines file")
+    p.add_argument("--telemetry-interval", dest="telemetry_interval_s", type=float, help="seconds (default 10)")
+    p.add_argument("--keepalive", dest="keepalive_s", type=int, help="MQTT keepalive in seconds (default 30)")
+    p.add_argument("--reconnect-max", dest="reconnect_max_s", type=float, help="max reconnect backoff, seconds")
+    p.add_argument("--mqtt-protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
+    p.add_argument("--mqtt-username", dest="mqtt_username")
+    p.add_argument("--mqtt-password-file", dest="mqtt_password_file", type=Path)
+    p.add_argument("--ca-file", dest="ca_file", type=Path)
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: automatic)")
+    p.add_argument("--log-level", dest="log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def agent_main(argv: list[str]) -> int:
+    from agent.runtime.config import ConfigError, load_settings
+
+    args = _agent_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "label")}
+    if args.label:
+        labels: dict[str, str] = {}
+        for item in args.label:
+            key, sep, value = item.partition("=")
+            if not sep:
+                print(f"error: --label {item!r}: use KEY=VALUE", file=sys.stderr)  # noqa: T201
+                return 2
+            labels[key] = value
+        overrides["labels"] = labels
+    try:
+        settings = load_settings(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from agent.runtime.service import run_agent
+
+    try:
+        return run_agent(settings)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "agent":
+        return agent_main(argv[1:])
+    if argv and argv[0] in ("--version", "version"):
+        print(f"slmfleet {__version__}")  # noqa: T201
+        return 0
+    try:
+        from controller.cli import app
+    except ImportError as exc:
+        print(  # noqa: T201
+            f"The controller commands need the controller extra ({exc}).\n"
+            "Install it with: pip install 'slmfleet[controller]'  (devices need only 'slmfleet agent').",
+            file=sys.stderr,
+        )
+        return 2
+    return _run_typer(app, argv)
+
+
+def _run_typer(app: object, argv: list[str]) -> int:
+    import typer.main
+
+    command = typer.main.get_command(app)  # type: ignore[arg-type]
+    try:
+        command.main(args=argv, prog_name="slmfleet", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The agent's protocol core: birth and will, commands, periodic telemetry, events."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.core.actions import Action, Publish, Subscribe
+from agent.protocol import codec, topics
+from agent.protocol.messages import (
+    AgentEvent,
+    CommandAck,
+    Configure,
+    DeviceOffline,
+    DeviceOnline,
+    HardwareProfile,
+    InferenceStats,
+    InstalledModel,
+    ModelRef,
+    Ping,
+    Telemetry,
+)
+from agent.protocol.topics import DeviceChannel
+from agent.transport.base import Will
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreConfig:
+    device_id: str
+    agent_version: str
+    keepalive_s: int = 30
+    telemetry_interval_s: float = 10.0
+    labels: dict[str, str] = field(default_factory=dict)
+    capabilities: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    """What the driver measured for one telemetry message."""
+
+    cpu_percent: float
+    rss_bytes: int
+    temperature_c: float | None = None
+    model: ModelRef | None = None
+    inference: InferenceStats | None = None
+    spool_depth: int = 0
+    spool_dropped: int = 0
+
+
+Sampler = Callable[[float], TelemetrySample]
+InstalledProvider = Callable[[], list[InstalledModel]]
+
+
+class AgentCore:
+    """Decides what to publish and when. Call its methods with the current time ``now`` (seconds)."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        hardware: HardwareProfile,
+        sampler: Sampler,
+        *,
+        started_at: float,
+        installed: InstalledProvider = list,
+    ) -> None:
+        self.config = config
+        self.hardware = hardware
+        self._sampler = sampler
+        self._installed = installed
+        self._started_at = started_at
+        self._seq = 0
+        self._telemetry_seq = 0
+        self._next_telemetry = started_at + config.telemetry_interval_s
+        self._last_telemetry = started_at
+        self.drops = codec.DropCounter(log)
+        self._topic_state = topics.state(config.device_id)
+        self._topic_telemetry = topics.telemetry(config.device_id)
+        self._topic_events = topics.events(config.device_id)
+        self._topic_cmd = topics.cmd(config.device_id)
+
+    # ------------------------------------------------------------- hooks --
+
+    def will(self, now: float) -> Will:
+        """The last will to register with the broker: a retained ``offline``."""
+        return Will(self._topic_state, codec.encode(DeviceOffline(ts=now, reason="will")), qos=1, retain=True)
+
+    def on_connected(self, now: float) -> list[Action]:
+        """Subscribe to commands and announce ourselves (again, after every reconnect)."""
+        return [Subscribe(self._topic_cmd, 1), self.birth(now)]
+
+    def birth(self, now: float) -> Publish:
+        msg = DeviceOnline(
+            ts=now,
+            agent_version=self.config.agent_version,
+            hardware=self.hardware,
+            installed=self._installed(),
+            labels=self.config.labels,
+            keepalive_s=self.config.keepalive_s,
+            telemetry_interval_s=self.config.telemetry_interval_s,
+            capabilities=self.config.capabilities,
+        )
+        return Publish(self._topic_state, codec.encode(msg), qos=1, retain=True)
+
+    def goodbye(self, now: float) -> Publish:
+        """A clean ``offline`` for a planned shutdown."""
+        return Publish(
+            self._topic_state, codec.encode(DeviceOffline(ts=now, reason="shutdown")), qos=1, retain=True
+        )
+
+    def on_message(self, topic: str, payload: bytes, now: float) -> list[Action]:
+        """Handle a message on one of our subscriptions. Invalid ones are counted and dropped."""
+        parsed = topics.parse_device(topic)
+        if parsed is None or parsed.device_id != self.config.device_id or parsed.channel != DeviceChannel.CMD:
+            self.drops.drop(topic, "cmd", "topic", "not a command topic of this device")
+            return []
+        try:
+            command = codec.decode(DeviceChannel.CMD, payload)
+        except codec.PayloadError as exc:
+            self.drops.drop(topic, "cmd", exc.reason, exc.detail)
+            return []
+        if isinstance(command, Ping):
+            return [self._ack(command.command_id, True, "pong", now)]
+        if isinstance(command, Configure):
+            return self._configure(command, now)
+        return []  # pragma: no cover - the union is exhaustive
+
+    def tick(self, now: float) -> list[Action]:
+        """Emit telemetry when it is due."""
+        if now < self._next_telemetry:
+            return []
+        interval = max(now - self._last_telemetry, 1e-6)
+        sample = self._sampler(interval)
+        msg = Telemetry(
+            ts=now,
+            seq=self._telemetry_seq,
+            interval_s=min(interval, 86400.0),
+            uptime_s=max(0.0, now - self._started_at),
+            cpu_percent=sample.cpu_percent if math.isfinite(sample.cpu_percent) else 0.0,
+            rss_bytes=sample.rss_bytes,
+            temperature_c=sample.temperature_c,
+            model=sample.model,
+            inference=sample.inference,
+            spool_depth=sample.spool_depth,
+            spool_dropped=sample.spool_dropped,
+        )
+        self._telemetry_seq += 1
+        self._last_telemetry = now
+        period = self.config.telemetry_interval_s
+        # Stay on the grid; after a long stall, skip the missed slots instead of bursting.
+        self._next_telemetry += period
+        if self._next_telemetry <= now:
+            self._next_telemetry = now + period
+        return [Publish(self._topic_telemetry, codec.encode(msg), qos=1, durable=True)]
+
+    def next_wakeup(self) -> float:
+        return self._next_telemetry
+
+    def event(self, kind: str, message: str, now: float) -> Publish:
+        """An agent event (started, error, ...), durable."""
+        msg = AgentEvent(ts=now, seq=self._next_seq(), kind=kind, message=message[:4096])
+        return Publish(self._topic_events, codec.encode(msg), qos=1, durable=True)
+
+    # ---------------------------------------------------------- commands --
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _ack(self, command_id: str, ok: bool, detail: str, now: float) -> Publish:
+        msg = CommandAck(ts=now, seq=self._next_seq(), command_id=command_id, ok=ok, detail=detail)
+        return Publish(self._topic_events, codec.encode(msg), qos=1, durable=True)
+
+    def _configure(self, command: Configure, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if command.telemetry_interval_s is not None:
+            self.config.telemetry_interval_s = command.telemetry_interval_s
+            self._next_telemetry = min(self._next_telemetry, now + command.telemetry_interval_s)
+            actions.append(self.birth(now))  # the controller learns the new interval from the state
+        actions.append(self._ack(command.command_id, True, "configured", now))
+        return actions

@@ -1,0 +1,1 @@
+"""Running models on the device: onnxruntime sessions, input sources, the worker loop."""

@@ -1,0 +1,84 @@
+"""Loading an ONNX model into onnxruntime and turning JSON inputs into its tensors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_ORT_TYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": np.object_,
+}
+
+
+class ModelLoadError(Exception):
+    """The model file cannot be loaded; the message says why."""
+
+
+class InputError(ValueError):
+    """An input record does not fit the model's inputs."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: Any
+    shape: tuple[int | str | None, ...]
+
+
+def load_session(path: str | os.PathLike[str], threads: int = 0) -> Any:
+    """An onnxruntime InferenceSession on the CPU; ``threads`` 0 lets onnxruntime decide."""
+    import onnxruntime as ort  # heavy import, only where a model runs
+
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+
+
+class TensorModel:
+    """A model fed with named tensors, e.g. ``{"x": [[0.1, 0.2]]}``."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 0) -> None:
+        self.path = str(path)
+        self.session = load_session(path, threads)
+        self.inputs = [
+            TensorSpec(i.name, _ORT_TYPES.get(i.type, np.float32), tuple(i.shape)) for i in self.session.get_inputs()
+        ]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def feeds(self, record: Any) -> dict[str, np.ndarray]:
+        """Tensors for one JSON record: either ``{"inputs": {...}}`` or the mapping itself."""
+        if isinstance(record, dict) and isinstance(record.get("inputs"), dict):
+            record = record["inputs"]
+        if not isinstance(record, dict):
+            raise InputError("an input record must be a JSON object mapping input names to arrays")
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            if spec.name not in record:
+                raise InputError(f"input {spec.name!r} is missing (the model takes {[s.name for s in self.inputs]})")
+            try:
+                array = np.asarray(record[spec.name], dtype=spec.dtype)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input {spec.name!r}: {exc}") from None
+            if len(spec.shape) and array.ndim != len(spec.shape):
+                raise InputError(f"input {spec.name!r} has {array.ndim} dimensions, the model expects {len(spec.shape)}")
+            feeds[spec.name] = array
+        return feeds
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(None, feeds))

@@ -1,0 +1,255 @@
+"""The artifact manifest: what a model variant is, how to run it, and how to fetch and verify it.
+
+A manifest describes one **artifact**: a bundle of files (ONNX graphs and
+their external data, tokenizer, ...) for one variant (fp32, int8, int4, ...)
+of one immutable model version. The controller signs it (``signing``); the
+agent verifies it, fetches the files chunk by chunk, checks every hash, and
+builds the inference pipeline from the ``task`` and its settings, so a new
+model needs no new code on the device.
+
+Bundle layouts by task (paths are relative to the bundle root):
+
+* ``text-classification``: ``model.onnx`` taking ``input_ids``,
+  ``attention_mask`` (and ``token_type_ids`` if the graph has it), int64
+  ``[batch, seq]``; output ``logits [batch, n_labels]``; ``tokenizer.json``;
+  ``labels`` in ``postprocess``.
+* ``embeddings``: same inputs; output named by ``io.outputs[0]``; when
+  ``preprocess.pooling`` is ``none`` the graph already pools (and normalizes
+  if ``postprocess.normalize`` says so is done); ``mean`` or ``cls`` pool a
+  ``last_hidden_state`` output on the device. ``postprocess.zero_shot_labels``
+  maps a label to a description the device embeds once at load time.
+* ``text-generation``: either ``runtime = onnxruntime-genai`` and the bundle is
+  an onnxruntime-genai model folder (``genai_config.json``, model, tokenizer),
+  or ``runtime = onnxruntime`` with ``decoder.onnx`` taking ``input_ids``,
+  ``attention_mask`` (``position_ids`` if present) and ``past_key_values.{i}.key|value``
+  and returning ``logits`` and ``present.{i}.key|value``; ``generation`` holds
+  the cache geometry and decoding settings.
+* ``text2text``: ``encoder.onnx`` (``input_ids``, ``attention_mask`` ->
+  ``last_hidden_state``) and ``decoder.onnx`` (``input_ids``,
+  ``encoder_hidden_states``, ``encoder_attention_mask``, optional past) ->
+  ``logits``; ``generation.decoder_start_token_id``.
+* ``anomaly``: ``model.onnx`` taking a float window ``[batch, n_features]``;
+  ``anomaly`` names the score output, the threshold and its direction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MANIFEST_SCHEMA = 1
+#: Default chunk size for delivery: small enough for stock broker limits, large enough to be efficient.
+DEFAULT_CHUNK_SIZE = 256 * 1024
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+RelPath = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=255,
+        # relative, forward slashes, no '..' or '.' segments, no absolute paths or drive letters
+        pattern=r"^(?!/)(?!.*(^|/)\.\.?(/|$))(?!.*\\)(?!.*//)[A-Za-z0-9._+@=-][A-Za-z0-9._+@=/-]*$",
+    ),
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class Task(StrEnum):
+    TEXT_CLASSIFICATION = "text-classification"
+    EMBEDDINGS = "embeddings"
+    TEXT_GENERATION = "text-generation"
+    TEXT2TEXT = "text2text"
+    ANOMALY = "anomaly"
+
+
+class Runtime(StrEnum):
+    ONNXRUNTIME = "onnxruntime"
+    ONNXRUNTIME_GENAI = "onnxruntime-genai"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class TensorInfo(_Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    dtype: Annotated[str, StringConstraints(max_length=32)]
+    shape: list[int | str | None]
+
+
+class IO(_Strict):
+    """The graph's (main graph's, for multi-graph bundles) inputs and outputs."""
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+class FileEntry(_Strict):
+    path: RelPath
+    sha256: Sha256
+    size: Annotated[int, Field(ge=0)]
+
+
+class ChunkRef(_Strict):
+    """One delivery chunk: bytes ``[offset, offset+size)`` of the bundle's files concatenated in ``files`` order."""
+
+    index: Annotated[int, Field(ge=0)]
+    sha256: Sha256
+    size: Annotated[int, Field(ge=1)]
+
+
+class Preprocess(_Strict):
+    tokenizer: RelPath | None = None
+    max_length: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    pooling: Literal["none", "mean", "cls"] = "none"
+    lowercase: bool = False
+
+
+class Postprocess(_Strict):
+    labels: list[Annotated[str, StringConstraints(max_length=128)]] = []
+    normalize: bool = False
+    softmax: bool = True
+    zero_shot_labels: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = {}
+
+
+class Generation(_Strict):
+    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 64
+    eos_token_id: list[int] = []
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    num_layers: Annotated[int, Field(ge=0)] = 0
+    num_kv_heads: Annotated[int, Field(ge=0)] = 0
+    head_dim: Annotated[int, Field(ge=0)] = 0
+    do_sample: bool = False
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0
+    decoder: RelPath | None = None
+    encoder: RelPath | None = None
+
+
+class Anomaly(_Strict):
+    input: str
+    output: str
+    n_features: Annotated[int, Field(ge=1)]
+    threshold: float
+    higher_is_anomalous: bool = True
+
+
+class Quantization(_Strict):
+    method: Literal["none", "fp16", "int8-dynamic", "int4-weight-only", "int8-genai", "int4-genai"] = "none"
+    per_channel: bool | None = None
+    block_size: int | None = None
+    tool: str | None = None
+
+
+class Metrics(_Strict):
+    """Measured at registration on the registering machine, against the fp32 reference."""
+
+    agreement: Annotated[float, Field(ge=-1, le=1)] | None = None
+    agreement_kind: Literal["cosine", "top1", "token", "score-correlation", "exact"] | None = None
+    eval_samples: Annotated[int, Field(ge=0)] = 0
+    latency_ms_p50: Annotated[float, Field(ge=0)] | None = None
+    latency_ms_p95: Annotated[float, Field(ge=0)] | None = None
+    tokens_per_s: Annotated[float, Field(ge=0)] | None = None
+    peak_rss_bytes: Annotated[int, Field(ge=0)] | None = None
+    size_bytes: Annotated[int, Field(ge=0)] = 0
+
+
+class Requirements(_Strict):
+    min_ram_bytes: Annotated[int, Field(ge=0)] = 0
+    min_disk_bytes: Annotated[int, Field(ge=0)] = 0
+    providers: list[str] = ["CPUExecutionProvider"]
+
+
+class Budget(_Strict):
+    """The on-device self-test fails a candidate that exceeds these (0: no limit)."""
+
+    max_latency_ms: Annotated[float, Field(ge=0)] = 0.0
+    max_rss_bytes: Annotated[int, Field(ge=0)] = 0
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = MANIFEST_SCHEMA
+    model: Name
+    version: Annotated[int, Field(ge=1)]
+    variant: Name
+    task: Task
+    runtime: Runtime = Runtime.ONNXRUNTIME
+    description: Annotated[str, StringConstraints(max_length=4096)] = ""
+    io: IO
+    entrypoint: RelPath = "model.onnx"
+    preprocess: Preprocess = Preprocess()
+    postprocess: Postprocess = Postprocess()
+    generation: Generation | None = None
+    anomaly: Anomaly | None = None
+    files: Annotated[list[FileEntry], Field(min_length=1, max_length=10_000)]
+    chunk_size: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = DEFAULT_CHUNK_SIZE
+    chunks: list[ChunkRef]
+    quantization: Quantization = Quantization()
+    metrics: Metrics = Metrics()
+    requirements: Requirements = Requirements()
+    budget: Budget = Budget()
+    created_at: Annotated[float, Field(ge=0)]
+    expires_at: Annotated[float, Field(ge=0)] | None = None
+    extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise ValueError("files: a path is listed twice")
+        total = sum(f.size for f in self.files)
+        expected = (total + self.chunk_size - 1) // self.chunk_size
+        if len(self.chunks) != expected:
+            raise ValueError(f"chunks: {len(self.chunks)} listed, {expected} expected for {total} bytes")
+        for i, c in enumerate(self.chunks):
+            if c.index != i:
+                raise ValueError(f"chunks: entry {i} has index {c.index}")
+            last = i == expected - 1
+            want = total - i * self.chunk_size if last else self.chunk_size
+            if c.size != want:
+                raise ValueError(f"chunks: chunk {i} has size {c.size}, expected {want}")
+        if self.runtime == Runtime.ONNXRUNTIME and self.entrypoint not in paths and self.task not in (
+            Task.TEXT_GENERATION,
+            Task.TEXT2TEXT,
+        ):
+            raise ValueError(f"entrypoint {self.entrypoint!r} is not among the files")
+        if self.task == Task.ANOMALY and self.anomaly is None:
+            raise ValueError("an anomaly model needs the 'anomaly' settings (score output, threshold)")
+        if self.task in (Task.TEXT_GENERATION, Task.TEXT2TEXT) and self.generation is None:
+            raise ValueError(f"a {self.task.value} model needs 'generation' settings")
+        if self.preprocess.tokenizer is not None and self.preprocess.tokenizer not in paths:
+            raise ValueError(f"preprocess.tokenizer {self.preprocess.tokenizer!r} is not among the files")
+        return self
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def canonical_bytes(self) -> bytes:
+        """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
+        return canonical_json(self.model_dump(mode="json"))
+
+    @property
+    def artifact_id(self) -> str:
+        """The artifact's content address: sha256 of the canonical manifest."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+class SignedManifest(_Strict):
+    """A manifest with the controller's Ed25519 signature over ``manifest.canonical_bytes()``."""
+
+    manifest: Manifest
+    signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    key_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    algorithm: Literal["ed25519"] = "ed25519"
+

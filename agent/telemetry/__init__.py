@@ -1,0 +1,1 @@
+"""What the agent measures: latency histograms, inference counters, process and host samples."""

@@ -1,0 +1,99 @@
+"""Thread-safe inference counters that the telemetry loop snapshots and resets each interval."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+from agent.protocol.messages import DriftStats, InferenceStats, LatencySummary
+from agent.telemetry.histogram import LatencyHistogram
+
+#: Score histogram edges for drift signals (scores are expected in [0, 1]; outside clamps).
+SCORE_EDGES: tuple[float, ...] = tuple(i / 20 for i in range(21))
+
+
+class InferenceCounters:
+    """Collects what the inference workers do; ``snapshot()`` returns and resets one interval."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+        self.queue_depth = 0
+
+    def _reset(self) -> None:
+        self._hist = LatencyHistogram()
+        self._errors = 0
+        self._drops = 0
+        self._tokens = 0
+        self._token_time_s = 0.0
+        self._labels: Counter[str] = Counter()
+        self._scores = [0] * (len(SCORE_EDGES) - 1)
+        self._scored = False
+
+    def record(self, latency_ms: float, n: int = 1) -> None:
+        """Record ``n`` inferences that each took ``latency_ms`` (a batch of n shares its latency)."""
+        with self._lock:
+            for _ in range(n):
+                self._hist.record(latency_ms)
+
+    def record_error(self, n: int = 1) -> None:
+        with self._lock:
+            self._errors += n
+
+    def record_drop(self, n: int = 1) -> None:
+        with self._lock:
+            self._drops += n
+
+    def record_tokens(self, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self._tokens += tokens
+            self._token_time_s += seconds
+
+    def record_label(self, label: str) -> None:
+        with self._lock:
+            self._labels[label] += 1
+
+    def record_score(self, score: float) -> None:
+        top = len(self._scores) - 1
+        idx = min(top, max(0, int(score * top + 1e-12))) if score == score else top
+        with self._lock:
+            self._scores[idx] += 1
+            self._scored = True
+
+    def snapshot(self, interval_s: float) -> InferenceStats | None:
+        """Stats since the previous snapshot, or None if the interval saw no activity at all."""
+        with self._lock:
+            hist, errors, drops = self._hist, self._errors, self._drops
+            tokens, token_time = self._tokens, self._token_time_s
+            labels, scores, scored = self._labels, self._scores, self._scored
+            self._reset()
+        if hist.total == 0 and errors == 0 and drops == 0 and self.queue_depth == 0:
+            return None
+        latency = None
+        if hist.total:
+            latency = LatencySummary(
+                p50_ms=hist.quantile(0.50),
+                p95_ms=hist.quantile(0.95),
+                p99_ms=hist.quantile(0.99),
+                mean_ms=hist.mean_ms,
+                max_ms=hist.max_ms,
+                buckets=hist.sparse(),
+            )
+        drift = None
+        if labels or scored:
+            drift = DriftStats(
+                label_counts=dict(labels.most_common(256)),
+                score_hist=scores if scored else [],
+                score_edges=list(SCORE_EDGES) if scored else [],
+            )
+        return InferenceStats(
+            count=hist.total,
+            errors=errors,
+            drops=drops,
+            queue_depth=self.queue_depth,
+            throughput_per_s=hist.total / interval_s if interval_s > 0 else 0.0,
+            latency=latency,
+            tokens=tokens,
+            tokens_per_s=(tokens / token_time) if token_time > 0 else None,
+            drift=drift,
+        )

@@ -1,0 +1,534 @@
+"""A paho MQTT client driven by an asyncio event loop.
+
+Why not ``loop_start()``: paho's threaded loop costs a thread per client and
+uses ``select()``, which stops connecting clients past about 340 per process
+on these machines. Here every client's socket is registered with the asyncio
+loop (epoll), so one loop runs one agent on a device or thousands in the
+simulator, and the controller's connection lives in its own loop thread.
+
+The transport reconnects forever with capped, jittered exponential backoff,
+re-applies its subscriptions after every reconnect, speaks MQTT 5 where the
+broker does and falls back to 3.1.1 where it does not (``protocol="auto"``),
+and stops retrying when the broker refuses the credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.transport.base import TransportRefused, Will
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["auto", "5", "3.1.1"]
+
+# CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
+_RC_UNSUPPORTED_PROTOCOL = 132
+_RC_REFUSED_FOR_GOOD = {133, 134, 135, 138, 140}  # bad client id, bad credentials, not authorized, banned, bad auth
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How to reach the broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive_s: int = 30
+    protocol: Protocol = "auto"
+    persistent_session: bool = True
+    session_expiry_s: int = 7 * 24 * 3600
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    max_inflight: int = 100
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> dict[str, Any]:
+    """Split ``mqtt://[user:pass@]host:port`` (or ``mqtts://``) into MqttConfig fields."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    fields: dict[str, Any] = {
+        "host": parts.hostname,
+        "port": parts.port or (8883 if tls else 1883),
+        "tls": tls,
+    }
+    if parts.username:
+        fields["username"] = unquote(parts.username)
+    if parts.password:
+        fields["password"] = unquote(parts.password)
+    return fields
+
+
+class _MiscTicker:
+    """Calls ``loop_misc`` (keepalive pings, timeouts) for every transport on one loop, once a second."""
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _MiscTicker] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._members: set[MqttTransport] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> _MiscTicker:
+        ticker = cls._by_loop.get(loop)
+        if ticker is None:
+            ticker = cls._by_loop[loop] = cls(loop)
+        return ticker
+
+    def add(self, transport: MqttTransport) -> None:
+        self._members.add(transport)
+        if self._handle is None:
+            self._handle = self._loop.call_later(1.0, self._tick)
+
+    def discard(self, transport: MqttTransport) -> None:
+        self._members.discard(transport)
+
+    def _tick(self) -> None:
+        for transport in list(self._members):
+            transport._misc()
+        self._handle = self._loop.call_later(1.0, self._tick) if self._members else None
+
+
+class MqttTransport:
+    """One MQTT connection, implementing ``agent.transport.base.Transport``.
+
+    Create it and call ``start()`` inside the loop's thread. ``publish`` may be
+    called from any thread; callbacks run in the loop's thread.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.config = config
+        self.client_id = client_id
+        self.will = will
+        self.name = name or client_id
+        self._loop = loop or asyncio.get_running_loop()
+        self._loop_thread: int | None = None
+        self._protocol_v5 = config.protocol in ("auto", "5")
+        self._client: mqtt.Client | None = None
+        self._sock: Any = None
+        self._subs: dict[str, int] = {}
+        self._connected = False
+        self._got_connack = False
+        self._stopping = False
+        self._attempt = 0
+        self._reconnect_handle: asyncio.TimerHandle | None = None
+        self._connack_timer: asyncio.TimerHandle | None = None
+        self._logged_failure = False
+        self._closed: asyncio.Future[None] | None = None
+        self.refused: str | None = None
+        self.connects = 0
+        self.on_connect: Callable[[], None] | None = None
+        self.on_disconnect: Callable[[str], None] | None = None
+        self.on_message: Callable[[str, bytes], None] | None = None
+        self.on_published: Callable[[int], None] | None = None
+        self.on_refused: Callable[[str], None] | None = None
+
+    # ------------------------------------------------------------ public --
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def protocol(self) -> str:
+        """The protocol in use (or being tried): ``"5"`` or ``"3.1.1"``."""
+        return "5" if self._protocol_v5 else "3.1.1"
+
+    def start(self) -> None:
+        """Begin connecting; retries forever until ``stop()`` or a refusal."""
+        self._loop_thread = threading.get_ident()
+        _MiscTicker.for_loop(self._loop).add(self)
+        self._try_connect()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
+        """Queue a message while connected; returns its id, or 0 when offline (the caller keeps it)."""
+        client = self._client
+        if client is None or not self._connected:
+            return 0
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,):
+            return 0
+        return int(info.mid) or -1
+
+    def subscribe(self, filter_: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and after every reconnect."""
+        self._subs[filter_] = qos
+        self._call_in_loop(self._subscribe_now, [(filter_, qos)])
+
+    def unsubscribe(self, filter_: str) -> None:
+        self._subs.pop(filter_, None)
+        self._call_in_loop(self._unsubscribe_now, filter_)
+
+    async def stop(self, final: tuple[str, bytes, int, bool] | None = None, timeout: float = 3.0) -> None:
+        """Disconnect cleanly (the broker does not publish the will).
+
+        ``final`` is an optional ``(topic, payload, qos, retain)`` published just before,
+        e.g. a retained "offline: shutdown" state.
+        """
+        self._stopping = True
+        self._cancel_timers()
+        client = self._client
+        if client is None:
+            return
+        if self._connected:
+            self._closed = self._loop.create_future()
+            if final is not None:
+                done: asyncio.Future[None] = self._loop.create_future()
+                prev = self.on_published
+                mid = self.publish(*final)
+
+                def _published(m: int) -> None:
+                    if m == mid and not done.done():
+                        done.set_result(None)
+                    if prev is not None:
+                        prev(m)
+
+                self.on_published = _published
+                if mid:
+                    try:
+                        await asyncio.wait_for(done, timeout)
+                    except TimeoutError:
+                        log.warning("%s: final message not acknowledged within %.1fs", self.name, timeout)
+            client.disconnect()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+            except TimeoutError:
+                log.warning("%s: broker did not close the connection within %.1fs", self.name, timeout)
+        self._drop_socket()
+        self._connected = False
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash or power loss would (the will fires)."""
+        self._stopping = True
+        self._cancel_timers()
+        sock = self._sock
+        self._drop_socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self._connected = False
+        self._client = None
+
+    # ---------------------------------------------------------- internals --
+
+    def _cancel_timers(self) -> None:
+        if self._reconnect_handle is not None:
+            self._reconnect_handle.cancel()
+            self._reconnect_handle = None
+        self._cancel_connack_timer()
+        _MiscTicker.for_loop(self._loop).discard(self)
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.config
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if self._protocol_v5 else mqtt.MQTTv311,
+            clean_session=None if self._protocol_v5 else not cfg.persistent_session,
+        )
+        client.connect_timeout = cfg.connect_timeout_s
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.max_queued_messages_set(0)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls:
+            client.tls_set(
+                ca_certs=cfg.ca_file,
+                certfile=cfg.cert_file,
+                keyfile=cfg.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        return client
+
+    def _in_loop_thread(self) -> bool:
+        return self._loop_thread == threading.get_ident()
+
+    def _call_in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._in_loop_thread():
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _try_connect(self) -> None:
+        self._reconnect_handle = None
+        if self._stopping:
+            return
+        if self._client is None:
+            self._client = self._make_client()
+        cfg = self.config
+        self._got_connack = False
+        try:
+            if self._protocol_v5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = cfg.session_expiry_s if cfg.persistent_session else 0
+                self._client.connect(
+                    cfg.host,
+                    cfg.port,
+                    keepalive=cfg.keepalive_s,
+                    clean_start=not cfg.persistent_session,
+                    properties=props,
+                )
+            else:
+                self._client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._note_failure(f"cannot reach broker {cfg.host}:{cfg.port}: {exc}")
+            self._schedule_reconnect()
+            return
+        self._cancel_connack_timer()
+        self._connack_timer = self._loop.call_later(cfg.connect_timeout_s, self._connack_timeout)
+
+    def _cancel_connack_timer(self) -> None:
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
+            self._connack_timer = None
+
+    def _connack_timeout(self) -> None:
+        self._connack_timer = None
+        if self._got_connack or self._stopping:
+            return
+        if self._protocol_v5 and self.config.protocol == "auto" and self.connects == 0:
+            # Some 3.1.1-only brokers (amqtt) neither answer nor close on a v5 CONNECT with properties.
+            self._fall_back_to_311()
+            return
+        self._note_failure(f"no CONNACK within {self.config.connect_timeout_s:.0f}s")
+        self._close_socket()
+        self._schedule_reconnect()
+
+    def _note_failure(self, message: str) -> None:
+        if not self._logged_failure:
+            log.warning("%s: %s (retrying with backoff)", self.name, message)
+            self._logged_failure = True
+        else:
+            log.debug("%s: %s", self.name, message)
+
+    def _schedule_reconnect(self, delay: float | None = None) -> None:
+        if self._stopping or self._reconnect_handle is not None:
+            return
+        if delay is None:
+            cfg = self.config
+            base = min(cfg.reconnect_max_s, cfg.reconnect_min_s * (2 ** min(self._attempt, 16)))
+            delay = base * random.uniform(0.5, 1.0)
+            self._attempt += 1
+        self._reconnect_handle = self._loop.call_later(delay, self._try_connect)
+
+    def _fall_back_to_311(self) -> None:
+        log.warning("%s: broker does not speak MQTT 5; falling back to MQTT 3.1.1", self.name)
+        self._protocol_v5 = False
+        self._close_socket()
+        self._client = None
+        self._schedule_reconnect(delay=0.0)
+
+    def _close_socket(self) -> None:
+        sock = self._sock
+        self._drop_socket()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _subscribe_now(self, pairs: list[tuple[str, int]]) -> None:
+        if self._client is not None and self._connected and pairs:
+            self._client.subscribe(pairs)
+
+    def _unsubscribe_now(self, filter_: str) -> None:
+        if self._client is not None and self._connected:
+            self._client.unsubscribe(filter_)
+
+    def _misc(self) -> None:
+        client = self._client
+        if client is not None and self._sock is not None:
+            client.loop_misc()
+
+    # ------------------------------------------------------ paho callbacks --
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        if client is not self._client:
+            return
+        self._got_connack = True
+        self._cancel_connack_timer()
+        code = reason.value
+        if code != 0:
+            # A 3.1.1-only broker answers a v5 CONNECT with the 3.1.1 return code 1 ("unacceptable
+            # protocol version"), which a v5 parser reads as a non-failure code: only 0 is success.
+            if code in (1, _RC_UNSUPPORTED_PROTOCOL) and self._protocol_v5 and self.config.protocol == "auto":
+                self._fall_back_to_311()
+                return
+            if code in _RC_REFUSED_FOR_GOOD:
+                self.refused = f"broker refused the connection: {reason}"
+                log.error("%s: %s; not retrying", self.name, self.refused)
+                self._stopping = True
+                self._drop_socket()
+                if self.on_refused is not None:
+                    self.on_refused(self.refused)
+                return
+            self._note_failure(f"broker refused the connection: {reason} ({code})")
+            self._drop_socket()
+            self._schedule_reconnect()
+            return
+        self._connected = True
+        self._attempt = 0
+        self.connects += 1
+        if self._logged_failure:
+            log.info("%s: connected to %s", self.name, self.config.url)
+        self._logged_failure = False
+        self._subscribe_now(list(self._subs.items()))
+        if self.on_connect is not None:
+            try:
+                self.on_connect()
+            except Exception:
+                log.exception("%s: on_connect handler failed", self.name)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        if client is not self._client:
+            return
+        was_connected = self._connected
+        self._connected = False
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        if self._stopping:
+            return
+        if not self._got_connack and self._protocol_v5 and self.config.protocol == "auto" and self.connects == 0:
+            # Brokers that only speak 3.1.1 may close the socket instead of answering a v5 CONNECT.
+            self._fall_back_to_311()
+            return
+        if was_connected:
+            log.warning("%s: connection lost (%s); reconnecting", self.name, reason)
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(str(reason))
+                except Exception:
+                    log.exception("%s: on_disconnect handler failed", self.name)
+        else:
+            self._note_failure(f"connection closed before it was accepted ({reason})")
+        self._schedule_reconnect()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        handler = self.on_message
+        if handler is None:
+            return
+        try:
+            handler(message.topic, message.payload)
+        except Exception:
+            # A faulty handler must never break the network loop.
+            log.exception("%s: message handler failed for topic %s", self.name, message.topic)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if self.on_published is not None:
+            try:
+                self.on_published(mid)
+            except Exception:
+                log.exception("%s: on_published handler failed", self.name)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._sock = sock
+        self._call_in_loop(self._loop.add_reader, sock, self._readable, client)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if sock is self._sock:
+            self._sock = None
+        self._call_in_loop(self._forget_socket, sock)
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._add_writer, sock, client)
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call_in_loop(self._remove_writer, sock)
+
+    # ---------------------------------------------------- loop plumbing --
+
+    def _readable(self, client: mqtt.Client) -> None:
+        client.loop_read()
+
+    def _writable(self, client: mqtt.Client) -> None:
+        client.loop_write()
+
+    def _add_writer(self, sock: Any, client: mqtt.Client) -> None:
+        if sock is self._sock and sock.fileno() >= 0:
+            self._loop.add_writer(sock, self._writable, client)
+
+    def _remove_writer(self, sock: Any) -> None:
+        try:
+            self._loop.remove_writer(sock)
+        except (ValueError, OSError):
+            pass
+
+    def _forget_socket(self, sock: Any) -> None:
+        for remove in (self._loop.remove_reader, self._loop.remove_writer):
+            try:
+                remove(sock)
+            except (ValueError, OSError):
+                pass
+
+    def _drop_socket(self) -> None:
+        sock = self._sock
+        self._sock = None
+        if sock is not None:
+            self._forget_socket(sock)
+
+
+def ensure_started(transport: MqttTransport) -> None:
+    """Start ``transport`` from any thread."""
+    transport._loop.call_soon_threadsafe(transport.start)
+
+
+def raise_if_refused(transport: MqttTransport) -> None:
+    """Raise TransportRefused when the broker refused ``transport`` for good."""
+    if transport.refused:
+        raise TransportRefused(transport.refused)

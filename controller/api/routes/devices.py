@@ -1,0 +1,146 @@
+"""Devices: list, inspect, label, forget; their telemetry and events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from controller import audit
+from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
+from controller.api.schemas import DevicePage, DevicePatch, DevicePublic, EventPublic, TelemetryPublic
+from controller.db.models import Device, DeviceEvent, TelemetryRecord
+from controller.devices import selectors
+
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _get(session: SessionDep, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {device_id!r} not found")
+    return device
+
+
+@router.get("", response_model=DevicePage)
+def list_devices(
+    session: SessionDep,
+    _: ViewerDep,
+    status_: Annotated[Literal["online", "offline"] | None, Query(alias="status")] = None,
+    selector: Annotated[
+        str | None, Query(description="label selector, e.g. site=berlin,tier!=canary,gpu", max_length=4096)
+    ] = None,
+    label: Annotated[list[str] | None, Query(description="KEY=VALUE, repeatable (all must match)")] = None,
+    q: Annotated[str | None, Query(description="substring of the device id", max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DevicePage:
+    """Devices, filtered by status, labels and id, sorted by id, paginated."""
+    terms = [selector] if selector else []
+    for item in label or []:
+        if "=" not in item:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"label filter {item!r}: use KEY=VALUE")
+        terms.append(item)
+    try:
+        parsed = selectors.parse(",".join(terms))
+    except selectors.SelectorError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+    stmt = select(Device)
+    if status_ is not None:
+        stmt = stmt.where(Device.status == status_)
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(col(Device.id).like(f"%{escaped}%", escape="\\"))
+    stmt = stmt.order_by(col(Device.id))
+    if not parsed.terms:
+        total = session.exec(select(func.count()).select_from(stmt.subquery())).one()
+        items = session.exec(stmt.offset(offset).limit(limit)).all()
+    else:  # label selectors are evaluated here, the same way for every database
+        matching = [d for d in session.exec(stmt).all() if parsed.matches(d.labels)]
+        total, items = len(matching), matching[offset : offset + limit]
+    return DevicePage(
+        items=[DevicePublic.model_validate(d) for d in items], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{device_id}", response_model=DevicePublic)
+def get_device(device_id: str, session: SessionDep, _: ViewerDep) -> Device:
+    return _get(session, device_id)
+
+
+@router.patch("/{device_id}", response_model=DevicePublic)
+def patch_device(device_id: str, body: DevicePatch, session: SessionDep, who: OperatorDep) -> Device:
+    """Set labels (a value) or remove them (``null``)."""
+    device = _get(session, device_id)
+    labels = dict(device.labels)
+    for key, value in body.labels.items():
+        if value is None:
+            labels.pop(key, None)
+        else:
+            labels[key] = value
+    if len(labels) > 64:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "a device can carry at most 64 labels")
+    device.labels = labels
+    session.add(device)
+    audit.record(session, who.name, "device.labels", device_id, {"patch": body.labels})
+    session.commit()
+    session.refresh(device)
+    return device
+
+
+@router.delete("/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_device(device_id: str, session: SessionDep, runtime: RuntimeDep, who: OperatorDep) -> Response:
+    """Forget a device and its history (it registers again if it comes back)."""
+    device = _get(session, device_id)
+    session.delete(device)
+    for model in (TelemetryRecord, DeviceEvent):
+        for row in session.exec(select(model).where(model.device_id == device_id)).all():
+            session.delete(row)
+    audit.record(session, who.name, "device.delete", device_id)
+    session.commit()
+    runtime.registry.forget(device_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{device_id}/telemetry", response_model=list[TelemetryPublic])
+def device_telemetry(
+    device_id: str,
+    session: SessionDep,
+    _: ViewerDep,
+    since: Annotated[datetime | None, Query(description="ISO 8601 time or Unix seconds; received at or after")] = None,
+    until: Annotated[datetime | None, Query(description="received before this time")] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> list[TelemetryRecord]:
+    """Telemetry rows of a device, oldest first."""
+    _get(session, device_id)
+    stmt = select(TelemetryRecord).where(TelemetryRecord.device_id == device_id)
+    if since is not None:
+        stmt = stmt.where(col(TelemetryRecord.received_at) >= _utc(since))
+    if until is not None:
+        stmt = stmt.where(col(TelemetryRecord.received_at) < _utc(until))
+    return list(session.exec(stmt.order_by(col(TelemetryRecord.received_at), col(TelemetryRecord.id)).limit(limit)))
+
+
+@router.get("/{device_id}/events", response_model=list[EventPublic])
+def device_events(
+    device_id: str,
+    session: SessionDep,
+    _: ViewerDep,
+    since: Annotated[datetime | None, Query(description="ISO 8601 time or Unix seconds")] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> list[DeviceEvent]:
+    """Events a device reported, oldest first."""
+    _get(session, device_id)
+    stmt = select(DeviceEvent).where(DeviceEvent.device_id == device_id)
+    if since is not None:
+        stmt = stmt.where(col(DeviceEvent.received_at) >= _utc(since))
+    return list(session.exec(stmt.order_by(col(DeviceEvent.received_at), col(DeviceEvent.id)).limit(limit)))

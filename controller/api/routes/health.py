@@ -1,0 +1,50 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from agent import __version__
+from controller.api.deps import RuntimeDep
+from controller.api.schemas import BrokerHealth, Health
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@router.get("/api/v1/health", response_model=Health, tags=["health"])
+def health(runtime: RuntimeDep, response: Response) -> Health:
+    """Is the controller working: database reachable, broker connected."""
+    database = "ok"
+    try:
+        with runtime.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        log.warning("health: database check failed: %s", exc)
+        database = "error"
+    bridge = runtime.bridge
+    broker = BrokerHealth(url=runtime.settings.broker_url, connected=bool(bridge and bridge.connected))
+    ok = database == "ok" and (broker.connected or bridge is None)
+    if database != "ok":
+        response.status_code = 503
+    return Health(
+        status="ok" if ok else "degraded",
+        version=__version__,
+        database=database,  # type: ignore[arg-type]
+        broker=broker,
+        devices=runtime.registry.counts(),
+        ingest_queue=runtime.writer.depth,
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus text format."""
+    m = runtime.metrics
+    m.mqtt_connected.set(1 if runtime.bridge and runtime.bridge.connected else 0)
+    m.ingest_queue.set(runtime.writer.depth)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,280 @@
+"""The broker ``slmfleet up`` starts for you, and that the test suite starts on a free port.
+
+mosquitto runs as a child process with a configuration written here when its
+binary is found; otherwise amqtt runs inside this process. amqtt speaks MQTT
+3.1.1 only, has no shared subscriptions and drops the sessions of anonymous
+clients (QoS 1 messages to a disconnected client are not queued), so the
+embedded amqtt suits trying slmfleet out, not running a fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from controller.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["auto", "mosquitto", "amqtt"]
+
+AMQTT_LIMITS = (
+    "embedded broker is amqtt: MQTT 3.1.1 only, no shared subscriptions, "
+    "and sessions of anonymous clients are dropped, so messages to offline devices are not queued. "
+    "Install mosquitto or pass --broker mqtt://host:port for a real fleet."
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def mosquitto_binary() -> str | None:
+    """Path of the mosquitto binary, or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def mosquitto_config(host: str, port: int, state_dir: Path, extra: str = "") -> str:
+    """A mosquitto.conf for a private single-node broker; the comments say why each line is there."""
+    lines = [
+        "# Written by slmfleet; regenerated on every start.",
+        f"listener {port} {host}",
+        "# The embedded broker is for a single machine: loopback only, anonymous clients allowed.",
+        "allow_anonymous true",
+        "# Retained device states and persistent sessions survive a broker restart.",
+        "persistence true",
+        f"persistence_location {state_dir}/",
+        "autosave_interval 60",
+        f"log_dest file {state_dir}/mosquitto.log",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "connection_messages true",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        "# Devices reconnect after outages with queued commands; a QoS 1 queue of 1000 (the",
+        "# default) silently drops the rest, so queue more per client.",
+        "max_queued_messages 20000",
+        "max_inflight_messages 100",
+        "set_tcp_nodelay true",
+    ]
+    if os.geteuid() == 0:
+        # mosquitto started as root drops to user 'mosquitto', which cannot write our state directory.
+        lines.append("user root")
+    else:
+        lines.append(f"user {getpass.getuser()}")
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines) + "\n"
+
+
+class EmbeddedBroker:
+    """A private broker on ``host:port``: ``start()``, ``stop()``, ``restart()``."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        engine: Engine = "auto",
+        extra_config: str = "",
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.port = port or free_port(host)
+        self.requested = engine
+        self.extra_config = extra_config
+        self.engine: Literal["mosquitto", "amqtt"] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._amqtt: _AmqttThread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def protocol(self) -> str:
+        """The newest MQTT version the broker speaks."""
+        return "5" if self.engine == "mosquitto" else "3.1.1"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float = 15.0) -> str:
+        """Start the broker and wait until it accepts connections; returns its URL."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        binary = mosquitto_binary() if self.requested in ("auto", "mosquitto") else None
+        if self.requested == "mosquitto" and binary is None:
+            raise BrokerError("mosquitto was asked for but its binary is not on PATH; install mosquitto")
+        if port_open(self.host, self.port):
+            raise BrokerError(
+                f"port {self.port} on {self.host} is already in use; choose another with --broker-port "
+                "or point at that broker with --broker mqtt://host:port"
+            )
+        if binary is not None:
+            self._start_mosquitto(binary, timeout)
+        else:
+            log.warning("%s", AMQTT_LIMITS)
+            self._amqtt = _AmqttThread(self.host, self.port)
+            self._amqtt.start(timeout)
+            self.engine = "amqtt"
+        return self.url
+
+    def _start_mosquitto(self, binary: str, timeout: float) -> None:
+        conf = self.state_dir / "mosquitto.conf"
+        conf.write_text(mosquitto_config(self.host, self.port, self.state_dir.resolve(), self.extra_config))
+        stderr = open(self.state_dir / "mosquitto.stderr", "ab")  # noqa: SIM115 - owned by the child
+        self._proc = subprocess.Popen(
+            [binary, "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker: we stop it in order
+        )
+        stderr.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited with code {self._proc.returncode}: {self._log_tail()}")
+            if port_open(self.host, self.port):
+                self.engine = "mosquitto"
+                log.info("embedded mosquitto (pid %d) listening on %s", self._proc.pid, self.url)
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on {self.url} within {timeout:.0f}s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        parts = []
+        for name in ("mosquitto.stderr", "mosquitto.log"):
+            path = self.state_dir / name
+            if path.is_file():
+                parts.append(path.read_text(errors="replace")[-600:].strip())
+        return " | ".join(p for p in parts if p) or "no log output"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``)."""
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        if self._amqtt is not None:
+            self._amqtt.stop()
+            self._amqtt = None
+
+    def kill(self) -> None:
+        """Kill the broker at once (SIGKILL), as a crash would."""
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            proc.kill()
+            proc.wait(5)
+        elif self._amqtt is not None:
+            self.stop()
+
+    def restart(self, timeout: float = 15.0) -> None:
+        """Stop and start again on the same port with the same state."""
+        self.stop()
+        deadline = time.monotonic() + timeout
+        while port_open(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.start(timeout)
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _AmqttThread:
+    """amqtt's broker on its own event loop in a daemon thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker: Any = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float) -> None:
+        self._thread = threading.Thread(target=self._run, name="amqtt-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise BrokerError(f"amqtt did not start within {timeout:.0f}s")
+        if self._error is not None:
+            raise BrokerError(f"amqtt failed to start: {self._error}") from self._error
+
+    def _run(self) -> None:
+        try:
+            from amqtt.broker import Broker
+        except ImportError as exc:  # pragma: no cover - amqtt is a controller dependency
+            self._error = exc
+            self._ready.set()
+            return
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        try:
+            self._broker = Broker(config, loop=loop)
+            loop.run_until_complete(self._broker.start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        loop.run_forever()
+        loop.close()
+
+    def stop(self) -> None:
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
+        try:
+            future.result(10)
+        except Exception as exc:
+            log.debug("amqtt shutdown: %s", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)

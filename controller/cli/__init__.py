@@ -1,0 +1,18 @@
+"""The controller's command line: ``slmfleet up`` and API clients for operators."""
+
+from __future__ import annotations
+
+import typer
+
+from controller.cli import devices, up
+
+app = typer.Typer(
+    name="slmfleet",
+    help="slmfleet: orchestration for fleets of edge devices that run small language models.\n\n"
+    "Devices run 'slmfleet agent --help'.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("up")(up.up)
+app.add_typer(devices.app, name="devices")

@@ -1,0 +1,78 @@
+"""``slmfleet devices``: list, show and label devices through the REST API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from controller.cli.client import ApiClient
+
+app = typer.Typer(help="Inspect and label devices.", no_args_is_help=True)
+
+ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="operator token")]
+DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
+
+
+@app.command("list")
+def list_(
+    status: Annotated[str | None, typer.Option(help="online or offline")] = None,
+    selector: Annotated[str | None, typer.Option(help="label selector, e.g. site=berlin,tier!=canary")] = None,
+    limit: int = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = Path(".slmfleet"),
+) -> None:
+    """List devices."""
+    params: dict[str, str | int] = {"limit": limit}
+    if status:
+        params["status"] = status
+    if selector:
+        params["selector"] = selector
+    page = ApiClient(api, token, data_dir).request("GET", "/api/v1/devices", params=params)
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    table = Table(title=f"{page['total']} devices")
+    for column in ("id", "status", "agent", "installed", "labels", "last seen"):
+        table.add_column(column)
+    for d in page["items"]:
+        installed = ", ".join(f"{m['model']}@{m['version']}/{m['variant']}" for m in d["installed"]) or "-"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
+        table.add_row(d["id"], d["status"], d["agent_version"] or "-", installed, labels, d["last_seen"])
+    Console().print(table)
+
+
+@app.command()
+def show(device_id: str, api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")) -> None:
+    """Show one device as JSON."""
+    typer.echo(json.dumps(ApiClient(api, token, data_dir).request("GET", f"/api/v1/devices/{device_id}"), indent=2))
+
+
+@app.command()
+def label(
+    device_id: str,
+    changes: Annotated[list[str], typer.Argument(help="KEY=VALUE to set, KEY- to remove")],
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = Path(".slmfleet"),
+) -> None:
+    """Set or remove labels of a device."""
+    patch: dict[str, str | None] = {}
+    for change in changes:
+        if change.endswith("-") and "=" not in change:
+            patch[change[:-1]] = None
+        elif "=" in change:
+            key, value = change.split("=", 1)
+            patch[key] = value
+        else:
+            typer.echo(f"error: {change!r}: use KEY=VALUE or KEY-", err=True)
+            raise typer.Exit(2)
+    device = ApiClient(api, token, data_dir).request("PATCH", f"/api/v1/devices/{device_id}", json={"labels": patch})
+    typer.echo(json.dumps(device["labels"], indent=2))

@@ -1,0 +1,119 @@
+"""``slmfleet up``: controller, REST API and a broker on embedded defaults."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+from sqlmodel import Session
+
+from controller.app import create_app
+from controller.auth.tokens import ensure_admin_token
+from controller.broker.embedded import EmbeddedBroker
+from controller.cli.client import ADMIN_TOKEN_FILE, write_connection_file
+from controller.errors import ControllerError
+from controller.runtime import ControllerRuntime
+from controller.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ControllerError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port") from None
+
+
+def up(
+    data_dir: Annotated[Path | None, typer.Option(help="data directory [default: ./.slmfleet]")] = None,
+    broker: Annotated[str | None, typer.Option(help="use this broker (mqtt://host:port) instead of an embedded one")] = None,
+    host: Annotated[str | None, typer.Option(help="REST API address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="REST API port [default: 8080]")] = None,
+    broker_port: Annotated[int | None, typer.Option(help="embedded broker port [default: 1884]")] = None,
+    broker_engine: Annotated[str | None, typer.Option(help="embedded broker: auto, mosquitto or amqtt")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = None,
+) -> None:
+    """Run the controller, its REST API and (unless --broker) an embedded MQTT broker."""
+    console = Console(stderr=True)
+    try:
+        settings = load_settings(
+            config,
+            data_dir=data_dir,
+            broker_url=broker,
+            http_host=host,
+            http_port=port,
+            embedded_broker_port=broker_port,
+            embedded_broker=broker_engine,
+            log_level=log_level,
+        )
+    except ControllerError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apscheduler", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    data = settings.data_dir.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    embedded: EmbeddedBroker | None = None
+    runtime: ControllerRuntime | None = None
+    try:
+        _check_port_free(settings.http_host, settings.http_port)
+        if settings.broker_url is None:
+            embedded = EmbeddedBroker(
+                data / "broker",
+                host=settings.embedded_broker_host,
+                port=settings.embedded_broker_port,
+                engine=settings.embedded_broker,
+            )
+            url = embedded.start()
+            update = {"broker_url": url}
+            if embedded.engine == "amqtt" and settings.mqtt_protocol == "auto":
+                update["mqtt_protocol"] = "3.1.1"
+            settings = settings.model_copy(update=update)
+        runtime = ControllerRuntime(settings)
+        runtime.start()
+        token_file = data / ADMIN_TOKEN_FILE
+        with Session(runtime.engine) as session:
+            ensure_admin_token(session, token_file)
+        shown_host = settings.http_host if ":" not in settings.http_host else f"[{settings.http_host}]"
+        api = f"http://{shown_host}:{settings.http_port}"
+        write_connection_file(data, api, str(settings.broker_url))
+        broker_note = f" (embedded {embedded.engine}, MQTT {embedded.protocol})" if embedded else ""
+        console.print(
+            "[bold green]slmfleet controller is up[/bold green]\n"
+            f"  REST API      {api}/api/v1\n"
+            f"  API docs      {api}/docs\n"
+            f"  metrics       {api}/metrics\n"
+            f"  MQTT broker   {settings.broker_url}{broker_note}\n"
+            f"  database      {settings.resolved_database_url}\n"
+            f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
+            f"  connect a device:  slmfleet agent --broker {settings.broker_url} --device-id DEVICE"
+            " --data-dir ./device-state\n"
+            "  stop with Ctrl-C",
+            highlight=False,
+            soft_wrap=True,
+        )
+        app = create_app(settings, runtime)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                           access_log=False, lifespan="on")
+        )
+        server.run()
+    except ControllerError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        if runtime is not None:
+            runtime.stop()
+        if embedded is not None:
+            embedded.stop()

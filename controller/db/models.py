@@ -1,0 +1,104 @@
+"""Tables. Each entity also has its API shapes in ``controller.api.schemas``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, String
+from sqlmodel import Field, SQLModel
+
+from controller.db.types import UTCDateTime, utcnow
+
+
+class Device(SQLModel, table=True):
+    """A device the controller has heard from."""
+
+    id: str = Field(sa_column=Column(String(128), primary_key=True))
+    status: str = Field(default="offline", max_length=16, index=True)
+    agent_version: str | None = Field(default=None, max_length=64)
+    hardware: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    installed: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    capabilities: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    keepalive_s: int = 30
+    telemetry_interval_s: float = 10.0
+    first_seen: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    last_seen: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    status_changed_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    offline_reason: str | None = Field(default=None, max_length=32)
+
+
+class TelemetryRecord(SQLModel, table=True):
+    """One telemetry message; the scalar columns are for queries, ``data`` keeps the whole message."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (Index("ix_telemetry_device_received", "device_id", "received_at"),)
+
+    # BIGINT on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY.
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    )
+    device_id: str = Field(sa_column=Column(String(128), nullable=False))
+    received_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    ts: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    seq: int = 0
+    interval_s: float = 0.0
+    cpu_percent: float = 0.0
+    rss_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    inference_count: int = 0
+    inference_errors: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    model: str | None = Field(default=None, max_length=128)
+    model_version: int | None = None
+    variant: str | None = Field(default=None, max_length=64)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class DeviceEvent(SQLModel, table=True):
+    """An event a device reported (agent lifecycle, command acks, deployment progress)."""
+
+    __tablename__ = "device_event"
+    __table_args__ = (Index("ix_device_event_device_received", "device_id", "received_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(sa_column=Column(String(128), nullable=False))
+    received_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    ts: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    seq: int = 0
+    type: str = Field(max_length=32)
+    kind: str | None = Field(default=None, max_length=64)
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class ApiToken(SQLModel, table=True):
+    """An operator's bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128, index=True)
+    role: str = Field(max_length=16)
+    token_hash: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    prefix: str = Field(max_length=16)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    expires_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who changed what, when: every write through the API lands here."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False, index=True))
+    actor: str = Field(max_length=128)
+    action: str = Field(max_length=64)
+    target: str = Field(max_length=256)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

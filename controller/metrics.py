@@ -1,0 +1,52 @@
+"""Prometheus metrics, one registry per app (so tests can build several apps in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _DeviceCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("slmfleet_devices", "Known devices by status", labels=["status"])
+        for status, n in sorted(self._counts().items()):
+            family.add_metric([status], n)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.telemetry_ingested = Counter(
+            "slmfleet_telemetry_ingested", "Telemetry messages stored in the database", registry=r
+        )
+        self.events_ingested = Counter("slmfleet_events_ingested", "Device events stored in the database", registry=r)
+        self.invalid_payloads = Counter(
+            "slmfleet_invalid_payloads",
+            "Received payloads dropped because they failed validation or came from an unknown device",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.ingest_dropped = Counter(
+            "slmfleet_ingest_dropped", "Valid messages lost because the write queue was full or the database failed",
+            registry=r,
+        )
+        self.telemetry_replays = Counter(
+            "slmfleet_telemetry_replays", "Telemetry messages received twice (re-sent after a reconnect) and skipped",
+            registry=r,
+        )
+        self.mqtt_connected = Gauge("slmfleet_mqtt_connected", "1 while the controller is connected to the broker",
+                                    registry=r)
+        self.ingest_queue = Gauge("slmfleet_ingest_queue_depth", "Received messages waiting to be written",
+                                  registry=r)
+        self.http_writes = Counter("slmfleet_api_writes", "Authenticated write requests", ["action"], registry=r)
+
+    def watch_devices(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_DeviceCollector(counts))

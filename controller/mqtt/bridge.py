@@ -1,0 +1,100 @@
+"""The controller's MQTT connection, on its own asyncio loop in its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.transport.mqtt import MqttConfig, MqttTransport
+
+log = logging.getLogger(__name__)
+
+
+class MqttBridge:
+    """Owns one MqttTransport; ``publish`` is safe from any thread."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        client_id: str,
+        on_message: Callable[[str, bytes], None],
+        subscriptions: list[tuple[str, int]],
+        on_connection_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.client_id = client_id
+        self._on_message = on_message
+        self._subscriptions = subscriptions
+        self._on_change = on_connection_change
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self.transport: MqttTransport | None = None
+        self.connected_since: float | None = None
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.transport and self.transport.connected)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        transport = self.transport = MqttTransport(self.config, self.client_id, loop=loop, name="controller")
+        transport.on_message = self._on_message
+        transport.on_connect = self._connected
+        transport.on_disconnect = self._disconnected
+        for filter_, qos in self._subscriptions:
+            transport.subscribe(filter_, qos)
+        transport.start()
+        self._started.set()
+        loop.run_forever()
+        loop.close()
+
+    def _connected(self) -> None:
+        self.connected_since = time.time()
+        log.info("controller connected to broker %s (MQTT %s)", self.config.url, self.transport and self.transport.protocol)
+        if self._on_change is not None:
+            self._on_change(True)
+
+    def _disconnected(self, reason: str) -> None:
+        self.connected_since = None
+        if self._on_change is not None:
+            self._on_change(False)
+
+    def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.connected:
+                return True
+            time.sleep(0.02)
+        return self.connected
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        if self.transport is None:
+            return 0
+        return self.transport.publish(topic, payload, qos, retain)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop, transport = self._loop, self.transport
+        if loop is None or transport is None or loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(transport.stop(), loop)
+        try:
+            future.result(timeout)
+        except Exception as exc:
+            log.debug("mqtt stop: %s", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,92 @@
+"""What the controller does with each message from a device.
+
+Every payload is validated against the wire contract; whatever fails, or
+comes from a device that never sent a birth message, is counted and dropped.
+Nothing raises into the network thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from agent.protocol import codec, topics
+from agent.protocol.messages import DeviceOnline, Telemetry
+from agent.protocol.topics import DeviceChannel
+from controller.devices.registry import DeviceRegistry
+from controller.metrics import Metrics
+from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn
+
+log = logging.getLogger(__name__)
+
+
+class DeviceTrafficHandler:
+    """Routes state, telemetry and events messages into the registry and the writer."""
+
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        writer: IngestWriter,
+        metrics: Metrics,
+        *,
+        max_payload: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.writer = writer
+        self.metrics = metrics
+        self.max_payload = max_payload
+        self.clock = clock
+        self._invalid = metrics.invalid_payloads
+        self.drops = codec.DropCounter(log, on_drop=lambda ch, reason: self._invalid.labels(ch, reason).inc())
+
+    def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
+        """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""
+        subs = [(topics.all_devices(DeviceChannel.STATE), 1)]
+        for channel in (DeviceChannel.TELEMETRY, DeviceChannel.EVENTS):
+            f = topics.all_devices(channel)
+            subs.append((topics.shared(f, shared_group) if shared_group else f, 1))
+        return subs
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        try:
+            self._handle(topic, payload)
+        except Exception:  # never into paho's loop; keep the others running
+            log.exception("handler failed on topic %s", topic)
+            self._invalid.labels("unknown", "handler_error").inc()
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        parsed = topics.parse_device(topic)
+        if parsed is None:
+            self.drops.drop(topic[:200], "unknown", "topic", "not a device topic")
+            return
+        device_id, channel = parsed.device_id, parsed.channel
+        if channel not in (DeviceChannel.STATE, DeviceChannel.TELEMETRY, DeviceChannel.EVENTS):
+            self.drops.drop(device_id, channel.value, "topic", "the controller does not consume this channel")
+            return
+        try:
+            msg = codec.decode(channel, payload, self.max_payload)
+        except codec.PayloadError as exc:
+            self.drops.drop(device_id, channel.value, exc.reason, exc.detail)
+            return
+        now = self.clock()
+        if isinstance(msg, DeviceOnline):
+            self.registry.online(device_id, now, msg.keepalive_s, msg.telemetry_interval_s)
+            self.writer.put(Birth(device_id, msg, now))
+            return
+        if not self.registry.known(device_id):
+            self.drops.drop(device_id, channel.value, "unknown_device", "no birth message was received from it")
+            return
+        if channel is DeviceChannel.STATE:  # offline: will or goodbye
+            self.registry.offline(device_id)
+            self.writer.put(Offline(device_id, msg.reason, now))
+            return
+        self.registry.heard(device_id, now)
+        if isinstance(msg, Telemetry):
+            if self.registry.is_replay(device_id, msg.ts, msg.seq):
+                self.metrics.telemetry_replays.inc()
+                return
+            self.writer.put(TelemetryIn(device_id, msg, now))
+        else:
+            self.writer.put(EventIn(device_id, msg, now))

@@ -1,0 +1,132 @@
+"""Everything a running controller holds: database, device registry, writer, MQTT bridge, scheduler.
+
+``create_app`` wraps one of these in a FastAPI app; tests can build several
+with different settings in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import delete, select
+
+from agent.transport.mqtt import MqttConfig, parse_broker_url
+from controller.db.engine import make_engine, migrate
+from controller.db.models import Device, DeviceEvent, TelemetryRecord
+from controller.db.types import utcnow
+from controller.devices.registry import DeviceRegistry
+from controller.metrics import Metrics
+from controller.mqtt.bridge import MqttBridge
+from controller.mqtt.handlers import DeviceTrafficHandler
+from controller.settings import ControllerSettings
+from controller.telemetry.ingest import IngestWriter, Offline
+
+log = logging.getLogger(__name__)
+
+
+class ControllerRuntime:
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.resolved_database_url)
+        self.metrics = Metrics()
+        self.registry = DeviceRegistry(settings.offline_after_factor)
+        self.metrics.watch_devices(self.registry.counts)
+        self.writer = IngestWriter(
+            self.engine,
+            batch_size=settings.ingest_batch_size,
+            flush_interval_s=settings.ingest_flush_interval_s,
+            queue_max=settings.ingest_queue_max,
+            on_written=self._written,
+            on_dropped=self.metrics.ingest_dropped.inc,
+        )
+        self.handler = DeviceTrafficHandler(
+            self.registry, self.writer, self.metrics, max_payload=settings.max_control_payload
+        )
+        self.bridge: MqttBridge | None = None
+        self.scheduler = BackgroundScheduler(
+            timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+        )
+        self.started = False
+
+    # ------------------------------------------------------------ life --
+
+    def start(self) -> None:
+        """Migrate the schema, load the registry, start writer, MQTT and scheduled jobs."""
+        s = self.settings
+        migrate(self.engine)
+        self._load_registry()
+        self.writer.start()
+        if s.broker_url:
+            fields = parse_broker_url(s.broker_url)
+            if s.mqtt_username:
+                fields["username"] = s.mqtt_username
+            if s.mqtt_password:
+                fields["password"] = s.mqtt_password
+            config = MqttConfig(**fields, keepalive_s=s.mqtt_keepalive_s, protocol=s.mqtt_protocol,
+                                reconnect_max_s=5.0)
+            self.bridge = MqttBridge(
+                config,
+                s.mqtt_client_id,
+                self.handler,
+                self.handler.subscriptions(s.mqtt_shared_group),
+                on_connection_change=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
+            )
+            self.bridge.start()
+        else:
+            log.warning("no broker_url: the controller serves its API but hears no devices")
+        self.scheduler.add_job(self.sweep, "interval", seconds=s.sweep_interval_s, id="presence-sweep")
+        self.scheduler.add_job(self.apply_retention, "interval", hours=1, id="telemetry-retention")
+        self.scheduler.start()
+        self.started = True
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self.scheduler.shutdown(wait=False)
+        if self.bridge is not None:
+            self.bridge.stop()
+        self.writer.stop()
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ jobs --
+
+    def sweep(self) -> list[str]:
+        """Mark offline the devices whose silence outlasted their limit (a will the broker never sent)."""
+        bridge = self.bridge
+        if bridge is None or bridge.connected_since is None:
+            return []
+        now = time.time()
+        lapsed = self.registry.lapsed(now, bridge.connected_since)
+        for device_id in lapsed:
+            log.info("device %s silent beyond its keepalive: marked offline", device_id)
+            self.writer.put(Offline(device_id, "lapsed", now))
+        return lapsed
+
+    def apply_retention(self) -> int:
+        """Delete telemetry and events older than the retention period."""
+        cutoff = utcnow() - timedelta(days=self.settings.telemetry_retention_days)
+        with self.engine.begin() as conn:
+            n = conn.execute(delete(TelemetryRecord.__table__).where(TelemetryRecord.__table__.c.received_at < cutoff))
+            m = conn.execute(delete(DeviceEvent.__table__).where(DeviceEvent.__table__.c.received_at < cutoff))
+        removed = (n.rowcount or 0) + (m.rowcount or 0)
+        if removed:
+            log.info("retention: removed %d telemetry rows and events older than %s", removed, cutoff)
+        return removed
+
+    # --------------------------------------------------------- helpers --
+
+    def _load_registry(self) -> None:
+        t = Device.__table__.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t.id, t.status, t.last_seen, t.keepalive_s, t.telemetry_interval_s)).all()
+        self.registry.load((r[0], r[1], r[2].timestamp(), r[3], r[4]) for r in rows)
+
+    def _written(self, telemetry: int, events: int) -> None:
+        if telemetry:
+            self.metrics.telemetry_ingested.inc(telemetry)
+        if events:
+            self.metrics.events_ingested.inc(events)

@@ -1,0 +1,114 @@
+"""Controller settings: defaults, then a TOML file, then ``SLMFLEET_*`` environment variables, then flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from controller.errors import SettingsError
+
+
+class ControllerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLMFLEET_", extra="forbid", validate_default=True)
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="production refuses unsafe defaults (embedded broker on other hosts, open reads)"
+    )
+    data_dir: Path = Field(Path(".slmfleet"), description="where the database, artifacts, keys and tokens live")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/controller.db (PostgreSQL: postgresql+psycopg://...)"
+    )
+    broker_url: str | None = Field(
+        None, description="existing broker, mqtt://host:port; unset: start an embedded broker"
+    )
+    embedded_broker: Literal["auto", "mosquitto", "amqtt"] = Field(
+        "auto", description="embedded broker engine: mosquitto when its binary is found (auto), else amqtt"
+    )
+    embedded_broker_host: str = Field("127.0.0.1", description="address the embedded broker listens on")
+    embedded_broker_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        1884, description="port of the embedded broker (0: any free port)"
+    )
+    http_host: str = Field("127.0.0.1", description="address the REST API listens on")
+    http_port: Annotated[int, Field(ge=0, le=65535)] = Field(8080, description="port of the REST API")
+    mqtt_client_id: str = Field("slmfleet-controller", description="client id of the controller's MQTT session")
+    mqtt_username: str | None = Field(None, description="controller's broker user")
+    mqtt_password: str | None = Field(None, description="controller's broker password")
+    mqtt_keepalive_s: Annotated[int, Field(ge=2, le=3600)] = Field(30, description="MQTT keepalive")
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT protocol version")
+    mqtt_shared_group: str | None = Field(
+        None, description="MQTT 5 shared-subscription group, so several controllers split device traffic"
+    )
+    max_control_payload: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = Field(
+        64 * 1024, description="largest state/telemetry/event payload accepted, bytes"
+    )
+    ingest_batch_size: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        2000, description="most rows written in one database transaction"
+    )
+    ingest_flush_interval_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        0.2, description="longest a received message waits before it is written"
+    )
+    ingest_queue_max: Annotated[int, Field(ge=100)] = Field(
+        200_000, description="received messages waiting for the database; beyond it new ones are dropped and counted"
+    )
+    offline_after_factor: Annotated[float, Field(ge=1.5, le=100)] = Field(
+        3.0,
+        description="a device silent for this many times max(keepalive, telemetry interval) is marked offline"
+        " even if the broker never delivered its will",
+    )
+    sweep_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(5.0, description="how often lapses are checked")
+    telemetry_retention_days: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="telemetry rows older than this are deleted by a daily job"
+    )
+    require_auth_for_reads: bool = Field(False, description="require a viewer token for GET requests too")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @model_validator(mode="after")
+    def _production_is_safe(self) -> ControllerSettings:
+        if self.environment == "production" and self.broker_url is None and self.embedded_broker_host not in (
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ):
+            raise ValueError(
+                "production: the embedded broker allows anonymous clients; use broker_url with an authenticated broker"
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'controller.db').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if settings_cls.model_config.get("toml_file"):
+            sources += (TomlConfigSettingsSource(settings_cls),)
+        return sources
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ControllerSettings:
+    """Settings from defaults < ``config_file`` (TOML) < environment < ``overrides`` (None values ignored)."""
+    cls: type[ControllerSettings] = ControllerSettings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise SettingsError(f"settings file {config_file} does not exist")
+        cls = type(
+            "ControllerSettingsFromFile",
+            (ControllerSettings,),
+            {"model_config": SettingsConfigDict(**{**ControllerSettings.model_config, "toml_file": config_file})},
+        )
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        raise SettingsError("invalid controller settings:\n" + "\n".join(lines)) from None

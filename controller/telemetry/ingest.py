@@ -1,0 +1,259 @@
+"""The single writer of device traffic: batches births, wills, telemetry and events into transactions.
+
+MQTT callbacks validate and hand over; this thread writes. One writer keeps
+SQLite free of lock contention and turns thousands of small inserts into a
+few large ones. Ordering within a device is preserved.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, insert, select, update
+
+from agent.protocol.messages import AgentEvent, CommandAck, DeviceOnline, Telemetry
+from controller.db.models import Device, DeviceEvent, TelemetryRecord
+from controller.db.types import from_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Birth:
+    device_id: str
+    msg: DeviceOnline
+    at: float
+
+
+@dataclass(slots=True)
+class Offline:
+    device_id: str
+    reason: str
+    at: float
+
+
+@dataclass(slots=True)
+class TelemetryIn:
+    device_id: str
+    msg: Telemetry
+    at: float
+
+
+@dataclass(slots=True)
+class EventIn:
+    device_id: str
+    msg: AgentEvent | CommandAck
+    at: float
+
+
+Op = Birth | Offline | TelemetryIn | EventIn
+
+
+def telemetry_row(op: TelemetryIn) -> dict[str, Any]:
+    msg = op.msg
+    inf = msg.inference
+    lat = inf.latency if inf is not None else None
+    model = msg.model
+    return {
+        "device_id": op.device_id,
+        "received_at": from_epoch(op.at),
+        "ts": from_epoch(msg.ts),
+        "seq": msg.seq,
+        "interval_s": msg.interval_s,
+        "cpu_percent": msg.cpu_percent,
+        "rss_bytes": msg.rss_bytes,
+        "inference_count": inf.count if inf is not None else 0,
+        "inference_errors": inf.errors if inf is not None else 0,
+        "latency_p50_ms": lat.p50_ms if lat is not None else None,
+        "latency_p95_ms": lat.p95_ms if lat is not None else None,
+        "latency_p99_ms": lat.p99_ms if lat is not None else None,
+        "model": model.model if model is not None else None,
+        "model_version": model.version if model is not None else None,
+        "variant": model.variant if model is not None else None,
+        "data": msg.model_dump(mode="json", exclude_none=True),
+    }
+
+
+def event_row(op: EventIn) -> dict[str, Any]:
+    msg = op.msg
+    if isinstance(msg, CommandAck):
+        kind, message = msg.command_id, msg.detail
+    else:
+        kind, message = msg.kind, msg.message
+    return {
+        "device_id": op.device_id,
+        "received_at": from_epoch(op.at),
+        "ts": from_epoch(msg.ts),
+        "seq": msg.seq,
+        "type": msg.type,
+        "kind": kind[:64],
+        "message": message,
+        "data": msg.model_dump(mode="json", exclude_none=True),
+    }
+
+
+class IngestWriter:
+    """A thread that drains a bounded queue of ops into the database in batches."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        batch_size: int = 2000,
+        flush_interval_s: float = 0.2,
+        queue_max: int = 200_000,
+        on_written: Callable[[int, int], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.queue_max = queue_max
+        self._on_written = on_written
+        self._on_dropped = on_dropped
+        self._queue: deque[Op] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._enqueued = 0
+        self._done = 0
+        self._done_cv = threading.Condition()
+        self.batches = 0
+        self.failed_batches = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, op: Op) -> bool:
+        """Queue an op; False (counted) when the queue is full."""
+        if len(self._queue) >= self.queue_max:
+            if self._on_dropped is not None:
+                self._on_dropped(1)
+            return False
+        self._queue.append(op)
+        self._enqueued += 1
+        if len(self._queue) == 1 or len(self._queue) >= self.batch_size:
+            self._wake.set()
+        return True
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued before this call is written (or dropped after a failure)."""
+        target = self._enqueued
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        with self._done_cv:
+            while self._done < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._done_cv.wait(remaining)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ --
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self._queue:
+                self._wake.wait(self.flush_interval_s)
+                self._wake.clear()
+                continue
+            batch: list[Op] = []
+            q = self._queue
+            while q and len(batch) < self.batch_size:
+                batch.append(q.popleft())
+            self._write_with_retry(batch)
+            with self._done_cv:
+                self._done += len(batch)
+                self._done_cv.notify_all()
+
+    def _write_with_retry(self, batch: list[Op]) -> None:
+        for attempt in (1, 2, 3):
+            try:
+                n_tel, n_evt = self._write(batch)
+            except Exception:
+                log.exception("writing %d received messages failed (attempt %d of 3)", len(batch), attempt)
+                time.sleep(0.2 * attempt)
+                continue
+            self.batches += 1
+            if self._on_written is not None:
+                self._on_written(n_tel, n_evt)
+            return
+        self.failed_batches += 1
+        if self._on_dropped is not None:
+            self._on_dropped(len(batch))
+
+    def _write(self, batch: list[Op]) -> tuple[int, int]:
+        devices: dict[str, dict[str, Any]] = {}  # id -> column values (births and status changes)
+        seen: dict[str, float] = {}
+        telemetry: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        birth_labels: dict[str, dict[str, str]] = {}
+        for op in batch:
+            if isinstance(op, TelemetryIn):
+                telemetry.append(telemetry_row(op))
+                seen[op.device_id] = op.at
+            elif isinstance(op, EventIn):
+                events.append(event_row(op))
+                seen[op.device_id] = op.at
+            elif isinstance(op, Birth):
+                m = op.msg
+                at = from_epoch(op.at)
+                devices[op.device_id] = {
+                    "status": "online",
+                    "agent_version": m.agent_version,
+                    "hardware": m.hardware.model_dump(mode="json", exclude_none=True),
+                    "installed": [i.model_dump(mode="json") for i in m.installed],
+                    "capabilities": list(m.capabilities),
+                    "keepalive_s": m.keepalive_s,
+                    "telemetry_interval_s": m.telemetry_interval_s,
+                    "last_seen": at,
+                    "status_changed_at": at,
+                    "offline_reason": None,
+                }
+                birth_labels[op.device_id] = dict(m.labels)
+                seen.pop(op.device_id, None)
+            else:  # Offline
+                values = devices.setdefault(op.device_id, {})
+                values.update(
+                    status="offline", status_changed_at=from_epoch(op.at), offline_reason=op.reason[:32]
+                )
+        with self.engine.begin() as conn:
+            if devices:
+                existing = set(
+                    conn.execute(select(Device.__table__.c.id).where(Device.__table__.c.id.in_(list(devices)))).scalars()
+                )
+                for device_id, values in devices.items():
+                    if device_id in existing:
+                        conn.execute(update(Device.__table__).where(Device.__table__.c.id == device_id).values(**values))
+                    elif "agent_version" in values:  # only a birth registers a device
+                        row = Device(id=device_id, labels=birth_labels.get(device_id, {}), **values)
+                        conn.execute(insert(Device.__table__).values(**row.model_dump()))
+            if telemetry:
+                conn.execute(insert(TelemetryRecord.__table__), telemetry)
+            if events:
+                conn.execute(insert(DeviceEvent.__table__), events)
+            if seen:
+                table = Device.__table__
+                conn.execute(
+                    update(table).where(table.c.id == bindparam("b_id")).values(last_seen=bindparam("b_seen")),
+                    [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items()],
+                )
+        return len(telemetry), len(events)
