@@ -173,6 +173,22 @@ class Budget(_Strict):
     max_rss_bytes: Annotated[int, Field(ge=0)] = 0
 
 
+class RunSpec(_Strict):
+    """Everything needed to run a bundle (the manifest's run-relevant subset)."""
+
+    task: Task
+    runtime: Runtime = Runtime.ONNXRUNTIME
+    io: IO
+    entrypoint: RelPath = "model.onnx"
+    preprocess: Preprocess = Preprocess()
+    postprocess: Postprocess = Postprocess()
+    generation: Generation | None = None
+    anomaly: Anomaly | None = None
+
+
+RUN_SPEC_FIELDS = tuple(RunSpec.model_fields)
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = MANIFEST_SCHEMA
     model: Name
@@ -226,6 +242,9 @@ class Manifest(_Strict):
         if self.preprocess.tokenizer is not None and self.preprocess.tokenizer not in paths:
             raise ValueError(f"preprocess.tokenizer {self.preprocess.tokenizer!r} is not among the files")
         return self
+
+    def run_spec(self) -> RunSpec:
+        return RunSpec(**{name: getattr(self, name) for name in RUN_SPEC_FIELDS})
 
     @property
     def total_size(self) -> int:

@@ -1,0 +1,1 @@
+"""The model registry: models, versions, variants, signed content-addressed artifacts."""
