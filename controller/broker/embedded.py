@@ -10,6 +10,7 @@ embedded amqtt suits trying slmfleet out, not running a fleet.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import getpass
 import logging
 import os
@@ -17,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -51,6 +53,15 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us if the controller dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def mosquitto_binary() -> str | None:
     """Path of the mosquitto binary, or None."""
     found = shutil.which("mosquitto")
@@ -62,13 +73,15 @@ def mosquitto_binary() -> str | None:
     return None
 
 
-def mosquitto_config(host: str, port: int, state_dir: Path, extra: str = "") -> str:
+def mosquitto_config(
+    host: str, port: int, state_dir: Path, extra: str = "", allow_anonymous: bool = True
+) -> str:
     """A mosquitto.conf for a private single-node broker; the comments say why each line is there."""
     lines = [
         "# Written by slmfleet; regenerated on every start.",
         f"listener {port} {host}",
-        "# The embedded broker is for a single machine: loopback only, anonymous clients allowed.",
-        "allow_anonymous true",
+        "# The embedded broker is for a single machine: loopback only.",
+        f"allow_anonymous {'true' if allow_anonymous else 'false'}",
         "# Retained device states and persistent sessions survive a broker restart.",
         "persistence true",
         f"persistence_location {state_dir}/",
@@ -105,8 +118,10 @@ class EmbeddedBroker:
         port: int = 0,
         engine: Engine = "auto",
         extra_config: str = "",
+        allow_anonymous: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.allow_anonymous = allow_anonymous
         self.host = host
         self.port = port or free_port(host)
         self.requested = engine
@@ -151,7 +166,9 @@ class EmbeddedBroker:
 
     def _start_mosquitto(self, binary: str, timeout: float) -> None:
         conf = self.state_dir / "mosquitto.conf"
-        conf.write_text(mosquitto_config(self.host, self.port, self.state_dir.resolve(), self.extra_config))
+        conf.write_text(
+            mosquitto_config(self.host, self.port, self.state_dir.resolve(), self.extra_config, self.allow_anonymous)
+        )
         stderr = open(self.state_dir / "mosquitto.stderr", "ab")  # noqa: SIM115 - owned by the child
         self._proc = subprocess.Popen(
             [binary, "-c", str(conf)],
@@ -159,6 +176,7 @@ class EmbeddedBroker:
             stdout=stderr,
             stderr=stderr,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker: we stop it in order
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         stderr.close()
         deadline = time.monotonic() + timeout

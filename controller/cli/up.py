@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -108,7 +109,13 @@ def up(
             uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                            access_log=False, lifespan="on")
         )
+        # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that
+        # would kill this process before the finally below stops the runtime and the embedded broker.
+        received: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: received.append(signum))
         server.run()
+        console.print("slmfleet controller stopped", highlight=False)
     except ControllerError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None

@@ -48,12 +48,12 @@ def list_devices(
     terms = [selector] if selector else []
     for item in label or []:
         if "=" not in item:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"label filter {item!r}: use KEY=VALUE")
+            raise HTTPException(422, f"label filter {item!r}: use KEY=VALUE")
         terms.append(item)
     try:
         parsed = selectors.parse(",".join(terms))
     except selectors.SelectorError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+        raise HTTPException(422, str(exc)) from None
     stmt = select(Device)
     if status_ is not None:
         stmt = stmt.where(Device.status == status_)
@@ -88,7 +88,7 @@ def patch_device(device_id: str, body: DevicePatch, session: SessionDep, who: Op
         else:
             labels[key] = value
     if len(labels) > 64:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "a device can carry at most 64 labels")
+        raise HTTPException(422, "a device can carry at most 64 labels")
     device.labels = labels
     session.add(device)
     audit.record(session, who.name, "device.labels", device_id, {"patch": body.labels})
