@@ -22,7 +22,7 @@ from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
 from controller.settings import ControllerSettings
-from controller.telemetry.ingest import IngestWriter, Offline
+from controller.telemetry.ingest import IngestWriter, LastSeen, Offline
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class ControllerRuntime:
             log.warning("no broker_url: the controller serves its API but hears no devices")
         self.scheduler.add_job(self.sweep, "interval", seconds=s.sweep_interval_s, id="presence-sweep")
         self.scheduler.add_job(self.apply_retention, "interval", hours=1, id="telemetry-retention")
+        self.scheduler.add_job(self.flush_last_seen, "interval", seconds=5, id="last-seen")
         self.scheduler.start()
         self.started = True
 
@@ -89,6 +90,7 @@ class ControllerRuntime:
         self.scheduler.shutdown(wait=False)
         if self.bridge is not None:
             self.bridge.stop()
+        self.flush_last_seen()
         self.writer.stop()
         self.engine.dispose()
 
@@ -105,6 +107,12 @@ class ControllerRuntime:
             log.info("device %s silent beyond its keepalive: marked offline", device_id)
             self.writer.put(Offline(device_id, "lapsed", now))
         return lapsed
+
+    def flush_last_seen(self) -> None:
+        """Write when devices were last heard (kept in memory between flushes; cheap at any rate)."""
+        seen = self.registry.take_seen()
+        if seen:
+            self.writer.put(LastSeen(seen))
 
     def apply_retention(self) -> int:
         """Delete telemetry and events older than the retention period."""

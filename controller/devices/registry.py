@@ -34,6 +34,7 @@ class DeviceRegistry:
     def __init__(self, offline_after_factor: float = 3.0) -> None:
         self.offline_after_factor = offline_after_factor
         self._devices: dict[str, LiveDevice] = {}
+        self._seen: dict[str, float] = {}  # heard since the last take_seen()
         self._lock = threading.Lock()
 
     def load(self, rows: Iterable[tuple[str, str, float, float, float]]) -> None:
@@ -75,6 +76,13 @@ class DeviceRegistry:
         live = self._devices.get(device_id)
         if live is not None:
             live.last_seen = now
+            self._seen[device_id] = now
+
+    def take_seen(self) -> dict[str, float]:
+        """Last-heard times that changed since the previous call (for a periodic database update)."""
+        with self._lock:
+            seen, self._seen = self._seen, {}
+        return seen
 
     def is_replay(self, device_id: str, ts: float, seq: int) -> bool:
         """True when this (ts, seq) telemetry was seen recently (a re-send after a reconnect)."""

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, insert, select, update
 
 from agent.protocol.messages import AgentEvent, CommandAck, DeviceOnline, Telemetry
+from controller.db.bulk import BulkInsert
 from controller.db.models import Device, DeviceEvent, TelemetryRecord
 from controller.db.types import from_epoch
 
@@ -52,50 +53,61 @@ class EventIn:
     at: float
 
 
-Op = Birth | Offline | TelemetryIn | EventIn
+@dataclass(slots=True)
+class LastSeen:
+    """When devices were last heard from (flushed periodically, not per message)."""
+
+    seen: dict[str, float]
 
 
-def telemetry_row(op: TelemetryIn) -> dict[str, Any]:
+Op = Birth | Offline | TelemetryIn | EventIn | LastSeen
+
+
+TELEMETRY_COLUMNS = (
+    "device_id", "received_at", "ts", "seq", "interval_s", "cpu_percent", "rss_bytes", "inference_count",
+    "inference_errors", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "model", "model_version", "variant",
+    "data",
+)
+EVENT_COLUMNS = ("device_id", "received_at", "ts", "seq", "type", "kind", "message", "data")
+
+
+def telemetry_row(op: TelemetryIn, dt: Callable[[float], Any]) -> tuple[Any, ...]:
+    """Column values (TELEMETRY_COLUMNS order); ``dt`` converts epoch seconds for the dialect."""
     msg = op.msg
     inf = msg.inference
     lat = inf.latency if inf is not None else None
     model = msg.model
-    return {
-        "device_id": op.device_id,
-        "received_at": from_epoch(op.at),
-        "ts": from_epoch(msg.ts),
-        "seq": msg.seq,
-        "interval_s": msg.interval_s,
-        "cpu_percent": msg.cpu_percent,
-        "rss_bytes": msg.rss_bytes,
-        "inference_count": inf.count if inf is not None else 0,
-        "inference_errors": inf.errors if inf is not None else 0,
-        "latency_p50_ms": lat.p50_ms if lat is not None else None,
-        "latency_p95_ms": lat.p95_ms if lat is not None else None,
-        "latency_p99_ms": lat.p99_ms if lat is not None else None,
-        "model": model.model if model is not None else None,
-        "model_version": model.version if model is not None else None,
-        "variant": model.variant if model is not None else None,
-        "data": msg.model_dump(mode="json", exclude_none=True),
-    }
+    return (
+        op.device_id,
+        dt(op.at),
+        dt(msg.ts),
+        msg.seq,
+        msg.interval_s,
+        msg.cpu_percent,
+        msg.rss_bytes,
+        inf.count if inf is not None else 0,
+        inf.errors if inf is not None else 0,
+        lat.p50_ms if lat is not None else None,
+        lat.p95_ms if lat is not None else None,
+        lat.p99_ms if lat is not None else None,
+        model.model if model is not None else None,
+        model.version if model is not None else None,
+        model.variant if model is not None else None,
+        # the validated message re-serialized: unknown fields a device added are not stored
+        msg.model_dump_json(exclude_none=True),
+    )
 
 
-def event_row(op: EventIn) -> dict[str, Any]:
+def event_row(op: EventIn, dt: Callable[[float], Any]) -> tuple[Any, ...]:
     msg = op.msg
     if isinstance(msg, CommandAck):
         kind, message = msg.command_id, msg.detail
     else:
         kind, message = msg.kind, msg.message
-    return {
-        "device_id": op.device_id,
-        "received_at": from_epoch(op.at),
-        "ts": from_epoch(msg.ts),
-        "seq": msg.seq,
-        "type": msg.type,
-        "kind": kind[:64],
-        "message": message,
-        "data": msg.model_dump(mode="json", exclude_none=True),
-    }
+    return (
+        op.device_id, dt(op.at), dt(msg.ts), msg.seq, msg.type, kind[:64], message,
+        msg.model_dump_json(exclude_none=True),
+    )
 
 
 class IngestWriter:
@@ -124,8 +136,11 @@ class IngestWriter:
         self._enqueued = 0
         self._done = 0
         self._done_cv = threading.Condition()
+        self._flush_requested = False
         self.batches = 0
         self.failed_batches = 0
+        self._telemetry_insert = BulkInsert(engine, TelemetryRecord.__table__, TELEMETRY_COLUMNS)  # type: ignore[arg-type]
+        self._event_insert = BulkInsert(engine, DeviceEvent.__table__, EVENT_COLUMNS)  # type: ignore[arg-type]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
@@ -139,7 +154,7 @@ class IngestWriter:
             return False
         self._queue.append(op)
         self._enqueued += 1
-        if len(self._queue) == 1 or len(self._queue) >= self.batch_size:
+        if len(self._queue) == 1 or len(self._queue) == self.batch_size:
             self._wake.set()
         return True
 
@@ -150,6 +165,7 @@ class IngestWriter:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued before this call is written (or dropped after a failure)."""
         target = self._enqueued
+        self._flush_requested = True
         self._wake.set()
         deadline = time.monotonic() + timeout
         with self._done_cv:
@@ -172,9 +188,18 @@ class IngestWriter:
     def _run(self) -> None:
         while not self._stop:
             if not self._queue:
-                self._wake.wait(self.flush_interval_s)
+                self._wake.wait(1.0)
                 self._wake.clear()
                 continue
+            # Linger (at most flush_interval_s) so a burst becomes one transaction, not hundreds.
+            deadline = time.monotonic() + self.flush_interval_s
+            while len(self._queue) < self.batch_size and not self._flush_requested and not self._stop:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.wait(remaining)
+                self._wake.clear()
+            self._flush_requested = False
             batch: list[Op] = []
             q = self._queue
             while q and len(batch) < self.batch_size:
@@ -203,16 +228,17 @@ class IngestWriter:
     def _write(self, batch: list[Op]) -> tuple[int, int]:
         devices: dict[str, dict[str, Any]] = {}  # id -> column values (births and status changes)
         seen: dict[str, float] = {}
-        telemetry: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
+        telemetry: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
         birth_labels: dict[str, dict[str, str]] = {}
+        dt = self._telemetry_insert.datetime
         for op in batch:
             if isinstance(op, TelemetryIn):
-                telemetry.append(telemetry_row(op))
-                seen[op.device_id] = op.at
+                telemetry.append(telemetry_row(op, dt))
             elif isinstance(op, EventIn):
-                events.append(event_row(op))
-                seen[op.device_id] = op.at
+                events.append(event_row(op, dt))
+            elif isinstance(op, LastSeen):
+                seen.update(op.seen)
             elif isinstance(op, Birth):
                 m = op.msg
                 at = from_epoch(op.at)
@@ -246,14 +272,12 @@ class IngestWriter:
                     elif "agent_version" in values:  # only a birth registers a device
                         row = Device(id=device_id, labels=birth_labels.get(device_id, {}), **values)
                         conn.execute(insert(Device.__table__).values(**row.model_dump()))
-            if telemetry:
-                conn.execute(insert(TelemetryRecord.__table__), telemetry)
-            if events:
-                conn.execute(insert(DeviceEvent.__table__), events)
+            self._telemetry_insert.execute(conn, telemetry)
+            self._event_insert.execute(conn, events)
             if seen:
                 table = Device.__table__
                 conn.execute(
                     update(table).where(table.c.id == bindparam("b_id")).values(last_seen=bindparam("b_seen")),
-                    [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items()],
+                    [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices],
                 )
         return len(telemetry), len(events)
