@@ -27,8 +27,12 @@ def _baseline(port: int, n: int) -> dict[str, float]:
     pub.wait()
     sub.wait()
     seconds = got["last"] - pub_done["start"]
-    return {"msgs_per_s": n / seconds, "seconds": seconds, "payload_bytes": info["payload_bytes"],
-            "publisher_msgs_per_s": n / (pub_done["acked"] - pub_done["start"])}
+    return {
+        "msgs_per_s": n / seconds,
+        "seconds": seconds,
+        "payload_bytes": info["payload_bytes"],
+        "publisher_msgs_per_s": n / (pub_done["acked"] - pub_done["start"]),
+    }
 
 
 def _controller(port: int, n: int, data_dir: Path) -> dict[str, Any]:

@@ -35,17 +35,19 @@ class Metrics:
             registry=r,
         )
         self.ingest_dropped = Counter(
-            "slmfleet_ingest_dropped", "Valid messages lost because the write queue was full or the database failed",
+            "slmfleet_ingest_dropped",
+            "Valid messages lost because the write queue was full or the database failed",
             registry=r,
         )
         self.telemetry_replays = Counter(
-            "slmfleet_telemetry_replays", "Telemetry messages received twice (re-sent after a reconnect) and skipped",
+            "slmfleet_telemetry_replays",
+            "Telemetry messages received twice (re-sent after a reconnect) and skipped",
             registry=r,
         )
-        self.mqtt_connected = Gauge("slmfleet_mqtt_connected", "1 while the controller is connected to the broker",
-                                    registry=r)
-        self.ingest_queue = Gauge("slmfleet_ingest_queue_depth", "Received messages waiting to be written",
-                                  registry=r)
+        self.mqtt_connected = Gauge(
+            "slmfleet_mqtt_connected", "1 while the controller is connected to the broker", registry=r
+        )
+        self.ingest_queue = Gauge("slmfleet_ingest_queue_depth", "Received messages waiting to be written", registry=r)
         self.http_writes = Counter("slmfleet_api_writes", "Authenticated write requests", ["action"], registry=r)
 
     def watch_devices(self, counts: Callable[[], dict[str, int]]) -> None:

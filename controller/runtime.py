@@ -15,7 +15,7 @@ from sqlalchemy import delete, select
 
 from agent.transport.mqtt import MqttConfig, parse_broker_url
 from controller.db.engine import make_engine, migrate
-from controller.db.models import Device, DeviceEvent, TelemetryRecord
+from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import utcnow
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
@@ -65,8 +65,7 @@ class ControllerRuntime:
                 fields["username"] = s.mqtt_username
             if s.mqtt_password:
                 fields["password"] = s.mqtt_password
-            config = MqttConfig(**fields, keepalive_s=s.mqtt_keepalive_s, protocol=s.mqtt_protocol,
-                                reconnect_max_s=5.0)
+            config = MqttConfig(**fields, keepalive_s=s.mqtt_keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=5.0)
             self.bridge = MqttBridge(
                 config,
                 s.mqtt_client_id,
@@ -118,8 +117,8 @@ class ControllerRuntime:
         """Delete telemetry and events older than the retention period."""
         cutoff = utcnow() - timedelta(days=self.settings.telemetry_retention_days)
         with self.engine.begin() as conn:
-            n = conn.execute(delete(TelemetryRecord.__table__).where(TelemetryRecord.__table__.c.received_at < cutoff))
-            m = conn.execute(delete(DeviceEvent.__table__).where(DeviceEvent.__table__.c.received_at < cutoff))
+            n = conn.execute(delete(table(TelemetryRecord)).where(table(TelemetryRecord).c.received_at < cutoff))
+            m = conn.execute(delete(table(DeviceEvent)).where(table(DeviceEvent).c.received_at < cutoff))
         removed = (n.rowcount or 0) + (m.rowcount or 0)
         if removed:
             log.info("retention: removed %d telemetry rows and events older than %s", removed, cutoff)
@@ -128,7 +127,7 @@ class ControllerRuntime:
     # --------------------------------------------------------- helpers --
 
     def _load_registry(self) -> None:
-        t = Device.__table__.c
+        t = table(Device).c
         with self.engine.connect() as conn:
             rows = conn.execute(select(t.id, t.status, t.last_seen, t.keepalive_s, t.telemetry_interval_s)).all()
         self.registry.load((r[0], r[1], r[2].timestamp(), r[3], r[4]) for r in rows)

@@ -19,7 +19,8 @@ class ControllerSettings(BaseSettings):
     )
     data_dir: Path = Field(Path(".slmfleet"), description="where the database, artifacts, keys and tokens live")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/controller.db (PostgreSQL: postgresql+psycopg://...)"
+        None,
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/controller.db (PostgreSQL: postgresql+psycopg://...)",
     )
     broker_url: str | None = Field(
         None, description="existing broker, mqtt://host:port; unset: start an embedded broker"
@@ -67,10 +68,15 @@ class ControllerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _production_is_safe(self) -> ControllerSettings:
-        if self.environment == "production" and self.broker_url is None and self.embedded_broker_host not in (
-            "127.0.0.1",
-            "::1",
-            "localhost",
+        if (
+            self.environment == "production"
+            and self.broker_url is None
+            and self.embedded_broker_host
+            not in (
+                "127.0.0.1",
+                "::1",
+                "localhost",
+            )
         ):
             raise ValueError(
                 "production: the embedded broker allows anonymous clients; use broker_url with an authenticated broker"

@@ -107,9 +107,7 @@ class AgentCore:
 
     def goodbye(self, now: float) -> Publish:
         """A clean ``offline`` for a planned shutdown."""
-        return Publish(
-            self._topic_state, codec.encode(DeviceOffline(ts=now, reason="shutdown")), qos=1, retain=True
-        )
+        return Publish(self._topic_state, codec.encode(DeviceOffline(ts=now, reason="shutdown")), qos=1, retain=True)
 
     def on_message(self, topic: str, payload: bytes, now: float) -> list[Action]:
         """Handle a message on one of our subscriptions. Invalid ones are counted and dropped."""

@@ -76,7 +76,9 @@ class TensorModel:
             except (TypeError, ValueError) as exc:
                 raise InputError(f"input {spec.name!r}: {exc}") from None
             if len(spec.shape) and array.ndim != len(spec.shape):
-                raise InputError(f"input {spec.name!r} has {array.ndim} dimensions, the model expects {len(spec.shape)}")
+                raise InputError(
+                    f"input {spec.name!r} has {array.ndim} dimensions, the model expects {len(spec.shape)}"
+                )
             feeds[spec.name] = array
         return feeds
 

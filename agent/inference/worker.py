@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -50,10 +51,8 @@ class InferenceWorker:
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
         self._thread.join(timeout)
 
     def join_idle(self, timeout: float) -> bool:

@@ -111,6 +111,4 @@ class DropCounter:
             self._on_drop(channel, reason)
         if should_log:
             more = f" ({suppressed} more suppressed)" if suppressed else ""
-            self._logger.warning(
-                "dropped %s payload from %s: %s: %s%s", channel, source, reason, detail, more
-            )
+            self._logger.warning("dropped %s payload from %s: %s: %s%s", channel, source, reason, detail, more)

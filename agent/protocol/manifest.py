@@ -41,7 +41,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA: Literal[1] = 1
 #: Default chunk size for delivery: small enough for stock broker limits, large enough to be efficient.
 DEFAULT_CHUNK_SIZE = 256 * 1024
 
@@ -113,7 +113,9 @@ class Postprocess(_Strict):
     labels: list[Annotated[str, StringConstraints(max_length=128)]] = []
     normalize: bool = False
     softmax: bool = True
-    zero_shot_labels: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = {}
+    zero_shot_labels: dict[
+        Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]
+    ] = {}
 
 
 class Generation(_Strict):
@@ -230,9 +232,14 @@ class Manifest(_Strict):
             want = total - i * self.chunk_size if last else self.chunk_size
             if c.size != want:
                 raise ValueError(f"chunks: chunk {i} has size {c.size}, expected {want}")
-        if self.runtime == Runtime.ONNXRUNTIME and self.entrypoint not in paths and self.task not in (
-            Task.TEXT_GENERATION,
-            Task.TEXT2TEXT,
+        if (
+            self.runtime == Runtime.ONNXRUNTIME
+            and self.entrypoint not in paths
+            and self.task
+            not in (
+                Task.TEXT_GENERATION,
+                Task.TEXT2TEXT,
+            )
         ):
             raise ValueError(f"entrypoint {self.entrypoint!r} is not among the files")
         if self.task == Task.ANOMALY and self.anomaly is None:
@@ -271,4 +278,3 @@ class SignedManifest(_Strict):
     signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     key_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     algorithm: Literal["ed25519"] = "ed25519"
-

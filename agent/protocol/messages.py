@@ -18,7 +18,9 @@ MAX_CONTROL_PAYLOAD = 64 * 1024
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 CommandId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
-LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")]
+LabelKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
+]
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=r"^([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$")]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
 NonNeg = Annotated[float, Field(ge=0)]

@@ -32,9 +32,7 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def public_key_pem(public_key: Ed25519PublicKey) -> str:
-    return public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def load_public_key(pem: str | bytes) -> Ed25519PublicKey:
@@ -88,11 +86,7 @@ def verify(
         raise VerificationError(
             "expired", f"manifest of {manifest.model} v{manifest.version} expired at {manifest.expires_at:.0f}"
         )
-    if (
-        installed_version is not None
-        and manifest.version <= installed_version
-        and manifest.version != allow_version
-    ):
+    if installed_version is not None and manifest.version <= installed_version and manifest.version != allow_version:
         raise VerificationError(
             "older_version",
             f"{manifest.model} v{manifest.version} is not newer than the installed v{installed_version};"

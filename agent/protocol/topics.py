@@ -37,8 +37,7 @@ def check_id(value: str, what: str = "device id") -> str:
     """Return ``value`` or raise ValueError saying what a valid id looks like."""
     if not is_valid_id(value):
         raise ValueError(
-            f"invalid {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ : -, "
-            "starting with a letter or digit"
+            f"invalid {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ : -, starting with a letter or digit"
         )
     return value
 

@@ -8,6 +8,7 @@ inference queue and at thread-safe counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -72,15 +73,15 @@ class AgentService:
         )
         self._load_model()
         mqtt_fields = parse_broker_url(s.broker)
+        if s.mqtt_username:
+            mqtt_fields["username"] = s.mqtt_username
         password = s.mqtt_password()
+        if password:
+            mqtt_fields["password"] = password
+        if s.ca_file:
+            mqtt_fields["ca_file"] = str(s.ca_file)
         config = MqttConfig(
-            **mqtt_fields,
-            **({"username": s.mqtt_username} if s.mqtt_username else {}),
-            **({"password": password} if password else {}),
-            **({"ca_file": str(s.ca_file)} if s.ca_file else {}),
-            keepalive_s=s.keepalive_s,
-            protocol=s.mqtt_protocol,
-            reconnect_max_s=s.reconnect_max_s,
+            **mqtt_fields, keepalive_s=s.keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=s.reconnect_max_s
         )
         transport = self.transport = MqttTransport(config, s.device_id, will=self.core.will(now), name=s.device_id)
         transport.on_connect = self._on_connect
@@ -113,10 +114,8 @@ class AgentService:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 self._loop.add_signal_handler(sig, self.request_stop)
-            except (NotImplementedError, RuntimeError):
-                pass
 
     def _load_model(self) -> None:
         s = self.settings

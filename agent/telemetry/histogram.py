@@ -11,7 +11,7 @@ import bisect
 import math
 from collections.abc import Iterable
 
-_RATIO = 2 ** 0.25
+_RATIO = 2**0.25
 _FIRST_MS = 0.01
 #: Upper bounds (ms) of each bucket; a value lands in the first bucket whose bound is >= it.
 BUCKET_BOUNDS_MS: tuple[float, ...] = tuple(_FIRST_MS * _RATIO**i for i in range(104))

@@ -15,6 +15,7 @@ and stops retrying when the broker refuses the credentials.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -243,10 +244,8 @@ class MqttTransport:
         sock = self._sock
         self._drop_socket()
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
         self._connected = False
         self._client = None
@@ -374,10 +373,8 @@ class MqttTransport:
         sock = self._sock
         self._drop_socket()
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def _subscribe_now(self, pairs: list[tuple[str, int]]) -> None:
         if self._client is not None and self._connected and pairs:
@@ -394,9 +391,7 @@ class MqttTransport:
 
     # ------------------------------------------------------ paho callbacks --
 
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
-    ) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         if client is not self._client:
             return
         self._got_connack = True
@@ -464,7 +459,7 @@ class MqttTransport:
         if handler is None:
             return
         try:
-            handler(message.topic, message.payload)
+            handler(message.topic, bytes(message.payload))
         except Exception:
             # A faulty handler must never break the network loop.
             log.exception("%s: message handler failed for topic %s", self.name, message.topic)
@@ -504,17 +499,13 @@ class MqttTransport:
             self._loop.add_writer(sock, self._writable, client)
 
     def _remove_writer(self, sock: Any) -> None:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             self._loop.remove_writer(sock)
-        except (ValueError, OSError):
-            pass
 
     def _forget_socket(self, sock: Any) -> None:
         for remove in (self._loop.remove_reader, self._loop.remove_writer):
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 remove(sock)
-            except (ValueError, OSError):
-                pass
 
     def _drop_socket(self) -> None:
         sock = self._sock

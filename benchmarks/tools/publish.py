@@ -16,13 +16,22 @@ from agent.protocol.messages import DeviceOnline, HardwareProfile, InferenceStat
 
 
 def payloads(n: int, devices: int) -> list[tuple[str, bytes]]:
-    latency = LatencySummary(p50_ms=3.1, p95_ms=7.9, p99_ms=12.4, mean_ms=3.6, max_ms=15.0, buckets=[(64, 80), (70, 20)])
+    latency = LatencySummary(
+        p50_ms=3.1, p95_ms=7.9, p99_ms=12.4, mean_ms=3.6, max_ms=15.0, buckets=[(64, 80), (70, 20)]
+    )
     out = []
     now = time.time()
     for k in range(n):
         device = f"bench-{k % devices:05d}"
-        msg = Telemetry(ts=now + k * 1e-6, seq=k // devices, interval_s=10.0, uptime_s=3600.0, cpu_percent=23.5,
-                        rss_bytes=118_000_000, inference=InferenceStats(count=100, errors=0, latency=latency))
+        msg = Telemetry(
+            ts=now + k * 1e-6,
+            seq=k // devices,
+            interval_s=10.0,
+            uptime_s=3600.0,
+            cpu_percent=23.5,
+            rss_bytes=118_000_000,
+            inference=InferenceStats(count=100, errors=0, latency=latency),
+        )
         out.append((topics.telemetry(device), codec.encode(msg)))
     return out
 
@@ -30,9 +39,14 @@ def payloads(n: int, devices: int) -> list[tuple[str, bytes]]:
 def births(devices: int) -> list[tuple[str, bytes]]:
     hw = HardwareProfile(cpu_count=4, ram_bytes=4 * 2**30, arch="aarch64", os="Linux")
     return [
-        (topics.state(f"bench-{i:05d}"),
-         codec.encode(DeviceOnline(ts=time.time(), agent_version="bench", hardware=hw, keepalive_s=60,
-                                   telemetry_interval_s=10)))
+        (
+            topics.state(f"bench-{i:05d}"),
+            codec.encode(
+                DeviceOnline(
+                    ts=time.time(), agent_version="bench", hardware=hw, keepalive_s=60, telemetry_interval_s=10
+                )
+            ),
+        )
         for i in range(devices)
     ]
 

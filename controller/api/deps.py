@@ -18,7 +18,8 @@ from controller.runtime import ControllerRuntime
 
 
 def get_runtime(request: Request) -> ControllerRuntime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    runtime: ControllerRuntime = request.app.state.runtime
+    return runtime
 
 
 RuntimeDep = Annotated[ControllerRuntime, Depends(get_runtime)]
@@ -43,9 +44,7 @@ class Principal:
     token_id: int | None = None
 
 
-def _authenticate(
-    session: Session, credentials: HTTPAuthorizationCredentials | None, needed: Role
-) -> Principal:
+def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None, needed: Role) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

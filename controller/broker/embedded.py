@@ -73,9 +73,7 @@ def mosquitto_binary() -> str | None:
     return None
 
 
-def mosquitto_config(
-    host: str, port: int, state_dir: Path, extra: str = "", allow_anonymous: bool = True
-) -> str:
+def mosquitto_config(host: str, port: int, state_dir: Path, extra: str = "", allow_anonymous: bool = True) -> str:
     """A mosquitto.conf for a private single-node broker; the comments say why each line is there."""
     lines = [
         "# Written by slmfleet; regenerated on every start.",

@@ -31,12 +31,16 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ControllerError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port") from None
+            raise ControllerError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port"
+            ) from None
 
 
 def up(
     data_dir: Annotated[Path | None, typer.Option(help="data directory [default: ./.slmfleet]")] = None,
-    broker: Annotated[str | None, typer.Option(help="use this broker (mqtt://host:port) instead of an embedded one")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="use this broker (mqtt://host:port) instead of an embedded one")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="REST API address [default: 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="REST API port [default: 8080]")] = None,
     broker_port: Annotated[int | None, typer.Option(help="embedded broker port [default: 1884]")] = None,
@@ -106,8 +110,14 @@ def up(
         )
         app = create_app(settings, runtime)
         server = uvicorn.Server(
-            uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                           access_log=False, lifespan="on")
+            uvicorn.Config(
+                app,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+            )
         )
         # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that
         # would kill this process before the finally below stops the runtime and the embedded broker.

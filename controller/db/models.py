@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, String, Table
 from sqlmodel import Field, SQLModel
 
 from controller.db.types import UTCDateTime, utcnow
@@ -102,3 +102,8 @@ class AuditEntry(SQLModel, table=True):
     action: str = Field(max_length=64)
     target: str = Field(max_length=256)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+def table(model: type[SQLModel]) -> Table:
+    """The Core table of a SQLModel class (for bulk statements that bypass the ORM)."""
+    return model.__table__  # type: ignore[attr-defined]

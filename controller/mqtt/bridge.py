@@ -64,7 +64,9 @@ class MqttBridge:
 
     def _connected(self) -> None:
         self.connected_since = time.time()
-        log.info("controller connected to broker %s (MQTT %s)", self.config.url, self.transport and self.transport.protocol)
+        log.info(
+            "controller connected to broker %s (MQTT %s)", self.config.url, self.transport and self.transport.protocol
+        )
         if self._on_change is not None:
             self._on_change(True)
 

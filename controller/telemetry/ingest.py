@@ -19,7 +19,7 @@ from sqlalchemy import Engine, bindparam, insert, select, update
 
 from agent.protocol.messages import AgentEvent, CommandAck, DeviceOnline, Telemetry
 from controller.db.bulk import BulkInsert
-from controller.db.models import Device, DeviceEvent, TelemetryRecord
+from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import from_epoch
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,21 @@ Op = Birth | Offline | TelemetryIn | EventIn | LastSeen
 
 
 TELEMETRY_COLUMNS = (
-    "device_id", "received_at", "ts", "seq", "interval_s", "cpu_percent", "rss_bytes", "inference_count",
-    "inference_errors", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "model", "model_version", "variant",
+    "device_id",
+    "received_at",
+    "ts",
+    "seq",
+    "interval_s",
+    "cpu_percent",
+    "rss_bytes",
+    "inference_count",
+    "inference_errors",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "model",
+    "model_version",
+    "variant",
     "data",
 )
 EVENT_COLUMNS = ("device_id", "received_at", "ts", "seq", "type", "kind", "message", "data")
@@ -105,7 +118,13 @@ def event_row(op: EventIn, dt: Callable[[float], Any]) -> tuple[Any, ...]:
     else:
         kind, message = msg.kind, msg.message
     return (
-        op.device_id, dt(op.at), dt(msg.ts), msg.seq, msg.type, kind[:64], message,
+        op.device_id,
+        dt(op.at),
+        dt(msg.ts),
+        msg.seq,
+        msg.type,
+        kind[:64],
+        message,
         msg.model_dump_json(exclude_none=True),
     )
 
@@ -139,8 +158,8 @@ class IngestWriter:
         self._flush_requested = False
         self.batches = 0
         self.failed_batches = 0
-        self._telemetry_insert = BulkInsert(engine, TelemetryRecord.__table__, TELEMETRY_COLUMNS)  # type: ignore[arg-type]
-        self._event_insert = BulkInsert(engine, DeviceEvent.__table__, EVENT_COLUMNS)  # type: ignore[arg-type]
+        self._telemetry_insert = BulkInsert(engine, table(TelemetryRecord), TELEMETRY_COLUMNS)
+        self._event_insert = BulkInsert(engine, table(DeviceEvent), EVENT_COLUMNS)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
@@ -258,26 +277,30 @@ class IngestWriter:
                 seen.pop(op.device_id, None)
             else:  # Offline
                 values = devices.setdefault(op.device_id, {})
-                values.update(
-                    status="offline", status_changed_at=from_epoch(op.at), offline_reason=op.reason[:32]
-                )
+                values.update(status="offline", status_changed_at=from_epoch(op.at), offline_reason=op.reason[:32])
         with self.engine.begin() as conn:
             if devices:
                 existing = set(
-                    conn.execute(select(Device.__table__.c.id).where(Device.__table__.c.id.in_(list(devices)))).scalars()
+                    conn.execute(
+                        select(table(Device).c.id).where(table(Device).c.id.in_(list(devices)))
+                    ).scalars()
                 )
                 for device_id, values in devices.items():
                     if device_id in existing:
-                        conn.execute(update(Device.__table__).where(Device.__table__.c.id == device_id).values(**values))
+                        conn.execute(
+                            update(table(Device)).where(table(Device).c.id == device_id).values(**values)
+                        )
                     elif "agent_version" in values:  # only a birth registers a device
                         row = Device(id=device_id, labels=birth_labels.get(device_id, {}), **values)
-                        conn.execute(insert(Device.__table__).values(**row.model_dump()))
+                        conn.execute(insert(table(Device)).values(**row.model_dump()))
             self._telemetry_insert.execute(conn, telemetry)
             self._event_insert.execute(conn, events)
             if seen:
-                table = Device.__table__
+                devices_table = table(Device)
                 conn.execute(
-                    update(table).where(table.c.id == bindparam("b_id")).values(last_seen=bindparam("b_seen")),
+                    update(devices_table)
+                    .where(devices_table.c.id == bindparam("b_id"))
+                    .values(last_seen=bindparam("b_seen")),
                     [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices],
                 )
         return len(telemetry), len(events)

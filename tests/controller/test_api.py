@@ -69,7 +69,9 @@ def test_writes_need_a_token_with_the_right_role(fleet) -> None:  # type: ignore
     body = {"labels": {"zone": "a"}}
     r = c.patch("/api/v1/devices/dev-05", json=body)
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
-    assert c.patch("/api/v1/devices/dev-05", json=body, headers={"Authorization": "Bearer slmf_nope"}).status_code == 401
+    assert (
+        c.patch("/api/v1/devices/dev-05", json=body, headers={"Authorization": "Bearer slmf_nope"}).status_code == 401
+    )
     assert c.patch("/api/v1/devices/dev-05", json=body, headers={"Authorization": "Basic abc"}).status_code == 401
     viewer = {"Authorization": f"Bearer {fleet.token_for(Role.VIEWER)}"}
     r = c.patch("/api/v1/devices/dev-05", json=body, headers=viewer)
@@ -105,7 +107,12 @@ def test_invalid_bodies_get_422_naming_the_field(fleet, body: dict, needle: str)
     r = fleet.client.patch("/api/v1/devices/dev-07", json=body, headers=fleet.auth)
     assert r.status_code == 422, r.text
     assert needle in r.text
-    assert fleet.client.patch("/api/v1/devices/dev-07", content=b"{nope", headers={**fleet.auth, "Content-Type": "application/json"}).status_code == 422
+    assert (
+        fleet.client.patch(
+            "/api/v1/devices/dev-07", content=b"{nope", headers={**fleet.auth, "Content-Type": "application/json"}
+        ).status_code
+        == 422
+    )
 
 
 def test_unknown_device_is_404(fleet) -> None:  # type: ignore[no-untyped-def]
@@ -131,7 +138,10 @@ def test_telemetry_since_filters_by_arrival_time(controller) -> None:  # type: i
         iso = controller.client.get("/api/v1/devices/dev-t/telemetry", params={"since": time_marker}).json()
         epoch = controller.client.get("/api/v1/devices/dev-t/telemetry", params={"since": cut}).json()
         assert [t["seq"] for t in iso] == [3, 4] == [t["seq"] for t in epoch]
-        assert controller.client.get("/api/v1/devices/dev-t/telemetry", params={"since": "yesterday-ish"}).status_code == 422
+        assert (
+            controller.client.get("/api/v1/devices/dev-t/telemetry", params={"since": "yesterday-ish"}).status_code
+            == 422
+        )
         assert len(controller.client.get("/api/v1/devices/dev-t/telemetry", params={"limit": 2}).json()) == 2
     finally:
         raw.close()

@@ -87,8 +87,12 @@ BAD_INPUT = [
     ("state", b"", "empty"),
     ("telemetry", b"\xff\xfe\x00binary", "not_json"),
     ("telemetry", b'{"type": "telemetry", "ts": 1, "seq": -1}', "schema"),
-    ("telemetry", b'{"type":"telemetry","ts":1,"seq":1,"interval_s":1,"uptime_s":1,"cpu_percent":1,"rss_bytes":1,'
-                  b'"pad":"' + b"x" * 70_000 + b'"}', "too_large"),
+    (
+        "telemetry",
+        b'{"type":"telemetry","ts":1,"seq":1,"interval_s":1,"uptime_s":1,"cpu_percent":1,"rss_bytes":1,'
+        b'"pad":"' + b"x" * 70_000 + b'"}',
+        "too_large",
+    ),
     ("events", b"[]", "schema"),
     ("events", b'{"type": "agent", "ts": 1, "seq": 1, "kind": ""}', "schema"),
 ]
@@ -101,8 +105,17 @@ def test_bad_payloads_are_counted_and_store_nothing(controller, raw, channel: st
     before = (rows(controller, TelemetryRecord), rows(controller, DeviceEvent))
     raw.publish(f"slmfleet/v1/dev/dev-known/{channel}", payload)
     wait_until(
-        lambda: metric_value(controller.client.get("/metrics").text, "slmfleet_invalid_payloads_total",
-                             {"channel": channel, "reason": reason}) == 1, 10, what=f"{channel}/{reason} counted")
+        lambda: (
+            metric_value(
+                controller.client.get("/metrics").text,
+                "slmfleet_invalid_payloads_total",
+                {"channel": channel, "reason": reason},
+            )
+            == 1
+        ),
+        10,
+        what=f"{channel}/{reason} counted",
+    )
     assert (rows(controller, TelemetryRecord), rows(controller, DeviceEvent)) == before
     # still working: a valid message after the bad one is processed
     raw.publish(*du.telemetry("dev-known", 1))

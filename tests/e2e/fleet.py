@@ -47,14 +47,27 @@ class Fleet:
         )
         api = f"http://127.0.0.1:{port}"
         self.controller = ControllerProc(proc, api, data)
-        wait_until(lambda: proc.alive() and httpx.get(api + "/api/v1/health", timeout=2).json()["broker"]["connected"],
-                   30, what=f"controller up (log: {proc.log_path})")
+        wait_until(
+            lambda: proc.alive() and httpx.get(api + "/api/v1/health", timeout=2).json()["broker"]["connected"],
+            30,
+            what=f"controller up (log: {proc.log_path})",
+        )
         return self.controller
 
     def start_agent(self, device_id: str, *extra: str) -> Proc:
         proc = Proc(
-            slmfleet_cmd("agent", "--broker", self.broker_url, "--device-id", device_id, "--data-dir",
-                         str(self.root / device_id), "--reconnect-max", "1", *extra),
+            slmfleet_cmd(
+                "agent",
+                "--broker",
+                self.broker_url,
+                "--device-id",
+                device_id,
+                "--data-dir",
+                str(self.root / device_id),
+                "--reconnect-max",
+                "1",
+                *extra,
+            ),
             self.root / f"{device_id}.log",
         )
         self.agents[device_id] = proc

@@ -31,8 +31,11 @@ def test_three_agents_online_telemetry_kill_restart(fleet: Fleet, private_broker
     for device_id in ids:
         fleet.start_agent(device_id, "--keepalive", str(KEEPALIVE), "--telemetry-interval", "0.5")
     wait_until(lambda: ctl.devices() == dict.fromkeys(ids, "online"), 20, what="3 agents online")
-    wait_until(lambda: all(len(ctl.get(f"/api/v1/devices/{d}/telemetry").json()) >= 2 for d in ids), 20,
-               what="telemetry rows from every agent")
+    wait_until(
+        lambda: all(len(ctl.get(f"/api/v1/devices/{d}/telemetry").json()) >= 2 for d in ids),
+        20,
+        what="telemetry rows from every agent",
+    )
     row = ctl.get("/api/v1/devices/edge-1/telemetry").json()[-1]
     assert row["rss_bytes"] > 10_000_000 and row["data"]["uptime_s"] > 0
 
@@ -61,12 +64,18 @@ def test_broker_restart_every_client_reconnects_and_the_registry_is_right(
     private_broker.start()
 
     wait_until(lambda: ctl.get("/api/v1/health").json()["broker"]["connected"], 30, what="controller reconnected")
-    wait_until(lambda: ctl.devices() == {"r-1": "online", "r-2": "online", "r-3": "offline"}, 30,
-               what="registry right after the broker restart")
+    wait_until(
+        lambda: ctl.devices() == {"r-1": "online", "r-2": "online", "r-3": "offline"},
+        30,
+        what="registry right after the broker restart",
+    )
     # the survivors really are back: fresh telemetry after the restart
     since = time.time()
-    wait_until(lambda: all(ctl.get(f"/api/v1/devices/{d}/telemetry", params={"since": since}).json()
-                           for d in ("r-1", "r-2")), 20, what="telemetry after the restart")
+    wait_until(
+        lambda: all(ctl.get(f"/api/v1/devices/{d}/telemetry", params={"since": since}).json() for d in ("r-1", "r-2")),
+        20,
+        what="telemetry after the restart",
+    )
 
 
 def test_agent_shutdown_says_goodbye(fleet: Fleet) -> None:
@@ -82,13 +91,18 @@ def test_agent_shutdown_says_goodbye(fleet: Fleet) -> None:
 def test_slmfleet_up_on_embedded_defaults(tmp_path: Path) -> None:
     port, broker_port = free_port(), free_port()
     data = tmp_path / "data"
-    up = Proc(slmfleet_cmd("up", "--data-dir", str(data), "--port", str(port), "--broker-port", str(broker_port)),
-              tmp_path / "up.log")
+    up = Proc(
+        slmfleet_cmd("up", "--data-dir", str(data), "--port", str(port), "--broker-port", str(broker_port)),
+        tmp_path / "up.log",
+    )
     agent = None
     try:
         api = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(api + "/api/v1/health", timeout=2).json()["broker"]["connected"], 30,
-                   what="slmfleet up ready")
+        wait_until(
+            lambda: httpx.get(api + "/api/v1/health", timeout=2).json()["broker"]["connected"],
+            30,
+            what="slmfleet up ready",
+        )
         banner = up.log()
         for needle in (f"{api}/api/v1", f"{api}/docs", "admin token", str(data / "admin-token")):
             assert needle in banner
@@ -97,11 +111,17 @@ def test_slmfleet_up_on_embedded_defaults(tmp_path: Path) -> None:
         token_file = data / "admin-token"
         assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
         token = token_file.read_text().strip()
-        agent = Proc(slmfleet_cmd("agent", "--broker", broker_url, "--device-id", "first", "--data-dir",
-                                  str(tmp_path / "dev")), tmp_path / "agent.log")
+        agent = Proc(
+            slmfleet_cmd("agent", "--broker", broker_url, "--device-id", "first", "--data-dir", str(tmp_path / "dev")),
+            tmp_path / "agent.log",
+        )
         wait_until(lambda: httpx.get(api + "/api/v1/devices/first", timeout=2).status_code == 200, 20)
-        r = httpx.patch(api + "/api/v1/devices/first", json={"labels": {"k": "v"}}, timeout=5,
-                        headers={"Authorization": f"Bearer {token}"})
+        r = httpx.patch(
+            api + "/api/v1/devices/first",
+            json={"labels": {"k": "v"}},
+            timeout=5,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         assert r.status_code == 200
         assert httpx.patch(api + "/api/v1/devices/first", json={"labels": {}}, timeout=5).status_code == 401
     finally:
@@ -111,10 +131,13 @@ def test_slmfleet_up_on_embedded_defaults(tmp_path: Path) -> None:
     # stopping up stops the broker it started
     assert "embedded" in up.log()
     from controller.broker.embedded import port_open
+
     assert not port_open("127.0.0.1", broker_port)
     # a second start reuses the same admin token
-    up2 = Proc(slmfleet_cmd("up", "--data-dir", str(data), "--port", str(port), "--broker-port", str(broker_port)),
-               tmp_path / "up2.log")
+    up2 = Proc(
+        slmfleet_cmd("up", "--data-dir", str(data), "--port", str(port), "--broker-port", str(broker_port)),
+        tmp_path / "up2.log",
+    )
     try:
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).status_code == 200, 30)
         assert (data / "admin-token").read_text().strip() == token
@@ -123,16 +146,28 @@ def test_slmfleet_up_on_embedded_defaults(tmp_path: Path) -> None:
 
 
 def test_slmfleet_up_refuses_a_busy_port_clearly(tmp_path: Path, private_broker: EmbeddedBroker) -> None:
-    up = Proc(slmfleet_cmd("up", "--data-dir", str(tmp_path / "d"), "--port", str(free_port()),
-                           "--broker-port", str(private_broker.port)), tmp_path / "up.log")
+    up = Proc(
+        slmfleet_cmd(
+            "up",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--port",
+            str(free_port()),
+            "--broker-port",
+            str(private_broker.port),
+        ),
+        tmp_path / "up.log",
+    )
     up.popen.wait(30)
     assert up.popen.returncode != 0
     assert "already in use" in up.log()
 
 
 def test_agent_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
-    bad = Proc(slmfleet_cmd("agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "bad/id", "--data-dir",
-                            str(tmp_path)), tmp_path / "a.log")
+    bad = Proc(
+        slmfleet_cmd("agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "bad/id", "--data-dir", str(tmp_path)),
+        tmp_path / "a.log",
+    )
     bad.popen.wait(30)
     assert bad.popen.returncode == 2 and "invalid device id" in bad.log()
     conf = tmp_path / "agent.toml"
@@ -144,17 +179,40 @@ def test_agent_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None
 
 def test_slmfleet_up_falls_back_to_amqtt_and_says_what_it_lacks(tmp_path: Path) -> None:
     port, broker_port = free_port(), free_port()
-    up = Proc(slmfleet_cmd("up", "--data-dir", str(tmp_path / "d"), "--port", str(port), "--broker-port",
-                           str(broker_port), "--broker-engine", "amqtt"), tmp_path / "up.log")
+    up = Proc(
+        slmfleet_cmd(
+            "up",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--port",
+            str(port),
+            "--broker-port",
+            str(broker_port),
+            "--broker-engine",
+            "amqtt",
+        ),
+        tmp_path / "up.log",
+    )
     agent = None
     try:
         api = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(api + "/api/v1/health", timeout=2).json()["broker"]["connected"], 30)
         log = up.log()
         assert "amqtt" in log and "3.1.1 only" in log and "no shared subscriptions" in log
-        agent = Proc(slmfleet_cmd("agent", "--broker", f"mqtt://127.0.0.1:{broker_port}", "--device-id", "a1",
-                                  "--data-dir", str(tmp_path / "dev"), "--mqtt-protocol", "3.1.1"),
-                     tmp_path / "agent.log")
+        agent = Proc(
+            slmfleet_cmd(
+                "agent",
+                "--broker",
+                f"mqtt://127.0.0.1:{broker_port}",
+                "--device-id",
+                "a1",
+                "--data-dir",
+                str(tmp_path / "dev"),
+                "--mqtt-protocol",
+                "3.1.1",
+            ),
+            tmp_path / "agent.log",
+        )
         wait_until(lambda: httpx.get(api + "/api/v1/devices/a1", timeout=2).json().get("status") == "online", 20)
     finally:
         if agent is not None:

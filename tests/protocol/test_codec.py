@@ -19,7 +19,10 @@ HW = HardwareProfile(cpu_count=2, ram_bytes=2**30, arch="aarch64", os="Linux 6.1
 
 def test_every_message_round_trips_with_type_and_schema_version() -> None:
     cases = [
-        (DeviceChannel.STATE, DeviceOnline(ts=1.5, agent_version="1", hardware=HW, keepalive_s=30, telemetry_interval_s=10)),
+        (
+            DeviceChannel.STATE,
+            DeviceOnline(ts=1.5, agent_version="1", hardware=HW, keepalive_s=30, telemetry_interval_s=10),
+        ),
         (DeviceChannel.STATE, DeviceOffline(ts=2.0)),
         (DeviceChannel.TELEMETRY, Telemetry(ts=3.0, seq=4, interval_s=10, uptime_s=99, cpu_percent=5, rss_bytes=10)),
         (DeviceChannel.EVENTS, CommandAck(ts=4.0, seq=1, command_id="c-1", ok=True)),

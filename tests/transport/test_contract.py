@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,8 +32,12 @@ class Harness:
             t = MemoryTransport(self.memory, client_id, will=will)
         else:
             assert self.broker is not None and self.loop is not None
-            config = MqttConfig(port=self.broker.port, reconnect_min_s=0.05, reconnect_max_s=0.5,
-                                protocol="3.1.1" if self.broker.engine == "amqtt" else "auto")
+            config = MqttConfig(
+                port=self.broker.port,
+                reconnect_min_s=0.05,
+                reconnect_max_s=0.5,
+                protocol="3.1.1" if self.broker.engine == "amqtt" else "auto",
+            )
             t = self.loop.call(lambda: MqttTransport(config, client_id, will=will, loop=self.loop.loop))
         t.on_message = lambda topic, payload: got.append((topic, payload))
         t.on_published = acked.append
@@ -67,10 +72,8 @@ class Harness:
 
     def close(self) -> None:
         for t in self.clients:
-            try:
+            with contextlib.suppress(Exception):
                 self.abort(t)
-            except Exception:
-                pass
         if self.loop is not None:
             self.loop.close()
 
@@ -87,7 +90,9 @@ def test_published_messages_reach_matching_subscribers_in_order(harness: Harness
     harness.start(sub)
     harness.subscribe(sub, "slmfleet/v1/dev/+/telemetry")
     harness.start(pub)
-    wait_until(lambda: pub.publish("slmfleet/v1/dev/x/telemetry", b"probe", 1) and sub.got, 10, what="subscription live")
+    wait_until(
+        lambda: pub.publish("slmfleet/v1/dev/x/telemetry", b"probe", 1) and sub.got, 10, what="subscription live"
+    )
     sub.got.clear()
     for i in range(200):
         assert pub.publish("slmfleet/v1/dev/a/telemetry", str(i).encode(), 1) != 0
@@ -139,8 +144,11 @@ def test_subscriptions_come_back_after_the_broker_restarts(
         h.start(pub)
         private_broker.restart()
         wait_until(lambda: sub.connects >= 2 and pub.connects >= 2, 20, what="both reconnected")
-        wait_until(lambda: pub.publish("r/x", b"after", 1) and any(p == b"after" for _, p in sub.got), 10,
-                   what="delivery after the restart")
+        wait_until(
+            lambda: pub.publish("r/x", b"after", 1) and any(p == b"after" for _, p in sub.got),
+            10,
+            what="delivery after the restart",
+        )
     finally:
         h.close()
 
@@ -154,8 +162,9 @@ def test_mqtt5_where_the_broker_has_it_and_311_where_it_does_not(tmp_path: Any) 
             b = EmbeddedBroker(tmp_path / engine, engine=engine)  # type: ignore[arg-type]
             b.start()
             brokers.append(b)
-            t = loop.call(lambda b=b: MqttTransport(MqttConfig(port=b.port, connect_timeout_s=2), "auto",
-                                                    loop=loop.loop))
+            t = loop.call(
+                lambda b=b: MqttTransport(MqttConfig(port=b.port, connect_timeout_s=2), "auto", loop=loop.loop)
+            )
             loop.call(t.start)
             wait_until(lambda t=t: t.connected, 20, what=f"connected to {engine}")
             assert t.protocol == ("5" if engine == "mosquitto" else "3.1.1")

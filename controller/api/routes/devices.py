@@ -67,9 +67,7 @@ def list_devices(
     else:  # label selectors are evaluated here, the same way for every database
         matching = [d for d in session.exec(stmt).all() if parsed.matches(d.labels)]
         total, items = len(matching), matching[offset : offset + limit]
-    return DevicePage(
-        items=[DevicePublic.model_validate(d) for d in items], total=total, limit=limit, offset=offset
-    )
+    return DevicePage(items=[DevicePublic.model_validate(d) for d in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
