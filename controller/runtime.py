@@ -21,6 +21,7 @@ from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
+from controller.registry.service import RegistryService
 from controller.settings import ControllerSettings
 from controller.telemetry.ingest import IngestWriter, LastSeen, Offline
 
@@ -45,6 +46,14 @@ class ControllerRuntime:
         self.handler = DeviceTrafficHandler(
             self.registry, self.writer, self.metrics, max_payload=settings.max_control_payload
         )
+        self.models = RegistryService(
+            self.engine,
+            settings.data_dir,
+            chunk_size=settings.chunk_size,
+            validity_days=settings.manifest_validity_days,
+            max_unpacked_bytes=settings.unpack_max_bytes,
+            floors=settings.min_agreement,
+        )
         self.bridge: MqttBridge | None = None
         self.scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
@@ -58,6 +67,7 @@ class ControllerRuntime:
         s = self.settings
         migrate(self.engine)
         self._load_registry()
+        self.models.start()
         self.writer.start()
         if s.broker_url:
             fields = parse_broker_url(s.broker_url)
@@ -91,6 +101,7 @@ class ControllerRuntime:
             self.bridge.stop()
         self.flush_last_seen()
         self.writer.stop()
+        self.models.stop()
         self.engine.dispose()
 
     # ------------------------------------------------------------ jobs --

@@ -63,6 +63,25 @@ class ControllerSettings(BaseSettings):
     telemetry_retention_days: Annotated[float, Field(gt=0)] = Field(
         30.0, description="telemetry rows older than this are deleted by a daily job"
     )
+    upload_max_bytes: Annotated[int, Field(ge=1024)] = Field(
+        4 * 1024**3, description="largest model upload accepted, bytes (413 beyond)"
+    )
+    unpack_max_bytes: Annotated[int, Field(ge=1024)] = Field(
+        8 * 1024**3, description="largest size an uploaded archive may unpack to, bytes"
+    )
+    chunk_size: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = Field(
+        256 * 1024, description="delivery chunk size of new artifacts, bytes"
+    )
+    manifest_validity_days: Annotated[float, Field(gt=0)] = Field(
+        365.0, description="manifests expire this long after registration (devices refuse expired ones)"
+    )
+    import_wait_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        120.0, description="how long an upload request waits for its import before answering 202 with a job"
+    )
+    min_agreement: dict[str, float] = Field(
+        default_factory=dict,
+        description="agreement floors by kind (cosine, top1, token, exact) overriding the defaults",
+    )
     require_auth_for_reads: bool = Field(False, description="require a viewer token for GET requests too")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 

@@ -36,25 +36,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MANIFEST_SCHEMA: Literal[1] = 1
 #: Default chunk size for delivery: small enough for stock broker limits, large enough to be efficient.
 DEFAULT_CHUNK_SIZE = 256 * 1024
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-RelPath = Annotated[
-    str,
-    StringConstraints(
-        min_length=1,
-        max_length=255,
-        # relative, forward slashes, no '..' or '.' segments, no absolute paths or drive letters
-        pattern=r"^(?!/)(?!.*(^|/)\.\.?(/|$))(?!.*\\)(?!.*//)[A-Za-z0-9._+@=-][A-Za-z0-9._+@=/-]*$",
-    ),
-]
+_REL_PART = re.compile(r"^[A-Za-z0-9._+@=-]+$")
+
+
+def _check_rel_path(value: str) -> str:
+    """Relative, forward slashes, no empty, '.' or '..' segments: a path that stays inside the bundle."""
+    parts = value.split("/")
+    if value.startswith("/") or any(p in ("", ".", "..") or not _REL_PART.match(p) for p in parts):
+        raise ValueError(f"{value!r} is not a safe relative path inside a bundle")
+    return value
+
+
+RelPath = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_check_rel_path)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
@@ -95,11 +99,18 @@ class FileEntry(_Strict):
 
 
 class ChunkRef(_Strict):
-    """One delivery chunk: bytes ``[offset, offset+size)`` of the bundle's files concatenated in ``files`` order."""
+    """One delivery chunk: bytes ``[offset, offset+size)`` of ``files[file]``.
+
+    Chunks never span files and start at multiples of ``chunk_size``, so a file
+    that did not change between versions has the same chunks (and hashes), and a
+    device that holds them already does not fetch them again.
+    """
 
     index: Annotated[int, Field(ge=0)]
-    sha256: Sha256
+    file: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
     size: Annotated[int, Field(ge=1)]
+    sha256: Sha256
 
 
 class Preprocess(_Strict):
@@ -221,17 +232,19 @@ class Manifest(_Strict):
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise ValueError("files: a path is listed twice")
-        total = sum(f.size for f in self.files)
-        expected = (total + self.chunk_size - 1) // self.chunk_size
-        if len(self.chunks) != expected:
-            raise ValueError(f"chunks: {len(self.chunks)} listed, {expected} expected for {total} bytes")
-        for i, c in enumerate(self.chunks):
-            if c.index != i:
-                raise ValueError(f"chunks: entry {i} has index {c.index}")
-            last = i == expected - 1
-            want = total - i * self.chunk_size if last else self.chunk_size
-            if c.size != want:
-                raise ValueError(f"chunks: chunk {i} has size {c.size}, expected {want}")
+        expected = [
+            (file_index, offset, min(self.chunk_size, entry.size - offset))
+            for file_index, entry in enumerate(self.files)
+            for offset in range(0, entry.size, self.chunk_size)
+        ]
+        if len(self.chunks) != len(expected):
+            raise ValueError(f"chunks: {len(self.chunks)} listed, {len(expected)} expected for these files")
+        for i, (c, (file_index, offset, size)) in enumerate(zip(self.chunks, expected, strict=True)):
+            if (c.index, c.file, c.offset, c.size) != (i, file_index, offset, size):
+                raise ValueError(
+                    f"chunks: entry {i} is (index {c.index}, file {c.file}, offset {c.offset}, size {c.size}),"
+                    f" expected ({i}, {file_index}, {offset}, {size})"
+                )
         if (
             self.runtime == Runtime.ONNXRUNTIME
             and self.entrypoint not in paths

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from agent.protocol.manifest import Task
 from agent.protocol.messages import LabelKey, LabelValue
 
 
@@ -93,3 +94,73 @@ class Health(BaseModel):
     broker: BrokerHealth
     devices: dict[str, int]
     ingest_queue: int
+
+
+# ------------------------------------------------------------------ models --
+
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName
+    task: Task
+    description: Annotated[str, StringConstraints(max_length=4096)] = ""
+
+
+class ModelPublic(BaseModel):
+    name: str
+    task: str
+    description: str
+    created_at: datetime
+    created_by: str
+    versions: int
+    latest_version: int | None
+
+
+class ArtifactSummary(BaseModel):
+    artifact_id: str
+    variant: str
+    size_bytes: int
+    quantization: dict[str, Any]
+    metrics: dict[str, Any]
+    requirements: dict[str, Any]
+    expires_at: float | None
+    manifest_url: str
+
+
+class VersionPublic(BaseModel):
+    model: str
+    number: int
+    task: str
+    source: str
+    description: str
+    created_at: datetime
+    created_by: str
+    variants: list[ArtifactSummary]
+    refused: list[dict[str, Any]]
+
+
+class ModelDetail(ModelPublic):
+    version_list: list[VersionPublic]
+
+
+class ImportJobPublic(BaseModel):
+    id: str
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    stage: str
+    progress: float
+    message: str
+    error: str | None
+    version: int | None
+    created_at: datetime
+    updated_at: datetime
+    url: str
+
+
+class SigningKeyPublic(BaseModel):
+    algorithm: Literal["ed25519"] = "ed25519"
+    key_id: str
+    public_key_pem: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, String, Table
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, String, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from controller.db.types import UTCDateTime, utcnow
@@ -102,6 +102,69 @@ class AuditEntry(SQLModel, table=True):
     action: str = Field(max_length=64)
     target: str = Field(max_length=256)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Model(SQLModel, table=True):
+    """A named model (e.g. ``intent-classifier``); its versions are immutable."""
+
+    __tablename__ = "model"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(128), unique=True, nullable=False))
+    task: str = Field(max_length=32)
+    description: str = ""
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+
+
+class ModelVersion(SQLModel, table=True):
+    """An immutable version of a model; ``number`` only grows per model."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("model_id", "number", name="uq_model_version_number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(foreign_key="model.id", index=True)
+    number: int
+    source: str = Field(max_length=16)
+    description: str = ""
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    refused: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class Artifact(SQLModel, table=True):
+    """One variant of a version: a signed manifest and the files it lists (in the content store)."""
+
+    __tablename__ = "artifact"
+    __table_args__ = (UniqueConstraint("version_id", "variant", name="uq_artifact_variant"),)
+
+    id: str = Field(sa_column=Column(String(64), primary_key=True))
+    version_id: int = Field(foreign_key="model_version.id", index=True)
+    variant: str = Field(max_length=32)
+    size_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    signed_manifest: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+
+
+class ImportJob(SQLModel, table=True):
+    """An upload being turned into a version: stage and progress for the CLI and the dashboard."""
+
+    __tablename__ = "import_job"
+
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    model_name: str = Field(max_length=128, index=True)
+    status: str = Field(default="queued", max_length=16)
+    stage: str = Field(default="queued", max_length=64)
+    progress: float = 0.0
+    message: str = ""
+    error: str | None = None
+    version_number: int | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_by: str = Field(default="", max_length=128)
 
 
 def table(model: type[SQLModel]) -> Table:

@@ -1,0 +1,219 @@
+"""The model registry: models, versions (uploads), artifacts and their signed manifests."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from controller import audit
+from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
+from controller.api.schemas import (
+    ArtifactSummary,
+    ImportJobPublic,
+    ModelCreate,
+    ModelDetail,
+    ModelName,
+    ModelPublic,
+    SigningKeyPublic,
+    VersionPublic,
+)
+from controller.db.models import Artifact, ImportJob, Model, ModelVersion
+from controller.registry.bundles import BundleError, parse_options
+from controller.registry.upload import UploadError, receive, remove_tree
+
+router = APIRouter(prefix="/api/v1", tags=["models"])
+
+
+def _model(session: Session, name: str) -> Model:
+    model = session.exec(select(Model).where(Model.name == name)).first()
+    if model is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {name!r} not found")
+    return model
+
+
+def _model_public(session: Session, model: Model) -> ModelPublic:
+    count, latest = session.exec(
+        select(func.count(), func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)
+    ).one()
+    return ModelPublic(
+        name=model.name, task=model.task, description=model.description, created_at=model.created_at,
+        created_by=model.created_by, versions=int(count), latest_version=latest,
+    )
+
+
+def _summary(artifact: Artifact) -> ArtifactSummary:
+    manifest = artifact.signed_manifest["manifest"]
+    return ArtifactSummary(
+        artifact_id=artifact.id,
+        variant=artifact.variant,
+        size_bytes=artifact.size_bytes,
+        quantization=manifest.get("quantization", {}),
+        metrics=artifact.metrics,
+        requirements=manifest.get("requirements", {}),
+        expires_at=manifest.get("expires_at"),
+        manifest_url=f"/api/v1/artifacts/{artifact.id}/manifest",
+    )
+
+
+def _version_public(session: Session, model: Model, version: ModelVersion) -> VersionPublic:
+    artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
+    order = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
+    return VersionPublic(
+        model=model.name, number=version.number, task=model.task, source=version.source,
+        description=version.description, created_at=version.created_at, created_by=version.created_by,
+        variants=[_summary(a) for a in sorted(artifacts, key=lambda a: (order.get(a.variant, 9), a.variant))],
+        refused=version.refused,
+    )
+
+
+def _job_public(job: ImportJob) -> ImportJobPublic:
+    return ImportJobPublic(
+        id=job.id, model=job.model_name, status=job.status,  # type: ignore[arg-type]
+        stage=job.stage, progress=job.progress, message=job.message, error=job.error,
+        version=job.version_number, created_at=job.created_at, updated_at=job.updated_at,
+        url=f"/api/v1/imports/{job.id}",
+    )
+
+
+@router.post("/models", response_model=ModelPublic, status_code=status.HTTP_201_CREATED)
+def create_model(body: ModelCreate, session: SessionDep, who: OperatorDep) -> ModelPublic:
+    """Create a model; versions are added by uploading to it."""
+    if session.exec(select(Model).where(Model.name == body.name)).first() is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"model {body.name!r} already exists")
+    model = Model(name=body.name, task=body.task.value, description=body.description, created_by=who.name)
+    session.add(model)
+    audit.record(session, who.name, "model.create", body.name, {"task": body.task.value})
+    session.commit()
+    session.refresh(model)
+    return _model_public(session, model)
+
+
+@router.get("/models", response_model=list[ModelPublic])
+def list_models(session: SessionDep, _: ViewerDep) -> list[ModelPublic]:
+    return [_model_public(session, m) for m in session.exec(select(Model).order_by(col(Model.name))).all()]
+
+
+@router.get("/models/{name}", response_model=ModelDetail)
+def get_model(name: str, session: SessionDep, _: ViewerDep) -> ModelDetail:
+    model = _model(session, name)
+    versions = session.exec(
+        select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(col(ModelVersion.number))
+    ).all()
+    return ModelDetail(
+        **_model_public(session, model).model_dump(),
+        version_list=[_version_public(session, model, v) for v in versions],
+    )
+
+
+@router.post(
+    "/models/{name}/versions",
+    response_model=VersionPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={202: {"model": ImportJobPublic, "description": "still importing; poll the job"}},
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "options": {"type": "string", "description": "ImportOptions as JSON"},
+                        },
+                        "required": ["file"],
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "required": True,
+        }
+    },
+)
+async def upload_version(
+    name: ModelName,
+    request: Request,
+    runtime: RuntimeDep,
+    who: OperatorDep,
+    wait: Annotated[float | None, Query(ge=0, le=3600, description="seconds to wait for the import")] = None,
+    options: Annotated[str | None, Query(description="ImportOptions as JSON (for raw-body uploads)")] = None,
+) -> Any:
+    """Upload an ONNX model, a bundle (archive or several files) or a Hugging Face checkpoint (archive).
+
+    The upload is streamed to disk (413 beyond the size cap), checked, quantized into the requested
+    variants, evaluated against fp32, signed and stored. Answers 201 with the version when that takes
+    less than ``wait`` seconds, else 202 with the import job to poll.
+    """
+    registry = runtime.models
+    staging = registry.new_staging()
+    try:
+        upload = await receive(request, staging / "upload", runtime.settings.upload_max_bytes)
+        parsed = parse_options(upload.fields.get("options") or options)
+        files = [p.as_posix() for p in upload.files]
+        bundle_root = await anyio.to_thread.run_sync(registry.prepare, staging, files)
+    except (UploadError, BundleError) as exc:
+        remove_tree(staging)
+        code = exc.status if isinstance(exc, UploadError) else 422
+        raise HTTPException(code, str(exc)) from None
+    except BaseException:
+        remove_tree(staging)
+        raise
+    job_id = registry.submit(name, staging, bundle_root, parsed, who.name)
+    with Session(runtime.engine) as session:
+        audit.record(session, who.name, "model.version.import", name, {"job": job_id, "files": files[:20],
+                                                                       "bytes": upload.size})
+        session.commit()
+    timeout = runtime.settings.import_wait_s if wait is None else wait
+    finished = await anyio.to_thread.run_sync(registry.wait, job_id, timeout)
+    with Session(runtime.engine) as session:
+        job = session.get(ImportJob, job_id)
+        assert job is not None
+        if not finished or job.status in ("queued", "running"):
+            return JSONResponse(_job_public(job).model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED,
+                                headers={"Location": f"/api/v1/imports/{job_id}"})
+        if job.status == "failed":
+            raise HTTPException(422, job.error or "the import failed")
+        model = _model(session, name)
+        version = session.exec(
+            select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == job.version_number)
+        ).one()
+        return _version_public(session, model, version)
+
+
+@router.get("/models/{name}/versions/{number}", response_model=VersionPublic)
+def get_version(name: str, number: int, session: SessionDep, _: ViewerDep) -> VersionPublic:
+    model = _model(session, name)
+    version = session.exec(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
+    ).first()
+    if version is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {name!r} has no version {number}")
+    return _version_public(session, model, version)
+
+
+@router.get("/imports/{job_id}", response_model=ImportJobPublic)
+def get_import(job_id: str, session: SessionDep, _: ViewerDep) -> ImportJobPublic:
+    job = session.get(ImportJob, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"import {job_id!r} not found")
+    return _job_public(job)
+
+
+@router.get("/artifacts/{artifact_id}/manifest")
+def get_manifest(artifact_id: str, session: SessionDep, _: ViewerDep) -> Response:
+    """The signed manifest of an artifact, exactly as devices receive it."""
+    artifact = session.get(Artifact, artifact_id)
+    if artifact is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"artifact {artifact_id!r} not found")
+    return JSONResponse(artifact.signed_manifest)
+
+
+@router.get("/signing-key", response_model=SigningKeyPublic, tags=["security"])
+def signing_key(runtime: RuntimeDep) -> SigningKeyPublic:
+    """The public half of the key that signs manifests; devices pin it at enrollment."""
+    key = runtime.models.key
+    return SigningKeyPublic(key_id=key.key_id, public_key_pem=key.public_pem)

@@ -1,0 +1,328 @@
+"""Turning an upload into a registered version: unpack, check, (export,) quantize, evaluate, sign, store.
+
+The database changes happen in one transaction at the very end, after every
+file is in the content store: a crash at any earlier point leaves no version
+behind (only unreferenced blobs, which the next start-up removes).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from agent.protocol import signing
+from agent.protocol.manifest import (
+    Budget,
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    Metrics,
+    Requirements,
+    SignedManifest,
+    Task,
+)
+from controller.db.models import Artifact, Model, ModelVersion
+from controller.registry.bundles import (
+    HINTS_FILE,
+    QUANTIZATION_OF,
+    BundleError,
+    ImportOptions,
+    default_variants,
+    detect_source,
+    inspect_genai_bundle,
+    inspect_onnx_bundle,
+    merge_hints,
+)
+from controller.registry.convert import ConversionError, ExportedBundle
+from controller.registry.keys import SigningKey
+from controller.registry.store import ContentStore
+from controller.registry.upload import UnpackLimits, is_archive, unpack
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float, str], None]
+
+#: default agreement floors per kind of agreement (a variant below is refused)
+DEFAULT_FLOORS = {"cosine": 0.98, "top1": 0.9, "token": 0.5, "exact": 0.95, "score-correlation": 0.9}
+
+
+@dataclass
+class ImportRequest:
+    job_id: str
+    model_name: str
+    bundle_root: Path
+    options: ImportOptions
+    actor: str
+
+
+@dataclass
+class ImportResult:
+    version: int
+    variants: list[str]
+    refused: list[dict[str, Any]]
+
+
+class Importer:
+    def __init__(
+        self,
+        engine: Engine,
+        store: ContentStore,
+        key: SigningKey,
+        *,
+        chunk_size: int,
+        validity_days: float,
+        max_unpacked_bytes: int,
+        floors: dict[str, float] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.key = key
+        self.chunk_size = chunk_size
+        self.validity_days = validity_days
+        self.max_unpacked_bytes = max_unpacked_bytes
+        self.floors = {**DEFAULT_FLOORS, **(floors or {})}
+
+    # ----------------------------------------------------------------- run --
+
+    def run(self, req: ImportRequest, progress: Progress, work: Path) -> ImportResult:
+        root = req.bundle_root
+        options = merge_hints(root, req.options)
+        task = self._task_for(req.model_name, options)
+        options = options.model_copy(update={"task": task})
+        source = detect_source(root)
+        progress("checking", 0.05, f"{source} bundle for {task.value}")
+        reference = self._reference(root, source, options, work, progress)
+        wanted = [v for v in (options.variants or default_variants(task)) if v != "fp32"]
+        samples = options.eval_set
+        progress("measuring fp32", 0.3, "")
+        built: list[tuple[str, ExportedBundle, Metrics]] = [("fp32", reference, self._evaluate(reference, reference, samples))]
+        refused: list[dict[str, Any]] = []
+        step = 0.55 / max(len(wanted), 1)
+        for i, variant in enumerate(wanted):
+            base = 0.35 + i * step
+            progress(f"quantizing {variant}", base, "")
+            try:
+                candidate = self._quantize(reference, variant, work / variant)
+            except ConversionError as exc:
+                refused.append({"variant": variant, "reason": f"quantization failed: {exc}"})
+                if options.strict:
+                    raise BundleError(f"{variant}: quantization failed: {exc}") from None
+                continue
+            progress(f"evaluating {variant}", base + step / 2, "")
+            metrics = self._evaluate(reference, candidate, samples)
+            floor = options.min_agreement if options.min_agreement is not None else self.floors.get(
+                metrics.agreement_kind or "", 0.0
+            )
+            if metrics.agreement is None or metrics.agreement < floor:
+                reason = (
+                    f"{metrics.agreement_kind} agreement with fp32 is {metrics.agreement:.4f},"
+                    f" below the floor of {floor:.4f}" if metrics.agreement is not None else "agreement not measured"
+                )
+                refused.append({"variant": variant, "reason": reason, "agreement": metrics.agreement})
+                if options.strict:
+                    raise BundleError(f"{variant} refused: {reason}")
+                continue
+            built.append((variant, candidate, metrics))
+        progress("signing and storing", 0.92, "")
+        return self._register(req, task, source, options, built, refused)
+
+    # ------------------------------------------------------------- stages --
+
+    def bundle_root(self, upload_root: Path, files: list[str], work: Path) -> Path:
+        """The directory holding the bundle: an uploaded archive unpacked, or the uploaded files themselves."""
+        if len(files) == 1 and is_archive(upload_root / files[0]):
+            return unpack(upload_root / files[0], work / "unpacked", UnpackLimits(self.max_unpacked_bytes))
+        if len(files) == 1 and files[0].endswith(".onnx") and files[0] != "model.onnx":
+            # a lone ONNX file is the bundle's model.onnx, whatever it was called
+            target = work / "single" / "model.onnx"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(upload_root / files[0], target)
+            return target.parent
+        return upload_root
+
+    def _task_for(self, name: str, options: ImportOptions) -> Task:
+        with Session(self.engine) as session:
+            model = session.exec(select(Model).where(Model.name == name)).first()
+        if model is None:
+            if options.task is None:
+                raise BundleError(
+                    f"model {name!r} does not exist: create it with POST /api/v1/models, or give options.task"
+                )
+            return options.task
+        if options.task is not None and options.task.value != model.task:
+            raise BundleError(f"model {name!r} is a {model.task} model; this upload says {options.task.value}")
+        return Task(model.task)
+
+    def _reference(
+        self, root: Path, source: str, options: ImportOptions, work: Path, progress: Progress
+    ) -> ExportedBundle:
+        assert options.task is not None
+        if source == "onnx":
+            return inspect_onnx_bundle(root, options)
+        if source == "genai":
+            return inspect_genai_bundle(root, options)
+        progress("exporting to ONNX", 0.1, "Hugging Face checkpoint")
+        try:
+            from controller.registry.convert import export_hf
+        except ImportError as exc:  # pragma: no cover - the module itself is light
+            raise BundleError(f"conversion is unavailable: {exc}") from None
+        export_options: dict[str, Any] = {}
+        if options.task == Task.TEXT_GENERATION:
+            export_options["runtime"] = options.runtime
+        try:
+            bundle = export_hf(root, options.task, work / "fp32", **export_options)
+        except ModuleNotFoundError as exc:
+            raise BundleError(
+                f"importing a Hugging Face checkpoint needs the convert extra on the controller ({exc.name} is"
+                " missing): pip install 'slmfleet[convert]', or export to ONNX yourself and upload the bundle"
+            ) from None
+        except ConversionError as exc:
+            raise BundleError(str(exc)) from None
+        return self._apply_overrides(bundle, options)
+
+    @staticmethod
+    def _apply_overrides(bundle: ExportedBundle, options: ImportOptions) -> ExportedBundle:
+        spec = bundle.spec
+        if options.labels:
+            spec = spec.model_copy(update={"postprocess": spec.postprocess.model_copy(update={"labels": options.labels})})
+        if options.zero_shot_labels:
+            post = spec.postprocess.model_copy(update={"zero_shot_labels": options.zero_shot_labels})
+            spec = spec.model_copy(update={"postprocess": post})
+        if options.max_length:
+            spec = spec.model_copy(update={"preprocess": spec.preprocess.model_copy(update={"max_length": options.max_length})})
+        if options.generation and spec.generation is not None:
+            spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=options.generation)})
+        bundle.spec = spec
+        return bundle
+
+    def _quantize(self, reference: ExportedBundle, variant: str, out: Path) -> ExportedBundle:
+        from controller.registry.convert import quantize
+
+        try:
+            return quantize(reference, QUANTIZATION_OF[variant], out)
+        except ModuleNotFoundError as exc:
+            raise ConversionError(f"{exc.name} is not installed (the convert extra provides it)") from None
+
+    @staticmethod
+    def _evaluate(reference: ExportedBundle, candidate: ExportedBundle, samples: list[dict[str, Any]] | None) -> Metrics:
+        from controller.registry.convert import evaluate
+
+        try:
+            return evaluate(reference, candidate, samples)
+        except ConversionError as exc:
+            raise BundleError(f"the model does not run: {exc}") from None
+        except ModuleNotFoundError as exc:
+            raise BundleError(f"evaluation needs {exc.name}, which is not installed") from None
+
+    # ----------------------------------------------------------- register --
+
+    def _manifest(
+        self, name: str, number: int, variant: str, bundle: ExportedBundle, metrics: Metrics, options: ImportOptions
+    ) -> Manifest:
+        files: list[FileEntry] = []
+        chunks: list[ChunkRef] = []
+        for rel in bundle.files():
+            posix = rel.as_posix()
+            if posix == HINTS_FILE or any(part.startswith(".") for part in rel.parts):
+                continue
+            sha, size, chunk_hashes = self.store.put_file_chunked(bundle.root / rel, self.chunk_size)
+            file_index = len(files)
+            files.append(FileEntry(path=posix, sha256=sha, size=size))
+            for i, chunk_sha in enumerate(chunk_hashes):
+                offset = i * self.chunk_size
+                chunks.append(
+                    ChunkRef(index=len(chunks), file=file_index, offset=offset, size=min(self.chunk_size, size - offset),
+                             sha256=chunk_sha)
+                )
+        size_bytes = sum(f.size for f in files)
+        metrics = metrics.model_copy(update={"size_bytes": size_bytes})
+        min_ram = int((metrics.peak_rss_bytes or size_bytes * 2) * 1.25)
+        now = time.time()
+        days = options.expires_in_days or self.validity_days
+        spec = bundle.spec
+        return Manifest(
+            model=name,
+            version=number,
+            variant=variant,
+            description=options.description,
+            files=files,
+            chunk_size=self.chunk_size,
+            chunks=chunks,
+            quantization=bundle.quantization,
+            metrics=metrics,
+            requirements=Requirements(min_ram_bytes=min_ram, min_disk_bytes=size_bytes * 2),
+            budget=options.budget or Budget(),
+            created_at=now,
+            expires_at=now + days * 86400,
+            extra={k: v for k, v in bundle.extra.items() if isinstance(v, str | int | float | bool)},
+            **spec.model_dump(),
+        )
+
+    def _register(
+        self,
+        req: ImportRequest,
+        task: Task,
+        source: str,
+        options: ImportOptions,
+        built: list[tuple[str, ExportedBundle, Metrics]],
+        refused: list[dict[str, Any]],
+    ) -> ImportResult:
+        for attempt in range(5):
+            with Session(self.engine) as session:
+                model = session.exec(select(Model).where(Model.name == req.model_name)).first()
+                if model is None:
+                    model = Model(name=req.model_name, task=task.value, description=options.description,
+                                  created_by=req.actor)
+                    session.add(model)
+                    session.flush()
+                assert model.id is not None
+                last = session.exec(
+                    select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)
+                ).one()
+                number = int(last or 0) + 1
+                version = ModelVersion(
+                    model_id=model.id,
+                    number=number,
+                    source=source,
+                    description=options.description,
+                    created_by=req.actor,
+                    options=options.model_dump(mode="json", exclude={"eval_set"}, exclude_none=True),
+                    refused=refused,
+                )
+                session.add(version)
+                session.flush()
+                assert version.id is not None
+                for variant, bundle, metrics in built:
+                    manifest = self._manifest(req.model_name, number, variant, bundle, metrics, options)
+                    signed = signing.sign(manifest, self.key.private)
+                    session.add(
+                        Artifact(
+                            id=manifest.artifact_id,
+                            version_id=version.id,
+                            variant=variant,
+                            size_bytes=manifest.total_size,
+                            signed_manifest=signed.model_dump(mode="json"),
+                            metrics=manifest.metrics.model_dump(mode="json", exclude_none=True),
+                        )
+                    )
+                try:
+                    session.commit()
+                except IntegrityError:
+                    session.rollback()
+                    log.info("version number %d of %s taken concurrently; retrying", number, req.model_name)
+                    continue
+                return ImportResult(number, [v for v, _, _ in built], refused)
+        raise BundleError("could not allocate a version number; try again")
+
+
+def load_signed(artifact: Artifact) -> SignedManifest:
+    return SignedManifest.model_validate(artifact.signed_manifest)

@@ -1,0 +1,61 @@
+"""The controller's Ed25519 signing key: created on first start, kept in the data directory (0600)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.protocol.signing import key_id, public_key_pem
+from controller.errors import ControllerError
+
+KEY_FILE = "signing-key.pem"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    private: Ed25519PrivateKey
+    path: Path
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public)
+
+    @property
+    def public_pem(self) -> str:
+        return public_key_pem(self.public)
+
+
+def load_or_create(keys_dir: Path) -> SigningKey:
+    """The key in ``keys_dir``, created (mode 0600) if there is none yet."""
+    path = keys_dir / KEY_FILE
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise ControllerError(f"the signing key {path} cannot be read ({exc}); restore it from a backup") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ControllerError(f"{path} is not an Ed25519 private key")
+        return SigningKey(key, path)
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(keys_dir, 0o700)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    tmp = path.with_name(KEY_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return SigningKey(key, path)

@@ -1,0 +1,171 @@
+"""The registry as the API and the CLI see it: import jobs on a worker thread, lookups, the signing key."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from agent.protocol.manifest import SignedManifest
+from controller.db.models import Artifact, ImportJob, Model, ModelVersion
+from controller.db.types import utcnow
+from controller.registry import keys
+from controller.registry.bundles import BundleError, ImportOptions
+from controller.registry.importer import Importer, ImportRequest
+from controller.registry.store import ContentStore
+from controller.registry.upload import UploadError, remove_tree
+
+log = logging.getLogger(__name__)
+
+
+class RegistryService:
+    def __init__(
+        self,
+        engine: Engine,
+        data_dir: Path,
+        *,
+        chunk_size: int,
+        validity_days: float,
+        max_unpacked_bytes: int,
+        floors: dict[str, float] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.root = data_dir / "registry"
+        self.store = ContentStore(self.root / "store")
+        self.staging = self.root / "staging"
+        self.key = keys.load_or_create(data_dir / "keys")
+        self.importer = Importer(
+            engine, self.store, self.key, chunk_size=chunk_size, validity_days=validity_days,
+            max_unpacked_bytes=max_unpacked_bytes, floors=floors,
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="import")
+        self._futures: dict[str, Future[None]] = {}
+        self._staging: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ life --
+
+    def start(self) -> None:
+        """Clean up after a crash: interrupted jobs fail, staging and stray blobs go."""
+        with Session(self.engine) as session:
+            for job in session.exec(select(ImportJob).where(ImportJob.status.in_(("queued", "running")))).all():  # type: ignore[attr-defined]
+                job.status, job.error, job.updated_at = "failed", "the controller stopped during the import", utcnow()
+                session.add(job)
+            session.commit()
+        remove_tree(self.staging)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.store.clean_tmp()
+        removed = self.collect_garbage()
+        if removed:
+            log.info("registry: removed %d blobs no artifact refers to (left by an interrupted import)", removed)
+
+    def stop(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def collect_garbage(self) -> int:
+        """Delete blobs that no manifest lists. Only safe while no import runs (start-up)."""
+        referenced: set[str] = set()
+        with Session(self.engine) as session:
+            for (signed,) in session.exec(select(Artifact.signed_manifest)).all():  # type: ignore[call-overload]
+                for f in signed["manifest"]["files"]:
+                    referenced.add(f["sha256"])
+        removed = 0
+        for blob in self.store.blobs.glob("*/*/*"):
+            if blob.name not in referenced:
+                blob.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # ---------------------------------------------------------- imports --
+
+    def new_staging(self) -> Path:
+        path = self.staging / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def prepare(self, staging: Path, files: list[str]) -> Path:
+        """Unpack an uploaded archive (safely) under ``staging``; returns the bundle root."""
+        return self.importer.bundle_root(staging / "upload", files, staging / "work")
+
+    def submit(self, model_name: str, staging: Path, bundle_root: Path, options: ImportOptions, actor: str) -> str:
+        """Queue the import of ``bundle_root``; ``staging`` is removed when it is done."""
+        job_id = uuid.uuid4().hex
+        with Session(self.engine) as session:
+            session.add(ImportJob(id=job_id, model_name=model_name, created_by=actor))
+            session.commit()
+        request = ImportRequest(job_id, model_name, bundle_root, options, actor)
+        self._staging[job_id] = staging
+        with self._lock:
+            self._futures[job_id] = self._executor.submit(self._run, request)
+        return job_id
+
+    def wait(self, job_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a job; True when it has finished."""
+        with self._lock:
+            future = self._futures.get(job_id)
+        if future is None:
+            return True
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            return False
+        except Exception:  # the job records its own failure
+            return True
+        return True
+
+    def _update(self, job_id: str, **values: Any) -> None:
+        with Session(self.engine) as session:
+            job = session.get(ImportJob, job_id)
+            if job is None:
+                return
+            for k, v in values.items():
+                setattr(job, k, v)
+            job.updated_at = utcnow()
+            session.add(job)
+            session.commit()
+
+    def _run(self, request: ImportRequest) -> None:
+        job_id = request.job_id
+        self._update(job_id, status="running", stage="starting")
+        staging = self._staging.pop(job_id)
+        work = staging / "work"
+
+        def progress(stage: str, fraction: float, message: str) -> None:
+            log.info("import %s (%s): %s %s", job_id[:8], request.model_name, stage, message)
+            self._update(job_id, stage=stage, progress=round(fraction, 3), message=message)
+
+        try:
+            result = self.importer.run(request, progress, work)
+        except (BundleError, UploadError) as exc:
+            self._update(job_id, status="failed", stage="failed", error=str(exc))
+        except Exception as exc:
+            log.exception("import %s failed unexpectedly", job_id)
+            self._update(job_id, status="failed", stage="failed", error=f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            note = "; ".join(f"{r['variant']} refused: {r['reason']}" for r in result.refused)
+            self._update(job_id, status="succeeded", stage="done", progress=1.0, version_number=result.version,
+                         message=note or f"variants: {', '.join(result.variants)}")
+        finally:
+            remove_tree(staging)
+
+    # ---------------------------------------------------------- lookups --
+
+    def signed_manifest(self, artifact_id: str) -> SignedManifest | None:
+        with Session(self.engine) as session:
+            artifact = session.get(Artifact, artifact_id)
+            return SignedManifest.model_validate(artifact.signed_manifest) if artifact else None
+
+    def version_artifacts(self, session: Session, model: Model, number: int) -> tuple[ModelVersion, list[Artifact]] | None:
+        version = session.exec(
+            select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
+        ).first()
+        if version is None:
+            return None
+        artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
+        return version, list(artifacts)
