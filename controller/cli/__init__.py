@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli import devices, up
+from controller.cli import devices, models, up
 
 app = typer.Typer(
     name="slmfleet",
@@ -16,3 +16,4 @@ app = typer.Typer(
 )
 app.command("up")(up.up)
 app.add_typer(devices.app, name="devices")
+app.add_typer(models.app, name="model")

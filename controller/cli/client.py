@@ -38,10 +38,12 @@ class ApiClient:
         path = self.data_dir / ADMIN_TOKEN_FILE
         return path.read_text().strip() if path.is_file() else None
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+    def request(self, method: str, path: str, *, headers: dict[str, str] | None = None, timeout: float | None = 30,
+                **kwargs: Any) -> Any:
+        all_headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        all_headers.update(headers or {})
         try:
-            r = httpx.request(method, self.base + path, headers=headers, timeout=30, **kwargs)
+            r = httpx.request(method, self.base + path, headers=all_headers, timeout=timeout, **kwargs)
         except httpx.HTTPError as exc:
             typer.echo(f"error: cannot reach the controller at {self.base}: {exc}", err=True)
             raise typer.Exit(1) from None
