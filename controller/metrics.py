@@ -20,6 +20,17 @@ class _DeviceCollector(Collector):
         yield family
 
 
+class _StateCollector(Collector):
+    def __init__(self, name: str, doc: str, counts: Callable[[], dict[str, int]]) -> None:
+        self._name, self._doc, self._counts = name, doc, counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._doc, labels=["state"])
+        for state, n in sorted(self._counts().items()):
+            family.add_metric([state], n)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -50,5 +61,20 @@ class Metrics:
         self.ingest_queue = Gauge("slmfleet_ingest_queue_depth", "Received messages waiting to be written", registry=r)
         self.http_writes = Counter("slmfleet_api_writes", "Authenticated write requests", ["action"], registry=r)
 
+        self.deployment_transitions = Counter(
+            "slmfleet_deployment_transitions", "Deployment state transitions reported by devices", ["state"], registry=r
+        )
+        self.chunk_requests = Counter("slmfleet_chunk_requests", "Repair requests from devices", registry=r)
+        self.chunks_published = Counter(
+            "slmfleet_chunks_published", "Artifact chunks published (broadcast or repair)", ["kind"], registry=r
+        )
+        self.bytes_published = Counter(
+            "slmfleet_chunk_bytes_published", "Artifact bytes published, frames included", ["kind"], registry=r
+        )
+
     def watch_devices(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_DeviceCollector(counts))
+
+    def watch_targets(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_StateCollector("slmfleet_deployment_targets",
+                                               "Devices of unfinished and finished deployments by state", counts))

@@ -17,6 +17,7 @@ from agent.transport.mqtt import MqttConfig, parse_broker_url
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import utcnow
+from controller.delivery.service import DeliveryService
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
@@ -54,6 +55,12 @@ class ControllerRuntime:
             max_unpacked_bytes=settings.unpack_max_bytes,
             floors=settings.min_agreement,
         )
+        self.delivery = DeliveryService(self.engine, self.models.store, self.models.key, self.metrics)
+        self.metrics.watch_targets(self.delivery.state_counts)
+        self.handler.on_deployment_event = self.delivery.on_event
+        self.handler.on_chunk_request = self.delivery.on_chunk_request
+        self.handler.on_birth = self.delivery.device_online
+        self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
         self.bridge: MqttBridge | None = None
         self.scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
@@ -84,11 +91,14 @@ class ControllerRuntime:
                 on_connection_change=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
             )
             self.bridge.start()
+            self.delivery.attach(self.bridge)
         else:
             log.warning("no broker_url: the controller serves its API but hears no devices")
         self.scheduler.add_job(self.sweep, "interval", seconds=s.sweep_interval_s, id="presence-sweep")
         self.scheduler.add_job(self.apply_retention, "interval", hours=1, id="telemetry-retention")
         self.scheduler.add_job(self.flush_last_seen, "interval", seconds=5, id="last-seen")
+        self.scheduler.add_job(self.delivery.flush, "interval", seconds=1, id="delivery-flush")
+        self.scheduler.add_job(self.delivery.check_timeouts, "interval", seconds=2, id="delivery-timeouts")
         self.scheduler.start()
         self.started = True
 
@@ -97,6 +107,7 @@ class ControllerRuntime:
             return
         self.started = False
         self.scheduler.shutdown(wait=False)
+        self.delivery.stop()
         if self.bridge is not None:
             self.bridge.stop()
         self.flush_last_seen()

@@ -96,7 +96,8 @@ def make_controller(tmp_path: Path) -> Iterator[object]:
     clients: list[TestClient] = []
 
     def make(broker: EmbeddedBroker | None, **overrides: object) -> LiveController:
-        settings = controller_settings(tmp_path / f"ctl-{len(clients)}", broker, **overrides)
+        data_dir = overrides.pop("data_dir", tmp_path / f"ctl-{len(clients)}")
+        settings = controller_settings(data_dir, broker, **overrides)  # type: ignore[arg-type]
         runtime = ControllerRuntime(settings)
         client = TestClient(create_app(settings, runtime))
         client.__enter__()

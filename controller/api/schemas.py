@@ -164,3 +164,78 @@ class SigningKeyPublic(BaseModel):
     algorithm: Literal["ed25519"] = "ed25519"
     key_id: str
     public_key_pem: str
+
+
+# ------------------------------------------------------------- deployments --
+
+
+class DeploymentTargetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devices: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=128)]], Field(max_length=100_000)] | None = None
+    selector: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+
+
+class ShadowCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.1
+    min_samples: Annotated[int, Field(ge=1)] = 50
+    max_duration_s: Annotated[float, Field(gt=0)] = 600.0
+
+
+class DeploymentCreate(BaseModel):
+    """What to deploy where: a model version (a variant, or ``auto`` per device) to devices or a selector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName
+    version: Annotated[int, Field(ge=1)]
+    variant: Annotated[str, StringConstraints(min_length=1, max_length=32)] = "auto"
+    target: DeploymentTargetSpec | None = None
+    devices: list[str] | None = Field(None, description="shorthand for target.devices")
+    selector: str | None = Field(None, description="shorthand for target.selector")
+    activate: bool = True
+    shadow: ShadowCreate | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 3600.0
+
+
+class TargetPublic(BaseModel):
+    device_id: str
+    artifact_id: str | None
+    variant: str | None
+    state: str
+    progress: float
+    percent: float
+    chunks_have: int
+    chunks_total: int
+    reason: str
+    metrics: dict[str, Any]
+    previous: dict[str, Any] | None
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class DeploymentPublic(BaseModel):
+    id: str
+    model: str
+    version: int
+    variant_rule: str
+    selector: str | None
+    device_ids: list[str] | None
+    status: str
+    activate: bool
+    timeout_s: float
+    rollout_id: str | None
+    created_at: datetime
+    created_by: str
+    finished_at: datetime | None
+    counts: dict[str, int]
+    targets: list[TargetPublic]
+
+
+class ActionResult(BaseModel):
+    deployment: str
+    action: str
+    devices: int

@@ -167,6 +167,51 @@ class ImportJob(SQLModel, table=True):
     created_by: str = Field(default="", max_length=128)
 
 
+class Deployment(SQLModel, table=True):
+    """A model version sent to a set of devices (the mechanism rollouts drive)."""
+
+    __tablename__ = "deployment"
+
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    model_name: str = Field(max_length=128, index=True)
+    version_number: int
+    version_id: int = Field(foreign_key="model_version.id", index=True)
+    variant_rule: str = Field(default="auto", max_length=32)
+    selector: str | None = None
+    device_ids: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    status: str = Field(default="running", max_length=16, index=True)
+    activate: bool = True
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    timeout_s: float = 3600.0
+    rollout_id: str | None = Field(default=None, max_length=32, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+
+
+class DeploymentTarget(SQLModel, table=True):
+    """One device of a deployment: which artifact it gets and how far it is."""
+
+    __tablename__ = "deployment_target"
+    __table_args__ = (UniqueConstraint("deployment_id", "device_id", name="uq_deployment_device"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    deployment_id: str = Field(foreign_key="deployment.id", index=True, max_length=32)
+    device_id: str = Field(max_length=128, index=True)
+    artifact_id: str | None = Field(default=None, max_length=64)
+    variant: str | None = Field(default=None, max_length=32)
+    state: str = Field(default="pending", max_length=16)
+    progress: float = 0.0
+    chunks_have: int = 0
+    chunks_total: int = 0
+    reason: str = ""
+    previous: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    started_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+
+
 def table(model: type[SQLModel]) -> Table:
     """The Core table of a SQLModel class (for bulk statements that bypass the ORM)."""
     return model.__table__  # type: ignore[attr-defined]

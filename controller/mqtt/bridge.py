@@ -34,6 +34,8 @@ class MqttBridge:
         self._started = threading.Event()
         self.transport: MqttTransport | None = None
         self.connected_since: float | None = None
+        self._acks: dict[int, Callable[[], None]] = {}
+        self.on_reconnect: list[Callable[[], None]] = []
 
     @property
     def connected(self) -> bool:
@@ -55,6 +57,7 @@ class MqttBridge:
         transport.on_message = self._on_message
         transport.on_connect = self._connected
         transport.on_disconnect = self._disconnected
+        transport.on_published = self._published
         for filter_, qos in self._subscriptions:
             transport.subscribe(filter_, qos)
         transport.start()
@@ -64,6 +67,11 @@ class MqttBridge:
 
     def _connected(self) -> None:
         self.connected_since = time.time()
+        for callback in list(self.on_reconnect):
+            try:
+                callback()
+            except Exception:
+                log.exception("reconnect hook failed")
         log.info(
             "controller connected to broker %s (MQTT %s)", self.config.url, self.transport and self.transport.protocol
         )
@@ -82,6 +90,33 @@ class MqttBridge:
                 return True
             time.sleep(0.02)
         return self.connected
+
+    def _published(self, mid: int) -> None:
+        callback = self._acks.pop(mid, None)
+        if callback is not None:
+            callback()
+
+    def publish_tracked(self, topic: str, payload: bytes, on_ack: Callable[[], None], qos: int = 1) -> bool:
+        """Publish from the loop thread and call ``on_ack`` when the broker has it. False when offline."""
+        if self.transport is None:
+            return False
+        mid = self.transport.publish(topic, payload, qos, False)
+        if mid == 0:
+            return False
+        if mid < 0 or qos == 0:
+            on_ack()
+        else:
+            self._acks[mid] = on_ack
+        return True
+
+    def forget_acks(self) -> None:
+        """After a reconnect paho re-sends what was unacknowledged; waiters start over."""
+        self._acks.clear()
+
+    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on the MQTT loop (from any thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         if self.transport is None:

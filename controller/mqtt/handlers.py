@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from agent.protocol import codec, topics
-from agent.protocol.messages import DeviceOnline, Telemetry
+from agent.protocol.messages import ChunkRequest, DeploymentEvent, DeployState, DeviceOnline, Telemetry
 from agent.protocol.topics import DeviceChannel
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
@@ -39,6 +39,10 @@ class DeviceTrafficHandler:
         self.max_payload = max_payload
         self.clock = clock
         self._invalid = metrics.invalid_payloads
+        #: hooks for delivery: (device_id, event), (device_id, request), (device_id)
+        self.on_deployment_event: Callable[[str, DeploymentEvent], None] | None = None
+        self.on_chunk_request: Callable[[str, ChunkRequest], None] | None = None
+        self.on_birth: Callable[[str], None] | None = None
         self.drops = codec.DropCounter(log, on_drop=lambda ch, reason: self._invalid.labels(ch, reason).inc())
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
@@ -74,6 +78,8 @@ class DeviceTrafficHandler:
         if isinstance(msg, DeviceOnline):
             self.registry.online(device_id, now, msg.keepalive_s, msg.telemetry_interval_s)
             self.writer.put(Birth(device_id, msg, now))
+            if self.on_birth is not None:
+                self.on_birth(device_id)
             return
         if not self.registry.known(device_id):
             self.drops.drop(device_id, channel.value, "unknown_device", "no birth message was received from it")
@@ -88,5 +94,14 @@ class DeviceTrafficHandler:
                 self.metrics.telemetry_replays.inc()
                 return
             self.writer.put(TelemetryIn(device_id, msg, now))
+        elif isinstance(msg, ChunkRequest):
+            if self.on_chunk_request is not None:
+                self.on_chunk_request(device_id, msg)
+        elif isinstance(msg, DeploymentEvent):
+            # download progress arrives about once a second: keep transitions, not every tick
+            if msg.state != DeployState.DOWNLOADING or msg.chunks_have == 0:
+                self.writer.put(EventIn(device_id, msg, now))
+            if self.on_deployment_event is not None:
+                self.on_deployment_event(device_id, msg)
         else:
             self.writer.put(EventIn(device_id, msg, now))

@@ -7,6 +7,7 @@ behind (only unreferenced blobs, which the next start-up removes).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -116,6 +117,10 @@ class Importer:
                 refused.append({"variant": variant, "reason": f"quantization failed: {exc}"})
                 if options.strict:
                     raise BundleError(f"{variant}: quantization failed: {exc}") from None
+                continue
+            if _same_graphs(reference, candidate):
+                refused.append({"variant": variant, "reason": f"{variant} would be identical to fp32: the graph has"
+                                " no weights this quantization applies to"})
                 continue
             progress(f"evaluating {variant}", base + step / 2, "")
             metrics = self._evaluate(reference, candidate, samples)
@@ -322,6 +327,19 @@ class Importer:
                     continue
                 return ImportResult(number, [v for v, _, _ in built], refused)
         raise BundleError("could not allocate a version number; try again")
+
+
+def _same_graphs(a: ExportedBundle, b: ExportedBundle) -> bool:
+    """True when every ONNX graph (and external data) of ``b`` is byte-identical to ``a``'s."""
+
+    def digests(bundle: ExportedBundle) -> dict[str, str]:
+        out = {}
+        for rel in bundle.files():
+            if rel.suffix in (".onnx", ".data") or rel.name.endswith(".onnx.data"):
+                out[rel.as_posix()] = hashlib.sha256((bundle.root / rel).read_bytes()).hexdigest()
+        return out
+
+    return digests(a) == digests(b)
 
 
 def load_signed(artifact: Artifact) -> SignedManifest:

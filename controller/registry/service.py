@@ -72,13 +72,34 @@ class RegistryService:
         """Delete blobs that no manifest lists. Only safe while no import runs (start-up)."""
         referenced: set[str] = set()
         with Session(self.engine) as session:
-            for (signed,) in session.exec(select(Artifact.signed_manifest)).all():  # type: ignore[call-overload]
+            for signed in session.exec(select(Artifact.signed_manifest)).all():
                 for f in signed["manifest"]["files"]:
                     referenced.add(f["sha256"])
         removed = 0
         for blob in self.store.blobs.glob("*/*/*"):
             if blob.name not in referenced:
                 blob.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def drop_unreferenced(self, candidates: list[str]) -> int:
+        """Delete the blobs among ``candidates`` that no artifact lists any more.
+
+        Skipped while an import runs (it may have stored the same blob and not committed yet): the
+        next start-up's garbage collection removes them then.
+        """
+        with self._lock:
+            if any(not f.done() for f in self._futures.values()):
+                return 0
+        referenced: set[str] = set()
+        with Session(self.engine) as session:
+            for signed in session.exec(select(Artifact.signed_manifest)).all():
+                referenced.update(f["sha256"] for f in signed["manifest"]["files"])
+        removed = 0
+        for sha in set(candidates) - referenced:
+            path = self.store.path(sha)
+            if path.exists():
+                path.unlink()
                 removed += 1
         return removed
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, insert, select, update
 
-from agent.protocol.messages import AgentEvent, CommandAck, DeviceOnline, Telemetry
+from agent.protocol.messages import AgentEvent, CommandAck, DeploymentEvent, DeviceOnline, Telemetry
 from controller.db.bulk import BulkInsert
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import from_epoch
@@ -49,7 +49,7 @@ class TelemetryIn:
 @dataclass(slots=True)
 class EventIn:
     device_id: str
-    msg: AgentEvent | CommandAck
+    msg: AgentEvent | CommandAck | DeploymentEvent
     at: float
 
 
@@ -115,6 +115,8 @@ def event_row(op: EventIn, dt: Callable[[float], Any]) -> tuple[Any, ...]:
     msg = op.msg
     if isinstance(msg, CommandAck):
         kind, message = msg.command_id, msg.detail
+    elif isinstance(msg, DeploymentEvent):
+        kind, message = msg.state.value, msg.reason or f"deployment {msg.deployment_id}"
     else:
         kind, message = msg.kind, msg.message
     return (

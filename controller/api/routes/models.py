@@ -22,7 +22,7 @@ from controller.api.schemas import (
     SigningKeyPublic,
     VersionPublic,
 )
-from controller.db.models import Artifact, ImportJob, Model, ModelVersion
+from controller.db.models import Artifact, Deployment, ImportJob, Model, ModelVersion
 from controller.registry.bundles import BundleError, parse_options
 from controller.registry.upload import UploadError, receive, remove_tree
 
@@ -193,6 +193,31 @@ def get_version(name: str, number: int, session: SessionDep, _: ViewerDep) -> Ve
     if version is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {name!r} has no version {number}")
     return _version_public(session, model, version)
+
+
+@router.delete("/models/{name}/versions/{number}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_version(name: str, number: int, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> Response:
+    """Delete a version nothing uses: a version a deployment refers to cannot be deleted (409)."""
+    model = _model(session, name)
+    version = session.exec(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
+    ).first()
+    if version is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {name!r} has no version {number}")
+    used = session.exec(select(Deployment.id).where(Deployment.version_id == version.id).limit(5)).all()
+    if used:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"{name} v{number} is used by deployment(s) {', '.join(d[:12] for d in used)}: it cannot be deleted",
+        )
+    artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
+    for artifact in artifacts:
+        session.delete(artifact)
+    session.delete(version)
+    audit.record(session, who.name, "model.version.delete", f"{name}@{number}")
+    session.commit()
+    runtime.models.drop_unreferenced([f["sha256"] for a in artifacts for f in a.signed_manifest["manifest"]["files"]])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/imports/{job_id}", response_model=ImportJobPublic)

@@ -1,0 +1,526 @@
+"""Deployments: create them, send the commands, follow every device, time out, cancel and roll back.
+
+Threads: the API creates and cancels (holding the lock briefly); the MQTT loop
+feeds device events and chunk requests and runs the transfers; a scheduler
+job flushes target states to the database and enforces per-device timeouts.
+The in-memory targets are the working copy; the database is the record a
+restarted controller resumes from.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+
+from agent.protocol import codec, signing, topics
+from agent.protocol.manifest import SignedManifest, canonical_json
+from agent.protocol.messages import (
+    Cancel,
+    ChunkRequest,
+    Commit,
+    Deploy,
+    DeploymentEvent,
+    Rollback,
+    RollbackGrant,
+    ShadowSpec,
+)
+from controller.db.models import Artifact, Deployment, DeploymentTarget, Device, ModelVersion, table
+from controller.db.models import Model as ModelRow
+from controller.db.types import from_epoch, utcnow
+from controller.delivery.targets import BEFORE_SWITCH, PENDING, SUCCESS, Target, deployment_status
+from controller.delivery.transfer import Broadcast, ChunkSource, Repairs, TransferSettings
+from controller.delivery.variants import choose_variant
+from controller.devices import selectors
+from controller.metrics import Metrics
+from controller.mqtt.bridge import MqttBridge
+from controller.registry.keys import SigningKey
+from controller.registry.store import ContentStore
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentError(Exception):
+    """A deployment request that cannot be carried out; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class DeploymentRequest:
+    model: str
+    version: int
+    variant: str = "auto"
+    device_ids: list[str] | None = None
+    selector: str | None = None
+    activate: bool = True
+    shadow: ShadowSpec | None = None
+    timeout_s: float = 3600.0
+    rollout_id: str | None = None
+
+
+class DeliveryService:
+    def __init__(
+        self,
+        engine: Engine,
+        store: ContentStore,
+        key: SigningKey,
+        metrics: Metrics,
+        settings: TransferSettings | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.key = key
+        self.metrics = metrics
+        self.settings = settings or TransferSettings()
+        self.bridge: MqttBridge | None = None
+        self._lock = threading.RLock()
+        self._targets: dict[tuple[str, str], Target] = {}
+        self._by_device: dict[str, set[str]] = {}
+        self._deployments: dict[str, dict[str, Any]] = {}  # id -> {timeout_s, cancelled, status}
+        self._manifests: dict[str, SignedManifest] = {}
+        self._commands: dict[tuple[str, str], bytes] = {}
+        self._broadcasts: dict[str, Broadcast] = {}
+        self._repairs: Repairs | None = None
+        self.on_target_change: list[Callable[[Target], None]] = []
+        #: whether a device is online now (the device registry); offline ones are not waited for
+        self.is_online: Callable[[str], bool] = lambda device_id: True
+
+    # ------------------------------------------------------------ life --
+
+    def attach(self, bridge: MqttBridge) -> None:
+        """Start sending through ``bridge`` and resume what the database says is unfinished."""
+        self._resume()
+        self.bridge = bridge
+        bridge.on_reconnect.append(self._reconnected)
+        bridge.call_soon(self._start_repairs)
+        if bridge.connected:
+            bridge.call_soon(self._reconnected)
+
+    def _start_repairs(self) -> None:
+        self._repairs = Repairs(self._publish_tracked, self.settings, self._sent("repair"))
+        self._repairs.start()
+
+    def stop(self) -> None:
+        self.flush()
+        if self.bridge is not None:
+            for b in list(self._broadcasts.values()):
+                self.bridge.call_soon(b.stop)
+            if self._repairs is not None:
+                self.bridge.call_soon(self._repairs.stop)
+
+    def _resume(self) -> None:
+        """Reload unfinished deployments (their commands go out again when the broker connection is up)."""
+        with Session(self.engine) as session:
+            running = session.exec(select(Deployment).where(Deployment.status == "running")).all()
+            for dep in running:
+                self._deployments[dep.id] = {"timeout_s": dep.timeout_s, "cancelled": False, "status": dep.status}
+                rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == dep.id)).all()
+                for row in rows:
+                    target = Target(
+                        dep.id, row.device_id, row.artifact_id, row.variant, state=row.state, progress=row.progress,
+                        chunks_have=row.chunks_have, chunks_total=row.chunks_total, reason=row.reason,
+                        previous=row.previous, metrics=row.metrics, started_at=row.started_at.timestamp(),
+                        dirty=False,
+                    )
+                    self._add_target(target)
+                    if not target.terminal and target.artifact_id:
+                        self._remember_command(session, dep, target)
+        if self._targets:
+            log.info("delivery: resumed %d device deployments", len(self._targets))
+
+    # ---------------------------------------------------------- create --
+
+    def create(self, request: DeploymentRequest, actor: str) -> str:
+        """Resolve the devices and variants, record the deployment, send the commands. Returns its id."""
+        with Session(self.engine) as session:
+            model = session.exec(select(ModelRow).where(ModelRow.name == request.model)).first()
+            if model is None:
+                raise DeploymentError(f"model {request.model!r} not found", 404)
+            version = session.exec(
+                select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == request.version)
+            ).first()
+            if version is None:
+                raise DeploymentError(f"model {request.model!r} has no version {request.version}", 404)
+            artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
+            if not artifacts:
+                raise DeploymentError(f"{request.model} v{request.version} has no artifacts")
+            by_variant = {
+                a.variant: {
+                    "artifact_id": a.id,
+                    "min_ram_bytes": a.signed_manifest["manifest"]["requirements"]["min_ram_bytes"],
+                    "min_disk_bytes": a.signed_manifest["manifest"]["requirements"].get("min_disk_bytes", 0),
+                }
+                for a in artifacts
+            }
+            if request.variant != "auto" and request.variant not in by_variant:
+                raise DeploymentError(
+                    f"{request.model} v{request.version} has no {request.variant} variant"
+                    f" (it has {', '.join(sorted(by_variant))})"
+                )
+            devices = self._resolve_devices(session, request)
+            deployment_id = uuid.uuid4().hex
+            dep = Deployment(
+                id=deployment_id, model_name=request.model, version_number=request.version, version_id=version.id,
+                variant_rule=request.variant, selector=request.selector, device_ids=request.device_ids,
+                activate=request.activate, shadow=request.shadow.model_dump() if request.shadow else None,
+                timeout_s=request.timeout_s, rollout_id=request.rollout_id, created_by=actor,
+            )
+            session.add(dep)
+            targets = []
+            for device in devices:
+                choice = choose_variant(device.hardware, by_variant, request.variant)
+                previous = next((m for m in device.installed if m.get("active", True)), None)
+                target = Target(deployment_id, device.id, choice.artifact_id, choice.variant, previous=previous)
+                if choice.artifact_id is None:
+                    target.update(time.time(), state="failed", reason=choice.reason)
+                targets.append(target)
+                session.add(
+                    DeploymentTarget(
+                        deployment_id=deployment_id, device_id=device.id, artifact_id=choice.artifact_id,
+                        variant=choice.variant, state=target.state, reason=target.reason, previous=previous,
+                    )
+                )
+            session.commit()
+            with self._lock:
+                self._deployments[deployment_id] = {"timeout_s": request.timeout_s, "cancelled": False,
+                                                    "status": "running"}
+                for target in targets:
+                    self._add_target(target)
+                    if target.artifact_id:
+                        self._remember_command(session, dep, target)
+        for target in targets:
+            if target.artifact_id:
+                self._send_command(target)
+        self._maybe_finish(deployment_id)
+        log.info("deployment %s: %s v%d to %d devices", deployment_id[:8], request.model, request.version, len(targets))
+        return deployment_id
+
+    def _resolve_devices(self, session: Session, request: DeploymentRequest) -> list[Device]:
+        if bool(request.device_ids) == bool(request.selector):
+            raise DeploymentError("give exactly one target: a list of device ids or a label selector")
+        if request.device_ids:
+            found = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(request.device_ids))).all()}
+            missing = [d for d in request.device_ids if d not in found]
+            if missing:
+                raise DeploymentError(f"unknown devices: {', '.join(missing[:20])}", 404)
+            return [found[d] for d in dict.fromkeys(request.device_ids)]
+        try:
+            parsed = selectors.parse(request.selector)
+        except selectors.SelectorError as exc:
+            raise DeploymentError(str(exc)) from None
+        devices = [d for d in session.exec(select(Device).order_by(col(Device.id))).all() if parsed.matches(d.labels)]
+        if not devices:
+            raise DeploymentError(f"no device matches the selector {request.selector!r}")
+        return devices
+
+    def _add_target(self, target: Target) -> None:
+        self._targets[(target.deployment_id, target.device_id)] = target
+        self._by_device.setdefault(target.device_id, set()).add(target.deployment_id)
+
+    def _remember_command(self, session: Session, dep: Deployment, target: Target) -> None:
+        assert target.artifact_id is not None
+        signed = self._manifest(session, target.artifact_id)
+        command = Deploy(
+            ts=time.time(), command_id=f"{dep.id[:16]}-deploy", deployment_id=dep.id, manifest=signed,
+            activate=dep.activate, shadow=ShadowSpec(**dep.shadow) if dep.shadow else None,
+        )
+        self._commands[(dep.id, target.device_id)] = codec.encode(command)
+
+    def _manifest(self, session: Session, artifact_id: str) -> SignedManifest:
+        signed = self._manifests.get(artifact_id)
+        if signed is None:
+            artifact = session.get(Artifact, artifact_id)
+            if artifact is None:
+                raise DeploymentError(f"artifact {artifact_id} vanished from the registry", 409)
+            signed = self._manifests[artifact_id] = SignedManifest.model_validate(artifact.signed_manifest)
+        return signed
+
+    # --------------------------------------------------------- commands --
+
+    def _send_command(self, target: Target) -> None:
+        payload = self._commands.get((target.deployment_id, target.device_id))
+        if payload is None or self.bridge is None:
+            return
+        target.last_command_at = time.time()
+        self.bridge.publish(topics.cmd(target.device_id), payload, qos=1)
+
+    def _send(self, device_id: str, message: Any) -> None:
+        if self.bridge is not None:
+            self.bridge.publish(topics.cmd(device_id), codec.encode(message), qos=1)
+
+    def device_online(self, device_id: str) -> None:
+        """A birth: re-send commands of deployments this device has not started (it may have missed them)."""
+        with self._lock:
+            waiting = [self._targets[(d, device_id)] for d in self._by_device.get(device_id, ())]
+            waiting = [t for t in waiting if t.state == PENDING]
+        for target in waiting:
+            self._send_command(target)
+
+    # ------------------------------------------------------------ events --
+
+    def on_event(self, device_id: str, event: DeploymentEvent) -> None:
+        """A device reported progress or a transition (MQTT thread)."""
+        now = time.time()
+        with self._lock:
+            target = self._targets.get((event.deployment_id, device_id))
+            if target is None:
+                return
+            if target.terminal and target.state == "failed" and event.state.value not in ("rolled_back", "failed"):
+                return  # the controller gave up on it (timeout); late reports do not revive it
+            values: dict[str, Any] = {"state": event.state.value, "reason": event.reason}
+            if event.chunks_total:
+                values.update(progress=event.progress, chunks_have=event.chunks_have, chunks_total=event.chunks_total,
+                              contiguous=event.contiguous, last_progress_at=now)
+            elif event.state.value in ("verifying", "staged", "shadow", "activating", "active"):
+                values["progress"] = 1.0
+            if event.metrics:
+                values["metrics"] = {**target.metrics, **event.metrics}
+            changed = target.update(now, **values)
+        if event.state.value == "downloading":
+            self._join_broadcast(target)
+        broadcast = self._broadcasts.get(event.artifact_id)
+        if broadcast is not None:
+            broadcast.progress(device_id, event.contiguous, event.chunks_have, event.state.value == "downloading")
+        if changed:
+            self.metrics.deployment_transitions.labels(event.state.value).inc()
+            for callback in list(self.on_target_change):
+                callback(target)
+            if target.terminal:
+                self._maybe_finish(target.deployment_id)
+
+    def on_chunk_request(self, device_id: str, request: ChunkRequest) -> None:
+        with self._lock:
+            target = self._targets.get((request.deployment_id, device_id))
+            if target is None or target.artifact_id != request.artifact_id or target.terminal:
+                return
+        self.metrics.chunk_requests.inc()
+        source = self._source(request.artifact_id)
+        if source is not None and self._repairs is not None:
+            self._repairs.request(device_id, source, [(a, b) for a, b in request.ranges])
+
+    def _source(self, artifact_id: str) -> ChunkSource | None:
+        signed = self._manifests.get(artifact_id)
+        if signed is None:
+            with Session(self.engine) as session:
+                try:
+                    signed = self._manifest(session, artifact_id)
+                except DeploymentError:
+                    return None
+        return ChunkSource(signed.manifest, self.store)
+
+    def _join_broadcast(self, target: Target) -> None:
+        artifact_id = target.artifact_id
+        if artifact_id is None:
+            return
+        broadcast = self._broadcasts.get(artifact_id)
+        if broadcast is None or broadcast.finished:
+            source = self._source(artifact_id)
+            if source is None:
+                return
+            if broadcast is not None and broadcast.finished:
+                return  # it went by; the device repairs what it missed
+            with self._lock:
+                expected = {
+                    t.device_id for t in self._targets.values()
+                    if t.artifact_id == artifact_id and t.state in (PENDING, "downloading") and self.is_online(t.device_id)
+                }
+            broadcast = self._broadcasts[artifact_id] = Broadcast(
+                source, self._publish_tracked, self.settings, self._sent("broadcast"), expected
+            )
+            broadcast.start()
+        broadcast.join(target.device_id)
+
+    def _publish_tracked(self, topic: str, payload: bytes, on_ack: Callable[[], None]) -> bool:
+        return self.bridge is not None and self.bridge.publish_tracked(topic, payload, on_ack)
+
+    def _sent(self, kind: str) -> Callable[[int], None]:
+        chunks = self.metrics.chunks_published.labels(kind)
+        size = self.metrics.bytes_published.labels(kind)
+
+        def count(n: int) -> None:
+            chunks.inc()
+            size.inc(n)
+
+        return count
+
+    def _reconnected(self) -> None:
+        """(Re)connected to the broker (MQTT loop): reset transfers, re-send unfinished commands.
+
+        Devices treat a repeated Deploy as a no-op, so this is safe after a controller restart, a broker
+        restart (with or without persistence) or a lost session.
+        """
+        for b in self._broadcasts.values():
+            b.reconnected()
+        if self._repairs is not None:
+            self._repairs.reconnected()
+        with self._lock:
+            unfinished = [t for t in self._targets.values() if not t.terminal and t.artifact_id]
+        for target in unfinished:
+            self._send_command(target)
+
+    # ----------------------------------------------------------- control --
+
+    def cancel(self, deployment_id: str, actor: str) -> int:
+        """Stop a deployment on every device that has not switched yet; returns how many were told."""
+        with self._lock:
+            info = self._deployments.get(deployment_id)
+            if info is None:
+                raise DeploymentError(f"deployment {deployment_id!r} is not running", 409)
+            info["cancelled"] = True
+            targets = [t for t in self._targets.values() if t.deployment_id == deployment_id and not t.terminal]
+        told = 0
+        for target in targets:
+            if target.state in BEFORE_SWITCH:
+                self._send(target.device_id, Cancel(ts=time.time(), command_id=f"{deployment_id[:16]}-cancel",
+                                                    deployment_id=deployment_id))
+                with self._lock:
+                    target.update(time.time(), state="cancelled", reason=f"cancelled by {actor}")
+                told += 1
+        self._maybe_finish(deployment_id)
+        return told
+
+    def rollback(self, deployment_id: str, actor: str, reason: str = "") -> int:
+        """Send every device this deployment touched back to the model it had before (signed grants)."""
+        with Session(self.engine) as session:
+            dep = session.get(Deployment, deployment_id)
+            if dep is None:
+                raise DeploymentError(f"deployment {deployment_id!r} not found", 404)
+        with self._lock:
+            targets = [t for t in self._targets.values() if t.deployment_id == deployment_id]
+        told = 0
+        for target in targets:
+            if target.state in BEFORE_SWITCH:
+                self._send(target.device_id, Cancel(ts=time.time(), command_id=f"{deployment_id[:16]}-cancel",
+                                                    deployment_id=deployment_id))
+                with self._lock:
+                    target.update(time.time(), state="cancelled", reason=reason or f"rolled back by {actor}")
+                told += 1
+                continue
+            if target.state in ("rolled_back", "failed") or not target.previous:
+                continue
+            self._send(target.device_id, self.rollback_command(target, reason or f"rolled back by {actor}"))
+            with self._lock:
+                target.update(time.time(), state="rolling_back", reason=reason or f"rolled back by {actor}")
+            told += 1
+        return told
+
+    def rollback_command(self, target: Target, reason: str) -> Rollback:
+        prev = target.previous or {}
+        grant = RollbackGrant(
+            device_id=target.device_id, deployment_id=target.deployment_id, artifact_id=prev.get("artifact", "0" * 64),
+            model=prev.get("model", "unknown"), version=int(prev.get("version", 1)), expires_at=time.time() + 86400,
+        )
+        signature = self.key.private.sign(canonical_json(grant.model_dump(mode="json")))
+        manifest = None
+        if prev.get("artifact"):
+            with Session(self.engine) as session:
+                artifact = session.get(Artifact, prev["artifact"])
+                if artifact is not None:
+                    manifest = SignedManifest.model_validate(artifact.signed_manifest)
+        return Rollback(
+            ts=time.time(), command_id=f"{target.deployment_id[:16]}-rollback", deployment_id=target.deployment_id,
+            grant=grant, signature=base64.b64encode(signature).decode(), manifest=manifest, reason=reason[:4096],
+        )
+
+    def commit(self, deployment_id: str) -> int:
+        """Tell every device that switched that the new model is confirmed (it may free the old slot)."""
+        with self._lock:
+            targets = [t for t in self._targets.values() if t.deployment_id == deployment_id and t.state == SUCCESS]
+        for target in targets:
+            self._send(target.device_id, Commit(ts=time.time(), command_id=f"{deployment_id[:16]}-commit",
+                                                deployment_id=deployment_id))
+        return len(targets)
+
+    # --------------------------------------------------------- bookkeeping --
+
+    def check_timeouts(self, now: float | None = None) -> list[Target]:
+        """Fail devices that exceeded their deployment's timeout (scheduler thread)."""
+        now = time.time() if now is None else now
+        expired = []
+        with self._lock:
+            for target in self._targets.values():
+                info = self._deployments.get(target.deployment_id)
+                if info is None or target.terminal:
+                    continue
+                if now - target.started_at > info["timeout_s"]:
+                    target.update(now, state="failed",
+                                  reason=f"timed out after {info['timeout_s']:.0f}s in state {target.state}")
+                    expired.append(target)
+        for target in expired:
+            self._send(target.device_id, Cancel(ts=now, command_id=f"{target.deployment_id[:16]}-timeout",
+                                                deployment_id=target.deployment_id))
+            self._maybe_finish(target.deployment_id)
+        return expired
+
+    def _maybe_finish(self, deployment_id: str) -> None:
+        with self._lock:
+            info = self._deployments.get(deployment_id)
+            if info is None:
+                return
+            targets = [t for t in self._targets.values() if t.deployment_id == deployment_id]
+            status = deployment_status(targets, info["cancelled"])
+            if status == info["status"]:
+                return
+            info["status"] = status
+        if status != "running":
+            self.flush()
+            with Session(self.engine) as session:
+                session.execute(
+                    update(table(Deployment)).where(table(Deployment).c.id == deployment_id)
+                    .values(status=status, finished_at=utcnow())
+                )
+                session.commit()
+            log.info("deployment %s %s", deployment_id[:8], status)
+
+    def flush(self) -> int:
+        """Write changed targets to the database."""
+        with self._lock:
+            dirty = [t for t in self._targets.values() if t.dirty]
+            rows = []
+            for t in dirty:
+                row = t.row()
+                row["updated_at"] = from_epoch(row["updated_at"])
+                row["finished_at"] = from_epoch(row["finished_at"]) if row["finished_at"] else None
+                rows.append((t.deployment_id, t.device_id, row))
+                t.dirty = False
+        if not rows:
+            return 0
+        tt = table(DeploymentTarget)
+        with self.engine.begin() as conn:
+            for deployment_id, device_id, row in rows:
+                conn.execute(update(tt).where(tt.c.deployment_id == deployment_id, tt.c.device_id == device_id)
+                             .values(**row))
+        return len(rows)
+
+    # ------------------------------------------------------------ reads --
+
+    def targets(self, deployment_id: str) -> list[Target]:
+        with self._lock:
+            return [t for t in self._targets.values() if t.deployment_id == deployment_id]
+
+    def live_status(self, deployment_id: str) -> str | None:
+        info = self._deployments.get(deployment_id)
+        return info["status"] if info else None
+
+    def state_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self._lock:
+            for t in self._targets.values():
+                counts[t.state] = counts.get(t.state, 0) + 1
+        return counts
+
+
+def iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None

@@ -1,0 +1,74 @@
+"""What the controller knows about each device of each deployment, kept in memory and flushed in batches."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+PENDING = "pending"
+#: target states a device can report (DeployState values) plus the controller's own
+TERMINAL = frozenset({"active", "failed", "rolled_back", "cancelled"})
+SUCCESS = "active"
+#: states in which the device has not switched yet (a cancel keeps its old model)
+BEFORE_SWITCH = frozenset({PENDING, "idle", "downloading", "verifying", "staged", "shadow"})
+
+
+@dataclass
+class Target:
+    deployment_id: str
+    device_id: str
+    artifact_id: str | None
+    variant: str | None
+    state: str = PENDING
+    progress: float = 0.0
+    chunks_have: int = 0
+    chunks_total: int = 0
+    contiguous: int = 0
+    reason: str = ""
+    previous: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    last_progress_at: float = 0.0
+    last_command_at: float = 0.0
+    dirty: bool = True
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def update(self, now: float, **values: Any) -> bool:
+        """Apply changes; True when the state changed."""
+        changed = "state" in values and values["state"] != self.state
+        for key, value in values.items():
+            setattr(self, key, value)
+        self.updated_at = now
+        if changed and self.state in TERMINAL:
+            self.finished_at = now
+        self.dirty = True
+        return changed
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "chunks_have": self.chunks_have,
+            "chunks_total": self.chunks_total,
+            "reason": self.reason[:2000],
+            "metrics": self.metrics,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+        }
+
+
+def deployment_status(targets: list[Target], cancelled: bool = False) -> str:
+    """running until every target ended; then completed, failed (some failed) or cancelled."""
+    if cancelled and all(t.terminal for t in targets):
+        return "cancelled"
+    if not all(t.terminal for t in targets):
+        return "running"
+    if all(t.state == SUCCESS for t in targets):
+        return "completed"
+    return "failed"

@@ -1,0 +1,274 @@
+"""Sending chunks: one broadcast per artifact, paced by the devices, and repairs to single devices.
+
+Why pacing: a stock mosquitto keeps at most ``max_queued_messages`` (1000)
+QoS 1 messages for a slow subscriber and silently drops the rest while the
+publisher still gets every acknowledgement. So the broadcast never runs more
+than ``window`` chunks ahead of the slowest device that is still making
+progress (its ``contiguous`` count); a device that stalls is left out of the
+pacing and catches up through repairs. Repairs go to the device's own topic,
+at most ``repair_window`` chunks outstanding per device.
+
+Everything here runs on the controller's MQTT event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.protocol import chunks as frames
+from agent.protocol import topics
+from agent.protocol.manifest import Manifest
+from controller.registry.store import ContentStore
+
+log = logging.getLogger(__name__)
+
+PublishTracked = Callable[[str, bytes, Callable[[], None]], bool]
+
+
+@dataclass
+class TransferSettings:
+    window: int = 256
+    max_inflight: int = 64
+    start_grace_s: float = 2.0
+    stall_s: float = 5.0
+    repair_window: int = 256
+    repair_inflight: int = 32
+
+
+class ChunkSource:
+    """Reads chunk ``i`` of an artifact from the content store."""
+
+    def __init__(self, manifest: Manifest, store: ContentStore) -> None:
+        self.manifest = manifest
+        self.store = store
+        self.artifact_id = manifest.artifact_id
+
+    def __len__(self) -> int:
+        return len(self.manifest.chunks)
+
+    def frame(self, index: int) -> bytes:
+        ref = self.manifest.chunks[index]
+        data = self.store.read_range(self.manifest.files[ref.file].sha256, ref.offset, ref.size)
+        return frames.encode(self.artifact_id, index, data)
+
+
+@dataclass
+class Participant:
+    contiguous: int = 0
+    have: int = 0
+    last_progress_at: float = field(default_factory=time.time)
+    downloading: bool = True
+
+
+class Broadcast:
+    """Publishes every chunk of one artifact once on its broadcast topic, paced by its participants."""
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        publish: PublishTracked,
+        settings: TransferSettings,
+        on_sent: Callable[[int], None],
+        expected: set[str] | None = None,
+    ) -> None:
+        self.source = source
+        #: devices worth waiting for (up to start_grace_s) before the first chunk goes out
+        self.expected = set(expected or ())
+        self.publish = publish
+        self.settings = settings
+        self.on_sent = on_sent
+        self.topic = topics.artifact_chunks(source.artifact_id)
+        self.participants: dict[str, Participant] = {}
+        self.next_index = 0
+        self.inflight = 0
+        self.generation = 0
+        self.created_at = time.time()
+        self.finished = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def join(self, device_id: str) -> None:
+        self.participants.setdefault(device_id, Participant())
+        self.poke()
+
+    def progress(self, device_id: str, contiguous: int, have: int, downloading: bool) -> None:
+        p = self.participants.setdefault(device_id, Participant())
+        if contiguous > p.contiguous or have > p.have or downloading != p.downloading:
+            p.last_progress_at = time.time()
+        p.contiguous, p.have, p.downloading = contiguous, have, downloading
+        self.poke()
+
+    def reconnected(self) -> None:
+        """paho re-sends what was in flight; stop waiting for acknowledgements of the old session."""
+        self.generation += 1
+        self.inflight = 0
+        self.poke()
+
+    def position(self, now: float) -> int | None:
+        """Where the slowest active downloader is; None when nobody needs the broadcast any more."""
+        downloading = [p for p in self.participants.values() if p.downloading]
+        if not downloading:
+            return None
+        active = [p for p in downloading if now - p.last_progress_at < self.settings.stall_s]
+        if not active:
+            return self.next_index  # everyone stalled: hold; they will ask for repairs
+        return min(p.contiguous for p in active)
+
+    async def _run(self) -> None:
+        s = self.settings
+        total = len(self.source)
+        try:
+            # Give the devices a moment to receive the command and subscribe, so few start late.
+            deadline = self.created_at + s.start_grace_s
+            while time.time() < deadline and not self._all_ready():
+                await self._sleep(deadline - time.time())
+            while self.next_index < total:
+                position = self.position(time.time())
+                if position is None:
+                    log.info("broadcast of %s: no device needs it any more", self.source.artifact_id[:12])
+                    break
+                while (
+                    self.next_index < total
+                    and self.next_index < position + s.window
+                    and self.inflight < s.max_inflight
+                ):
+                    if not self._send(self.next_index):
+                        break
+                    self.next_index += 1
+                if self.next_index < total:
+                    await self._sleep(0.25)
+            log.info("broadcast of %s: %d of %d chunks sent", self.source.artifact_id[:12], self.next_index, total)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("broadcast of %s failed; devices will repair", self.source.artifact_id[:12])
+        finally:
+            self.finished = True
+
+    def _all_ready(self) -> bool:
+        return bool(self.participants) and self.expected <= set(self.participants)
+
+    def _send(self, index: int) -> bool:
+        frame = self.source.frame(index)
+        generation = self.generation
+
+        def acked() -> None:
+            if generation == self.generation:
+                self.inflight -= 1
+                self._wake.set()
+
+        if not self.publish(self.topic, frame, acked):
+            return False
+        self.inflight += 1
+        self.on_sent(len(frame))
+        return True
+
+    async def _sleep(self, timeout: float) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
+        except TimeoutError:
+            pass
+
+
+class Repairs:
+    """Sends chunks a device asked for to that device alone, a bounded number at a time."""
+
+    def __init__(self, publish: PublishTracked, settings: TransferSettings, on_sent: Callable[[int], None]) -> None:
+        self.publish = publish
+        self.settings = settings
+        self.on_sent = on_sent
+        self._queues: dict[tuple[str, str], deque[int]] = {}
+        self._queued: dict[tuple[str, str], set[int]] = {}
+        self._inflight: dict[str, int] = {}
+        self._sources: dict[str, ChunkSource] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.generation = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def reconnected(self) -> None:
+        self.generation += 1
+        self._inflight.clear()
+        self._wake.set()
+
+    def request(self, device_id: str, source: ChunkSource, ranges: list[tuple[int, int]]) -> int:
+        """Queue the chunks in ``ranges`` for ``device_id``; returns how many were added."""
+        key = (device_id, source.artifact_id)
+        self._sources[source.artifact_id] = source
+        queue = self._queues.setdefault(key, deque())
+        queued = self._queued.setdefault(key, set())
+        added = 0
+        total = len(source)
+        for start, end in ranges:
+            for index in range(max(0, start), min(end, total)):
+                if index not in queued and len(queued) < self.settings.repair_window:
+                    queue.append(index)
+                    queued.add(index)
+                    added += 1
+        if added:
+            self._wake.set()
+        return added
+
+    def forget(self, device_id: str) -> None:
+        for key in [k for k in self._queues if k[0] == device_id]:
+            self._queues.pop(key, None)
+            self._queued.pop(key, None)
+
+    async def _run(self) -> None:
+        while True:
+            sent_any = False
+            for (device_id, artifact_id), queue in list(self._queues.items()):
+                source = self._sources[artifact_id]
+                topic = topics.chunks(device_id)
+                while queue and self._inflight.get(device_id, 0) < self.settings.repair_inflight:
+                    index = queue[0]
+                    if not self._send(device_id, topic, source, index):
+                        break
+                    queue.popleft()
+                    self._queued[(device_id, artifact_id)].discard(index)
+                    sent_any = True
+                if not queue:
+                    self._queues.pop((device_id, artifact_id), None)
+            if not sent_any:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                except TimeoutError:
+                    pass
+
+    def _send(self, device_id: str, topic: str, source: ChunkSource, index: int) -> bool:
+        frame = source.frame(index)
+        generation = self.generation
+
+        def acked() -> None:
+            if generation == self.generation:
+                self._inflight[device_id] = max(0, self._inflight.get(device_id, 1) - 1)
+                self._wake.set()
+
+        if not self.publish(topic, frame, acked):
+            return False
+        self._inflight[device_id] = self._inflight.get(device_id, 0) + 1
+        self.on_sent(len(frame))
+        return True

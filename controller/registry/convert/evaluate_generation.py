@@ -1,0 +1,420 @@
+"""Measure a generation variant (int8, int4, another runtime) against its fp32 reference.
+
+Both bundles run through the real device pipelines (``agent.inference.pipelines.load_pipeline``), each in
+a fresh interpreter that imports only the device code (no torch), so tokens/s, latency and peak RSS are the
+model's own and not this process's.
+
+**Token agreement** (``Metrics.agreement``, kind ``token``): both models decode greedily from the same
+prompts. Once they pick different tokens they continue from different texts, so a match after the first
+divergence means nothing; per prompt only the common prefix counts. With ``r`` and ``c`` the reference's
+and the candidate's generated ids (each ending at EOS or at ``max_new_tokens``)::
+
+    agreement = sum(common_prefix(r, c)) / sum(max(len(r), len(c)))
+
+over all prompts: the fraction of generated positions produced before the first divergence. Identical
+generations give 1.0; stopping early (an EOS the reference did not produce) counts as a divergence.
+
+``forced_agreement`` is the divergence-free companion: the candidate is fed the reference's tokens and
+scored on whether its argmax at each position is the reference's token (top-1 agreement under teacher
+forcing). Random-weight seeds have small logit margins, so the free-running number can drop at the first
+flip while the forced one shows how often a flip happens.
+
+Latency is per generated token (request time / generated tokens, p50 and p95 over requests, prompt
+processing included); tokens/s is all generated tokens over all request time. ``tokens_per_second_ratio``
+compares the agent's own loop with onnxruntime-genai's on the same graph.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.manifest import Metrics, Runtime, Task
+from controller.registry.convert import ConversionError, ExportedBundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = 24
+DEFAULT_EVAL_NEW_TOKENS = 32
+
+
+@dataclass
+class GenerationRun:
+    """What one bundle generated for a list of records, and how fast (measured in its own process)."""
+
+    token_ids: list[list[int]]
+    seconds: list[float]
+    peak_rss_bytes: int | None = None
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = sum(self.seconds)
+        return self.tokens / total if total > 0 else 0.0
+
+    def per_token_ms(self) -> list[float]:
+        return [1000.0 * s / len(ids) for ids, s in zip(self.token_ids, self.seconds, strict=True) if ids]
+
+
+def evaluate_generation(
+    reference: ExportedBundle,
+    candidate: ExportedBundle,
+    samples: list[dict[str, Any]] | None = None,
+    *,
+    max_new_tokens: int | None = DEFAULT_EVAL_NEW_TOKENS,
+    threads: int = 0,
+) -> Metrics:
+    """Token agreement of ``candidate`` with ``reference`` on ``samples`` (``default_prompts`` when None),
+    plus the candidate's tokens/s, per-token latency p50/p95, peak RSS and size.
+
+    ``max_new_tokens`` caps every record's generation (None: the records' own or the manifest's value).
+    """
+    task = reference.spec.task
+    if candidate.spec.task != task:
+        raise ConversionError(f"cannot compare a {candidate.spec.task.value} candidate with a {task.value} reference")
+    if task not in (Task.TEXT_GENERATION, Task.TEXT2TEXT):
+        raise ConversionError(f"evaluate_generation handles text-generation and text2text, not {task.value}")
+    records = list(samples) if samples is not None else default_prompts(reference)
+    if not records:
+        raise ConversionError("no evaluation prompts")
+    if max_new_tokens is not None:
+        records = [
+            dict(r, max_new_tokens=min(int(r.get("max_new_tokens", max_new_tokens)), max_new_tokens)) for r in records
+        ]
+    ref = _reference_run(reference, records, threads)
+    cand = measure_generation(candidate, records, threads=threads)
+    agreement, compared = token_agreement(ref.token_ids, cand.token_ids, ref.errors, cand.errors)
+    per_token = cand.per_token_ms()
+    metrics = Metrics(
+        agreement=agreement,
+        agreement_kind="token",
+        eval_samples=compared,
+        latency_ms_p50=_percentile(per_token, 50),
+        latency_ms_p95=_percentile(per_token, 95),
+        tokens_per_s=cand.tokens_per_s,
+        peak_rss_bytes=cand.peak_rss_bytes,
+        size_bytes=candidate.size_bytes,
+    )
+    log.info(
+        "evaluated %s against %s: token agreement %.3f over %d prompts, %.1f tokens/s (reference %.1f), "
+        "p50 %.2f ms/token, peak RSS %s",
+        candidate.root,
+        reference.root,
+        agreement,
+        compared,
+        cand.tokens_per_s,
+        ref.tokens_per_s,
+        metrics.latency_ms_p50 or 0.0,
+        cand.peak_rss_bytes,
+    )
+    return metrics
+
+
+#: Reference generations by (bundle files, records, threads): a reference's greedy ids are deterministic,
+#: and evaluating int8 and int4 against the same fp32 bundle should not generate with it twice.
+_REFERENCE_RUNS: dict[tuple[Any, ...], GenerationRun] = {}
+
+
+def _reference_run(bundle: ExportedBundle, records: list[dict[str, Any]], threads: int) -> GenerationRun:
+    files = tuple(
+        (str(p), (bundle.root / p).stat().st_size, (bundle.root / p).stat().st_mtime_ns) for p in bundle.files()
+    )
+    key = (str(Path(bundle.root).resolve()), files, json.dumps(records, sort_keys=True), threads)
+    if key not in _REFERENCE_RUNS:
+        _REFERENCE_RUNS[key] = measure_generation(bundle, records, threads=threads)
+    return _REFERENCE_RUNS[key]
+
+
+def token_agreement(
+    reference: list[list[int]],
+    candidate: list[list[int]],
+    ref_errors: list[str | None] | None = None,
+    cand_errors: list[str | None] | None = None,
+) -> tuple[float, int]:
+    """(agreement as defined in the module docstring, prompts compared). A prompt both sides reject is
+    skipped; one side rejecting counts as full disagreement over the other side's tokens."""
+    matched = positions = compared = 0
+    ref_errors = ref_errors or [None] * len(reference)
+    cand_errors = cand_errors or [None] * len(candidate)
+    for r, c, r_err, c_err in zip(reference, candidate, ref_errors, cand_errors, strict=True):
+        if r_err and c_err:
+            continue
+        compared += 1
+        if r_err or c_err:
+            positions += max(len(r), len(c), 1)
+            continue
+        prefix = 0
+        for a, b in zip(r, c, strict=False):
+            if a != b:
+                break
+            prefix += 1
+        matched += prefix
+        positions += max(len(r), len(c))
+    if not compared:
+        raise ConversionError("every evaluation prompt was rejected by both models: check the prompts")
+    return (matched / positions if positions else 1.0), compared
+
+
+def default_prompts(bundle: ExportedBundle, n: int = DEFAULT_PROMPTS, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` deterministic prompts of 2 to 24 tokens built from the bundle's tokenizer vocabulary.
+
+    Pieces are drawn from the first (most frequent, for BPE and Unigram trainers) part of the
+    vocabulary, without special tokens and pieces that do not decode to printable text.
+    """
+    from tokenizers import Tokenizer
+
+    if bundle.spec.preprocess.tokenizer is None:
+        raise ConversionError("the bundle has no tokenizer: pass evaluation prompts explicitly")
+    tokenizer = Tokenizer.from_file(str(bundle.root / bundle.spec.preprocess.tokenizer))
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    pieces = []
+    for token, token_id in vocab:
+        if token in special:
+            continue
+        text = tokenizer.decode([token_id])
+        if text.strip() and text.isprintable() and "\ufffd" not in text:
+            pieces.append(token_id)
+        if len(pieces) >= 4000:
+            break
+    if len(pieces) < 20:
+        raise ConversionError(f"the tokenizer has too few printable pieces ({len(pieces)}) to build prompts")
+    rng = random.Random(seed)
+    lengths = (2, 3, 5, 8, 12, 16, 24)
+    key = "text" if bundle.spec.task == Task.TEXT2TEXT else "prompt"
+    prompts = []
+    for i in range(n):
+        ids = [rng.choice(pieces) for _ in range(lengths[i % len(lengths)])]
+        prompts.append({key: tokenizer.decode(ids).strip() or "hello"})
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring in a process of the bundle's own
+
+_WORKER = r"""
+import json, sys, time
+job = json.load(open(sys.argv[1]))
+from agent.inference.pipelines import load_pipeline
+from agent.inference.session import InputError
+from agent.protocol.manifest import RunSpec
+pipe = load_pipeline(RunSpec.model_validate(job["spec"]), job["root"], threads=job["threads"])
+pipe.warmup()
+ids, seconds, errors = [], [], []
+for record in job["records"]:
+    try:
+        out = pipe.generate(record)
+    except InputError as exc:
+        ids.append([]); seconds.append(0.0); errors.append(str(exc))
+        continue
+    ids.append(out.token_ids); seconds.append(out.seconds); errors.append(None)
+peak = None
+try:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) * 1024
+except OSError:
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"ids": ids, "seconds": seconds, "errors": errors, "peak_rss_bytes": peak}))
+"""
+
+
+def measure_generation(
+    bundle: ExportedBundle, records: list[dict[str, Any]], *, threads: int = 0, timeout: float = 1800.0
+) -> GenerationRun:
+    """Generate for every record with ``bundle``'s device pipeline in a fresh interpreter (after a warm-up)."""
+    job = {
+        "spec": bundle.spec.model_dump(mode="json"),
+        "root": str(bundle.root),
+        "records": records,
+        "threads": threads,
+    }
+    report = _run_worker(_WORKER, job, timeout)
+    return GenerationRun(
+        token_ids=report["ids"],
+        seconds=report["seconds"],
+        peak_rss_bytes=report["peak_rss_bytes"],
+        errors=report["errors"],
+    )
+
+
+def forced_agreement(
+    reference: ExportedBundle, candidate: ExportedBundle, records: list[dict[str, Any]], *, threads: int = 0
+) -> float:
+    """Top-1 agreement under teacher forcing: the share of the reference's greedy tokens that are also the
+    candidate's argmax when the candidate is fed the reference's own history (decoder-only bundles)."""
+    import numpy as np
+
+    from agent.inference.pipelines import load_pipeline
+
+    if reference.spec.task != Task.TEXT_GENERATION:
+        raise ConversionError("forced_agreement handles text-generation bundles")
+    ref_pipe = load_pipeline(reference.spec, reference.root, threads=threads)
+    cand = _plain_spec(candidate)
+    cand_pipe = load_pipeline(cand.spec, cand.root, threads=threads)
+    hits = total = 0
+    try:
+        for record in records:
+            out = ref_pipe.generate(record)
+            prompt = ref_pipe.encode(record["prompt"])
+            if not out.token_ids:
+                continue
+            sequence = prompt + out.token_ids[:-1]
+            logits = cand_pipe.decoder.logits(sequence)
+            predicted = np.argmax(logits[len(prompt) - 1 :], axis=-1)
+            hits += int(np.sum(predicted == np.asarray(out.token_ids)))
+            total += len(out.token_ids)
+    finally:
+        ref_pipe.close()
+        cand_pipe.close()
+    return hits / total if total else 1.0
+
+
+def tokens_per_second_ratio(
+    genai_bundle: ExportedBundle,
+    agent_bundle: ExportedBundle | None = None,
+    prompts: list[str] | None = None,
+    *,
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+    threads: int = 0,
+    timeout: float = 1800.0,
+) -> dict[str, Any]:
+    """Tokens/s of the agent's own loop over tokens/s of onnxruntime-genai's loop, on the same model.
+
+    ``genai_bundle`` is an onnxruntime-genai folder; the agent's ``DecoderGenerationPipeline`` runs the
+    same graph unless ``agent_bundle`` (e.g. the traced export of the same checkpoint) is given. Both run
+    in one fresh interpreter with only the device code (a process that has run torch keeps its OpenMP
+    threads spinning, which slows onnxruntime on a small CPU), get the same prompt ids (tokenization is
+    not timed) and generate up to ``max_new_tokens``; runs alternate (agent, genai, agent, ...) so machine
+    noise hits both alike; each side's tokens/s is its tokens over its time summed over all runs.
+
+    Returns ``agent_tokens_per_s``, ``genai_tokens_per_s``, ``ratio`` (agent / genai: the median over
+    the back-to-back pairs, which a burst of load from other processes moves less than the sums; the
+    goal is >= 0.9), ``same_tokens`` (both generated the same ids) and ``shared_cache_buffer`` (the agent loop
+    wrote the cache in place, as onnxruntime-genai does).
+    """
+    if genai_bundle.spec.runtime != Runtime.ONNXRUNTIME_GENAI:
+        raise ConversionError("tokens_per_second_ratio needs an onnxruntime-genai bundle to compare with")
+    agent_source = agent_bundle or _plain_spec(genai_bundle)
+    texts = prompts or [p["prompt"] for p in default_prompts(genai_bundle, n=6)]
+    job = {
+        "genai": {"spec": genai_bundle.spec.model_dump(mode="json"), "root": str(genai_bundle.root)},
+        "agent": {"spec": agent_source.spec.model_dump(mode="json"), "root": str(agent_source.root)},
+        "prompts": texts,
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "threads": threads,
+    }
+    result = _run_worker(_RATIO_WORKER, job, timeout)
+    if result.get("error"):
+        raise ConversionError(result["error"])
+    result["agent_graph"] = str(agent_source.root)
+    log.info(
+        "agent loop %.1f tokens/s, onnxruntime-genai %.1f tokens/s: ratio %.2f",
+        result["agent_tokens_per_s"],
+        result["genai_tokens_per_s"],
+        result["ratio"],
+    )
+    return result
+
+
+_RATIO_WORKER = r"""
+import json, sys, time
+job = json.load(open(sys.argv[1]))
+from agent.inference.pipelines.generation import DecoderGenerationPipeline
+from agent.inference.pipelines.genai import GenaiGenerationPipeline
+from agent.protocol.manifest import RunSpec
+spec = lambda side: RunSpec.model_validate(job[side]["spec"])
+genai = GenaiGenerationPipeline(spec("genai"), job["genai"]["root"], threads=job["threads"])
+if genai.fallback is not None:
+    print(json.dumps({"error": "onnxruntime-genai is not installed: there is no genai loop to compare with"}))
+    sys.exit(0)
+loop = DecoderGenerationPipeline(spec("agent"), job["agent"]["root"], threads=job["threads"])
+encoded = [genai.encode(t) for t in job["prompts"]]
+pipes = (("agent", loop), ("genai", genai))
+for _, pipe in pipes:
+    list(pipe.token_ids(encoded[0], 4))  # first-run allocations are not the loop's cost
+seconds = {"agent": 0.0, "genai": 0.0}
+tokens = {"agent": 0, "genai": 0}
+pairs = []
+same = True
+for _ in range(job["repeats"]):
+    for ids in encoded:
+        out, rate = {}, {}
+        for name, pipe in pipes:
+            started = time.perf_counter()
+            out[name] = list(pipe.token_ids(ids, job["max_new_tokens"]))
+            took = time.perf_counter() - started
+            seconds[name] += took
+            tokens[name] += len(out[name])
+            rate[name] = len(out[name]) / took
+        pairs.append(rate["agent"] / rate["genai"])
+        same = same and out["agent"] == out["genai"]
+pairs.sort()
+print(json.dumps({
+    "agent_tokens_per_s": tokens["agent"] / seconds["agent"],
+    "genai_tokens_per_s": tokens["genai"] / seconds["genai"],
+    "ratio": pairs[len(pairs) // 2],
+    "tokens": tokens["agent"],
+    "same_tokens": same,
+    "shared_cache_buffer": loop.decoder.share_buffer,
+}))
+"""
+
+
+def _run_worker(script: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``script`` with ``job`` in a fresh interpreter that sees this repository; its last line is JSON."""
+    import agent
+
+    repo_root = str(Path(agent.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+        job_path = f.name
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, job_path],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=repo_root,
+            timeout=timeout,
+            check=False,
+        )
+    finally:
+        os.unlink(job_path)
+    if done.returncode != 0:
+        raise ConversionError(f"the measuring process failed: {done.stderr.strip()[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _plain_spec(bundle: ExportedBundle) -> ExportedBundle:
+    """The bundle as the plain onnxruntime loop sees it (an onnxruntime-genai graph keeps that contract)."""
+    from dataclasses import replace
+
+    if bundle.spec.runtime == Runtime.ONNXRUNTIME:
+        return bundle
+    return replace(bundle, spec=bundle.spec.model_copy(update={"runtime": Runtime.ONNXRUNTIME}))
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(values, q))
