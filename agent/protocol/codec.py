@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from agent.protocol.messages import (
+    MAX_COMMAND_PAYLOAD,
     MAX_CONTROL_PAYLOAD,
     CommandMessage,
     EventMessage,
@@ -42,8 +43,10 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
-def decode(channel: DeviceChannel, payload: bytes, max_size: int = MAX_CONTROL_PAYLOAD) -> Any:
+def decode(channel: DeviceChannel, payload: bytes, max_size: int | None = None) -> Any:
     """Validate ``payload`` as a message of ``channel``; raise PayloadError when it is not one."""
+    if max_size is None:
+        max_size = MAX_COMMAND_PAYLOAD if channel == DeviceChannel.CMD else MAX_CONTROL_PAYLOAD
     adapter = _ADAPTERS.get(channel)
     if adapter is None:
         raise PayloadError("channel", f"no messages are defined for channel {channel.value!r}")

@@ -7,17 +7,24 @@ sender may add some) and strict about the ones they know.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from agent.protocol.manifest import SignedManifest
+
 SCHEMA_VERSION: Literal[1] = 1
 
-#: Upper bound for one control-plane payload (state, telemetry, events, cmd).
+#: Upper bound for one control-plane payload (state, telemetry, events).
 MAX_CONTROL_PAYLOAD = 64 * 1024
+#: Commands may carry a signed manifest, whose chunk list grows with the model.
+MAX_COMMAND_PAYLOAD = 8 * 1024 * 1024
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 CommandId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+DeploymentId = CommandId
+ArtifactId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 LabelKey = Annotated[
     str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
 ]
@@ -170,7 +177,52 @@ class CommandAck(_Message):
     detail: Annotated[str, StringConstraints(max_length=4096)] = ""
 
 
-EventMessage = Annotated[AgentEvent | CommandAck, Field(discriminator="type")]
+class DeployState(StrEnum):
+    """The agent's deployment state machine (DESIGN.md section 5)."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    SHADOW = "shadow"
+    ACTIVATING = "activating"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    CANCELLED = "cancelled"
+
+
+class DeploymentEvent(_Message):
+    """A deployment's progress on one device: every state transition, and download progress."""
+
+    type: Literal["deployment"] = "deployment"
+    seq: Count
+    deployment_id: DeploymentId
+    artifact_id: ArtifactId
+    state: DeployState
+    progress: Annotated[float, Field(ge=0, le=1)] = 0.0
+    chunks_have: Count = 0
+    chunks_total: Count = 0
+    contiguous: Count = Field(0, description="leading chunks held: where the device is in the broadcast")
+    reason: Annotated[str, StringConstraints(max_length=4096)] = ""
+    installed: InstalledModel | None = None
+    metrics: Annotated[dict[str, float], Field(max_length=64)] = {}
+
+
+class ChunkRequest(_Message):
+    """A device asks for the chunks it lacks: ``[start, end)`` index ranges, sent to it alone."""
+
+    type: Literal["chunks"] = "chunks"
+    seq: Count
+    deployment_id: DeploymentId
+    artifact_id: ArtifactId
+    ranges: Annotated[list[tuple[Count, Count]], Field(min_length=1, max_length=256)]
+
+
+EventMessage = Annotated[
+    AgentEvent | CommandAck | DeploymentEvent | ChunkRequest, Field(discriminator="type")
+]
 
 
 # ------------------------------------------------------------- commands ----
@@ -189,4 +241,77 @@ class Configure(_Message):
     telemetry_interval_s: Annotated[float, Field(ge=0.1, le=86400)] | None = None
 
 
-CommandMessage = Annotated[Ping | Configure, Field(discriminator="type")]
+class ShadowSpec(_Frozen):
+    """Run the staged candidate beside the active model on sampled live inputs before switching."""
+
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.1
+    min_samples: Annotated[int, Field(ge=1)] = 50
+    max_duration_s: Annotated[float, Field(gt=0)] = 600.0
+
+
+class Deploy(_Message):
+    """Install the artifact the signed manifest describes (download, verify, stage, self-test, switch)."""
+
+    type: Literal["deploy"] = "deploy"
+    command_id: CommandId
+    deployment_id: DeploymentId
+    manifest: SignedManifest
+    activate: bool = Field(True, description="switch as soon as the self-test passes; false: wait in STAGED")
+    shadow: ShadowSpec | None = None
+
+
+class RollbackGrant(_Frozen):
+    """What a signed rollback allows: this device may install this (older) artifact."""
+
+    device_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    deployment_id: DeploymentId
+    artifact_id: ArtifactId
+    model: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    version: Annotated[int, Field(ge=1)]
+    expires_at: float
+
+
+class Rollback(_Message):
+    """Go back to the artifact the grant names (kept in the other slot, or downloaded from ``manifest``)."""
+
+    type: Literal["rollback"] = "rollback"
+    command_id: CommandId
+    deployment_id: DeploymentId
+    grant: RollbackGrant
+    signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    manifest: SignedManifest | None = None
+    reason: Annotated[str, StringConstraints(max_length=4096)] = ""
+
+
+class Activate(_Message):
+    """Switch to a candidate waiting in STAGED (or in SHADOW)."""
+
+    type: Literal["activate"] = "activate"
+    command_id: CommandId
+    deployment_id: DeploymentId
+
+
+class Commit(_Message):
+    """The controller confirms the new model: the previous slot may be freed."""
+
+    type: Literal["commit"] = "commit"
+    command_id: CommandId
+    deployment_id: DeploymentId
+
+
+class Cancel(_Message):
+    """Stop a deployment that has not switched yet; the active model stays."""
+
+    type: Literal["cancel"] = "cancel"
+    command_id: CommandId
+    deployment_id: DeploymentId
+
+
+CommandMessage = Annotated[
+    Ping | Configure | Deploy | Rollback | Activate | Commit | Cancel, Field(discriminator="type")
+]
+
+
+def extra_fields(model: BaseModel) -> dict[str, Any]:
+    """Fields a newer sender added that this schema does not know (kept for logging, never trusted)."""
+    return dict(model.model_extra or {})

@@ -26,6 +26,7 @@ class DeviceChannel(StrEnum):
     EVENTS = "events"
     CMD = "cmd"
     RESULTS = "results"
+    CHUNKS = "chunks"
 
 
 def is_valid_id(value: str) -> bool:
@@ -67,6 +68,18 @@ def results(device_id: str) -> str:
     return device(device_id, DeviceChannel.RESULTS)
 
 
+def chunks(device_id: str) -> str:
+    """Chunks repaired for one device alone (it asked for them)."""
+    return device(device_id, DeviceChannel.CHUNKS)
+
+
+def artifact_chunks(artifact_id: str) -> str:
+    """Chunks of an artifact broadcast to every device that downloads it."""
+    if len(artifact_id) != 64 or any(c not in "0123456789abcdef" for c in artifact_id):
+        raise ValueError(f"invalid artifact id {artifact_id!r}: a sha256 in lower-case hex")
+    return f"{ARTIFACT_PREFIX}/{artifact_id}/chunks"
+
+
 def all_devices(channel: DeviceChannel) -> str:
     """Subscription filter matching one channel of every device."""
     return f"{DEVICE_PREFIX}/+/{channel.value}"
@@ -86,7 +99,7 @@ class DeviceTopic:
 
 
 _DEVICE_TOPIC_RE = re.compile(
-    rf"^{re.escape(DEVICE_PREFIX)}/(?P<id>[^/]+)/(?P<channel>state|telemetry|events|cmd|results)$"
+    rf"^{re.escape(DEVICE_PREFIX)}/(?P<id>[^/]+)/(?P<channel>state|telemetry|events|cmd|results|chunks)$"
 )
 
 
