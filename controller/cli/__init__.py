@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli import devices, models, up
+from controller.cli import deploy, devices, models, up
 
 app = typer.Typer(
     name="slmfleet",
@@ -17,3 +17,5 @@ app = typer.Typer(
 app.command("up")(up.up)
 app.add_typer(devices.app, name="devices")
 app.add_typer(models.app, name="model")
+app.command("deploy")(deploy.deploy)
+app.add_typer(deploy.app, name="deployments")
