@@ -24,9 +24,43 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883")
     p.add_argument("--device-id", dest="device_id", help="this device's id")
     p.add_argument("--data-dir", dest="data_dir", type=Path, help="state directory (spool, models)")
-    p.add_argument("--model", type=Path, help="ONNX model to serve")
-    p.add_argument("--input", help="JSON-lines input file, or - for stdin")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="model to serve: a bundle directory (manifest.json or slmfleet.json) or a bare .onnx (raw tensors)",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="JSON-lines input file, or - for stdin (repeatable)",
+    )
     p.add_argument("--results", type=Path, help="append results to this JSON-lines file")
+    p.add_argument(
+        "--results-mqtt", dest="results_mqtt", action="store_true", default=None, help="publish results on MQTT"
+    )
+    p.add_argument("--results-sample", dest="results_sample", type=float, help="fraction of results sent on MQTT")
+    p.add_argument(
+        "--results-include-input",
+        dest="results_include_input",
+        action="store_true",
+        default=None,
+        help="put raw inputs next to results (they then leave the device)",
+    )
+    p.add_argument("--max-batch", dest="max_batch", type=int, help="records per micro-batch (default 16)")
+    p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, help="max added latency to fill a batch (5)")
+    p.add_argument("--queue-size", dest="queue_size", type=int, help="bounded input queue (default 256)")
+    p.add_argument("--http-port", dest="http_port", type=int, help="serve /v1/infer on this loopback port")
+    p.add_argument("--mqtt-input-topic", dest="mqtt_input_topics", action="append", default=None, metavar="FILTER")
+    p.add_argument("--mqtt-input-broker", dest="mqtt_input_broker", help="broker of the input topics (default: fleet)")
+    p.add_argument("--mqtt-input-format", dest="mqtt_input_format", choices=["json", "text"])
+    p.add_argument("--mqtt-input-path", dest="mqtt_input_path", help="dotted path of the input in a JSON payload")
+    p.add_argument("--mqtt-input-key", dest="mqtt_input_key", help="wrap the input as {KEY: value}")
+    p.add_argument("--mqtt-input-id-path", dest="mqtt_input_id_path", help="dotted path of an id in the payload")
+    p.add_argument(
+        "--model-max-rss-mib", dest="model_max_rss_mib", type=int, help="refuse models that need more memory"
+    )
     p.add_argument("--telemetry-interval", dest="telemetry_interval_s", type=float, help="seconds (default 10)")
     p.add_argument("--keepalive", dest="keepalive_s", type=int, help="MQTT keepalive in seconds (default 30)")
     p.add_argument("--reconnect-max", dest="reconnect_max_s", type=float, help="max reconnect backoff, seconds")

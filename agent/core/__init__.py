@@ -6,6 +6,25 @@ or the wall clock.
 """
 
 from agent.core.actions import Action, Publish, Subscribe
-from agent.core.core import AgentCore, CoreConfig, TelemetrySample
+from agent.core.core import (
+    AgentCore,
+    CoreAction,
+    CoreConfig,
+    DeployCommand,
+    DeploymentHooks,
+    TelemetrySample,
+    Unsubscribe,
+)
 
-__all__ = ["Action", "AgentCore", "CoreConfig", "Publish", "Subscribe", "TelemetrySample"]
+__all__ = [
+    "Action",
+    "AgentCore",
+    "CoreAction",
+    "CoreConfig",
+    "DeployCommand",
+    "DeploymentHooks",
+    "Publish",
+    "Subscribe",
+    "TelemetrySample",
+    "Unsubscribe",
+]

@@ -1,4 +1,9 @@
-"""The agent's protocol core: birth and will, commands, periodic telemetry, events."""
+"""The agent's protocol core: birth and will, commands, periodic telemetry, events.
+
+Deployments (Deploy, Rollback, Activate, Commit, Cancel and the chunk frames) are routed to an optional
+``DeploymentHooks`` object (``agent.deploy.driver.DeploymentDriver`` on devices and in simulations),
+which also supplies the installed models for the birth message.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,18 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent.core.actions import Action, Publish, Subscribe
 from agent.protocol import codec, topics
 from agent.protocol.messages import (
+    Activate,
     AgentEvent,
+    Cancel,
     CommandAck,
+    Commit,
     Configure,
+    Deploy,
     DeviceOffline,
     DeviceOnline,
     HardwareProfile,
@@ -20,12 +30,51 @@ from agent.protocol.messages import (
     InstalledModel,
     ModelRef,
     Ping,
+    Rollback,
     Telemetry,
 )
 from agent.protocol.topics import DeviceChannel
 from agent.transport.base import Will
 
 log = logging.getLogger(__name__)
+
+DeployCommand = Deploy | Rollback | Activate | Commit | Cancel
+_DEPLOY_COMMANDS = (Deploy, Rollback, Activate, Commit, Cancel)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop receiving ``filter`` (an artifact's chunk broadcast once the download is over)."""
+
+    filter: str
+
+
+#: What the core (with deployments) asks its driver to do.
+CoreAction = Action | Unsubscribe
+
+
+class DeploymentHooks(Protocol):
+    """What the core needs from the deployment side (``agent.deploy.driver.DeploymentDriver``)."""
+
+    def bind(self, birth: Callable[[float], Publish]) -> None:
+        """Called once by the core: how to build a fresh birth message when the installed models change."""
+        ...
+
+    def handles(self, topic: str) -> bool:
+        """True for the chunk topics the deployment side subscribes to."""
+        ...
+
+    def on_command(self, command: DeployCommand, now: float) -> list[CoreAction]: ...
+
+    def on_chunk(self, topic: str, payload: bytes, now: float) -> list[CoreAction]: ...
+
+    def on_connected(self, now: float) -> list[CoreAction]: ...
+
+    def tick(self, now: float) -> list[CoreAction]: ...
+
+    def next_wakeup(self) -> float | None: ...
+
+    def installed(self) -> list[InstalledModel]: ...
 
 
 @dataclass
@@ -65,12 +114,15 @@ class AgentCore:
         sampler: Sampler,
         *,
         started_at: float,
-        installed: InstalledProvider = list,
+        installed: InstalledProvider | None = None,
+        deployments: DeploymentHooks | None = None,
     ) -> None:
         self.config = config
         self.hardware = hardware
         self._sampler = sampler
-        self._installed = installed
+        self._deployments = deployments
+        # The deployment side knows the true installed models (pointer file and slot metadata).
+        self._installed: InstalledProvider = installed or (deployments.installed if deployments else list)
         self._started_at = started_at
         self._seq = 0
         self._telemetry_seq = 0
@@ -81,6 +133,8 @@ class AgentCore:
         self._topic_telemetry = topics.telemetry(config.device_id)
         self._topic_events = topics.events(config.device_id)
         self._topic_cmd = topics.cmd(config.device_id)
+        if deployments is not None:
+            deployments.bind(self.birth)
 
     # ------------------------------------------------------------- hooks --
 
@@ -88,9 +142,10 @@ class AgentCore:
         """The last will to register with the broker: a retained ``offline``."""
         return Will(self._topic_state, codec.encode(DeviceOffline(ts=now, reason="will")), qos=1, retain=True)
 
-    def on_connected(self, now: float) -> list[Action]:
+    def on_connected(self, now: float) -> list[CoreAction]:
         """Subscribe to commands and announce ourselves (again, after every reconnect)."""
-        return [Subscribe(self._topic_cmd, 1), self.birth(now)]
+        extra = self._deployments.on_connected(now) if self._deployments is not None else []
+        return [Subscribe(self._topic_cmd, 1), *extra, self.birth(now)]
 
     def birth(self, now: float) -> Publish:
         msg = DeviceOnline(
@@ -109,8 +164,10 @@ class AgentCore:
         """A clean ``offline`` for a planned shutdown."""
         return Publish(self._topic_state, codec.encode(DeviceOffline(ts=now, reason="shutdown")), qos=1, retain=True)
 
-    def on_message(self, topic: str, payload: bytes, now: float) -> list[Action]:
+    def on_message(self, topic: str, payload: bytes, now: float) -> list[CoreAction]:
         """Handle a message on one of our subscriptions. Invalid ones are counted and dropped."""
+        if self._deployments is not None and self._deployments.handles(topic):
+            return self._deployments.on_chunk(topic, payload, now)  # binary frames, not JSON
         parsed = topics.parse_device(topic)
         if parsed is None or parsed.device_id != self.config.device_id or parsed.channel != DeviceChannel.CMD:
             self.drops.drop(topic, "cmd", "topic", "not a command topic of this device")
@@ -124,10 +181,18 @@ class AgentCore:
             return [self._ack(command.command_id, True, "pong", now)]
         if isinstance(command, Configure):
             return self._configure(command, now)
+        if isinstance(command, _DEPLOY_COMMANDS):
+            if self._deployments is None:
+                return [self._ack(command.command_id, False, "this agent does not take deployments", now)]
+            return self._deployments.on_command(command, now)
         return []  # pragma: no cover - the union is exhaustive
 
-    def tick(self, now: float) -> list[Action]:
-        """Emit telemetry when it is due."""
+    def tick(self, now: float) -> list[CoreAction]:
+        """Emit telemetry when it is due; let the deployment side act on time (repairs, progress)."""
+        actions: list[CoreAction] = self._deployments.tick(now) if self._deployments is not None else []
+        return actions + self._telemetry(now)
+
+    def _telemetry(self, now: float) -> list[CoreAction]:
         if now < self._next_telemetry:
             return []
         interval = max(now - self._last_telemetry, 1e-6)
@@ -155,7 +220,8 @@ class AgentCore:
         return [Publish(self._topic_telemetry, codec.encode(msg), qos=1, durable=True)]
 
     def next_wakeup(self) -> float:
-        return self._next_telemetry
+        wake = self._deployments.next_wakeup() if self._deployments is not None else None
+        return self._next_telemetry if wake is None else min(self._next_telemetry, wake)
 
     def event(self, kind: str, message: str, now: float) -> Publish:
         """An agent event (started, error, ...), durable."""
@@ -172,8 +238,8 @@ class AgentCore:
         msg = CommandAck(ts=now, seq=self._next_seq(), command_id=command_id, ok=ok, detail=detail)
         return Publish(self._topic_events, codec.encode(msg), qos=1, durable=True)
 
-    def _configure(self, command: Configure, now: float) -> list[Action]:
-        actions: list[Action] = []
+    def _configure(self, command: Configure, now: float) -> list[CoreAction]:
+        actions: list[CoreAction] = []
         if command.telemetry_interval_s is not None:
             self.config.telemetry_interval_s = command.telemetry_interval_s
             self._next_telemetry = min(self._next_telemetry, now + command.telemetry_interval_s)

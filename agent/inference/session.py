@@ -1,4 +1,8 @@
-"""Loading an ONNX model into onnxruntime and turning JSON inputs into its tensors."""
+"""Loading an ONNX model into onnxruntime and turning JSON inputs into its tensors.
+
+numpy and onnxruntime are imported inside the functions that need them: an agent that serves no
+model yet stays small (idle RSS is a goal of its own, see ``agent.telemetry.system``).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,17 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-_ORT_TYPES: dict[str, Any] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-    "tensor(string)": np.object_,
+#: onnxruntime type names to numpy dtype names (resolved with numpy when a model loads).
+_ORT_TYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+    "tensor(string)": "object",
 }
 
 
@@ -54,20 +57,25 @@ class TensorModel:
     """A model fed with named tensors, e.g. ``{"x": [[0.1, 0.2]]}``."""
 
     def __init__(self, path: str | os.PathLike[str], threads: int = 0) -> None:
+        import numpy as np
+
+        self._np = np
         self.path = str(path)
         self.session = load_session(path, threads)
         self.inputs = [
-            TensorSpec(i.name, _ORT_TYPES.get(i.type, np.float32), tuple(i.shape)) for i in self.session.get_inputs()
+            TensorSpec(i.name, np.dtype(_ORT_TYPES.get(i.type, "float32")), tuple(i.shape))
+            for i in self.session.get_inputs()
         ]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def feeds(self, record: Any) -> dict[str, np.ndarray]:
+    def feeds(self, record: Any) -> dict[str, Any]:
         """Tensors for one JSON record: either ``{"inputs": {...}}`` or the mapping itself."""
+        np = self._np
         if isinstance(record, dict) and isinstance(record.get("inputs"), dict):
             record = record["inputs"]
         if not isinstance(record, dict):
             raise InputError("an input record must be a JSON object mapping input names to arrays")
-        feeds: dict[str, np.ndarray] = {}
+        feeds: dict[str, Any] = {}
         for spec in self.inputs:
             if spec.name not in record:
                 raise InputError(f"input {spec.name!r} is missing (the model takes {[s.name for s in self.inputs]})")
@@ -82,5 +90,5 @@ class TensorModel:
             feeds[spec.name] = array
         return feeds
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, Any]) -> list[Any]:
         return list(self.session.run(None, feeds))

@@ -1,27 +1,40 @@
-"""The agent process: the sans-IO core driven over a real MQTT connection.
+"""The agent process: the sans-IO core driven over a real MQTT connection, and inference as a service.
 
-Threads: the asyncio loop owns the MQTT connection, the core and the spool;
-one thread reads the input stream; one runs the model. They meet at the
-inference queue and at thread-safe counters.
+Threads: the asyncio loop owns the MQTT connection(s), the core, the spool and the local HTTP
+endpoint; one thread per JSON-lines input (file, stdin) reads it; one thread runs the model. They
+meet at the engine's bounded queue (``agent.inference.engine``) and at thread-safe counters.
+
+What serves is whatever ``ModelHost`` holds: ``--model`` at start, later the deployment driver's
+switches (see the DeploymentDriver hook below). Every batch pins its pipeline, so a switch is atomic
+and never loses a request that is queued or running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
-import sys
 import threading
 import time
-from typing import IO
+from typing import Any
 
 from agent import __version__
 from agent.core import Action, AgentCore, CoreConfig, Publish, Subscribe, TelemetrySample
 from agent.core.outbox import Outbox
-from agent.inference.session import ModelLoadError, TensorModel
-from agent.inference.worker import InferenceWorker, read_json_lines
-from agent.runtime.config import AgentSettings
+from agent.inference.bundle import ModelSource, resolve_model
+from agent.inference.engine import InferenceEngine
+from agent.inference.host import Loaded, ModelHost
+from agent.inference.http import HttpFrontend
+from agent.inference.inputs import JsonLinesInput, PayloadFormat
+from agent.inference.loader import MIB, ModelLoader
+from agent.inference.session import InputError, ModelLoadError
+from agent.inference.sinks import FileSink, MqttSink
+from agent.protocol import codec, topics
+from agent.protocol.manifest import Task
+from agent.protocol.messages import InstalledModel
+from agent.runtime.config import AgentSettings, ConfigError
 from agent.runtime.notify import Notifier
 from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
@@ -31,6 +44,15 @@ from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
 log = logging.getLogger(__name__)
 
 
+def capabilities(settings: AgentSettings) -> list[str]:
+    """What this agent can do, for the birth message: tasks, runtimes, input kinds."""
+    caps = [f"task:{t.value}" for t in Task] + ["runtime:onnxruntime"]
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        caps.append("runtime:onnxruntime-genai")
+    caps += ["input:file", "input:stdin", "input:mqtt", "input:http"]
+    return caps
+
+
 class AgentService:
     """One device agent. ``await run()`` until SIGTERM/SIGINT or ``request_stop()``."""
 
@@ -38,15 +60,27 @@ class AgentService:
         self.settings = settings
         self.notifier = notifier or Notifier()
         self.counters = InferenceCounters()
+        self.host = ModelHost(threads=settings.threads)
+        self.loader = ModelLoader(self.host, settings.model_max_rss_mib * MIB)
         self._cpu = CpuMeter()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.model: TensorModel | None = None
-        self.worker: InferenceWorker | None = None
+        self.engine: InferenceEngine | None = None
+        self.http: HttpFrontend | None = None
+        self.inputs: list[JsonLinesInput] = []
         self.transport: MqttTransport | None = None
+        self.input_transport: MqttTransport | None = None
         self.core: AgentCore | None = None
         self.outbox: Outbox | None = None
-        self._results: IO[str] | None = None
+        self.results_mqtt: MqttSink | None = None
+        self.active_source: ModelSource | None = None
+        self._input_format = PayloadFormat(
+            settings.mqtt_input_format, settings.mqtt_input_path, settings.mqtt_input_key, settings.mqtt_input_id_path
+        )
+        self._input_drops = codec.DropCounter(log)
+        #: The deployment state machine (agent/deploy), built in ``_make_deployment_driver``.
+        self.deployment: Any = None
+        self.ready = threading.Event()
         self.exit_code = 0
 
     # --------------------------------------------------------------- run --
@@ -66,36 +100,69 @@ class AgentService:
                 keepalive_s=s.keepalive_s,
                 telemetry_interval_s=s.telemetry_interval_s,
                 labels=dict(s.labels),
+                capabilities=capabilities(s),
             ),
             hardware_profile(s.data_dir),
             self._sample,
             started_at=now,
+            installed=self._installed,
         )
-        self._load_model()
-        mqtt_fields = parse_broker_url(s.broker)
-        if s.mqtt_username:
-            mqtt_fields["username"] = s.mqtt_username
-        password = s.mqtt_password()
-        if password:
-            mqtt_fields["password"] = password
-        if s.ca_file:
-            mqtt_fields["ca_file"] = str(s.ca_file)
-        config = MqttConfig(
-            **mqtt_fields, keepalive_s=s.keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=s.reconnect_max_s
+        sinks: list[Any] = []
+        if s.results is not None:
+            sinks.append(FileSink(s.results))
+        self.engine = InferenceEngine(
+            self.host,
+            self.counters,
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+            queue_size=s.queue_size,
+            sinks=sinks,
+            include_input=s.results_include_input,
         )
-        transport = self.transport = MqttTransport(config, s.device_id, will=self.core.will(now), name=s.device_id)
+
+        transport = self.transport = MqttTransport(
+            self._mqtt_config(s.broker, s.mqtt_username, s.mqtt_password()),
+            s.device_id,
+            will=self.core.will(now),
+            name=s.device_id,
+        )
         transport.on_connect = self._on_connect
         transport.on_message = self._on_message
         transport.on_published = self._on_published
         transport.on_refused = self._on_refused
+        if s.results_mqtt:
+            self.results_mqtt = MqttSink(s.device_id, transport.publish, self._loop, s.results_sample)
+            self.engine.sinks.append(self.results_mqtt)
+
+        # ---- DeploymentDriver hook -------------------------------------------------------------
+        # The deployment state machine (agent/deploy, issue 4) is built here, before the transport
+        # starts, so it sees every command from the first connection on. The lead wires it:
+        #   * construct it in _make_deployment_driver() with self.host (switch() is atomic: serving
+        #     continues through it), self.loader (loads candidates under the memory ceiling and
+        #     warms them up; loader.load(resolve_model(slot_dir)) for a staged slot), self.core,
+        #     self._execute (publish actions through the outbox) and s.data_dir (slots, state file);
+        #   * route Deploy/Rollback/Activate/Commit/Cancel from _on_message to it (the core acks
+        #     Ping and Configure only), and chunk topics if it subscribes to any;
+        #   * let it resume a persisted deployment (and pick the model to serve) in place of
+        #     --model when a slot is active: see _load_initial_model();
+        #   * have _installed() report its slots (the birth message's installed models).
+        self.deployment = self._make_deployment_driver()
+        # -------------------------------------------------------------------------------------------
+
         self._install_signals()
         self._execute([self.core.event("started", f"agent {__version__} started", now)])
         transport.start()
-        self._start_input()
-        self.notifier.ready(f"device {s.device_id}")
+        self.engine.start()
         ticker = asyncio.create_task(self._tick_forever())
         try:
+            await self._load_initial_model()
+            await self._start_inputs()
+            self.ready.set()
+            self.notifier.ready(f"device {s.device_id}: {self._serving_status()}")
             await self._stop.wait()
+        except ConfigError as exc:
+            log.error("%s", exc)
+            self.exit_code = 2
         finally:
             ticker.cancel()
             await self._shutdown()
@@ -109,6 +176,23 @@ class AgentService:
 
     # ---------------------------------------------------------- wiring --
 
+    def _make_deployment_driver(self) -> Any:
+        """Build the DeploymentDriver (agent/deploy). None until the lead wires it (see the hook in run())."""
+        return None
+
+    def _mqtt_config(self, url: str, username: str | None, password: str | None) -> MqttConfig:
+        s = self.settings
+        fields = parse_broker_url(url)
+        if username:
+            fields["username"] = username
+        if password:
+            fields["password"] = password
+        if s.ca_file and fields.get("tls"):
+            fields["ca_file"] = str(s.ca_file)
+        return MqttConfig(
+            **fields, keepalive_s=s.keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=s.reconnect_max_s
+        )
+
     def _install_signals(self) -> None:
         assert self._loop is not None
         if threading.current_thread() is not threading.main_thread():
@@ -117,52 +201,127 @@ class AgentService:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self._loop.add_signal_handler(sig, self.request_stop)
 
-    def _load_model(self) -> None:
-        s = self.settings
-        if s.model is None:
+    async def _load_initial_model(self) -> None:
+        """Serve ``--model`` (in a thread: the loop keeps the broker connection and the watchdog alive)."""
+        path = self.settings.model
+        if path is None:
             return
         try:
-            self.model = TensorModel(s.model, threads=s.threads)
+            source = resolve_model(path)
+            loaded = await asyncio.to_thread(self.loader.load, source)
         except ModelLoadError as exc:
             log.error("%s", exc)
             assert self.core is not None
             self._execute([self.core.event("error", str(exc), time.time())])
             return
-        if s.results is not None:
-            self._results = open(s.results, "a", encoding="utf-8")  # noqa: SIM115 - closed in _shutdown
-        self.worker = InferenceWorker(self.model, self.counters, queue_size=s.queue_size, results=self._results)
-        self.worker.start()
-        log.info("serving %s", s.model)
+        self.activate(loaded, source)
 
-    def _start_input(self) -> None:
-        source = self.settings.input
-        if source is None:
-            return
-        if self.worker is None:
-            log.warning("input %s given but no model is loaded; ignoring it", source)
-            return
-        worker = self.worker
+    def activate(self, loaded: Loaded, source: ModelSource | None = None) -> None:
+        """Serve ``loaded`` from the next batch on (atomic; the previous pipeline closes once idle)."""
+        self.host.switch(loaded)
+        self.active_source = source
+        assert self.core is not None
+        report = self.loader.last_report
+        memory = f", {report.measured_bytes / MIB:.0f} MiB" if report is not None else ""
+        what = source.describe() if source is not None else str(loaded.bundle_dir)
+        now = time.time()
+        actions: list[Action] = [self.core.event("model_loaded", f"serving {what}{memory}", now)]
+        if self.transport is not None and self.transport.connected:
+            actions.append(self.core.birth(now))  # the installed models changed
+        self._execute(actions)
 
-        def read() -> None:
+    def _installed(self) -> list[InstalledModel]:
+        loaded = self.host.current()
+        if loaded is None or loaded.ref is None:
+            return []
+        ref = loaded.ref
+        return [
+            InstalledModel(
+                model=ref.model, version=ref.version, variant=ref.variant, artifact=loaded.artifact_id, active=True
+            )
+        ]
+
+    def _serving_status(self) -> str:
+        loaded = self.host.current()
+        if loaded is None:
+            return "no model"
+        return f"serving {self.active_source.describe() if self.active_source else loaded.bundle_dir}"
+
+    async def _start_inputs(self) -> None:
+        s = self.settings
+        assert self.engine is not None and self._loop is not None
+        if s.http_port is not None:
+            self.http = HttpFrontend(
+                self.engine,
+                host=s.http_host,
+                port=s.http_port,
+                max_body_bytes=s.http_max_body_bytes,
+                health=self.health,
+            )
             try:
-                if source == "-":
-                    n = read_json_lines(sys.stdin, worker.submit, self.counters.record_error)
-                else:
-                    with open(source, encoding="utf-8") as f:
-                        n = read_json_lines(f, worker.submit, self.counters.record_error)
-                log.info("input %s: %d records read", source, n)
+                await self.http.start()
             except OSError as exc:
-                log.error("cannot read input %s: %s", source, exc)
+                self.http = None
+                raise ConfigError(f"cannot serve HTTP on {s.http_host}:{s.http_port}: {exc}") from None
+        if s.mqtt_input_topics:
+            if s.mqtt_input_broker is None:
+                assert self.transport is not None
+                for filter_ in s.mqtt_input_topics:
+                    self.transport.subscribe(filter_, s.mqtt_input_qos)
+            else:
+                transport = self.input_transport = MqttTransport(
+                    self._mqtt_config(s.mqtt_input_broker, s.mqtt_input_username, s.mqtt_input_password()),
+                    f"{s.device_id}-input",
+                    name=f"{s.device_id} inputs",
+                )
+                transport.on_message = self._on_input_message
+                for filter_ in s.mqtt_input_topics:
+                    transport.subscribe(filter_, s.mqtt_input_qos)
+                transport.start()
+            log.info("inference inputs from MQTT topics %s", ", ".join(s.mqtt_input_topics))
+        for path in s.input:
+            reader = JsonLinesInput(path, self.engine, on_done=self._input_done)
+            self.inputs.append(reader)
+            reader.start()
 
-        threading.Thread(target=read, name="input", daemon=True).start()
+    def _input_done(self, source: str, records: int, bad_lines: int) -> None:
+        """A finite input ended (in its reader thread): tell the controller, durably."""
+        loop, core = self._loop, self.core
+        if loop is None or core is None:
+            return
+        message = f"{source}: {records} records read, {bad_lines} lines not JSON"
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(lambda: self._execute([core.event("input_done", message, time.time())]))
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /v1/health`` answers."""
+        loaded = self.host.current()
+        engine = self.engine
+        return {
+            "status": "ok" if engine is not None and engine.alive else "failing",
+            "device_id": self.settings.device_id,
+            "agent_version": __version__,
+            "serving": loaded is not None,
+            "model": loaded.ref.model_dump() if loaded is not None and loaded.ref is not None else None,
+            "task": str(loaded.spec.task.value) if loaded is not None and loaded.spec.task is not None else None,
+            "queue_depth": engine.depth if engine is not None else 0,
+            "processed": engine.processed if engine is not None else 0,
+            "errors": self.counters.total_errors,
+            "drops": self.counters.total_drops,
+            "broker_connected": bool(self.transport is not None and self.transport.connected),
+            "rss_bytes": rss_bytes(),
+        }
 
     def _sample(self, interval_s: float) -> TelemetrySample:
         assert self.outbox is not None
+        loaded = self.host.current()
+        depth = self.engine.depth if self.engine is not None else 0
         return TelemetrySample(
             cpu_percent=self._cpu.percent(),
             rss_bytes=rss_bytes(),
             temperature_c=temperature_c(),
-            inference=self.counters.snapshot(interval_s),
+            model=loaded.ref if loaded is not None else None,
+            inference=self.counters.snapshot(interval_s, queue_depth=depth),
             spool_depth=len(self.outbox.spool),
             spool_dropped=self.outbox.spool.dropped,
         )
@@ -187,11 +346,32 @@ class AgentService:
     def _on_connect(self) -> None:
         assert self.core is not None
         self._execute(self.core.on_connected(time.time()))
-        self.notifier.status(f"device {self.settings.device_id}: connected")
+        self.notifier.status(f"device {self.settings.device_id}: connected, {self._serving_status()}")
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         assert self.core is not None
+        if self._is_input_topic(topic):
+            self._on_input_message(topic, payload)
+            return
         self._execute(self.core.on_message(topic, payload, time.time()))
+
+    def _is_input_topic(self, topic: str) -> bool:
+        """An input topic carried by the fleet connection (never this device's command topic)."""
+        s = self.settings
+        if not s.mqtt_input_topics or s.mqtt_input_broker is not None or topic == topics.cmd(s.device_id):
+            return False
+        return any(topics.matches(f, topic) for f in s.mqtt_input_topics)
+
+    def _on_input_message(self, topic: str, payload: bytes) -> None:
+        """A message on an input topic: one record for the engine (a full queue drops it, counted)."""
+        assert self.engine is not None
+        try:
+            record = self._input_format.record(payload)
+        except InputError as exc:
+            self.counters.record_error()
+            self._input_drops.drop(topic, "input", "bad_payload", str(exc))
+            return
+        self.engine.submit(record, f"mqtt:{topic}")
 
     def _on_published(self, mid: int) -> None:
         assert self.outbox is not None and self.transport is not None
@@ -203,6 +383,10 @@ class AgentService:
         self.exit_code = 3
         self.request_stop()
 
+    def _healthy(self) -> bool:
+        """What the systemd watchdog vouches for: the loop runs (we are in it) and so does the model thread."""
+        return self.engine is None or self.engine.failed is None
+
     async def _tick_forever(self) -> None:
         assert self.core is not None
         next_watchdog = 0.0
@@ -213,21 +397,29 @@ class AgentService:
                 self._execute(actions)
             interval = self.notifier.watchdog_interval_s
             if interval is not None and time.monotonic() >= next_watchdog:
-                self.notifier.watchdog()
+                if self._healthy():
+                    self.notifier.watchdog()
+                else:
+                    log.critical("the inference thread is dead; not feeding the watchdog")
                 next_watchdog = time.monotonic() + interval
             wait = max(0.01, min(self.core.next_wakeup() - time.time(), 1.0, interval or 1.0))
             await asyncio.sleep(wait)
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
+        for reader in self.inputs:
+            reader.stop()
+        if self.http is not None:
+            await self.http.close()
+        if self.input_transport is not None:
+            await self.input_transport.stop()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
         transport = self.transport
         if transport is not None and self.core is not None:
             goodbye = self.core.goodbye(time.time())
             await transport.stop(final=(goodbye.topic, goodbye.payload, goodbye.qos, goodbye.retain))
-        if self.worker is not None:
-            self.worker.stop()
-        if self._results is not None:
-            self._results.close()
+        self.host.switch(None)
 
 
 def run_agent(settings: AgentSettings) -> int:

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
+from collections.abc import Iterable
 
 from agent.protocol.messages import DriftStats, InferenceStats, LatencySummary
 from agent.telemetry.histogram import LatencyHistogram
 
 #: Score histogram edges for drift signals (scores are expected in [0, 1]; outside clamps).
 SCORE_EDGES: tuple[float, ...] = tuple(i / 20 for i in range(21))
+#: Distinct labels kept per interval (the wire message allows 256); the rest are counted as "(other)".
+MAX_LABELS = 255
+OTHER_LABEL = "(other)"
 
 
 class InferenceCounters:
-    """Collects what the inference workers do; ``snapshot()`` returns and resets one interval."""
+    """Collects what the inference workers do; ``snapshot()`` returns and resets one interval.
+
+    Latencies are per record, from the moment it was queued to its result (what an application
+    waits), so queueing and micro-batching delays are in them. ``queue_depth`` is a gauge: whoever
+    owns the queue sets it, or passes it to ``snapshot``.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._reset()
         self.queue_depth = 0
+        #: totals since the start (never reset), for health endpoints and tests
+        self.total_count = 0
+        self.total_errors = 0
+        self.total_drops = 0
 
     def _reset(self) -> None:
         self._hist = LatencyHistogram()
@@ -35,33 +49,52 @@ class InferenceCounters:
         with self._lock:
             for _ in range(n):
                 self._hist.record(latency_ms)
+            self.total_count += n
+
+    def record_many(self, latencies_ms: Iterable[float]) -> None:
+        """Record one inference per latency (a batch whose records waited different times)."""
+        with self._lock:
+            n = 0
+            for value in latencies_ms:
+                self._hist.record(value)
+                n += 1
+            self.total_count += n
 
     def record_error(self, n: int = 1) -> None:
         with self._lock:
             self._errors += n
+            self.total_errors += n
 
     def record_drop(self, n: int = 1) -> None:
         with self._lock:
             self._drops += n
+            self.total_drops += n
 
     def record_tokens(self, tokens: int, seconds: float) -> None:
+        """``tokens`` generated in ``seconds`` of generation time (tokens/s is their ratio per interval)."""
         with self._lock:
             self._tokens += tokens
             self._token_time_s += seconds
 
     def record_label(self, label: str) -> None:
+        key = label[:128] or "(empty)"
         with self._lock:
-            self._labels[label] += 1
+            if key in self._labels or len(self._labels) < MAX_LABELS:
+                self._labels[key] += 1
+            else:
+                self._labels[OTHER_LABEL] += 1
 
     def record_score(self, score: float) -> None:
         top = len(self._scores) - 1
-        idx = min(top, max(0, int(score * top + 1e-12))) if score == score else top
+        idx = min(top, max(0, int(score * top + 1e-12))) if math.isfinite(score) else top
         with self._lock:
             self._scores[idx] += 1
             self._scored = True
 
-    def snapshot(self, interval_s: float) -> InferenceStats | None:
+    def snapshot(self, interval_s: float, queue_depth: int | None = None) -> InferenceStats | None:
         """Stats since the previous snapshot, or None if the interval saw no activity at all."""
+        if queue_depth is not None:
+            self.queue_depth = queue_depth
         with self._lock:
             hist, errors, drops = self._hist, self._errors, self._drops
             tokens, token_time = self._tokens, self._token_time_s

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import glob
+import json
+import logging
 import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from agent.protocol.messages import HardwareProfile
+
+log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -23,6 +32,49 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):  # not glibc >= 2.33 (musl, macOS): RSS only
+        return None
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc), or None where that is not known.
+
+    Unlike RSS it does not hide a new allocation behind memory a previous model freed but the
+    allocator kept, so a model's footprint measured with it is right after a switch too.
+    """
+    fn = _mallinfo2()
+    if fn is None:
+        return None
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
 
 
 def temperature_c() -> float | None:
@@ -74,22 +126,69 @@ def _cpu_model() -> str | None:
     return None
 
 
-def _onnxruntime() -> tuple[str | None, list[str]]:
+#: Where the providers onnxruntime offers are remembered, per onnxruntime version and interpreter.
+PROVIDERS_CACHE = "onnxruntime-providers.json"
+_PROBE = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
+
+
+def _probe_providers(timeout_s: float = 60.0) -> list[str] | None:
+    """Ask a short-lived interpreter which providers onnxruntime offers.
+
+    Importing onnxruntime costs this process ~20 MiB of RSS for the rest of its life; an agent that
+    serves no model yet should not pay that just to describe itself, so a child pays it and exits.
+    """
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s, check=True
+        ).stdout
+        providers = json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("cannot list onnxruntime's providers: %s", exc)
+        return None
+    if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
+        return None
+    return providers
+
+
+def onnxruntime_info(cache_dir: str | os.PathLike[str] | None = None) -> tuple[str | None, list[str]]:
+    """onnxruntime's version and providers, without importing onnxruntime into this process.
+
+    Uses the module if something already imported it; else a cache in ``cache_dir`` keyed by the
+    onnxruntime version and the interpreter; else a child process (and fills the cache).
+    """
     try:
         version = metadata.version("onnxruntime")
     except metadata.PackageNotFoundError:
         return None, []
-    try:
-        import onnxruntime  # heavy: only imported here and where models run
-
-        return version, list(onnxruntime.get_available_providers())
-    except Exception:  # a broken install must not stop the agent from reporting
+    loaded = sys.modules.get("onnxruntime")
+    if loaded is not None:
+        try:
+            return version, list(loaded.get_available_providers())
+        except Exception:  # a broken install must not stop the agent from reporting
+            return version, []
+    key = {"onnxruntime": version, "python": sys.executable}
+    cache = Path(cache_dir) / PROVIDERS_CACHE if cache_dir is not None else None
+    if cache is not None:
+        try:
+            cached = json.loads(cache.read_text())
+            if {k: cached.get(k) for k in key} == key and isinstance(cached.get("providers"), list):
+                return version, [str(p) for p in cached["providers"]]
+        except (OSError, ValueError):
+            pass
+    providers = _probe_providers()
+    if providers is None:
         return version, []
+    if cache is not None:
+        try:
+            cache.write_text(json.dumps({**key, "providers": providers}))
+        except OSError as exc:
+            log.debug("cannot cache the provider list in %s: %s", cache, exc)
+    return version, providers
 
 
 def hardware_profile(data_dir: str | os.PathLike[str] | None = None) -> HardwareProfile:
     """Describe this machine for the birth message."""
-    ort_version, providers = _onnxruntime()
+    ort_version, providers = onnxruntime_info(data_dir)
     disk_free = None
     if data_dir is not None:
         try:

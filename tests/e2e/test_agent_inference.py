@@ -75,8 +75,12 @@ def test_inference_over_a_jsonl_file_is_counted_timed_and_reported(fleet: Fleet,
     rows = [r for r in totals(ctl, "infer-1")[2] if r["inference_count"]]
     assert all(r["latency_p50_ms"] > 0 and r["latency_p99_ms"] >= r["latency_p50_ms"] for r in rows)
     out = [json.loads(line) for line in results.read_text().splitlines()]
-    assert len(out) == 100
-    assert out[0]["y"] == [[60.5, 0.0, 81.0]]  # relu([1,2,3,4] @ W + b)
+    # Every record gets a result line, a failed one with its error (the line that is not JSON is no record).
+    served = [o["result"] for o in out if "error" not in o["result"]]
+    failed = [o["result"]["error"] for o in out if "error" in o["result"]]
+    assert len(served) == 100 and len(failed) == 2
+    assert served[0]["y"] == [[60.5, 0.0, 81.0]]  # relu([1,2,3,4] @ W + b)
+    assert all(o["source"] == f"file:{inputs}" for o in out)
 
 
 def test_inference_over_stdin(fleet: Fleet, tmp_path: Path) -> None:
