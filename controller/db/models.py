@@ -184,6 +184,8 @@ class Deployment(SQLModel, table=True):
     shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     timeout_s: float = 3600.0
     rollout_id: str | None = Field(default=None, max_length=32, index=True)
+    rollout_wave: int | None = None
+    max_concurrent: int | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     created_by: str = Field(default="", max_length=128)
     finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
@@ -207,6 +209,7 @@ class DeploymentTarget(SQLModel, table=True):
     reason: str = ""
     previous: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    queued: bool = False
     started_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))

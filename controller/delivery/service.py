@@ -68,6 +68,8 @@ class DeploymentRequest:
     shadow: ShadowSpec | None = None
     timeout_s: float = 3600.0
     rollout_id: str | None = None
+    rollout_wave: int | None = None
+    max_concurrent: int | None = None
 
 
 class DeliveryService:
@@ -125,14 +127,15 @@ class DeliveryService:
         with Session(self.engine) as session:
             running = session.exec(select(Deployment).where(Deployment.status == "running")).all()
             for dep in running:
-                self._deployments[dep.id] = {"timeout_s": dep.timeout_s, "cancelled": False, "status": dep.status}
+                self._deployments[dep.id] = {"timeout_s": dep.timeout_s, "cancelled": False, "status": dep.status,
+                                             "max_concurrent": dep.max_concurrent}
                 rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == dep.id)).all()
                 for row in rows:
                     target = Target(
                         dep.id, row.device_id, row.artifact_id, row.variant, state=row.state, progress=row.progress,
                         chunks_have=row.chunks_have, chunks_total=row.chunks_total, reason=row.reason,
                         previous=row.previous, metrics=row.metrics, started_at=row.started_at.timestamp(),
-                        dirty=False,
+                        queued=row.queued, dirty=False,
                     )
                     self._add_target(target)
                     if not target.terminal and target.artifact_id:
@@ -175,14 +178,16 @@ class DeliveryService:
                 id=deployment_id, model_name=request.model, version_number=request.version, version_id=version.id,
                 variant_rule=request.variant, selector=request.selector, device_ids=request.device_ids,
                 activate=request.activate, shadow=request.shadow.model_dump() if request.shadow else None,
-                timeout_s=request.timeout_s, rollout_id=request.rollout_id, created_by=actor,
+                timeout_s=request.timeout_s, rollout_id=request.rollout_id, rollout_wave=request.rollout_wave,
+                max_concurrent=request.max_concurrent, created_by=actor,
             )
             session.add(dep)
             targets = []
             for device in devices:
                 choice = choose_variant(device.hardware, by_variant, request.variant)
                 previous = next((m for m in device.installed if m.get("active", True)), None)
-                target = Target(deployment_id, device.id, choice.artifact_id, choice.variant, previous=previous)
+                target = Target(deployment_id, device.id, choice.artifact_id, choice.variant, previous=previous,
+                                queued=choice.artifact_id is not None and request.max_concurrent is not None)
                 if choice.artifact_id is None:
                     target.update(time.time(), state="failed", reason=choice.reason)
                 targets.append(target)
@@ -190,19 +195,21 @@ class DeliveryService:
                     DeploymentTarget(
                         deployment_id=deployment_id, device_id=device.id, artifact_id=choice.artifact_id,
                         variant=choice.variant, state=target.state, reason=target.reason, previous=previous,
+                        queued=target.queued,
                     )
                 )
             session.commit()
             with self._lock:
                 self._deployments[deployment_id] = {"timeout_s": request.timeout_s, "cancelled": False,
-                                                    "status": "running"}
+                                                    "status": "running", "max_concurrent": request.max_concurrent}
                 for target in targets:
                     self._add_target(target)
                     if target.artifact_id:
                         self._remember_command(session, dep, target)
         for target in targets:
-            if target.artifact_id:
+            if target.artifact_id and not target.queued:
                 self._send_command(target)
+        self._dispatch(deployment_id)
         self._maybe_finish(deployment_id)
         log.info("deployment %s: %s v%d to %d devices", deployment_id[:8], request.model, request.version, len(targets))
         return deployment_id
@@ -248,6 +255,26 @@ class DeliveryService:
         return signed
 
     # --------------------------------------------------------- commands --
+
+    def _dispatch(self, deployment_id: str) -> None:
+        """Start queued devices while the deployment has fewer than max_concurrent in progress."""
+        with self._lock:
+            info = self._deployments.get(deployment_id)
+            if info is None or info["cancelled"]:
+                return
+            limit = info.get("max_concurrent")
+            targets = [t for t in self._targets.values() if t.deployment_id == deployment_id]
+            busy = sum(1 for t in targets if not t.terminal and not t.queued)
+            starting = []
+            for t in targets:
+                if limit is not None and busy >= limit:
+                    break
+                if t.queued and not t.terminal:
+                    t.update(time.time(), queued=False, started_at=time.time())
+                    starting.append(t)
+                    busy += 1
+        for t in starting:
+            self._send_command(t)
 
     def _send_command(self, target: Target) -> None:
         payload = self._commands.get((target.deployment_id, target.device_id))
@@ -298,6 +325,7 @@ class DeliveryService:
             for callback in list(self.on_target_change):
                 callback(target)
             if target.terminal:
+                self._dispatch(target.deployment_id)
                 self._maybe_finish(target.deployment_id)
 
     def on_chunk_request(self, device_id: str, request: ChunkRequest) -> None:
@@ -366,7 +394,7 @@ class DeliveryService:
         if self._repairs is not None:
             self._repairs.reconnected()
         with self._lock:
-            unfinished = [t for t in self._targets.values() if not t.terminal and t.artifact_id]
+            unfinished = [t for t in self._targets.values() if not t.terminal and t.artifact_id and not t.queued]
         for target in unfinished:
             self._send_command(target)
 
@@ -454,13 +482,14 @@ class DeliveryService:
                 info = self._deployments.get(target.deployment_id)
                 if info is None or target.terminal:
                     continue
-                if now - target.started_at > info["timeout_s"]:
+                if not target.queued and now - target.started_at > info["timeout_s"]:
                     target.update(now, state="failed",
                                   reason=f"timed out after {info['timeout_s']:.0f}s in state {target.state}")
                     expired.append(target)
         for target in expired:
             self._send(target.device_id, Cancel(ts=now, command_id=f"{target.deployment_id[:16]}-timeout",
                                                 deployment_id=target.deployment_id))
+            self._dispatch(target.deployment_id)
             self._maybe_finish(target.deployment_id)
         return expired
 
@@ -493,6 +522,7 @@ class DeliveryService:
                 row = t.row()
                 row["updated_at"] = from_epoch(row["updated_at"])
                 row["finished_at"] = from_epoch(row["finished_at"]) if row["finished_at"] else None
+                row["started_at"] = from_epoch(row["started_at"])
                 rows.append((t.deployment_id, t.device_id, row))
                 t.dirty = False
         if not rows:

@@ -33,6 +33,8 @@ class Target:
     finished_at: float | None = None
     last_progress_at: float = 0.0
     last_command_at: float = 0.0
+    #: waiting for a free slot under the deployment's max_concurrent (no command sent yet)
+    queued: bool = False
     dirty: bool = True
 
     @property
@@ -60,6 +62,8 @@ class Target:
             "metrics": self.metrics,
             "updated_at": self.updated_at,
             "finished_at": self.finished_at,
+            "queued": self.queued,
+            "started_at": self.started_at,
         }
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-11-29 02:38:30.981084
+Create Date: 2026-11-29 03:03:50.141951
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def upgrade() -> None:
     sa.Column('shadow', sa.JSON(), nullable=True),
     sa.Column('timeout_s', sa.Float(), nullable=False),
     sa.Column('rollout_id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True),
+    sa.Column('rollout_wave', sa.Integer(), nullable=True),
+    sa.Column('max_concurrent', sa.Integer(), nullable=True),
     sa.Column('created_at', controller.db.types.UTCDateTime(timezone=True), nullable=False),
     sa.Column('created_by', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('finished_at', controller.db.types.UTCDateTime(timezone=True), nullable=True),
@@ -60,6 +62,7 @@ def upgrade() -> None:
     sa.Column('reason', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('previous', sa.JSON(), nullable=True),
     sa.Column('metrics', sa.JSON(), nullable=False),
+    sa.Column('queued', sa.Boolean(), nullable=False),
     sa.Column('started_at', controller.db.types.UTCDateTime(timezone=True), nullable=False),
     sa.Column('updated_at', controller.db.types.UTCDateTime(timezone=True), nullable=False),
     sa.Column('finished_at', controller.db.types.UTCDateTime(timezone=True), nullable=True),
