@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from agent import __version__
-from controller.api.routes import deployments, devices, health, models
+from controller.api.routes import deployments, devices, health, models, rollouts
 from controller.runtime import ControllerRuntime
 from controller.settings import ControllerSettings
 
@@ -38,4 +38,5 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     app.include_router(devices.router)
     app.include_router(models.router)
     app.include_router(deployments.router)
+    app.include_router(rollouts.router)
     return app

@@ -23,6 +23,7 @@ from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
 from controller.registry.service import RegistryService
+from controller.rollouts.engine import RolloutEngine
 from controller.settings import ControllerSettings
 from controller.telemetry.ingest import IngestWriter, LastSeen, Offline
 
@@ -61,6 +62,7 @@ class ControllerRuntime:
         self.handler.on_chunk_request = self.delivery.on_chunk_request
         self.handler.on_birth = self.delivery.device_online
         self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
+        self.rollouts = RolloutEngine(self.engine, self.delivery)
         self.bridge: MqttBridge | None = None
         self.scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
@@ -99,6 +101,8 @@ class ControllerRuntime:
         self.scheduler.add_job(self.flush_last_seen, "interval", seconds=5, id="last-seen")
         self.scheduler.add_job(self.delivery.flush, "interval", seconds=1, id="delivery-flush")
         self.scheduler.add_job(self.delivery.check_timeouts, "interval", seconds=2, id="delivery-timeouts")
+        self.rollouts.resume_all()
+        self.scheduler.add_job(self.rollouts.step_all, "interval", seconds=s.rollout_step_s, id="rollouts")
         self.scheduler.start()
         self.started = True
 

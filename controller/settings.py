@@ -82,6 +82,9 @@ class ControllerSettings(BaseSettings):
         default_factory=dict,
         description="agreement floors by kind (cosine, top1, token, exact) overriding the defaults",
     )
+    rollout_step_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        1.0, description="how often running rollouts are advanced (device failures also advance them at once)"
+    )
     require_auth_for_reads: bool = Field(False, description="require a viewer token for GET requests too")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 

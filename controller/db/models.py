@@ -215,6 +215,47 @@ class DeploymentTarget(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
 
 
+class Rollout(SQLModel, table=True):
+    """A version rolled out to a label selector in waves: a persisted state machine."""
+
+    __tablename__ = "rollout"
+
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    model_name: str = Field(max_length=128, index=True)
+    version_number: int
+    version_id: int = Field(foreign_key="model_version.id", index=True)
+    selector: str
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    state: str = Field(default="pending", max_length=32, index=True)
+    wave_index: int = 0
+    state_since: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    paused_from: str | None = Field(default=None, max_length=32)
+    assignment: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    excluded: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    wave_deployments: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    gate_results: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    reason: str = ""
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+
+
+class RolloutTransition(SQLModel, table=True):
+    """The audit log of a rollout: every transition with its reason and who caused it."""
+
+    __tablename__ = "rollout_transition"
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: str = Field(foreign_key="rollout.id", index=True, max_length=32)
+    at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    from_state: str = Field(max_length=32)
+    event: str = Field(max_length=32)
+    to_state: str = Field(max_length=32)
+    wave: int = 0
+    reason: str = ""
+    actor: str = Field(default="system", max_length=128)
+
+
 def table(model: type[SQLModel]) -> Table:
     """The Core table of a SQLModel class (for bulk statements that bypass the ORM)."""
     return model.__table__  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 from agent.protocol import codec, signing, topics
 from agent.protocol.manifest import SignedManifest, canonical_json
 from agent.protocol.messages import (
+    Activate,
     Cancel,
     ChunkRequest,
     Commit,
@@ -306,6 +307,9 @@ class DeliveryService:
                 return
             if target.terminal and target.state == "failed" and event.state.value not in ("rolled_back", "failed"):
                 return  # the controller gave up on it (timeout); late reports do not revive it
+            switched_after_cancel = target.state == "cancelled" and event.state.value == "active"
+            if target.state == "cancelled" and not switched_after_cancel:
+                return  # reports still in flight when the cancel went out
             values: dict[str, Any] = {"state": event.state.value, "reason": event.reason}
             if event.chunks_total:
                 values.update(progress=event.progress, chunks_have=event.chunks_have, chunks_total=event.chunks_total,
@@ -315,6 +319,12 @@ class DeliveryService:
             if event.metrics:
                 values["metrics"] = {**target.metrics, **event.metrics}
             changed = target.update(now, **values)
+        if switched_after_cancel:
+            # the cancel crossed the switch on the wire: the device must go back
+            self._send(device_id, self.rollback_command(target, "switched after the deployment was cancelled"))
+            with self._lock:
+                target.update(now, state="rolling_back", reason="switched after the deployment was cancelled",
+                              started_at=now)
         if event.state.value == "downloading":
             self._join_broadcast(target)
         broadcast = self._broadcasts.get(event.artifact_id)
@@ -439,8 +449,9 @@ class DeliveryService:
             if target.state in ("rolled_back", "failed") or not target.previous:
                 continue
             self._send(target.device_id, self.rollback_command(target, reason or f"rolled back by {actor}"))
-            with self._lock:
-                target.update(time.time(), state="rolling_back", reason=reason or f"rolled back by {actor}")
+            with self._lock:  # the rollback gets a full timeout of its own
+                target.update(time.time(), state="rolling_back", reason=reason or f"rolled back by {actor}",
+                              started_at=time.time())
             told += 1
         return told
 
@@ -461,6 +472,66 @@ class DeliveryService:
             ts=time.time(), command_id=f"{target.deployment_id[:16]}-rollback", deployment_id=target.deployment_id,
             grant=grant, signature=base64.b64encode(signature).decode(), manifest=manifest, reason=reason[:4096],
         )
+
+    def activate(self, deployment_id: str) -> int:
+        """Switch devices waiting in STAGED or SHADOW (a deployment created with activate=false)."""
+        with self._lock:
+            targets = [t for t in self._targets.values()
+                       if t.deployment_id == deployment_id and t.state in ("staged", "shadow")]
+        for target in targets:
+            self._send(target.device_id, Activate(ts=time.time(), command_id=f"{deployment_id[:16]}-activate",
+                                                  deployment_id=deployment_id))
+        return len(targets)
+
+    def add_devices(self, deployment_id: str, device_ids: list[str]) -> list[str]:
+        """Add devices to a running deployment (late joiners of a rollout wave); returns those added."""
+        self.targets(deployment_id)  # make sure a finished deployment's devices are known
+        with Session(self.engine) as session:
+            dep = session.get(Deployment, deployment_id)
+            if dep is None or dep.status == "cancelled":
+                return []
+            if dep.status != "running":  # a late device reopens a finished wave
+                dep.status, dep.finished_at = "running", None
+                session.add(dep)
+                with self._lock:
+                    info = self._deployments.setdefault(
+                        deployment_id, {"timeout_s": dep.timeout_s, "cancelled": False,
+                                        "max_concurrent": dep.max_concurrent})
+                    info["status"] = "running"
+            artifacts = session.exec(select(Artifact).where(Artifact.version_id == dep.version_id)).all()
+            by_variant = {
+                a.variant: {
+                    "artifact_id": a.id,
+                    "min_ram_bytes": a.signed_manifest["manifest"]["requirements"]["min_ram_bytes"],
+                    "min_disk_bytes": a.signed_manifest["manifest"]["requirements"].get("min_disk_bytes", 0),
+                }
+                for a in artifacts
+            }
+            added: list[Target] = []
+            for device in session.exec(select(Device).where(col(Device.id).in_(device_ids))).all():
+                if (deployment_id, device.id) in self._targets:
+                    continue
+                choice = choose_variant(device.hardware, by_variant, dep.variant_rule)
+                previous = next((m for m in device.installed if m.get("active", True)), None)
+                target = Target(deployment_id, device.id, choice.artifact_id, choice.variant, previous=previous,
+                                queued=choice.artifact_id is not None and dep.max_concurrent is not None)
+                if choice.artifact_id is None:
+                    target.update(time.time(), state="failed", reason=choice.reason)
+                session.add(DeploymentTarget(deployment_id=deployment_id, device_id=device.id,
+                                             artifact_id=choice.artifact_id, variant=choice.variant, state=target.state,
+                                             reason=target.reason, previous=previous, queued=target.queued))
+                added.append(target)
+            session.commit()
+            with self._lock:
+                for target in added:
+                    self._add_target(target)
+                    if target.artifact_id:
+                        self._remember_command(session, dep, target)
+        for target in added:
+            if target.artifact_id and not target.queued:
+                self._send_command(target)
+        self._dispatch(deployment_id)
+        return [t.device_id for t in added]
 
     def commit(self, deployment_id: str) -> int:
         """Tell every device that switched that the new model is confirmed (it may free the old slot)."""
@@ -537,7 +608,26 @@ class DeliveryService:
     # ------------------------------------------------------------ reads --
 
     def targets(self, deployment_id: str) -> list[Target]:
+        """The devices of a deployment; finished ones not in memory (after a restart) are read back."""
         with self._lock:
+            found = [t for t in self._targets.values() if t.deployment_id == deployment_id]
+        if found:
+            return found
+        with Session(self.engine) as session:
+            rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == deployment_id)).all()
+            loaded = [
+                Target(deployment_id, row.device_id, row.artifact_id, row.variant, state=row.state,
+                       progress=row.progress, chunks_have=row.chunks_have, chunks_total=row.chunks_total,
+                       reason=row.reason, previous=row.previous, metrics=row.metrics,
+                       started_at=row.started_at.timestamp(), updated_at=row.updated_at.timestamp(),
+                       finished_at=row.finished_at.timestamp() if row.finished_at else None, queued=row.queued,
+                       dirty=False)
+                for row in rows
+            ]
+        with self._lock:
+            for target in loaded:
+                self._targets.setdefault((deployment_id, target.device_id), target)
+                self._by_device.setdefault(target.device_id, set()).add(deployment_id)
             return [t for t in self._targets.values() if t.deployment_id == deployment_id]
 
     def live_status(self, deployment_id: str) -> str | None:

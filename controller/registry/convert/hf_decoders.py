@@ -25,6 +25,7 @@ Never touches the network: transformers and the builder run with the hub offline
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -35,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +113,7 @@ def check_checkpoint(ckpt: Path) -> dict[str, Any]:
     """config.json of a decoder checkpoint directory, after checking weights and tokenizer.json are there."""
     if not ckpt.is_dir():
         raise ConversionError(f"{ckpt} is not a directory: pass a Hugging Face checkpoint directory")
-    config = _read_json(ckpt / "config.json")
+    config = read_json(ckpt / "config.json")
     if not config:
         raise ConversionError(f"{ckpt} has no config.json: it is not a Hugging Face checkpoint directory")
     if not any((ckpt / name).is_file() for name in _WEIGHT_FILES):
@@ -172,12 +175,13 @@ def build_genai(
     config = check_checkpoint(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="genai-cache-") as cache:
+    with tempfile.TemporaryDirectory(prefix="genai-build-") as scratch:
+        source = _builder_input(ckpt, config, Path(scratch) / "checkpoint")
         command = [
             sys.executable,
             "-m",
             "onnxruntime_genai.models.builder",
-            *("-i", str(ckpt), "-o", str(out), "-p", precision, "-e", "cpu", "-c", cache),
+            *("-i", str(source), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(Path(scratch) / "cache")),
         ]
         if extra_options:
             command += ["--extra_options", *(f"{key}={value}" for key, value in extra_options.items())]
@@ -191,11 +195,11 @@ def build_genai(
     seconds = time.perf_counter() - started
     # The builder copies tokenizer files; the device's tokenizer.json must be the checkpoint's own.
     shutil.copyfile(ckpt / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    genai_config = _read_json(out / GENAI_CONFIG_FILE)
+    genai_config = read_json(out / GENAI_CONFIG_FILE)
     spec = RunSpec(
         task=Task.TEXT_GENERATION,
         runtime=Runtime.ONNXRUNTIME_GENAI,
-        io=_graph_io(out / GENAI_MODEL_FILE),
+        io=graph_io_of(out / GENAI_MODEL_FILE),
         entrypoint=GENAI_MODEL_FILE,
         preprocess=Preprocess(tokenizer=TOKENIZER_FILE, max_length=_context_length(config, genai_config)),
         generation=_genai_generation(ckpt, genai_config, max_new_tokens),
@@ -204,7 +208,7 @@ def build_genai(
     if precision != "fp32":
         quantization = Quantization(
             method="int4-genai" if precision == "int4" else "int8-genai",
-            block_size=32,
+            block_size=int((extra_options or {}).get("block_size", 32)),
             tool=f"onnxruntime-genai {onnxruntime_genai.__version__} model builder",
         )
     extra = {
@@ -220,15 +224,35 @@ def build_genai(
     return ExportedBundle(root=out, spec=spec, quantization=quantization, extra=extra)
 
 
+def _builder_input(ckpt: Path, config: dict[str, Any], scratch: Path) -> Path:
+    """The directory the builder reads: ``ckpt`` itself, or a view of it with a corrected config.json.
+
+    The builder takes every norm's epsilon from ``rms_norm_eps`` and falls back to 1e-6; LayerNorm
+    models (Phi: ``layer_norm_eps`` 1e-5) would get the wrong one. Measured on phi-small: logits off by
+    1e-2 and greedy tokens differing from torch; with the checkpoint's epsilon they match. The view
+    links every file and rewrites config.json only.
+    """
+    eps = next((config[k] for k in ("layer_norm_eps", "layer_norm_epsilon") if k in config), None)
+    if "rms_norm_eps" in config or eps is None:
+        return ckpt
+    scratch.mkdir(parents=True)
+    for item in ckpt.iterdir():
+        if item.name != "config.json":
+            (scratch / item.name).symlink_to(item.resolve())
+    (scratch / "config.json").write_text(json.dumps(dict(config, rms_norm_eps=eps), indent=2))
+    log.info("builder input for %s: rms_norm_eps set to the checkpoint's LayerNorm epsilon %s", ckpt.name, eps)
+    return scratch
+
+
 def _genai_generation(ckpt: Path, genai_config: dict[str, Any], max_new_tokens: Any) -> Generation:
     model = genai_config.get("model", {})
     decoder = model.get("decoder", {})
     search = genai_config.get("search", {})
-    gen_config = _read_json(ckpt / "generation_config.json")
+    gen_config = read_json(ckpt / "generation_config.json")
     eos = model.get("eos_token_id")
     return Generation(
         max_new_tokens=int(max_new_tokens or gen_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-        eos_token_id=_as_list(eos),
+        eos_token_id=as_id_list(eos),
         pad_token_id=model.get("pad_token_id"),
         bos_token_id=model.get("bos_token_id"),
         num_layers=int(decoder.get("num_hidden_layers", 0)),
@@ -269,7 +293,7 @@ def _export_plain(ckpt: Path, out: Path, opset: int, max_new_opt: Any) -> Export
     input_names, output_names, dynamic_axes = decoder_io_names(layers)
     sample = _sample(model.config, geometry, batch=2, sequence=3, past=5)
     path = out / DECODER_FILE
-    with torch.inference_mode():
+    with torch.inference_mode(), quiet_tracing():
         # The legacy (TorchScript) exporter traces the cache code paths cleanly and is fast; the graph
         # it writes concatenates past and new keys, so one graph serves every past length (0 included).
         torch.onnx.export(
@@ -288,13 +312,14 @@ def _export_plain(ckpt: Path, out: Path, opset: int, max_new_opt: Any) -> Export
     seconds = time.perf_counter() - started
 
     config = model.config
-    gen_config = _read_json(ckpt / "generation_config.json")
-    eos = gen_config.get("eos_token_id", config.eos_token_id)
+    gen_config = read_json(ckpt / "generation_config.json")
+    eos = as_id_list(gen_config.get("eos_token_id", config.eos_token_id))
     pad = gen_config.get("pad_token_id", getattr(config, "pad_token_id", None))
     generation = Generation(
         max_new_tokens=int(max_new_opt or gen_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-        eos_token_id=_as_list(eos),
-        pad_token_id=pad if pad is not None else (_as_list(eos) or [None])[0],
+        eos_token_id=eos,
+        # GPT-2-style checkpoints pad with their EOS.
+        pad_token_id=pad if pad is not None else (eos[0] if eos else None),
         bos_token_id=gen_config.get("bos_token_id", getattr(config, "bos_token_id", None)),
         num_layers=layers,
         num_kv_heads=geometry["num_kv_heads"],
@@ -307,7 +332,7 @@ def _export_plain(ckpt: Path, out: Path, opset: int, max_new_opt: Any) -> Export
     spec = RunSpec(
         task=Task.TEXT_GENERATION,
         runtime=Runtime.ONNXRUNTIME,
-        io=_graph_io(path),
+        io=graph_io_of(path),
         entrypoint=DECODER_FILE,
         preprocess=Preprocess(tokenizer=TOKENIZER_FILE, max_length=_context_length(config.to_dict())),
         generation=generation,
@@ -333,6 +358,20 @@ def _export_plain(ckpt: Path, out: Path, opset: int, max_new_opt: Any) -> Export
         max_abs_diff,
     )
     return ExportedBundle(root=out, spec=spec, extra=extra)
+
+
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Silence the tracer's warnings about Python values in transformers' cache and mask code: every
+    export is checked against torch on other shapes (past 0, past > 0, padding) right after."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        yield
 
 
 def load_causal_lm(ckpt: Path) -> Any:
@@ -479,13 +518,13 @@ def _check_plain_export(path: Path, wrapper: Any, config: Any, geometry: dict[st
 # helpers
 
 
-def _graph_io(path: Path) -> Any:
+def graph_io_of(path: Path) -> Any:
     from controller.registry.convert.hf_encoders import graph_io
 
     return graph_io(path)
 
 
-def _as_list(value: Any) -> list[int]:
+def as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
     if isinstance(value, list | tuple):
@@ -493,7 +532,7 @@ def _as_list(value: Any) -> list[int]:
     return [int(value)]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:

@@ -36,9 +36,10 @@ from controller.registry.convert import ConversionError, ExportedBundle
 from controller.registry.convert.hf_decoders import (
     DEFAULT_MAX_NEW_TOKENS,
     TOKENIZER_FILE,
-    _as_list,
-    _graph_io,
-    _read_json,
+    as_id_list,
+    graph_io_of,
+    quiet_tracing,
+    read_json,
     untie_lm_head,
 )
 
@@ -103,8 +104,8 @@ def export_t5(checkpoint_dir: Path, out_dir: Path, **options: Any) -> ExportedBu
     cross = [f"cross_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     enc_out = ["last_hidden_state", *(cross if past else [])]
     enc_axes = {name: {0: "batch", 1: "source"} for name in (*enc_in, "last_hidden_state")}
-    enc_axes |= {name: {0: "batch", 2: "source"} for name in cross}
     if past:
+        enc_axes |= {name: {0: "batch", 2: "source"} for name in cross}
         self_past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
         present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
         dec_in = ["input_ids", "encoder_attention_mask", *cross, *self_past]
@@ -126,7 +127,7 @@ def export_t5(checkpoint_dir: Path, out_dir: Path, **options: Any) -> ExportedBu
             "encoder_attention_mask": {0: "batch", 1: "source"},
             "logits": {0: "batch", 1: "sequence"},
         }
-    with torch.inference_mode():
+    with torch.inference_mode(), quiet_tracing():
         enc_sample = (samples["input_ids"], samples["attention_mask"])
         torch.onnx.export(
             encoder,
@@ -157,7 +158,7 @@ def export_t5(checkpoint_dir: Path, out_dir: Path, **options: Any) -> ExportedBu
     shutil.copyfile(ckpt / TOKENIZER_FILE, out / TOKENIZER_FILE)
     seconds = time.perf_counter() - started
 
-    gen_config = _read_json(ckpt / "generation_config.json")
+    gen_config = read_json(ckpt / "generation_config.json")
     start = gen_config.get("decoder_start_token_id", config.decoder_start_token_id)
     if start is None:
         start = config.pad_token_id
@@ -165,7 +166,7 @@ def export_t5(checkpoint_dir: Path, out_dir: Path, **options: Any) -> ExportedBu
         raise ConversionError(f"{ckpt} names no decoder_start_token_id (generation_config.json or config.json)")
     generation = Generation(
         max_new_tokens=int(max_new_opt or gen_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-        eos_token_id=_as_list(gen_config.get("eos_token_id", config.eos_token_id)),
+        eos_token_id=as_id_list(gen_config.get("eos_token_id", config.eos_token_id)),
         pad_token_id=gen_config.get("pad_token_id", config.pad_token_id),
         decoder_start_token_id=int(start),
         num_layers=layers if past else 0,
@@ -180,7 +181,7 @@ def export_t5(checkpoint_dir: Path, out_dir: Path, **options: Any) -> ExportedBu
     spec = RunSpec(
         task=Task.TEXT2TEXT,
         runtime=Runtime.ONNXRUNTIME,
-        io=_graph_io(out / DECODER_FILE),
+        io=graph_io_of(out / DECODER_FILE),
         entrypoint=DECODER_FILE,
         preprocess=Preprocess(tokenizer=TOKENIZER_FILE, max_length=_source_length(ckpt, max_length_opt)),
         generation=generation,
@@ -214,7 +215,7 @@ def export_t5(checkpoint_dir: Path, out_dir: Path, **options: Any) -> ExportedBu
 def _check_checkpoint(ckpt: Path) -> None:
     if not ckpt.is_dir():
         raise ConversionError(f"{ckpt} is not a directory: pass a Hugging Face checkpoint directory")
-    config = _read_json(ckpt / "config.json")
+    config = read_json(ckpt / "config.json")
     if not config:
         raise ConversionError(f"{ckpt} has no config.json: it is not a Hugging Face checkpoint directory")
     if config.get("model_type") not in T5_MODEL_TYPES:
@@ -232,7 +233,7 @@ def _check_checkpoint(ckpt: Path) -> None:
 def _source_length(ckpt: Path, requested: Any) -> int:
     if requested is not None:
         return int(requested)
-    value = _read_json(ckpt / "tokenizer_config.json").get("model_max_length")
+    value = read_json(ckpt / "tokenizer_config.json").get("model_max_length")
     # Tokenizers without a limit store a huge sentinel (1e30): T5 itself has relative positions.
     return int(value) if isinstance(value, int) and 0 < value < 1_000_000 else 512
 

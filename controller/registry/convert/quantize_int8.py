@@ -71,6 +71,7 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
         shutil.copy2(src / rel, out / rel)
 
     started = time.perf_counter()
+    quantized_any = False
     for rel in graphs:
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,10 +87,16 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
             # Only huge graphs go to external data: a single file is simpler to ship and verify.
             use_external_data_format=big,
         )
-        if not _has_quantized_ops(target):
-            log.warning("int8: nothing in %s was quantized (no MatMul/Gather/Conv with constant weights)", rel)
+        if _has_quantized_ops(target):
+            quantized_any = True
+        else:
+            log.info("int8: nothing in %s was quantized (no MatMul/Gather/Conv with constant weights)", rel)
         log.info("int8: %s %d -> %d bytes", rel, _weights_bytes(src / rel), _weights_bytes(target))
     seconds = time.perf_counter() - started
+    if not quantized_any:
+        # A copy named int8 would only be a bigger fp32 (the quantizer adds metadata): refuse it.
+        raise ConversionError("int8 quantizes nothing in this model: it has no MatMul, Gather or Conv with"
+                              " constant weights (tree ensembles, for example); keep the fp32 variant")
 
     quantization = Quantization(
         method="int8-dynamic",

@@ -4,15 +4,15 @@ Each seed is a real architecture with seeded random weights, saved with ``save_p
 tokenizer trained here with the ``tokenizers`` package, so the directory looks like a downloaded
 checkpoint (config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
 
-==================  ==========================================  =========================================
+==================  ==========================================  ===============================================
 seed                architecture                                size
-==================  ==========================================  =========================================
-``gpt-neo-125m``    GPT-Neo (125M config)                    real 125M: 12 layers, hidden 768, vocab 50257
+==================  ==========================================  ===============================================
+``gpt-neo-125m``    GPT-Neo (EleutherAI/gpt-neo-125m's config)  real: 12 layers, hidden 768, vocab 50257, 125M
 ``gpt-j-small``     GPT-J, scaled down                          4 layers, hidden 256, rotary dim 32
 ``phi-small``       Phi (Phi-2's architecture), scaled down     4 layers, hidden 256, rotary dim 32
 ``llama-small``     Llama (Orca 2's architecture), scaled down  4 layers, hidden 256, untied lm_head
-``t5-small``        T5 (``T5Config()``)                         real: 6+6 layers, d_model 512, vocab 32128
-==================  ==========================================  =========================================
+``t5-small``        T5 (``T5Config()``)                         real: 6+6 layers, d_model 512, vocab 32128, 60.5M
+==================  ==========================================  ===============================================
 
 The tokenizer's vocabulary is filled up to the model's vocabulary size (merged pieces the trainer did
 not reach are appended), so every id a random model can produce decodes to some text: a random model
@@ -94,6 +94,8 @@ def _phi(vocab: int) -> Any:
 
     # Phi-2: 32 layers, 2560 wide, 32 heads of 80, partial rotary 0.4 (rotary dim 32). Here heads of 64
     # and factor 0.5 keep the rotary dim at 32: the builder's rotary kernels want a multiple of 8.
+    # transformers 5 files partial_rotary_factor under rope_parameters; the keyword still sets it.
+    rotary: dict[str, Any] = {"partial_rotary_factor": 0.5}
     return PhiConfig(
         vocab_size=vocab,
         hidden_size=256,
@@ -101,11 +103,11 @@ def _phi(vocab: int) -> Any:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
-        partial_rotary_factor=0.5,
         max_position_embeddings=2048,
         bos_token_id=vocab - 1,
         eos_token_id=vocab - 1,
         tie_word_embeddings=False,
+        **rotary,
     )
 
 
@@ -133,7 +135,8 @@ def _t5(vocab: int) -> Any:
     from transformers import T5Config
 
     # T5Config() is t5-small: pad=0 (also the decoder start), eos=1, unk=2.
-    return T5Config(vocab_size=vocab, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    special: dict[str, Any] = {"decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+    return T5Config(vocab_size=vocab, **special)
 
 
 _ENDOFTEXT = ("<|endoftext|>",)

@@ -1,0 +1,147 @@
+"""What a rollout is: waves, gates, schedule; and which device goes in which wave."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Amount = Annotated[str, Field(pattern=r"^\d+(\.\d+)?%?$", description="a device count (\"5\") or a percentage (\"10%\")")]
+
+
+class WaveSpec(BaseModel):
+    """One wave. ``until`` is cumulative: the share of the fleet covered once this wave is done."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(max_length=64)] | None = None
+    until: Amount = "100%"
+    selector: Annotated[str, Field(max_length=4096)] | None = Field(
+        None, description="pick this wave's devices by label (e.g. tier=canary) instead of by share"
+    )
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    success_threshold: Annotated[float, Field(ge=0, le=100)] = Field(
+        100.0, description="% of the wave's devices installed and healthy to move on (below: pause)"
+    )
+    failure_threshold: Amount = Field("10%", description="failed devices (count or %) that abort the rollout")
+    bake_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 60.0
+    device_timeout_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 1800.0
+    require_approval: bool = Field(False, description="wait for an operator's approval before the next wave")
+
+
+def default_plan() -> list[WaveSpec]:
+    """A canary of 1 device (or 1%), then 10%, 50%, 100%."""
+    return [
+        WaveSpec(name="canary", until="1%", bake_s=120),
+        WaveSpec(name="10%", until="10%"),
+        WaveSpec(name="50%", until="50%"),
+        WaveSpec(name="100%", until="100%"),
+    ]
+
+
+class GateSpec(BaseModel):
+    """Thresholds on how the new model behaves on a wave's devices after the bake time (None: gate off)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate_max: Annotated[float, Field(ge=0, le=1)] | None = 0.05
+    p95_latency_ratio_max: Annotated[float, Field(gt=0)] | None = 1.5
+    rss_ratio_max: Annotated[float, Field(gt=0)] | None = 1.5
+    shadow_agreement_min: Annotated[float, Field(ge=0, le=1)] | None = 0.95
+    min_samples: Annotated[int, Field(ge=1)] = 100
+    deadline_s: Annotated[float, Field(gt=0)] = 600.0
+
+
+class Window(BaseModel):
+    """A maintenance window: starts at each ``cron`` fire time and lasts ``duration_s``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cron: Annotated[str, Field(min_length=9, max_length=128, examples=["0 2 * * *"])]
+    duration_s: Annotated[float, Field(gt=0, le=7 * 86400)]
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(v)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab expression ({exc}): use 'minute hour day month weekday'") from None
+        return v
+
+
+class RolloutShadow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.2
+    min_samples: Annotated[int, Field(ge=1)] = 50
+    max_duration_s: Annotated[float, Field(gt=0)] = 600.0
+
+
+class RolloutCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    version: Annotated[int, Field(ge=1)]
+    variant: Annotated[str, Field(min_length=1, max_length=32)] = "auto"
+    selector: Annotated[str, Field(min_length=1, max_length=4096)]
+    waves: Annotated[list[WaveSpec], Field(min_length=1, max_length=50)] | None = None
+    gates: GateSpec = GateSpec()
+    shadow: RolloutShadow | None = None
+    start_at: datetime | None = None
+    windows: Annotated[list[Window], Field(max_length=20)] = []
+    late_devices: Literal["current", "next", "none"] = Field(
+        "current", description="devices that appear or start matching later: join the current wave, the next, or none"
+    )
+    description: Annotated[str, Field(max_length=4096)] = ""
+
+
+def amount(value: str, total: int) -> int:
+    """A count ("5") or a percentage ("10%") of ``total`` as a number of devices (a percentage rounds up)."""
+    if value.endswith("%"):
+        return math.ceil(total * float(value[:-1]) / 100.0)
+    return int(float(value))
+
+
+def wave_sizes(waves: list[WaveSpec], total: int) -> list[int]:
+    """How many devices each wave gets; every wave has at least one device while any are left."""
+    sizes, covered = [], 0
+    for i, wave in enumerate(waves):
+        target = total if i == len(waves) - 1 else min(total, max(amount(wave.until, total), covered + 1))
+        size = max(0, target - covered)
+        sizes.append(size)
+        covered += size
+    return sizes
+
+
+def assign(devices: dict[str, dict[str, str]], waves: list[WaveSpec], seed: str) -> dict[str, int]:
+    """Wave index per device (``devices`` maps id to labels).
+
+    A wave with its own selector takes the matching devices not yet placed; the others take their share
+    in an order that is a stable hash of the rollout id, so canaries are spread over the fleet instead of
+    always being the alphabetically first devices.
+    """
+    from controller.devices import selectors
+
+    order = sorted(devices, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).hexdigest())
+    out: dict[str, int] = {}
+    total = len(order)
+    covered = 0
+    for index, wave in enumerate(waves):
+        free = [d for d in order if d not in out]
+        if wave.selector:
+            chosen = [d for d in free if selectors.parse(wave.selector).matches(devices[d])]
+        else:
+            last = index == len(waves) - 1
+            target = total if last else min(total, max(amount(wave.until, total), covered + 1))
+            chosen = free[: max(0, target - covered)]
+        for d in chosen:
+            out[d] = index
+        covered += len(chosen)
+    return out
