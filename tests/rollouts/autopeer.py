@@ -39,6 +39,8 @@ class AutoPeer(PeerDevice):
         self.telemetry_s = telemetry_s
         self.waiting_activate = False
         self.telemetry_seq = 0
+        #: stages held back until release(): download, shadow, activate, rollback, telemetry
+        self.held: dict[str, threading.Event] = {}
         self._stop = threading.Event()
         self._last_frame = time.time()
         super().__init__(port, device_id, key, installed=[serving] if serving else [], **kw)
@@ -46,6 +48,21 @@ class AutoPeer(PeerDevice):
         self._thread.start()
 
     # ------------------------------------------------------------------ --
+
+    def hold(self, *stages: str) -> None:
+        for stage in stages:
+            self.held[stage] = threading.Event()
+
+    def release(self, *stages: str) -> None:
+        for stage in stages:
+            event = self.held.pop(stage, None)
+            if event is not None:
+                event.set()
+
+    def _wait(self, stage: str) -> None:
+        event = self.held.get(stage)
+        if event is not None:
+            event.wait(120)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if msg.topic == topics.cmd(self.device_id):
@@ -74,12 +91,14 @@ class AutoPeer(PeerDevice):
         while not self._stop.wait(0.1):
             now = time.time()
             if self.manifest is not None and self.state == DeployState.DOWNLOADING:
+                if "download" in self.held:
+                    continue
                 if self.complete():
                     self._after_download()
                 elif now - self._last_frame > 0.5:
                     self._last_frame = now
                     self.request_missing()
-            if now >= next_telemetry:
+            if now >= next_telemetry and "telemetry" not in self.held:
                 next_telemetry = now + self.telemetry_s
                 self._telemetry()
 
@@ -95,6 +114,8 @@ class AutoPeer(PeerDevice):
         if deploy.shadow is not None:
             agreement = 0.5 if self.behaviour == "disagree" else 0.99
             self.state = DeployState.SHADOW
+            self.report_metrics(DeployState.SHADOW, {"shadow_agreement": agreement, "shadow_samples": 1.0})
+            self._wait("shadow")
             self.report_metrics(DeployState.SHADOW, {"shadow_agreement": agreement, "shadow_samples": 100.0})
         if deploy.activate:
             self._switch()
@@ -113,12 +134,14 @@ class AutoPeer(PeerDevice):
     def _switch(self) -> None:
         m = self.manifest
         assert m is not None
+        self._wait("activate")
         self.report(DeployState.ACTIVATING)
         self.previous = self.serving
         self.serving = InstalledModel(model=m.model, version=m.version, variant=m.variant, artifact=m.artifact_id)
         self.report(DeployState.ACTIVE, installed=self.serving)
 
     def _rollback(self, command: Rollback) -> None:
+        self._wait("rollback")
         self.report(DeployState.ROLLING_BACK, reason=command.reason)
         if self.previous is not None:
             self.serving = self.previous

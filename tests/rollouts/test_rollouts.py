@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,76 @@ def _debug(ctl, rid):  # type: ignore[no-untyped-def]
     for t in get(ctl, rid)["transitions"]:
         print(t["from_state"], "->", t["to_state"], t["event"], t["reason"])
     print(get(ctl, rid)["gates"])
+
+
+# ---------------------------------------------------------------- restarts --
+
+RESTART_CASES = {
+    # state to restart in: (rollout body additions, peer stages held until after the restart, end state)
+    "pending": ({}, (), "completed"),
+    "waiting_window": ({}, (), "completed"),
+    "deploying": ({}, ("download",), "completed"),
+    "shadow_gating": ({"shadow": {"sample_rate": 0.5, "min_samples": 50}}, ("shadow",), "completed"),
+    "activating": ({"shadow": {"sample_rate": 0.5, "min_samples": 50}}, ("activate",), "completed"),
+    "baking": ({}, (), "completed"),
+    "gating": ({}, ("telemetry",), "completed"),
+    "awaiting_approval": ({}, (), "completed"),
+    "paused": ({}, (), "completed"),
+    "aborting": ({}, ("rollback",), "aborted"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", list(RESTART_CASES))
+def test_a_controller_restart_in_any_state_resumes(private_broker, make_controller, ctl, fleet, state: str) -> None:  # type: ignore[no-untyped-def]
+    extra, held, end = RESTART_CASES[state]
+    peers = fleet(2)
+    offset = [0.0]  # the engine's clock runs with real time, shifted to reach a maintenance window
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    ctl.runtime.rollouts.clock = clock
+    body: dict[str, Any] = {**extra, "waves": fast_waves("1", "100%", bake=0.5 if state != "baking" else 5.0,
+                                                        require_approval=state == "awaiting_approval")}
+    if state == "pending":
+        body["start_at"] = datetime.fromtimestamp(time.time() + 4, UTC).isoformat()
+    if state == "waiting_window":
+        body["windows"] = [{"cron": f"0 {(time.gmtime().tm_hour + 12) % 24} * * *", "duration_s": 3600}]
+    if state == "gating":
+        body["gates"] = {**FAST_GATES, "min_samples": 2000, "deadline_s": 120}
+    for p in peers:
+        p.hold(*held)
+    r = rollout(ctl, **body)
+    if state == "paused":
+        until_state(ctl, r["id"], "baking", "gating", "deploying", timeout=30)
+        ctl.client.post(f"/api/v1/rollouts/{r['id']}/pause", headers=ctl.auth)
+    if state == "aborting":
+        until_state(ctl, r["id"], "baking", "gating", timeout=30)
+        ctl.client.post(f"/api/v1/rollouts/{r['id']}/abort", headers=ctl.auth)
+    before = until_state(ctl, r["id"], state, timeout=30)
+    ctl.client.__exit__(None, None, None)
+    second = make_controller(private_broker, chunk_size=65536, rollout_step_s=0.2,
+                             data_dir=ctl.runtime.settings.data_dir)
+    second.runtime.rollouts.clock = clock
+    after = get(second, r["id"])
+    assert after["state"] == state and after["wave_index"] == before["wave_index"]
+    if state == "waiting_window":
+        t = time.time()
+        offset[0] = 12 * 3600 - (t % 3600) + 60
+    if state == "gating":
+        for p in peers:
+            p.telemetry_s = 0.05
+    for p in peers:
+        p.release(*held)
+    if state == "awaiting_approval":
+        assert second.client.post(f"/api/v1/rollouts/{r['id']}/approve", headers=second.auth).status_code == 200
+    if state == "paused":
+        assert second.client.post(f"/api/v1/rollouts/{r['id']}/resume", headers=second.auth).status_code == 200
+    done = until_state(second, r["id"], "completed", "aborted", timeout=120)
+    assert done["state"] == end, done["reason"]
+    expected_version = 2 if end == "completed" else 1
+    wait_until(lambda: all(p.serving is not None and p.serving.version == expected_version for p in peers
+                           if p.deploys), 30)
+    entered = [t for t in done["transitions"] if t["to_state"] == state and t["wave"] == before["wave_index"]]
+    assert len(entered) == 1  # resumed, not replayed
