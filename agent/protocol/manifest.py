@@ -26,8 +26,10 @@ Bundle layouts by task (paths are relative to the bundle root):
   the cache geometry and decoding settings.
 * ``text2text``: ``encoder.onnx`` (``input_ids``, ``attention_mask`` ->
   ``last_hidden_state``) and ``decoder.onnx`` (``input_ids``,
-  ``encoder_hidden_states``, ``encoder_attention_mask``, optional past) ->
-  ``logits``; ``generation.decoder_start_token_id``.
+  ``encoder_hidden_states``, ``encoder_attention_mask``) -> ``logits``;
+  a decoder with a cache also takes ``cross_key_values.{i}.key|value``
+  (returned once by the encoder, fed by name) and ``past_key_values.{i}.key|value``
+  and returns ``present.{i}.*``; ``generation.decoder_start_token_id``.
 * ``anomaly``: ``model.onnx`` taking a float window ``[batch, n_features]``;
   ``anomaly`` names the score output, the threshold and its direction.
 """

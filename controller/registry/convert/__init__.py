@@ -67,6 +67,11 @@ def export_hf(checkpoint_dir: Path, task: Task, out_dir: Path, **options: Any) -
 
 def quantize(bundle: ExportedBundle, method: str, out_dir: Path, **options: Any) -> ExportedBundle:
     """A quantized copy of ``bundle`` in ``out_dir``."""
+    if method == "int8-dynamic" and bundle.spec.runtime == "onnxruntime-genai" and bundle.extra.get("checkpoint"):
+        # the model builder's own 8-bit graph is faster and closer to fp32 than dynamic int8 on its graph
+        from controller.registry.convert.quantize_int4 import quantize_genai
+
+        return quantize_genai(bundle, "int8", out_dir, **options)
     if method == "int8-dynamic":
         from controller.registry.convert.quantize_int8 import quantize_int8
 
