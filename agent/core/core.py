@@ -120,9 +120,9 @@ class AgentCore:
         self.config = config
         self.hardware = hardware
         self._sampler = sampler
-        self._deployments = deployments
-        # The deployment side knows the true installed models (pointer file and slot metadata).
-        self._installed: InstalledProvider = installed or (deployments.installed if deployments else list)
+        self._deployments: DeploymentHooks | None = None
+        self._fallback_installed: InstalledProvider = installed or list
+        self._installed: InstalledProvider = self._fallback_installed
         self._started_at = started_at
         self._seq = 0
         self._telemetry_seq = 0
@@ -134,7 +134,23 @@ class AgentCore:
         self._topic_events = topics.events(config.device_id)
         self._topic_cmd = topics.cmd(config.device_id)
         if deployments is not None:
-            deployments.bind(self.birth)
+            self.attach_deployments(deployments)
+
+    def attach_deployments(self, deployments: DeploymentHooks) -> None:
+        """Route deployment commands and chunk frames to ``deployments`` (also after construction).
+
+        The birth then reports what the slots hold (the pointer file and slot metadata: the truth after
+        any switch, rollback or restart); while no slot is active it falls back to the ``installed``
+        provider given at construction (e.g. a model configured outside deployments).
+        """
+        self._deployments = deployments
+        fallback = self._fallback_installed
+
+        def installed() -> list[InstalledModel]:
+            return deployments.installed() or fallback()
+
+        self._installed = installed
+        deployments.bind(self.birth)
 
     # ------------------------------------------------------------- hooks --
 

@@ -8,7 +8,7 @@ power loss everything still in the spool is sent again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +29,9 @@ class Spool(Protocol):
 
     dropped: int
 
-    def append(self, topic: str, payload: bytes, qos: int, retain: bool) -> int: ...
+    def append(self, topic: str, payload: bytes, qos: int, retain: bool, keep: Collection[int] = ()) -> int:
+        """Store a message; over the bound, drop (and count) the oldest entries except those in ``keep``."""
+        ...
 
     def after(self, last_id: int, limit: int) -> list[SpoolEntry]: ...
 
@@ -51,7 +53,9 @@ class Outbox:
         self._sent_upto = 0  # highest spool id handed to the client since the last (re)start
 
     def add(self, publish: Publish) -> None:
-        self.spool.append(publish.topic, publish.payload, publish.qos, publish.retain)
+        # Entries in flight are with the MQTT client, which re-sends them after a reconnect: evicting them
+        # would count as dropped messages that still arrive, so the bound spares them (at most max_inflight).
+        self.spool.append(publish.topic, publish.payload, publish.qos, publish.retain, keep=self._inflight.values())
 
     def pump(self, send: Send) -> int:
         """Send waiting entries while the in-flight window has room; returns how many were sent."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from functools import cached_property
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -276,9 +277,10 @@ class Manifest(_Strict):
         """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
         return canonical_json(self.model_dump(mode="json"))
 
-    @property
+    @cached_property
     def artifact_id(self) -> str:
-        """The artifact's content address: sha256 of the canonical manifest."""
+        """The artifact's content address: sha256 of the canonical manifest (computed once: the manifest is
+        frozen, and serializing a long chunk list costs milliseconds)."""
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
 

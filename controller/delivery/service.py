@@ -325,8 +325,8 @@ class DeliveryService:
             with self._lock:
                 target.update(now, state="rolling_back", reason="switched after the deployment was cancelled",
                               started_at=now)
-        if event.state.value == "downloading":
-            self._join_broadcast(target)
+        if event.state.value == "downloading" and event.artifact_id == target.artifact_id:
+            self._join_broadcast(target)  # a rollback re-download is served by repairs alone
         broadcast = self._broadcasts.get(event.artifact_id)
         if broadcast is not None:
             broadcast.progress(device_id, event.contiguous, event.chunks_have, event.state.value == "downloading")
@@ -341,7 +341,9 @@ class DeliveryService:
     def on_chunk_request(self, device_id: str, request: ChunkRequest) -> None:
         with self._lock:
             target = self._targets.get((request.deployment_id, device_id))
-            if target is None or target.artifact_id != request.artifact_id or target.terminal:
+            if target is None or request.artifact_id not in (target.artifact_id, target.rollback_artifact):
+                return
+            if target.terminal and request.artifact_id != target.rollback_artifact:
                 return
         self.metrics.chunk_requests.inc()
         source = self._source(request.artifact_id)
@@ -462,6 +464,7 @@ class DeliveryService:
             model=prev.get("model", "unknown"), version=int(prev.get("version", 1)), expires_at=time.time() + 86400,
         )
         signature = self.key.private.sign(canonical_json(grant.model_dump(mode="json")))
+        target.rollback_artifact = grant.artifact_id
         manifest = None
         if prev.get("artifact"):
             with Session(self.engine) as session:

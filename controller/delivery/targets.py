@@ -33,6 +33,8 @@ class Target:
     finished_at: float | None = None
     last_progress_at: float = 0.0
     last_command_at: float = 0.0
+    #: the older artifact a rollback grant sent to this device names (it may fetch it again)
+    rollback_artifact: str | None = None
     #: waiting for a free slot under the deployment's max_concurrent (no command sent yet)
     queued: bool = False
     dirty: bool = True

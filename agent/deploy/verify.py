@@ -1,0 +1,97 @@
+"""Checks against the pinned key: manifests (signature, expiry, version) and rollback grants."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.deploy.ids import artifact_id
+from agent.protocol import signing
+from agent.protocol.manifest import Manifest, SignedManifest, canonical_json
+from agent.protocol.messages import Rollback, RollbackGrant
+from agent.protocol.signing import VerificationError
+
+__all__ = ["VerificationError", "check_manifest", "load_pinned_key", "sign_grant", "verify_grant"]
+
+
+def load_pinned_key(path: Path) -> Ed25519PublicKey:
+    """The controller's public key pinned at enrollment (PEM). Raises ValueError saying what is wrong."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the pinned signing key {path}: {exc.strerror or exc}") from None
+    try:
+        return signing.load_public_key(data)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not an Ed25519 public key in PEM form: {exc}") from None
+
+
+def check_manifest(
+    signed: SignedManifest,
+    key: Ed25519PublicKey | None,
+    *,
+    now: float,
+    installed: Manifest | None,
+    allow_version: int | None = None,
+) -> Manifest:
+    """The manifest if it may be installed over ``installed`` (the active model), else VerificationError.
+
+    The version must be newer than the installed one of the same model, unless it is ``allow_version``
+    (named by a verified rollback grant).
+    """
+    if key is None:
+        raise VerificationError(
+            "no_key", "this agent has no pinned signing key (set signing_key_file); it installs nothing unsigned"
+        )
+    same_model = installed is not None and installed.model == signed.manifest.model
+    return signing.verify(
+        signed,
+        key,
+        now=now,
+        installed_version=installed.version if same_model and installed is not None else None,
+        allow_version=allow_version,
+    )
+
+
+def grant_bytes(grant: RollbackGrant) -> bytes:
+    """The bytes a rollback grant's signature covers."""
+    return canonical_json(grant.model_dump(mode="json"))
+
+
+def sign_grant(grant: RollbackGrant, key: Ed25519PrivateKey) -> str:
+    """The base64 signature a controller puts into ``Rollback.signature``."""
+    return base64.b64encode(key.sign(grant_bytes(grant))).decode()
+
+
+def verify_grant(command: Rollback, key: Ed25519PublicKey | None, *, device_id: str, now: float) -> RollbackGrant:
+    """The grant if this device may act on it, else VerificationError."""
+    grant = command.grant
+    if key is None:
+        raise VerificationError("no_key", "this agent has no pinned signing key (set signing_key_file)")
+    try:
+        signature = base64.b64decode(command.signature, validate=True)
+        key.verify(signature, grant_bytes(grant))
+    except (binascii.Error, ValueError, InvalidSignature):
+        raise VerificationError("bad_signature", "the rollback grant's signature does not verify") from None
+    if grant.device_id != device_id:
+        raise VerificationError("wrong_device", f"the rollback grant names device {grant.device_id}, not {device_id}")
+    if grant.deployment_id != command.deployment_id:
+        raise VerificationError(
+            "wrong_deployment",
+            f"the rollback grant names deployment {grant.deployment_id}, the command {command.deployment_id}",
+        )
+    if grant.expires_at <= now:
+        raise VerificationError("expired", f"the rollback grant expired at {grant.expires_at:.0f}")
+    if command.manifest is not None:
+        m = command.manifest.manifest
+        if (artifact_id(m), m.model, m.version) != (grant.artifact_id, grant.model, grant.version):
+            raise VerificationError(
+                "grant_mismatch",
+                f"the rollback carries {m.model} v{m.version} ({artifact_id(m)[:12]}), the grant names"
+                f" {grant.model} v{grant.version} ({grant.artifact_id[:12]})",
+            )
+    return grant
