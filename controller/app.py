@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from agent import __version__
-from controller.api.routes import deployments, devices, health, models, rollouts
+from controller import web
+from controller.api.routes import deployments, devices, health, models, rollouts, users
 from controller.runtime import ControllerRuntime
 from controller.settings import ControllerSettings
 
@@ -39,4 +40,6 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     app.include_router(models.router)
     app.include_router(deployments.router)
     app.include_router(rollouts.router)
+    app.include_router(users.router)
+    web.install(app)
     return app

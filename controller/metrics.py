@@ -76,5 +76,8 @@ class Metrics:
         self.registry.register(_DeviceCollector(counts))
 
     def watch_targets(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.registry.register(_StateCollector("slmfleet_deployment_targets",
-                                               "Devices of unfinished and finished deployments by state", counts))
+        self.registry.register(
+            _StateCollector(
+                "slmfleet_deployment_targets", "Devices of unfinished and finished deployments by state", counts
+            )
+        )

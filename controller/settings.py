@@ -80,12 +80,21 @@ class ControllerSettings(BaseSettings):
     )
     min_agreement: dict[str, float] = Field(
         default_factory=dict,
-        description="agreement floors by kind (cosine, top1, token, exact) overriding the defaults",
+        description="agreement floors overriding the defaults, keyed by kind (cosine, top1, token, exact) or"
+        " kind:variant (e.g. token:int4)",
     )
     rollout_step_s: Annotated[float, Field(gt=0, le=60)] = Field(
         1.0, description="how often running rollouts are advanced (device failures also advance them at once)"
     )
     require_auth_for_reads: bool = Field(False, description="require a viewer token for GET requests too")
+    dashboard_session_hours: Annotated[float, Field(gt=0, le=24 * 30)] = Field(
+        12.0, description="how long a dashboard login lasts before the user must log in again"
+    )
+    dashboard_secure_cookie: bool | None = Field(
+        None,
+        description="mark the dashboard's cookies Secure (sent over HTTPS only); unset: when the request came"
+        " over HTTPS (behind a proxy, uvicorn reads X-Forwarded-Proto from trusted addresses)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @model_validator(mode="after")

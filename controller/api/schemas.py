@@ -172,7 +172,10 @@ class SigningKeyPublic(BaseModel):
 class DeploymentTargetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    devices: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=128)]], Field(max_length=100_000)] | None = None
+    devices: (
+        Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=128)]], Field(max_length=100_000)]
+        | None
+    ) = None
     selector: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli import deploy, devices, models, rollouts, up
+from controller.cli import deploy, devices, models, rollouts, up, users
 
 app = typer.Typer(
     name="slmfleet",
@@ -20,3 +20,4 @@ app.add_typer(models.app, name="model")
 app.command("deploy")(deploy.deploy)
 app.add_typer(deploy.app, name="deployments")
 app.add_typer(rollouts.app, name="rollout")
+app.add_typer(users.app, name="users")

@@ -38,8 +38,15 @@ class ApiClient:
         path = self.data_dir / ADMIN_TOKEN_FILE
         return path.read_text().strip() if path.is_file() else None
 
-    def request(self, method: str, path: str, *, headers: dict[str, str] | None = None, timeout: float | None = 30,
-                **kwargs: Any) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = 30,
+        **kwargs: Any,
+    ) -> Any:
         all_headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         all_headers.update(headers or {})
         try:

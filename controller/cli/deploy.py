@@ -51,8 +51,13 @@ def deploy(
         typer.echo("error: give MODEL@VERSION, e.g. intent@3", err=True)
         raise typer.Exit(2)
     client = ApiClient(api, token, data_dir)
-    body: dict[str, Any] = {"model": model, "version": int(version), "variant": variant, "timeout_s": timeout,
-                            "target": {"devices": device} if device else {"selector": selector}}
+    body: dict[str, Any] = {
+        "model": model,
+        "version": int(version),
+        "variant": variant,
+        "timeout_s": timeout,
+        "target": {"devices": device} if device else {"selector": selector},
+    }
     dep = client.request("POST", "/api/v1/deployments", json=body)
     if wait:
         with Live(_table(dep), console=Console(stderr=True), refresh_per_second=4) as live:
@@ -83,8 +88,9 @@ def list_(
         table.add_column(column)
     for d in deps:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(d["counts"].items()))
-        table.add_row(d["id"][:12], f"{d['model']}@{d['version']}", d["status"], counts, d["created_at"][:19],
-                      d["created_by"])
+        table.add_row(
+            d["id"][:12], f"{d['model']}@{d['version']}", d["status"], counts, d["created_at"][:19], d["created_by"]
+        )
     Console().print(table)
 
 
@@ -108,9 +114,11 @@ def _action(action: str) -> Any:
         result = ApiClient(api, token, data_dir).request("POST", f"/api/v1/deployments/{deployment_id}/{action}")
         typer.echo(f"{action}: {result['devices']} devices told")
 
-    run.__doc__ = {"cancel": "Stop it on devices that have not switched.",
-                   "rollback": "Send every touched device back to its previous model.",
-                   "commit": "Confirm the new model (devices may free the previous slot)."}[action]
+    run.__doc__ = {
+        "cancel": "Stop it on devices that have not switched.",
+        "rollback": "Send every touched device back to its previous model.",
+        "commit": "Confirm the new model (devices may free the previous slot).",
+    }[action]
     return run
 
 

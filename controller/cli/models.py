@@ -72,8 +72,13 @@ def _upload(client: ApiClient, name: str, path: Path, options: dict[str, Any]) -
     with tempfile.TemporaryDirectory(prefix="slmfleet-upload-") as tmp:
         payload = _pack(path, Path(tmp))
         size = payload.stat().st_size
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeElapsedColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console, transient=True) as progress:
             task_id = progress.add_task(f"uploading {payload.name}", total=size)
             result: dict[str, Any] = client.request(
@@ -89,8 +94,9 @@ def _upload(client: ApiClient, name: str, path: Path, options: dict[str, Any]) -
 
 def _follow(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
     """Poll an import job with a progress bar until it ends; returns the version."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:
         task_id = progress.add_task("importing", total=1.0)
         while job["status"] in ("queued", "running"):
             progress.update(task_id, completed=job["progress"], description=f"importing: {job['stage']}")
@@ -112,8 +118,9 @@ def _print_version(version: dict[str, Any]) -> None:
         agreement = f"{m['agreement']:.4f} {m.get('agreement_kind', '')}" if m.get("agreement") is not None else "-"
         latency = f"{m['latency_ms_p50']:.2f} ms" if m.get("latency_ms_p50") is not None else "-"
         rss = f"{m['peak_rss_bytes'] / 2**20:.0f} MiB" if m.get("peak_rss_bytes") else "-"
-        table.add_row(v["variant"], f"{v['size_bytes'] / 2**20:.1f} MiB", agreement, latency, rss,
-                      v["artifact_id"][:16])
+        table.add_row(
+            v["variant"], f"{v['size_bytes'] / 2**20:.1f} MiB", agreement, latency, rss, v["artifact_id"][:16]
+        )
     Console().print(table)
     for r in version.get("refused", []):
         console.print(f"[yellow]{r['variant']} refused:[/yellow] {r['reason']}")

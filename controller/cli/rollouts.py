@@ -24,17 +24,28 @@ ACTIVE = ("pending", "waiting_window", "deploying", "shadow_gating", "activating
 
 def render(r: dict[str, Any]) -> Group:
     head = Table.grid()
-    head.add_row(f"[bold]rollout {r['id'][:12]}[/bold]  {r['model']} v{r['version']} to '{r['selector']}'"
-                 f" ({r['devices']} devices)")
-    head.add_row(f"state [bold]{r['state']}[/bold] since {r['state_since'][:19]}, wave {r['wave_index']}: {r['reason']}")
+    head.add_row(
+        f"[bold]rollout {r['id'][:12]}[/bold]  {r['model']} v{r['version']} to '{r['selector']}'"
+        f" ({r['devices']} devices)"
+    )
+    head.add_row(
+        f"state [bold]{r['state']}[/bold] since {r['state_since'][:19]}, wave {r['wave_index']}: {r['reason']}"
+    )
     waves = Table(title="waves")
     for column in ("#", "name", "devices", "progress", "bake", "thresholds", "status"):
         waves.add_column(column)
     for w in r["waves"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(w["counts"].items())) or "-"
-        waves.add_row(str(w["index"]), w["name"] or w["until"], str(w["devices"]), counts, f"{w['bake_s']:.0f}s",
-                      f"ok >= {w['success_threshold']:.0f}%, abort at {w['failure_threshold']} failed"
-                      + (", approval" if w["require_approval"] else ""), w["status"])
+        waves.add_row(
+            str(w["index"]),
+            w["name"] or w["until"],
+            str(w["devices"]),
+            counts,
+            f"{w['bake_s']:.0f}s",
+            f"ok >= {w['success_threshold']:.0f}%, abort at {w['failure_threshold']} failed"
+            + (", approval" if w["require_approval"] else ""),
+            w["status"],
+        )
     gates = Table(title="gates (latest evaluation)")
     for column in ("gate", "value", "threshold", "samples", "status", "detail"):
         gates.add_column(column)
@@ -113,8 +124,15 @@ def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path("
     for column in ("id", "model", "selector", "state", "wave", "devices", "created"):
         table.add_column(column)
     for r in rollouts:
-        table.add_row(r["id"][:12], f"{r['model']}@{r['version']}", r["selector"], r["state"], str(r["wave_index"]),
-                      str(r["devices"]), r["created_at"][:19])
+        table.add_row(
+            r["id"][:12],
+            f"{r['model']}@{r['version']}",
+            r["selector"],
+            r["state"],
+            str(r["wave_index"]),
+            str(r["devices"]),
+            r["created_at"][:19],
+        )
     Console().print(table)
 
 

@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from controller.app import create_app
 from controller.auth.tokens import ensure_admin_token
+from controller.auth.users import ADMIN_PASSWORD_FILE, INITIAL_ADMIN, ensure_initial_admin
 from controller.broker.embedded import EmbeddedBroker
 from controller.cli.client import ADMIN_TOKEN_FILE, write_connection_file
 from controller.errors import ControllerError
@@ -88,15 +89,19 @@ def up(
         runtime = ControllerRuntime(settings)
         runtime.start()
         token_file = data / ADMIN_TOKEN_FILE
+        password_file = data / ADMIN_PASSWORD_FILE
         with Session(runtime.engine) as session:
             ensure_admin_token(session, token_file)
+            ensure_initial_admin(session, password_file)
         shown_host = settings.http_host if ":" not in settings.http_host else f"[{settings.http_host}]"
         api = f"http://{shown_host}:{settings.http_port}"
         write_connection_file(data, api, str(settings.broker_url))
         broker_note = f" (embedded {embedded.engine}, MQTT {embedded.protocol})" if embedded else ""
         console.print(
             "[bold green]slmfleet controller is up[/bold green]\n"
-            f"  REST API      {api}/api/v1\n"
+            f"  dashboard     {api}/  (user {INITIAL_ADMIN}"
+            + (f", password in {password_file}, mode 0600)\n" if password_file.is_file() else ")\n")
+            + f"  REST API      {api}/api/v1\n"
             f"  API docs      {api}/docs\n"
             f"  metrics       {api}/metrics\n"
             f"  MQTT broker   {settings.broker_url}{broker_note}\n"

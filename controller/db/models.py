@@ -100,7 +100,7 @@ class AuditEntry(SQLModel, table=True):
     at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False, index=True))
     actor: str = Field(max_length=128)
     action: str = Field(max_length=64)
-    target: str = Field(max_length=256)
+    target: str = Field(max_length=256, index=True)  # the dashboard shows a rollout's or device's entries
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
@@ -254,6 +254,34 @@ class RolloutTransition(SQLModel, table=True):
     wave: int = 0
     reason: str = ""
     actor: str = Field(default="system", max_length=128)
+
+
+class WebUser(SQLModel, table=True):
+    """A person who logs in to the dashboard; only a salted scrypt hash of the password is stored."""
+
+    __tablename__ = "web_user"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    role: str = Field(max_length=16)
+    password_hash: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+    password_changed_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    last_login_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+
+
+class WebSession(SQLModel, table=True):
+    """A dashboard login: the cookie holds a random secret, the table its SHA-256 and the CSRF token."""
+
+    __tablename__ = "web_session"
+
+    id: str = Field(sa_column=Column(String(64), primary_key=True))
+    user_id: int = Field(foreign_key="web_user.id", index=True)
+    csrf_token: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False, index=True))
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 
 
 def table(model: type[SQLModel]) -> Table:

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from agent.protocol import codec, signing, topics
+from agent.protocol import codec, topics
 from agent.protocol.manifest import SignedManifest, canonical_json
 from agent.protocol.messages import (
     Activate,
@@ -128,15 +128,29 @@ class DeliveryService:
         with Session(self.engine) as session:
             running = session.exec(select(Deployment).where(Deployment.status == "running")).all()
             for dep in running:
-                self._deployments[dep.id] = {"timeout_s": dep.timeout_s, "cancelled": False, "status": dep.status,
-                                             "max_concurrent": dep.max_concurrent}
+                self._deployments[dep.id] = {
+                    "timeout_s": dep.timeout_s,
+                    "cancelled": False,
+                    "status": dep.status,
+                    "max_concurrent": dep.max_concurrent,
+                }
                 rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == dep.id)).all()
                 for row in rows:
                     target = Target(
-                        dep.id, row.device_id, row.artifact_id, row.variant, state=row.state, progress=row.progress,
-                        chunks_have=row.chunks_have, chunks_total=row.chunks_total, reason=row.reason,
-                        previous=row.previous, metrics=row.metrics, started_at=row.started_at.timestamp(),
-                        queued=row.queued, dirty=False,
+                        dep.id,
+                        row.device_id,
+                        row.artifact_id,
+                        row.variant,
+                        state=row.state,
+                        progress=row.progress,
+                        chunks_have=row.chunks_have,
+                        chunks_total=row.chunks_total,
+                        reason=row.reason,
+                        previous=row.previous,
+                        metrics=row.metrics,
+                        started_at=row.started_at.timestamp(),
+                        queued=row.queued,
+                        dirty=False,
                     )
                     self._add_target(target)
                     if not target.terminal and target.artifact_id:
@@ -175,34 +189,59 @@ class DeliveryService:
                 )
             devices = self._resolve_devices(session, request)
             deployment_id = uuid.uuid4().hex
+            assert version.id is not None
             dep = Deployment(
-                id=deployment_id, model_name=request.model, version_number=request.version, version_id=version.id,
-                variant_rule=request.variant, selector=request.selector, device_ids=request.device_ids,
-                activate=request.activate, shadow=request.shadow.model_dump() if request.shadow else None,
-                timeout_s=request.timeout_s, rollout_id=request.rollout_id, rollout_wave=request.rollout_wave,
-                max_concurrent=request.max_concurrent, created_by=actor,
+                id=deployment_id,
+                model_name=request.model,
+                version_number=request.version,
+                version_id=version.id,
+                variant_rule=request.variant,
+                selector=request.selector,
+                device_ids=request.device_ids,
+                activate=request.activate,
+                shadow=request.shadow.model_dump() if request.shadow else None,
+                timeout_s=request.timeout_s,
+                rollout_id=request.rollout_id,
+                rollout_wave=request.rollout_wave,
+                max_concurrent=request.max_concurrent,
+                created_by=actor,
             )
             session.add(dep)
             targets = []
             for device in devices:
                 choice = choose_variant(device.hardware, by_variant, request.variant)
                 previous = next((m for m in device.installed if m.get("active", True)), None)
-                target = Target(deployment_id, device.id, choice.artifact_id, choice.variant, previous=previous,
-                                queued=choice.artifact_id is not None and request.max_concurrent is not None)
+                target = Target(
+                    deployment_id,
+                    device.id,
+                    choice.artifact_id,
+                    choice.variant,
+                    previous=previous,
+                    queued=choice.artifact_id is not None and request.max_concurrent is not None,
+                )
                 if choice.artifact_id is None:
                     target.update(time.time(), state="failed", reason=choice.reason)
                 targets.append(target)
                 session.add(
                     DeploymentTarget(
-                        deployment_id=deployment_id, device_id=device.id, artifact_id=choice.artifact_id,
-                        variant=choice.variant, state=target.state, reason=target.reason, previous=previous,
+                        deployment_id=deployment_id,
+                        device_id=device.id,
+                        artifact_id=choice.artifact_id,
+                        variant=choice.variant,
+                        state=target.state,
+                        reason=target.reason,
+                        previous=previous,
                         queued=target.queued,
                     )
                 )
             session.commit()
             with self._lock:
-                self._deployments[deployment_id] = {"timeout_s": request.timeout_s, "cancelled": False,
-                                                    "status": "running", "max_concurrent": request.max_concurrent}
+                self._deployments[deployment_id] = {
+                    "timeout_s": request.timeout_s,
+                    "cancelled": False,
+                    "status": "running",
+                    "max_concurrent": request.max_concurrent,
+                }
                 for target in targets:
                     self._add_target(target)
                     if target.artifact_id:
@@ -241,8 +280,12 @@ class DeliveryService:
         assert target.artifact_id is not None
         signed = self._manifest(session, target.artifact_id)
         command = Deploy(
-            ts=time.time(), command_id=f"{dep.id[:16]}-deploy", deployment_id=dep.id, manifest=signed,
-            activate=dep.activate, shadow=ShadowSpec(**dep.shadow) if dep.shadow else None,
+            ts=time.time(),
+            command_id=f"{dep.id[:16]}-deploy",
+            deployment_id=dep.id,
+            manifest=signed,
+            activate=dep.activate,
+            shadow=ShadowSpec(**dep.shadow) if dep.shadow else None,
         )
         self._commands[(dep.id, target.device_id)] = codec.encode(command)
 
@@ -312,8 +355,13 @@ class DeliveryService:
                 return  # reports still in flight when the cancel went out
             values: dict[str, Any] = {"state": event.state.value, "reason": event.reason}
             if event.chunks_total:
-                values.update(progress=event.progress, chunks_have=event.chunks_have, chunks_total=event.chunks_total,
-                              contiguous=event.contiguous, last_progress_at=now)
+                values.update(
+                    progress=event.progress,
+                    chunks_have=event.chunks_have,
+                    chunks_total=event.chunks_total,
+                    contiguous=event.contiguous,
+                    last_progress_at=now,
+                )
             elif event.state.value in ("verifying", "staged", "shadow", "activating", "active"):
                 values["progress"] = 1.0
             if event.metrics:
@@ -323,8 +371,9 @@ class DeliveryService:
             # the cancel crossed the switch on the wire: the device must go back
             self._send(device_id, self.rollback_command(target, "switched after the deployment was cancelled"))
             with self._lock:
-                target.update(now, state="rolling_back", reason="switched after the deployment was cancelled",
-                              started_at=now)
+                target.update(
+                    now, state="rolling_back", reason="switched after the deployment was cancelled", started_at=now
+                )
         if event.state.value == "downloading" and event.artifact_id == target.artifact_id:
             self._join_broadcast(target)  # a rollback re-download is served by repairs alone
         broadcast = self._broadcasts.get(event.artifact_id)
@@ -373,8 +422,11 @@ class DeliveryService:
                 return  # it went by; the device repairs what it missed
             with self._lock:
                 expected = {
-                    t.device_id for t in self._targets.values()
-                    if t.artifact_id == artifact_id and t.state in (PENDING, "downloading") and self.is_online(t.device_id)
+                    t.device_id
+                    for t in self._targets.values()
+                    if t.artifact_id == artifact_id
+                    and t.state in (PENDING, "downloading")
+                    and self.is_online(t.device_id)
                 }
             broadcast = self._broadcasts[artifact_id] = Broadcast(
                 source, self._publish_tracked, self.settings, self._sent("broadcast"), expected
@@ -423,8 +475,10 @@ class DeliveryService:
         told = 0
         for target in targets:
             if target.state in BEFORE_SWITCH:
-                self._send(target.device_id, Cancel(ts=time.time(), command_id=f"{deployment_id[:16]}-cancel",
-                                                    deployment_id=deployment_id))
+                self._send(
+                    target.device_id,
+                    Cancel(ts=time.time(), command_id=f"{deployment_id[:16]}-cancel", deployment_id=deployment_id),
+                )
                 with self._lock:
                     target.update(time.time(), state="cancelled", reason=f"cancelled by {actor}")
                 told += 1
@@ -442,8 +496,10 @@ class DeliveryService:
         told = 0
         for target in targets:
             if target.state in BEFORE_SWITCH:
-                self._send(target.device_id, Cancel(ts=time.time(), command_id=f"{deployment_id[:16]}-cancel",
-                                                    deployment_id=deployment_id))
+                self._send(
+                    target.device_id,
+                    Cancel(ts=time.time(), command_id=f"{deployment_id[:16]}-cancel", deployment_id=deployment_id),
+                )
                 with self._lock:
                     target.update(time.time(), state="cancelled", reason=reason or f"rolled back by {actor}")
                 told += 1
@@ -452,16 +508,24 @@ class DeliveryService:
                 continue
             self._send(target.device_id, self.rollback_command(target, reason or f"rolled back by {actor}"))
             with self._lock:  # the rollback gets a full timeout of its own
-                target.update(time.time(), state="rolling_back", reason=reason or f"rolled back by {actor}",
-                              started_at=time.time())
+                target.update(
+                    time.time(),
+                    state="rolling_back",
+                    reason=reason or f"rolled back by {actor}",
+                    started_at=time.time(),
+                )
             told += 1
         return told
 
     def rollback_command(self, target: Target, reason: str) -> Rollback:
         prev = target.previous or {}
         grant = RollbackGrant(
-            device_id=target.device_id, deployment_id=target.deployment_id, artifact_id=prev.get("artifact", "0" * 64),
-            model=prev.get("model", "unknown"), version=int(prev.get("version", 1)), expires_at=time.time() + 86400,
+            device_id=target.device_id,
+            deployment_id=target.deployment_id,
+            artifact_id=prev.get("artifact", "0" * 64),
+            model=prev.get("model", "unknown"),
+            version=int(prev.get("version", 1)),
+            expires_at=time.time() + 86400,
         )
         signature = self.key.private.sign(canonical_json(grant.model_dump(mode="json")))
         target.rollback_artifact = grant.artifact_id
@@ -472,18 +536,28 @@ class DeliveryService:
                 if artifact is not None:
                     manifest = SignedManifest.model_validate(artifact.signed_manifest)
         return Rollback(
-            ts=time.time(), command_id=f"{target.deployment_id[:16]}-rollback", deployment_id=target.deployment_id,
-            grant=grant, signature=base64.b64encode(signature).decode(), manifest=manifest, reason=reason[:4096],
+            ts=time.time(),
+            command_id=f"{target.deployment_id[:16]}-rollback",
+            deployment_id=target.deployment_id,
+            grant=grant,
+            signature=base64.b64encode(signature).decode(),
+            manifest=manifest,
+            reason=reason[:4096],
         )
 
     def activate(self, deployment_id: str) -> int:
         """Switch devices waiting in STAGED or SHADOW (a deployment created with activate=false)."""
         with self._lock:
-            targets = [t for t in self._targets.values()
-                       if t.deployment_id == deployment_id and t.state in ("staged", "shadow")]
+            targets = [
+                t
+                for t in self._targets.values()
+                if t.deployment_id == deployment_id and t.state in ("staged", "shadow")
+            ]
         for target in targets:
-            self._send(target.device_id, Activate(ts=time.time(), command_id=f"{deployment_id[:16]}-activate",
-                                                  deployment_id=deployment_id))
+            self._send(
+                target.device_id,
+                Activate(ts=time.time(), command_id=f"{deployment_id[:16]}-activate", deployment_id=deployment_id),
+            )
         return len(targets)
 
     def add_devices(self, deployment_id: str, device_ids: list[str]) -> list[str]:
@@ -498,8 +572,9 @@ class DeliveryService:
                 session.add(dep)
                 with self._lock:
                     info = self._deployments.setdefault(
-                        deployment_id, {"timeout_s": dep.timeout_s, "cancelled": False,
-                                        "max_concurrent": dep.max_concurrent})
+                        deployment_id,
+                        {"timeout_s": dep.timeout_s, "cancelled": False, "max_concurrent": dep.max_concurrent},
+                    )
                     info["status"] = "running"
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == dep.version_id)).all()
             by_variant = {
@@ -516,13 +591,28 @@ class DeliveryService:
                     continue
                 choice = choose_variant(device.hardware, by_variant, dep.variant_rule)
                 previous = next((m for m in device.installed if m.get("active", True)), None)
-                target = Target(deployment_id, device.id, choice.artifact_id, choice.variant, previous=previous,
-                                queued=choice.artifact_id is not None and dep.max_concurrent is not None)
+                target = Target(
+                    deployment_id,
+                    device.id,
+                    choice.artifact_id,
+                    choice.variant,
+                    previous=previous,
+                    queued=choice.artifact_id is not None and dep.max_concurrent is not None,
+                )
                 if choice.artifact_id is None:
                     target.update(time.time(), state="failed", reason=choice.reason)
-                session.add(DeploymentTarget(deployment_id=deployment_id, device_id=device.id,
-                                             artifact_id=choice.artifact_id, variant=choice.variant, state=target.state,
-                                             reason=target.reason, previous=previous, queued=target.queued))
+                session.add(
+                    DeploymentTarget(
+                        deployment_id=deployment_id,
+                        device_id=device.id,
+                        artifact_id=choice.artifact_id,
+                        variant=choice.variant,
+                        state=target.state,
+                        reason=target.reason,
+                        previous=previous,
+                        queued=target.queued,
+                    )
+                )
                 added.append(target)
             session.commit()
             with self._lock:
@@ -541,8 +631,10 @@ class DeliveryService:
         with self._lock:
             targets = [t for t in self._targets.values() if t.deployment_id == deployment_id and t.state == SUCCESS]
         for target in targets:
-            self._send(target.device_id, Commit(ts=time.time(), command_id=f"{deployment_id[:16]}-commit",
-                                                deployment_id=deployment_id))
+            self._send(
+                target.device_id,
+                Commit(ts=time.time(), command_id=f"{deployment_id[:16]}-commit", deployment_id=deployment_id),
+            )
         return len(targets)
 
     # --------------------------------------------------------- bookkeeping --
@@ -557,12 +649,15 @@ class DeliveryService:
                 if info is None or target.terminal:
                     continue
                 if not target.queued and now - target.started_at > info["timeout_s"]:
-                    target.update(now, state="failed",
-                                  reason=f"timed out after {info['timeout_s']:.0f}s in state {target.state}")
+                    target.update(
+                        now, state="failed", reason=f"timed out after {info['timeout_s']:.0f}s in state {target.state}"
+                    )
                     expired.append(target)
         for target in expired:
-            self._send(target.device_id, Cancel(ts=now, command_id=f"{target.deployment_id[:16]}-timeout",
-                                                deployment_id=target.deployment_id))
+            self._send(
+                target.device_id,
+                Cancel(ts=now, command_id=f"{target.deployment_id[:16]}-timeout", deployment_id=target.deployment_id),
+            )
             self._dispatch(target.deployment_id)
             self._maybe_finish(target.deployment_id)
         return expired
@@ -581,7 +676,8 @@ class DeliveryService:
             self.flush()
             with Session(self.engine) as session:
                 session.execute(
-                    update(table(Deployment)).where(table(Deployment).c.id == deployment_id)
+                    update(table(Deployment))
+                    .where(table(Deployment).c.id == deployment_id)
                     .values(status=status, finished_at=utcnow())
                 )
                 session.commit()
@@ -604,8 +700,9 @@ class DeliveryService:
         tt = table(DeploymentTarget)
         with self.engine.begin() as conn:
             for deployment_id, device_id, row in rows:
-                conn.execute(update(tt).where(tt.c.deployment_id == deployment_id, tt.c.device_id == device_id)
-                             .values(**row))
+                conn.execute(
+                    update(tt).where(tt.c.deployment_id == deployment_id, tt.c.device_id == device_id).values(**row)
+                )
         return len(rows)
 
     # ------------------------------------------------------------ reads --
@@ -619,12 +716,24 @@ class DeliveryService:
         with Session(self.engine) as session:
             rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == deployment_id)).all()
             loaded = [
-                Target(deployment_id, row.device_id, row.artifact_id, row.variant, state=row.state,
-                       progress=row.progress, chunks_have=row.chunks_have, chunks_total=row.chunks_total,
-                       reason=row.reason, previous=row.previous, metrics=row.metrics,
-                       started_at=row.started_at.timestamp(), updated_at=row.updated_at.timestamp(),
-                       finished_at=row.finished_at.timestamp() if row.finished_at else None, queued=row.queued,
-                       dirty=False)
+                Target(
+                    deployment_id,
+                    row.device_id,
+                    row.artifact_id,
+                    row.variant,
+                    state=row.state,
+                    progress=row.progress,
+                    chunks_have=row.chunks_have,
+                    chunks_total=row.chunks_total,
+                    reason=row.reason,
+                    previous=row.previous,
+                    metrics=row.metrics,
+                    started_at=row.started_at.timestamp(),
+                    updated_at=row.updated_at.timestamp(),
+                    finished_at=row.finished_at.timestamp() if row.finished_at else None,
+                    queued=row.queued,
+                    dirty=False,
+                )
                 for row in rows
             ]
         with self._lock:

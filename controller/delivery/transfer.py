@@ -14,6 +14,7 @@ Everything here runs on the controller's MQTT event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -143,9 +144,7 @@ class Broadcast:
                     log.info("broadcast of %s: no device needs it any more", self.source.artifact_id[:12])
                     break
                 while (
-                    self.next_index < total
-                    and self.next_index < position + s.window
-                    and self.inflight < s.max_inflight
+                    self.next_index < total and self.next_index < position + s.window and self.inflight < s.max_inflight
                 ):
                     if not self._send(self.next_index):
                         break
@@ -180,10 +179,8 @@ class Broadcast:
 
     async def _sleep(self, timeout: float) -> None:
         self._wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
-        except TimeoutError:
-            pass
 
 
 class Repairs:
@@ -253,10 +250,8 @@ class Repairs:
                     self._queues.pop((device_id, artifact_id), None)
             if not sent_any:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
-                except TimeoutError:
-                    pass
 
     def _send(self, device_id: str, topic: str, source: ChunkSource, index: int) -> bool:
         frame = source.frame(index)

@@ -17,9 +17,7 @@ class VariantChoice:
     reason: str
 
 
-def choose_variant(
-    hardware: dict[str, Any], artifacts: dict[str, dict[str, Any]], rule: str = "auto"
-) -> VariantChoice:
+def choose_variant(hardware: dict[str, Any], artifacts: dict[str, dict[str, Any]], rule: str = "auto") -> VariantChoice:
     """Pick a variant for a device.
 
     ``artifacts`` maps variant name to ``{"artifact_id", "min_ram_bytes", "min_disk_bytes"}``.
@@ -31,7 +29,9 @@ def choose_variant(
     if rule != "auto":
         art = artifacts.get(rule)
         if art is None:
-            return VariantChoice(None, None, f"this version has no {rule} variant (it has {', '.join(sorted(artifacts))})")
+            return VariantChoice(
+                None, None, f"this version has no {rule} variant (it has {', '.join(sorted(artifacts))})"
+            )
         note = ""
         if ram and art["min_ram_bytes"] > ram:
             note = f" (needs {art['min_ram_bytes'] >> 20} MiB RAM, device has {ram >> 20} MiB)"
@@ -42,7 +42,9 @@ def choose_variant(
         fits_ram = not ram or art["min_ram_bytes"] <= ram
         fits_disk = disk is None or art.get("min_disk_bytes", 0) <= disk
         if fits_ram and fits_disk:
-            return VariantChoice(art["artifact_id"], variant, f"{variant}: fits {ram >> 20} MiB RAM" if ram else variant)
+            return VariantChoice(
+                art["artifact_id"], variant, f"{variant}: fits {ram >> 20} MiB RAM" if ram else variant
+            )
     smallest = min(artifacts.values(), key=lambda a: a["min_ram_bytes"]) if artifacts else None
     need = f"the smallest needs {smallest['min_ram_bytes'] >> 20} MiB RAM" if smallest else "no variants"
     return VariantChoice(None, None, f"no variant fits this device ({ram >> 20} MiB RAM): {need}")

@@ -171,8 +171,10 @@ def inspect_onnx_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
     """Check an uploaded ONNX bundle against its task and describe how to run it."""
     task = options.task
     if task is None:
-        raise BundleError("say which task the model performs: options {\"task\": \"text-classification\"} (or"
-                          " embeddings, text-generation, text2text, anomaly)")
+        raise BundleError(
+            'say which task the model performs: options {"task": "text-classification"} (or'
+            " embeddings, text-generation, text2text, anomaly)"
+        )
     tokenizer = "tokenizer.json" if (root / "tokenizer.json").is_file() else None
     if task != Task.ANOMALY and tokenizer is None:
         raise BundleError(f"a {task.value} model needs its tokenizer: add tokenizer.json to the bundle")
@@ -187,8 +189,13 @@ def inspect_onnx_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
         gen = Generation(encoder="encoder.onnx", decoder="decoder.onnx", **(options.generation or {}))
         if gen.decoder_start_token_id is None:
             raise BundleError("a text2text model needs generation.decoder_start_token_id in the options")
-        spec = RunSpec(task=task, io=io, entrypoint="encoder.onnx", generation=gen,
-                       preprocess=Preprocess(tokenizer=tokenizer, max_length=options.max_length or 512))
+        spec = RunSpec(
+            task=task,
+            io=io,
+            entrypoint="encoder.onnx",
+            generation=gen,
+            preprocess=Preprocess(tokenizer=tokenizer, max_length=options.max_length or 512),
+        )
         return ExportedBundle(root, spec)
 
     entry_path = _find_entry(root, ("decoder.onnx", "model.onnx") if task == Task.TEXT_GENERATION else ("model.onnx",))
@@ -202,15 +209,20 @@ def inspect_onnx_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
             raise BundleError(f"an anomaly model takes one float window [batch, features]; {entry} takes {given}")
         opts = options.anomaly
         if opts is None:
-            raise BundleError("an anomaly model needs options {\"anomaly\": {\"threshold\": ...}}")
+            raise BundleError('an anomaly model needs options {"anomaly": {"threshold": ...}}')
         n_features = opts.n_features or floats[0].shape[1]
         if not isinstance(n_features, int):
             raise BundleError("the window length is not fixed in the graph: give anomaly.n_features")
         output = opts.output or _pick_score_output(io)
         if output not in {o.name for o in io.outputs}:
             raise BundleError(f"anomaly.output {output!r} is not an output of {entry}")
-        anomaly = Anomaly(input=floats[0].name, output=output, n_features=n_features, threshold=opts.threshold,
-                          higher_is_anomalous=opts.higher_is_anomalous)
+        anomaly = Anomaly(
+            input=floats[0].name,
+            output=output,
+            n_features=n_features,
+            threshold=opts.threshold,
+            higher_is_anomalous=opts.higher_is_anomalous,
+        )
         return ExportedBundle(root, RunSpec(task=task, io=io, entrypoint=entry, anomaly=anomaly))
 
     _check_text_inputs(io, task, entry)
@@ -225,8 +237,9 @@ def inspect_onnx_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
         n = out.shape[1]
         if labels and isinstance(n, int) and len(labels) != n:
             raise BundleError(f"{len(labels)} labels given for a model with {n} classes")
-        spec = RunSpec(task=task, io=io, entrypoint=entry, preprocess=preprocess,
-                       postprocess=Postprocess(labels=labels))
+        spec = RunSpec(
+            task=task, io=io, entrypoint=entry, preprocess=preprocess, postprocess=Postprocess(labels=labels)
+        )
         return ExportedBundle(root, spec)
     if task == Task.EMBEDDINGS:
         out = io.outputs[0]
@@ -234,8 +247,10 @@ def inspect_onnx_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
         if pooling == "none" and len(out.shape) != 2:
             raise BundleError(f"{entry}'s output {out.name} is {out.shape}: pooled embeddings are [batch, dim]")
         preprocess = preprocess.model_copy(update={"pooling": pooling})
-        post = Postprocess(normalize=True if options.normalize is None else options.normalize,
-                           zero_shot_labels=options.zero_shot_labels or {})
+        post = Postprocess(
+            normalize=True if options.normalize is None else options.normalize,
+            zero_shot_labels=options.zero_shot_labels or {},
+        )
         spec = RunSpec(task=task, io=io, entrypoint=entry, preprocess=preprocess, postprocess=post)
         return ExportedBundle(root, spec)
     # text generation with a plain decoder graph
@@ -273,8 +288,14 @@ def inspect_genai_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
         **(options.generation or {}),
     )
     context = model_cfg.get("context_length") or options.max_length or 256
-    spec = RunSpec(task=Task.TEXT_GENERATION, runtime=Runtime.ONNXRUNTIME_GENAI, io=io, entrypoint=filename,
-                   preprocess=Preprocess(tokenizer="tokenizer.json", max_length=int(context)), generation=gen)
+    spec = RunSpec(
+        task=Task.TEXT_GENERATION,
+        runtime=Runtime.ONNXRUNTIME_GENAI,
+        io=io,
+        entrypoint=filename,
+        preprocess=Preprocess(tokenizer="tokenizer.json", max_length=int(context)),
+        generation=gen,
+    )
     return ExportedBundle(root, spec)
 
 

@@ -41,8 +41,13 @@ class RegistryService:
         self.staging = self.root / "staging"
         self.key = keys.load_or_create(data_dir / "keys")
         self.importer = Importer(
-            engine, self.store, self.key, chunk_size=chunk_size, validity_days=validity_days,
-            max_unpacked_bytes=max_unpacked_bytes, floors=floors,
+            engine,
+            self.store,
+            self.key,
+            chunk_size=chunk_size,
+            validity_days=validity_days,
+            max_unpacked_bytes=max_unpacked_bytes,
+            floors=floors,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="import")
         self._futures: dict[str, Future[None]] = {}
@@ -170,8 +175,14 @@ class RegistryService:
             self._update(job_id, status="failed", stage="failed", error=f"internal error: {type(exc).__name__}: {exc}")
         else:
             note = "; ".join(f"{r['variant']} refused: {r['reason']}" for r in result.refused)
-            self._update(job_id, status="succeeded", stage="done", progress=1.0, version_number=result.version,
-                         message=note or f"variants: {', '.join(result.variants)}")
+            self._update(
+                job_id,
+                status="succeeded",
+                stage="done",
+                progress=1.0,
+                version_number=result.version,
+                message=note or f"variants: {', '.join(result.variants)}",
+            )
         finally:
             remove_tree(staging)
 
@@ -182,7 +193,9 @@ class RegistryService:
             artifact = session.get(Artifact, artifact_id)
             return SignedManifest.model_validate(artifact.signed_manifest) if artifact else None
 
-    def version_artifacts(self, session: Session, model: Model, number: int) -> tuple[ModelVersion, list[Artifact]] | None:
+    def version_artifacts(
+        self, session: Session, model: Model, number: int
+    ) -> tuple[ModelVersion, list[Artifact]] | None:
         version = session.exec(
             select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
         ).first()

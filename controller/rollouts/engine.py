@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from agent.protocol.messages import ShadowSpec
 from controller.db.models import Deployment, Device, ModelVersion, Rollout, RolloutTransition
 from controller.db.models import Model as ModelRow
 from controller.delivery.service import DeliveryService, DeploymentError, DeploymentRequest
@@ -30,7 +31,6 @@ from controller.rollouts import gates
 from controller.rollouts.machine import ACTIVE_STATES, InvalidTransition, next_state
 from controller.rollouts.machine import RolloutEvent as E
 from controller.rollouts.machine import RolloutState as S
-from agent.protocol.messages import ShadowSpec
 from controller.rollouts.plan import RolloutCreate, RolloutShadow, WaveSpec, amount, assign, default_plan
 from controller.rollouts.windows import in_window
 
@@ -80,20 +80,38 @@ class RolloutEngine:
             ).first()
             if version is None:
                 raise RolloutError(f"model {spec.model!r} has no version {spec.version}", 404)
-            devices = {d.id: d.labels for d in session.exec(select(Device).order_by(col(Device.id))).all()
-                       if parsed.matches(d.labels)}
+            devices = {
+                d.id: d.labels
+                for d in session.exec(select(Device).order_by(col(Device.id))).all()
+                if parsed.matches(d.labels)
+            }
             if not devices:
                 raise RolloutError(f"no device matches the selector {spec.selector!r}")
             rollout_id = uuid.uuid4().hex
+            assert version.id is not None
             stored = spec.model_dump(mode="json")
             stored["waves"] = [w.model_dump(mode="json") for w in waves]
             rollout = Rollout(
-                id=rollout_id, model_name=spec.model, version_number=spec.version, version_id=version.id,
-                selector=spec.selector, spec=stored, assignment=assign(devices, waves, rollout_id), created_by=actor,
+                id=rollout_id,
+                model_name=spec.model,
+                version_number=spec.version,
+                version_id=version.id,
+                selector=spec.selector,
+                spec=stored,
+                assignment=assign(devices, waves, rollout_id),
+                created_by=actor,
             )
             session.add(rollout)
-            session.add(RolloutTransition(rollout_id=rollout_id, from_state="", event="create", to_state=S.PENDING,
-                                          reason=f"{len(devices)} devices in {len(waves)} waves", actor=actor))
+            session.add(
+                RolloutTransition(
+                    rollout_id=rollout_id,
+                    from_state="",
+                    event="create",
+                    to_state=S.PENDING,
+                    reason=f"{len(devices)} devices in {len(waves)} waves",
+                    actor=actor,
+                )
+            )
             session.commit()
         log.info("rollout %s: %s v%d to %d devices", rollout_id[:8], spec.model, spec.version, len(devices))
         self.step(rollout_id)
@@ -189,10 +207,16 @@ class RolloutEngine:
         else:
             wave = waves[r.wave_index]
             request = DeploymentRequest(
-                model=r.model_name, version=r.version_number, variant=spec.variant,
-                device_ids=self._wave_devices(r, r.wave_index), activate=spec.shadow is None,
-                shadow=shadow_spec(spec.shadow), timeout_s=wave.device_timeout_s, rollout_id=r.id,
-                rollout_wave=r.wave_index, max_concurrent=wave.max_concurrent,
+                model=r.model_name,
+                version=r.version_number,
+                variant=spec.variant,
+                device_ids=self._wave_devices(r, r.wave_index),
+                activate=spec.shadow is None,
+                shadow=shadow_spec(spec.shadow),
+                timeout_s=wave.device_timeout_s,
+                rollout_id=r.id,
+                rollout_wave=r.wave_index,
+                max_concurrent=wave.max_concurrent,
             )
             try:
                 deployment_id = self.delivery.create(request, f"rollout {r.id[:8]}")
@@ -218,9 +242,13 @@ class RolloutEngine:
         limit = amount(self._wave(spec, r).failure_threshold, len(targets))
         if targets and failed and len(failed) >= max(limit, 1):
             reasons = "; ".join(sorted({t.reason for t in failed if t.reason})[:3])
-            self._transition(session, r, E.WAVE_FAILED,
-                             f"{len(failed)} of {len(targets)} devices failed in wave {r.wave_index}"
-                             f" (threshold {self._wave(spec, r).failure_threshold}): {reasons}")
+            self._transition(
+                session,
+                r,
+                E.WAVE_FAILED,
+                f"{len(failed)} of {len(targets)} devices failed in wave {r.wave_index}"
+                f" (threshold {self._wave(spec, r).failure_threshold}): {reasons}",
+            )
             self._abort_actions(r)
             return True
         return False
@@ -244,9 +272,13 @@ class RolloutEngine:
             self._transition(session, r, event, f"{active} of {len(targets)} devices active")
             return
         if all(t.terminal for t in targets):
-            self._transition(session, r, E.WAVE_INCOMPLETE,
-                             f"only {active} of {len(targets)} devices succeeded; the wave needs"
-                             f" {wave.success_threshold:.0f}%: paused for an operator")
+            self._transition(
+                session,
+                r,
+                E.WAVE_INCOMPLETE,
+                f"only {active} of {len(targets)} devices succeeded; the wave needs"
+                f" {wave.success_threshold:.0f}%: paused for an operator",
+            )
 
     def _shadow_gate(self, session: Session, r: Rollout, spec: RolloutCreate, now: float) -> None:
         if self._failure_reached(session, r, spec):
@@ -256,16 +288,23 @@ class RolloutEngine:
         r.gate_results = [result.as_dict()]
         self._persist(session, r)
         if result.status == "fail":
-            self._transition(session, r, E.GATES_FAILED,
-                             f"shadow agreement {result.value:.3f} below {result.threshold} before any device"
-                             " switched")
+            self._transition(
+                session,
+                r,
+                E.GATES_FAILED,
+                f"shadow agreement {result.value:.3f} below {result.threshold} before any device switched",
+            )
             self._abort_actions(r)
         elif result.status in ("pass", "off"):
             self._transition(session, r, E.SHADOW_PASSED, f"shadow agreement {result.value}")
             self.delivery.activate(r.wave_deployments[str(r.wave_index)])
         elif now - r.state_since.timestamp() > spec.gates.deadline_s:
-            self._transition(session, r, E.GATES_FAILED, f"shadow gate without enough samples after"
-                             f" {spec.gates.deadline_s:.0f}s ({result.detail})")
+            self._transition(
+                session,
+                r,
+                E.GATES_FAILED,
+                f"shadow gate without enough samples after {spec.gates.deadline_s:.0f}s ({result.detail})",
+            )
             self._abort_actions(r)
 
     def _gate(self, session: Session, r: Rollout, spec: RolloutCreate, now: float) -> None:
@@ -280,23 +319,28 @@ class RolloutEngine:
         self._persist(session, r)
         verdict = gates.verdict(results)
         if verdict == "fail":
-            failed = [f"{g.name} {g.value:.4g} (limit {g.comparison} {g.threshold})" for g in results
-                      if g.status == "fail"]
+            failed = [
+                f"{g.name} {g.value:.4g} (limit {g.comparison} {g.threshold})" for g in results if g.status == "fail"
+            ]
             self._transition(session, r, E.GATES_FAILED, "gate failed: " + ", ".join(failed))
             self._abort_actions(r)
             return
         if verdict == "waiting":
             if now - r.state_since.timestamp() > spec.gates.deadline_s:
                 waiting = [f"{g.name}: {g.detail}" for g in results if g.status == "waiting"]
-                self._transition(session, r, E.GATES_FAILED,
-                                 f"gates still without enough samples after {spec.gates.deadline_s:.0f}s: "
-                                 + "; ".join(waiting))
+                self._transition(
+                    session,
+                    r,
+                    E.GATES_FAILED,
+                    f"gates still without enough samples after {spec.gates.deadline_s:.0f}s: " + "; ".join(waiting),
+                )
                 self._abort_actions(r)
             return
         self._next_wave(session, r, spec, now, f"gates passed for wave {r.wave_index}")
 
-    def _next_wave(self, session: Session, r: Rollout, spec: RolloutCreate, now: float, reason: str,
-                   manual: bool = False) -> None:
+    def _next_wave(
+        self, session: Session, r: Rollout, spec: RolloutCreate, now: float, reason: str, manual: bool = False
+    ) -> None:
         waves = spec.waves or default_plan()
         later = [i for i in range(r.wave_index + 1, len(waves)) if self._wave_devices(r, i)]
         if not later:
@@ -334,8 +378,12 @@ class RolloutEngine:
         waiting = [t for t in touched if not t.terminal]
         if not waiting:
             note = f"; {len(keeps)} had no previous model and keep the new one" if keeps else ""
-            self._transition(session, r, E.ROLLBACK_DONE,
-                             f"{len(touched) - len(keeps)} touched devices back on their previous model{note}")
+            self._transition(
+                session,
+                r,
+                E.ROLLBACK_DONE,
+                f"{len(touched) - len(keeps)} touched devices back on their previous model{note}",
+            )
 
     # ---------------------------------------------------------- operator --
 
@@ -457,8 +505,18 @@ class RolloutEngine:
         log.info("rollout %s: %s -> %s (%s)", r.id[:8], state.value, new.value, reason)
 
     def _record(self, session: Session, r: Rollout, state: S, event: E, new: S, reason: str, actor: str) -> None:
-        session.add(RolloutTransition(rollout_id=r.id, at=self._now_dt(), from_state=state.value, event=event.value,
-                                      to_state=new.value, wave=r.wave_index, reason=reason[:2000], actor=actor))
+        session.add(
+            RolloutTransition(
+                rollout_id=r.id,
+                at=self._now_dt(),
+                from_state=state.value,
+                event=event.value,
+                to_state=new.value,
+                wave=r.wave_index,
+                reason=reason[:2000],
+                actor=actor,
+            )
+        )
 
     @staticmethod
     def _persist(session: Session, r: Rollout) -> None:

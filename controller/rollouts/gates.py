@@ -76,13 +76,28 @@ class _Side:
         return self.rss_sum / self.rss_n if self.rss_n else None
 
 
-def _judge(name: str, value: float | None, threshold: float | None, comparison: Literal["<=", ">="], samples: int,
-           min_samples: int, detail: str = "") -> GateResult:
+def _judge(
+    name: str,
+    value: float | None,
+    threshold: float | None,
+    comparison: Literal["<=", ">="],
+    samples: int,
+    min_samples: int,
+    detail: str = "",
+) -> GateResult:
     if threshold is None:
         return GateResult(name, value, None, comparison, samples, min_samples, "off", detail)
     if samples < min_samples or value is None:
-        return GateResult(name, value, threshold, comparison, samples, min_samples, "waiting",
-                          detail or f"{samples} of {min_samples} samples")
+        return GateResult(
+            name,
+            value,
+            threshold,
+            comparison,
+            samples,
+            min_samples,
+            "waiting",
+            detail or f"{samples} of {min_samples} samples",
+        )
     ok = value <= threshold if comparison == "<=" else value >= threshold
     return GateResult(name, value, threshold, comparison, samples, min_samples, "pass" if ok else "fail", detail)
 
@@ -100,12 +115,18 @@ def telemetry_gates(
     if activated:
         t = table(TelemetryRecord)
         since = min(activated.values())
-        cols = (t.c.device_id, t.c.received_at, t.c.inference_count, t.c.inference_errors, t.c.rss_bytes, t.c.data,
-                t.c.model, t.c.model_version)
+        cols = (
+            t.c.device_id,
+            t.c.received_at,
+            t.c.inference_count,
+            t.c.inference_errors,
+            t.c.rss_bytes,
+            t.c.data,
+            t.c.model,
+            t.c.model_version,
+        )
         with engine.connect() as conn:
-            rows = conn.execute(
-                select(*cols).where(t.c.device_id.in_(list(activated)), t.c.received_at >= since)
-            ).all()
+            rows = conn.execute(select(*cols).where(t.c.device_id.in_(list(activated)), t.c.received_at >= since)).all()
             base = conn.execute(
                 select(*cols).where(
                     t.c.device_id.in_(list(activated)),
@@ -122,27 +143,68 @@ def telemetry_gates(
     results = []
     total = new.count + new.errors
     rate = new.errors / total if total else None
-    results.append(_judge("error_rate", rate, spec.error_rate_max, "<=", total, spec.min_samples,
-                          f"{new.errors} errors in {total} inferences"))
+    results.append(
+        _judge(
+            "error_rate",
+            rate,
+            spec.error_rate_max,
+            "<=",
+            total,
+            spec.min_samples,
+            f"{new.errors} errors in {total} inferences",
+        )
+    )
     p95_new, p95_old = new.p95(), old.p95()
     if spec.p95_latency_ratio_max is not None and old.count < spec.min_samples:
         # the baseline is in the past and cannot grow: waiting for it would only run into the deadline
-        results.append(GateResult("p95_latency_ratio", None, spec.p95_latency_ratio_max, "<=", new.count,
-                                  spec.min_samples, "off",
-                                  f"no baseline: {old.count} inferences on the previous version in the hour before"))
+        results.append(
+            GateResult(
+                "p95_latency_ratio",
+                None,
+                spec.p95_latency_ratio_max,
+                "<=",
+                new.count,
+                spec.min_samples,
+                "off",
+                f"no baseline: {old.count} inferences on the previous version in the hour before",
+            )
+        )
     else:
         ratio = p95_new / p95_old if p95_new is not None and p95_old else None
         detail = f"p95 {p95_new:.2f} ms now, {p95_old:.2f} ms before" if ratio is not None else ""
-        results.append(_judge("p95_latency_ratio", ratio, spec.p95_latency_ratio_max, "<=",
-                              min(new.count, old.count), spec.min_samples, detail))
+        results.append(
+            _judge(
+                "p95_latency_ratio",
+                ratio,
+                spec.p95_latency_ratio_max,
+                "<=",
+                min(new.count, old.count),
+                spec.min_samples,
+                detail,
+            )
+        )
     if spec.rss_ratio_max is not None and old.rss_n < RSS_MIN_MESSAGES:
-        results.append(GateResult("rss_ratio", None, spec.rss_ratio_max, "<=", new.rss_n, RSS_MIN_MESSAGES, "off",
-                                  f"no baseline: {old.rss_n} telemetry messages from before the wave"))
+        results.append(
+            GateResult(
+                "rss_ratio",
+                None,
+                spec.rss_ratio_max,
+                "<=",
+                new.rss_n,
+                RSS_MIN_MESSAGES,
+                "off",
+                f"no baseline: {old.rss_n} telemetry messages from before the wave",
+            )
+        )
     else:
-        rss_ratio = new.rss / old.rss if new.rss is not None and old.rss else None
-        detail = f"{new.rss / 2**20:.0f} MiB now, {old.rss / 2**20:.0f} MiB before" if rss_ratio is not None else ""
-        results.append(_judge("rss_ratio", rss_ratio, spec.rss_ratio_max, "<=", min(new.rss_n, old.rss_n),
-                              RSS_MIN_MESSAGES, detail))
+        new_rss, old_rss = new.rss, old.rss
+        rss_ratio = new_rss / old_rss if new_rss is not None and old_rss else None
+        detail = f"{new_rss / 2**20:.0f} MiB now, {old_rss / 2**20:.0f} MiB before" if new_rss and old_rss else ""
+        results.append(
+            _judge(
+                "rss_ratio", rss_ratio, spec.rss_ratio_max, "<=", min(new.rss_n, old.rss_n), RSS_MIN_MESSAGES, detail
+            )
+        )
     return results
 
 
@@ -156,8 +218,15 @@ def shadow_gate(spec: GateSpec, metrics: dict[str, dict[str, float]]) -> GateRes
             samples += n
             weighted += m["shadow_agreement"] * n
     value = weighted / samples if samples else None
-    return _judge("shadow_agreement", value, spec.shadow_agreement_min, ">=", samples, spec.min_samples,
-                  f"{len(metrics)} devices in shadow")
+    return _judge(
+        "shadow_agreement",
+        value,
+        spec.shadow_agreement_min,
+        ">=",
+        samples,
+        spec.min_samples,
+        f"{len(metrics)} devices in shadow",
+    )
 
 
 def verdict(results: list[GateResult]) -> Status:

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Amount = Annotated[str, Field(pattern=r"^\d+(\.\d+)?%?$", description="a device count (\"5\") or a percentage (\"10%\")")]
+Amount = Annotated[str, Field(pattern=r"^\d+(\.\d+)?%?$", description='a device count ("5") or a percentage ("10%")')]
 
 
 class WaveSpec(BaseModel):

@@ -62,8 +62,15 @@ class PeerDevice:
         self.mqtt.subscribe(topics.cmd(device_id))
         self.mqtt.subscribe(topics.chunks(device_id))
         hw = HardwareProfile(cpu_count=2, ram_bytes=ram_bytes, arch="aarch64", os="Linux")
-        birth = DeviceOnline(ts=time.time(), agent_version="peer", hardware=hw, keepalive_s=30, telemetry_interval_s=10,
-                             labels=labels or {}, installed=self.installed)
+        birth = DeviceOnline(
+            ts=time.time(),
+            agent_version="peer",
+            hardware=hw,
+            keepalive_s=30,
+            telemetry_interval_s=10,
+            labels=labels or {},
+            installed=self.installed,
+        )
         self.mqtt.publish(topics.state(device_id), codec.encode(birth), retain=True)
 
     # ------------------------------------------------------------------ --
@@ -79,10 +86,19 @@ class PeerDevice:
         contiguous = 0
         while contiguous in self.chunks:
             contiguous += 1
-        event = DeploymentEvent(ts=time.time(), seq=self._next(), deployment_id=self.deployment_id,
-                                artifact_id=m.artifact_id, state=state, progress=len(self.chunks) / max(total, 1),
-                                chunks_have=len(self.chunks), chunks_total=total, contiguous=contiguous, reason=reason,
-                                installed=installed)
+        event = DeploymentEvent(
+            ts=time.time(),
+            seq=self._next(),
+            deployment_id=self.deployment_id,
+            artifact_id=m.artifact_id,
+            state=state,
+            progress=len(self.chunks) / max(total, 1),
+            chunks_have=len(self.chunks),
+            chunks_total=total,
+            contiguous=contiguous,
+            reason=reason,
+            installed=installed,
+        )
         self.state = state
         self.mqtt.client.publish(topics.events(self.device_id), codec.encode(event), qos=1)
 
@@ -97,8 +113,13 @@ class PeerDevice:
             else:
                 ranges.append((i, i + 1))
         if ranges:
-            req = ChunkRequest(ts=time.time(), seq=self._next(), deployment_id=self.deployment_id,
-                               artifact_id=m.artifact_id, ranges=ranges[:256])
+            req = ChunkRequest(
+                ts=time.time(),
+                seq=self._next(),
+                deployment_id=self.deployment_id,
+                artifact_id=m.artifact_id,
+                ranges=ranges[:256],
+            )
             self.mqtt.client.publish(topics.events(self.device_id), codec.encode(req), qos=1)
         return ranges
 

@@ -43,8 +43,12 @@ def peers(ctl):  # type: ignore[no-untyped-def]
 def register_anomaly(ctl, tmp_path: Path, name: str = "pump") -> dict:  # type: ignore[no-untyped-def]
     path, threshold = anomaly_model(tmp_path / "m.onnx")
     options = {"task": "anomaly", "anomaly": {"threshold": threshold, "higher_is_anomalous": False, "output": "scores"}}
-    r = ctl.client.post(f"/api/v1/models/{name}/versions", files=[("file", ("m.onnx", path.read_bytes()))],
-                        data={"options": json.dumps(options)}, headers=ctl.auth)
+    r = ctl.client.post(
+        f"/api/v1/models/{name}/versions",
+        files=[("file", ("m.onnx", path.read_bytes()))],
+        data={"options": json.dumps(options)},
+        headers=ctl.auth,
+    )
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -103,8 +107,12 @@ def test_auto_variant_follows_the_device_and_a_device_nothing_fits_fails_clearly
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         tf.add(bundle, arcname="b")
-    r = ctl.client.post("/api/v1/models/clf/versions", files=[("file", ("b.tar", buf.getvalue()))],
-                        data={"options": json.dumps({"task": "text-classification"})}, headers=ctl.auth)
+    r = ctl.client.post(
+        "/api/v1/models/clf/versions",
+        files=[("file", ("b.tar", buf.getvalue()))],
+        data={"options": json.dumps({"task": "text-classification"})},
+        headers=ctl.auth,
+    )
     assert r.status_code == 201, r.text
     big, tiny = peers("big"), peers("tiny", ram_bytes=16 * 2**20)
     dep = deploy(ctl, model="clf", version=1, devices=["big", "tiny"])

@@ -31,12 +31,12 @@ def tar_gz(root: Path, arcname: str = "bundle") -> bytes:
     return buf.getvalue()
 
 
-def upload(ctl, name: str, files: list[tuple[str, bytes]], options: dict[str, Any] | None = None,
-           **params: Any):  # type: ignore[no-untyped-def]
+def upload(ctl, name: str, files: list[tuple[str, bytes]], options: dict[str, Any] | None = None, **params: Any):  # type: ignore[no-untyped-def]
     multipart = [("file", (fname, data, "application/octet-stream")) for fname, data in files]
     data = {"options": json.dumps(options)} if options is not None else {}
-    return ctl.client.post(f"/api/v1/models/{name}/versions", files=multipart, data=data, headers=ctl.auth,
-                           params=params)
+    return ctl.client.post(
+        f"/api/v1/models/{name}/versions", files=multipart, data=data, headers=ctl.auth, params=params
+    )
 
 
 def counts(ctl) -> tuple[int, int, int, int]:  # type: ignore[no-untyped-def]
@@ -128,11 +128,10 @@ def test_slow_imports_answer_202_with_a_job_to_poll(ctl, classifier_dir: Path) -
 
 def _zip_bomb() -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        with zf.open("model.onnx", "w") as f:
-            block = b"\0" * (1024 * 1024)
-            for _ in range(300):  # 300 MiB of zeros in a few hundred kB
-                f.write(block)
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf, zf.open("model.onnx", "w") as f:
+        block = b"\0" * (1024 * 1024)
+        for _ in range(300):  # 300 MiB of zeros in a few hundred kB
+            f.write(block)
     return buf.getvalue()
 
 
@@ -194,8 +193,12 @@ def test_bad_uploads_are_refused_and_leave_nothing_behind(  # type: ignore[no-un
     elif case == "symlink":
         r = upload(ctl, "bad", [("bundle.tar", _symlink_tar(classifier_dir))], clf)
     elif case == "empty":
-        r = ctl.client.post("/api/v1/models/bad/versions", data={"options": json.dumps(clf)}, headers=ctl.auth,
-                            files={"note": (None, "x")})
+        r = ctl.client.post(
+            "/api/v1/models/bad/versions",
+            data={"options": json.dumps(clf)},
+            headers=ctl.auth,
+            files={"note": (None, "x")},
+        )
     elif case == "no_task":
         r = upload(ctl, "bad", [("model.onnx", model_bytes), ("tokenizer.json", tok)])
     elif case == "bad_options":
@@ -214,8 +217,9 @@ def test_uploads_over_the_cap_are_cut_off_with_413(make_controller, classifier_d
     before = counts(ctl)
     r = upload(ctl, "big", [("model.onnx", b"x" * 100_000)], {"task": "anomaly"})
     assert r.status_code == 413 and "limit" in r.json()["detail"]
-    raw = ctl.client.post("/api/v1/models/big/versions", content=b"y" * 100_000, headers=ctl.auth,
-                          params={"filename": "model.onnx"})
+    raw = ctl.client.post(
+        "/api/v1/models/big/versions", content=b"y" * 100_000, headers=ctl.auth, params={"filename": "model.onnx"}
+    )
     assert raw.status_code == 413
     assert counts(ctl) == before
 
@@ -230,5 +234,9 @@ def test_model_creation_is_validated(ctl) -> None:  # type: ignore[no-untyped-de
     bad = [{"name": "a/b", "task": "embeddings"}, {"name": "ok", "task": "dancing"}, {"name": "", "task": "anomaly"}]
     for body in bad:
         assert ctl.client.post("/api/v1/models", json=body, headers=ctl.auth).status_code == 422
-    assert ctl.client.post("/api/v1/models", json={"name": "dup", "task": "anomaly"}, headers=ctl.auth).status_code == 201
-    assert ctl.client.post("/api/v1/models", json={"name": "dup", "task": "anomaly"}, headers=ctl.auth).status_code == 409
+    assert (
+        ctl.client.post("/api/v1/models", json={"name": "dup", "task": "anomaly"}, headers=ctl.auth).status_code == 201
+    )
+    assert (
+        ctl.client.post("/api/v1/models", json={"name": "dup", "task": "anomaly"}, headers=ctl.auth).status_code == 409
+    )

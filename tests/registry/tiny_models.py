@@ -11,11 +11,64 @@ import onnx
 from onnx import TensorProto, helper
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-WORDS = ["good", "great", "fine", "happy", "bad", "awful", "sad", "broken"] + (
-    "the is very not device sensor pump ok a an and are at be by for from has have in it its of on or that this"
-    " to was were will with valve motor line station reading today yesterday morning evening noise heat pressure"
-    " flow level alarm signal report north south east west first second third"
-).split()
+WORDS = ["good", "great", "fine", "happy", "bad", "awful", "sad", "broken"] + [
+    "the",
+    "is",
+    "very",
+    "not",
+    "device",
+    "sensor",
+    "pump",
+    "ok",
+    "a",
+    "an",
+    "and",
+    "are",
+    "at",
+    "be",
+    "by",
+    "for",
+    "from",
+    "has",
+    "have",
+    "in",
+    "it",
+    "its",
+    "of",
+    "on",
+    "or",
+    "that",
+    "this",
+    "to",
+    "was",
+    "were",
+    "will",
+    "with",
+    "valve",
+    "motor",
+    "line",
+    "station",
+    "reading",
+    "today",
+    "yesterday",
+    "morning",
+    "evening",
+    "noise",
+    "heat",
+    "pressure",
+    "flow",
+    "level",
+    "alarm",
+    "signal",
+    "report",
+    "north",
+    "south",
+    "east",
+    "west",
+    "first",
+    "second",
+    "third",
+]
 
 
 def word_tokenizer(path: Path) -> Path:

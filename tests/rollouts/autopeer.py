@@ -29,9 +29,18 @@ Behaviour = Literal["ok", "fail_load", "slow", "disagree", "errors"]
 
 
 class AutoPeer(PeerDevice):
-    def __init__(self, port: int, device_id: str, key: str, *, behaviour: Behaviour = "ok",
-                 serving: InstalledModel | None = None, base_ms: float = 10.0, telemetry_s: float = 0.3,
-                 **kw: Any) -> None:
+    def __init__(
+        self,
+        port: int,
+        device_id: str,
+        key: str,
+        *,
+        behaviour: Behaviour = "ok",
+        serving: InstalledModel | None = None,
+        base_ms: float = 10.0,
+        telemetry_s: float = 0.3,
+        **kw: Any,
+    ) -> None:
         self.behaviour = behaviour
         self.serving = serving
         self.previous: InstalledModel | None = None
@@ -127,8 +136,15 @@ class AutoPeer(PeerDevice):
 
         m = self.manifest
         assert m is not None
-        event = DeploymentEvent(ts=time.time(), seq=self._next(), deployment_id=self.deployment_id,
-                                artifact_id=m.artifact_id, state=state, progress=1.0, metrics=metrics)
+        event = DeploymentEvent(
+            ts=time.time(),
+            seq=self._next(),
+            deployment_id=self.deployment_id,
+            artifact_id=m.artifact_id,
+            state=state,
+            progress=1.0,
+            metrics=metrics,
+        )
         self.mqtt.client.publish(topics.events(self.device_id), codec.encode(event), qos=1)
 
     def _switch(self) -> None:
@@ -154,12 +170,19 @@ class AutoPeer(PeerDevice):
         new = self.manifest is not None and serving.version == self.manifest.version
         ms = self.base_ms * (3.0 if new and self.behaviour == "slow" else 1.0)
         count, errors = 50, (10 if new and self.behaviour == "errors" else 0)
-        latency = LatencySummary(p50_ms=ms, p95_ms=ms, p99_ms=ms, mean_ms=ms, max_ms=ms,
-                                 buckets=[(bucket_index(ms), count)])
-        msg = Telemetry(ts=time.time(), seq=self.telemetry_seq, interval_s=self.telemetry_s, uptime_s=1, cpu_percent=5,
-                        rss_bytes=100 * 2**20, model=ModelRef(model=serving.model, version=serving.version,
-                                                               variant=serving.variant),
-                        inference=InferenceStats(count=count, errors=errors, latency=latency))
+        latency = LatencySummary(
+            p50_ms=ms, p95_ms=ms, p99_ms=ms, mean_ms=ms, max_ms=ms, buckets=[(bucket_index(ms), count)]
+        )
+        msg = Telemetry(
+            ts=time.time(),
+            seq=self.telemetry_seq,
+            interval_s=self.telemetry_s,
+            uptime_s=1,
+            cpu_percent=5,
+            rss_bytes=100 * 2**20,
+            model=ModelRef(model=serving.model, version=serving.version, variant=serving.variant),
+            inference=InferenceStats(count=count, errors=errors, latency=latency),
+        )
         self.telemetry_seq += 1
         self.mqtt.client.publish(topics.telemetry(self.device_id), codec.encode(msg), qos=1)
 

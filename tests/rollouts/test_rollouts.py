@@ -17,8 +17,14 @@ from tests.helpers import wait_until
 from tests.registry.tiny_models import anomaly_model
 from tests.rollouts.autopeer import AutoPeer
 
-FAST_GATES = {"min_samples": 100, "deadline_s": 20, "error_rate_max": 0.05, "p95_latency_ratio_max": 1.5,
-              "rss_ratio_max": 1.5, "shadow_agreement_min": 0.9}
+FAST_GATES = {
+    "min_samples": 100,
+    "deadline_s": 20,
+    "error_rate_max": 0.05,
+    "p95_latency_ratio_max": 1.5,
+    "rss_ratio_max": 1.5,
+    "shadow_agreement_min": 0.9,
+}
 
 
 def fast_waves(*untils: str, bake: float = 0.6, **kw: Any) -> list[dict[str, Any]]:
@@ -36,8 +42,12 @@ def versions(ctl, tmp_path: Path) -> dict[int, dict]:  # type: ignore[no-untyped
     options = {"task": "anomaly", "anomaly": {"threshold": threshold, "higher_is_anomalous": False, "output": "scores"}}
     out = {}
     for _ in range(2):
-        r = ctl.client.post("/api/v1/models/pump/versions", files=[("file", ("m.onnx", path.read_bytes()))],
-                            data={"options": json.dumps(options)}, headers=ctl.auth)
+        r = ctl.client.post(
+            "/api/v1/models/pump/versions",
+            files=[("file", ("m.onnx", path.read_bytes()))],
+            data={"options": json.dumps(options)},
+            headers=ctl.auth,
+        )
         assert r.status_code == 201, r.text
         out[r.json()["number"]] = r.json()
     return out
@@ -50,20 +60,34 @@ def fleet(ctl, versions):  # type: ignore[no-untyped-def]
     serving = InstalledModel(model="pump", version=1, variant="fp32", artifact=v1["artifact_id"])
     made: list[AutoPeer] = []
 
-    def make(n: int, behaviour: dict[int, str] | None = None, labels: dict[int, dict[str, str]] | None = None,
-             prefix: str = "dev") -> list[AutoPeer]:
+    def make(
+        n: int,
+        behaviour: dict[int, str] | None = None,
+        labels: dict[int, dict[str, str]] | None = None,
+        prefix: str = "dev",
+    ) -> list[AutoPeer]:
         peers = []
         for i in range(n):
-            peer = AutoPeer(ctl.broker.port, f"{prefix}-{i:02d}", key, serving=serving,
-                            behaviour=(behaviour or {}).get(i, "ok"),  # type: ignore[arg-type]
-                            labels={"fleet": "pumps", **(labels or {}).get(i, {})})
+            peer = AutoPeer(
+                ctl.broker.port,
+                f"{prefix}-{i:02d}",
+                key,
+                serving=serving,
+                behaviour=(behaviour or {}).get(i, "ok"),  # type: ignore[arg-type]
+                labels={"fleet": "pumps", **(labels or {}).get(i, {})},
+            )
             peers.append(peer)
             made.append(peer)
-        wait_until(lambda: ctl.client.get("/api/v1/devices", params={"selector": "fleet=pumps"}).json()["total"]
-                   >= len(made), 15)
+        wait_until(
+            lambda: ctl.client.get("/api/v1/devices", params={"selector": "fleet=pumps"}).json()["total"] >= len(made),
+            15,
+        )
         # devices have been serving the previous version for a while: that is the gates' baseline
-        wait_until(lambda: all(len(ctl.client.get(f"/api/v1/devices/{p.device_id}/telemetry").json()) >= 4
-                               for p in peers), 30, what="baseline telemetry")
+        wait_until(
+            lambda: all(len(ctl.client.get(f"/api/v1/devices/{p.device_id}/telemetry").json()) >= 4 for p in peers),
+            30,
+            what="baseline telemetry",
+        )
         return peers
 
     yield make
@@ -72,8 +96,11 @@ def fleet(ctl, versions):  # type: ignore[no-untyped-def]
 
 
 def rollout(ctl, **body: Any) -> dict:  # type: ignore[no-untyped-def]
-    r = ctl.client.post("/api/v1/rollouts", json={"model": "pump", "version": 2, "selector": "fleet=pumps",
-                                                   "gates": FAST_GATES, **body}, headers=ctl.auth)
+    r = ctl.client.post(
+        "/api/v1/rollouts",
+        json={"model": "pump", "version": 2, "selector": "fleet=pumps", "gates": FAST_GATES, **body},
+        headers=ctl.auth,
+    )
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -83,8 +110,11 @@ def get(ctl, rid: str) -> dict:  # type: ignore[no-untyped-def]
 
 
 def until_state(ctl, rid: str, *states: str, timeout: float = 60) -> dict:  # type: ignore[no-untyped-def]
-    return wait_until(lambda: (r := get(ctl, rid))["state"] in states and r, timeout,  # type: ignore[return-value]
-                      what=f"rollout in {states}")
+    return wait_until(
+        lambda: (r := get(ctl, rid))["state"] in states and r,
+        timeout,  # type: ignore[return-value]
+        what=f"rollout in {states}",
+    )
 
 
 def test_a_good_model_goes_through_every_wave(ctl, fleet) -> None:  # type: ignore[no-untyped-def]
@@ -101,14 +131,20 @@ def test_a_good_model_goes_through_every_wave(ctl, fleet) -> None:  # type: igno
     gates = {g["name"]: g for g in done["gates"]}
     assert gates["error_rate"]["status"] == "pass" and gates["p95_latency_ratio"]["status"] == "pass"
     assert gates["p95_latency_ratio"]["samples"] >= 100
-    wait_until(lambda: all(any(isinstance(c, Commit) for c in p.commands) for p in peers), 10,
-               what="the new model confirmed on every device")
+    wait_until(
+        lambda: all(any(isinstance(c, Commit) for c in p.commands) for p in peers),
+        10,
+        what="the new model confirmed on every device",
+    )
 
 
 def test_failures_in_the_canary_abort_and_every_touched_device_returns(ctl, fleet) -> None:  # type: ignore[no-untyped-def]
     # 30% of the fleet cannot load the model; the canary (tier=canary) includes one of them
-    peers = fleet(10, behaviour={0: "fail_load", 4: "fail_load", 7: "fail_load"},
-                  labels={0: {"tier": "canary"}, 1: {"tier": "canary"}, 2: {"tier": "canary"}})
+    peers = fleet(
+        10,
+        behaviour={0: "fail_load", 4: "fail_load", 7: "fail_load"},
+        labels={0: {"tier": "canary"}, 1: {"tier": "canary"}, 2: {"tier": "canary"}},
+    )
     waves = [{"selector": "tier=canary", "bake_s": 0.5, "failure_threshold": "1"}, *fast_waves("100%")]
     r = rollout(ctl, waves=waves)
     done = until_state(ctl, r["id"], "aborted", timeout=60)
@@ -116,12 +152,21 @@ def test_failures_in_the_canary_abort_and_every_touched_device_returns(ctl, flee
     assert any(t["to_state"] == "aborting" and "failed in wave 0" in t["reason"] for t in done["transitions"])
     touched = peers[:3]
     # a device whose switch crossed the cancel on the wire is sent back too
-    wait_until(lambda: all(p.serving is not None and p.serving.version == 1 for p in touched), 20,
-               what="every touched device back on version 1")
+    wait_until(
+        lambda: all(p.serving is not None and p.serving.version == 1 for p in touched),
+        20,
+        what="every touched device back on version 1",
+    )
     assert all(p.deploys == [] for p in peers[3:])  # later waves never started
     dep_url = f"/api/v1/deployments/{done['waves'][0]['deployment_id']}"
-    states = wait_until(lambda: (x := sorted(t["state"] for t in ctl.client.get(dep_url).json()["targets"]))
-                        and "rolling_back" not in x and x, 20)
+    states = wait_until(
+        lambda: (
+            (x := sorted(t["state"] for t in ctl.client.get(dep_url).json()["targets"]))
+            and "rolling_back" not in x
+            and x
+        ),
+        20,
+    )
     assert states.count("failed") == 1 and set(states) <= {"failed", "rolled_back", "cancelled"}
 
 
@@ -139,8 +184,9 @@ def test_shadow_disagreement_fails_before_any_device_switches(ctl, fleet) -> Non
     peers = fleet(4, behaviour=dict.fromkeys(range(4), "disagree"))
     r = rollout(ctl, waves=fast_waves("50%", "100%"), shadow={"sample_rate": 0.5, "min_samples": 50})
     done = until_state(ctl, r["id"], "aborted", timeout=60)
-    assert any(t["from_state"] == "shadow_gating" and "shadow agreement 0.500" in t["reason"]
-               for t in done["transitions"])
+    assert any(
+        t["from_state"] == "shadow_gating" and "shadow agreement 0.500" in t["reason"] for t in done["transitions"]
+    )
     assert all(p.serving is not None and p.serving.version == 1 for p in peers)
     assert not any(t["to_state"] == "activating" for t in done["transitions"])
 
@@ -190,15 +236,17 @@ def test_operator_controls_pause_resume_approve_abort(ctl, fleet) -> None:  # ty
     assert refused.status_code == 409 and "paused" in refused.json()["detail"]
     resumed = ctl.client.post(f"/api/v1/rollouts/{r['id']}/resume", headers=ctl.auth).json()
     assert resumed["state"] == "awaiting_approval"
-    approved = ctl.client.post(f"/api/v1/rollouts/{r['id']}/approve", headers=ctl.auth,
-                               json={"reason": "canary looks good"}).json()
+    approved = ctl.client.post(
+        f"/api/v1/rollouts/{r['id']}/approve", headers=ctl.auth, json={"reason": "canary looks good"}
+    ).json()
     assert approved["wave_index"] == 1
     second = until_state(ctl, r["id"], "awaiting_approval", timeout=60)
     assert second["wave_index"] == 1
     touched = [p for p in peers if p.deploys]
     assert len(touched) == 2
-    aborted = ctl.client.post(f"/api/v1/rollouts/{r['id']}/abort", headers=ctl.auth,
-                              json={"reason": "changed my mind"}).json()
+    aborted = ctl.client.post(
+        f"/api/v1/rollouts/{r['id']}/abort", headers=ctl.auth, json={"reason": "changed my mind"}
+    ).json()
     assert aborted["state"] in ("aborting", "aborted")
     final = until_state(ctl, r["id"], "aborted", timeout=60)
     wait_until(lambda: all(p.serving.version == 1 for p in touched), 20)  # type: ignore[union-attr]
@@ -223,8 +271,9 @@ def test_the_controller_restarts_in_the_middle_of_a_wave(private_broker, make_co
     r = rollout(ctl, waves=fast_waves("1", "100%", bake=2.0))
     until_state(ctl, r["id"], "baking", timeout=60)
     ctl.client.__exit__(None, None, None)
-    second = make_controller(private_broker, chunk_size=65536, rollout_step_s=0.2,
-                             data_dir=ctl.runtime.settings.data_dir)
+    second = make_controller(
+        private_broker, chunk_size=65536, rollout_step_s=0.2, data_dir=ctl.runtime.settings.data_dir
+    )
     done = until_state(second, r["id"], "completed", "aborted", timeout=90)
     assert done["state"] == "completed", done["reason"]
     assert all(p.serving.version == 2 for p in peers)  # type: ignore[union-attr]
@@ -251,8 +300,11 @@ def test_bad_rollouts_are_refused(ctl, fleet) -> None:  # type: ignore[no-untype
         ({"selector": "a=b=c"}, 422, "selector term"),
     ]
     for body, code, needle in cases:
-        r = ctl.client.post("/api/v1/rollouts", json={"model": "pump", "version": 2, "selector": "fleet=pumps", **body},
-                            headers=ctl.auth)
+        r = ctl.client.post(
+            "/api/v1/rollouts",
+            json={"model": "pump", "version": 2, "selector": "fleet=pumps", **body},
+            headers=ctl.auth,
+        )
         assert r.status_code == code, (body, r.text)
         assert needle in r.text, (body, r.text)
 
@@ -291,8 +343,12 @@ def test_a_controller_restart_in_any_state_resumes(private_broker, make_controll
         return time.time() + offset[0]
 
     ctl.runtime.rollouts.clock = clock
-    body: dict[str, Any] = {**extra, "waves": fast_waves("1", "100%", bake=0.5 if state != "baking" else 5.0,
-                                                        require_approval=state == "awaiting_approval")}
+    body: dict[str, Any] = {
+        **extra,
+        "waves": fast_waves(
+            "1", "100%", bake=0.5 if state != "baking" else 5.0, require_approval=state == "awaiting_approval"
+        ),
+    }
     if state == "pending":
         body["start_at"] = datetime.fromtimestamp(time.time() + 4, UTC).isoformat()
     if state == "waiting_window":
@@ -310,8 +366,9 @@ def test_a_controller_restart_in_any_state_resumes(private_broker, make_controll
         ctl.client.post(f"/api/v1/rollouts/{r['id']}/abort", headers=ctl.auth)
     before = until_state(ctl, r["id"], state, timeout=30)
     ctl.client.__exit__(None, None, None)
-    second = make_controller(private_broker, chunk_size=65536, rollout_step_s=0.2,
-                             data_dir=ctl.runtime.settings.data_dir)
+    second = make_controller(
+        private_broker, chunk_size=65536, rollout_step_s=0.2, data_dir=ctl.runtime.settings.data_dir
+    )
     second.runtime.rollouts.clock = clock
     after = get(second, r["id"])
     assert after["state"] == state and after["wave_index"] == before["wave_index"]
@@ -330,7 +387,8 @@ def test_a_controller_restart_in_any_state_resumes(private_broker, make_controll
     done = until_state(second, r["id"], "completed", "aborted", timeout=120)
     assert done["state"] == end, done["reason"]
     expected_version = 2 if end == "completed" else 1
-    wait_until(lambda: all(p.serving is not None and p.serving.version == expected_version for p in peers
-                           if p.deploys), 30)
+    wait_until(
+        lambda: all(p.serving is not None and p.serving.version == expected_version for p in peers if p.deploys), 30
+    )
     entered = [t for t in done["transitions"] if t["to_state"] == state and t["wave"] == before["wave_index"]]
     assert len(entered) == 1  # resumed, not replayed

@@ -26,18 +26,38 @@ def _dt(ts: float | None) -> datetime | None:
 
 def _from_live(t: Target) -> TargetPublic:
     return TargetPublic(
-        device_id=t.device_id, artifact_id=t.artifact_id, variant=t.variant, state=t.state, progress=t.progress,
-        percent=round(100 * t.progress, 1), chunks_have=t.chunks_have, chunks_total=t.chunks_total, reason=t.reason,
-        metrics=t.metrics, previous=t.previous, started_at=_dt(t.started_at),  # type: ignore[arg-type]
-        updated_at=_dt(t.updated_at), finished_at=_dt(t.finished_at),  # type: ignore[arg-type]
+        device_id=t.device_id,
+        artifact_id=t.artifact_id,
+        variant=t.variant,
+        state=t.state,
+        progress=t.progress,
+        percent=round(100 * t.progress, 1),
+        chunks_have=t.chunks_have,
+        chunks_total=t.chunks_total,
+        reason=t.reason,
+        metrics=t.metrics,
+        previous=t.previous,
+        started_at=_dt(t.started_at),
+        updated_at=_dt(t.updated_at),
+        finished_at=_dt(t.finished_at),
     )
 
 
 def _from_row(r: DeploymentTarget) -> TargetPublic:
     return TargetPublic(
-        device_id=r.device_id, artifact_id=r.artifact_id, variant=r.variant, state=r.state, progress=r.progress,
-        percent=round(100 * r.progress, 1), chunks_have=r.chunks_have, chunks_total=r.chunks_total, reason=r.reason,
-        metrics=r.metrics, previous=r.previous, started_at=r.started_at, updated_at=r.updated_at,
+        device_id=r.device_id,
+        artifact_id=r.artifact_id,
+        variant=r.variant,
+        state=r.state,
+        progress=r.progress,
+        percent=round(100 * r.progress, 1),
+        chunks_have=r.chunks_have,
+        chunks_total=r.chunks_total,
+        reason=r.reason,
+        metrics=r.metrics,
+        previous=r.previous,
+        started_at=r.started_at,
+        updated_at=r.updated_at,
         finished_at=r.finished_at,
     )
 
@@ -47,17 +67,31 @@ def render(runtime: ControllerRuntime, session: Session, dep: Deployment) -> Dep
     if live:
         targets = [_from_live(t) for t in sorted(live, key=lambda t: t.device_id)]
     else:
-        rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == dep.id)
-                            .order_by(col(DeploymentTarget.device_id))).all()
+        rows = session.exec(
+            select(DeploymentTarget)
+            .where(DeploymentTarget.deployment_id == dep.id)
+            .order_by(col(DeploymentTarget.device_id))
+        ).all()
         targets = [_from_row(r) for r in rows]
     counts: dict[str, int] = {}
     for t in targets:
         counts[t.state] = counts.get(t.state, 0) + 1
     return DeploymentPublic(
-        id=dep.id, model=dep.model_name, version=dep.version_number, variant_rule=dep.variant_rule,
-        selector=dep.selector, device_ids=dep.device_ids, status=runtime.delivery.live_status(dep.id) or dep.status,
-        activate=dep.activate, timeout_s=dep.timeout_s, rollout_id=dep.rollout_id, created_at=dep.created_at,
-        created_by=dep.created_by, finished_at=dep.finished_at, counts=counts, targets=targets,
+        id=dep.id,
+        model=dep.model_name,
+        version=dep.version_number,
+        variant_rule=dep.variant_rule,
+        selector=dep.selector,
+        device_ids=dep.device_ids,
+        status=runtime.delivery.live_status(dep.id) or dep.status,
+        activate=dep.activate,
+        timeout_s=dep.timeout_s,
+        rollout_id=dep.rollout_id,
+        created_at=dep.created_at,
+        created_by=dep.created_by,
+        finished_at=dep.finished_at,
+        counts=counts,
+        targets=targets,
     )
 
 
@@ -69,7 +103,9 @@ def _get(session: Session, deployment_id: str) -> Deployment:
 
 
 @router.post("", response_model=DeploymentPublic, status_code=status.HTTP_201_CREATED)
-def create_deployment(body: DeploymentCreate, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> DeploymentPublic:
+def create_deployment(
+    body: DeploymentCreate, runtime: RuntimeDep, session: SessionDep, who: OperatorDep
+) -> DeploymentPublic:
     """Send a model version to devices (ids or a label selector); the variant is chosen per device unless given."""
     target = body.target
     devices = (target.devices if target else None) or body.devices
@@ -77,17 +113,32 @@ def create_deployment(body: DeploymentCreate, runtime: RuntimeDep, session: Sess
     if runtime.bridge is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the controller has no broker connection")
     request = DeploymentRequest(
-        model=body.model, version=body.version, variant=body.variant, device_ids=devices, selector=selector,
-        activate=body.activate, timeout_s=body.timeout_s,
+        model=body.model,
+        version=body.version,
+        variant=body.variant,
+        device_ids=devices,
+        selector=selector,
+        activate=body.activate,
+        timeout_s=body.timeout_s,
         shadow=None if body.shadow is None else ShadowSpec(**body.shadow.model_dump()),
     )
     try:
         deployment_id = runtime.delivery.create(request, who.name)
     except DeploymentError as exc:
         raise HTTPException(exc.status, str(exc)) from None
-    audit.record(session, who.name, "deployment.create", deployment_id,
-                 {"model": body.model, "version": body.version, "variant": body.variant, "selector": selector,
-                  "devices": (devices or [])[:50]})
+    audit.record(
+        session,
+        who.name,
+        "deployment.create",
+        deployment_id,
+        {
+            "model": body.model,
+            "version": body.version,
+            "variant": body.variant,
+            "selector": selector,
+            "devices": (devices or [])[:50],
+        },
+    )
     session.commit()
     return render(runtime, session, _get(session, deployment_id))
 

@@ -34,7 +34,7 @@ def health(runtime: RuntimeDep, response: Response) -> Health:
     return Health(
         status="ok" if ok else "degraded",
         version=__version__,
-        database=database,  # type: ignore[arg-type]
+        database=database,
         broker=broker,
         devices=runtime.registry.counts(),
         ingest_queue=runtime.writer.depth,

@@ -41,8 +41,13 @@ def _model_public(session: Session, model: Model) -> ModelPublic:
         select(func.count(), func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)
     ).one()
     return ModelPublic(
-        name=model.name, task=model.task, description=model.description, created_at=model.created_at,
-        created_by=model.created_by, versions=int(count), latest_version=latest,
+        name=model.name,
+        task=model.task,
+        description=model.description,
+        created_at=model.created_at,
+        created_by=model.created_by,
+        versions=int(count),
+        latest_version=latest,
     )
 
 
@@ -64,8 +69,13 @@ def _version_public(session: Session, model: Model, version: ModelVersion) -> Ve
     artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
     order = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
     return VersionPublic(
-        model=model.name, number=version.number, task=model.task, source=version.source,
-        description=version.description, created_at=version.created_at, created_by=version.created_by,
+        model=model.name,
+        number=version.number,
+        task=model.task,
+        source=version.source,
+        description=version.description,
+        created_at=version.created_at,
+        created_by=version.created_by,
         variants=[_summary(a) for a in sorted(artifacts, key=lambda a: (order.get(a.variant, 9), a.variant))],
         refused=version.refused,
     )
@@ -73,9 +83,16 @@ def _version_public(session: Session, model: Model, version: ModelVersion) -> Ve
 
 def _job_public(job: ImportJob) -> ImportJobPublic:
     return ImportJobPublic(
-        id=job.id, model=job.model_name, status=job.status,  # type: ignore[arg-type]
-        stage=job.stage, progress=job.progress, message=job.message, error=job.error,
-        version=job.version_number, created_at=job.created_at, updated_at=job.updated_at,
+        id=job.id,
+        model=job.model_name,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress,
+        message=job.message,
+        error=job.error,
+        version=job.version_number,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
         url=f"/api/v1/imports/{job.id}",
     )
 
@@ -164,8 +181,9 @@ async def upload_version(
         raise
     job_id = registry.submit(name, staging, bundle_root, parsed, who.name)
     with Session(runtime.engine) as session:
-        audit.record(session, who.name, "model.version.import", name, {"job": job_id, "files": files[:20],
-                                                                       "bytes": upload.size})
+        audit.record(
+            session, who.name, "model.version.import", name, {"job": job_id, "files": files[:20], "bytes": upload.size}
+        )
         session.commit()
     timeout = runtime.settings.import_wait_s if wait is None else wait
     finished = await anyio.to_thread.run_sync(registry.wait, job_id, timeout)
@@ -173,8 +191,11 @@ async def upload_version(
         job = session.get(ImportJob, job_id)
         assert job is not None
         if not finished or job.status in ("queued", "running"):
-            return JSONResponse(_job_public(job).model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED,
-                                headers={"Location": f"/api/v1/imports/{job_id}"})
+            return JSONResponse(
+                _job_public(job).model_dump(mode="json"),
+                status_code=status.HTTP_202_ACCEPTED,
+                headers={"Location": f"/api/v1/imports/{job_id}"},
+            )
         if job.status == "failed":
             raise HTTPException(422, job.error or "the import failed")
         model = _model(session, name)

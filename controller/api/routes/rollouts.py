@@ -84,24 +84,58 @@ def render(runtime: ControllerRuntime, session: Session, r: Rollout) -> RolloutP
             for t in runtime.delivery.targets(dep):
                 counts[t.state] = counts.get(t.state, 0) + 1
         status_ = "done" if i < r.wave_index else ("current" if i == r.wave_index else "waiting")
-        wave_list.append(WavePublic(
-            index=i, name=w.name, until=w.until, devices=sum(1 for x in r.assignment.values() if x == i) or sizes[i],
-            deployment_id=dep, counts=counts, max_concurrent=w.max_concurrent, success_threshold=w.success_threshold,
-            failure_threshold=w.failure_threshold, bake_s=w.bake_s, require_approval=w.require_approval,
-            status=status_,  # type: ignore[arg-type]
-        ))
+        wave_list.append(
+            WavePublic(
+                index=i,
+                name=w.name,
+                until=w.until,
+                devices=sum(1 for x in r.assignment.values() if x == i) or sizes[i],
+                deployment_id=dep,
+                counts=counts,
+                max_concurrent=w.max_concurrent,
+                success_threshold=w.success_threshold,
+                failure_threshold=w.failure_threshold,
+                bake_s=w.bake_s,
+                require_approval=w.require_approval,
+                status=status_,
+            )
+        )
     transitions = session.exec(
         select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(col(RolloutTransition.id))
     ).all()
     return RolloutPublic(
-        id=r.id, model=r.model_name, version=r.version_number, selector=r.selector, state=r.state,
-        wave_index=r.wave_index, state_since=r.state_since, reason=r.reason, paused_from=r.paused_from,
-        devices=len(r.assignment), waves=wave_list, gates=r.gate_results, gate_spec=spec.gates.model_dump(),
-        shadow=spec.shadow.model_dump() if spec.shadow else None, windows=[w.model_dump() for w in spec.windows],
-        start_at=spec.start_at, late_devices=spec.late_devices, created_at=r.created_at, created_by=r.created_by,
+        id=r.id,
+        model=r.model_name,
+        version=r.version_number,
+        selector=r.selector,
+        state=r.state,
+        wave_index=r.wave_index,
+        state_since=r.state_since,
+        reason=r.reason,
+        paused_from=r.paused_from,
+        devices=len(r.assignment),
+        waves=wave_list,
+        gates=r.gate_results,
+        gate_spec=spec.gates.model_dump(),
+        shadow=spec.shadow.model_dump() if spec.shadow else None,
+        windows=[w.model_dump() for w in spec.windows],
+        start_at=spec.start_at,
+        late_devices=spec.late_devices,
+        created_at=r.created_at,
+        created_by=r.created_by,
         finished_at=r.finished_at,
-        transitions=[TransitionPublic(at=t.at, from_state=t.from_state, event=t.event, to_state=t.to_state,
-                                      wave=t.wave, reason=t.reason, actor=t.actor) for t in transitions],
+        transitions=[
+            TransitionPublic(
+                at=t.at,
+                from_state=t.from_state,
+                event=t.event,
+                to_state=t.to_state,
+                wave=t.wave,
+                reason=t.reason,
+                actor=t.actor,
+            )
+            for t in transitions
+        ],
     )
 
 
@@ -140,8 +174,9 @@ def get_rollout(rollout_id: str, runtime: RuntimeDep, session: SessionDep, _: Vi
     return render(runtime, session, _get(session, rollout_id))
 
 
-def _act(runtime: ControllerRuntime, session: Session, rollout_id: str, action: str, actor: str,
-         body: ActionBody | None) -> RolloutPublic:
+def _act(
+    runtime: ControllerRuntime, session: Session, rollout_id: str, action: str, actor: str, body: ActionBody | None
+) -> RolloutPublic:
     _get(session, rollout_id)
     reason = body.reason if body else ""
     try:
@@ -155,32 +190,37 @@ def _act(runtime: ControllerRuntime, session: Session, rollout_id: str, action: 
 
 
 @router.post("/{rollout_id}/pause", response_model=RolloutPublic)
-def pause(rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep,
-          body: ActionBody | None = None) -> RolloutPublic:
+def pause(
+    rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
+) -> RolloutPublic:
     return _act(runtime, session, rollout_id, "pause", who.name, body)
 
 
 @router.post("/{rollout_id}/resume", response_model=RolloutPublic)
-def resume(rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep,
-           body: ActionBody | None = None) -> RolloutPublic:
+def resume(
+    rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
+) -> RolloutPublic:
     return _act(runtime, session, rollout_id, "resume", who.name, body)
 
 
 @router.post("/{rollout_id}/abort", response_model=RolloutPublic)
-def abort(rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep,
-          body: ActionBody | None = None) -> RolloutPublic:
+def abort(
+    rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
+) -> RolloutPublic:
     """Stop and send every device the rollout touched back to its previous model."""
     return _act(runtime, session, rollout_id, "abort", who.name, body)
 
 
 @router.post("/{rollout_id}/approve", response_model=RolloutPublic)
-def approve(rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep,
-            body: ActionBody | None = None) -> RolloutPublic:
+def approve(
+    rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
+) -> RolloutPublic:
     return _act(runtime, session, rollout_id, "approve", who.name, body)
 
 
 @router.post("/{rollout_id}/advance", response_model=RolloutPublic)
-def advance(rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep,
-            body: ActionBody | None = None) -> RolloutPublic:
+def advance(
+    rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
+) -> RolloutPublic:
     """Start the next wave now, skipping the rest of the bake and the gates."""
     return _act(runtime, session, rollout_id, "advance", who.name, body)

@@ -81,13 +81,18 @@ def evaluate_encoder(
         raise ConversionError("no evaluation samples")
 
     ref_pipe = load_pipeline(reference.spec, reference.root, threads=threads)
-    cand_pipe = load_pipeline(candidate.spec, candidate.root, threads=threads)
     try:
         ref_out = _run_all(ref_pipe, samples)
-        cand_out = _run_all(cand_pipe, samples)
     finally:
         ref_pipe.close()
-        cand_pipe.close()
+    if candidate is reference:
+        cand_out = ref_out  # measuring the reference itself: it ran once, it agrees with itself
+    else:
+        cand_pipe = load_pipeline(candidate.spec, candidate.root, threads=threads)
+        try:
+            cand_out = _run_all(cand_pipe, samples)
+        finally:
+            cand_pipe.close()
     agreement, kind, compared = _agreement(task, ref_out, cand_out)
 
     p50 = p95 = None

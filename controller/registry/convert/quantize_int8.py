@@ -95,8 +95,10 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
     seconds = time.perf_counter() - started
     if not quantized_any:
         # A copy named int8 would only be a bigger fp32 (the quantizer adds metadata): refuse it.
-        raise ConversionError("int8 quantizes nothing in this model: it has no MatMul, Gather or Conv with"
-                              " constant weights (tree ensembles, for example); keep the fp32 variant")
+        raise ConversionError(
+            "int8 quantizes nothing in this model: it has no MatMul, Gather or Conv with"
+            " constant weights (tree ensembles, for example); keep the fp32 variant"
+        )
 
     quantization = Quantization(
         method="int8-dynamic",
