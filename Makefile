@@ -23,7 +23,21 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/.run-deps
 
 setup: $(VENV)/.run-deps
 
+# The dashboard's browser tests drive Debian's Chromium with Playwright (never a browser Playwright downloads).
+# Installed here when missing and we may (root with apt-get); otherwise those tests skip and say why.
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+
 setup-test: $(VENV)/.test-deps
+	@if [ -n "$(CHROMIUM)" ] || [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium for the dashboard's browser tests (apt-get install chromium)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+		echo "could not install chromium: the browser tests will be skipped"; \
+	else \
+		echo "Chromium not found: the dashboard's browser tests will be skipped."; \
+		echo "  Install it with: sudo apt-get install chromium  (or set SLMFLEET_CHROMIUM=/path/to/chromium)"; \
+	fi
 
 run: setup
 	$(BIN)/slmfleet up $(ARGS)

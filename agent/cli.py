@@ -70,6 +70,20 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-file", dest="ca_file", type=Path)
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: automatic)")
+    p.add_argument(
+        "--ort-allow-spinning",
+        dest="ort_allow_spinning",
+        action="store_true",
+        default=None,
+        help="let onnxruntime's threads busy-wait between runs (off by default)",
+    )
+    p.add_argument(
+        "--signing-key-file",
+        dest="signing_key_file",
+        type=Path,
+        help="the controller's public key (PEM, GET /api/v1/signing-key); without it deployments are refused",
+    )
+    p.add_argument("--store-max-bytes", dest="store_max_bytes", type=int, help="cap on the two model slots (0: none)")
     p.add_argument("--log-level", dest="log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 

@@ -27,7 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from agent.core.actions import Publish, Subscribe
@@ -63,9 +63,15 @@ class DeploymentDriver:
         clock: Callable[[], float] = time.time,
         threaded: bool = True,
         tap: ShadowTap | None = None,
+        executor: Executor | None = None,
     ) -> None:
         """``post(fn)`` runs ``fn`` on the thread that owns the manager (the event loop);
-        ``emit(actions)`` carries out transport actions there. Both are needed when ``threaded``."""
+        ``emit(actions)`` carries out transport actions there. Both are needed when ``threaded``.
+
+        ``executor`` replaces the one worker thread of a threaded driver: the simulator passes one that
+        runs each job on the event loop after the time the job would take on the simulated hardware.
+        """
+        threaded = threaded or executor is not None
         if threaded and (post is None or emit is None):
             raise ValueError("a threaded DeploymentDriver needs post (to the event loop) and emit")
         self.manager = manager
@@ -74,7 +80,9 @@ class DeploymentDriver:
         self._post = post
         self._emit = emit
         self._clock = clock
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="deploy") if threaded else None
+        if executor is None and threaded:
+            executor = ThreadPoolExecutor(1, thread_name_prefix="deploy")
+        self._executor = executor
         self._inbox: deque[Result] = deque()
         self._birth: Callable[[float], Publish] | None = None
         self._closed = False

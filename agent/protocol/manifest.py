@@ -39,8 +39,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from functools import cached_property
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator

@@ -220,9 +220,7 @@ class ChunkRequest(_Message):
     ranges: Annotated[list[tuple[Count, Count]], Field(min_length=1, max_length=256)]
 
 
-EventMessage = Annotated[
-    AgentEvent | CommandAck | DeploymentEvent | ChunkRequest, Field(discriminator="type")
-]
+EventMessage = Annotated[AgentEvent | CommandAck | DeploymentEvent | ChunkRequest, Field(discriminator="type")]
 
 
 # ------------------------------------------------------------- commands ----

@@ -64,11 +64,11 @@ class AgentSettings(BaseModel):
     mqtt_input_broker: str | None = Field(
         None, description="broker URL of the input topics (a local gateway); unset: the fleet broker connection"
     )
-    mqtt_input_username: str | None = None
+    mqtt_input_username: str | None = Field(None, description="user name on the input broker")
     mqtt_input_password_file: Path | None = Field(
         None, description="file (mode 0600) with the input broker's password (or credential mqtt-input-password)"
     )
-    mqtt_input_qos: Literal[0, 1] = 0
+    mqtt_input_qos: Literal[0, 1] = Field(0, description="QoS of the input subscriptions")
     mqtt_input_format: Literal["json", "text"] = Field(
         "json", description="json: payloads are JSON; text: the UTF-8 payload is the text"
     )
@@ -86,11 +86,23 @@ class AgentSettings(BaseModel):
     ca_file: Path | None = Field(None, description="CA bundle to verify the broker's TLS certificate")
     labels: Labels = Field(default_factory=dict, description="labels the device reports on first contact")
     threads: Annotated[int, Field(ge=0, le=256)] = Field(0, description="onnxruntime intra-op threads (0: automatic)")
+    ort_allow_spinning: bool = Field(
+        False,
+        description="let onnxruntime's threads busy-wait between runs (off: the agent's other work gets the cores)",
+    )
     queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         256, description="records waiting for inference, at most; beyond it MQTT and HTTP inputs are dropped"
     )
     model_max_rss_mib: Annotated[int, Field(ge=0, le=1_048_576)] = Field(
         0, description="memory ceiling for one model in MiB (0: none); a model over it is refused"
+    )
+    signing_key_file: Path | None = Field(
+        None,
+        description="the controller's Ed25519 public key (PEM) that manifests must be signed with"
+        " (or credential signing-key); unset: every deployment is refused",
+    )
+    store_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        0, description="cap on the bytes the two model slots may use together (0: only the free disk space)"
     )
     spool_max_messages: Annotated[int, Field(ge=1)] = 10_000
     spool_max_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
@@ -132,6 +144,13 @@ class AgentSettings(BaseModel):
     def mqtt_password(self) -> str | None:
         """The broker password from ``$CREDENTIALS_DIRECTORY/mqtt-password`` or ``mqtt_password_file``."""
         return _secret("mqtt-password", self.mqtt_password_file)
+
+    def pinned_key_file(self) -> Path | None:
+        """The pinned signing key: ``$CREDENTIALS_DIRECTORY/signing-key`` (systemd), else ``signing_key_file``."""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (Path(cred_dir) / "signing-key").is_file():
+            return Path(cred_dir) / "signing-key"
+        return self.signing_key_file
 
     def mqtt_input_password(self) -> str | None:
         """The input broker's password from credential ``mqtt-input-password`` or ``mqtt_input_password_file``."""

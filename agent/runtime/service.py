@@ -21,15 +21,17 @@ import time
 from typing import Any
 
 from agent import __version__
-from agent.core import Action, AgentCore, CoreConfig, Publish, Subscribe, TelemetrySample
+from agent.core import AgentCore, CoreAction, CoreConfig, Publish, Subscribe, TelemetrySample, Unsubscribe
 from agent.core.outbox import Outbox
+from agent.deploy.config import DeployConfig
+from agent.deploy.driver import DeploymentDriver
 from agent.inference.bundle import ModelSource, resolve_model
 from agent.inference.engine import InferenceEngine
 from agent.inference.host import Loaded, ModelHost
 from agent.inference.http import HttpFrontend
 from agent.inference.inputs import JsonLinesInput, PayloadFormat
 from agent.inference.loader import MIB, ModelLoader
-from agent.inference.session import InputError, ModelLoadError
+from agent.inference.session import InputError, ModelLoadError, configure_sessions
 from agent.inference.sinks import FileSink, MqttSink
 from agent.protocol import codec, topics
 from agent.protocol.manifest import Task
@@ -38,7 +40,7 @@ from agent.runtime.config import AgentSettings, ConfigError
 from agent.runtime.notify import Notifier
 from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
-from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c
+from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class AgentService:
         self.settings = settings
         self.notifier = notifier or Notifier()
         self.counters = InferenceCounters()
+        configure_sessions(allow_spinning=settings.ort_allow_spinning)
         self.host = ModelHost(threads=settings.threads)
         self.loader = ModelLoader(self.host, settings.model_max_rss_mib * MIB)
         self._cpu = CpuMeter()
@@ -79,7 +82,7 @@ class AgentService:
         )
         self._input_drops = codec.DropCounter(log)
         #: The deployment state machine (agent/deploy), built in ``_make_deployment_driver``.
-        self.deployment: Any = None
+        self.deployment: DeploymentDriver | None = None
         self.ready = threading.Event()
         self.exit_code = 0
 
@@ -92,6 +95,24 @@ class AgentService:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         spool = SqliteSpool(s.data_dir / "spool.sqlite3", s.spool_max_messages, s.spool_max_bytes)
         self.outbox = Outbox(spool)
+        sinks: list[Any] = []
+        if s.results is not None:
+            sinks.append(FileSink(s.results))
+        self.engine = InferenceEngine(
+            self.host,
+            self.counters,
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+            queue_size=s.queue_size,
+            sinks=sinks,
+            include_input=s.results_include_input,
+        )
+
+        # Deployments (agent/deploy): built after the engine and before the core, which routes commands,
+        # chunk frames and reconnects to it; it switches models on self.host atomically.
+        deployment = self.deployment = self._make_deployment_driver()
+        self.engine.taps.append(deployment.shadow.offer)
+
         now = time.time()
         self.core = AgentCore(
             CoreConfig(
@@ -106,18 +127,7 @@ class AgentService:
             self._sample,
             started_at=now,
             installed=self._installed,
-        )
-        sinks: list[Any] = []
-        if s.results is not None:
-            sinks.append(FileSink(s.results))
-        self.engine = InferenceEngine(
-            self.host,
-            self.counters,
-            max_batch=s.max_batch,
-            max_wait_ms=s.max_wait_ms,
-            queue_size=s.queue_size,
-            sinks=sinks,
-            include_input=s.results_include_input,
+            deployments=self.deployment,
         )
 
         transport = self.transport = MqttTransport(
@@ -134,23 +144,9 @@ class AgentService:
             self.results_mqtt = MqttSink(s.device_id, transport.publish, self._loop, s.results_sample)
             self.engine.sinks.append(self.results_mqtt)
 
-        # ---- DeploymentDriver hook -------------------------------------------------------------
-        # The deployment state machine (agent/deploy, issue 4) is built here, before the transport
-        # starts, so it sees every command from the first connection on. The lead wires it:
-        #   * construct it in _make_deployment_driver() with self.host (switch() is atomic: serving
-        #     continues through it), self.loader (loads candidates under the memory ceiling and
-        #     warms them up; loader.load(resolve_model(slot_dir)) for a staged slot), self.core,
-        #     self._execute (publish actions through the outbox) and s.data_dir (slots, state file);
-        #   * route Deploy/Rollback/Activate/Commit/Cancel from _on_message to it (the core acks
-        #     Ping and Configure only), and chunk topics if it subscribes to any;
-        #   * let it resume a persisted deployment (and pick the model to serve) in place of
-        #     --model when a slot is active: see _load_initial_model();
-        #   * have _installed() report its slots (the birth message's installed models).
-        self.deployment = self._make_deployment_driver()
-        # -------------------------------------------------------------------------------------------
-
         self._install_signals()
         self._execute([self.core.event("started", f"agent {__version__} started", now)])
+        self._execute(deployment.start(now))  # resume a persisted deployment, serve the active slot
         transport.start()
         self.engine.start()
         ticker = asyncio.create_task(self._tick_forever())
@@ -176,9 +172,20 @@ class AgentService:
 
     # ---------------------------------------------------------- wiring --
 
-    def _make_deployment_driver(self) -> Any:
-        """Build the DeploymentDriver (agent/deploy). None until the lead wires it (see the hook in run())."""
-        return None
+    def _make_deployment_driver(self) -> DeploymentDriver:
+        """The deployment state machine over two slots in ``data_dir/deploy`` (resumed on start)."""
+        s = self.settings
+        assert self._loop is not None
+        return DeploymentDriver.open(
+            s.device_id,
+            s.data_dir,
+            self.host,
+            s.pinned_key_file(),
+            post=self._loop.call_soon_threadsafe,
+            emit=self._execute,
+            config=DeployConfig(store_max_bytes=s.store_max_bytes),
+            static_model=self.load_configured_model,
+        )
 
     def _mqtt_config(self, url: str, username: str | None, password: str | None) -> MqttConfig:
         s = self.settings
@@ -201,10 +208,24 @@ class AgentService:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self._loop.add_signal_handler(sig, self.request_stop)
 
+    def load_configured_model(self) -> Loaded | None:
+        """Load ``--model`` (not serving it yet) under the memory ceiling; None when there is none or it fails."""
+        path = self.settings.model
+        if path is None:
+            return None
+        try:
+            return self.loader.load(resolve_model(path))
+        except ModelLoadError as exc:
+            log.error("%s", exc)
+            return None
+
     async def _load_initial_model(self) -> None:
         """Serve ``--model`` (in a thread: the loop keeps the broker connection and the watchdog alive)."""
         path = self.settings.model
         if path is None:
+            return
+        if self.deployment is not None and self.deployment.has_active_model():
+            log.info("serving the deployed model in the active slot, not %s", path)
             return
         try:
             source = resolve_model(path)
@@ -225,7 +246,7 @@ class AgentService:
         memory = f", {report.measured_bytes / MIB:.0f} MiB" if report is not None else ""
         what = source.describe() if source is not None else str(loaded.bundle_dir)
         now = time.time()
-        actions: list[Action] = [self.core.event("model_loaded", f"serving {what}{memory}", now)]
+        actions: list[CoreAction] = [self.core.event("model_loaded", f"serving {what}{memory}", now)]
         if self.transport is not None and self.transport.connected:
             actions.append(self.core.birth(now))  # the installed models changed
         self._execute(actions)
@@ -316,6 +337,7 @@ class AgentService:
         assert self.outbox is not None
         loaded = self.host.current()
         depth = self.engine.depth if self.engine is not None else 0
+        trim_heap()  # each interval, so RSS shows what is in use rather than what malloc keeps
         return TelemetrySample(
             cpu_percent=self._cpu.percent(),
             rss_bytes=rss_bytes(),
@@ -328,24 +350,35 @@ class AgentService:
 
     # ------------------------------------------------------------ core --
 
-    def _execute(self, actions: list[Action]) -> None:
+    def _execute(self, actions: list[CoreAction], pump: bool = True) -> None:
         transport, outbox = self.transport, self.outbox
         assert outbox is not None
         for action in actions:
             if isinstance(action, Subscribe):
                 if transport is not None:
                     transport.subscribe(action.filter, action.qos)
+            elif isinstance(action, Unsubscribe):
+                if transport is not None:
+                    transport.unsubscribe(action.filter)
             elif isinstance(action, Publish):
                 if action.durable:
                     outbox.add(action)
                 elif transport is not None:
                     transport.publish(action.topic, action.payload, action.qos, action.retain)
-        if transport is not None and transport.connected:
+        if pump:
+            self._pump()
+
+    def _pump(self) -> None:
+        transport, outbox = self.transport, self.outbox
+        if transport is not None and outbox is not None and transport.connected:
             outbox.pump(transport.publish)
 
     def _on_connect(self) -> None:
-        assert self.core is not None
-        self._execute(self.core.on_connected(time.time()))
+        assert self.core is not None and self._loop is not None
+        self._execute(self.core.on_connected(time.time()), pump=False)
+        # paho calls this before it re-sends the messages that were in flight when the link dropped;
+        # pumping the spool only after that keeps everything in the order it was produced.
+        self._loop.call_soon(self._pump)
         self.notifier.status(f"device {self.settings.device_id}: connected, {self._serving_status()}")
 
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -415,6 +448,8 @@ class AgentService:
             await self.input_transport.stop()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
+        if self.deployment is not None:
+            await asyncio.to_thread(self.deployment.close)  # lets a running switch finish
         transport = self.transport
         if transport is not None and self.core is not None:
             goodbye = self.core.goodbye(time.time())

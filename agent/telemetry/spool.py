@@ -6,6 +6,7 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 
 from agent.core.outbox import SpoolEntry
 
@@ -21,13 +22,17 @@ class MemorySpool:
         self._next = 1
         self.dropped = 0
 
-    def append(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+    def append(self, topic: str, payload: bytes, qos: int, retain: bool, keep: Collection[int] = ()) -> int:
         entry = SpoolEntry(self._next, topic, payload, qos, retain)
         self._next += 1
         self._entries[entry.id] = entry
         self._bytes += len(payload)
-        while self._entries and (len(self._entries) > self.max_messages or self._bytes > self.max_bytes):
-            _, old = self._entries.popitem(last=False)
+        spared = set(keep)
+        while len(self._entries) > self.max_messages or self._bytes > self.max_bytes:
+            victim = next((i for i in self._entries if i not in spared), None)
+            if victim is None:
+                break
+            old = self._entries.pop(victim)
             self._bytes -= len(old.payload)
             self.dropped += 1
         return entry.id
@@ -53,8 +58,9 @@ class MemorySpool:
 class SqliteSpool:
     """A bounded spool in an SQLite file, synced on every write so a power loss keeps it.
 
-    The bound is on count and on payload bytes; the oldest entries go first and
-    are counted in ``dropped``, which is itself persisted.
+    The bound is on count and on payload bytes; the oldest entries go first (except those the
+    caller asks to ``keep``: messages in flight) and are counted in ``dropped``, which is itself
+    persisted.
     """
 
     def __init__(
@@ -76,7 +82,12 @@ class SqliteSpool:
         count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM spool").fetchone()
         self._count, self._bytes = int(count), int(size)
 
-    def append(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+    def append(self, topic: str, payload: bytes, qos: int, retain: bool, keep: Collection[int] = ()) -> int:
+        spared = sorted(int(i) for i in keep)
+        oldest = "SELECT id, LENGTH(payload) FROM spool"
+        if spared:
+            oldest += f" WHERE id NOT IN ({','.join('?' * len(spared))})"
+        oldest += " ORDER BY id LIMIT 1"
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -88,7 +99,7 @@ class SqliteSpool:
                 self._bytes += len(payload)
                 dropped = 0
                 while self._count > self.max_messages or self._bytes > self.max_bytes:
-                    old = self._db.execute("SELECT id, LENGTH(payload) FROM spool ORDER BY id LIMIT 1").fetchone()
+                    old = self._db.execute(oldest, spared).fetchone()
                     if old is None:
                         break
                     self._db.execute("DELETE FROM spool WHERE id=?", (old[0],))

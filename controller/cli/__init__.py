@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli import deploy, devices, models, rollouts, up, users
+from controller.cli import deploy, devices, models, rollouts, simulate, up, users
 
 app = typer.Typer(
     name="slmfleet",
@@ -21,3 +21,4 @@ app.command("deploy")(deploy.deploy)
 app.add_typer(deploy.app, name="deployments")
 app.add_typer(rollouts.app, name="rollout")
 app.add_typer(users.app, name="users")
+app.command("simulate")(simulate.simulate)

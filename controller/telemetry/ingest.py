@@ -283,15 +283,11 @@ class IngestWriter:
         with self.engine.begin() as conn:
             if devices:
                 existing = set(
-                    conn.execute(
-                        select(table(Device).c.id).where(table(Device).c.id.in_(list(devices)))
-                    ).scalars()
+                    conn.execute(select(table(Device).c.id).where(table(Device).c.id.in_(list(devices)))).scalars()
                 )
                 for device_id, values in devices.items():
                     if device_id in existing:
-                        conn.execute(
-                            update(table(Device)).where(table(Device).c.id == device_id).values(**values)
-                        )
+                        conn.execute(update(table(Device)).where(table(Device).c.id == device_id).values(**values))
                     elif "agent_version" in values:  # only a birth registers a device
                         row = Device(id=device_id, labels=birth_labels.get(device_id, {}), **values)
                         conn.execute(insert(table(Device)).values(**row.model_dump()))

@@ -28,5 +28,6 @@ def install(app: FastAPI) -> None:
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> FileResponse:
         """Browsers ask for it on pages without an icon link (plain-text errors)."""
-        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return FileResponse(
+            STATIC / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"}
+        )

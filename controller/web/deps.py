@@ -46,20 +46,17 @@ def _operator(principal: Annotated[WebPrincipal, Depends(_principal)]) -> WebPri
     return principal
 
 
-async def _operator_with_csrf(
-    request: Request, principal: Annotated[WebPrincipal, Depends(_operator)]
-) -> WebPrincipal:
+async def _operator_with_csrf(request: Request, principal: Annotated[WebPrincipal, Depends(_operator)]) -> WebPrincipal:
     form = await request.form()  # parsed once: Starlette keeps it for the endpoint's own Form fields
     submitted = form.get("csrf_token")
     if not sessions.csrf_ok(principal, submitted if isinstance(submitted, str) else None):
-        raise WebForbidden("the form's security token is missing or belongs to another session: reload the page"
-                           " and try again")
+        raise WebForbidden(
+            "the form's security token is missing or belongs to another session: reload the page and try again"
+        )
     return principal
 
 
-async def _viewer_with_csrf(
-    request: Request, principal: Annotated[WebPrincipal, Depends(_principal)]
-) -> WebPrincipal:
+async def _viewer_with_csrf(request: Request, principal: Annotated[WebPrincipal, Depends(_principal)]) -> WebPrincipal:
     form = await request.form()
     submitted = form.get("csrf_token")
     if not sessions.csrf_ok(principal, submitted if isinstance(submitted, str) else None):
@@ -84,8 +81,11 @@ OperatorDep = Annotated[WebPrincipal, Depends(_operator)]
 
 
 def _wants_html(request: Request) -> bool:
-    return request.method == "GET" and "text/html" in request.headers.get("accept", "") and \
-        request.headers.get("x-slmf-fragment") is None
+    return (
+        request.method == "GET"
+        and "text/html" in request.headers.get("accept", "")
+        and request.headers.get("x-slmf-fragment") is None
+    )
 
 
 async def login_required_handler(request: Request, exc: Exception) -> Response:

@@ -83,9 +83,20 @@ def to_rollout(values: dict[str, str]) -> RolloutCreate:
     untils = [u.strip() for u in values["waves"].split(",") if u.strip()]
     if not untils:
         errors["waves"] = "list at least one wave, e.g. 1, 10%, 100%"
-    numbers = {n: _optional_float(values, n, errors) for n in (
-        "bake_s", "success_threshold", "device_timeout_s", "error_rate_max", "p95_latency_ratio_max", "rss_ratio_max",
-        "deadline_s", "shadow_sample_rate", "shadow_agreement_min")}
+    numbers = {
+        n: _optional_float(values, n, errors)
+        for n in (
+            "bake_s",
+            "success_threshold",
+            "device_timeout_s",
+            "error_rate_max",
+            "p95_latency_ratio_max",
+            "rss_ratio_max",
+            "deadline_s",
+            "shadow_sample_rate",
+            "shadow_agreement_min",
+        )
+    }
     ints = {n: _int(values, n, errors) for n in ("max_concurrent", "min_samples", "shadow_min_samples")}
     start_at = None
     if values["start_at"]:
@@ -119,9 +130,15 @@ def to_rollout(values: dict[str, str]) -> RolloutCreate:
     if numbers["deadline_s"] is not None:
         gates["deadline_s"] = numbers["deadline_s"]
     body: dict[str, Any] = {
-        "model": model, "version": int(version), "variant": values["variant"] or "auto",
-        "selector": values["selector"], "waves": waves, "gates": gates, "start_at": start_at,
-        "late_devices": values["late_devices"] or "current", "description": values["description"],
+        "model": model,
+        "version": int(version),
+        "variant": values["variant"] or "auto",
+        "selector": values["selector"],
+        "waves": waves,
+        "gates": gates,
+        "start_at": start_at,
+        "late_devices": values["late_devices"] or "current",
+        "description": values["description"],
     }
     if values["shadow"]:
         shadow: dict[str, Any] = {}
@@ -138,8 +155,13 @@ def to_rollout(values: dict[str, str]) -> RolloutCreate:
 
 #: where a validation error of the model shows in the form
 _FIELD_OF: dict[tuple[str, ...], str] = {
-    ("model",): "ref", ("version",): "ref", ("variant",): "variant", ("selector",): "selector",
-    ("start_at",): "start_at", ("late_devices",): "late_devices", ("description",): "description",
+    ("model",): "ref",
+    ("version",): "ref",
+    ("variant",): "variant",
+    ("selector",): "selector",
+    ("start_at",): "start_at",
+    ("late_devices",): "late_devices",
+    ("description",): "description",
 }
 
 
@@ -154,7 +176,8 @@ def _field_errors(exc: ValidationError) -> dict[str, str]:
             field = loc[1] if len(loc) > 1 else "error_rate_max"
         elif loc[:1] == ("shadow",):
             field = {"sample_rate": "shadow_sample_rate", "min_samples": "shadow_min_samples"}.get(
-                loc[1] if len(loc) > 1 else "", "shadow")
+                loc[1] if len(loc) > 1 else "", "shadow"
+            )
         else:
             field = _FIELD_OF.get(loc[:1], "form")
         message = str(e["msg"]).removeprefix("Value error, ")

@@ -89,15 +89,15 @@ class FleetSummary:
 _LABEL_COUNTS = {
     "sqlite": "SELECT j.key, j.value, count(*) FROM device, json_each(device.labels) AS j GROUP BY j.key, j.value",
     "postgresql": "SELECT j.key, j.value, count(*) FROM device, json_each_text(device.labels) AS j"
-                  " GROUP BY j.key, j.value",
+    " GROUP BY j.key, j.value",
 }
 _MODEL_COUNTS = {
     "sqlite": "SELECT json_extract(j.value, '$.model'), json_extract(j.value, '$.version'),"
-              " json_extract(j.value, '$.variant'), count(DISTINCT device.id) FROM device, json_each(device.installed)"
-              " AS j WHERE coalesce(json_extract(j.value, '$.active'), 1) = 1 GROUP BY 1, 2, 3",
+    " json_extract(j.value, '$.variant'), count(DISTINCT device.id) FROM device, json_each(device.installed)"
+    " AS j WHERE coalesce(json_extract(j.value, '$.active'), 1) = 1 GROUP BY 1, 2, 3",
     "postgresql": "SELECT j.value->>'model', (j.value->>'version')::int, j.value->>'variant', count(DISTINCT device.id)"
-                  " FROM device, json_array_elements(device.installed) AS j(value)"
-                  " WHERE coalesce((j.value->>'active')::boolean, true) GROUP BY 1, 2, 3",
+    " FROM device, json_array_elements(device.installed) AS j(value)"
+    " WHERE coalesce((j.value->>'active')::boolean, true) GROUP BY 1, 2, 3",
 }
 
 
@@ -128,8 +128,9 @@ def model_counts(conn: Connection) -> Counter[tuple[str, int, str]]:
 def fleet_summary(conn: Connection, label_keys: int = 8, label_values: int = 8) -> FleetSummary:
     """Devices by status, by served model and by label, all counted by the database."""
     d = table(Device).c
-    by_status = {row.status: row.n for row in conn.execute(select(d.status, func.count().label("n"))
-                                                              .group_by(d.status))}
+    by_status = {
+        row.status: row.n for row in conn.execute(select(d.status, func.count().label("n")).group_by(d.status))
+    }
     total = sum(by_status.values())
     serving = model_counts(conn)
     by_model = [(model_label({"model": m, "version": v, "variant": x}), n) for (m, v, x), n in serving.most_common()]
@@ -144,11 +145,26 @@ def fleet_summary(conn: Connection, label_keys: int = 8, label_values: int = 8) 
         values = sorted(((v, c) for (k, v), c in pairs.items() if k == key), key=lambda x: (-x[1], x[0]))
         by_label.append((key, n, values[:label_values]))
     r = table(Rollout).c
-    active = [dict(row._mapping) for row in conn.execute(
-        select(r.id, r.model_name, r.version_number, r.selector, r.state, r.wave_index, r.state_since, r.created_at,
-               r.created_by, r.spec["waves"].label("waves"))
-        .where(r.state.in_([s.value for s in ACTIVE_STATES] + ["paused", "aborting"]))
-        .order_by(r.created_at.desc()).limit(10))]
+    active = [
+        dict(row._mapping)
+        for row in conn.execute(
+            select(
+                r.id,
+                r.model_name,
+                r.version_number,
+                r.selector,
+                r.state,
+                r.wave_index,
+                r.state_since,
+                r.created_at,
+                r.created_by,
+                r.spec["waves"].label("waves"),
+            )
+            .where(r.state.in_([s.value for s in ACTIVE_STATES] + ["paused", "aborting"]))
+            .order_by(r.created_at.desc())
+            .limit(10)
+        )
+    ]
     for row in active:
         row["wave_count"] = len(row.pop("waves") or [])
     return FleetSummary(
@@ -175,8 +191,9 @@ class DevicePage:
 DEVICE_COLUMNS = ("id", "status", "agent_version", "labels", "installed", "last_seen", "status_changed_at")
 
 
-def device_page(conn: Connection, *, status: str | None, selector: Selector, q: str | None, offset: int,
-                limit: int) -> DevicePage:
+def device_page(
+    conn: Connection, *, status: str | None, selector: Selector, q: str | None, offset: int, limit: int
+) -> DevicePage:
     """One page of devices, filtered and paginated in SQL, sorted by id; two statements whatever the size."""
     d = table(Device).c
     where: list[ColumnElement[bool]] = [selector_clause(selector)]
@@ -213,21 +230,58 @@ def device_detail(conn: Connection, device_id: str) -> DeviceDetail | None:
     if row is None:
         return None
     t, dep = table(DeploymentTarget).c, table(Deployment).c
-    deployments = [dict(r._mapping) for r in conn.execute(
-        select(dep.id, dep.model_name, dep.version_number, dep.rollout_id, dep.rollout_wave, dep.created_by,
-               t.variant, t.state, t.progress, t.reason, t.started_at, t.finished_at)
-        .join_from(table(DeploymentTarget), table(Deployment), t.deployment_id == dep.id)
-        .where(t.device_id == device_id).order_by(t.started_at.desc(), t.id.desc()).limit(25))]
+    deployments = [
+        dict(r._mapping)
+        for r in conn.execute(
+            select(
+                dep.id,
+                dep.model_name,
+                dep.version_number,
+                dep.rollout_id,
+                dep.rollout_wave,
+                dep.created_by,
+                t.variant,
+                t.state,
+                t.progress,
+                t.reason,
+                t.started_at,
+                t.finished_at,
+            )
+            .join_from(table(DeploymentTarget), table(Deployment), t.deployment_id == dep.id)
+            .where(t.device_id == device_id)
+            .order_by(t.started_at.desc(), t.id.desc())
+            .limit(25)
+        )
+    ]
     e = table(DeviceEvent).c
-    events = [dict(r._mapping) for r in conn.execute(
-        select(e.received_at, e.type, e.kind, e.message).where(e.device_id == device_id)
-        .order_by(e.received_at.desc(), e.id.desc()).limit(15))]
+    events = [
+        dict(r._mapping)
+        for r in conn.execute(
+            select(e.received_at, e.type, e.kind, e.message)
+            .where(e.device_id == device_id)
+            .order_by(e.received_at.desc(), e.id.desc())
+            .limit(15)
+        )
+    ]
     tel = table(TelemetryRecord).c
     last = conn.execute(
-        select(tel.received_at, tel.cpu_percent, tel.rss_bytes, tel.latency_p50_ms, tel.latency_p95_ms,
-               tel.latency_p99_ms, tel.inference_count, tel.inference_errors, tel.interval_s, tel.model,
-               tel.model_version, tel.variant)
-        .where(tel.device_id == device_id).order_by(tel.received_at.desc(), tel.id.desc()).limit(1)
+        select(
+            tel.received_at,
+            tel.cpu_percent,
+            tel.rss_bytes,
+            tel.latency_p50_ms,
+            tel.latency_p95_ms,
+            tel.latency_p99_ms,
+            tel.inference_count,
+            tel.inference_errors,
+            tel.interval_s,
+            tel.model,
+            tel.model_version,
+            tel.variant,
+        )
+        .where(tel.device_id == device_id)
+        .order_by(tel.received_at.desc(), tel.id.desc())
+        .limit(1)
     ).first()
     return DeviceDetail(
         device=dict(row._mapping),
@@ -242,11 +296,25 @@ def telemetry_series(conn: Connection, device_id: str, points: int = 720) -> dic
     """The device's last ``points`` telemetry rows as columns for the charts (oldest first)."""
     tel = table(TelemetryRecord).c
     tokens = tel.data[("inference", "tokens_per_s")].as_float()
-    rows = list(reversed(conn.execute(
-        select(tel.received_at, tel.latency_p50_ms, tel.latency_p95_ms, tel.latency_p99_ms, tel.inference_count,
-               tel.inference_errors, tel.interval_s, tokens.label("tokens_per_s"))
-        .where(tel.device_id == device_id).order_by(tel.received_at.desc(), tel.id.desc()).limit(points)
-    ).all()))
+    rows = list(
+        reversed(
+            conn.execute(
+                select(
+                    tel.received_at,
+                    tel.latency_p50_ms,
+                    tel.latency_p95_ms,
+                    tel.latency_p99_ms,
+                    tel.inference_count,
+                    tel.inference_errors,
+                    tel.interval_s,
+                    tokens.label("tokens_per_s"),
+                )
+                .where(tel.device_id == device_id)
+                .order_by(tel.received_at.desc(), tel.id.desc())
+                .limit(points)
+            ).all()
+        )
+    )
     out: dict[str, list[Any]] = {k: [] for k in ("t", "p50", "p95", "p99", "per_s", "errors_per_s", "tokens_per_s")}
     for r in rows:
         interval = r.interval_s or 0.0
@@ -267,19 +335,25 @@ def models_overview(conn: Connection) -> list[dict[str, Any]]:
     """Every model with its versions and their variants (sizes, quantization, agreement, latency): 3 queries
     and one pass over the devices' installed models to count who serves what."""
     m, v, a = table(Model).c, table(ModelVersion).c, table(Artifact).c
-    models = [dict(r._mapping, versions=[]) for r in conn.execute(
-        select(m.id, m.name, m.task, m.description, m.created_at, m.created_by).order_by(m.name))]
+    models = [
+        dict(r._mapping, versions=[])
+        for r in conn.execute(select(m.id, m.name, m.task, m.description, m.created_at, m.created_by).order_by(m.name))
+    ]
     by_id = {x["id"]: x for x in models}
     versions: dict[int, dict[str, Any]] = {}
-    for r in conn.execute(select(v.id, v.model_id, v.number, v.source, v.description, v.created_at, v.created_by,
-                                 v.refused).order_by(v.model_id, v.number.desc())):
+    for r in conn.execute(
+        select(v.id, v.model_id, v.number, v.source, v.description, v.created_at, v.created_by, v.refused).order_by(
+            v.model_id, v.number.desc()
+        )
+    ):
         item = dict(r._mapping, variants=[], devices=0)
         versions[item["id"]] = item
         by_id[item["model_id"]]["versions"].append(item)
     method = a.signed_manifest[("manifest", "quantization", "method")].as_string()
     order = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
-    for art in conn.execute(select(a.id, a.version_id, a.variant, a.size_bytes, a.metrics,
-                                   method.label("quantization"))):
+    for art in conn.execute(
+        select(a.id, a.version_id, a.variant, a.size_bytes, a.metrics, method.label("quantization"))
+    ):
         versions[art.version_id]["variants"].append(dict(art._mapping, devices=0))
     for item in versions.values():
         item["variants"].sort(key=lambda x: (order.get(x["variant"], 9), x["variant"]))
@@ -303,9 +377,11 @@ def model_choices(conn: Connection) -> list[dict[str, Any]]:
         variants.setdefault(r.version_id, []).append(r.variant)
     return [
         {"model": r.name, "task": r.task, "version": r.number, "variants": sorted(variants.get(r.id, []))}
-        for r in conn.execute(select(v.id, v.number, m.name, m.task).join_from(table(ModelVersion), table(Model),
-                                                                               v.model_id == m.id)
-                              .order_by(m.name, v.number.desc()))
+        for r in conn.execute(
+            select(v.id, v.number, m.name, m.task)
+            .join_from(table(ModelVersion), table(Model), v.model_id == m.id)
+            .order_by(m.name, v.number.desc())
+        )
     ]
 
 
@@ -315,8 +391,9 @@ def label_suggestions(conn: Connection, limit: int = 50) -> list[str]:
 
 
 def count_matching(conn: Connection, selector: Selector) -> int:
-    return int(conn.execute(select(func.count()).select_from(table(Device))
-                            .where(selector_clause(selector))).scalar_one())
+    return int(
+        conn.execute(select(func.count()).select_from(table(Device)).where(selector_clause(selector))).scalar_one()
+    )
 
 
 # ---------------------------------------------------------------- rollouts --
@@ -328,10 +405,25 @@ def rollout_page(conn: Connection, *, active_only: bool, offset: int, limit: int
     where = r.state.notin_(["completed", "aborted"]) if active_only else true()
     total = conn.execute(select(func.count()).select_from(table(Rollout)).where(where)).scalar_one()
     rows = conn.execute(
-        select(r.id, r.model_name, r.version_number, r.selector, r.state, r.wave_index, r.state_since, r.reason,
-               r.created_at, r.created_by, r.finished_at, r.spec["waves"].label("waves"),
-               json_object_size(conn, r.assignment).label("devices"))
-        .where(where).order_by(r.created_at.desc(), r.id).offset(offset).limit(limit)
+        select(
+            r.id,
+            r.model_name,
+            r.version_number,
+            r.selector,
+            r.state,
+            r.wave_index,
+            r.state_since,
+            r.reason,
+            r.created_at,
+            r.created_by,
+            r.finished_at,
+            r.spec["waves"].label("waves"),
+            json_object_size(conn, r.assignment).label("devices"),
+        )
+        .where(where)
+        .order_by(r.created_at.desc(), r.id)
+        .offset(offset)
+        .limit(limit)
     ).all()
     items = []
     ids = [row.id for row in rows]
@@ -353,14 +445,16 @@ def _rollout_target_counts(conn: Connection, rollout_ids: list[str]) -> dict[str
     for row in conn.execute(
         select(dep.rollout_id, t.state, func.count().label("n"))
         .join_from(table(DeploymentTarget), table(Deployment), t.deployment_id == dep.id)
-        .where(dep.rollout_id.in_(rollout_ids)).group_by(dep.rollout_id, t.state)
+        .where(dep.rollout_id.in_(rollout_ids))
+        .group_by(dep.rollout_id, t.state)
     ):
         out.setdefault(row.rollout_id, {})[row.state] = row.n
     return out
 
 
-def audit_entries(conn: Connection, *, target: str | None = None, limit: int = 50,
-                  changes_only: bool = False) -> list[dict[str, Any]]:
+def audit_entries(
+    conn: Connection, *, target: str | None = None, limit: int = 50, changes_only: bool = False
+) -> list[dict[str, Any]]:
     """The newest audit entries (of one target); ``changes_only`` leaves out logins and logouts."""
     a = table(AuditEntry).c
     stmt = select(a.at, a.actor, a.action, a.target, a.detail).order_by(a.at.desc(), a.id.desc()).limit(limit)
@@ -369,4 +463,3 @@ def audit_entries(conn: Connection, *, target: str | None = None, limit: int = 5
     if changes_only:
         stmt = stmt.where(a.action.not_like("dashboard.%"))
     return [dict(r._mapping) for r in conn.execute(stmt)]
-

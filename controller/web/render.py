@@ -94,7 +94,7 @@ def fmt_num(value: float | None, digits: int = 3) -> str:
     value = _given(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if isinstance(value, int) or abs(value) >= 10 ** digits:
+    if isinstance(value, int) or abs(value) >= 10**digits:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
 

@@ -26,8 +26,7 @@ GATES = {
     "shadow_agreement": ("shadow_agreement_min", ">=", "candidate agrees with the active model in shadow"),
 }
 FAILED = frozenset({"failed"})
-IN_FLIGHT = frozenset({"pending", "idle", "downloading", "verifying", "staged", "shadow", "activating",
-                       "rolling_back"})
+IN_FLIGHT = frozenset({"pending", "idle", "downloading", "verifying", "staged", "shadow", "activating", "rolling_back"})
 
 
 def allowed_actions(state: str) -> list[str]:
@@ -79,7 +78,8 @@ def rollout_view(conn: Connection, rollout_id: str) -> RolloutView | None:
     if deployments:
         for dep_id, state, n, mean in conn.execute(
             select(t.deployment_id, t.state, func.count(), func.avg(t.progress))
-            .where(t.deployment_id.in_(list(deployments.values()))).group_by(t.deployment_id, t.state)
+            .where(t.deployment_id.in_(list(deployments.values())))
+            .group_by(t.deployment_id, t.state)
         ):
             counts.setdefault(dep_id, {})[state] = n
             if state == "downloading":
@@ -92,20 +92,39 @@ def rollout_view(conn: Connection, rollout_id: str) -> RolloutView | None:
         devices = per_wave.get(i, 0) or sizes[i]
         active = c.get("active", 0)
         failed = sum(n for s, n in c.items() if s in FAILED)
-        totals.update({"devices": devices, "active": active, "failed": failed,
-                       "in_flight": sum(n for s, n in c.items() if s in IN_FLIGHT)})
+        totals.update(
+            {
+                "devices": devices,
+                "active": active,
+                "failed": failed,
+                "in_flight": sum(n for s, n in c.items() if s in IN_FLIGHT),
+            }
+        )
         status = "done" if i < row["wave_index"] else ("current" if i == row["wave_index"] else "waiting")
         if row["state"] == "completed":
             status = "done"
-        waves.append({
-            "index": i, "name": w.name or w.until, "until": w.until, "selector": w.selector, "devices": devices,
-            "deployment_id": dep, "counts": dict(sorted(c.items())), "active": active, "failed": failed,
-            "download": progress.get(dep or ""), "status": status, "bake_s": w.bake_s,
-            "success_threshold": w.success_threshold, "failure_threshold": w.failure_threshold,
-            "max_concurrent": w.max_concurrent, "require_approval": w.require_approval,
-            "done_pct": 100.0 * active / devices if devices else 0.0,
-            "failed_pct": 100.0 * failed / devices if devices else 0.0,
-        })
+        waves.append(
+            {
+                "index": i,
+                "name": w.name or w.until,
+                "until": w.until,
+                "selector": w.selector,
+                "devices": devices,
+                "deployment_id": dep,
+                "counts": dict(sorted(c.items())),
+                "active": active,
+                "failed": failed,
+                "download": progress.get(dep or ""),
+                "status": status,
+                "bake_s": w.bake_s,
+                "success_threshold": w.success_threshold,
+                "failure_threshold": w.failure_threshold,
+                "max_concurrent": w.max_concurrent,
+                "require_approval": w.require_approval,
+                "done_pct": 100.0 * active / devices if devices else 0.0,
+                "failed_pct": 100.0 * failed / devices if devices else 0.0,
+            }
+        )
     evaluated = {g["name"]: g for g in row["gate_results"]}
     gates = []
     for name, (field_name, comparison, what) in GATES.items():
@@ -113,21 +132,38 @@ def rollout_view(conn: Connection, rollout_id: str) -> RolloutView | None:
             continue
         threshold = getattr(spec.gates, field_name)
         g = evaluated.get(name)
-        gates.append({
-            "name": name, "what": what, "comparison": comparison, "threshold": threshold,
-            "value": g.get("value") if g else None, "samples": g.get("samples") if g else None,
-            "min_samples": g.get("min_samples") if g else spec.gates.min_samples,
-            "status": (g["status"] if g else ("off" if threshold is None else "not yet")),
-            "detail": g.get("detail", "") if g else "",
-        })
+        gates.append(
+            {
+                "name": name,
+                "what": what,
+                "comparison": comparison,
+                "threshold": threshold,
+                "value": g.get("value") if g else None,
+                "samples": g.get("samples") if g else None,
+                "min_samples": g.get("min_samples") if g else spec.gates.min_samples,
+                "status": (g["status"] if g else ("off" if threshold is None else "not yet")),
+                "detail": g.get("detail", "") if g else "",
+            }
+        )
     tr = table(RolloutTransition).c
-    transitions = [dict(x._mapping) for x in conn.execute(
-        select(tr.at, tr.from_state, tr.event, tr.to_state, tr.wave, tr.reason, tr.actor)
-        .where(tr.rollout_id == rollout_id).order_by(tr.id.desc()).limit(200))]
+    transitions = [
+        dict(x._mapping)
+        for x in conn.execute(
+            select(tr.at, tr.from_state, tr.event, tr.to_state, tr.wave, tr.reason, tr.actor)
+            .where(tr.rollout_id == rollout_id)
+            .order_by(tr.id.desc())
+            .limit(200)
+        )
+    ]
     row.pop("assignment")
     row["devices"] = sum(per_wave.values())
     return RolloutView(
-        rollout=row, spec=spec, waves=waves, gates=gates, transitions=transitions,
-        audit=audit_entries(conn, target=rollout_id, limit=50), totals=dict(totals),
+        rollout=row,
+        spec=spec,
+        waves=waves,
+        gates=gates,
+        transitions=transitions,
+        audit=audit_entries(conn, target=rollout_id, limit=50),
+        totals=dict(totals),
         actions=allowed_actions(row["state"]),
     )

@@ -55,8 +55,16 @@ def start(session: Session, user: WebUser, hours: float) -> str:
     secret = secrets.token_urlsafe(32)
     now = utcnow()
     assert user.id is not None
-    session.add(WebSession(id=_digest(secret), user_id=user.id, csrf_token=secrets.token_urlsafe(32),
-                           created_at=now, expires_at=now + timedelta(hours=hours), last_seen_at=now))
+    session.add(
+        WebSession(
+            id=_digest(secret),
+            user_id=user.id,
+            csrf_token=secrets.token_urlsafe(32),
+            created_at=now,
+            expires_at=now + timedelta(hours=hours),
+            last_seen_at=now,
+        )
+    )
     # expired sessions of anyone go when someone logs in: no scheduler job needed for a rare event
     session.execute(delete(table(WebSession)).where(table(WebSession).c.expires_at < now))
     session.commit()

@@ -131,15 +131,15 @@ def text_classifier(out_dir: Path, *, labels: tuple[str, ...] = ("negative", "po
     return out_dir
 
 
-def anomaly_model(path: Path) -> tuple[Path, float]:
+def anomaly_model(path: Path, seed: int = 0) -> tuple[Path, float]:
     """An IsolationForest on 8-feature sensor windows. Its ``scores`` output is scikit-learn's
-    decision_function: below the returned threshold (0) means anomalous."""
+    decision_function: below the returned threshold (0) means anomalous. ``seed`` varies the forest."""
     from skl2onnx import to_onnx
     from sklearn.ensemble import IsolationForest
 
     rng = np.random.default_rng(1)
     normal = rng.normal(0, 1, (2000, 8)).astype(np.float32)
-    forest = IsolationForest(n_estimators=50, random_state=0).fit(normal)
+    forest = IsolationForest(n_estimators=50, random_state=seed).fit(normal)
     onx = to_onnx(forest, normal[:1], target_opset={"": 17, "ai.onnx.ml": 3})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onx.SerializeToString())

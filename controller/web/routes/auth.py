@@ -39,10 +39,21 @@ def _safe_next(target: str | None) -> str:
 
 def _login_form(request: Request, next_: str, error: str = "", name: str = "", status_code: int = 200) -> Response:
     token = secrets.token_urlsafe(32)
-    response = page(request, "login.html", {"title": "Log in", "login_token": token, "next": next_,
-                                            "error": error, "name": name}, status_code=status_code)
-    response.set_cookie(sessions.LOGIN_COOKIE, token, max_age=3600, httponly=True, samesite="strict",
-                        secure=_secure(request), path="/login")
+    response = page(
+        request,
+        "login.html",
+        {"title": "Log in", "login_token": token, "next": next_, "error": error, "name": name},
+        status_code=status_code,
+    )
+    response.set_cookie(
+        sessions.LOGIN_COOKIE,
+        token,
+        max_age=3600,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+        path="/login",
+    )
     return response
 
 
@@ -67,24 +78,34 @@ def login(
     throttle: sessions.LoginThrottle = request.app.state.login_throttle
     wait = throttle.blocked_for(username)
     if wait:
-        return _login_form(request, target, f"Too many failed attempts: try again in {wait / 60:.0f} min.",
-                           username, 429)
+        return _login_form(
+            request, target, f"Too many failed attempts: try again in {wait / 60:.0f} min.", username, 429
+        )
     with Session(runtime.engine) as session:
         user = users.authenticate(session, username, password)
         if user is None:
             throttle.failed(username)
-            log.warning("dashboard: failed login for %r from %s", username[:64],
-                        request.client.host if request.client else "?")
+            log.warning(
+                "dashboard: failed login for %r from %s", username[:64], request.client.host if request.client else "?"
+            )
             return _login_form(request, target, "Wrong user name or password.", username, 401)
         throttle.succeeded(username)
         secret = sessions.start(session, user, runtime.settings.dashboard_session_hours)
         audit.record(session, user.name, "dashboard.login", user.name)
         session.commit()
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(sessions.COOKIE, secret, max_age=int(runtime.settings.dashboard_session_hours * 3600),
-                        httponly=True, samesite="lax", secure=_secure(request), path="/")
-    response.delete_cookie(sessions.LOGIN_COOKIE, path="/login", httponly=True, samesite="strict",
-                           secure=_secure(request))
+    response.set_cookie(
+        sessions.COOKIE,
+        secret,
+        max_age=int(runtime.settings.dashboard_session_hours * 3600),
+        httponly=True,
+        samesite="lax",
+        secure=_secure(request),
+        path="/",
+    )
+    response.delete_cookie(
+        sessions.LOGIN_COOKIE, path="/login", httponly=True, samesite="strict", secure=_secure(request)
+    )
     return response
 
 

@@ -21,9 +21,16 @@ def overview(request: Request, who: UserDep) -> Response:
     with runtime_of(request).engine.connect() as conn:
         summary = queries.fleet_summary(conn)
     bridge = runtime_of(request).bridge
-    return page(request, "overview.html", {
-        "title": "Fleet", "nav": "fleet", "s": summary, "broker_connected": bool(bridge and bridge.connected),
-    })
+    return page(
+        request,
+        "overview.html",
+        {
+            "title": "Fleet",
+            "nav": "fleet",
+            "s": summary,
+            "broker_connected": bool(bridge and bridge.connected),
+        },
+    )
 
 
 @router.get("/devices", response_class=HTMLResponse)
@@ -44,13 +51,27 @@ def devices(
     result = None
     if parsed is not None:
         with runtime_of(request).engine.connect() as conn:
-            result = queries.device_page(conn, status=status or None, selector=parsed, q=q or None,
-                                         offset=(page_ - 1) * PER_PAGE, limit=PER_PAGE)
+            result = queries.device_page(
+                conn, status=status or None, selector=parsed, q=q or None, offset=(page_ - 1) * PER_PAGE, limit=PER_PAGE
+            )
     filters = {k: v for k, v in (("status", status), ("selector", selector), ("q", q)) if v}
-    return page(request, "devices.html", {
-        "title": "Devices", "nav": "devices", "result": result, "error": error, "filters": filters,
-        "status": status, "selector": selector, "q": q, "page": page_, "per_page": PER_PAGE,
-    }, status_code=422 if error else 200)
+    return page(
+        request,
+        "devices.html",
+        {
+            "title": "Devices",
+            "nav": "devices",
+            "result": result,
+            "error": error,
+            "filters": filters,
+            "status": status,
+            "selector": selector,
+            "q": q,
+            "page": page_,
+            "per_page": PER_PAGE,
+        },
+        status_code=422 if error else 200,
+    )
 
 
 @router.get("/selector/count")
@@ -71,10 +92,17 @@ def device(request: Request, device_id: str, who: UserDep) -> Response:
         detail = queries.device_detail(conn, device_id)
     if detail is None:
         return page(request, "error.html", {"title": "Not found", "message": f"No device {device_id!r}."}, 404)
-    return page(request, "device.html", {
-        "title": f"Device {device_id}", "nav": "devices", "d": detail.device, "detail": detail,
-        "model": queries.active_model(detail.device["installed"]),
-    })
+    return page(
+        request,
+        "device.html",
+        {
+            "title": f"Device {device_id}",
+            "nav": "devices",
+            "d": detail.device,
+            "detail": detail,
+            "model": queries.active_model(detail.device["installed"]),
+        },
+    )
 
 
 @router.get("/devices/{device_id}/series.json")

@@ -38,12 +38,22 @@ def rollouts(
     page_: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1,
 ) -> Response:
     with runtime_of(request).engine.connect() as conn:
-        items, total = queries.rollout_page(conn, active_only=show == "active", offset=(page_ - 1) * PER_PAGE,
-                                            limit=PER_PAGE)
-    return page(request, "rollouts.html", {
-        "title": "Rollouts", "nav": "rollouts", "items": items, "total": total, "show": show, "page": page_,
-        "per_page": PER_PAGE,
-    })
+        items, total = queries.rollout_page(
+            conn, active_only=show == "active", offset=(page_ - 1) * PER_PAGE, limit=PER_PAGE
+        )
+    return page(
+        request,
+        "rollouts.html",
+        {
+            "title": "Rollouts",
+            "nav": "rollouts",
+            "items": items,
+            "total": total,
+            "show": show,
+            "page": page_,
+            "per_page": PER_PAGE,
+        },
+    )
 
 
 def _form_page(request: Request, values: dict[str, str], errors: dict[str, str], status_code: int = 200) -> Response:
@@ -59,10 +69,21 @@ def _form_page(request: Request, values: dict[str, str], errors: dict[str, str],
     if not values["ref"] and choices:
         values = {**values, "ref": f"{choices[0]['model']}@{choices[0]['version']}"}
     variants = sorted({v for c in choices for v in c["variants"]})
-    return page(request, "rollout_new.html", {
-        "title": "New rollout", "nav": "rollouts", "v": values, "errors": errors, "choices": choices,
-        "variants": variants, "suggestions": suggestions, "matching": matching,
-    }, status_code=status_code)
+    return page(
+        request,
+        "rollout_new.html",
+        {
+            "title": "New rollout",
+            "nav": "rollouts",
+            "v": values,
+            "errors": errors,
+            "choices": choices,
+            "variants": variants,
+            "suggestions": suggestions,
+            "matching": matching,
+        },
+        status_code=status_code,
+    )
 
 
 @router.get("/rollouts/new", response_class=HTMLResponse)
@@ -87,8 +108,13 @@ def create_rollout(request: Request, who: OperatorFormDep, form: FormDep) -> Res
         field = "selector" if "selector" in str(exc) or "no device" in str(exc) else "ref"
         return _form_page(request, values, {field: str(exc)}, exc.status)
     with Session(runtime.engine) as session:
-        audit.record(session, who.name, "rollout.create", rollout_id,
-                     {**body.model_dump(mode="json", exclude={"waves"}), "via": "dashboard"})
+        audit.record(
+            session,
+            who.name,
+            "rollout.create",
+            rollout_id,
+            {**body.model_dump(mode="json", exclude={"waves"}), "via": "dashboard"},
+        )
         session.commit()
     log.info("dashboard: %s created rollout %s", who.name, rollout_id[:8])
     return RedirectResponse(f"/rollouts/{rollout_id}?done=created", status_code=303)
@@ -102,10 +128,18 @@ def rollout(
         view = rollout_view(conn, rollout_id)
     if view is None:
         return page(request, "error.html", {"title": "Not found", "message": f"No rollout {rollout_id!r}."}, 404)
-    return page(request, "rollout.html", {
-        "title": f"Rollout {rollout_id[:8]}", "nav": "rollouts", "view": view, "r": view.rollout,
-        "notice": DONE_MESSAGES.get(done, ""), "all_actions": ACTIONS,
-    })
+    return page(
+        request,
+        "rollout.html",
+        {
+            "title": f"Rollout {rollout_id[:8]}",
+            "nav": "rollouts",
+            "view": view,
+            "r": view.rollout,
+            "notice": DONE_MESSAGES.get(done, ""),
+            "all_actions": ACTIONS,
+        },
+    )
 
 
 @router.get("/rollouts/{rollout_id}/live", response_class=HTMLResponse)
@@ -138,10 +172,19 @@ def act(
             view = rollout_view(conn, rollout_id)
         if view is None:
             return page(request, "error.html", {"title": "Not found", "message": str(exc)}, 404)
-        return page(request, "rollout.html", {
-            "title": f"Rollout {rollout_id[:8]}", "nav": "rollouts", "view": view, "r": view.rollout,
-            "error": str(exc), "all_actions": ACTIONS,
-        }, status_code=exc.status)
+        return page(
+            request,
+            "rollout.html",
+            {
+                "title": f"Rollout {rollout_id[:8]}",
+                "nav": "rollouts",
+                "view": view,
+                "r": view.rollout,
+                "error": str(exc),
+                "all_actions": ACTIONS,
+            },
+            status_code=exc.status,
+        )
     with Session(runtime.engine) as session:
         detail = {"reason": reason, "via": "dashboard"} if reason else {"via": "dashboard"}
         audit.record(session, who.name, f"rollout.{action}", rollout_id, detail)

@@ -1,0 +1,723 @@
+"""Run a scenario end to end: infrastructure, models, fleet, rollout, faults, assertions, report.
+
+The phases, each bounded by a deadline: start (or reach) the broker and the controller; register the
+scenario's models through the REST API; start the worker processes and wait until every device is online
+in the controller; deploy the installed version to the real-onnxruntime devices; let the fleet serve its
+installed model until the gates have a baseline; create the rollout through the REST API; follow it
+(device truth from the workers, rollout state and gates from the controller) until it ends and the fleet
+settles; stop everything; evaluate the expectations; write ``report.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import multiprocessing
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.messages import DeployState
+from agent.transport.mqtt import parse_broker_url
+from simulations.assertions import evaluate
+from simulations.console import Console
+from simulations.errors import SimulationError
+from simulations.infra import Api, BrokerHandle, ControllerHandle, process_cpu_s
+from simulations.models import text_classifier
+from simulations.plan import DeviceSpec, build_fleet, chunks_of
+from simulations.scenario import ModelSpec, Scenario, VersionSpec
+from simulations.worker import WorkerConfig, worker_main
+
+log = logging.getLogger(__name__)
+
+STATE_NAMES = [s.value for s in DeployState]
+#: rollout states in which the scenario's rollout is over (paused waits for an operator)
+END_STATES = ("completed", "aborted", "paused")
+#: device states in which a deployment is still moving
+MOVING = ("downloading", "verifying", "staged", "shadow", "activating", "rolling_back")
+WAITING = "not started"
+OFFLINE = "offline"
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path | None = None
+    live: bool = True
+    processes: int | None = None
+    log_level: str = "WARNING"
+    keep_data: bool = False
+    sample_every_s: float = 0.5
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    report: dict[str, Any]
+    out_dir: Path
+    json_path: Path
+    html_path: Path
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _WorkerHandle:
+    index: int
+    process: BaseProcess
+    conn: Connection
+    devices: list[DeviceSpec]
+    booted: bool = False
+    status: dict[str, Any] | None = None
+    final: dict[str, Any] | None = None
+
+
+def _version_key(value: str | int) -> str:
+    return value if isinstance(value, str) else f"v{value}"
+
+
+class Runner:
+    """One run of one scenario (see the module docstring)."""
+
+    def __init__(self, scenario: Scenario, options: RunOptions | None = None) -> None:
+        self.scenario = scenario
+        self.options = options or RunOptions()
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        self.out_dir = self.options.out_dir or Path("simulation-results") / f"{scenario.name}-{stamp}"
+        self.console = Console(live=self.options.live, title=f"slmfleet simulate: {scenario.name}")
+        self.broker: BrokerHandle | None = None
+        self.controller: ControllerHandle | None = None
+        self.api: Api | None = None
+        self.workers: list[_WorkerHandle] = []
+        self.devices: list[DeviceSpec] = []
+        self.versions: dict[tuple[str, str], int] = {}
+        self.variants: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.timeline: list[dict[str, Any]] = []
+        self.fault_events: list[tuple[float, str, str, str]] = []
+        self.phases: dict[str, float] = {}
+        self.rollout: dict[str, Any] | None = None
+        self.rollout_id: str | None = None
+        self.t0: float | None = None
+        self.ended_at: float | None = None
+        self.cpu: dict[str, float | None] = {}
+        self.notes: list[str] = []
+        self._tmp: Path | None = None
+        self._wave_of_dep: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ run --
+
+    def run(self) -> RunResult:
+        started = time.time()
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"slmfleet-sim-{self.scenario.name}-"))
+        error: str | None = None
+        try:
+            with self.console:
+                self._run()
+        except (SimulationError, TimeoutError) as exc:
+            error = str(exc)
+            self.console.log(f"[red]error:[/red] {exc}")
+        finally:
+            self._collect(error)  # while the controller still answers
+            self._teardown()
+        report = self._report(started, error)
+        result = self._write(report)
+        if not self.options.keep_data and self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return result
+
+    def _phase(self, name: str) -> None:
+        self.phases[name] = time.time()
+        self.console.phase(name)
+
+    def _run(self) -> None:
+        s = self.scenario
+        assert self._tmp is not None
+        self._phase("infrastructure")
+        self.broker = BrokerHandle(s.broker.url, s.broker.engine, self._tmp / "broker")
+        self.controller = ControllerHandle(
+            url=s.controller.url,
+            token=s.controller.token,
+            broker_url=self.broker.url,
+            data_dir=self._tmp / "controller",
+            settings=s.controller.settings,
+            amqtt=self.broker.engine == "amqtt",
+        )
+        self.api = self.controller.api
+        self.console.log(f"broker {self.broker.url} ({self.broker.engine}), controller {self.controller.url}")
+        self._phase("register")
+        self._register()
+        self._phase("fleet")
+        self._start_fleet()
+        self._real_onnx_install()
+        self._phase("baseline")
+        self._baseline()
+        if s.rollout is None:
+            self._phase("run")
+            self._follow(until=time.time() + (s.limits.baseline_s or 10.0), rollout=False)
+            return
+        self._phase("rollout")
+        self._create_rollout()
+        self._follow(until=self.phases["infrastructure"] + s.limits.max_run_s, rollout=True)
+        self._phase("settle")
+        self._settle()
+
+    # ------------------------------------------------------------- models --
+
+    def _files(self, model: ModelSpec, version: VersionSpec) -> list[tuple[str, bytes]]:
+        assert self._tmp is not None and version.key is not None
+        if version.generator is not None:
+            g = version.generator
+            root = text_classifier(self._tmp / "models" / f"{model.name}-{version.key}", size_mb=g.size_mb, seed=g.seed)
+            return [(p.name, p.read_bytes()) for p in sorted(root.iterdir()) if p.is_file()]
+        assert version.path is not None
+        path = version.path
+        if path.is_dir():
+            return [(p.relative_to(path).as_posix(), p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file()]
+        return [(path.name, path.read_bytes())]
+
+    def _register(self) -> None:
+        assert self.api is not None
+        for model in self.scenario.models:
+            for version in model.versions:
+                assert version.key is not None
+                files = self._files(model, version)
+                options: dict[str, Any] = {"task": model.task, **version.options}
+                if version.variants:
+                    options["variants"] = version.variants
+                started = time.monotonic()
+                body = self.api.post(
+                    f"/api/v1/models/{model.name}/versions",
+                    files=[("file", (name, data)) for name, data in files],
+                    data={"options": json.dumps(options)},
+                    params={"wait": 900},
+                    ok=(201, 202),
+                    timeout=960,
+                )
+                if "variants" not in body:  # 202: the import goes on; poll its job
+                    body = self._wait_import(model.name, body)
+                number = int(body["number"])
+                self.versions[(model.name, version.key)] = number
+                for v in body["variants"]:
+                    self.variants[(model.name, version.key, v["variant"])] = {
+                        "artifact_id": v["artifact_id"],
+                        "min_ram_bytes": int(v["requirements"].get("min_ram_bytes", 0)),
+                        "min_disk_bytes": int(v["requirements"].get("min_disk_bytes", 0)),
+                        "size_bytes": int(v["size_bytes"]),
+                    }
+                sizes = ", ".join(f"{v['variant']} {v['size_bytes'] / 1e6:.2f} MB" for v in body["variants"])
+                self.console.log(
+                    f"registered {model.name} {version.key} as version {number} ({sizes}) in"
+                    f" {time.monotonic() - started:.1f}s"
+                )
+
+    def _wait_import(self, model: str, job: dict[str, Any]) -> dict[str, Any]:
+        assert self.api is not None
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            job = self.api.get(f"/api/v1/imports/{job['id']}")
+            if job["status"] == "failed":
+                raise SimulationError(f"importing {model} failed: {job.get('error')}")
+            if job["status"] == "succeeded" and job.get("version"):
+                return self.api.get(f"/api/v1/models/{model}/versions/{job['version']}")
+            time.sleep(1.0)
+        raise SimulationError(f"importing {model} did not finish within 30 minutes")
+
+    def _behaviours(self) -> dict[str, dict[str, Any]]:
+        table = {}
+        for model in self.scenario.models:
+            for version in model.versions:
+                assert version.key is not None
+                number = self.versions[(model.name, version.key)]
+                table[f"{model.name}@{number}"] = {
+                    **version.behaviour.model_dump(),
+                    "variant_latency": model.variant_latency,
+                    "variant_agreement_loss": model.variant_agreement_loss,
+                }
+        return table
+
+    # -------------------------------------------------------------- fleet --
+
+    def _start_fleet(self) -> None:
+        s, api = self.scenario, self.api
+        assert api is not None and self.broker is not None and self._tmp is not None
+        self.devices = build_fleet(s, variants=self.variants, versions=self.versions)
+        n = len(self.devices)
+        processes = self.options.processes or s.fleet.processes or math.ceil(n / s.fleet.devices_per_process)
+        key = api.get("/api/v1/signing-key")["public_key_pem"]
+        installed = {d.installed_artifact for d in self.devices if d.installed_artifact}
+        manifests = {a: api.get(f"/api/v1/artifacts/{a}/manifest") for a in installed}
+        broker = parse_broker_url(self.broker.url)
+        if self.broker.engine == "amqtt":
+            broker["protocol"] = "3.1.1"
+        baseline = None
+        if s.fleet.installed is not None:
+            number = self.versions[(s.fleet.installed.model, _version_key(s.fleet.installed.version))]
+            baseline = (s.fleet.installed.model, number)
+        ctx = multiprocessing.get_context("spawn")
+        behaviours = self._behaviours()
+        for i, bucket in enumerate(chunks_of(self.devices, processes)):
+            config = WorkerConfig(
+                index=i,
+                broker=broker,
+                public_key_pem=key,
+                data_dir=str(self._tmp / f"worker-{i}"),
+                devices=bucket,
+                behaviours=behaviours,
+                manifests={a: m for a, m in manifests.items() if any(d.installed_artifact == a for d in bucket)},
+                deploy=dict(s.fleet.deploy),
+                telemetry_interval_s=s.fleet.telemetry_interval_s,
+                keepalive_s=s.fleet.keepalive_s,
+                connect_rate=s.fleet.connect_rate / processes,
+                seed=s.seed,
+                share_chunk_hashes=s.fleet.share_chunk_hashes,
+                baseline=baseline,
+                log_level=self.options.log_level,
+            )
+            parent, child = ctx.Pipe()
+            process = ctx.Process(
+                target=worker_main, args=(config, child), name=f"slmfleet-sim-worker-{i}", daemon=True
+            )
+            process.start()
+            child.close()
+            self.workers.append(_WorkerHandle(i, process, parent, bucket))
+        self.console.log(f"{n} devices in {len(self.workers)} worker processes")
+        deadline = time.time() + s.limits.ready_timeout_s
+        prefix = f"{s.fleet.prefix}-"
+        online = 0
+        while time.time() < deadline:
+            self._poll(0.5)
+            connected = self._connected()
+            if connected >= n:
+                online = api.count_devices(status="online", q=prefix)
+                if online >= n:
+                    break
+            self._sample()
+        else:
+            raise SimulationError(
+                f"the fleet was not online within {s.limits.ready_timeout_s:.0f}s: {self._connected()} of {n} devices"
+                f" connected, {online} online in the controller"
+            )
+        self.console.log(f"{n} devices online in {time.time() - self.phases['fleet']:.1f}s")
+
+    def _real_onnx_install(self) -> None:
+        """Real-onnxruntime devices get the installed version over the air (real files need real bytes)."""
+        s, api = self.scenario, self.api
+        assert api is not None
+        real = [d.id for d in self.devices if d.real_onnx]
+        if not real or s.fleet.installed is None:
+            return
+        number = self.versions[(s.fleet.installed.model, _version_key(s.fleet.installed.version))]
+        dep = api.post(
+            "/api/v1/deployments",
+            json={"model": s.fleet.installed.model, "version": number, "devices": real, "timeout_s": 300},
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            self._poll(0.5)
+            body = api.get(f"/api/v1/deployments/{dep['id']}")
+            if body["status"] != "running":
+                if body["status"] != "completed":
+                    reasons = {t["device_id"]: t["reason"] for t in body["targets"] if t["state"] != "active"}
+                    raise SimulationError(f"installing the real-onnxruntime devices failed: {reasons}")
+                self.console.log(f"{len(real)} real-onnxruntime devices installed over the air")
+                return
+        raise SimulationError("installing the real-onnxruntime devices did not finish within 300s")
+
+    def _baseline(self) -> None:
+        """Serve the installed model until the gates have their minimum samples on it (the baseline)."""
+        s, api = self.scenario, self.api
+        assert api is not None
+        if s.fleet.installed is None:
+            return
+        limits = s.limits
+        if limits.baseline_s is not None:
+            end = time.time() + limits.baseline_s
+            while time.time() < end:
+                self._poll(0.5)
+                self._sample()
+        else:
+            need = int(((s.rollout or {}).get("gates") or {}).get("min_samples", 100))
+            end = time.time() + limits.baseline_max_s
+            while time.time() < end:
+                self._poll(0.5)
+                self._sample()
+                counts = [c for w in self.workers if w.status for c in w.status["baseline_inferences"]]
+                if len(counts) == len(self.devices) and min(counts) >= need:
+                    break
+            else:
+                self.notes.append(f"baseline: not every device reached {need} inferences in {limits.baseline_max_s}s")
+        # Let the controller write what was sent (the gates read the database).
+        deadline = time.time() + 30
+        while time.time() < deadline and api.get("/api/v1/health").get("ingest_queue", 0) > 0:
+            time.sleep(0.1)
+        time.sleep(min(1.0, s.fleet.telemetry_interval_s))  # the last reports are in flight, not yet queued
+
+    # ------------------------------------------------------------ rollout --
+
+    def _create_rollout(self) -> None:
+        s, api = self.scenario, self.api
+        assert api is not None and s.rollout is not None and self.controller is not None
+        body = dict(s.rollout)
+        body["version"] = self.versions[(body["model"], _version_key(body.get("version", 1)))]
+        body.setdefault("description", f"simulation {s.name}")
+        self.cpu["controller_before"] = self.controller.cpu_s()
+        self.cpu["broker_before"] = process_cpu_s(self.broker.pid if self.broker else None)
+        self.t0 = time.time()
+        created = api.post("/api/v1/rollouts", json=body)
+        self.rollout_id = created["id"]
+        self.rollout = created
+        for w in self.workers:
+            self._send(w, "rollout", self.t0)
+        waves = ", ".join(f"{w['name'] or w['index']}: {w['devices']}" for w in created["waves"])
+        self.console.log(f"rollout {self.rollout_id[:8]} of {body['model']} v{body['version']} created ({waves})")
+
+    def _follow(self, until: float, rollout: bool) -> None:
+        """Sample until the rollout ends (or ``until``)."""
+        api = self.api
+        assert api is not None
+        next_sample = 0.0
+        while time.time() < until:
+            self._poll(0.1)
+            if time.time() < next_sample:
+                continue
+            next_sample = time.time() + self.options.sample_every_s
+            if rollout and self.rollout_id is not None:
+                self.rollout = api.get(f"/api/v1/rollouts/{self.rollout_id}")
+                for wave in self.rollout["waves"]:
+                    if wave["deployment_id"]:
+                        self._wave_of_dep[wave["deployment_id"]] = wave["index"]
+            self._sample()
+            if rollout and self.rollout is not None and self.rollout["state"] in END_STATES:
+                self.ended_at = time.time()
+                assert self.controller is not None
+                self.cpu["controller_after"] = self.controller.cpu_s()
+                self.cpu["broker_after"] = process_cpu_s(self.broker.pid if self.broker else None)
+                self.console.log(f"rollout {self.rollout['state']}: {self.rollout['reason']}")
+                return
+        if rollout:
+            self.notes.append(
+                f"the rollout had not ended when the run's limit ({self.scenario.limits.max_run_s}s) came"
+            )
+            self.console.log("[yellow]run limit reached before the rollout ended[/yellow]")
+
+    def _settle(self) -> None:
+        """After the rollout: devices finish what they do and the controller learns the final truth."""
+        end = time.time() + self.scenario.limits.settle_s
+        next_check = 0.0
+        while time.time() < end:
+            self._poll(0.2)
+            if time.time() < next_check:
+                continue
+            next_check = time.time() + 1.0
+            self._sample()
+            if self.rollout_id is not None and self.api is not None:
+                self.rollout = self.api.get(f"/api/v1/rollouts/{self.rollout_id}")
+            moving = [d for d, st in self.device_states().items() if st[0] in MOVING]
+            if not moving and not self.disagreements():
+                return
+        self.notes.append(f"the fleet had not settled after {self.scenario.limits.settle_s:.0f}s")
+
+    # ------------------------------------------------------------ workers --
+
+    def _send(self, w: _WorkerHandle, kind: str, body: Any) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            w.conn.send((kind, body))
+
+    def _poll(self, timeout: float) -> None:
+        """Read what the workers sent; raise if one died."""
+        from multiprocessing.connection import wait
+
+        conns = [w.conn for w in self.workers if w.final is None]
+        if not conns:
+            time.sleep(timeout)
+            return
+        ready = wait(conns, timeout)
+        for w in self.workers:
+            if w.conn not in ready:
+                continue
+            try:
+                while w.conn.poll():
+                    kind, body = w.conn.recv()
+                    self._on_worker(w, kind, body)
+            except (EOFError, OSError):
+                if w.final is None:
+                    raise SimulationError(f"worker {w.index} died (exit code {w.process.exitcode})") from None
+
+    def _on_worker(self, w: _WorkerHandle, kind: str, body: Any) -> None:
+        if kind == "booted":
+            w.booted = True
+        elif kind in ("status", "final"):
+            w.status = body
+            self.fault_events.extend(body["fault_events"])
+            for _, device, fault, detail in body["fault_events"][:20]:
+                self.console.log(f"fault {fault} on {device} ({detail})", quiet=True)
+            if kind == "final":
+                w.final = body
+
+    def _connected(self) -> int:
+        return sum(1 for w in self.workers if w.status for st in w.status["devices"] if st[5] == 1)
+
+    def device_states(self) -> dict[str, tuple[str, float, int, str, str, int, str]]:
+        """Device id -> (state, progress, active version, variant, deployment id, connected, model)."""
+        out = {}
+        for w in self.workers:
+            if w.status is None:
+                continue
+            for spec, st in zip(w.devices, w.status["devices"], strict=True):
+                out[spec.id] = (STATE_NAMES[st[0]], st[1], st[2], st[3], st[4], st[5], st[6])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        total: Counter[str] = Counter()
+        faults: Counter[str] = Counter()
+        for w in self.workers:
+            if w.status is None:
+                continue
+            total.update(w.status["stats"])
+            faults.update(w.status["fault_counts"])
+        return {"devices": dict(total), "faults": dict(faults)}
+
+    # ----------------------------------------------------------- sampling --
+
+    def _sample(self) -> None:
+        states = self.device_states()
+        if not states:
+            return
+        now = time.time()
+        waves: list[dict[str, Any]] = []
+        rollout = self.rollout
+        wave_sizes = [w["devices"] for w in rollout["waves"]] if rollout else []
+        counts: list[Counter[str]] = [Counter() for _ in wave_sizes]
+        progress: list[list[float]] = [[] for _ in wave_sizes]
+        overall: Counter[str] = Counter()
+        for state, prog, _version, _variant, dep, connected, _model in states.values():
+            wave = self._wave_of_dep.get(dep)
+            label = state if wave is not None else WAITING
+            if connected != 1:
+                overall[OFFLINE] += 1
+            overall[label] += 1
+            if wave is not None and wave < len(counts):
+                counts[wave][state] += 1
+                if state == "downloading":
+                    progress[wave].append(prog)
+        for i, size in enumerate(wave_sizes):
+            touched = sum(counts[i].values())
+            if size > touched:
+                counts[i][WAITING] += size - touched
+            waves.append(dict(counts[i]))
+        stats = self.stats()
+        sample = {
+            "t": round(now - (self.t0 or now), 2),
+            "at": now,
+            "rollout": rollout["state"] if rollout else None,
+            "wave": rollout["wave_index"] if rollout else None,
+            "states": dict(overall),
+            "waves": waves,
+            "download": [round(sum(p) / len(p), 4) if p else None for p in progress],
+            "downloading": [len(p) for p in progress],
+            "mb_in": round(stats["devices"].get("bytes_in", 0) / 1e6, 3),
+            "gates": [
+                {k: g.get(k) for k in ("name", "value", "threshold", "comparison", "status", "samples", "min_samples")}
+                for g in (rollout["gates"] if rollout else [])
+            ],
+        }
+        self.timeline.append(sample)
+        self.console.update(self, sample)
+
+    # ------------------------------------------------------------- checks --
+
+    def disagreements(self) -> list[str]:
+        """Devices whose active model in the controller differs from the device's own truth."""
+        if self.api is None:
+            return ["no controller"]
+        truth = self.device_states()
+        out = []
+        for device in self.api.devices(q=f"{self.scenario.fleet.prefix}-"):
+            if device["id"] not in truth:
+                continue
+            st = truth[device["id"]]
+            active = next((m for m in device.get("installed") or [] if m.get("active", True)), None)
+            mine = (st[6], st[2], st[3]) if st[2] else None
+            theirs = (active["model"], int(active["version"]), active["variant"]) if active else None
+            if mine != theirs:
+                out.append(f"{device['id']}: device serves {mine}, controller says {theirs}")
+        return out
+
+    def _collect(self, error: str | None) -> None:
+        """The controller's final view: failure reasons per device, and where it disagrees with the devices."""
+        self.final_reasons: dict[str, int] = {}
+        self.final_disagreements: list[str] | None = None
+        if self.api is None or error is not None:
+            return
+        try:
+            if self.rollout_id is not None:
+                self.rollout = self.api.get(f"/api/v1/rollouts/{self.rollout_id}")
+            self.final_reasons = self._failure_reasons()
+            self.final_disagreements = self.disagreements()
+        except SimulationError as exc:
+            self.notes.append(f"could not read the controller's final view: {exc}")
+
+    # ------------------------------------------------------------ teardown --
+
+    def _teardown(self) -> None:
+        for w in self.workers:
+            self._send(w, "stop", None)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(w.final is None and w.process.is_alive() for w in self.workers):
+            try:
+                self._poll(0.2)
+            except SimulationError:
+                break
+        for w in self.workers:
+            w.process.join(5)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(5)
+        if self.controller is not None:
+            if "controller_after" not in self.cpu:
+                self.cpu["controller_after"] = self.controller.cpu_s()
+            self.cpu["controller_total"] = self.controller.cpu_s()
+            self.controller.stop()
+        if self.broker is not None:
+            self.cpu["broker_total"] = process_cpu_s(self.broker.pid)
+            self.broker.stop()
+
+    # ------------------------------------------------------------- report --
+
+    def _final_devices(self) -> dict[str, Any]:
+        states = self.device_states()
+        by_profile: dict[str, Counter[str]] = {}
+        by_state: Counter[str] = Counter()
+        for spec in self.devices:
+            st = states.get(spec.id)
+            if st is None:
+                continue
+            by_state[st[0]] += 1
+            key = f"{st[6]} v{st[2]} {st[3]}" if st[2] else "no model"
+            by_profile.setdefault(spec.profile, Counter())[key] += 1
+        return {
+            "by_state": dict(by_state),
+            "by_profile": {p: dict(c) for p, c in by_profile.items()},
+            "states": {d: list(st) for d, st in states.items()},
+        }
+
+    def _failure_reasons(self) -> dict[str, int]:
+        reasons: Counter[str] = Counter()
+        if self.api is None or self.rollout is None:
+            return {}
+        for wave in self.rollout.get("waves", []):
+            if not wave.get("deployment_id"):
+                continue
+            try:
+                dep = self.api.get(f"/api/v1/deployments/{wave['deployment_id']}")
+            except SimulationError:
+                continue
+            for t in dep["targets"]:
+                if t["state"] in ("failed", "rolled_back", "cancelled") and t["reason"]:
+                    reasons[f"{t['state']}: {t['reason'][:300]}"] += 1
+        return dict(reasons.most_common(20))
+
+    def _report(self, started: float, error: str | None) -> dict[str, Any]:
+        s = self.scenario
+        ended = self.ended_at
+        phases = dict(sorted(self.phases.items(), key=lambda kv: kv[1]))
+        names = list(phases)
+        durations = {
+            name: round((phases[names[i + 1]] if i + 1 < len(names) else time.time()) - phases[name], 2)
+            for i, name in enumerate(names)
+        }
+        cpu = self.cpu
+        during = None
+        if cpu.get("controller_before") is not None and cpu.get("controller_after") is not None:
+            during = round(cpu["controller_after"] - cpu["controller_before"], 2)  # type: ignore[operator]
+        broker_during = None
+        if cpu.get("broker_before") is not None and cpu.get("broker_after") is not None:
+            broker_during = round(cpu["broker_after"] - cpu["broker_before"], 2)  # type: ignore[operator]
+        if self.t0 is not None:  # samples taken before the rollout existed count back from its creation
+            for sample in self.timeline:
+                sample["t"] = round(sample["at"] - self.t0, 2)
+        worker_status = [w.final or w.status for w in self.workers]
+        report: dict[str, Any] = {
+            "scenario": {
+                "name": s.name,
+                "description": s.description,
+                "seed": s.seed,
+                "devices": len(self.devices) or s.fleet.devices,
+                "profiles": [p.model_dump(mode="json") for p in s.fleet.profiles],
+                "faults": [f.model_dump(mode="json") for f in s.faults],
+                "rollout": s.rollout,
+            },
+            "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+            "error": error,
+            "notes": self.notes,
+            "phases_s": durations,
+            "rollout_duration_s": round(ended - self.t0, 2) if ended and self.t0 else None,
+            "infrastructure": {
+                "broker": self.broker.url if self.broker else None,
+                "broker_engine": self.broker.engine if self.broker else None,
+                "controller": self.controller.url if self.controller else None,
+                "worker_processes": len(self.workers),
+            },
+            "models": {
+                f"{m}@{k}": {
+                    "number": n,
+                    "variants": {v: info for (mm, kk, v), info in self.variants.items() if (mm, kk) == (m, k)},
+                }
+                for (m, k), n in self.versions.items()
+            },
+            "rollout": self.rollout,
+            "timeline": self.timeline,
+            "faults": {
+                "counts": self.stats()["faults"] if self.workers else {},
+                "events": [list(e) for e in self.fault_events[:1000]],
+            },
+            "fleet": self.stats()["devices"] if self.workers else {},
+            "devices": self._final_devices() if self.workers else {},
+            "failure_reasons": getattr(self, "final_reasons", {}),
+            "controller_disagreements": (getattr(self, "final_disagreements", None) or [])[:50],
+            "resources": {
+                "controller_cpu_s_during_rollout": during,
+                "controller_cpu_s_total": cpu.get("controller_total"),
+                "broker_cpu_s_during_rollout": broker_during,
+                "broker_cpu_s_total": cpu.get("broker_total"),
+                "worker_cpu_s": [ws["cpu_s"] for ws in worker_status if ws],
+                "worker_max_rss_mb": [round(ws["rss_bytes"] / 2**20, 1) for ws in worker_status if ws],
+                "chunk_hash_hits": sum(ws["hash_hits"] for ws in worker_status if ws),
+                "chunk_hash_misses": sum(ws["hash_misses"] for ws in worker_status if ws),
+            },
+        }
+        assertions = evaluate(
+            s, report, self.devices, versions=self.versions, disagreements=getattr(self, "final_disagreements", None)
+        )
+        if error:
+            assertions.insert(0, {"name": "run", "expected": "the scenario runs", "actual": error, "ok": False})
+        report["assertions"] = assertions
+        report["ok"] = all(a["ok"] for a in assertions)
+        return report
+
+    def _write(self, report: dict[str, Any]) -> RunResult:
+        from simulations.report import render_html
+
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        json_path = out / "report.json"
+        json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        html_path = out / "report.html"
+        html_path.write_text(render_html(report))
+        failures = [
+            f"{a['name']}: expected {a['expected']}, got {a['actual']}" for a in report["assertions"] if not a["ok"]
+        ]
+        self.console.summary(report, json_path, html_path)
+        return RunResult(report["ok"], report, out, json_path, html_path, failures)
+
+
+def run_scenario(scenario: Scenario, options: RunOptions | None = None) -> RunResult:
+    """Run ``scenario``; the result says whether its expectations held and where the report is."""
+    return Runner(scenario, options).run()
