@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from controller.errors import SettingsError
@@ -96,6 +96,12 @@ class ControllerSettings(BaseSettings):
         " over HTTPS (behind a proxy, uvicorn reads X-Forwarded-Proto from trusted addresses)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, v: Path) -> Path:
+        """Absolute from the start: subprocesses (model evaluation) and later chdirs see the same place."""
+        return v.expanduser().absolute()
 
     @model_validator(mode="after")
     def _production_is_safe(self) -> ControllerSettings:

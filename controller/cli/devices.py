@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -43,7 +43,7 @@ def list_(
     for column in ("id", "status", "agent", "installed", "labels", "last seen"):
         table.add_column(column)
     for d in page["items"]:
-        installed = ", ".join(f"{m['model']}@{m['version']}/{m['variant']}" for m in d["installed"]) or "-"
+        installed = _installed(d["installed"])
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
         table.add_row(d["id"], d["status"], d["agent_version"] or "-", installed, labels, d["last_seen"])
     Console().print(table)
@@ -76,3 +76,12 @@ def label(
             raise typer.Exit(2)
     device = ApiClient(api, token, data_dir).request("PATCH", f"/api/v1/devices/{device_id}", json={"labels": patch})
     typer.echo(json.dumps(device["labels"], indent=2))
+
+
+def _installed(models: list[dict[str, Any]]) -> str:
+    """The active models, then the kept ones (the previous slot) in parentheses."""
+    names = [
+        f"{m['model']}@{m['version']}/{m['variant']}" + ("" if m.get("active", True) else " (kept)")
+        for m in sorted(models, key=lambda m: not m.get("active", True))
+    ]
+    return ", ".join(names) or "-"

@@ -29,7 +29,8 @@ def render(r: dict[str, Any]) -> Group:
         f" ({r['devices']} devices)"
     )
     head.add_row(
-        f"state [bold]{r['state']}[/bold] since {r['state_since'][:19]}, wave {r['wave_index']}: {r['reason']}"
+        f"state [bold]{r['state']}[/bold] since {r['state_since'][:19]},"
+        f" wave {r['wave_index'] + 1} of {len(r['waves'])}: {r['reason']}"
     )
     waves = Table(title="waves")
     for column in ("#", "name", "devices", "progress", "bake", "thresholds", "status"):
@@ -37,7 +38,7 @@ def render(r: dict[str, Any]) -> Group:
     for w in r["waves"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(w["counts"].items())) or "-"
         waves.add_row(
-            str(w["index"]),
+            str(w["index"] + 1),
             w["name"] or w["until"],
             str(w["devices"]),
             counts,
@@ -52,12 +53,12 @@ def render(r: dict[str, Any]) -> Group:
     for g in r["gates"]:
         value = f"{g['value']:.4g}" if g["value"] is not None else "-"
         threshold = f"{g['comparison']} {g['threshold']}" if g["threshold"] is not None else "off"
-        gates.add_row(g["name"], value, threshold, f"{g['samples']}/{g['min_samples']}", g["status"], g["detail"][:50])
+        gates.add_row(g["name"], value, threshold, f"{g['samples']}/{g['min_samples']}", g["status"], g["detail"][:80])
     log = Table(title="audit log")
     for column in ("at", "transition", "by", "reason"):
         log.add_column(column)
     for t in r["transitions"][-12:]:
-        log.add_row(t["at"][11:19], f"{t['from_state'] or '-'} -> {t['to_state']}", t["actor"], t["reason"][:70])
+        log.add_row(t["at"][11:19], f"{t['from_state'] or '-'} -> {t['to_state']}", t["actor"], t["reason"][:160])
     return Group(head, waves, gates, log)
 
 

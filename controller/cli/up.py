@@ -19,6 +19,7 @@ from controller.auth.users import ADMIN_PASSWORD_FILE, INITIAL_ADMIN, ensure_ini
 from controller.broker.embedded import EmbeddedBroker
 from controller.cli.client import ADMIN_TOKEN_FILE, write_connection_file
 from controller.errors import ControllerError
+from controller.registry import keys
 from controller.runtime import ControllerRuntime
 from controller.settings import load_settings
 
@@ -96,6 +97,7 @@ def up(
         shown_host = settings.http_host if ":" not in settings.http_host else f"[{settings.http_host}]"
         api = f"http://{shown_host}:{settings.http_port}"
         write_connection_file(data, api, str(settings.broker_url))
+        public_key = keys.write_public(runtime.models.key, data / keys.PUBLIC_KEY_FILE)
         broker_note = f" (embedded {embedded.engine}, MQTT {embedded.protocol})" if embedded else ""
         console.print(
             "[bold green]slmfleet controller is up[/bold green]\n"
@@ -107,8 +109,9 @@ def up(
             f"  MQTT broker   {settings.broker_url}{broker_note}\n"
             f"  database      {settings.resolved_database_url}\n"
             f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
+            f"  signing key   {public_key}  (public; devices pin it, also GET /api/v1/signing-key)\n"
             f"  connect a device:  slmfleet agent --broker {settings.broker_url} --device-id DEVICE"
-            " --data-dir ./device-state\n"
+            f" --data-dir ./device-state --signing-key-file {public_key}\n"
             "  stop with Ctrl-C",
             highlight=False,
             soft_wrap=True,

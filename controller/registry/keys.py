@@ -13,6 +13,8 @@ from agent.protocol.signing import key_id, public_key_pem
 from controller.errors import ControllerError
 
 KEY_FILE = "signing-key.pem"
+#: the public half, for devices to pin (``slmfleet agent --signing-key-file``); not a secret
+PUBLIC_KEY_FILE = "signing-key.pub.pem"
 
 
 @dataclass(frozen=True)
@@ -59,3 +61,14 @@ def load_or_create(keys_dir: Path) -> SigningKey:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return SigningKey(key, path)
+
+
+def write_public(key: SigningKey, path: Path) -> Path:
+    """Write the public key (PEM, mode 0644) to ``path`` unless it already holds it; returns ``path``."""
+    pem = key.public_pem
+    if not path.is_file() or path.read_text() != pem:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(pem)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return path

@@ -221,7 +221,7 @@ class RolloutEngine:
             try:
                 deployment_id = self.delivery.create(request, f"rollout {r.id[:8]}")
             except DeploymentError as exc:
-                self._transition(session, r, E.ABORT, f"wave {r.wave_index} could not start: {exc}")
+                self._transition(session, r, E.ABORT, f"wave {r.wave_index + 1} could not start: {exc}")
                 return
         r.wave_deployments = {**r.wave_deployments, key: deployment_id}
         self._deployment_rollout[deployment_id] = r.id
@@ -246,7 +246,7 @@ class RolloutEngine:
                 session,
                 r,
                 E.WAVE_FAILED,
-                f"{len(failed)} of {len(targets)} devices failed in wave {r.wave_index}"
+                f"{len(failed)} of {len(targets)} devices failed in wave {r.wave_index + 1}"
                 f" (threshold {self._wave(spec, r).failure_threshold}): {reasons}",
             )
             self._abort_actions(r)
@@ -336,7 +336,7 @@ class RolloutEngine:
                 )
                 self._abort_actions(r)
             return
-        self._next_wave(session, r, spec, now, f"gates passed for wave {r.wave_index}")
+        self._next_wave(session, r, spec, now, f"gates passed for wave {r.wave_index + 1}")
 
     def _next_wave(
         self, session: Session, r: Rollout, spec: RolloutCreate, now: float, reason: str, manual: bool = False

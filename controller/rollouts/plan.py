@@ -7,9 +7,19 @@ import math
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-Amount = Annotated[str, Field(pattern=r"^\d+(\.\d+)?%?$", description='a device count ("5") or a percentage ("10%")')]
+
+def _amount_text(v: object) -> object:
+    """A bare number (JSON ``1``) is a device count, like ``"1"``."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else v
+
+
+Amount = Annotated[
+    str,
+    BeforeValidator(_amount_text),
+    Field(pattern=r"^\d+(\.\d+)?%?$", description='a device count (5 or "5") or a percentage ("10%")'),
+]
 
 
 class WaveSpec(BaseModel):

@@ -36,3 +36,13 @@ def test_production_refuses_an_exposed_anonymous_broker() -> None:
 def test_default_database_lives_in_the_data_dir(tmp_path: Path) -> None:
     s = load_settings(data_dir=tmp_path / "d")
     assert s.resolved_database_url == f"sqlite:///{(tmp_path / 'd' / 'controller.db').resolve()}"
+
+
+def test_a_relative_data_dir_is_made_absolute_where_the_controller_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model evaluation runs in subprocesses with another working directory: paths must not be relative."""
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(data_dir=Path(".slmfleet"))
+    assert s.data_dir == tmp_path / ".slmfleet" and s.data_dir.is_absolute()
+    assert load_settings().data_dir == tmp_path / ".slmfleet"

@@ -104,8 +104,11 @@ def test_slmfleet_up_on_embedded_defaults(tmp_path: Path) -> None:
             what="slmfleet up ready",
         )
         banner = up.log()
-        for needle in (f"{api}/api/v1", f"{api}/docs", "admin token", str(data / "admin-token")):
+        pinned = data / "signing-key.pub.pem"
+        for needle in (f"{api}/api/v1", f"{api}/docs", "admin token", str(data / "admin-token"), str(pinned)):
             assert needle in banner
+        # the public key devices pin is the one the API serves
+        assert pinned.read_text() == httpx.get(api + "/api/v1/signing-key", timeout=5).json()["public_key_pem"]
         broker_url = broker_url_from_banner(banner)
         assert broker_url == f"mqtt://127.0.0.1:{broker_port}"
         token_file = data / "admin-token"

@@ -262,7 +262,7 @@ def probe_candidate(bundle: ExportedBundle, samples: list[dict[str, Any]], threa
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
     job = {
         "spec": bundle.spec.model_dump(mode="json"),
-        "root": str(bundle.root),
+        "root": str(Path(bundle.root).resolve()),
         "samples": samples,
         "threads": threads,
     }

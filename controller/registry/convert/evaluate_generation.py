@@ -243,7 +243,7 @@ def measure_generation(
     """Generate for every record with ``bundle``'s device pipeline in a fresh interpreter (after a warm-up)."""
     job = {
         "spec": bundle.spec.model_dump(mode="json"),
-        "root": str(bundle.root),
+        "root": str(Path(bundle.root).resolve()),
         "records": records,
         "threads": threads,
     }
@@ -333,8 +333,8 @@ def tokens_per_second_ratio(
             job = {
                 "side": name,
                 "spec": bundle.spec.model_dump(mode="json"),
-                "root": str(bundle.root),
-                "tokenizer_root": str(genai_bundle.root),
+                "root": str(Path(bundle.root).resolve()),
+                "tokenizer_root": str(Path(genai_bundle.root).resolve()),
                 "tokenizer_spec": genai_bundle.spec.model_dump(mode="json"),
                 "prompts": texts,
                 "max_new_tokens": max_new_tokens,
@@ -357,7 +357,7 @@ def tokens_per_second_ratio(
         "rounds": rounds,
         "same_tokens": outputs["agent"] == outputs["genai"],
         "shared_cache_buffer": shared,
-        "agent_graph": str(agent_source.root),
+        "agent_graph": str(Path(agent_source.root).resolve()),
     }
     log.info(
         "agent loop %.1f tokens/s, onnxruntime-genai %.1f tokens/s: ratio %.2f",
