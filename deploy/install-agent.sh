@@ -17,6 +17,8 @@
 #   --broker URL              broker URL (default mqtt://127.0.0.1:1883)
 #   --mqtt-username NAME      broker user name, written to agent.toml
 #   --mqtt-password-file F    copy the broker password from F (kept if one is installed already)
+#   --signing-key-file F      the controller's public signing key (PEM; slmfleet up writes it as
+#                             signing-key.pub.pem); replaced when it differs. Without one, deployments are refused
 #   --package SPEC            what pip installs (default "slmfleet[agent]"; a wheel path or "DIR[agent]" works)
 #   --prefix DIR              installation prefix (default /opt/slmfleet)
 #   --user NAME               the service's user (default slmfleet)
@@ -33,6 +35,7 @@ DEVICE_ID=""
 BROKER="mqtt://127.0.0.1:1883"
 MQTT_USERNAME=""
 PASSWORD_FILE=""
+SIGNING_KEY_FILE=""
 PACKAGE="slmfleet[agent]"
 PREFIX="/opt/slmfleet"
 SERVICE_USER="slmfleet"
@@ -57,6 +60,7 @@ while [ $# -gt 0 ]; do
         --broker) BROKER="${2:?--broker needs a value}"; shift 2 ;;
         --mqtt-username) MQTT_USERNAME="${2:?--mqtt-username needs a value}"; shift 2 ;;
         --mqtt-password-file) PASSWORD_FILE="${2:?--mqtt-password-file needs a value}"; shift 2 ;;
+        --signing-key-file) SIGNING_KEY_FILE="${2:?--signing-key-file needs a value}"; shift 2 ;;
         --package) PACKAGE="${2:?--package needs a value}"; shift 2 ;;
         --prefix) PREFIX="${2:?--prefix needs a value}"; shift 2 ;;
         --user) SERVICE_USER="${2:?--user needs a value}"; shift 2 ;;
@@ -81,6 +85,10 @@ case "$DEVICE_ID" in
     ""|[!A-Za-z0-9]*|*[!A-Za-z0-9._:-]*) die "device id '$DEVICE_ID': use letters, digits and . _ : - (starting with a letter or digit)" ;;
 esac
 [ -z "$PASSWORD_FILE" ] || [ -r "$PASSWORD_FILE" ] || die "cannot read the password file $PASSWORD_FILE"
+if [ -n "$SIGNING_KEY_FILE" ]; then
+    [ -r "$SIGNING_KEY_FILE" ] || die "cannot read the signing key $SIGNING_KEY_FILE"
+    grep -q "BEGIN PUBLIC KEY" "$SIGNING_KEY_FILE" || die "$SIGNING_KEY_FILE is not a PEM public key (GET /api/v1/signing-key)"
+fi
 if [ -z "$ROOT" ] && [ "$DRY_RUN" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
     die "run as root (or use --root-dir DIR or --dry-run)"
 fi
@@ -172,6 +180,14 @@ elif [ -n "$PASSWORD_FILE" ]; then
 else
     # LoadCredential= needs the file; empty means "no password".
     : | write_file "$CONFIG_DIR/mqtt-password" 0600
+fi
+if [ -n "$SIGNING_KEY_FILE" ]; then
+    write_file "$CONFIG_DIR/signing-key.pem" 0644 < "$SIGNING_KEY_FILE"
+elif [ -f "$ROOT$CONFIG_DIR/signing-key.pem" ]; then
+    note "$CONFIG_DIR/signing-key.pem exists; kept as it is"
+else
+    # LoadCredential= needs the file; empty means "no key pinned yet": deployments are refused.
+    : | write_file "$CONFIG_DIR/signing-key.pem" 0644
 fi
 system chown "root:$SERVICE_USER" "$CONFIG_DIR" "$CONFIG_DIR/agent.toml"
 system chmod 0750 "$CONFIG_DIR"

@@ -148,8 +148,9 @@ class AgentSettings(BaseModel):
     def pinned_key_file(self) -> Path | None:
         """The pinned signing key: ``$CREDENTIALS_DIRECTORY/signing-key`` (systemd), else ``signing_key_file``."""
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and (Path(cred_dir) / "signing-key").is_file():
-            return Path(cred_dir) / "signing-key"
+        credential = Path(cred_dir) / "signing-key" if cred_dir else None
+        if credential is not None and credential.is_file() and credential.stat().st_size > 0:
+            return credential  # an empty credential is the installer's "none pinned yet"
         return self.signing_key_file
 
     def mqtt_input_password(self) -> str | None:

@@ -63,7 +63,8 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert service["Type"] == "notify" and int(service["WatchdogSec"]) > 0
     assert service["Restart"] == "always" and service["KillMode"] == "mixed"
     assert service["ExecStart"] == f"{DEFAULT_BINARY} agent --config /etc/slmfleet/agent.toml"
-    assert service["LoadCredential"] == "mqtt-password:/etc/slmfleet/mqtt-password"
+    credentials = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("LoadCredential=")]
+    assert credentials == ["mqtt-password:/etc/slmfleet/mqtt-password", "signing-key:/etc/slmfleet/signing-key.pem"]
     assert service["StateDirectory"] == "slmfleet-agent"
     for key, value in {
         "ProtectSystem": "strict",
@@ -97,6 +98,7 @@ def test_the_installer_writes_config_and_unit_under_a_root_dir_idempotently(tmp_
     assert settings.device_id == "pump-7" and settings.broker == "mqtt://10.1.2.3:1883"
     assert str(settings.data_dir) == "/var/lib/slmfleet-agent"  # = StateDirectory
     assert stat.S_IMODE(password.stat().st_mode) == 0o600 and password.read_text() == ""
+    assert (root / "etc/slmfleet/signing-key.pem").read_text() == ""  # none pinned yet: LoadCredential needs it
     assert unit_file.read_text() == UNIT.read_text()
     # Root-only actions are printed, never run, under --root-dir.
     assert "useradd" in first.stdout and "(skipped: --root-dir)" in first.stdout
@@ -197,3 +199,32 @@ def test_the_agent_notifies_ready_once_serving_and_feeds_the_watchdog(
         code = agent.stop(20)
     assert code == 0
     assert notify_socket.has("STOPPING=1")
+
+
+def test_the_installer_pins_the_signing_key_and_the_agent_reads_it_as_a_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.protocol.signing import public_key_pem
+
+    pem = tmp_path / "controller.pub.pem"
+    pem.write_text(public_key_pem(Ed25519PrivateKey.generate().public_key()))
+    root = tmp_path / "root"
+    assert install("--root-dir", str(root), "--no-venv", "--signing-key-file", str(pem)).returncode == 0
+    pinned = root / "etc/slmfleet/signing-key.pem"
+    assert pinned.read_text() == pem.read_text() and stat.S_IMODE(pinned.stat().st_mode) == 0o644
+    not_a_key = tmp_path / "junk"
+    not_a_key.write_text("hello")
+    refused = install("--root-dir", str(tmp_path / "r2"), "--no-venv", "--signing-key-file", str(not_a_key))
+    assert refused.returncode != 0 and "not a PEM public key" in refused.stderr
+
+    # systemd hands the file over as $CREDENTIALS_DIRECTORY/signing-key; empty means none pinned
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    settings = load_settings(None, {"device_id": "d", "signing_key_file": str(tmp_path / "fallback.pem")})
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    (creds / "signing-key").write_text("")
+    assert settings.pinned_key_file() == tmp_path / "fallback.pem"
+    shutil.copy(pinned, creds / "signing-key")
+    assert settings.pinned_key_file() == creds / "signing-key"
