@@ -18,20 +18,18 @@ test module of a session reuses them; a ``.done`` marker says a bundle is comple
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 from agent.protocol.manifest import (
     DEFAULT_CHUNK_SIZE,
-    ChunkRef,
-    FileEntry,
     Manifest,
     Postprocess,
     Preprocess,
     RunSpec,
     Task,
+    describe_files,
 )
 
 FAMILIES = ("classification", "embeddings", "anomaly", "generation", "text2text")
@@ -44,26 +42,12 @@ ZERO_SHOT = {
 
 def write_manifest(root: Path, spec: RunSpec, model: str, version: int, variant: str) -> Manifest:
     """A manifest of every file in ``root`` (hashes, chunks) for ``spec``."""
-    files: list[FileEntry] = []
-    chunks: list[ChunkRef] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = path.relative_to(root).as_posix()
-        if rel in ("manifest.json", "slmfleet.json"):
-            continue
-        data = path.read_bytes()
-        index = len(files)
-        files.append(FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
-        for offset in range(0, len(data), DEFAULT_CHUNK_SIZE):
-            part = data[offset : offset + DEFAULT_CHUNK_SIZE]
-            chunks.append(
-                ChunkRef(
-                    index=len(chunks),
-                    file=index,
-                    offset=offset,
-                    size=len(part),
-                    sha256=hashlib.sha256(part).hexdigest(),
-                )
-            )
+    contents = {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if path.name not in ("manifest.json", "slmfleet.json") or path.parent != root
+    }
+    files, chunks = describe_files(contents, DEFAULT_CHUNK_SIZE)
     manifest = Manifest(
         model=model,
         version=version,

@@ -116,6 +116,33 @@ class ChunkRef(_Strict):
     sha256: Sha256
 
 
+def file_chunks(file: int, size: int, chunk_hashes: list[str], chunk_size: int, first_index: int) -> list[ChunkRef]:
+    """The chunks of ``files[file]`` (``size`` bytes), numbered from ``first_index``, given each chunk's sha256."""
+    if len(chunk_hashes) != -(-size // chunk_size):
+        raise ValueError(f"{len(chunk_hashes)} chunk hashes for {size} bytes in chunks of {chunk_size}")
+    return [
+        ChunkRef(
+            index=first_index + i,
+            file=file,
+            offset=i * chunk_size,
+            size=min(chunk_size, size - i * chunk_size),
+            sha256=sha,
+        )
+        for i, sha in enumerate(chunk_hashes)
+    ]
+
+
+def describe_files(files: dict[str, bytes], chunk_size: int) -> tuple[list[FileEntry], list[ChunkRef]]:
+    """File entries and the chunk list of in-memory files (paths relative to the bundle), in the given order."""
+    entries: list[FileEntry] = []
+    chunks: list[ChunkRef] = []
+    for index, (path, data) in enumerate(files.items()):
+        entries.append(FileEntry(path=path, sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+        hashes = [hashlib.sha256(data[o : o + chunk_size]).hexdigest() for o in range(0, len(data), chunk_size)]
+        chunks += file_chunks(index, len(data), hashes, chunk_size, len(chunks))
+    return entries, chunks
+
+
 class Preprocess(_Strict):
     tokenizer: RelPath | None = None
     max_length: Annotated[int, Field(ge=1, le=1_000_000)] = 256

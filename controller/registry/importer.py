@@ -30,6 +30,7 @@ from agent.protocol.manifest import (
     Requirements,
     SignedManifest,
     Task,
+    file_chunks,
 )
 from controller.db.models import Artifact, Model, ModelVersion
 from controller.registry.bundles import (
@@ -285,19 +286,8 @@ class Importer:
             if posix == HINTS_FILE or any(part.startswith(".") for part in rel.parts):
                 continue
             sha, size, chunk_hashes = self.store.put_file_chunked(bundle.root / rel, self.chunk_size)
-            file_index = len(files)
+            chunks += file_chunks(len(files), size, chunk_hashes, self.chunk_size, len(chunks))
             files.append(FileEntry(path=posix, sha256=sha, size=size))
-            for i, chunk_sha in enumerate(chunk_hashes):
-                offset = i * self.chunk_size
-                chunks.append(
-                    ChunkRef(
-                        index=len(chunks),
-                        file=file_index,
-                        offset=offset,
-                        size=min(self.chunk_size, size - offset),
-                        sha256=chunk_sha,
-                    )
-                )
         size_bytes = sum(f.size for f in files)
         metrics = metrics.model_copy(update={"size_bytes": size_bytes})
         min_ram = int((metrics.peak_rss_bytes or size_bytes * 2) * 1.25)

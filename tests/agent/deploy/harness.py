@@ -7,7 +7,6 @@ the real binary chunk frames and answers ChunkRequests the way the controller's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -36,14 +35,13 @@ from agent.protocol import codec, signing, topics
 from agent.protocol.manifest import (
     IO,
     Budget,
-    ChunkRef,
-    FileEntry,
     Manifest,
     Postprocess,
     Preprocess,
     SignedManifest,
     Task,
     TensorInfo,
+    describe_files,
 )
 from agent.protocol.messages import (
     Activate,
@@ -95,20 +93,7 @@ def make_manifest(
     expires_at: float | None = None,
     budget: Budget | None = None,
 ) -> Manifest:
-    entries = [FileEntry(path=p, sha256=hashlib.sha256(b).hexdigest(), size=len(b)) for p, b in files.items()]
-    refs: list[ChunkRef] = []
-    for file_index, data in enumerate(files.values()):
-        for offset in range(0, len(data), chunk_size):
-            piece = data[offset : offset + chunk_size]
-            refs.append(
-                ChunkRef(
-                    index=len(refs),
-                    file=file_index,
-                    offset=offset,
-                    size=len(piece),
-                    sha256=hashlib.sha256(piece).hexdigest(),
-                )
-            )
+    entries, refs = describe_files(dict(files), chunk_size)
     return Manifest(
         model=model,
         version=version,
