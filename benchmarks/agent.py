@@ -20,6 +20,7 @@ the median over the rounds of the per-round ratio; the per-round ratios are in t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -122,13 +123,20 @@ class AgentRun:
 
     def cpu_between(self, start: float, end: float) -> float:
         """CPU seconds the agent used between two wall-clock times (interpolated between samples)."""
+        # on a loaded machine the sampler may lag: give it a moment to pass ``end``
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: bool(self._samples) and self._samples[-1][0] >= end, 5, interval=0.05)
         samples = list(self._samples)
 
         def at(t: float) -> float:
+            if not samples:
+                raise ValueError("no CPU samples of the agent at all")
+            if t <= samples[0][0]:
+                return samples[0][1]
             for (t0, c0), (t1, c1) in zip(samples, samples[1:], strict=False):
                 if t0 <= t <= t1:
                     return c0 + (c1 - c0) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.0)
-            raise ValueError(f"no CPU samples around {t}")
+            return samples[-1][1]  # the process ended (or the sampler stopped) before t: its last reading
 
         return at(end) - at(start)
 
