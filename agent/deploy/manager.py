@@ -23,6 +23,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.core.core import DeployCommand, Unsubscribe
+from agent.deploy import faults
 from agent.deploy.actions import (
     Action,
     Checkpoint,
@@ -212,6 +213,8 @@ class DeploymentManager:
             self._remember(rec)
         seq = self._bump_seq()
         self._persist(now)
+        if event != Event.RESUME:  # fault tests only (an env var): die right after entering ``new``
+            faults.crash_point(new.value, getattr(self.records, "root", None))
         return [self._event(rec, now, seq)]
 
     def _event(self, rec: DeploymentRecord, now: float, seq: int, *, progress: bool = False) -> Publish:
@@ -238,6 +241,7 @@ class DeploymentManager:
             chunks_have=have,
             chunks_total=total,
             contiguous=contiguous,
+            listening=rec.state == S.DOWNLOADING and self._subscribed is not None,
             reason=rec.reason,
             installed=installed,
             metrics=metrics,

@@ -205,6 +205,9 @@ class DeploymentEvent(_Message):
     chunks_have: Count = 0
     chunks_total: Count = 0
     contiguous: Count = Field(0, description="leading chunks held: where the device is in the broadcast")
+    listening: bool = Field(
+        False, description="subscribed to the artifact's broadcast topic: chunks published from now on reach it"
+    )
     reason: Annotated[str, StringConstraints(max_length=4096)] = ""
     installed: InstalledModel | None = None
     metrics: Annotated[dict[str, float], Field(max_length=64)] = {}

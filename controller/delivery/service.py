@@ -378,7 +378,9 @@ class DeliveryService:
             self._join_broadcast(target)  # a rollback re-download is served by repairs alone
         broadcast = self._broadcasts.get(event.artifact_id)
         if broadcast is not None:
-            broadcast.progress(device_id, event.contiguous, event.chunks_have, event.state.value == "downloading")
+            broadcast.progress(
+                device_id, event.contiguous, event.chunks_have, event.state.value == "downloading", event.listening
+            )
         if changed:
             self.metrics.deployment_transitions.labels(event.state.value).inc()
             for callback in list(self.on_target_change):

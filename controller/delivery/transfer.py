@@ -64,6 +64,8 @@ class Participant:
     have: int = 0
     last_progress_at: float = field(default_factory=time.time)
     downloading: bool = True
+    #: subscribed to the broadcast topic (its report said so): the first chunk may go out for it
+    listening: bool = False
 
 
 class Broadcast:
@@ -107,11 +109,12 @@ class Broadcast:
         self.participants.setdefault(device_id, Participant())
         self.poke()
 
-    def progress(self, device_id: str, contiguous: int, have: int, downloading: bool) -> None:
+    def progress(self, device_id: str, contiguous: int, have: int, downloading: bool, listening: bool = False) -> None:
         p = self.participants.setdefault(device_id, Participant())
         if contiguous > p.contiguous or have > p.have or downloading != p.downloading:
             p.last_progress_at = time.time()
         p.contiguous, p.have, p.downloading = contiguous, have, downloading
+        p.listening = p.listening or listening
         self.poke()
 
     def reconnected(self) -> None:
@@ -160,7 +163,10 @@ class Broadcast:
             self.finished = True
 
     def _all_ready(self) -> bool:
-        return bool(self.participants) and self.expected <= set(self.participants)
+        """Every expected device subscribed (an agent accepts a deployment, then prepares its slot, then
+        subscribes and says ``listening``): chunks sent before that would only be repaired later."""
+        listening = {d for d, p in self.participants.items() if p.listening or not p.downloading}
+        return bool(listening) and self.expected <= listening
 
     def _send(self, index: int) -> bool:
         frame = self.source.frame(index)

@@ -96,6 +96,7 @@ class PeerDevice:
             chunks_have=len(self.chunks),
             chunks_total=total,
             contiguous=contiguous,
+            listening=state == DeployState.DOWNLOADING and not self.ignore_broadcast,
             reason=reason,
             installed=installed,
         )
