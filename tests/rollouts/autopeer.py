@@ -13,6 +13,7 @@ from agent.protocol.messages import (
     Activate,
     Cancel,
     Commit,
+    Deploy,
     DeployState,
     InferenceStats,
     InstalledModel,
@@ -52,6 +53,7 @@ class AutoPeer(PeerDevice):
         self.held: dict[str, threading.Event] = {}
         self._stop = threading.Event()
         self._last_frame = time.time()
+        self.last_reason = ""
         super().__init__(port, device_id, key, installed=[serving] if serving else [], **kw)
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -85,6 +87,19 @@ class AutoPeer(PeerDevice):
             if isinstance(command, Rollback):
                 self.commands.append(command)
                 threading.Thread(target=self._rollback, args=(command,), daemon=True).start()
+                return
+            if (
+                isinstance(command, Deploy)
+                and self.manifest is not None
+                and command.deployment_id == self.deployment_id
+            ):
+                # A repeat (the controller re-sends unfinished commands when it (re)connects): like the agent
+                # (DeploymentManager._repeat), restart nothing and report where the deployment is. Without this
+                # a controller that missed the reports while it restarted would wait for them until the timeout.
+                self.commands.append(command)
+                self.deploys.append(command)
+                installed = self.serving if self.state in (DeployState.ACTIVE, DeployState.ROLLED_BACK) else None
+                self.report(self.state, reason=self.last_reason, installed=installed)
                 return
             if isinstance(command, Cancel | Commit):
                 self.commands.append(command)
@@ -130,6 +145,10 @@ class AutoPeer(PeerDevice):
             self._switch()
         else:
             self.waiting_activate = True
+
+    def report(self, state: DeployState, reason: str = "", installed: InstalledModel | None = None) -> None:
+        self.last_reason = reason
+        super().report(state, reason=reason, installed=installed)
 
     def report_metrics(self, state: DeployState, metrics: dict[str, float]) -> None:
         from agent.protocol.messages import DeploymentEvent
