@@ -42,6 +42,7 @@ from agent.deploy.record import DiskRecordStore
 from agent.deploy.shadow import ShadowTap
 from agent.deploy.verify import load_pinned_key
 from agent.inference.host import Loaded, ModelHost
+from agent.inference.loader import ModelLoader
 from agent.protocol.messages import InstalledModel
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class DeploymentDriver:
         config: DeployConfig | None = None,
         static_model: Callable[[], Loaded | None] | None = None,
         clock: Callable[[], float] = time.time,
+        loader: ModelLoader | None = None,
     ) -> DeploymentDriver:
         """The driver of a real device: slots and record under ``data_dir/deploy``, models on ``host``.
 
@@ -119,7 +121,7 @@ class DeploymentDriver:
                 log.error("%s; deployments will be refused", exc)
         storage = DiskSlotStorage(root, store_max_bytes=config.store_max_bytes, reserve_bytes=config.disk_reserve_bytes)
         tap = ShadowTap()
-        runner = JobRunner(storage, HostModelOps(host, storage, tap, static_model=static_model))
+        runner = JobRunner(storage, HostModelOps(host, storage, tap, static_model=static_model, loader=loader))
         manager = DeploymentManager(device_id, storage, DiskRecordStore(root), key, config)
         return cls(manager, runner, post=post, emit=emit, clock=clock, tap=tap)
 

@@ -19,7 +19,9 @@ from agent.deploy.ids import artifact_id
 from agent.deploy.selftest import run_self_test
 from agent.deploy.shadow import ShadowSession, ShadowTap
 from agent.deploy.storage import SlotStorage
+from agent.inference.bundle import ModelSource
 from agent.inference.host import Loaded, ModelHost
+from agent.inference.loader import ModelLoader
 from agent.protocol.manifest import SignedManifest
 from agent.protocol.messages import ModelRef, ShadowSpec
 from agent.telemetry.system import rss_bytes
@@ -77,8 +79,11 @@ class HostModelOps:
         tap: ShadowTap,
         *,
         static_model: Callable[[], Loaded | None] | None = None,
+        loader: ModelLoader | None = None,
     ) -> None:
         self.host = host
+        #: loads under the agent's memory ceiling for a model (model_max_rss_mib); None: no ceiling
+        self.loader = loader
         self.storage = storage
         self.tap = tap
         self.static_model = static_model
@@ -97,6 +102,9 @@ class HostModelOps:
 
     def _load(self, slot: str, signed: SignedManifest) -> Loaded:
         m = signed.manifest
+        if self.loader is not None:  # refuses a model over the ceiling (estimated, then measured)
+            source = ModelSource(self._bundle(slot), m.run_spec(), _ref(signed), artifact_id(m), m)
+            return self.loader.load(source, warmup=False)
         return self.host.load(m.run_spec(), self._bundle(slot), _ref(signed), artifact_id(m))
 
     # ---------------------------------------------------------- self-test --

@@ -185,6 +185,7 @@ class AgentService:
             emit=self._execute,
             config=DeployConfig(store_max_bytes=s.store_max_bytes),
             static_model=self.load_configured_model,
+            loader=self.loader,
         )
 
     def _mqtt_config(self, url: str, username: str | None, password: str | None) -> MqttConfig:

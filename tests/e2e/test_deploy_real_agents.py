@@ -34,9 +34,9 @@ def _auth(ctl: ControllerProc) -> dict[str, str]:
     return {"Authorization": f"Bearer {ctl.token}"}
 
 
-def register(ctl: ControllerProc, tmp_path: Path, seed: int) -> dict[str, Any]:
+def register(ctl: ControllerProc, tmp_path: Path, seed: int, trees: int = 50) -> dict[str, Any]:
     """One more version of the ``pump`` anomaly model (a different forest each time)."""
-    path, threshold = anomaly_model(tmp_path / f"m{seed}.onnx", seed=seed)
+    path, threshold = anomaly_model(tmp_path / f"m{seed}.onnx", seed=seed, trees=trees)
     options = {"task": "anomaly", "anomaly": {"threshold": threshold, "higher_is_anomalous": False, "output": "scores"}}
     r = httpx.post(
         ctl.api + "/api/v1/models/pump/versions",
@@ -177,3 +177,20 @@ def test_agents_killed_mid_deployment_resume_and_finish(fleet: Fleet, tmp_path: 
     for d in devices:
         log = (tmp_path / f"{d}.log").read_text()
         assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_deployed_model_over_the_memory_ceiling_is_refused_with_the_reason(fleet: Fleet, tmp_path: Path) -> None:
+    """``--model-max-rss-mib`` holds for deployed models too: the self-test refuses one whose weights exceed it."""
+    ctl = fleet.start_controller()
+    version = register(ctl, tmp_path, 1, trees=400)
+    size = next(v for v in version["variants"] if v["variant"] == "fp32")["size_bytes"]
+    assert size > 2 * 2**20, size  # the ceiling below is under its weights alone
+    key = pin_key(ctl, tmp_path / "controller.pem")
+    fleet.start_agent("small", "--signing-key-file", str(key), "--model-max-rss-mib", "1")
+    wait_until(lambda: ctl.devices().get("small") == "online", 30)
+    dep = deploy(ctl, 1, ["small"])
+    done = wait_until(lambda: (d := deployment(ctl, dep))["status"] in ("completed", "failed") and d, 60)
+    target = done["targets"][0]
+    assert target["state"] == "failed" and "memory ceiling" in target["reason"], target
+    assert active_version(ctl, "small") is None
+    assert fleet.agents["small"].alive()

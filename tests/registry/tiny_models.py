@@ -131,7 +131,7 @@ def text_classifier(out_dir: Path, *, labels: tuple[str, ...] = ("negative", "po
     return out_dir
 
 
-def anomaly_model(path: Path, seed: int = 0) -> tuple[Path, float]:
+def anomaly_model(path: Path, seed: int = 0, trees: int = 50) -> tuple[Path, float]:
     """An IsolationForest on 8-feature sensor windows. Its ``scores`` output is scikit-learn's
     decision_function: below the returned threshold (0) means anomalous. ``seed`` varies the forest."""
     from skl2onnx import to_onnx
@@ -139,7 +139,7 @@ def anomaly_model(path: Path, seed: int = 0) -> tuple[Path, float]:
 
     rng = np.random.default_rng(1)
     normal = rng.normal(0, 1, (2000, 8)).astype(np.float32)
-    forest = IsolationForest(n_estimators=50, random_state=seed).fit(normal)
+    forest = IsolationForest(n_estimators=trees, random_state=seed).fit(normal)
     onx = to_onnx(forest, normal[:1], target_opset={"": 17, "ai.onnx.ml": 3})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onx.SerializeToString())
