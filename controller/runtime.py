@@ -46,7 +46,12 @@ class ControllerRuntime:
             on_dropped=self.metrics.ingest_dropped.inc,
         )
         self.handler = DeviceTrafficHandler(
-            self.registry, self.writer, self.metrics, max_payload=settings.max_control_payload
+            self.registry,
+            self.writer,
+            self.metrics,
+            max_payload=settings.max_control_payload,
+            telemetry_rate_per_s=settings.telemetry_rate_per_s,
+            telemetry_burst=settings.telemetry_burst,
         )
         self.models = RegistryService(
             self.engine,
@@ -114,6 +119,7 @@ class ControllerRuntime:
         self.delivery.stop()
         if self.bridge is not None:
             self.bridge.stop()
+        self.delivery.flush()  # what devices reported while the connection was closing
         self.flush_last_seen()
         self.writer.stop()
         self.models.stop()

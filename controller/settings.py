@@ -45,6 +45,17 @@ class ControllerSettings(BaseSettings):
     max_control_payload: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = Field(
         64 * 1024, description="largest state/telemetry/event payload accepted, bytes"
     )
+    telemetry_rate_per_s: Annotated[float, Field(gt=0, le=100_000)] = Field(
+        50.0,
+        description="telemetry messages a second each device may send on average (devices send one every"
+        " telemetry_interval_s, 10 s by default); beyond it and its burst they are dropped and counted in"
+        " slmfleet_telemetry_throttled_total",
+    )
+    telemetry_burst: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        1000,
+        description="telemetry messages a device may send at once above its rate: keep it above what a device"
+        " flushes from its offline spool after an outage",
+    )
     ingest_batch_size: Annotated[int, Field(ge=1, le=100_000)] = Field(
         2000, description="most rows written in one database transaction"
     )

@@ -262,6 +262,10 @@ class Manifest(_Strict):
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise ValueError("files: a path is listed twice")
+        # Count before listing: a forged size (10**30) must not make a list of 10**24 chunks.
+        count = sum(-(-entry.size // self.chunk_size) for entry in self.files)
+        if len(self.chunks) != count:
+            raise ValueError(f"chunks: {len(self.chunks)} listed, {count} expected for these files")
         expected = [
             (file_index, offset, min(self.chunk_size, entry.size - offset))
             for file_index, entry in enumerate(self.files)

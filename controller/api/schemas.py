@@ -193,7 +193,7 @@ class DeploymentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]  # beyond: the database driver overflows (a 500)
     variant: Annotated[str, StringConstraints(min_length=1, max_length=32)] = "auto"
     target: DeploymentTargetSpec | None = None
     devices: list[str] | None = Field(None, description="shorthand for target.devices")

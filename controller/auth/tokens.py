@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from controller.db.models import ApiToken
 from controller.db.types import utcnow
@@ -89,3 +89,17 @@ def ensure_admin_token(session: Session, path: Path) -> str:
     token, _ = create_token(session, "local-admin", Role.ADMIN)
     write_secret_file(path, token)
     return token
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    """Every token, oldest first (revoked and expired ones too: the list is also a record)."""
+    return list(session.exec(select(ApiToken).order_by(col(ApiToken.id))).all())
+
+
+def revoke(session: Session, row: ApiToken) -> bool:
+    """Mark ``row`` revoked (the caller commits); False when it already was. ``lookup`` refuses it from now on."""
+    if row.revoked_at is not None:
+        return False
+    row.revoked_at = utcnow()
+    session.add(row)
+    return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from controller.cli import deploy, devices, models, rollouts, simulate, up, users
+from controller.cli import deploy, devices, models, rollouts, simulate, tokens, up, users
 
 app = typer.Typer(
     name="slmfleet",
@@ -21,4 +21,5 @@ app.command("deploy")(deploy.deploy)
 app.add_typer(deploy.app, name="deployments")
 app.add_typer(rollouts.app, name="rollout")
 app.add_typer(users.app, name="users")
+app.add_typer(tokens.app, name="tokens")
 app.command("simulate")(simulate.simulate)

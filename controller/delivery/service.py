@@ -49,6 +49,9 @@ from controller.registry.store import ContentStore
 
 log = logging.getLogger(__name__)
 
+#: how a target the controller gave up on (per-device timeout) is marked; such a device may still switch
+TIMEOUT_REASON = "timed out after"
+
 
 class DeploymentError(Exception):
     """A deployment request that cannot be carried out; ``status`` is the HTTP status."""
@@ -348,9 +351,18 @@ class DeliveryService:
             target = self._targets.get((event.deployment_id, device_id))
             if target is None:
                 return
-            if target.terminal and target.state == "failed" and event.state.value not in ("rolled_back", "failed"):
-                return  # the controller gave up on it (timeout); late reports do not revive it
-            switched_after_cancel = target.state == "cancelled" and event.state.value == "active"
+            info = self._deployments.get(event.deployment_id) or {}
+            # the controller gave up on it (timeout) but it switched after all: the truth wins; if the
+            # deployment has been rolled back or cancelled since, it must go back like the others
+            late_switch = (
+                target.state == "failed" and target.reason.startswith(TIMEOUT_REASON) and event.state.value == "active"
+            )
+            gave_up = target.terminal and target.state == "failed"
+            if gave_up and event.state.value not in ("rolled_back", "failed") and not late_switch:
+                return  # late reports of a device the controller gave up on do not revive it
+            switched_after_cancel = (target.state == "cancelled" and event.state.value == "active") or (
+                late_switch and bool(target.previous) and bool(info.get("cancelled") or info.get("rolled_back"))
+            )
             if target.state == "cancelled" and not switched_after_cancel:
                 return  # reports still in flight when the cancel went out
             values: dict[str, Any] = {"state": event.state.value, "reason": event.reason}
@@ -495,6 +507,8 @@ class DeliveryService:
                 raise DeploymentError(f"deployment {deployment_id!r} not found", 404)
         with self._lock:
             targets = [t for t in self._targets.values() if t.deployment_id == deployment_id]
+            if deployment_id in self._deployments:
+                self._deployments[deployment_id]["rolled_back"] = True  # late switches go back too
         told = 0
         for target in targets:
             if target.state in BEFORE_SWITCH:
@@ -652,7 +666,7 @@ class DeliveryService:
                     continue
                 if not target.queued and now - target.started_at > info["timeout_s"]:
                     target.update(
-                        now, state="failed", reason=f"timed out after {info['timeout_s']:.0f}s in state {target.state}"
+                        now, state="failed", reason=f"{TIMEOUT_REASON} {info['timeout_s']:.0f}s in state {target.state}"
                     )
                     expired.append(target)
         for target in expired:

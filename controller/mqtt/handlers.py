@@ -11,12 +11,15 @@ import logging
 import time
 from collections.abc import Callable
 
+from prometheus_client import Counter
+
 from agent.protocol import codec, topics
 from agent.protocol.messages import ChunkRequest, DeploymentEvent, DeployState, DeviceOnline, Telemetry
 from agent.protocol.topics import DeviceChannel
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
-from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn
+from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn, out_of_range
+from controller.telemetry.ratelimit import TokenBuckets
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ class DeviceTrafficHandler:
         *,
         max_payload: int,
         clock: Callable[[], float] = time.time,
+        telemetry_rate_per_s: float = 50.0,
+        telemetry_burst: int = 1000,
     ) -> None:
         self.registry = registry
         self.writer = writer
@@ -44,6 +49,14 @@ class DeviceTrafficHandler:
         self.on_chunk_request: Callable[[str, ChunkRequest], None] | None = None
         self.on_birth: Callable[[str], None] | None = None
         self.drops = codec.DropCounter(log, on_drop=lambda ch, reason: self._invalid.labels(ch, reason).inc())
+        #: telemetry per device: a flooding device is throttled before its payloads are even parsed
+        self.telemetry_limit = TokenBuckets(telemetry_rate_per_s, telemetry_burst)
+        self.throttled = Counter(
+            "slmfleet_telemetry_throttled",
+            "Telemetry messages dropped because their device exceeded its rate (telemetry_rate_per_s, burst)",
+            registry=metrics.registry,
+        )
+        self._throttled_log = codec.DropCounter(log)
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
         """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""
@@ -69,10 +82,18 @@ class DeviceTrafficHandler:
         if channel not in (DeviceChannel.STATE, DeviceChannel.TELEMETRY, DeviceChannel.EVENTS):
             self.drops.drop(device_id, channel.value, "topic", "the controller does not consume this channel")
             return
+        if channel is DeviceChannel.TELEMETRY and not self.telemetry_limit.allow(device_id):
+            self.throttled.inc()
+            self._throttled_log.drop(device_id, channel.value, "throttled", "over its telemetry rate")
+            return
         try:
             msg = codec.decode(channel, payload, self.max_payload)
         except codec.PayloadError as exc:
             self.drops.drop(device_id, channel.value, exc.reason, exc.detail)
+            return
+        problem = out_of_range(msg)
+        if problem is not None:
+            self.drops.drop(device_id, channel.value, "out_of_range", problem)
             return
         now = self.clock()
         if isinstance(msg, DeviceOnline):

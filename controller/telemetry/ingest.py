@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, insert, select, update
 
-from agent.protocol.messages import AgentEvent, CommandAck, DeploymentEvent, DeviceOnline, Telemetry
+from agent.protocol.messages import AgentEvent, ChunkRequest, CommandAck, DeploymentEvent, DeviceOnline, Telemetry
 from controller.db.bulk import BulkInsert
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import from_epoch
@@ -83,6 +83,43 @@ TELEMETRY_COLUMNS = (
 )
 EVENT_COLUMNS = ("device_id", "received_at", "ts", "seq", "type", "kind", "message", "data")
 
+#: the largest value of an INTEGER column on every supported database (PostgreSQL: 32 bits)
+INT32_MAX = 2**31 - 1
+#: the largest value of a BIGINT column
+INT64_MAX = 2**63 - 1
+
+
+def out_of_range(msg: object) -> str | None:
+    """Why a message the protocol accepts cannot be stored (a number beyond its column), or None.
+
+    The wire schema bounds counts below only; a value the database cannot hold would fail the
+    whole batch it is written in, with every other device's rows.
+    """
+    checks: list[tuple[str, int, int]] = []
+    if isinstance(msg, Telemetry):
+        checks += [("seq", msg.seq, INT32_MAX), ("rss_bytes", msg.rss_bytes, INT64_MAX)]
+        if msg.inference is not None:
+            checks += [("inference.count", msg.inference.count, INT32_MAX)]
+            checks += [("inference.errors", msg.inference.errors, INT32_MAX)]
+        if msg.model is not None:
+            checks.append(("model.version", msg.model.version, INT32_MAX))
+    elif isinstance(msg, AgentEvent | CommandAck):
+        checks.append(("seq", msg.seq, INT32_MAX))
+    elif isinstance(msg, DeploymentEvent):
+        checks += [("seq", msg.seq, INT32_MAX), ("chunks_have", msg.chunks_have, INT32_MAX)]
+        checks += [("chunks_total", msg.chunks_total, INT32_MAX), ("contiguous", msg.contiguous, INT32_MAX)]
+        if msg.installed is not None:
+            checks.append(("installed.version", msg.installed.version, INT32_MAX))
+    elif isinstance(msg, ChunkRequest):
+        checks.append(("seq", msg.seq, INT32_MAX))
+        checks += [("ranges", max(max(a, b) for a, b in msg.ranges), INT32_MAX)]
+    elif isinstance(msg, DeviceOnline):
+        checks += [(f"installed.{i}.version", m.version, INT32_MAX) for i, m in enumerate(msg.installed)]
+    for name, value, limit in checks:
+        if value > limit:
+            return f"{name} = {value} is beyond {limit}"
+    return None
+
 
 def telemetry_row(op: TelemetryIn, dt: Callable[[float], Any]) -> tuple[Any, ...]:
     """Column values (TELEMETRY_COLUMNS order); ``dt`` converts epoch seconds for the dialect."""
@@ -105,7 +142,7 @@ def telemetry_row(op: TelemetryIn, dt: Callable[[float], Any]) -> tuple[Any, ...
         lat.p99_ms if lat is not None else None,
         model.model if model is not None else None,
         model.version if model is not None else None,
-        model.variant if model is not None else None,
+        model.variant[:64] if model is not None else None,  # the column is 64 long, the wire allows 128
         # the validated message re-serialized: unknown fields a device added are not stored
         msg.model_dump_json(exclude_none=True),
     )
@@ -243,8 +280,28 @@ class IngestWriter:
                 self._on_written(n_tel, n_evt)
             return
         self.failed_batches += 1
-        if self._on_dropped is not None:
-            self._on_dropped(len(batch))
+        # One bad row must not cost every other device its data: write what can be written, one by one.
+        lost = len(batch) if len(batch) == 1 else self._write_each(batch)
+        if lost and self._on_dropped is not None:
+            self._on_dropped(lost)
+
+    def _write_each(self, batch: list[Op]) -> int:
+        """Write ``batch`` op by op (after the batch failed); returns how many could not be written."""
+        lost = written = 0
+        for i, op in enumerate(batch):
+            if lost >= 3 and written == 0:  # not one bad row: the database itself is failing
+                log.error("the database refuses every write: dropped %d received messages", len(batch) - i)
+                return lost + len(batch) - i
+            try:
+                n_tel, n_evt = self._write([op])
+            except Exception as exc:
+                lost += 1
+                log.warning("dropped a received %s of %s: %s", type(op).__name__, getattr(op, "device_id", "?"), exc)
+                continue
+            written += 1
+            if self._on_written is not None:
+                self._on_written(n_tel, n_evt)
+        return lost
 
     def _write(self, batch: list[Op]) -> tuple[int, int]:
         devices: dict[str, dict[str, Any]] = {}  # id -> column values (births and status changes)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from agent.protocol.messages import InstalledModel
 from controller.delivery.variants import choose_variant
 from tests.delivery.peer import PeerDevice
 from tests.helpers import metric_value, wait_until
@@ -210,3 +211,31 @@ def test_commands_are_sent_again_after_a_controller_restart(private_broker, make
         wait_until(lambda: deployment(second, dep["id"])["status"] == "completed", 15)
     finally:
         peer.close()
+
+
+def test_a_device_that_switches_after_its_timeout_is_believed_or_sent_back(ctl, peers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The controller gave up on a device (timeout) but it switched after all: a running deployment
+    counts it active; a deployment rolled back meanwhile sends it back like the others."""
+    v1 = register_anomaly(ctl, tmp_path)["variants"][0]
+    register_anomaly(ctl, tmp_path)
+    had = [InstalledModel(model="pump", version=1, variant="fp32", artifact=v1["artifact_id"])]
+    believed, rolled = (
+        peers("believed", installed=had),
+        peers("rolled", installed=had),
+    )
+    for peer in (believed, rolled):
+        dep = deploy(ctl, model="pump", version=2, variant="fp32", devices=[peer.device_id], timeout_s=3)
+        wait_until(lambda p=peer: p.manifest is not None and p.manifest.model == "pump" and p.deploys, 10)  # type: ignore[misc]
+        if peer is rolled:
+            peer.request_missing()  # the artifact's broadcast went by with the first deployment
+        wait_until(peer.complete, 15, what="every chunk (the device then stays silent)")
+        wait_until(lambda d=dep: deployment(ctl, d["id"])["status"] == "failed", 15)  # type: ignore[misc]
+        if peer is rolled:
+            assert ctl.client.post(f"/api/v1/deployments/{dep['id']}/rollback", headers=ctl.auth).status_code == 200
+        peer.finish()
+        if peer is believed:
+            done = wait_until(lambda d=dep: (x := deployment(ctl, d["id"]))["status"] == "completed" and x, 15)  # type: ignore[misc]
+            assert done["targets"][0]["state"] == "active"
+        else:
+            wait_until(lambda: any(c.type == "rollback" for c in rolled.commands), 15, what="a rollback command")
+            assert deployment(ctl, dep["id"])["targets"][0]["state"] == "rolling_back"

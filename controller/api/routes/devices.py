@@ -17,11 +17,17 @@ from controller.devices import selectors
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
+#: the largest offset accepted: larger numbers overflow the database drivers' integers (a 500, not a 422)
+MAX_DB_INT = 2**31 - 1
+
 
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59-23:00 is past the year 9999 in UTC
+        raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
 
 
 def _get(session: SessionDep, device_id: str) -> Device:
@@ -42,7 +48,7 @@ def list_devices(
     label: Annotated[list[str] | None, Query(description="KEY=VALUE, repeatable (all must match)")] = None,
     q: Annotated[str | None, Query(description="substring of the device id", max_length=128)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
 ) -> DevicePage:
     """Devices, filtered by status, labels and id, sorted by id, paginated."""
     terms = [selector] if selector else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import func
 from sqlmodel import Session, col, select
@@ -27,6 +27,9 @@ from controller.registry.bundles import BundleError, parse_options
 from controller.registry.upload import UploadError, receive, remove_tree
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
+
+#: a version number; larger numbers overflow the database drivers' integers (a 500 instead of a 404)
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _model(session: Session, name: str) -> Model:
@@ -206,7 +209,7 @@ async def upload_version(
 
 
 @router.get("/models/{name}/versions/{number}", response_model=VersionPublic)
-def get_version(name: str, number: int, session: SessionDep, _: ViewerDep) -> VersionPublic:
+def get_version(name: str, number: VersionNumber, session: SessionDep, _: ViewerDep) -> VersionPublic:
     model = _model(session, name)
     version = session.exec(
         select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
@@ -217,7 +220,9 @@ def get_version(name: str, number: int, session: SessionDep, _: ViewerDep) -> Ve
 
 
 @router.delete("/models/{name}/versions/{number}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_version(name: str, number: int, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> Response:
+def delete_version(
+    name: str, number: VersionNumber, runtime: RuntimeDep, session: SessionDep, who: OperatorDep
+) -> Response:
     """Delete a version nothing uses: a version a deployment refers to cannot be deleted (409)."""
     model = _model(session, name)
     version = session.exec(

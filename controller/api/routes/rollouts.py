@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
@@ -17,6 +17,9 @@ from controller.rollouts.plan import RolloutCreate, default_plan, wave_sizes
 from controller.runtime import ControllerRuntime
 
 router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
+
+#: the largest version number the database holds (PostgreSQL INTEGER)
+MAX_VERSION = 2**31 - 1
 
 
 class WavePublic(BaseModel):
@@ -149,6 +152,13 @@ def _get(session: Session, rollout_id: str) -> Rollout:
 @router.post("", response_model=RolloutPublic, status_code=status.HTTP_201_CREATED)
 def create_rollout(body: RolloutCreate, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> RolloutPublic:
     """Roll a model version out to the devices a label selector matches, in waves (default: canary, 10%, 50%, 100%)."""
+    if body.version > MAX_VERSION:  # beyond the database's integers: a 500 from the driver otherwise
+        raise HTTPException(422, f"version {body.version} does not exist (versions are at most {MAX_VERSION})")
+    if body.start_at is not None:
+        try:
+            body.start_at.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:59-23:00 is past the year 9999 in UTC
+            raise HTTPException(422, f"start_at {body.start_at.isoformat()} is out of range in UTC") from None
     if runtime.bridge is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the controller has no broker connection")
     try:
