@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import deque
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -51,9 +52,17 @@ def births(devices: int) -> list[tuple[str, bytes]]:
     ]
 
 
+#: unacknowledged messages at most: message ids are 16 bits, and paho refuses an id still in use
+MAX_PENDING = 50_000
+
+
 def publish_all(client: mqtt.Client, items: list[tuple[str, bytes]]) -> None:
-    infos = [client.publish(t, p, qos=1) for t, p in items]
-    for info in infos:
+    pending: deque[mqtt.MQTTMessageInfo] = deque()
+    for topic, payload in items:
+        if len(pending) >= MAX_PENDING:
+            pending.popleft().wait_for_publish(120)
+        pending.append(client.publish(topic, payload, qos=1))
+    for info in pending:
         info.wait_for_publish(120)
 
 
