@@ -153,12 +153,17 @@ class Console:
 
     def summary(self, report: dict[str, Any], json_path: Path, html_path: Path) -> None:
         ok = report["ok"]
+        rollout = report.get("rollout")
+        if rollout:
+            what = f"rollout {rollout.get('state')}"
+            if report.get("rollout_duration_s") is not None:
+                what += f" in {report['rollout_duration_s']}s"
+        else:
+            what = f"no rollout; {report['scenario']['devices']} devices ran {sum(report['phases_s'].values()):.0f}s"
         self.rich.print(
             Text.assemble(
                 ("PASS" if ok else "FAIL", "bold green" if ok else "bold red"),
-                f"  {report['scenario']['name']}: rollout "
-                f"{(report.get('rollout') or {}).get('state')} in "
-                f"{report.get('rollout_duration_s')}s",
+                f"  {report['scenario']['name']}: {what}",
             )
         )
         for a in report["assertions"]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from controller.broker.embedded import EmbeddedBroker, free_port
+from controller.broker.embedded import EmbeddedBroker, _die_with_parent, free_port
 from simulations.errors import SimulationError
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,14 @@ class ControllerHandle:
             "--port",
             str(port),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+        )
         log_file.close()
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout

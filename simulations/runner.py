@@ -26,6 +26,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from agent.protocol.messages import DeployState
 from agent.transport.mqtt import parse_broker_url
 from simulations.assertions import evaluate
@@ -523,6 +525,7 @@ class Runner:
             "download": [round(sum(p) / len(p), 4) if p else None for p in progress],
             "downloading": [len(p) for p in progress],
             "mb_in": round(stats["devices"].get("bytes_in", 0) / 1e6, 3),
+            "telemetry": stats["devices"].get("telemetry", 0),
             "gates": [
                 {k: g.get(k) for k in ("name", "value", "threshold", "comparison", "status", "samples", "min_samples")}
                 for g in (rollout["gates"] if rollout else [])
@@ -554,6 +557,7 @@ class Runner:
         """The controller's final view: failure reasons per device, and where it disagrees with the devices."""
         self.final_reasons: dict[str, int] = {}
         self.final_disagreements: list[str] | None = None
+        self.telemetry_ingested = self._telemetry_ingested()
         if self.api is None or error is not None:
             return
         try:
@@ -563,6 +567,22 @@ class Runner:
             self.final_disagreements = self.disagreements()
         except SimulationError as exc:
             self.notes.append(f"could not read the controller's final view: {exc}")
+
+    def _telemetry_ingested(self) -> float | None:
+        """Telemetry messages the controller stored (its Prometheus counter), or None."""
+        if self.api is None:
+            return None
+        for path in ("/api/v1/metrics", "/metrics"):
+            try:
+                r = self.api.client.get(path, timeout=10)
+            except httpx.HTTPError:
+                return None
+            if r.status_code != 200:
+                continue
+            for line in r.text.splitlines():
+                if line.startswith("slmfleet_telemetry_ingested_total "):
+                    return float(line.split()[1])
+        return None
 
     # ------------------------------------------------------------ teardown --
 
@@ -622,6 +642,9 @@ class Runner:
             for t in dep["targets"]:
                 if t["state"] in ("failed", "rolled_back", "cancelled") and t["reason"]:
                     reasons[f"{t['state']}: {t['reason'][:300]}"] += 1
+                elif t["state"] != "active" and self.rollout.get("state") not in END_STATES:
+                    # the run ended with the rollout still going: say where its devices are stuck
+                    reasons[f"still {t['state']}: {(t.get('reason') or '')[:200]} ({t['device_id']})"] += 1
         return dict(reasons.most_common(20))
 
     def _report(self, started: float, error: str | None) -> dict[str, Any]:
@@ -687,6 +710,7 @@ class Runner:
                 "controller_cpu_s_total": cpu.get("controller_total"),
                 "broker_cpu_s_during_rollout": broker_during,
                 "broker_cpu_s_total": cpu.get("broker_total"),
+                "controller_telemetry_ingested": getattr(self, "telemetry_ingested", None),
                 "worker_cpu_s": [ws["cpu_s"] for ws in worker_status if ws],
                 "worker_max_rss_mb": [round(ws["rss_bytes"] / 2**20, 1) for ws in worker_status if ws],
                 "chunk_hash_hits": sum(ws["hash_hits"] for ws in worker_status if ws),

@@ -44,6 +44,12 @@ def simulate(
     except ScenarioError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    import signal
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the runner's teardown: workers, controller, broker stop
+
+    signal.signal(signal.SIGTERM, _terminate)
     result = run_scenario(
         parsed, RunOptions(out_dir=out, live=live, processes=processes, log_level=log_level, keep_data=keep_data)
     )

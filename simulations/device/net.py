@@ -116,6 +116,12 @@ class DelayLine:
         if self._items:
             self._handle = self._loop.call_at(self._items[0][0], self._drain)
 
+    def take_all(self) -> list[Any]:
+        """Everything not yet delivered, in order; the line is empty afterwards."""
+        items = [item for _, item in self._items]
+        self.clear()
+        return items
+
     def clear(self) -> None:
         """Everything in flight is lost (the link went down)."""
         self._items.clear()

@@ -596,6 +596,7 @@ class VirtualDevice:
         if transport is not None:
             transport.abort()
         self.transport = None
+        self._spill_outbound()
         if self.driver is not None:
             self.driver.close()
         if self.ops is not None:
@@ -614,6 +615,16 @@ class VirtualDevice:
         self._last_total = 0
         self._boot_handle = self.loop.call_later(down_s, self.boot)
 
+    def _spill_outbound(self) -> None:
+        """The link or the power goes while actions wait out the simulated latency: what the real agent
+        had put in its outbox (durable publishes, spooled on disk) survives and goes again later; the rest
+        (telemetry sent directly, subscriptions, which the next connection makes again) is lost."""
+        outbox = self.outbox
+        for actions, _pump in self._outbound.take_all():
+            for action in actions:
+                if outbox is not None and isinstance(action, Publish) and action.durable:
+                    outbox.add(action)
+
     def disconnect(self, down_s: float) -> None:
         """The link drops (the broker sends the will); the agent keeps running and reconnects after ``down_s``."""
         if not self.powered:
@@ -623,7 +634,7 @@ class VirtualDevice:
             self.transport.abort()
         self.transport = None
         self._inbound.clear()
-        self._outbound.clear()
+        self._spill_outbound()
         if self._reconnect_handle is not None:
             self._reconnect_handle.cancel()
         self._reconnect_handle = self.loop.call_later(down_s, self._reconnect)
