@@ -45,6 +45,15 @@ def choose_variant(hardware: dict[str, Any], artifacts: dict[str, dict[str, Any]
             return VariantChoice(
                 art["artifact_id"], variant, f"{variant}: fits {ram >> 20} MiB RAM" if ram else variant
             )
-    smallest = min(artifacts.values(), key=lambda a: a["min_ram_bytes"]) if artifacts else None
-    need = f"the smallest needs {smallest['min_ram_bytes'] >> 20} MiB RAM" if smallest else "no variants"
-    return VariantChoice(None, None, f"no variant fits this device ({ram >> 20} MiB RAM): {need}")
+    if not artifacts:
+        return VariantChoice(None, None, "this version has no variants")
+    least_ram = min(a["min_ram_bytes"] for a in artifacts.values())
+    least_disk = min(a.get("min_disk_bytes", 0) for a in artifacts.values())
+    short = []
+    if ram and least_ram > ram:
+        short.append(f"the smallest needs {least_ram >> 20} MiB RAM, the device has {ram >> 20} MiB")
+    if disk is not None and least_disk > disk:
+        short.append(f"the smallest needs {least_disk >> 20} MiB of disk, the device has {int(disk) >> 20} MiB free")
+    if not short:  # each fits one way but none both ways
+        short.append(f"none fits both its {ram >> 20} MiB RAM and {int(disk or 0) >> 20} MiB of free disk")
+    return VariantChoice(None, None, "no variant fits this device: " + "; ".join(short))

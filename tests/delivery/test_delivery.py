@@ -120,6 +120,7 @@ def test_auto_variant_follows_the_device_and_a_device_nothing_fits_fails_clearly
     by_device = {t["device_id"]: t for t in dep["targets"]}
     assert by_device["big"]["variant"] == "int8"
     assert by_device["tiny"]["state"] == "failed" and "no variant fits" in by_device["tiny"]["reason"]
+    assert "MiB RAM, the device has 16 MiB" in by_device["tiny"]["reason"]
     wait_until(lambda: big.deploys, 10)
     assert big.manifest is not None and big.manifest.variant == "int8"
     assert tiny.deploys == []

@@ -128,3 +128,32 @@ def test_happy_path_1000_devices(private_broker: EmbeddedBroker, tmp_path: Path)
     _check_run(result, 220)
     assert result.report["scenario"]["devices"] == 1000
     assert result.report["rollout"]["state"] == "completed"
+
+
+def test_a_full_disk_on_the_canary_fails_it_with_the_reason_and_aborts(
+    private_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The ``disk_full`` fault: the canary devices report no free disk, the controller finds no variant that
+    fits and fails them with that reason, and the rollout aborts in the canary with every device on v1."""
+    import yaml
+
+    spec = yaml.safe_load(bundled("bad-model").read_text())
+    spec["name"] = "disk-full"
+    spec["faults"] = [{"kind": "disk_full", "free_mb": 0.0, "devices": {"labels": {"ring": "canary"}}}]
+    spec["expect"] = {
+        "rollout_state": "aborted",
+        "ended_in_wave": 0,
+        "devices": [
+            {"version": "v1", "min_share": "100%"},
+        ],
+        "faults_fired": {"disk_full": "1"},
+    }
+    path = tmp_path / "disk-full.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    scenario = load_scenario(
+        path, devices=20, overrides={"broker.url": private_broker.url, "broker.engine": private_broker.engine, **LIMITS}
+    )
+    result = run_scenario(scenario, RunOptions(out_dir=tmp_path / "out", live=False))
+    _check_run(result, 110)
+    reasons = result.report.get("failure_reasons") or {}
+    assert reasons and all("MiB of disk" in r for r in reasons), reasons
