@@ -89,6 +89,8 @@ class ControllerRuntime:
                 fields["username"] = s.mqtt_username
             if s.mqtt_password:
                 fields["password"] = s.mqtt_password
+            if fields.get("tls") and s.broker_ca_file is not None:
+                fields["ca_file"] = str(s.broker_ca_file)
             config = MqttConfig(**fields, keepalive_s=s.mqtt_keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=5.0)
             self.bridge = MqttBridge(
                 config,

@@ -28,12 +28,32 @@ class ControllerSettings(BaseSettings):
     embedded_broker: Literal["auto", "mosquitto", "amqtt"] = Field(
         "auto", description="embedded broker engine: mosquitto when its binary is found (auto), else amqtt"
     )
+    broker_ca_file: Path | None = Field(
+        None,
+        description="CA bundle that verifies the broker's certificate with mqtts:// (unset: the system's trusted"
+        " CAs); the certificate and its host name are always checked",
+    )
     embedded_broker_host: str = Field("127.0.0.1", description="address the embedded broker listens on")
+    embedded_broker_tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the embedded mosquitto: it then listens with TLS (mqtts://)"
+    )
+    embedded_broker_tls_key_file: Path | None = Field(
+        None, description="PEM private key of embedded_broker_tls_cert_file"
+    )
     embedded_broker_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         1884, description="port of the embedded broker (0: any free port)"
     )
     http_host: str = Field("127.0.0.1", description="address the REST API listens on")
     http_port: Annotated[int, Field(ge=0, le=65535)] = Field(8080, description="port of the REST API")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the REST API: with tls_key_file, it is served over HTTPS"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_ca_file: Path | None = Field(
+        None,
+        description="CA bundle that signed tls_cert_file, written to controller.json so the CLI on this machine"
+        " verifies the API with it",
+    )
     mqtt_client_id: str = Field("slmfleet-controller", description="client id of the controller's MQTT session")
     mqtt_username: str | None = Field(None, description="controller's broker user")
     mqtt_password: str | None = Field(None, description="controller's broker password")
@@ -113,6 +133,29 @@ class ControllerSettings(BaseSettings):
     def _absolute_data_dir(cls, v: Path) -> Path:
         """Absolute from the start: subprocesses (model evaluation) and later chdirs see the same place."""
         return v.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ControllerSettings:
+        for cert, key in (
+            ("tls_cert_file", "tls_key_file"),
+            ("embedded_broker_tls_cert_file", "embedded_broker_tls_key_file"),
+        ):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(f"{cert} and {key} go together: set both or neither")
+            for name in (cert, key):
+                path = getattr(self, name)
+                if path is not None and not path.is_file():
+                    raise ValueError(f"{name}: {path} is not a file")
+        for name in ("broker_ca_file", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a file")
+        return self
+
+    @property
+    def https(self) -> bool:
+        """Whether the REST API is served over HTTPS."""
+        return self.tls_cert_file is not None
 
     @model_validator(mode="after")
     def _production_is_safe(self) -> ControllerSettings:

@@ -273,12 +273,15 @@ class MqttTransport:
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:
+            # Always verified: the chain against ca_file (or the system's CAs) and the host name.
             client.tls_set(
                 ca_certs=cfg.ca_file,
                 certfile=cfg.cert_file,
                 keyfile=cfg.key_file,
                 cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
+            client.tls_insecure_set(False)
         if self.will is not None:
             client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
         client.on_connect = self._on_connect
@@ -321,12 +324,29 @@ class MqttTransport:
                 )
             else:
                 self._client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+        except ssl.SSLCertVerificationError as exc:
+            # Verification stays on: a certificate the CA did not sign, or issued for another host, is retried
+            # with backoff (it may be replaced) but never accepted.
+            self._note_failure(
+                f"TLS certificate of broker {cfg.host}:{cfg.port} rejected: {exc.verify_message or exc}"
+                f" (CA file: {cfg.ca_file or 'system trust store'})"
+            )
+            self._drop_failed_client()
+            self._schedule_reconnect()
+            return
         except (OSError, ssl.SSLError, ValueError) as exc:
             self._note_failure(f"cannot reach broker {cfg.host}:{cfg.port}: {exc}")
+            if cfg.tls:
+                self._drop_failed_client()
             self._schedule_reconnect()
             return
         self._cancel_connack_timer()
         self._connack_timer = self._loop.call_later(cfg.connect_timeout_s, self._connack_timeout)
+
+    def _drop_failed_client(self) -> None:
+        """Forget a client whose TLS connect failed half-way; the next attempt starts from a fresh one."""
+        self._close_socket()
+        self._client = None
 
     def _cancel_connack_timer(self) -> None:
         if self._connack_timer is not None:

@@ -73,12 +73,29 @@ def mosquitto_binary() -> str | None:
     return None
 
 
-def mosquitto_config(host: str, port: int, state_dir: Path, extra: str = "", allow_anonymous: bool = True) -> str:
+def mosquitto_config(
+    host: str,
+    port: int,
+    state_dir: Path,
+    extra: str = "",
+    allow_anonymous: bool = True,
+    tls_cert_file: Path | None = None,
+    tls_key_file: Path | None = None,
+) -> str:
     """A mosquitto.conf for a private single-node broker; the comments say why each line is there."""
     lines = [
         "# Written by slmfleet; regenerated on every start.",
         f"listener {port} {host}",
         "# The embedded broker is for a single machine: loopback only.",
+    ]
+    if tls_cert_file is not None and tls_key_file is not None:
+        lines += [
+            "# TLS only on this listener (mqtts://); clients verify this certificate.",
+            f"certfile {Path(tls_cert_file).resolve()}",
+            f"keyfile {Path(tls_key_file).resolve()}",
+            "tls_version tlsv1.2",
+        ]
+    lines += [
         f"allow_anonymous {'true' if allow_anonymous else 'false'}",
         "# Retained device states and persistent sessions survive a broker restart.",
         "persistence true",
@@ -117,7 +134,13 @@ class EmbeddedBroker:
         engine: Engine = "auto",
         extra_config: str = "",
         allow_anonymous: bool = True,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
     ) -> None:
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise BrokerError("the embedded broker's TLS certificate and key go together: give both or neither")
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
         self.state_dir = Path(state_dir)
         self.allow_anonymous = allow_anonymous
         self.host = host
@@ -131,7 +154,11 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def protocol(self) -> str:
@@ -153,6 +180,8 @@ class EmbeddedBroker:
                 f"port {self.port} on {self.host} is already in use; choose another with --broker-port "
                 "or point at that broker with --broker mqtt://host:port"
             )
+        if self.tls and binary is None:
+            raise BrokerError("the embedded broker serves TLS with mosquitto only; install mosquitto")
         if binary is not None:
             self._start_mosquitto(binary, timeout)
         else:
@@ -165,7 +194,15 @@ class EmbeddedBroker:
     def _start_mosquitto(self, binary: str, timeout: float) -> None:
         conf = self.state_dir / "mosquitto.conf"
         conf.write_text(
-            mosquitto_config(self.host, self.port, self.state_dir.resolve(), self.extra_config, self.allow_anonymous)
+            mosquitto_config(
+                self.host,
+                self.port,
+                self.state_dir.resolve(),
+                self.extra_config,
+                self.allow_anonymous,
+                self.tls_cert_file,
+                self.tls_key_file,
+            )
         )
         stderr = open(self.state_dir / "mosquitto.stderr", "ab")  # noqa: SIM115 - owned by the child
         self._proc = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +15,40 @@ CONNECTION_FILE = "controller.json"
 ADMIN_TOKEN_FILE = "admin-token"
 
 
-def write_connection_file(data_dir: Path, api_url: str, broker_url: str) -> Path:
+def write_connection_file(data_dir: Path, api_url: str, broker_url: str, ca_file: str | None = None) -> Path:
     path = data_dir / CONNECTION_FILE
-    path.write_text(json.dumps({"api": api_url, "broker": broker_url}, indent=2) + "\n")
+    body = {"api": api_url, "broker": broker_url}
+    if ca_file:
+        body["ca_file"] = ca_file
+    path.write_text(json.dumps(body, indent=2) + "\n")
     return path
 
 
 class ApiClient:
     """Calls the REST API; errors become a one-line message and exit code 1."""
 
-    def __init__(self, api: str | None, token: str | None, data_dir: Path) -> None:
+    def __init__(self, api: str | None, token: str | None, data_dir: Path, ca_file: Path | None = None) -> None:
         self.data_dir = data_dir
         self.base = (api or os.environ.get("SLMFLEET_API") or self._api_from_file()).rstrip("/")
         self.token = token or os.environ.get("SLMFLEET_TOKEN") or self._token_from_file()
+        self.verify = self._verify(ca_file)
+
+    def _connection(self) -> dict[str, Any]:
+        path = self.data_dir / CONNECTION_FILE
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
 
     def _api_from_file(self) -> str:
-        path = self.data_dir / CONNECTION_FILE
-        if path.is_file():
-            return str(json.loads(path.read_text())["api"])
-        return "http://127.0.0.1:8080"
+        return str(self._connection().get("api", "http://127.0.0.1:8080"))
+
+    def _verify(self, ca_file: Path | None) -> ssl.SSLContext | bool:
+        """How HTTPS is verified: always on; against --ca-file, $SLMFLEET_CA_FILE, controller.json, else system CAs."""
+        chosen = ca_file or os.environ.get("SLMFLEET_CA_FILE") or self._connection().get("ca_file")
+        if not chosen:
+            return True
+        if not Path(chosen).is_file():
+            typer.echo(f"error: CA file {chosen} does not exist", err=True)
+            raise typer.Exit(1)
+        return ssl.create_default_context(cafile=str(chosen))
 
     def _token_from_file(self) -> str | None:
         path = self.data_dir / ADMIN_TOKEN_FILE
@@ -50,7 +66,9 @@ class ApiClient:
         all_headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         all_headers.update(headers or {})
         try:
-            r = httpx.request(method, self.base + path, headers=all_headers, timeout=timeout, **kwargs)
+            r = httpx.request(
+                method, self.base + path, headers=all_headers, timeout=timeout, verify=self.verify, **kwargs
+            )
         except httpx.HTTPError as exc:
             typer.echo(f"error: cannot reach the controller at {self.base}: {exc}", err=True)
             raise typer.Exit(1) from None

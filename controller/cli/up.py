@@ -47,6 +47,10 @@ def up(
     port: Annotated[int | None, typer.Option(help="REST API port [default: 8080]")] = None,
     broker_port: Annotated[int | None, typer.Option(help="embedded broker port [default: 1884]")] = None,
     broker_engine: Annotated[str | None, typer.Option(help="embedded broker: auto, mosquitto or amqtt")] = None,
+    tls_cert_file: Annotated[
+        Path | None, typer.Option(help="serve the REST API over HTTPS with this PEM certificate (with --tls-key-file)")
+    ] = None,
+    tls_key_file: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert-file")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = None,
 ) -> None:
@@ -61,6 +65,8 @@ def up(
             http_port=port,
             embedded_broker_port=broker_port,
             embedded_broker=broker_engine,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
             log_level=log_level,
         )
     except ControllerError as exc:
@@ -81,6 +87,8 @@ def up(
                 host=settings.embedded_broker_host,
                 port=settings.embedded_broker_port,
                 engine=settings.embedded_broker,
+                tls_cert_file=settings.embedded_broker_tls_cert_file,
+                tls_key_file=settings.embedded_broker_tls_key_file,
             )
             url = embedded.start()
             update = {"broker_url": url}
@@ -95,8 +103,19 @@ def up(
             ensure_admin_token(session, token_file)
             ensure_initial_admin(session, password_file)
         shown_host = settings.http_host if ":" not in settings.http_host else f"[{settings.http_host}]"
-        api = f"http://{shown_host}:{settings.http_port}"
-        write_connection_file(data, api, str(settings.broker_url))
+        scheme = "https" if settings.https else "http"
+        api = f"{scheme}://{shown_host}:{settings.http_port}"
+        write_connection_file(
+            data,
+            api,
+            str(settings.broker_url),
+            ca_file=str(settings.tls_ca_file.resolve()) if settings.tls_ca_file else None,
+        )
+        ca_hint = (
+            f" --ca-file {settings.broker_ca_file.resolve()}"
+            if settings.broker_ca_file is not None and str(settings.broker_url).startswith("mqtts://")
+            else ""
+        )
         public_key = keys.write_public(runtime.models.key, data / keys.PUBLIC_KEY_FILE)
         broker_note = f" (embedded {embedded.engine}, MQTT {embedded.protocol})" if embedded else ""
         console.print(
@@ -111,7 +130,7 @@ def up(
             f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
             f"  signing key   {public_key}  (public; devices pin it, also GET /api/v1/signing-key)\n"
             f"  connect a device:  slmfleet agent --broker {settings.broker_url} --device-id DEVICE"
-            f" --data-dir ./device-state --signing-key-file {public_key}\n"
+            f" --data-dir ./device-state --signing-key-file {public_key}{ca_hint}\n"
             "  stop with Ctrl-C",
             highlight=False,
             soft_wrap=True,
@@ -125,6 +144,8 @@ def up(
                 log_level="warning",
                 access_log=False,
                 lifespan="on",
+                ssl_certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
+                ssl_keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
             )
         )
         # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that
