@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -177,14 +177,7 @@ class DeliveryService:
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
             if not artifacts:
                 raise DeploymentError(f"{request.model} v{request.version} has no artifacts")
-            by_variant = {
-                a.variant: {
-                    "artifact_id": a.id,
-                    "min_ram_bytes": a.signed_manifest["manifest"]["requirements"]["min_ram_bytes"],
-                    "min_disk_bytes": a.signed_manifest["manifest"]["requirements"].get("min_disk_bytes", 0),
-                }
-                for a in artifacts
-            }
+            by_variant = _variant_table(artifacts)
             if request.variant != "auto" and request.variant not in by_variant:
                 raise DeploymentError(
                     f"{request.model} v{request.version} has no {request.variant} variant"
@@ -212,30 +205,8 @@ class DeliveryService:
             session.add(dep)
             targets = []
             for device in devices:
-                choice = choose_variant(device.hardware, by_variant, request.variant)
-                previous = next((m for m in device.installed if m.get("active", True)), None)
-                target = Target(
-                    deployment_id,
-                    device.id,
-                    choice.artifact_id,
-                    choice.variant,
-                    previous=previous,
-                    queued=choice.artifact_id is not None and request.max_concurrent is not None,
-                )
-                if choice.artifact_id is None:
-                    target.update(time.time(), state="failed", reason=choice.reason)
-                targets.append(target)
-                session.add(
-                    DeploymentTarget(
-                        deployment_id=deployment_id,
-                        device_id=device.id,
-                        artifact_id=choice.artifact_id,
-                        variant=choice.variant,
-                        state=target.state,
-                        reason=target.reason,
-                        previous=previous,
-                        queued=target.queued,
-                    )
+                targets.append(
+                    _new_target(session, deployment_id, device, by_variant, request.variant, request.max_concurrent)
                 )
             session.commit()
             with self._lock:
@@ -593,42 +564,12 @@ class DeliveryService:
                     )
                     info["status"] = "running"
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == dep.version_id)).all()
-            by_variant = {
-                a.variant: {
-                    "artifact_id": a.id,
-                    "min_ram_bytes": a.signed_manifest["manifest"]["requirements"]["min_ram_bytes"],
-                    "min_disk_bytes": a.signed_manifest["manifest"]["requirements"].get("min_disk_bytes", 0),
-                }
-                for a in artifacts
-            }
+            by_variant = _variant_table(artifacts)
             added: list[Target] = []
             for device in session.exec(select(Device).where(col(Device.id).in_(device_ids))).all():
                 if (deployment_id, device.id) in self._targets:
                     continue
-                choice = choose_variant(device.hardware, by_variant, dep.variant_rule)
-                previous = next((m for m in device.installed if m.get("active", True)), None)
-                target = Target(
-                    deployment_id,
-                    device.id,
-                    choice.artifact_id,
-                    choice.variant,
-                    previous=previous,
-                    queued=choice.artifact_id is not None and dep.max_concurrent is not None,
-                )
-                if choice.artifact_id is None:
-                    target.update(time.time(), state="failed", reason=choice.reason)
-                session.add(
-                    DeploymentTarget(
-                        deployment_id=deployment_id,
-                        device_id=device.id,
-                        artifact_id=choice.artifact_id,
-                        variant=choice.variant,
-                        state=target.state,
-                        reason=target.reason,
-                        previous=previous,
-                        queued=target.queued,
-                    )
-                )
+                target = _new_target(session, deployment_id, device, by_variant, dep.variant_rule, dep.max_concurrent)
                 added.append(target)
             session.commit()
             with self._lock:
@@ -772,3 +713,51 @@ class DeliveryService:
 
 def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
+
+
+def _variant_table(artifacts: Sequence[Artifact]) -> dict[str, dict[str, Any]]:
+    """Each variant's artifact and requirements, as ``choose_variant`` takes them."""
+    return {
+        a.variant: {
+            "artifact_id": a.id,
+            "min_ram_bytes": a.signed_manifest["manifest"]["requirements"]["min_ram_bytes"],
+            "min_disk_bytes": a.signed_manifest["manifest"]["requirements"].get("min_disk_bytes", 0),
+        }
+        for a in artifacts
+    }
+
+
+def _new_target(
+    session: Session,
+    deployment_id: str,
+    device: Device,
+    by_variant: dict[str, dict[str, Any]],
+    rule: str,
+    max_concurrent: int | None,
+) -> Target:
+    """A device's target in a deployment (failed at once when no variant fits), its row added to ``session``."""
+    choice = choose_variant(device.hardware, by_variant, rule)
+    previous = next((m for m in device.installed if m.get("active", True)), None)
+    target = Target(
+        deployment_id,
+        device.id,
+        choice.artifact_id,
+        choice.variant,
+        previous=previous,
+        queued=choice.artifact_id is not None and max_concurrent is not None,
+    )
+    if choice.artifact_id is None:
+        target.update(time.time(), state="failed", reason=choice.reason)
+    session.add(
+        DeploymentTarget(
+            deployment_id=deployment_id,
+            device_id=device.id,
+            artifact_id=choice.artifact_id,
+            variant=choice.variant,
+            state=target.state,
+            reason=target.reason,
+            previous=previous,
+            queued=target.queued,
+        )
+    )
+    return target
