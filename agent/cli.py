@@ -18,7 +18,8 @@ from agent import __version__
 def _agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="slmfleet agent",
-        description="Run the slmfleet device agent. Settings come from --config (TOML) and these flags.",
+        description="Run the slmfleet device agent. Settings come from --config (TOML) and these flags."
+        " 'slmfleet agent enroll --help': join a fleet with an enrollment token.",
     )
     p.add_argument("--config", type=Path, help="TOML settings file (flags override it)")
     p.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883")
@@ -89,6 +90,10 @@ def _agent_parser() -> argparse.ArgumentParser:
 
 
 def agent_main(argv: list[str]) -> int:
+    if argv and argv[0] == "enroll":
+        from agent.runtime.enroll import enroll_main
+
+        return enroll_main(argv[1:])
     from agent.runtime.config import ConfigError, load_settings
 
     args = _agent_parser().parse_args(argv)

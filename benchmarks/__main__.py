@@ -18,6 +18,7 @@ BENCHMARKS = {
     "rollout": "benchmarks.rollout",
     "simulate": "benchmarks.simulate",
     "dashboard": "benchmarks.dashboard",
+    "security": "benchmarks.security",
 }
 
 

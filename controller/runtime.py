@@ -14,11 +14,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import delete, select
 
 from agent.transport.mqtt import MqttConfig, parse_broker_url
+from controller.broker import dynsec
+from controller.broker.dynsec import DynsecAdmin
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import utcnow
 from controller.delivery.service import DeliveryService
 from controller.devices.registry import DeviceRegistry
+from controller.enrollment.service import EnrollmentService
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
@@ -69,6 +72,16 @@ class ControllerRuntime:
         self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
         self.rollouts = RolloutEngine(self.engine, self.delivery)
         self.bridge: MqttBridge | None = None
+        #: the broker's dynamic-security administrator when broker_auth is dynsec (set in start())
+        self.broker_admin: DynsecAdmin | None = None
+        self.enrollment = EnrollmentService(
+            self.engine,
+            lambda: self.settings.device_broker_url or self.settings.broker_url,
+            self.models.key.public_pem,
+            settings.broker_ca_file,
+            None,
+            self._revoked_changed,
+        )
         self.scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
@@ -81,6 +94,7 @@ class ControllerRuntime:
         s = self.settings
         migrate(self.engine)
         self._load_registry()
+        self.enrollment.load()
         self.models.start()
         self.writer.start()
         if s.broker_url:
@@ -92,13 +106,25 @@ class ControllerRuntime:
             if fields.get("tls") and s.broker_ca_file is not None:
                 fields["ca_file"] = str(s.broker_ca_file)
             config = MqttConfig(**fields, keepalive_s=s.mqtt_keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=5.0)
+            subscriptions = self.handler.subscriptions(s.mqtt_shared_group)
+            if s.broker_auth == "dynsec":
+                subscriptions.append((dynsec.RESPONSE_TOPIC, 1))
             self.bridge = MqttBridge(
                 config,
                 s.mqtt_client_id,
-                self.handler,
-                self.handler.subscriptions(s.mqtt_shared_group),
+                self._on_message,
+                subscriptions,
                 on_connection_change=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
             )
+            if s.broker_auth == "dynsec":
+                bridge = self.bridge
+                admin = self.broker_admin = DynsecAdmin(lambda topic, payload: bridge.publish(topic, payload, qos=1))
+                self.enrollment.admin = admin
+                fleet_wide = s.broker_artifact_acl == "fleet"
+                if not fleet_wide:
+                    self.delivery.grant_artifact = admin.grant_artifact
+                bridge.on_reconnect.append(admin.forget_grants)
+                bridge.on_reconnect.append(lambda: admin.set_fleet_artifact_access(fleet_wide))
             self.bridge.start()
             self.delivery.attach(self.bridge)
         else:
@@ -159,6 +185,19 @@ class ControllerRuntime:
         return removed
 
     # --------------------------------------------------------- helpers --
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == dynsec.RESPONSE_TOPIC:
+            if self.broker_admin is not None:
+                self.broker_admin.on_response(payload)
+            return
+        self.handler(topic, payload)
+
+    def _revoked_changed(self, revoked: frozenset[str]) -> None:
+        newly = revoked - self.handler.revoked
+        self.handler.revoked = revoked
+        for device_id in newly:
+            self.registry.offline(device_id)
 
     def _load_registry(self) -> None:
         t = table(Device).c

@@ -57,6 +57,26 @@ class ControllerSettings(BaseSettings):
     mqtt_client_id: str = Field("slmfleet-controller", description="client id of the controller's MQTT session")
     mqtt_username: str | None = Field(None, description="controller's broker user")
     mqtt_password: str | None = Field(None, description="controller's broker password")
+    broker_auth: Literal["none", "dynsec"] = Field(
+        "none",
+        description="none: the broker decides who connects (the embedded one lets anyone on loopback in);"
+        " dynsec: the controller administers mosquitto's dynamic security plugin, each enrolled device gets its"
+        " own broker credentials and may only use its own topics, anonymous clients are refused",
+    )
+    broker_artifact_acl: Literal["deployed", "fleet"] = Field(
+        "deployed",
+        description="with broker_auth dynsec: deployed: a device may read only the chunk broadcasts of artifacts"
+        " deployed to it (one plugin change per device and artifact); fleet: any enrolled device may read any"
+        " artifact broadcast (no change per deployment: for very large fleets)",
+    )
+    device_broker_url: str | None = Field(
+        None,
+        description="broker URL handed to devices at enrollment (unset: broker_url, which may be a loopback"
+        " address only this machine can reach)",
+    )
+    enrollment_token_hours: Annotated[float, Field(gt=0, le=24 * 365)] = Field(
+        24.0, description="default lifetime of an enrollment token"
+    )
     mqtt_keepalive_s: Annotated[int, Field(ge=2, le=3600)] = Field(30, description="MQTT keepalive")
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT protocol version")
     mqtt_shared_group: str | None = Field(

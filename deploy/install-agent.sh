@@ -2,6 +2,7 @@
 # Install the slmfleet device agent as a systemd service. Idempotent: run it again to upgrade; it never
 # overwrites a configuration or a password that is already there.
 #
+#   sudo deploy/install-agent.sh --enroll https://fleet.example:8080 --enroll-token-file ./token
 #   sudo deploy/install-agent.sh --device-id pump-7 --broker mqtts://fleet.example:8883 \
 #        --mqtt-password-file ./pump-7.secret
 #
@@ -11,8 +12,14 @@
 #   3. /etc/slmfleet/agent.toml (created once) and /etc/slmfleet/mqtt-password (mode 0600; empty when the
 #      broker has no passwords); the unit hands the password to the agent as a systemd credential
 #   4. /etc/systemd/system/slmfleet-agent.service, then daemon-reload, enable and (re)start
+# With --enroll, step 3 is 'slmfleet agent enroll': the controller hands out the device id, the device's own
+# broker credentials, the broker address and the signing key to pin (see the README's security section).
 #
 # Options:
+#   --enroll URL              join the fleet at the controller URL with the token in --enroll-token-file
+#                             (once: an enrolled device is kept; --device-id asks for an id)
+#   --enroll-token-file F     the enrollment token ('slmfleet enrollment create')
+#   --enroll-ca-file F        CA bundle that verifies the controller's HTTPS certificate
 #   --device-id ID            this device's id (default: the host name)
 #   --broker URL              broker URL (default mqtt://127.0.0.1:1883)
 #   --mqtt-username NAME      broker user name, written to agent.toml
@@ -32,6 +39,10 @@
 set -eu
 
 DEVICE_ID=""
+DEVICE_ID_GIVEN=0
+ENROLL_URL=""
+ENROLL_TOKEN_FILE=""
+ENROLL_CA_FILE=""
 BROKER="mqtt://127.0.0.1:1883"
 MQTT_USERNAME=""
 PASSWORD_FILE=""
@@ -56,7 +67,10 @@ die() { echo "install-agent: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
-        --device-id) DEVICE_ID="${2:?--device-id needs a value}"; shift 2 ;;
+        --device-id) DEVICE_ID="${2:?--device-id needs a value}"; DEVICE_ID_GIVEN=1; shift 2 ;;
+        --enroll) ENROLL_URL="${2:?--enroll needs the controller URL}"; shift 2 ;;
+        --enroll-token-file) ENROLL_TOKEN_FILE="${2:?--enroll-token-file needs a value}"; shift 2 ;;
+        --enroll-ca-file) ENROLL_CA_FILE="${2:?--enroll-ca-file needs a value}"; shift 2 ;;
         --broker) BROKER="${2:?--broker needs a value}"; shift 2 ;;
         --mqtt-username) MQTT_USERNAME="${2:?--mqtt-username needs a value}"; shift 2 ;;
         --mqtt-password-file) PASSWORD_FILE="${2:?--mqtt-password-file needs a value}"; shift 2 ;;
@@ -85,6 +99,12 @@ case "$DEVICE_ID" in
     ""|[!A-Za-z0-9]*|*[!A-Za-z0-9._:-]*) die "device id '$DEVICE_ID': use letters, digits and . _ : - (starting with a letter or digit)" ;;
 esac
 [ -z "$PASSWORD_FILE" ] || [ -r "$PASSWORD_FILE" ] || die "cannot read the password file $PASSWORD_FILE"
+if [ -n "$ENROLL_URL" ]; then
+    [ -n "$ENROLL_TOKEN_FILE" ] || die "--enroll needs --enroll-token-file"
+    [ -r "$ENROLL_TOKEN_FILE" ] || die "cannot read the enrollment token file $ENROLL_TOKEN_FILE"
+elif [ -n "$ENROLL_TOKEN_FILE" ]; then
+    die "--enroll-token-file needs --enroll URL"
+fi
 if [ -n "$SIGNING_KEY_FILE" ]; then
     [ -r "$SIGNING_KEY_FILE" ] || die "cannot read the signing key $SIGNING_KEY_FILE"
     grep -q "BEGIN PUBLIC KEY" "$SIGNING_KEY_FILE" || die "$SIGNING_KEY_FILE is not a PEM public key (GET /api/v1/signing-key)"
@@ -147,6 +167,21 @@ else
 fi
 
 # 3. configuration and the broker password
+if [ -n "$ENROLL_URL" ]; then
+    if [ -f "$ROOT$CONFIG_DIR/agent.toml" ] && grep -q "slmfleet agent enroll" "$ROOT$CONFIG_DIR/agent.toml"; then
+        note "$CONFIG_DIR/agent.toml is an enrollment already; kept as it is"
+    else
+        ENROLL_BIN="$ROOT$VENV/bin/slmfleet"
+        if [ ! -x "$ENROLL_BIN" ]; then
+            ENROLL_BIN=$(command -v slmfleet) || die "no slmfleet command to enroll with (install the virtualenv first)"
+        fi
+        set -- agent enroll --controller "$ENROLL_URL" --token-file "$ENROLL_TOKEN_FILE" \
+            --dir "$ROOT$CONFIG_DIR" --data-dir "$STATE_DIR" --force
+        if [ "$DEVICE_ID_GIVEN" -eq 1 ]; then set -- "$@" --device-id "$DEVICE_ID"; fi
+        if [ -n "$ENROLL_CA_FILE" ]; then set -- "$@" --ca-file "$ENROLL_CA_FILE"; fi
+        run "$ENROLL_BIN" "$@"
+    fi
+fi
 if [ -f "$ROOT$CONFIG_DIR/agent.toml" ]; then
     note "$CONFIG_DIR/agent.toml exists; kept as it is"
 else

@@ -158,6 +158,7 @@ class MqttTransport:
         self.refused: str | None = None
         self.connects = 0
         self.on_connect: Callable[[], None] | None = None
+        self._subscribing: dict[int, list[str]] = {}
         self.on_disconnect: Callable[[str], None] | None = None
         self.on_message: Callable[[str, bytes], None] | None = None
         self.on_published: Callable[[int], None] | None = None
@@ -288,6 +289,7 @@ class MqttTransport:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -398,7 +400,16 @@ class MqttTransport:
 
     def _subscribe_now(self, pairs: list[tuple[str, int]]) -> None:
         if self._client is not None and self._connected and pairs:
-            self._client.subscribe(pairs)
+            _, mid = self._client.subscribe(pairs)
+            if mid is not None:
+                self._subscribing[mid] = [f for f, _ in pairs]
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        """Say which subscriptions the broker refused (an ACL, usually): they will deliver nothing."""
+        filters = self._subscribing.pop(mid, [])
+        for filter_, reason in zip(filters, reasons or [], strict=False):
+            if getattr(reason, "is_failure", False) or (isinstance(reason, int) and reason >= 0x80):
+                log.warning("%s: the broker refused the subscription to %s: %s", self.name, filter_, reason)
 
     def _unsubscribe_now(self, filter_: str) -> None:
         if self._client is not None and self._connected:

@@ -27,6 +27,8 @@ class DevicePublic(BaseModel):
     last_seen: datetime
     status_changed_at: datetime
     offline_reason: str | None
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = Field(None, description="set: the device was revoked and is ignored")
 
 
 class DevicePage(BaseModel):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from controller.broker import dynsec
 from controller.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def mosquitto_config(
     allow_anonymous: bool = True,
     tls_cert_file: Path | None = None,
     tls_key_file: Path | None = None,
+    dynsec_file: Path | None = None,
 ) -> str:
     """A mosquitto.conf for a private single-node broker; the comments say why each line is there."""
     lines = [
@@ -94,6 +96,19 @@ def mosquitto_config(
             f"certfile {Path(tls_cert_file).resolve()}",
             f"keyfile {Path(tls_key_file).resolve()}",
             "tls_version tlsv1.2",
+        ]
+    if dynsec_file is not None:
+        plugin = dynsec.plugin_path()
+        if plugin is None:
+            raise BrokerError(
+                f"mosquitto's dynamic security plugin ({dynsec.PLUGIN_NAME}) is not installed; it comes with"
+                " mosquitto 2 (Debian/Ubuntu: package mosquitto), or set SLMFLEET_DYNSEC_PLUGIN to its path"
+            )
+        allow_anonymous = False
+        lines += [
+            "# Per-device credentials and ACLs, managed by the controller (controller/broker/dynsec.py).",
+            f"plugin {plugin}",
+            f"plugin_opt_config_file {Path(dynsec_file).resolve()}",
         ]
     lines += [
         f"allow_anonymous {'true' if allow_anonymous else 'false'}",
@@ -136,11 +151,13 @@ class EmbeddedBroker:
         allow_anonymous: bool = True,
         tls_cert_file: Path | None = None,
         tls_key_file: Path | None = None,
+        dynsec_file: Path | None = None,
     ) -> None:
         if (tls_cert_file is None) != (tls_key_file is None):
             raise BrokerError("the embedded broker's TLS certificate and key go together: give both or neither")
         self.tls_cert_file = tls_cert_file
         self.tls_key_file = tls_key_file
+        self.dynsec_file = dynsec_file
         self.state_dir = Path(state_dir)
         self.allow_anonymous = allow_anonymous
         self.host = host
@@ -182,6 +199,8 @@ class EmbeddedBroker:
             )
         if self.tls and binary is None:
             raise BrokerError("the embedded broker serves TLS with mosquitto only; install mosquitto")
+        if self.dynsec_file is not None and binary is None:
+            raise BrokerError("per-device broker credentials (broker_auth dynsec) need mosquitto; install mosquitto")
         if binary is not None:
             self._start_mosquitto(binary, timeout)
         else:
@@ -202,6 +221,7 @@ class EmbeddedBroker:
                 self.allow_anonymous,
                 self.tls_cert_file,
                 self.tls_key_file,
+                self.dynsec_file,
             )
         )
         stderr = open(self.state_dir / "mosquitto.stderr", "ab")  # noqa: SIM115 - owned by the child

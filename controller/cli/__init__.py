@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from controller.cli import deploy, devices, models, rollouts, simulate, tokens, up, users
+from controller.cli import broker, deploy, devices, enrollment, models, rollouts, simulate, tokens, up, users
 
 app = typer.Typer(
     name="slmfleet",
@@ -14,6 +18,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-file",
+            envvar="SLMFLEET_CA_FILE",
+            help="CA bundle that verifies the controller's HTTPS certificate, for every command"
+            " [default: controller.json in the data dir, else the system's CAs]",
+        ),
+    ] = None,
+) -> None:
+    if ca_file is not None:
+        os.environ["SLMFLEET_CA_FILE"] = str(ca_file)
+
+
 app.command("up")(up.up)
 app.add_typer(devices.app, name="devices")
 app.add_typer(models.app, name="model")
@@ -22,4 +44,6 @@ app.add_typer(deploy.app, name="deployments")
 app.add_typer(rollouts.app, name="rollout")
 app.add_typer(users.app, name="users")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(enrollment.app, name="enrollment")
+app.add_typer(broker.app, name="broker")
 app.command("simulate")(simulate.simulate)

@@ -45,7 +45,8 @@ def list_(
     for d in page["items"]:
         installed = _installed(d["installed"])
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
-        table.add_row(d["id"], d["status"], d["agent_version"] or "-", installed, labels, d["last_seen"])
+        shown = "revoked" if d.get("revoked_at") else d["status"]
+        table.add_row(d["id"], shown, d["agent_version"] or "-", installed, labels, d["last_seen"])
     Console().print(table)
 
 
@@ -85,3 +86,15 @@ def _installed(models: list[dict[str, Any]]) -> str:
         for m in sorted(models, key=lambda m: not m.get("active", True))
     ]
     return ", ".join(names) or "-"
+
+
+@app.command()
+def revoke(
+    device_id: str,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = Path(".slmfleet"),
+) -> None:
+    """Revoke a device (admin): its broker credentials stop working and the controller ignores it."""
+    result = ApiClient(api, token, data_dir).request("POST", f"/api/v1/devices/{device_id}/revoke")
+    typer.echo(f"revoked {device_id}" + ("" if result["changed"] else " (it already was)"))

@@ -16,6 +16,7 @@ from sqlmodel import Session
 from controller.app import create_app
 from controller.auth.tokens import ensure_admin_token
 from controller.auth.users import ADMIN_PASSWORD_FILE, INITIAL_ADMIN, ensure_initial_admin
+from controller.broker import dynsec
 from controller.broker.embedded import EmbeddedBroker
 from controller.cli.client import ADMIN_TOKEN_FILE, write_connection_file
 from controller.errors import ControllerError
@@ -47,6 +48,13 @@ def up(
     port: Annotated[int | None, typer.Option(help="REST API port [default: 8080]")] = None,
     broker_port: Annotated[int | None, typer.Option(help="embedded broker port [default: 1884]")] = None,
     broker_engine: Annotated[str | None, typer.Option(help="embedded broker: auto, mosquitto or amqtt")] = None,
+    broker_auth: Annotated[
+        str | None,
+        typer.Option(
+            help="none, or dynsec: per-device broker credentials and ACLs (mosquitto's dynamic security plugin);"
+            " devices then join with 'slmfleet agent enroll'"
+        ),
+    ] = None,
     tls_cert_file: Annotated[
         Path | None, typer.Option(help="serve the REST API over HTTPS with this PEM certificate (with --tls-key-file)")
     ] = None,
@@ -65,6 +73,7 @@ def up(
             http_port=port,
             embedded_broker_port=broker_port,
             embedded_broker=broker_engine,
+            broker_auth=broker_auth,
             tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file,
             log_level=log_level,
@@ -82,8 +91,14 @@ def up(
     try:
         _check_port_free(settings.http_host, settings.http_port)
         if settings.broker_url is None:
+            dynsec_file = None
+            update: dict[str, object] = {}
+            if settings.broker_auth == "dynsec":
+                dynsec_file, secret = dynsec.prepare(data / "broker")
+                update.update(mqtt_username=dynsec.CONTROLLER_USER, mqtt_password=secret)
             embedded = EmbeddedBroker(
                 data / "broker",
+                dynsec_file=dynsec_file,
                 host=settings.embedded_broker_host,
                 port=settings.embedded_broker_port,
                 engine=settings.embedded_broker,
@@ -91,7 +106,7 @@ def up(
                 tls_key_file=settings.embedded_broker_tls_key_file,
             )
             url = embedded.start()
-            update = {"broker_url": url}
+            update["broker_url"] = url
             if embedded.engine == "amqtt" and settings.mqtt_protocol == "auto":
                 update["mqtt_protocol"] = "3.1.1"
             settings = settings.model_copy(update=update)
@@ -129,9 +144,15 @@ def up(
             f"  database      {settings.resolved_database_url}\n"
             f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
             f"  signing key   {public_key}  (public; devices pin it, also GET /api/v1/signing-key)\n"
-            f"  connect a device:  slmfleet agent --broker {settings.broker_url} --device-id DEVICE"
-            f" --data-dir ./device-state --signing-key-file {public_key}{ca_hint}\n"
-            "  stop with Ctrl-C",
+            + (
+                "  connect a device:  slmfleet enrollment create  (admin token), then on the device:\n"
+                f"                     slmfleet agent enroll --controller {api} --token TOKEN --dir ./device\n"
+                "                     slmfleet agent --config ./device/agent.toml\n"
+                if settings.broker_auth == "dynsec"
+                else f"  connect a device:  slmfleet agent --broker {settings.broker_url} --device-id DEVICE"
+                f" --data-dir ./device-state --signing-key-file {public_key}{ca_hint}\n"
+            )
+            + "  stop with Ctrl-C",
             highlight=False,
             soft_wrap=True,
         )

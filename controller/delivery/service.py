@@ -102,6 +102,8 @@ class DeliveryService:
         self.on_target_change: list[Callable[[Target], None]] = []
         #: whether a device is online now (the device registry); offline ones are not waited for
         self.is_online: Callable[[str], bool] = lambda device_id: True
+        #: lets a device read an artifact's chunk topic at the broker (per-device ACLs), before its command
+        self.grant_artifact: Callable[[str, str], None] | None = None
 
     # ------------------------------------------------------------ life --
 
@@ -236,12 +238,19 @@ class DeliveryService:
             missing = [d for d in request.device_ids if d not in found]
             if missing:
                 raise DeploymentError(f"unknown devices: {', '.join(missing[:20])}", 404)
+            revoked = [d for d in request.device_ids if found[d].revoked_at is not None]
+            if revoked:
+                raise DeploymentError(f"revoked devices: {', '.join(revoked[:20])}", 409)
             return [found[d] for d in dict.fromkeys(request.device_ids)]
         try:
             parsed = selectors.parse(request.selector)
         except selectors.SelectorError as exc:
             raise DeploymentError(str(exc)) from None
-        devices = [d for d in session.exec(select(Device).order_by(col(Device.id))).all() if parsed.matches(d.labels)]
+        devices = [
+            d
+            for d in session.exec(select(Device).where(col(Device.revoked_at).is_(None)).order_by(col(Device.id))).all()
+            if parsed.matches(d.labels)
+        ]
         if not devices:
             raise DeploymentError(f"no device matches the selector {request.selector!r}")
         return devices
@@ -299,6 +308,9 @@ class DeliveryService:
         if payload is None or self.bridge is None:
             return
         target.last_command_at = time.time()
+        if self.grant_artifact is not None and target.artifact_id:
+            # on the same connection, so the broker applies the grant before the device reads the command
+            self.grant_artifact(target.device_id, target.artifact_id)
         self.bridge.publish(topics.cmd(target.device_id), payload, qos=1)
 
     def _send(self, device_id: str, message: Any) -> None:

@@ -57,6 +57,8 @@ class DeviceTrafficHandler:
             registry=metrics.registry,
         )
         self._throttled_log = codec.DropCounter(log)
+        #: devices an operator revoked: whatever still arrives from them is dropped (counted as "revoked")
+        self.revoked: frozenset[str] = frozenset()
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
         """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""
@@ -79,6 +81,9 @@ class DeviceTrafficHandler:
             self.drops.drop(topic[:200], "unknown", "topic", "not a device topic")
             return
         device_id, channel = parsed.device_id, parsed.channel
+        if device_id in self.revoked:
+            self.drops.drop(device_id, channel.value, "revoked", "the device was revoked")
+            return
         if channel not in (DeviceChannel.STATE, DeviceChannel.TELEMETRY, DeviceChannel.EVENTS):
             self.drops.drop(device_id, channel.value, "topic", "the controller does not consume this channel")
             return

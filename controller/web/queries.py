@@ -188,7 +188,16 @@ class DevicePage:
     limit: int
 
 
-DEVICE_COLUMNS = ("id", "status", "agent_version", "labels", "installed", "last_seen", "status_changed_at")
+DEVICE_COLUMNS = (
+    "id",
+    "status",
+    "agent_version",
+    "labels",
+    "installed",
+    "last_seen",
+    "status_changed_at",
+    "revoked_at",
+)
 
 
 def device_page(

@@ -155,10 +155,11 @@ class PeerDevice:
             command = codec.decode(DeviceChannel.CMD, msg.payload)
             self.commands.append(command)
             if isinstance(command, Deploy):
-                self.deploys.append(command)
                 if command.deployment_id == self.deployment_id:
+                    self.deploys.append(command)
                     return  # a repeat: nothing to restart
                 self.manifest = signing.verify(command.manifest, self.public_key)
+                self.deploys.append(command)  # after the manifest: tests wait on deploys, then read it
                 self.deployment_id = command.deployment_id
                 self.chunks.clear()
                 if not self.ignore_broadcast:

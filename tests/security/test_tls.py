@@ -9,6 +9,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,29 @@ def test_cli_client_verifies_by_default(tls_fleet: TlsFleet, tmp_path: Path, mon
     explicit = ApiClient(tls_fleet.controller.api, "t", tmp_path, ca_file=tls_fleet.pki.rogue_ca)
     with pytest.raises(typer.Exit):
         explicit.request("GET", "/api/v1/health")
+
+
+def test_every_cli_command_takes_ca_file_and_enroll_verifies_https(tls_fleet: TlsFleet, tmp_path: Path) -> None:
+    api = tls_fleet.controller.api
+    base = ["--api", api, "--token", tls_fleet.controller.token, "--data-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "SLMFLEET_CA_FILE"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(slmfleet_cmd(*args), capture_output=True, text=True, timeout=60, env=env)
+
+    refused = cli("devices", "list", *base)
+    assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr + refused.stdout
+    assert cli("--ca-file", str(tls_fleet.pki.ca), "devices", "list", *base).returncode == 0
+    created = cli("--ca-file", str(tls_fleet.pki.ca), "enrollment", "create", "--device-id", "tls-dev", *base)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+
+    enroll = ["agent", "enroll", "--controller", api, "--token", token, "--dir", str(tmp_path / "etc")]
+    unverified = cli(*enroll)
+    assert unverified.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in unverified.stderr
+    enrolled = cli(*enroll, "--ca-file", str(tls_fleet.pki.ca))
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "tls-dev" in (tmp_path / "etc" / "agent.toml").read_text()
 
 
 def test_slmfleet_up_with_an_embedded_tls_broker(pki: Pki, tmp_path: Path) -> None:

@@ -233,3 +233,16 @@ def test_an_installed_package_carries_the_templates_and_assets(tmp_path: Path) -
         [sys.executable, "-c", probe, str(unpacked)], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_a_revoked_device_is_marked_on_the_list_and_its_page(web: LiveController, seeded: dict[str, Any]) -> None:
+    c = web.client
+    assert login(c, "olivia").status_code == 303
+    assert 'data-testid="device-revoked"' not in c.get("/devices/dev-00001").text
+    r = c.post("/api/v1/devices/dev-00001/revoke", headers=web.auth)
+    assert r.status_code == 200, r.text
+    page = c.get("/devices/dev-00001").text
+    assert 'data-testid="device-revoked"' in page and '<span class="badge status-revoked">revoked</span>' in page
+    listing = c.get("/devices", params={"q": "dev-0000"}).text
+    row = next(r for r in rows(listing, "device-table") if "/devices/dev-00001" in r)
+    assert "status-revoked" in row

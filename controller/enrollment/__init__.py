@@ -1,0 +1,1 @@
+"""Device enrollment: single-use tokens exchanged for an identity and broker credentials; revocation."""
