@@ -55,6 +55,8 @@ class ControllerRuntime:
             max_payload=settings.max_control_payload,
             telemetry_rate_per_s=settings.telemetry_rate_per_s,
             telemetry_burst=settings.telemetry_burst,
+            control_rate_per_s=settings.control_rate_per_s,
+            control_burst=settings.control_burst,
         )
         self.models = RegistryService(
             self.engine,

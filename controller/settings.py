@@ -96,6 +96,14 @@ class ControllerSettings(BaseSettings):
         description="telemetry messages a device may send at once above its rate: keep it above what a device"
         " flushes from its offline spool after an outage",
     )
+    control_rate_per_s: Annotated[float, Field(gt=0, le=100_000)] = Field(
+        20.0,
+        description="state (birth, will) and event messages a second each device may send on average; beyond it"
+        " and control_burst they are dropped and counted in slmfleet_control_throttled_total",
+    )
+    control_burst: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        1000, description="state and event messages a device may send at once above control_rate_per_s"
+    )
     ingest_batch_size: Annotated[int, Field(ge=1, le=100_000)] = Field(
         2000, description="most rows written in one database transaction"
     )

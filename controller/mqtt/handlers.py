@@ -37,6 +37,8 @@ class DeviceTrafficHandler:
         clock: Callable[[], float] = time.time,
         telemetry_rate_per_s: float = 50.0,
         telemetry_burst: int = 1000,
+        control_rate_per_s: float = 20.0,
+        control_burst: int = 1000,
     ) -> None:
         self.registry = registry
         self.writer = writer
@@ -57,6 +59,15 @@ class DeviceTrafficHandler:
             registry=metrics.registry,
         )
         self._throttled_log = codec.DropCounter(log)
+        #: births, wills and events per device: a birth makes the controller re-send pending commands, so an
+        #: unbounded stream of births would be amplified into commands
+        self.control_limit = TokenBuckets(control_rate_per_s, control_burst)
+        self.control_throttled = Counter(
+            "slmfleet_control_throttled",
+            "State and event messages dropped because their device exceeded its rate (control_rate_per_s, burst)",
+            ["channel"],
+            registry=metrics.registry,
+        )
         #: devices an operator revoked: whatever still arrives from them is dropped (counted as "revoked")
         self.revoked: frozenset[str] = frozenset()
 
@@ -90,6 +101,10 @@ class DeviceTrafficHandler:
         if channel is DeviceChannel.TELEMETRY and not self.telemetry_limit.allow(device_id):
             self.throttled.inc()
             self._throttled_log.drop(device_id, channel.value, "throttled", "over its telemetry rate")
+            return
+        if channel is not DeviceChannel.TELEMETRY and not self.control_limit.allow(device_id):
+            self.control_throttled.labels(channel.value).inc()
+            self._throttled_log.drop(device_id, channel.value, "throttled", "over its state/event rate")
             return
         try:
             msg = codec.decode(channel, payload, self.max_payload)

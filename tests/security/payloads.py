@@ -80,6 +80,10 @@ def birth() -> DeviceOnline:
     )
 
 
+def agent_event(seq: int = 1) -> AgentEvent:
+    return AgentEvent(ts=time.time(), seq=seq, kind="started", message="agent started")
+
+
 def telemetry(seq: int = 1) -> Telemetry:
     latency = LatencySummary(p50_ms=1.0, p95_ms=2.0, p99_ms=3.0, mean_ms=1.2, max_ms=4.0, buckets=[(40, 10)])
     return Telemetry(

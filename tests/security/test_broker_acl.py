@@ -314,3 +314,29 @@ def test_fleet_wide_artifact_access_lets_enrolled_devices_read_any_broadcast_and
         wait_until(lambda: b.subscribe(topics.artifact_chunks(SHA)) == "Not authorized", 10, what="grant removed")
     finally:
         b.stop()
+
+
+def test_enrollment_while_the_broker_is_down_fails_cleanly_and_credentials_survive_a_broker_restart(
+    secure: LiveController,
+) -> None:
+    answer = enroll(secure, "dev-a")
+    admin = secure.runtime.broker_admin
+    assert admin is not None
+    admin.timeout_s = 2.0
+    secure.broker.stop()
+    r = secure.client.post("/api/v1/enrollment-tokens", json={"device_id": "dev-late"}, headers=secure.auth)
+    token = r.json()["token"]
+    refused = secure.client.post("/api/v1/enroll", json={"token": token})
+    assert refused.status_code == 503 and "did not create the device's credentials" in refused.json()["detail"]
+    listed = {t["device_id"]: t for t in secure.client.get("/api/v1/enrollment-tokens", headers=secure.auth).json()}
+    assert listed["dev-late"]["usable"] is True  # not used up by the failed attempt
+
+    secure.broker.start()  # same port, same plugin file
+    bridge = secure.runtime.bridge
+    assert bridge is not None
+    wait_until(lambda: bridge.connected, 30, what="controller reconnected")
+    again = device_client(secure, answer)  # enrolled before the restart: still in
+    again.stop()
+    r = secure.client.post("/api/v1/enroll", json={"token": token})
+    assert r.status_code == 200, r.text
+    device_client(secure, r.json()).stop()

@@ -119,3 +119,37 @@ def test_a_value_the_database_cannot_hold_is_refused_and_spoils_no_batch(
     assert writer.flush(30)
     assert _stored(ctl, "good") == 5 and _stored(ctl, "evil") == 0
     assert metric_value(ctl.client.get("/metrics").text, "slmfleet_ingest_dropped_total") == 1
+
+
+def test_births_and_events_are_limited_per_device_so_a_birth_flood_is_not_amplified(
+    make_controller: Callable[..., LiveController],
+) -> None:
+    rate, burst = 5.0, 10
+    ctl = make_controller(None, control_rate_per_s=rate, control_burst=burst)
+    handler = ctl.runtime.handler
+    rebirths: list[str] = []
+    on_birth = handler.on_birth
+    assert on_birth is not None
+
+    def counting(device_id: str) -> None:  # each birth re-sends the device's pending commands
+        rebirths.append(device_id)
+        on_birth(device_id)
+
+    handler.on_birth = counting
+    flood = 500
+    started = time.monotonic()
+    for _ in range(flood):
+        handler(topics.state("loud"), codec.encode(payloads.birth()))
+    for seq in range(flood):
+        handler(topics.events("loud"), codec.encode(payloads.agent_event(seq)))
+    handler(topics.state("quiet"), codec.encode(payloads.birth()))
+    handler(topics.events("quiet"), codec.encode(payloads.agent_event(1)))
+    allowed = burst + rate * (time.monotonic() - started) + 1
+    assert rebirths.count("quiet") == 1 and rebirths.count("loud") <= allowed
+    metrics = ctl.client.get("/metrics").text
+    state = metric_value(metrics, "slmfleet_control_throttled_total", {"channel": "state"})
+    events = metric_value(metrics, "slmfleet_control_throttled_total", {"channel": "events"})
+    assert state + events >= 2 * flood - allowed
+    assert state >= flood - allowed
+    ctl.flush()
+    assert ctl.runtime.registry.known("quiet")
