@@ -120,7 +120,9 @@ class ControllerRuntime:
             )
             if s.broker_auth == "dynsec":
                 bridge = self.bridge
-                admin = self.broker_admin = DynsecAdmin(lambda topic, payload: bridge.publish(topic, payload, qos=1))
+                admin = self.broker_admin = DynsecAdmin(
+                    lambda topic, payload: bridge.publish(topic, payload, qos=1), connected=lambda: bridge.connected
+                )
                 self.enrollment.admin = admin
                 fleet_wide = s.broker_artifact_acl == "fleet"
                 if not fleet_wide:

@@ -186,9 +186,10 @@ class DynsecAdmin:
     a Deploy command is in force when the device receives the command.
     """
 
-    def __init__(self, publish: Publish, timeout_s: float = 10.0) -> None:
+    def __init__(self, publish: Publish, timeout_s: float = 10.0, connected: Callable[[], bool] = lambda: True) -> None:
         self._publish = publish
         self.timeout_s = timeout_s
+        self._connected = connected
         self._lock = threading.Lock()
         self._waiting: dict[str, _Waiter] = {}
         self._granted: set[tuple[str, str]] = set()
@@ -236,6 +237,8 @@ class DynsecAdmin:
 
     def call(self, commands: list[dict[str, Any]], timeout_s: float | None = None) -> dict[int, str | None]:
         """Send ``commands`` and wait for every answer: {index: error or None}. Raises DynsecError on silence."""
+        if not self._connected():
+            raise DynsecError("the controller is not connected to the broker")
         waiter = _Waiter(len(commands))
         request_id = secrets.token_hex(8)
         with self._lock:

@@ -328,6 +328,7 @@ def test_enrollment_while_the_broker_is_down_fails_cleanly_and_credentials_survi
     token = r.json()["token"]
     refused = secure.client.post("/api/v1/enroll", json={"token": token})
     assert refused.status_code == 503 and "did not create the device's credentials" in refused.json()["detail"]
+    assert "not connected to the broker" in refused.json()["detail"]
     listed = {t["device_id"]: t for t in secure.client.get("/api/v1/enrollment-tokens", headers=secure.auth).json()}
     assert listed["dev-late"]["usable"] is True  # not used up by the failed attempt
 
