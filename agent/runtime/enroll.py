@@ -93,10 +93,6 @@ def request_enrollment(
     return answer
 
 
-def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    atomic_write(path, text.encode(), mode)
-
-
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -115,20 +111,20 @@ def write_enrollment(answer: dict[str, Any], directory: Path, data_dir: Path | N
     if data_dir is not None:
         lines.append(f"data_dir = {_toml_str(str(data_dir.resolve()))}")
     if answer.get("mqtt_username"):
-        _write_private(directory / PASSWORD_NAME, str(answer.get("mqtt_password") or "") + "\n")
+        atomic_write(directory / PASSWORD_NAME, (str(answer.get("mqtt_password") or "") + "\n").encode())
         lines.append(f"mqtt_username = {_toml_str(str(answer['mqtt_username']))}")
         lines.append(f"mqtt_password_file = {_toml_str(str(directory / PASSWORD_NAME))}")
-    _write_private(directory / SIGNING_KEY_NAME, str(answer["signing_public_key_pem"]))
+    atomic_write(directory / SIGNING_KEY_NAME, str(answer["signing_public_key_pem"]).encode())
     lines.append(f"signing_key_file = {_toml_str(str(directory / SIGNING_KEY_NAME))}")
     if answer.get("broker_ca_pem"):
-        _write_private(directory / BROKER_CA_NAME, str(answer["broker_ca_pem"]))
+        atomic_write(directory / BROKER_CA_NAME, str(answer["broker_ca_pem"]).encode())
         lines.append(f"ca_file = {_toml_str(str(directory / BROKER_CA_NAME))}")
     labels = answer.get("labels") or {}
     if labels:
         lines.append("[agent.labels]")
         lines += [f"{_toml_str(str(k))} = {_toml_str(str(v))}" for k, v in sorted(labels.items())]
     config = directory / CONFIG_NAME
-    _write_private(config, "\n".join(lines) + "\n", 0o640)
+    atomic_write(config, ("\n".join(lines) + "\n").encode(), 0o640)
     return config
 
 

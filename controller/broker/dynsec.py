@@ -150,12 +150,7 @@ def initial_config(controller_password: str, controller_user: str = CONTROLLER_U
 
 def write_initial_config(path: Path, controller_password: str, controller_user: str = CONTROLLER_USER) -> None:
     """Write a fresh plugin configuration (mode 0600: it holds password hashes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(initial_config(controller_password, controller_user), f, indent=2)
-    os.replace(tmp, path)
+    write_secret_file(path, json.dumps(initial_config(controller_password, controller_user), indent=2))
 
 
 def read_or_create_secret(path: Path) -> str:
@@ -225,11 +220,9 @@ class DynsecAdmin:
                     if len(waiter.answers) >= waiter.expected:
                         waiter.done.set()
 
-    def send(self, commands: list[dict[str, Any]]) -> str:
-        """Publish ``commands`` in one message without waiting; returns the request id."""
-        request_id = secrets.token_hex(8)
-        self._publish_tagged(request_id, commands)
-        return request_id
+    def send(self, commands: list[dict[str, Any]]) -> None:
+        """Publish ``commands`` in one message without waiting (errors in the answer are logged)."""
+        self._publish_tagged(secrets.token_hex(8), commands)
 
     def _publish_tagged(self, request_id: str, commands: list[dict[str, Any]]) -> None:
         tagged = [{**c, "correlationData": f"{request_id}:{i}"} for i, c in enumerate(commands)]
@@ -285,8 +278,7 @@ class DynsecAdmin:
                 raise DynsecError(f"the broker did not answer {commands[index]['command']} for {device_id}")
             if result[index] is not None:
                 raise DynsecError(f"the broker refused {commands[index]['command']} for {device_id}: {result[index]}")
-        with self._lock:
-            self._granted = {g for g in self._granted if g[0] != device_id}
+        self._forget(device_id)
 
     def remove_device(self, device_id: str) -> None:
         """Delete a device's client (it is disconnected at once) and its role."""
@@ -301,8 +293,7 @@ class DynsecAdmin:
         error = result[0]
         if error is not None and "not found" not in error.lower():
             raise DynsecError(f"the broker refused deleteClient for {device_id}: {error}")
-        with self._lock:
-            self._granted = {g for g in self._granted if g[0] != device_id}
+        self._forget(device_id)
 
     def grant_artifact(self, device_id: str, artifact_id: str) -> None:
         """Let a device subscribe to an artifact's chunk broadcast (sent before its Deploy command)."""
@@ -322,6 +313,10 @@ class DynsecAdmin:
             else {"command": "removeRoleACL", "rolename": SHARED_DEVICE_ROLE, **acl}
         )
         self.send([{"command": "createRole", "rolename": SHARED_DEVICE_ROLE}, change])
+
+    def _forget(self, device_id: str) -> None:
+        with self._lock:
+            self._granted = {g for g in self._granted if g[0] != device_id}
 
     def forget_grants(self) -> None:
         """After a reconnect nothing is assumed (the broker may have been restored from a backup)."""

@@ -13,9 +13,16 @@ import pytest
 
 from controller.broker import dynsec
 from controller.broker.embedded import free_port, mosquitto_binary
-from tests.e2e.fleet import ControllerProc
+from tests.e2e.fleet import ControllerProc, broker_url_from_banner
 from tests.e2e.test_deploy_real_agents import active_version, deploy, deployment, register
 from tests.helpers import Proc, metric_value, slmfleet_cmd, wait_until
+
+
+def _broker_url(banner: str) -> str:
+    url = broker_url_from_banner(banner)
+    assert url is not None, f"no broker URL in the banner: {banner[-500:]}"
+    return url
+
 
 pytestmark = [
     pytest.mark.slow,
@@ -83,7 +90,7 @@ def test_enrolled_device_gets_a_deployment_and_a_revoked_one_is_shut_out(tmp_pat
             slmfleet_cmd(
                 "agent",
                 "--broker",
-                _broker_url(up),
+                _broker_url(up.log()),
                 "--device-id",
                 "intruder",
                 "--data-dir",
@@ -115,11 +122,3 @@ def test_enrolled_device_gets_a_deployment_and_a_revoked_one_is_shut_out(tmp_pat
     finally:
         for proc in reversed(procs):
             proc.stop(20)
-
-
-def _broker_url(up: Proc) -> str:
-    text = up.log_path.read_text()
-    for line in text.splitlines():
-        if "MQTT broker" in line:
-            return line.split()[2]
-    raise AssertionError(f"no broker URL in the banner: {text[-500:]}")
