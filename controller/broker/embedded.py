@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,12 +39,24 @@ AMQTT_LIMITS = (
 )
 
 
+#: ports this process handed out recently: a port is free again once its first taker closed it, and a
+#: second caller that is given it before the first one binds would collide (a fleet asks for several at once)
+_recent_ports: deque[int] = deque(maxlen=256)
+_recent_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now and that this process did not hand out recently."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    with _recent_lock:
+        for _ in range(64):
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _recent_ports:
+                break
+        _recent_ports.append(port)
+        return port
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -73,6 +73,39 @@ class Fleet:
         self.agents[device_id] = proc
         return proc
 
+    def wait_online(self, devices: list[str] | set[str] | dict[str, object], timeout: float = 60.0) -> None:
+        """Every one of ``devices`` reported online by the controller; fails at once when an agent exits,
+        and at the deadline with each missing device's status and the end of its log."""
+        ctl = self.controller
+        assert ctl is not None
+        wanted = sorted(devices)
+        statuses: dict[str, str] = {}
+
+        def ready() -> bool:
+            dead = [d for d in wanted if d in self.agents and not self.agents[d].alive()]
+            assert not dead, self._report(dead, statuses, "agent exited")
+            statuses.clear()
+            statuses.update(ctl.devices())
+            return all(statuses.get(d) == "online" for d in wanted)
+
+        try:
+            wait_until(ready, timeout, what="agents online")
+        except AssertionError as exc:
+            missing = [d for d in wanted if statuses.get(d) != "online"]
+            raise AssertionError(f"{exc}\n{self._report(missing, statuses, 'not online')}") from None
+
+    def _report(self, devices: list[str], statuses: dict[str, str], what: str) -> str:
+        lines = [f"{what}: " + ", ".join(f"{d} ({statuses.get(d, 'unknown')})" for d in devices)]
+        for d in devices[:3]:
+            proc = self.agents.get(d)
+            if proc is not None:
+                tail = "\n    ".join(proc.log().splitlines()[-15:])
+                lines.append(f"--- {d} (alive: {proc.alive()}) log tail:\n    {tail}")
+        if self.controller is not None:
+            tail = "\n    ".join(self.controller.proc.log().splitlines()[-25:])
+            lines.append(f"--- controller log tail:\n    {tail}")
+        return "\n".join(lines)
+
     def stop(self) -> None:
         for proc in self.agents.values():
             proc.stop(10)

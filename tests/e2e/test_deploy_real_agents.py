@@ -113,7 +113,7 @@ def test_deploy_switch_while_serving_roll_back_and_refuse_unsigned(fleet: Fleet,
     fleet.start_agent("edge-a", "--signing-key-file", str(key), "--http-port", str(http_port))
     fleet.start_agent("edge-b", "--signing-key-file", str(key))
     fleet.start_agent("edge-nokey")
-    wait_until(lambda: ctl.devices() == dict.fromkeys(("edge-a", "edge-b", "edge-nokey"), "online"), 30)
+    fleet.wait_online(["edge-a", "edge-b", "edge-nokey"], 30)
 
     first = deploy(ctl, 1, ["edge-a", "edge-b", "edge-nokey"])
     done = wait_until(lambda: (d := deployment(ctl, first))["status"] in ("completed", "failed") and d, 60)
@@ -158,7 +158,7 @@ def test_agents_killed_mid_deployment_resume_and_finish(fleet: Fleet, tmp_path: 
     devices = ["k0", "k1", "k2"]
     for d in devices:
         fleet.start_agent(d, "--signing-key-file", str(key))
-    wait_until(lambda: all(ctl.devices().get(d) == "online" for d in devices), 30)
+    fleet.wait_online(devices, 30)
     dep = deploy(ctl, 1, devices)
 
     def target(device: str) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def test_a_deployed_model_over_the_memory_ceiling_is_refused_with_the_reason(fle
     assert size > 2 * 2**20, size  # the ceiling below is under its weights alone
     key = pin_key(ctl, tmp_path / "controller.pem")
     fleet.start_agent("small", "--signing-key-file", str(key), "--model-max-rss-mib", "1")
-    wait_until(lambda: ctl.devices().get("small") == "online", 30)
+    fleet.wait_online(["small"], 30)
     dep = deploy(ctl, 1, ["small"])
     done = wait_until(lambda: (d := deployment(ctl, dep))["status"] in ("completed", "failed") and d, 60)
     target = done["targets"][0]

@@ -137,9 +137,7 @@ def start_fleet(
             *flags,
             *(extra or {}).get(device, []),
         )
-    ctl = fleet.controller
-    assert ctl is not None
-    wait_until(lambda: all(ctl.devices().get(d) == "online" for d in devices), 60, what="agents online")
+    fleet.wait_online(devices, 90)
     return ports
 
 
