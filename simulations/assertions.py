@@ -138,6 +138,14 @@ def evaluate(
                     not disagreements,
                 )
             )
+    if exp.telemetry_stored_min is not None:
+        sent = (report.get("fleet") or {}).get("telemetry", 0)
+        stored = (report.get("resources") or {}).get("controller_telemetry_stored_after_drain")
+        need = share(exp.telemetry_stored_min)
+        got = f"{stored:.0f} of {sent}" if stored is not None else "not read"
+        ok = stored is not None and sent > 0 and stored >= need * sent
+        least = f">= {exp.telemetry_stored_min} of what was sent"
+        out.append(_check("telemetry stored by the controller", least, got, ok))
     counts = (report.get("faults") or {}).get("counts", {})
     for kind, at_least in exp.faults_fired.items():
         need = amount(at_least, len(devices)) if at_least.endswith("%") else int(float(at_least))

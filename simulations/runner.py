@@ -558,6 +558,7 @@ class Runner:
         self.final_reasons: dict[str, int] = {}
         self.final_disagreements: list[str] | None = None
         self.telemetry_ingested = self._telemetry_ingested()
+        self.chunks_published = self._chunks_published()
         if self.api is None or error is not None:
             return
         try:
@@ -570,19 +571,54 @@ class Runner:
 
     def _telemetry_ingested(self) -> float | None:
         """Telemetry messages the controller stored (its Prometheus counter), or None."""
+        return self._metrics().get("slmfleet_telemetry_ingested_total")
+
+    def _metrics(self) -> dict[str, float]:
+        """The controller's Prometheus samples (name with labels -> value); empty when unreadable."""
         if self.api is None:
-            return None
+            return {}
         for path in ("/api/v1/metrics", "/metrics"):
             try:
                 r = self.api.client.get(path, timeout=10)
             except httpx.HTTPError:
-                return None
+                return {}
             if r.status_code != 200:
                 continue
+            out = {}
             for line in r.text.splitlines():
-                if line.startswith("slmfleet_telemetry_ingested_total "):
-                    return float(line.split()[1])
-        return None
+                if line and not line.startswith("#"):
+                    name, _, value = line.rpartition(" ")
+                    with contextlib.suppress(ValueError):
+                        out[name] = float(value)
+            return out
+        return {}
+
+    def _chunks_published(self) -> dict[str, int]:
+        """Artifact chunks the controller published, by kind (one broadcast frame reaches every subscriber;
+        a repair frame one device)."""
+        samples = self._metrics()
+        return {
+            kind: int(samples.get(f'slmfleet_chunks_published_total{{kind="{kind}"}}', 0))
+            for kind in ("broadcast", "repair")
+        }
+
+    def _drain_telemetry(self, quiet_s: float = 3.0, limit_s: float = 60.0) -> float | None:
+        """Once the fleet stopped: what the controller stored in the end. Waits (bounded) until its count
+        reaches what the devices sent or stops growing, so lag is not mistaken for loss."""
+        sent = self.stats()["devices"].get("telemetry", 0)
+        last = self._telemetry_ingested()
+        if last is None:
+            return None
+        changed = time.monotonic()
+        deadline = changed + limit_s
+        while last < sent and time.monotonic() < deadline and time.monotonic() - changed < quiet_s:
+            time.sleep(0.5)  # polling a counter of another process, with a deadline
+            now = self._telemetry_ingested()
+            if now is None:
+                break
+            if now != last:
+                last, changed = now, time.monotonic()
+        return last
 
     # ------------------------------------------------------------ teardown --
 
@@ -600,6 +636,7 @@ class Runner:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(5)
+        self.telemetry_drained = self._drain_telemetry()
         if self.controller is not None:
             if "controller_after" not in self.cpu:
                 self.cpu["controller_after"] = self.controller.cpu_s()
@@ -711,6 +748,8 @@ class Runner:
                 "broker_cpu_s_during_rollout": broker_during,
                 "broker_cpu_s_total": cpu.get("broker_total"),
                 "controller_telemetry_ingested": getattr(self, "telemetry_ingested", None),
+                "controller_telemetry_stored_after_drain": getattr(self, "telemetry_drained", None),
+                "controller_chunks_published": getattr(self, "chunks_published", None),
                 "worker_cpu_s": [ws["cpu_s"] for ws in worker_status if ws],
                 "worker_max_rss_mb": [round(ws["rss_bytes"] / 2**20, 1) for ws in worker_status if ws],
                 "chunk_hash_hits": sum(ws["hash_hits"] for ws in worker_status if ws),

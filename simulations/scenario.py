@@ -364,6 +364,11 @@ class Expect(_Strict):
     )
     faults_fired: dict[str, Amount] = Field(default_factory=dict, description="kind -> at least this many")
     no_device_stuck: bool = Field(True, description="no device ends mid-deployment (downloading, verifying, ...)")
+    telemetry_stored_min: Amount | None = Field(
+        None,
+        description="at least this share of the telemetry the devices sent is stored by the controller once the"
+        ' fleet stopped and the controller drained its queue ("100%": nothing lost)',
+    )
 
 
 class Limits(_Strict):

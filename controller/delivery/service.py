@@ -411,12 +411,15 @@ class DeliveryService:
         if artifact_id is None:
             return
         broadcast = self._broadcasts.get(artifact_id)
+        if broadcast is not None and broadcast.finished and target.broadcast_joined:
+            return  # its broadcast went by: the device repairs what it missed
         if broadcast is None or broadcast.finished:
+            # the first device of this artifact, or one that came after its last broadcast ended (a later
+            # wave, a later deployment, a queued device let in): a new broadcast, so a wave of hundreds
+            # is one stream of chunks through the broker, not hundreds of repair streams
             source = self._source(artifact_id)
             if source is None:
                 return
-            if broadcast is not None and broadcast.finished:
-                return  # it went by; the device repairs what it missed
             with self._lock:
                 expected = {
                     t.device_id
@@ -430,6 +433,7 @@ class DeliveryService:
             )
             broadcast.start()
         broadcast.join(target.device_id)
+        target.broadcast_joined = True
 
     def _publish_tracked(self, topic: str, payload: bytes, on_ack: Callable[[], None]) -> bool:
         return self.bridge is not None and self.bridge.publish_tracked(topic, payload, on_ack)

@@ -37,6 +37,8 @@ class Target:
     rollback_artifact: str | None = None
     #: waiting for a free slot under the deployment's max_concurrent (no command sent yet)
     queued: bool = False
+    #: it took part in a chunk broadcast of its artifact (once that went by, it repairs what it missed)
+    broadcast_joined: bool = False
     dirty: bool = True
 
     @property

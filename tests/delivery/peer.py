@@ -138,11 +138,17 @@ class PeerDevice:
             assert hashlib.sha256(files[f.path]).hexdigest() == f.sha256, f.path
         return {k: bytes(v) for k, v in files.items()}
 
+    def stop_listening(self) -> None:
+        """Leave the artifact's broadcast, as the agent does once it holds every chunk."""
+        if self.manifest is not None:
+            self.mqtt.client.unsubscribe(topics.artifact_chunks(self.manifest.artifact_id))
+
     def finish(self) -> None:
         """Verify and report the remaining transitions up to ACTIVE."""
         m = self.manifest
         assert m is not None
         self.assemble()
+        self.stop_listening()
         installed = InstalledModel(model=m.model, version=m.version, variant=m.variant, artifact=m.artifact_id)
         for state in (DeployState.VERIFYING, DeployState.STAGED, DeployState.ACTIVATING):
             self.report(state)
@@ -172,8 +178,8 @@ class PeerDevice:
             self.bad_frames += 1
             return
         m = self.manifest
-        if m is None or frame.artifact_id != m.artifact_id:
-            return
+        if m is None or frame.artifact_id != m.artifact_id or self.state != DeployState.DOWNLOADING:
+            return  # like the agent: frames count only while it downloads that artifact
         if frame.index in self.drop and msg.topic != topics.chunks(self.device_id):
             self.drop.discard(frame.index)
             return

@@ -84,6 +84,26 @@ def test_each_chunk_is_broadcast_once_to_all_devices(ctl, peers, tmp_path: Path)
     assert metric_value(metrics, "slmfleet_deployment_targets", {"state": "active"}) == 4
 
 
+def test_a_later_deployment_of_the_same_artifact_is_broadcast_again(ctl, peers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Waves of a rollout are deployments of one artifact, one after another: each wave gets a broadcast
+    (one stream through the broker), not a repair stream per device."""
+    version = register_anomaly(ctl, tmp_path)
+    fp32 = next(v for v in version["variants"] if v["variant"] == "fp32")
+    n_chunks = -(-fp32["size_bytes"] // CHUNK)
+    waves = [[peers(f"w1-{i}") for i in range(2)], [peers(f"w2-{i}") for i in range(3)]]
+    for number, wave in enumerate(waves, 1):
+        dep = deploy(ctl, model="pump", version=1, variant="fp32", devices=[d.device_id for d in wave])
+        wait_until(lambda w=wave: all(d.complete() for d in w), 30, what=f"wave {number} has every chunk")  # type: ignore[misc]
+        for d in wave:
+            d.finish()
+        wait_until(lambda d=dep: deployment(ctl, d["id"])["status"] == "completed", 15)  # type: ignore[misc]
+        metrics = ctl.client.get("/metrics").text
+        assert metric_value(metrics, "slmfleet_chunks_published_total", {"kind": "broadcast"}) == number * n_chunks
+    got = {d.device_id: (d.from_broadcast, d.from_repair) for wave in waves for d in wave}
+    assert got == {d.device_id: (n_chunks, 0) for wave in waves for d in wave}, got
+    assert metric_value(metrics, "slmfleet_chunks_published_total", {"kind": "repair"}) == 0
+
+
 def test_missing_chunks_are_repaired_to_the_device_alone(ctl, peers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     register_anomaly(ctl, tmp_path)
     lossy = peers("lossy", drop={0, 3, 7, 20})
@@ -227,8 +247,6 @@ def test_a_device_that_switches_after_its_timeout_is_believed_or_sent_back(ctl, 
     for peer in (believed, rolled):
         dep = deploy(ctl, model="pump", version=2, variant="fp32", devices=[peer.device_id], timeout_s=3)
         wait_until(lambda p=peer: p.manifest is not None and p.manifest.model == "pump" and p.deploys, 10)  # type: ignore[misc]
-        if peer is rolled:
-            peer.request_missing()  # the artifact's broadcast went by with the first deployment
         wait_until(peer.complete, 15, what="every chunk (the device then stays silent)")
         wait_until(lambda d=dep: deployment(ctl, d["id"])["status"] == "failed", 15)  # type: ignore[misc]
         if peer is rolled:

@@ -129,6 +129,7 @@ class AutoPeer(PeerDevice):
     def _after_download(self) -> None:
         assert self.manifest is not None
         self.assemble()
+        self.stop_listening()
         self.report(DeployState.VERIFYING)
         if self.behaviour == "fail_load":
             self.report(DeployState.FAILED, reason="self-test failed: model failed to load (out of memory)")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controller.broker.embedded import EmbeddedBroker
+from simulations.assertions import evaluate
 from simulations.runner import RunOptions, RunResult, run_scenario
 from simulations.scenario import bundled, load_scenario
 
@@ -128,6 +130,26 @@ def test_happy_path_1000_devices(private_broker: EmbeddedBroker, tmp_path: Path)
     _check_run(result, 220)
     assert result.report["scenario"]["devices"] == 1000
     assert result.report["rollout"]["state"] == "completed"
+    # nothing the 1,000 devices sent was lost: every telemetry message is stored once the controller drained
+    stored = result.report["resources"]["controller_telemetry_stored_after_drain"]
+    assert stored == result.report["fleet"]["telemetry"] > 1000, (stored, result.report["fleet"])
+
+
+def test_telemetry_expectation_compares_what_was_stored_with_what_was_sent() -> None:
+    scenario = load_scenario(bundled("happy-path"), devices=10)
+    assert scenario.expect.telemetry_stored_min == "100%"
+
+    def check(sent: int, stored: float | None) -> dict[str, Any]:
+        report = {"fleet": {"telemetry": sent}, "resources": {"controller_telemetry_stored_after_drain": stored}}
+        found = [a for a in evaluate(scenario, report, [], versions={}, disagreements=[]) if "telemetry" in a["name"]]
+        assert len(found) == 1
+        return found[0]
+
+    assert check(500, 500.0)["ok"]
+    lost = check(500, 499.0)
+    assert not lost["ok"] and lost["actual"] == "499 of 500"
+    assert not check(500, None)["ok"]  # the controller's count could not be read: not a pass
+    assert not check(0, 0.0)["ok"]  # a fleet that sent nothing proves nothing
 
 
 def test_a_full_disk_on_the_canary_fails_it_with_the_reason_and_aborts(
