@@ -46,22 +46,33 @@ def _operator(principal: Annotated[WebPrincipal, Depends(_principal)]) -> WebPri
     return principal
 
 
-async def _operator_with_csrf(request: Request, principal: Annotated[WebPrincipal, Depends(_operator)]) -> WebPrincipal:
+def _admin(principal: Annotated[WebPrincipal, Depends(_principal)]) -> WebPrincipal:
+    if not principal.is_admin:
+        raise WebForbidden(f"this needs the admin role; {principal.name} is a {principal.role.value}")
+    return principal
+
+
+async def _check_csrf(request: Request, principal: WebPrincipal, message: str) -> WebPrincipal:
     form = await request.form()  # parsed once: Starlette keeps it for the endpoint's own Form fields
     submitted = form.get("csrf_token")
     if not sessions.csrf_ok(principal, submitted if isinstance(submitted, str) else None):
-        raise WebForbidden(
-            "the form's security token is missing or belongs to another session: reload the page and try again"
-        )
+        raise WebForbidden(message)
     return principal
+
+
+_CSRF_REFUSED = "the form's security token is missing or belongs to another session: reload the page and try again"
+
+
+async def _operator_with_csrf(request: Request, principal: Annotated[WebPrincipal, Depends(_operator)]) -> WebPrincipal:
+    return await _check_csrf(request, principal, _CSRF_REFUSED)
+
+
+async def _admin_with_csrf(request: Request, principal: Annotated[WebPrincipal, Depends(_admin)]) -> WebPrincipal:
+    return await _check_csrf(request, principal, _CSRF_REFUSED)
 
 
 async def _viewer_with_csrf(request: Request, principal: Annotated[WebPrincipal, Depends(_principal)]) -> WebPrincipal:
-    form = await request.form()
-    submitted = form.get("csrf_token")
-    if not sessions.csrf_ok(principal, submitted if isinstance(submitted, str) else None):
-        raise WebForbidden("the form's security token is missing or belongs to another session")
-    return principal
+    return await _check_csrf(request, principal, "the form's security token is missing or belongs to another session")
 
 
 async def _form(request: Request) -> FormData:
@@ -78,6 +89,10 @@ OperatorFormDep = Annotated[WebPrincipal, Depends(_operator_with_csrf)]
 UserFormDep = Annotated[WebPrincipal, Depends(_viewer_with_csrf)]
 #: an operator, for pages that only lead to a write (the rollout form)
 OperatorDep = Annotated[WebPrincipal, Depends(_operator)]
+#: an admin (enrollment tokens: pages that show secrets or lead to them)
+AdminDep = Annotated[WebPrincipal, Depends(_admin)]
+#: an admin whose form carries its session's CSRF token (enrollment tokens, device revocation)
+AdminFormDep = Annotated[WebPrincipal, Depends(_admin_with_csrf)]
 
 
 def _wants_html(request: Request) -> bool:

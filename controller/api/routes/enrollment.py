@@ -7,39 +7,23 @@ deletes its broker credentials and makes the controller ignore it.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agent.protocol.messages import Labels
 from controller import audit
 from controller.api.deps import AdminDep, RuntimeDep, SessionDep
 from controller.db.models import EnrollmentToken
 from controller.db.types import utcnow
 from controller.enrollment import tokens
+from controller.enrollment.schemas import DeviceIdStr, EnrollmentTokenCreate
 from controller.enrollment.service import EnrollmentError
 
 router = APIRouter(prefix="/api/v1", tags=["enrollment"])
 
-DeviceIdStr = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-]
 TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="the enrollment token's id (from the list)")]
-
-
-class EnrollmentTokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    expires_in_hours: float | None = Field(
-        None, gt=0, le=24 * 365, description="lifetime; omit: the controller's enrollment_token_hours (24)"
-    )
-    labels: Labels = Field(default_factory=dict, description="labels the enrolled device gets")
-    device_id: DeviceIdStr | None = Field(
-        None, description="bind the token to this device id (also re-enrolls an enrolled device: new credentials)"
-    )
-    note: Annotated[str, StringConstraints(max_length=256)] = Field("", description="for whom or what it is")
 
 
 class EnrollmentTokenPublic(BaseModel):
@@ -113,8 +97,8 @@ def create_enrollment_token(
     body: EnrollmentTokenCreate, session: SessionDep, runtime: RuntimeDep, who: AdminDep
 ) -> EnrollmentTokenCreated:
     """Create a single-use enrollment token; the answer carries the secret, which cannot be read again."""
-    hours = body.expires_in_hours or runtime.settings.enrollment_token_hours
-    secret, row = tokens.create(session, who.name, timedelta(hours=hours), body.labels, body.device_id, body.note)
+    lifetime = body.lifetime(runtime.settings.enrollment_token_hours)
+    secret, row = tokens.create(session, who.name, lifetime, body.labels, body.device_id, body.note)
     audit.record(
         session,
         who.name,

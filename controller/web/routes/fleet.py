@@ -1,19 +1,32 @@
-"""Fleet overview, device list and device detail."""
+"""Fleet overview, device list, device detail, and revoking a device (admins)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
+from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from sqlmodel import Session
 
+from controller import audit
+from controller.db.types import utcnow
 from controller.devices import selectors
+from controller.enrollment.service import EnrollmentError
 from controller.web import queries
-from controller.web.deps import UserDep, runtime_of
+from controller.web.deps import AdminFormDep, UserDep, runtime_of
 from controller.web.render import SECURITY_HEADERS, page
 
+log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 PER_PAGE = 50
+DONE_MESSAGES = {
+    "revoked": "Device revoked: its broker credentials are deleted (it is disconnected) and the controller ignores it.",
+    # broker_auth = "none": there are no credentials of its own to delete
+    "revoked-none": "Device revoked: the controller ignores it from now on (broker_auth is none: the broker has no"
+    " credentials of its own to delete).",
+}
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -86,8 +99,15 @@ def count_devices(request: Request, who: UserDep, selector: Annotated[str, Query
         return JSONResponse({"matching": queries.count_matching(conn, parsed)}, headers=headers)
 
 
-@router.get("/devices/{device_id}", response_class=HTMLResponse)
-def device(request: Request, device_id: str, who: UserDep) -> Response:
+def _device_page(
+    request: Request,
+    device_id: str,
+    *,
+    notice: str = "",
+    error: str = "",
+    retry_revoke: bool = False,
+    status_code: int = 200,
+) -> Response:
     with runtime_of(request).engine.connect() as conn:
         detail = queries.device_detail(conn, device_id)
     if detail is None:
@@ -101,8 +121,50 @@ def device(request: Request, device_id: str, who: UserDep) -> Response:
             "d": detail.device,
             "detail": detail,
             "model": queries.active_model(detail.device["installed"]),
+            "notice": notice,
+            "error": error,
+            "retry_revoke": retry_revoke,
         },
+        status_code=status_code,
     )
+
+
+@router.get("/devices/{device_id}", response_class=HTMLResponse)
+def device(request: Request, device_id: str, who: UserDep, done: Annotated[str, Query(max_length=16)] = "") -> Response:
+    return _device_page(request, device_id, notice=DONE_MESSAGES.get(done, ""))
+
+
+@router.post("/devices/{device_id}/revoke")
+def revoke_device(
+    request: Request,
+    device_id: Annotated[str, Path(max_length=128)],
+    who: AdminFormDep,
+    reason: Annotated[str, Form(max_length=1000)] = "",
+) -> Response:
+    """Revoke a device (admins): the same service calls and audit action as ``POST /api/v1/devices/{id}/revoke``."""
+    reason = reason.strip()
+    if not reason:
+        return _device_page(
+            request, device_id, error="Give a reason for revoking: it goes into the audit log.", status_code=422
+        )
+    runtime = runtime_of(request)
+    with Session(runtime.engine) as session:
+        try:
+            changed = runtime.enrollment.mark_revoked(session, device_id)
+        except EnrollmentError as exc:
+            return _device_page(request, device_id, error=str(exc), status_code=exc.status)
+        detail = {"already": not changed, "at": utcnow().isoformat(), "reason": reason, "via": "dashboard"}
+        audit.record(session, who.name, "device.revoke", device_id, detail)
+        session.commit()
+    try:
+        # also when it was revoked already: repeats the broker's deletion, as the REST route does
+        runtime.enrollment.revoked_committed(device_id)
+    except EnrollmentError as exc:
+        # revoked in the database, but the broker may still let it in: offer the button once more
+        return _device_page(request, device_id, error=str(exc), retry_revoke=True, status_code=exc.status)
+    log.info("dashboard: %s revoked device %s", who.name, device_id)
+    done = "revoked" if runtime.enrollment.admin is not None else "revoked-none"
+    return RedirectResponse(f"/devices/{quote(device_id, safe='')}?done={done}", status_code=303)
 
 
 @router.get("/devices/{device_id}/series.json")
