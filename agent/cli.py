@@ -65,6 +65,12 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--telemetry-interval", dest="telemetry_interval_s", type=float, help="seconds (default 10)")
     p.add_argument("--keepalive", dest="keepalive_s", type=int, help="MQTT keepalive in seconds (default 30)")
     p.add_argument("--reconnect-max", dest="reconnect_max_s", type=float, help="max reconnect backoff, seconds")
+    p.add_argument(
+        "--broker-refused-retry",
+        dest="broker_refused_retry_s",
+        type=float,
+        help="seconds between tries once the broker refused the credentials (default 600; 0: exit with status 3)",
+    )
     p.add_argument("--mqtt-protocol", dest="mqtt_protocol", choices=["auto", "5", "3.1.1"])
     p.add_argument("--mqtt-username", dest="mqtt_username")
     p.add_argument("--mqtt-password-file", dest="mqtt_password_file", type=Path)

@@ -80,6 +80,11 @@ class AgentSettings(BaseModel):
     telemetry_interval_s: Annotated[float, Field(ge=0.1, le=86400)] = 10.0
     keepalive_s: Annotated[int, Field(ge=2, le=65535)] = 30
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    broker_refused_retry_s: Annotated[float, Field(ge=0, le=86400)] = Field(
+        600.0,
+        description="when the broker refuses the credentials (revoked, or its auth broken for a while), keep"
+        " serving local inputs and try again this often; 0: give up and exit with status 3",
+    )
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = "auto"
     mqtt_username: str | None = None
     mqtt_password_file: Path | None = Field(None, description="file (mode 0600) holding the broker password")

@@ -198,7 +198,11 @@ class AgentService:
         if s.ca_file and fields.get("tls"):
             fields["ca_file"] = str(s.ca_file)
         return MqttConfig(
-            **fields, keepalive_s=s.keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=s.reconnect_max_s
+            **fields,
+            keepalive_s=s.keepalive_s,
+            protocol=s.mqtt_protocol,
+            reconnect_max_s=s.reconnect_max_s,
+            refused_retry_s=s.broker_refused_retry_s,
         )
 
     def _install_signals(self) -> None:
@@ -413,9 +417,17 @@ class AgentService:
             self.outbox.pump(self.transport.publish)
 
     def _on_refused(self, reason: str) -> None:
-        log.error("giving up: %s", reason)
-        self.exit_code = 3
-        self.request_stop()
+        retry = self.settings.broker_refused_retry_s
+        if retry <= 0:
+            log.error("giving up: %s", reason)
+            self.exit_code = 3
+            self.request_stop()
+            return
+        # A revoked device, or a broker whose auth is broken for a while: local applications keep their
+        # inference, telemetry keeps spooling, and the next try may get in (exiting would only have systemd
+        # restart the agent into the same refusal until it stops trying for good).
+        log.error("%s: serving local inputs, trying the broker again every %.0f s", reason, retry)
+        self.notifier.status(f"device {self.settings.device_id}: {reason}; {self._serving_status()}")
 
     def _healthy(self) -> bool:
         """What the systemd watchdog vouches for: the loop runs (we are in it) and so does the model thread."""

@@ -8,8 +8,10 @@ simulator, and the controller's connection lives in its own loop thread.
 
 The transport reconnects forever with capped, jittered exponential backoff,
 re-applies its subscriptions after every reconnect, speaks MQTT 5 where the
-broker does and falls back to 3.1.1 where it does not (``protocol="auto"``),
-and stops retrying when the broker refuses the credentials.
+broker does and falls back to 3.1.1 where it does not (``protocol="auto"``).
+When the broker refuses the credentials it stops retrying, or, with
+``refused_retry_s``, tries again at that slow pace (a device whose
+credentials come back, or a broker whose auth was broken for a while).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class MqttConfig:
     session_expiry_s: int = 7 * 24 * 3600
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    #: after a refusal for good (bad credentials, not authorized, banned): 0 stops retrying, more tries
+    #: again after about this many seconds
+    refused_retry_s: float = 0.0
     connect_timeout_s: float = 5.0
     max_inflight: int = 100
 
@@ -435,11 +440,20 @@ class MqttTransport:
                 self._fall_back_to_311()
                 return
             if code in _RC_REFUSED_FOR_GOOD:
+                first = self.refused is None
                 self.refused = f"broker refused the connection: {reason}"
-                log.error("%s: %s; not retrying", self.name, self.refused)
-                self._stopping = True
+                retry = self.config.refused_retry_s
                 self._drop_socket()
-                if self.on_refused is not None:
+                if retry > 0:
+                    if first:
+                        log.error("%s: %s; trying again every %.0f s", self.name, self.refused, retry)
+                    else:
+                        log.debug("%s: %s", self.name, self.refused)
+                    self._schedule_reconnect(delay=retry * random.uniform(0.8, 1.0))
+                else:
+                    log.error("%s: %s; not retrying", self.name, self.refused)
+                    self._stopping = True
+                if first and self.on_refused is not None:
                     self.on_refused(self.refused)
                 return
             self._note_failure(f"broker refused the connection: {reason} ({code})")
@@ -449,9 +463,10 @@ class MqttTransport:
         self._connected = True
         self._attempt = 0
         self.connects += 1
-        if self._logged_failure:
+        if self._logged_failure or self.refused is not None:
             log.info("%s: connected to %s", self.name, self.config.url)
         self._logged_failure = False
+        self.refused = None
         self._subscribe_now(list(self._subs.items()))
         if self.on_connect is not None:
             try:

@@ -87,7 +87,7 @@ def list_all(session: Session) -> list[EnrollmentToken]:
 
 
 def revoke(session: Session, row: EnrollmentToken) -> bool:
-    """Revoke an unused token; False when it was already revoked."""
+    """Revoke a token so nobody can use it (a used one is marked too, for the record); False when it was already."""
     if row.revoked_at is not None:
         return False
     row.revoked_at = utcnow()

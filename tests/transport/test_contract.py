@@ -190,3 +190,31 @@ def test_refused_credentials_stop_the_retries(tmp_path: Any, requires_mosquitto:
     finally:
         loop.close()
         b.stop()
+
+
+def test_with_refused_retry_a_refusal_is_tried_again_and_recovers(tmp_path: Any, requires_mosquitto: None) -> None:
+    """A broker that refused the client for a while (its auth broken, the device's credentials restored)
+    lets it in later: the transport tries again at its slow pace and reports the refusal once."""
+    strict = EmbeddedBroker(tmp_path / "strict", engine="mosquitto", allow_anonymous=False)
+    strict.start()
+    loop = LoopThread()
+    relaxed: EmbeddedBroker | None = None
+    try:
+        refused: list[str] = []
+        config = MqttConfig(port=strict.port, protocol="3.1.1", refused_retry_s=0.5)
+        t = loop.call(lambda: MqttTransport(config, "anon", loop=loop.loop))
+        t.on_refused = refused.append
+        loop.call(t.start)
+        wait_until(lambda: refused, 10, what="a refusal")
+        assert t._reconnect_handle is not None and t.refused is not None  # a try is scheduled
+        strict.stop()
+        relaxed = EmbeddedBroker(tmp_path / "relaxed", port=strict.port, engine="mosquitto")
+        relaxed.start()
+        wait_until(lambda: t.connected, 20, what="connected once the broker lets it in")
+        assert t.refused is None and len(refused) == 1
+        loop.run(t.stop())
+    finally:
+        loop.close()
+        if relaxed is not None:
+            relaxed.stop()
+        strict.stop()
