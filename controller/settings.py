@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -76,6 +77,11 @@ class ControllerSettings(BaseSettings):
     )
     enrollment_token_hours: Annotated[float, Field(gt=0, le=24 * 365)] = Field(
         24.0, description="default lifetime of an enrollment token"
+    )
+    public_url: str | None = Field(
+        None,
+        description="URL devices and operators reach the controller at (e.g. behind a reverse proxy), used in the"
+        " enrollment command the API, the CLI and the dashboard show (unset: the address the request came to)",
     )
     mqtt_keepalive_s: Annotated[int, Field(ge=2, le=3600)] = Field(30, description="MQTT keepalive")
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT protocol version")
@@ -161,6 +167,16 @@ class ControllerSettings(BaseSettings):
     def _absolute_data_dir(cls, v: Path) -> Path:
         """Absolute from the start: subprocesses (model evaluation) and later chdirs see the same place."""
         return v.expanduser().absolute()
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"public_url must be http(s)://host[:port][/path], not {v!r}")
+        return v.rstrip("/")
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> ControllerSettings:

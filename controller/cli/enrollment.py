@@ -47,7 +47,8 @@ def create(
         body["expires_in_hours"] = expires_in_hours
     created = ApiClient(api, token, data_dir).request("POST", "/api/v1/enrollment-tokens", json=body)
     typer.echo(f"created enrollment token {created['id']} (single use, expires {created['expires_at'][:19]})", err=True)
-    typer.echo("shown once; on the device: slmfleet agent enroll --controller URL --token-file FILE", err=True)
+    command = created.get("enroll_command") or "slmfleet agent enroll --controller URL --token-file TOKEN_FILE"
+    typer.echo(f"shown once; save it in TOKEN_FILE on the device and run: {command}", err=True)
     typer.echo(created["token"])
 
 

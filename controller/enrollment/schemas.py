@@ -32,3 +32,8 @@ class EnrollmentTokenCreate(BaseModel):
     def lifetime(self, default_hours: float) -> timedelta:
         """How long the token lives: what was asked for, else the controller's default."""
         return timedelta(hours=self.expires_in_hours or default_hours)
+
+
+def enroll_command(controller_url: str) -> str:
+    """What to run on the device (the token in a file: a command line is visible to other users)."""
+    return f"slmfleet agent enroll --controller {controller_url} --token-file TOKEN_FILE"

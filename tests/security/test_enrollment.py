@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlmodel import Session, select
 
 from agent.runtime.config import load_settings
@@ -22,6 +23,7 @@ from agent.runtime.enroll import enroll_main
 from controller.auth.tokens import Role
 from controller.db.models import AuditEntry, EnrollmentToken
 from controller.db.types import utcnow
+from controller.settings import ControllerSettings
 from tests.conftest import LiveController
 
 INSTALLER = Path(__file__).resolve().parents[2] / "deploy" / "install-agent.sh"
@@ -165,6 +167,31 @@ def test_agent_enroll_writes_private_files_the_agent_runs_with(live_server, tmp_
     gone = tmp_path / "gone"
     assert enroll_main(["--controller", "http://127.0.0.1:1", "--token", "slmfe_x", "--dir", str(gone)]) == 1
     assert not (gone / "agent.toml").exists()
+
+
+def test_the_enroll_command_names_the_public_url_or_the_address_asked(live_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Behind a reverse proxy the controller's own address is not the devices': ``public_url`` says which."""
+    plain = live_server()
+    proxied = live_server(public_url="https://fleet.example.com/slmfleet/")
+    for server, url in ((plain, plain.url), (proxied, "https://fleet.example.com/slmfleet")):
+        headers = {"Authorization": f"Bearer {server.admin_token}"}
+        created = httpx.post(server.url + "/api/v1/enrollment-tokens", json={}, headers=headers).json()
+        assert created["controller_url"] == url
+        assert created["enroll_command"] == f"slmfleet agent enroll --controller {url} --token-file TOKEN_FILE"
+        assert created["token"] not in created["enroll_command"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "enrollment", "create", "--api", proxied.url],
+        env={**os.environ, "SLMFLEET_TOKEN": proxied.admin_token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "--controller https://fleet.example.com/slmfleet --token-file TOKEN_FILE" in cli.stderr
+    assert cli.stdout.strip().startswith("slmfe_")  # the secret alone on stdout, for scripts
+    for bad in ("fleet.example.com", "ftp://fleet.example.com", "https://", "https://h/?q=1"):
+        with pytest.raises(ValidationError, match="public_url"):
+            ControllerSettings(data_dir=tmp_path / "x", public_url=bad)
 
 
 def test_the_installer_enrolls_once_and_keeps_the_enrollment(live_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from controller import audit
@@ -18,7 +18,7 @@ from controller.api.deps import AdminDep, RuntimeDep, SessionDep
 from controller.db.models import EnrollmentToken
 from controller.db.types import utcnow
 from controller.enrollment import tokens
-from controller.enrollment.schemas import DeviceIdStr, EnrollmentTokenCreate
+from controller.enrollment.schemas import DeviceIdStr, EnrollmentTokenCreate, enroll_command
 from controller.enrollment.service import EnrollmentError
 
 router = APIRouter(prefix="/api/v1", tags=["enrollment"])
@@ -43,6 +43,8 @@ class EnrollmentTokenPublic(BaseModel):
 
 class EnrollmentTokenCreated(EnrollmentTokenPublic):
     token: str = Field(description="the secret: shown this once, only its hash is kept")
+    controller_url: str = Field(description="the controller's URL for devices (public_url, else this request's)")
+    enroll_command: str = Field(description="what to run on the device, with the token saved in TOKEN_FILE")
 
 
 class EnrollRequest(BaseModel):
@@ -94,7 +96,7 @@ def list_enrollment_tokens(session: SessionDep, _: AdminDep) -> list[EnrollmentT
 
 @router.post("/enrollment-tokens", response_model=EnrollmentTokenCreated, status_code=status.HTTP_201_CREATED)
 def create_enrollment_token(
-    body: EnrollmentTokenCreate, session: SessionDep, runtime: RuntimeDep, who: AdminDep
+    body: EnrollmentTokenCreate, request: Request, session: SessionDep, runtime: RuntimeDep, who: AdminDep
 ) -> EnrollmentTokenCreated:
     """Create a single-use enrollment token; the answer carries the secret, which cannot be read again."""
     lifetime = body.lifetime(runtime.settings.enrollment_token_hours)
@@ -108,7 +110,13 @@ def create_enrollment_token(
     )
     session.commit()
     session.refresh(row)
-    return EnrollmentTokenCreated(**_public(row).model_dump(), token=secret)
+    url = runtime.settings.public_url or str(request.base_url).rstrip("/")
+    return EnrollmentTokenCreated(
+        **_public(row).model_dump(),
+        token=secret,
+        controller_url=url,
+        enroll_command=enroll_command(url),
+    )
 
 
 @router.delete("/enrollment-tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
