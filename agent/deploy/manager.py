@@ -575,15 +575,20 @@ class DeploymentManager:
         return actions
 
     def _progress(self, rec: DeploymentRecord, now: float) -> list[Action]:
-        """Report download progress and checkpoint the held chunks (new chunks reset the crash-loop count)."""
+        """Report download progress and checkpoint the held chunks (new chunks reset the crash-loop count).
+
+        The record is written only when the crash-loop count is reset: the held chunks are checkpointed by
+        the worker thread, and an fsync a second on the event loop would stall MQTT and local inference on
+        slow storage. (The event's seq may then repeat after a crash; nothing orders deployment events by it.)
+        """
         assert self._bitmap is not None and rec.target_slot is not None
         self._last_progress_at = now
         self._progress_dirty = False
-        if self._bitmap.count > self._progress_count:
+        if self._bitmap.count > self._progress_count and rec.starts:
             rec.starts = 0
+            self._persist(now)
         self._progress_count = self._bitmap.count
         seq = self._bump_seq()
-        self._persist(now)
         return [
             self._event(rec, now, seq, progress=True),
             Checkpoint(self._download_token, rec.target_slot, self._bitmap.to_bytes()),

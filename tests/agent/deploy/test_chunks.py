@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.deploy.config import DeployConfig
 from agent.deploy.memory import MemorySlotStorage
+from agent.deploy.record import MemoryRecordStore, PersistedState
 from agent.protocol import chunks as frames
 from agent.protocol import topics
 from agent.protocol.messages import DeployState
@@ -85,6 +86,39 @@ def test_progress_is_reported_at_start_and_at_most_once_a_second(key: Ed25519Pri
     assert len(d.events()) == 3 and e.chunks_have == 101 and e.contiguous == 101 and abs(e.progress - 101 / 200) < 1e-9
     d.tick(1.0)  # nothing new: no report
     assert len(d.events()) == 3
+
+
+def test_progress_reports_do_not_rewrite_the_record_on_the_event_loop(key: Ed25519PrivateKey) -> None:
+    """A slow download reports progress every second; the record (an fsync on the event loop) is written
+    for state changes, not for each report: the held chunks are checkpointed by the worker instead."""
+    art = big(key, 200)
+    d = downloading(key, art)
+    records = d.records
+    assert isinstance(records, MemoryRecordStore)
+    before = records.saves
+    for index in range(150):  # a chunk every 0.5 s: about 75 progress reports
+        d.now += 0.5
+        d.chunk(art.frame(index), art=art)
+    reports = [e for e in d.events() if e.state == S.DOWNLOADING]
+    assert len(reports) >= 70
+    assert records.saves - before == 0
+    d.restart()  # a crash now: the download resumes from the checkpoint, not from zero
+    assert d.state == S.DOWNLOADING and d.events()[-1].chunks_have >= 149
+
+
+def test_a_crash_loop_count_is_reset_and_written_once_chunks_arrive_again(key: Ed25519PrivateKey) -> None:
+    art = big(key, 50)
+    d = downloading(key, art)
+    d.restart()  # a start in DOWNLOADING: counted against a crash loop
+    rec = d.manager.record
+    assert rec is not None and rec.starts == 1
+    records = d.records
+    assert isinstance(records, MemoryRecordStore)
+    before = records.saves
+    d.now += 1.5
+    d.chunk(art.frame(0), art=art)  # progress: the count goes back to 0, durably
+    assert d.manager.record is not None and d.manager.record.starts == 0
+    assert records.saves == before + 1 and PersistedState.model_validate_json(records._state).record.starts == 0
 
 
 def test_missing_chunks_are_asked_for_in_bounded_windows_and_again_after_a_timeout(key: Ed25519PrivateKey) -> None:
