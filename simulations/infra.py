@@ -38,11 +38,23 @@ class Api:
 
     def __init__(self, base: str, token: str, timeout: float = 60.0) -> None:
         self.base = base.rstrip("/")
-        self.client = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        self.client = httpx.Client(
+            base_url=self.base,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            # idle connections are dropped before any server closes them (uvicorn's default: after 5 s), so
+            # no request goes out on a connection the server is closing
+            limits=httpx.Limits(keepalive_expiry=2.0),
+        )
 
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
         try:
-            r = self.client.request(method, path, **kwargs)
+            try:
+                r = self.client.request(method, path, **kwargs)
+            except httpx.RemoteProtocolError:
+                if method != "GET":
+                    raise
+                r = self.client.request(method, path, **kwargs)  # a read is safe to ask again on a new connection
         except httpx.HTTPError as exc:
             raise SimulationError(f"{method} {self.base}{path}: {exc}") from None
         if r.status_code not in ok:

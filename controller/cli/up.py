@@ -25,6 +25,8 @@ from controller.runtime import ControllerRuntime
 from controller.settings import load_settings
 
 log = logging.getLogger(__name__)
+#: seconds the REST API keeps an idle connection open (uvicorn's default is 5)
+KEEP_ALIVE_S = 30
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -165,6 +167,9 @@ def up(
                 log_level="warning",
                 access_log=False,
                 lifespan="on",
+                # longer than the clients' own idle expiry (httpx: 5 s), so a client never sends on a connection
+                # the server is closing ("server disconnected without sending a response")
+                timeout_keep_alive=KEEP_ALIVE_S,
                 ssl_certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
                 ssl_keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
             )
