@@ -14,6 +14,7 @@ from sqlmodel import Session
 from controller.app import create_app
 from controller.auth.tokens import Role, create_token
 from controller.broker.embedded import EmbeddedBroker
+from controller.cli.up import KEEP_ALIVE_S
 from controller.runtime import ControllerRuntime
 from tests.conftest import controller_settings
 from tests.helpers import wait_until
@@ -49,7 +50,9 @@ def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
         settings = controller_settings(tmp_path / f"ctl-{len(started)}", broker, **overrides)
         runtime = ControllerRuntime(settings)
         app = create_app(settings, runtime)
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
         thread.start()

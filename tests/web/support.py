@@ -18,6 +18,7 @@ from sqlmodel import Session
 from controller.auth import users
 from controller.auth.tokens import Role
 from controller.broker.embedded import free_port
+from controller.cli.up import KEEP_ALIVE_S
 from tests.helpers import REPO, wait_until
 
 PASSWORDS = {"olivia": "olivia-operates-the-fleet", "vera": "vera-only-views-things", "adam": "adam-administers-it"}
@@ -86,7 +87,15 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on")
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+                timeout_keep_alive=KEEP_ALIVE_S,  # as `slmfleet up` serves it
+            )
         )
         self.thread = threading.Thread(target=self.server.run, name="dashboard-test-server", daemon=True)
 
