@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.markup import escape
 
 from agent.protocol.messages import DeployState
 from agent.transport.mqtt import parse_broker_url
@@ -124,7 +125,7 @@ class Runner:
                 self._run()
         except (SimulationError, TimeoutError) as exc:
             error = str(exc)
-            self.console.log(f"[red]error:[/red] {exc}")
+            self.console.log(f"[red]error:[/red] {escape(str(exc))}")
         finally:
             self._collect(error)  # while the controller still answers
             self._teardown()
@@ -401,7 +402,7 @@ class Runner:
                 assert self.controller is not None
                 self.cpu["controller_after"] = self.controller.cpu_s()
                 self.cpu["broker_after"] = process_cpu_s(self.broker.pid if self.broker else None)
-                self.console.log(f"rollout {self.rollout['state']}: {self.rollout['reason']}")
+                self.console.log(f"rollout {self.rollout['state']}: {escape(self.rollout['reason'])}")
                 return
         if rollout:
             self.notes.append(
@@ -459,7 +460,7 @@ class Runner:
             w.status = body
             self.fault_events.extend(body["fault_events"])
             for _, device, fault, detail in body["fault_events"][:20]:
-                self.console.log(f"fault {fault} on {device} ({detail})", quiet=True)
+                self.console.log(f"fault {fault} on {device} ({escape(str(detail))})", quiet=True)
             if kind == "final":
                 w.final = body
 

@@ -485,6 +485,8 @@ class MqttTransport:
             self._closed.set_result(None)
         if self._stopping:
             return
+        if self.refused is not None and self._got_connack and not was_connected:
+            return  # the close after this attempt's refusal, which scheduled its own (slow) retry
         if not self._got_connack and self._protocol_v5 and self.config.protocol == "auto" and self.connects == 0:
             # Brokers that only speak 3.1.1 may close the socket instead of answering a v5 CONNECT.
             self._fall_back_to_311()

@@ -47,7 +47,7 @@ def list_(
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
         shown = "revoked" if d.get("revoked_at") else d["status"]
         table.add_row(d["id"], shown, d["agent_version"] or "-", installed, labels, d["last_seen"])
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 @app.command()

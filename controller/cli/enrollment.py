@@ -74,7 +74,7 @@ def list_tokens(
             t["used_by"] or "-",
             (t["revoked_at"] or "-")[:19],
         )
-    Console(width=160).print(table)
+    Console(width=160, markup=False).print(table)
 
 
 @app.command("revoke")

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -121,9 +122,9 @@ def _print_version(version: dict[str, Any]) -> None:
         table.add_row(
             v["variant"], f"{v['size_bytes'] / 2**20:.1f} MiB", agreement, latency, rss, v["artifact_id"][:16]
         )
-    Console().print(table)
+    Console(markup=False).print(table)
     for r in version.get("refused", []):
-        console.print(f"[yellow]{r['variant']} refused:[/yellow] {r['reason']}")
+        console.print(f"[yellow]{escape(r['variant'])} refused:[/yellow] {escape(r['reason'])}")
 
 
 @app.command()
@@ -178,7 +179,7 @@ def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path("
         table.add_column(column)
     for m in models:
         table.add_row(m["name"], m["task"], str(m["versions"]), str(m["latest_version"] or "-"), m["description"][:60])
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 @app.command()

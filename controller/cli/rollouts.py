@@ -11,6 +11,7 @@ import typer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from controller.cli.client import ApiClient
 
@@ -24,13 +25,19 @@ ACTIVE = ("pending", "waiting_window", "deploying", "shadow_gating", "activating
 
 def render(r: dict[str, Any]) -> Group:
     head = Table.grid()
+    # Text, not markup: selectors, names and reasons are data (a "[/x]" in one must print as it is)
     head.add_row(
-        f"[bold]rollout {r['id'][:12]}[/bold]  {r['model']} v{r['version']} to '{r['selector']}'"
-        f" ({r['devices']} devices)"
+        Text.assemble(
+            (f"rollout {r['id'][:12]}", "bold"),
+            f"  {r['model']} v{r['version']} to '{r['selector']}' ({r['devices']} devices)",
+        )
     )
     head.add_row(
-        f"state [bold]{r['state']}[/bold] since {r['state_since'][:19]},"
-        f" wave {r['wave_index'] + 1} of {len(r['waves'])}: {r['reason']}"
+        Text.assemble(
+            "state ",
+            (str(r["state"]), "bold"),
+            f" since {r['state_since'][:19]}, wave {r['wave_index'] + 1} of {len(r['waves'])}: {r['reason']}",
+        )
     )
     waves = Table(title="waves")
     for column in ("#", "name", "devices", "progress", "bake", "thresholds", "status"):
@@ -90,9 +97,9 @@ def create(
 
 def _show(client: ApiClient, rollout: dict[str, Any], follow: bool) -> None:
     if not follow:
-        Console().print(render(rollout))
+        Console(markup=False).print(render(rollout))
         return
-    with Live(render(rollout), console=Console(), refresh_per_second=2) as live:
+    with Live(render(rollout), console=Console(markup=False), refresh_per_second=2) as live:
         while rollout["state"] in ACTIVE:
             time.sleep(1)
             rollout = client.request("GET", f"/api/v1/rollouts/{rollout['id']}")
@@ -134,7 +141,7 @@ def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path("
             str(r["devices"]),
             r["created_at"][:19],
         )
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 def _action(action: str, doc: str) -> Any:
@@ -147,7 +154,7 @@ def _action(action: str, doc: str) -> Any:
     ) -> None:
         client = ApiClient(api, token, data_dir)
         rollout = client.request("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"reason": reason})
-        Console().print(render(rollout))
+        Console(markup=False).print(render(rollout))
 
     run.__doc__ = doc
     return run

@@ -63,7 +63,7 @@ def list_tokens(
             (t["last_used_at"] or "never")[:19],
             (t["revoked_at"] or "-")[:19],
         )
-    Console(width=160).print(table)
+    Console(width=160, markup=False).print(table)
 
 
 @app.command("revoke")

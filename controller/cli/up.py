@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 from sqlmodel import Session
 
 from controller.app import create_app
@@ -81,7 +82,7 @@ def up(
             log_level=log_level,
         )
     except ControllerError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apscheduler", "alembic.runtime.migration"):
@@ -148,7 +149,7 @@ def up(
             f"  signing key   {public_key}  (public; devices pin it, also GET /api/v1/signing-key)\n"
             + (
                 "  connect a device:  slmfleet enrollment create  (admin token), then on the device:\n"
-                f"                     slmfleet agent enroll --controller {api} --token TOKEN --dir ./device\n"
+                f"                     slmfleet agent enroll --controller {api} --token-file TOKEN --dir ./device\n"
                 "                     slmfleet agent --config ./device/agent.toml\n"
                 if settings.broker_auth == "dynsec"
                 else f"  connect a device:  slmfleet agent --broker {settings.broker_url} --device-id DEVICE"
@@ -182,7 +183,7 @@ def up(
         server.run()
         console.print("slmfleet controller stopped", highlight=False)
     except ControllerError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     finally:
         if runtime is not None:

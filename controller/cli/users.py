@@ -71,7 +71,7 @@ def list_users(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = P
         table.add_row(
             u["name"], u["role"], u["created_at"][:19], u["created_by"] or "-", (u["last_login_at"] or "never")[:19]
         )
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 @app.command("set")

@@ -192,6 +192,17 @@ def test_the_enroll_command_names_the_public_url_or_the_address_asked(live_serve
     for bad in ("fleet.example.com", "ftp://fleet.example.com", "https://", "https://h/?q=1"):
         with pytest.raises(ValidationError, match="public_url"):
             ControllerSettings(data_dir=tmp_path / "x", public_url=bad)
+    # and `slmfleet up` says so in a line (the message holds "[/path]", which is not console markup)
+    up = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "up", "--data-dir", str(tmp_path / "up")],
+        env={**os.environ, "SLMFLEET_PUBLIC_URL": "fleet.example.com"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = up.stdout + up.stderr
+    assert up.returncode == 2 and "Traceback" not in out, out
+    assert "public_url must be http(s)://host[:port][/path]" in " ".join(out.split()), out
 
 
 def test_the_installer_enrolls_once_and_keeps_the_enrollment(live_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

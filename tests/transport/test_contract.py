@@ -192,7 +192,9 @@ def test_refused_credentials_stop_the_retries(tmp_path: Any, requires_mosquitto:
         b.stop()
 
 
-def test_with_refused_retry_a_refusal_is_tried_again_and_recovers(tmp_path: Any, requires_mosquitto: None) -> None:
+def test_with_refused_retry_a_refusal_is_tried_again_and_recovers(
+    tmp_path: Any, requires_mosquitto: None, caplog: pytest.LogCaptureFixture
+) -> None:
     """A broker that refused the client for a while (its auth broken, the device's credentials restored)
     lets it in later: the transport tries again at its slow pace and reports the refusal once."""
     strict = EmbeddedBroker(tmp_path / "strict", engine="mosquitto", allow_anonymous=False)
@@ -212,6 +214,10 @@ def test_with_refused_retry_a_refusal_is_tried_again_and_recovers(tmp_path: Any,
         relaxed.start()
         wait_until(lambda: t.connected, 20, what="connected once the broker lets it in")
         assert t.refused is None and len(refused) == 1
+        # the refusal is logged once with its pace, not mistaken for a failure to be retried with backoff
+        messages = [r.getMessage() for r in caplog.records if r.name == "agent.transport.mqtt"]
+        assert any("trying again every" in m for m in messages), messages
+        assert not any("before it was accepted" in m or "retrying with backoff" in m for m in messages), messages
         loop.run(t.stop())
     finally:
         loop.close()
