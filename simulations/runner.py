@@ -49,6 +49,8 @@ END_STATES = ("completed", "aborted", "paused")
 MOVING = ("downloading", "verifying", "staged", "shadow", "activating", "rolling_back")
 WAITING = "not started"
 OFFLINE = "offline"
+#: the controller's counter of telemetry messages stored
+INGESTED = "slmfleet_telemetry_ingested_total"
 
 
 @dataclass
@@ -558,8 +560,13 @@ class Runner:
         """The controller's final view: failure reasons per device, and where it disagrees with the devices."""
         self.final_reasons: dict[str, int] = {}
         self.final_disagreements: list[str] | None = None
-        self.telemetry_ingested = self._telemetry_ingested()
-        self.chunks_published = self._chunks_published()
+        samples = self._metrics()
+        self.telemetry_ingested = samples.get(INGESTED)
+        # by kind: one broadcast frame reaches every subscriber, a repair frame one device
+        self.chunks_published = {
+            kind: int(samples.get(f'slmfleet_chunks_published_total{{kind="{kind}"}}', 0))
+            for kind in ("broadcast", "repair")
+        }
         if self.api is None or error is not None:
             return
         try:
@@ -572,7 +579,7 @@ class Runner:
 
     def _telemetry_ingested(self) -> float | None:
         """Telemetry messages the controller stored (its Prometheus counter), or None."""
-        return self._metrics().get("slmfleet_telemetry_ingested_total")
+        return self._metrics().get(INGESTED)
 
     def _metrics(self) -> dict[str, float]:
         """The controller's Prometheus samples (name with labels -> value); empty when unreadable."""
@@ -593,15 +600,6 @@ class Runner:
                         out[name] = float(value)
             return out
         return {}
-
-    def _chunks_published(self) -> dict[str, int]:
-        """Artifact chunks the controller published, by kind (one broadcast frame reaches every subscriber;
-        a repair frame one device)."""
-        samples = self._metrics()
-        return {
-            kind: int(samples.get(f'slmfleet_chunks_published_total{{kind="{kind}"}}', 0))
-            for kind in ("broadcast", "repair")
-        }
 
     def _drain_telemetry(self, quiet_s: float = 3.0, limit_s: float = 60.0) -> float | None:
         """Once the fleet stopped: what the controller stored in the end. Waits (bounded) until its count

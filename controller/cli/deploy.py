@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from controller.cli.client import ApiClient
+from controller.cli.output import data_console
 
 app = typer.Typer(help="Inspect and control deployments.", no_args_is_help=True)
 
@@ -60,7 +60,7 @@ def deploy(
     }
     dep = client.request("POST", "/api/v1/deployments", json=body)
     if wait:
-        with Live(_table(dep), console=Console(stderr=True, markup=False), refresh_per_second=4) as live:
+        with Live(_table(dep), console=data_console(stderr=True), refresh_per_second=4) as live:
             while dep["status"] == "running":
                 time.sleep(0.5)
                 dep = client.request("GET", f"/api/v1/deployments/{dep['id']}")
@@ -68,7 +68,7 @@ def deploy(
     if as_json:
         typer.echo(json.dumps(dep, indent=2))
     elif not wait:
-        Console(markup=False).print(_table(dep))
+        data_console().print(_table(dep))
     if dep["status"] in ("failed", "cancelled"):
         raise typer.Exit(1)
 
@@ -91,7 +91,7 @@ def list_(
         table.add_row(
             d["id"][:12], f"{d['model']}@{d['version']}", d["status"], counts, d["created_at"][:19], d["created_by"]
         )
-    Console(markup=False).print(table)
+    data_console().print(table)
 
 
 @app.command()
@@ -104,7 +104,7 @@ def show(
 ) -> None:
     """One deployment with every device's state."""
     dep = ApiClient(api, token, data_dir).request("GET", f"/api/v1/deployments/{deployment_id}")
-    typer.echo(json.dumps(dep, indent=2)) if as_json else Console(markup=False).print(_table(dep))
+    typer.echo(json.dumps(dep, indent=2)) if as_json else data_console().print(_table(dep))
 
 
 def _action(action: str) -> Any:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from controller.cli.client import ApiClient
+from controller.cli.output import data_console
 
 app = typer.Typer(help="Inspect and label devices.", no_args_is_help=True)
 
@@ -47,7 +47,7 @@ def list_(
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
         shown = "revoked" if d.get("revoked_at") else d["status"]
         table.add_row(d["id"], shown, d["agent_version"] or "-", installed, labels, d["last_seen"])
-    Console(markup=False).print(table)
+    data_console().print(table)
 
 
 @app.command()

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from controller.cli.client import ApiClient
+from controller.cli.output import data_console
 
 app = typer.Typer(help="Device enrollment tokens: create, list, revoke (admin token needed).", no_args_is_help=True)
 
@@ -74,7 +74,7 @@ def list_tokens(
             t["used_by"] or "-",
             (t["revoked_at"] or "-")[:19],
         )
-    Console(width=160, markup=False).print(table)
+    data_console(width=160).print(table)
 
 
 @app.command("revoke")

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from controller.cli.client import ApiClient
+from controller.cli.output import data_console
 
 app = typer.Typer(help="Register and inspect models.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -122,7 +123,7 @@ def _print_version(version: dict[str, Any]) -> None:
         table.add_row(
             v["variant"], f"{v['size_bytes'] / 2**20:.1f} MiB", agreement, latency, rss, v["artifact_id"][:16]
         )
-    Console(markup=False).print(table)
+    data_console().print(table)
     for r in version.get("refused", []):
         console.print(f"[yellow]{escape(r['variant'])} refused:[/yellow] {escape(r['reason'])}")
 
@@ -179,7 +180,7 @@ def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path("
         table.add_column(column)
     for m in models:
         table.add_row(m["name"], m["task"], str(m["versions"]), str(m["latest_version"] or "-"), m["description"][:60])
-    Console(markup=False).print(table)
+    data_console().print(table)
 
 
 @app.command()

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from controller.cli.client import ApiClient
+from controller.cli.output import data_console
 
 app = typer.Typer(help="Roll a model version out in waves, gated on inference metrics.", no_args_is_help=True)
 
@@ -97,9 +98,9 @@ def create(
 
 def _show(client: ApiClient, rollout: dict[str, Any], follow: bool) -> None:
     if not follow:
-        Console(markup=False).print(render(rollout))
+        data_console().print(render(rollout))
         return
-    with Live(render(rollout), console=Console(markup=False), refresh_per_second=2) as live:
+    with Live(render(rollout), console=data_console(), refresh_per_second=2) as live:
         while rollout["state"] in ACTIVE:
             time.sleep(1)
             rollout = client.request("GET", f"/api/v1/rollouts/{rollout['id']}")
@@ -141,7 +142,7 @@ def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path("
             str(r["devices"]),
             r["created_at"][:19],
         )
-    Console(markup=False).print(table)
+    data_console().print(table)
 
 
 def _action(action: str, doc: str) -> Any:
@@ -154,7 +155,7 @@ def _action(action: str, doc: str) -> Any:
     ) -> None:
         client = ApiClient(api, token, data_dir)
         rollout = client.request("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"reason": reason})
-        Console(markup=False).print(render(rollout))
+        data_console().print(render(rollout))
 
     run.__doc__ = doc
     return run

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from controller.auth.tokens import Role
 from controller.cli.client import ApiClient
+from controller.cli.output import data_console
 
 app = typer.Typer(help="API tokens: create, list, revoke (admin token needed).", no_args_is_help=True)
 
@@ -63,7 +63,7 @@ def list_tokens(
             (t["last_used_at"] or "never")[:19],
             (t["revoked_at"] or "-")[:19],
         )
-    Console(width=160, markup=False).print(table)
+    data_console(width=160).print(table)
 
 
 @app.command("revoke")

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from controller.auth.tokens import Role
 from controller.cli.client import ApiClient
+from controller.cli.output import data_console
 
 app = typer.Typer(help="Dashboard users: add, list, change, remove (admin token needed).", no_args_is_help=True)
 
@@ -71,7 +71,7 @@ def list_users(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = P
         table.add_row(
             u["name"], u["role"], u["created_at"][:19], u["created_by"] or "-", (u["last_login_at"] or "never")[:19]
         )
-    Console(markup=False).print(table)
+    data_console().print(table)
 
 
 @app.command("set")

@@ -37,3 +37,8 @@ class EnrollmentTokenCreate(BaseModel):
 def enroll_command(controller_url: str) -> str:
     """What to run on the device (the token in a file: a command line is visible to other users)."""
     return f"slmfleet agent enroll --controller {controller_url} --token-file TOKEN_FILE"
+
+
+def controller_url(public_url: str | None, request_base_url: str) -> str:
+    """The controller's URL as devices reach it: ``public_url`` if set, else the address the request came to."""
+    return public_url or request_base_url.rstrip("/")

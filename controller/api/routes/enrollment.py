@@ -18,7 +18,7 @@ from controller.api.deps import AdminDep, RuntimeDep, SessionDep
 from controller.db.models import EnrollmentToken
 from controller.db.types import utcnow
 from controller.enrollment import tokens
-from controller.enrollment.schemas import DeviceIdStr, EnrollmentTokenCreate, enroll_command
+from controller.enrollment.schemas import DeviceIdStr, EnrollmentTokenCreate, controller_url, enroll_command
 from controller.enrollment.service import EnrollmentError
 
 router = APIRouter(prefix="/api/v1", tags=["enrollment"])
@@ -110,7 +110,7 @@ def create_enrollment_token(
     )
     session.commit()
     session.refresh(row)
-    url = runtime.settings.public_url or str(request.base_url).rstrip("/")
+    url = controller_url(runtime.settings.public_url, str(request.base_url))
     return EnrollmentTokenCreated(
         **_public(row).model_dump(),
         token=secret,

@@ -12,7 +12,7 @@ from sqlmodel import Session
 from controller import audit
 from controller.db.models import EnrollmentToken
 from controller.enrollment import tokens
-from controller.enrollment.schemas import enroll_command
+from controller.enrollment.schemas import controller_url, enroll_command
 from controller.web import enrollment_form
 from controller.web.deps import AdminDep, AdminFormDep, FormDep, runtime_of
 from controller.web.forms import FormError
@@ -113,13 +113,13 @@ def create_token(request: Request, who: AdminFormDep, form: FormDep) -> Response
         session.commit()
         prefix, expires_at = row.prefix, row.expires_at
     log.info("dashboard: %s created enrollment token %s", who.name, prefix)
-    controller_url = runtime.settings.public_url or str(request.base_url).rstrip("/")
+    url = controller_url(runtime.settings.public_url, str(request.base_url))
     created = {
         "secret": secret,
         "prefix": prefix,
         "expires_at": expires_at,
-        "command": f"slmfleet agent enroll --controller {controller_url} --token {secret}",
-        "file_command": enroll_command(controller_url),
+        "command": f"slmfleet agent enroll --controller {url} --token {secret}",
+        "file_command": enroll_command(url),
     }
     # answered directly, not redirected: a redirect would need the secret in a URL or a stored flash message
     return _page(request, _blank(request), created=created, status_code=201)
