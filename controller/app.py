@@ -9,7 +9,8 @@ from fastapi import FastAPI
 
 from agent import __version__
 from controller import web
-from controller.api.routes import deployments, devices, enrollment, health, models, rollouts, tokens, users
+from controller.api import docs
+from controller.api.routes import deployments, devices, enrollment, health, index, models, rollouts, tokens, users
 from controller.runtime import ControllerRuntime
 from controller.settings import ControllerSettings
 
@@ -32,9 +33,13 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
         version=__version__,
         description="Orchestration for fleets of edge devices running small language models.",
         lifespan=lifespan,
+        # Swagger UI from local assets (controller.api.docs); ReDoc would need a CDN
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = rt
     app.state.settings = settings
+    app.include_router(index.router)
     app.include_router(health.router)
     app.include_router(devices.router)
     app.include_router(models.router)
@@ -43,5 +48,6 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     app.include_router(users.router)
     app.include_router(tokens.router)
     app.include_router(enrollment.router)
+    docs.install(app)
     web.install(app)
     return app

@@ -11,3 +11,7 @@ class SettingsError(ControllerError):
 
 class BrokerError(ControllerError):
     """The embedded broker could not be started or reached."""
+
+
+class DataDirBusy(ControllerError):
+    """Another controller process holds the data directory."""

@@ -96,7 +96,8 @@ def evaluate(
             )
         )
     if exp.ended_in_wave is not None:
-        wave = rollout.get("wave_index")
+        index = rollout.get("wave_index")
+        wave = index + 1 if isinstance(index, int) else None  # counted from 1, as the CLI and dashboard show it
         out.append(_check("rollout ended in wave", exp.ended_in_wave, wave, wave == exp.ended_in_wave))
     transitions = rollout.get("transitions") or []
     if exp.reason_contains is not None:

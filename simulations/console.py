@@ -93,7 +93,8 @@ class Console:
         elif not self.quiet_logs and time.time() - self._last_line >= 5.0:
             self._last_line = time.time()
             states = ", ".join(f"{k} {v}" for k, v in sorted(sample["states"].items()))
-            rollout = f"rollout {sample['rollout']} wave {sample['wave']}, " if sample["rollout"] else ""
+            wave = sample["wave"] + 1 if sample["wave"] is not None else "-"
+            rollout = f"rollout {sample['rollout']} wave {wave}, " if sample["rollout"] else ""
             self.rich.print(f"{time.time() - self._started:7.1f}s  {self._phase}: {rollout}{states}", highlight=False)
 
     def _render(self, runner: Any, sample: dict[str, Any] | None) -> Group:
@@ -110,7 +111,7 @@ class Console:
         rollout = runner.rollout if runner is not None else None
         for i, counts in enumerate(sample["waves"]):
             size = sum(counts.values())
-            name = rollout["waves"][i]["name"] if rollout and rollout["waves"][i]["name"] else f"wave {i}"
+            name = rollout["waves"][i]["name"] if rollout and rollout["waves"][i]["name"] else f"wave {i + 1}"
             marker = "▶ " if sample["wave"] == i else "  "
             prog = sample["download"][i]
             table.add_row(

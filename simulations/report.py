@@ -75,6 +75,26 @@ def _num(v: Any, digits: int = 3) -> str:
     return escape(str(v))
 
 
+def _text(v: Any) -> str:
+    """A value for a person, not a Python repr: ``broadcast 25, repair 0``, ``1.36``, ``a, b``."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_text(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, list | tuple | set):
+        return ", ".join(_text(x) for x in v) or "-"
+    return str(v)
+
+
+def _wave_number(index: Any) -> str:
+    """Waves are counted from 1 in the report, as in the CLI and the dashboard."""
+    return str(index + 1) if isinstance(index, int) else "-"
+
+
 def render_html(report: dict[str, Any]) -> str:
     s = report["scenario"]
     ok = report.get("ok", False)
@@ -86,7 +106,7 @@ def render_html(report: dict[str, Any]) -> str:
         at = _epoch(tr.get("at"))
         if at is not None and tr["to_state"] in ("deploying", "gating", "aborting", "completed", "aborted", "paused"):
             color = {"aborting": "#d62728", "aborted": "#d62728", "completed": "#2a9d4b"}.get(tr["to_state"], "#888")
-            markers.append(Marker(at - t0, f"wave {tr['wave']}: {tr['from_state']} -> {tr['to_state']}", color))
+            markers.append(Marker(at - t0, f"wave {tr['wave'] + 1}: {tr['from_state']} -> {tr['to_state']}", color))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>slmfleet simulation: {escape(s['name'])}</title><style>{CSS}</style></head><body>",
@@ -101,8 +121,8 @@ def render_html(report: dict[str, Any]) -> str:
                 [
                     f"<span class='{'ok' if a['ok'] else 'bad'}'>{'✓' if a['ok'] else '✗'}</span>",
                     escape(a["name"]),
-                    escape(str(a["expected"])),
-                    escape(str(a["actual"])),
+                    escape(_text(a["expected"])),
+                    escape(_text(a["actual"])),
                 ]
                 for a in report.get("assertions", [])
             ],
@@ -120,8 +140,8 @@ def render_html(report: dict[str, Any]) -> str:
     )
     parts.append(_states_chart(timeline, "states", markers, "the whole fleet"))
     for i, wave in enumerate(rollout.get("waves") or []):
-        name = wave.get("name") or f"wave {i}"
-        parts.append(f"<h3>Wave {i}: {escape(name)} ({wave['devices']} devices)</h3>")
+        name = wave.get("name") or f"wave {i + 1}"
+        parts.append(f"<h3>Wave {i + 1}: {escape(name)} ({wave['devices']} devices)</h3>")
         parts.append(_states_chart(timeline, i, markers, name))
     parts.append("<h2>Download progress</h2>")
     parts.append(_download_charts(timeline, rollout, markers))
@@ -140,7 +160,7 @@ def render_html(report: dict[str, Any]) -> str:
             [
                 [
                     _num(_since(t["at"], t0)),
-                    t["wave"],
+                    t["wave"] + 1,
                     escape(f"{t['from_state'] or '-'} → {t['to_state']}"),
                     escape(t["reason"]),
                 ]
@@ -167,14 +187,14 @@ def _summary(report: dict[str, Any]) -> str:
     items = [
         ("devices", report["scenario"]["devices"]),
         ("worker processes", (report.get("infrastructure") or {}).get("worker_processes")),
-        ("rollout", f"{rollout.get('state', '-')} (wave {rollout.get('wave_index', '-')})"),
+        ("rollout", f"{rollout.get('state', '-')} (wave {_wave_number(rollout.get('wave_index'))})"),
         ("rollout duration", f"{report.get('rollout_duration_s')} s"),
         ("controller CPU during rollout", f"{res.get('controller_cpu_s_during_rollout')} s"),
         ("broker CPU during rollout", f"{res.get('broker_cpu_s_during_rollout')} s"),
         ("received by devices", f"{fleet.get('bytes_in', 0) / 1e6:.1f} MB"),
         ("broker", f"{(report.get('infrastructure') or {}).get('broker_engine')}"),
     ]
-    cells = "".join(f"<div class='muted'>{escape(k)}</div><div>{escape(str(v))}</div>" for k, v in items)
+    cells = "".join(f"<div class='muted'>{escape(k)}</div><div>{escape(_text(v))}</div>" for k, v in items)
     reason = rollout.get("reason")
     return f"<div class='grid'>{cells}</div>" + (f"<p>{escape(reason)}</p>" if reason else "")
 
@@ -209,7 +229,7 @@ def _download_charts(timeline: list[dict[str, Any]], rollout: dict[str, Any], ma
     series: dict[str, list[float | None]] = {}
     colors: dict[str, str] = {}
     for i, wave in enumerate(waves):
-        name = wave.get("name") or f"wave {i}"
+        name = wave.get("name") or f"wave {i + 1}"
         values = [
             (s["download"][i] * 100 if s["download"][i] is not None else None) if i < len(s["download"]) else None
             for s in timeline
@@ -217,16 +237,22 @@ def _download_charts(timeline: list[dict[str, Any]], rollout: dict[str, Any], ma
         if any(v is not None for v in values):
             series[name] = values
             colors[name] = PALETTE[i % len(PALETTE)]
-    out = lines(
-        xs,
-        series,
-        colors,
-        title="mean download progress of the devices downloading",
-        y_label="%",
-        y_min=0,
-        y_max=100,
-        markers=markers,
-    )
+    if series:
+        out = lines(
+            xs,
+            series,
+            colors,
+            title="mean download progress of the devices downloading",
+            y_label="%",
+            y_min=0,
+            y_max=100,
+            markers=markers,
+        )
+    else:  # an empty chart would say "no data", as if nothing had been downloaded
+        out = (
+            "<p class='muted'>Every download started and finished between two samples (0.5 s apart), so there"
+            " is no progress to plot; the bytes the fleet received are below.</p>"
+        )
     out += lines(
         xs,
         {"MB received": [s["mb_in"] for s in timeline]},
@@ -301,7 +327,7 @@ def _devices_section(report: dict[str, Any]) -> str:
         out.append(_table(["counter", "value"], [[escape(k), v] for k, v in sorted(fleet.items())], numeric={1}))
     res = report.get("resources") or {}
     out.append("<h3>Resources</h3>")
-    out.append(_table(["", "value"], [[escape(k), escape(str(v))] for k, v in res.items()]))
+    out.append(_table(["", "value"], [[escape(k), escape(_text(v))] for k, v in res.items()]))
     return "\n".join(out)
 
 

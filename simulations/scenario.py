@@ -355,7 +355,9 @@ class Expect(_Strict):
     max_duration_s: Annotated[float, Field(gt=0)] | None = Field(
         None, description="the rollout ends (completed/aborted/paused) this soon after it was created"
     )
-    ended_in_wave: int | None = None
+    ended_in_wave: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the wave the rollout ends in, counted from 1 (as the CLI and the dashboard show waves)"
+    )
     reason_contains: str | None = None
     gate_failed: str | None = Field(None, description="a gate that must have failed (e.g. p95_latency_ratio)")
     devices: list[DeviceExpectation] = Field(default_factory=list)

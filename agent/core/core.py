@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -129,6 +130,8 @@ class AgentCore:
         self._next_telemetry = started_at + config.telemetry_interval_s
         self._last_telemetry = started_at
         self.drops = codec.DropCounter(log)
+        #: this MQTT connection's id in births (new on every connect): the controller keeps "online since"
+        self._connection: str | None = None
         self._topic_state = topics.state(config.device_id)
         self._topic_telemetry = topics.telemetry(config.device_id)
         self._topic_events = topics.events(config.device_id)
@@ -160,6 +163,7 @@ class AgentCore:
 
     def on_connected(self, now: float) -> list[CoreAction]:
         """Subscribe to commands and announce ourselves (again, after every reconnect)."""
+        self._connection = secrets.token_hex(8)
         extra = self._deployments.on_connected(now) if self._deployments is not None else []
         return [Subscribe(self._topic_cmd, 1), *extra, self.birth(now)]
 
@@ -173,6 +177,7 @@ class AgentCore:
             keepalive_s=self.config.keepalive_s,
             telemetry_interval_s=self.config.telemetry_interval_s,
             capabilities=self.config.capabilities,
+            connection=self._connection,
         )
         return Publish(self._topic_state, codec.encode(msg), qos=1, retain=True)
 

@@ -24,6 +24,7 @@ MAX_COMMAND_PAYLOAD = 8 * 1024 * 1024
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 CommandId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 DeploymentId = CommandId
+ConnectionId = CommandId
 ArtifactId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 LabelKey = Annotated[
     str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
@@ -86,6 +87,11 @@ class DeviceOnline(_Message):
     keepalive_s: Annotated[int, Field(ge=1, le=65535)]
     telemetry_interval_s: Annotated[float, Field(gt=0, le=86400)]
     capabilities: Annotated[list[Name], Field(max_length=64)] = []
+    connection: ConnectionId | None = Field(
+        None,
+        description="new for each MQTT connection; births repeated on one connection (after a model switch)"
+        " carry the same value, so the controller keeps the time the device came online",
+    )
 
 
 class DeviceOffline(_Message):

@@ -379,7 +379,13 @@ class AgentService:
             outbox.pump(transport.publish)
 
     def _on_connect(self) -> None:
-        assert self.core is not None and self._loop is not None
+        assert self.core is not None and self._loop is not None and self.transport is not None
+        log.info(
+            "connected to broker %s as %s (MQTT %s)",
+            self.transport.config.url,
+            self.settings.device_id,
+            self.transport.protocol,
+        )
         self._execute(self.core.on_connected(time.time()), pump=False)
         # paho calls this before it re-sends the messages that were in flight when the link dropped;
         # pumping the spool only after that keeps everything in the order it was produced.

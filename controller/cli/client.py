@@ -11,6 +11,9 @@ from typing import Any
 import httpx
 import typer
 
+from controller.cli import exits
+from controller.cli.files import explain
+
 CONNECTION_FILE = "controller.json"
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -24,21 +27,46 @@ def write_connection_file(data_dir: Path, api_url: str, broker_url: str, ca_file
     return path
 
 
+DEFAULT_API = "http://127.0.0.1:8080"
+
+
 class ApiClient:
     """Calls the REST API; errors become a one-line message and exit code 1."""
 
     def __init__(self, api: str | None, token: str | None, data_dir: Path, ca_file: Path | None = None) -> None:
         self.data_dir = data_dir
-        self.base = (api or os.environ.get("SLMFLEET_API") or self._api_from_file()).rstrip("/")
+        #: where the controller's URL came from, for the message when it cannot be reached
+        self.source = "--api" if api else ""
+        if not api and os.environ.get("SLMFLEET_API"):
+            api, self.source = os.environ["SLMFLEET_API"], "$SLMFLEET_API"
+        self.base = (api or self._api_from_file()).rstrip("/")
         self.token = token or os.environ.get("SLMFLEET_TOKEN") or self._token_from_file()
         self.verify = self._verify(ca_file)
 
     def _connection(self) -> dict[str, Any]:
         path = self.data_dir / CONNECTION_FILE
-        return dict(json.loads(path.read_text())) if path.is_file() else {}
+        try:
+            return dict(json.loads(path.read_text())) if path.is_file() else {}
+        except (OSError, ValueError, TypeError):
+            typer.echo(f"error: {path} is not what 'slmfleet up' writes; remove it or give --api URL", err=True)
+            raise typer.Exit(exits.USAGE) from None
 
     def _api_from_file(self) -> str:
-        return str(self._connection().get("api", "http://127.0.0.1:8080"))
+        path = self.data_dir / CONNECTION_FILE
+        api = self._connection().get("api")
+        if api:
+            self.source = str(path.resolve())
+            return str(api)
+        self.source = f"the default: no --api, no $SLMFLEET_API, no {path.resolve()}"
+        return DEFAULT_API
+
+    def unreachable(self, exc: Exception) -> str:
+        """What to say when the controller does not answer: where the URL came from and how to change it."""
+        return (
+            f"cannot reach the controller at {self.base} (from {self.source}): {exc}. Is 'slmfleet up' running?"
+            " Run this command in the directory 'slmfleet up' runs in, or point at it with --data-dir DIR"
+            " (or $SLMFLEET_DATA_DIR; its controller.json has the URL) or --api URL (or $SLMFLEET_API)"
+        )
 
     def _verify(self, ca_file: Path | None) -> ssl.SSLContext | bool:
         """How HTTPS is verified: always on; against --ca-file, $SLMFLEET_CA_FILE, controller.json, else system CAs."""
@@ -70,13 +98,20 @@ class ApiClient:
                 method, self.base + path, headers=all_headers, timeout=timeout, verify=self.verify, **kwargs
             )
         except httpx.HTTPError as exc:
-            typer.echo(f"error: cannot reach the controller at {self.base}: {exc}", err=True)
-            raise typer.Exit(1) from None
+            typer.echo(f"error: {self.unreachable(exc)}", err=True)
+            raise typer.Exit(exits.ERROR) from None
         if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            typer.echo(f"error: {method} {path}: {r.status_code}: {detail}", err=True)
-            raise typer.Exit(1)
+            typer.echo(f"error: {method} {path}: {r.status_code}: {_detail(r)}", err=True)
+            raise typer.Exit(exits.ERROR)
         return r.json() if r.content else None
+
+
+def _detail(response: httpx.Response) -> str:
+    """The API's error in one line: FastAPI's 422 lists become ``field.path: message``."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        return response.text.strip()[:500]
+    if isinstance(detail, list):
+        return "; ".join(explain(e) for e in detail[:5]) + (f" (and {len(detail) - 5} more)" if len(detail) > 5 else "")
+    return str(detail)

@@ -3,34 +3,86 @@
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.live import Live
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
+from controller.cli import exits
 from controller.cli.client import ApiClient
+from controller.cli.files import usage_error
+from controller.cli.follow import counts_text, follow
+from controller.cli.options import DEFAULT_DATA_DIR, SHORT_ID, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
 
 app = typer.Typer(help="Inspect and control deployments.", no_args_is_help=True)
 
-ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="operator token")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
+#: devices listed in a table; the rest are summed up in its caption
+SHOWN_DEVICES = 200
+#: a reason this long or shorter stays in the table; longer ones are printed in full below it
+REASON_IN_TABLE = 40
 
 
-def _table(dep: dict[str, Any]) -> Table:
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(dep["counts"].items()))
-    table = Table(title=f"deployment {dep['id'][:12]}: {dep['model']} v{dep['version']} [{dep['status']}] ({counts})")
+def _reasons(targets: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Reason -> devices, for the reasons too long for a table cell (they often say how to fix it)."""
+    grouped: dict[str, list[str]] = {}
+    for t in targets:
+        if len(t["reason"]) > REASON_IN_TABLE:
+            grouped.setdefault(t["reason"], []).append(t["device_id"])
+    return grouped
+
+
+def render(dep: dict[str, Any]) -> Group:
+    """The deployment: a table of its devices, then every long reason in full with the devices it concerns."""
+    title = f"deployment {dep['id'][:SHORT_ID]}: {dep['model']} v{dep['version']} [{dep['status']}]"
+    table = Table(title=f"{title} ({counts_text(dep['counts'])})")
     for column in ("device", "variant", "state", "progress", "reason"):
         table.add_column(column)
-    for t in dep["targets"][:200]:
-        table.add_row(t["device_id"], t["variant"] or "-", t["state"], f"{t['percent']:.0f}%", t["reason"][:60])
-    if len(dep["targets"]) > 200:
-        table.caption = f"... and {len(dep['targets']) - 200} more devices"
-    return table
+    long_reasons = _reasons(dep["targets"])
+    numbers = {reason: i for i, reason in enumerate(long_reasons, 1)}
+    for t in dep["targets"][:SHOWN_DEVICES]:
+        reason = f"see ({numbers[t['reason']]}) below" if t["reason"] in numbers else t["reason"] or "-"
+        table.add_row(t["device_id"], t["variant"] or "-", t["state"], f"{t['percent']:.0f}%", reason)
+    if len(dep["targets"]) > SHOWN_DEVICES:
+        table.caption = f"... and {len(dep['targets']) - SHOWN_DEVICES} more devices"
+    notes = [
+        Text(f"({numbers[reason]}) {_devices_text(devices)}: {reason}")
+        for reason, devices in long_reasons.items()
+    ]
+    return Group(table, *notes)
+
+
+def _devices_text(devices: list[str]) -> str:
+    shown = ", ".join(devices[:5])
+    return shown + (f" and {len(devices) - 5} more" if len(devices) > 5 else "")
+
+
+def _progress_line(dep: dict[str, Any]) -> str:
+    moving = [t["percent"] for t in dep["targets"] if t["state"] == "downloading"]
+    mean = f" (downloading {sum(moving) / len(moving):.0f}% on average)" if moving else ""
+    return f"deployment {dep['id'][:SHORT_ID]} {dep['status']}: {counts_text(dep['counts'])}{mean}"
+
+
+def _finish(client: ApiClient, dep: dict[str, Any], wait: bool, as_json: bool) -> None:
+    if wait:
+        dep = follow(
+            dep,
+            lambda: client.request("GET", f"/api/v1/deployments/{dep['id']}"),
+            done=lambda d: d["status"] != "running",
+            view=render,
+            line=_progress_line,
+            key=lambda d: (d["status"], tuple(sorted(d["counts"].items()))),
+            interval_s=0.5,
+            resume_hint=f"slmfleet deployments show {dep['id'][:SHORT_ID]} --wait",
+        )
+    if as_json:
+        typer.echo(json.dumps(dep, indent=2))
+    else:
+        data_console().print(render(dep))
+    if dep["status"] in ("failed", "cancelled"):
+        raise typer.Exit(exits.FAILED)
 
 
 def deploy(
@@ -39,17 +91,24 @@ def deploy(
     selector: Annotated[str | None, typer.Option(help="label selector, e.g. site=berlin,tier!=canary")] = None,
     variant: Annotated[str, typer.Option(help="auto (per device), fp32, int8 or int4")] = "auto",
     timeout: Annotated[float, typer.Option(help="per-device timeout, seconds")] = 3600.0,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow it until it ends")] = True,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="follow it until it ends (exit 0 completed, 3 failed or cancelled), with progress on stderr",
+        ),
+    ] = True,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Deploy a model version to devices (by id or label selector) and follow their progress."""
     model, _, version = ref.partition("@")
-    if not version.isdigit():
-        typer.echo("error: give MODEL@VERSION, e.g. intent@3", err=True)
-        raise typer.Exit(2)
+    if not model or not version.isdigit():
+        raise usage_error(f"{ref!r}: give MODEL@VERSION, e.g. intent@3")
+    if not device and not selector:
+        raise usage_error("say which devices: --device ID (repeatable) or --selector LABELS, e.g. site=berlin")
     client = ApiClient(api, token, data_dir)
     body: dict[str, Any] = {
         "model": model,
@@ -59,60 +118,72 @@ def deploy(
         "target": {"devices": device} if device else {"selector": selector},
     }
     dep = client.request("POST", "/api/v1/deployments", json=body)
-    if wait:
-        with Live(_table(dep), console=data_console(stderr=True), refresh_per_second=4) as live:
-            while dep["status"] == "running":
-                time.sleep(0.5)
-                dep = client.request("GET", f"/api/v1/deployments/{dep['id']}")
-                live.update(_table(dep))
-    if as_json:
-        typer.echo(json.dumps(dep, indent=2))
-    elif not wait:
-        data_console().print(_table(dep))
-    if dep["status"] in ("failed", "cancelled"):
-        raise typer.Exit(1)
+    typer.echo(f"created deployment {dep['id']}", err=True)
+    _finish(client, dep, wait, as_json)
 
 
 @app.command("list")
 def list_(
     status: Annotated[str | None, typer.Option(help="running, completed, failed or cancelled")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="the most recent this many")] = 50,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
-    """List recent deployments."""
-    params = {"status": status} if status else {}
+    """Recent deployments (ids shortened: any unique start of an id works in every command)."""
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
     deps = ApiClient(api, token, data_dir).request("GET", "/api/v1/deployments", params=params)
+    if as_json:
+        typer.echo(json.dumps(deps, indent=2))
+        return
     table = Table(title=f"{len(deps)} deployments")
     for column in ("id", "model", "status", "devices", "created", "by"):
         table.add_column(column)
     for d in deps:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(d["counts"].items()))
         table.add_row(
-            d["id"][:12], f"{d['model']}@{d['version']}", d["status"], counts, d["created_at"][:19], d["created_by"]
+            d["id"][:SHORT_ID],
+            f"{d['model']}@{d['version']}",
+            d["status"],
+            counts_text(d["counts"]),
+            d["created_at"][:19],
+            d["created_by"],
         )
     data_console().print(table)
 
 
 @app.command()
 def show(
-    deployment_id: str,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    deployment_id: Annotated[str, typer.Argument(help="a deployment id, or any unique start of one")],
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="follow it until it ends (exit 0 completed, 3 failed)")
+    ] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """One deployment with every device's state."""
-    dep = ApiClient(api, token, data_dir).request("GET", f"/api/v1/deployments/{deployment_id}")
-    typer.echo(json.dumps(dep, indent=2)) if as_json else data_console().print(_table(dep))
+    client = ApiClient(api, token, data_dir)
+    dep = client.request("GET", f"/api/v1/deployments/{deployment_id}")
+    _finish(client, dep, wait, as_json)
 
 
 def _action(action: str) -> Any:
     def run(
-        deployment_id: str, api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")
+        deployment_id: Annotated[str, typer.Argument(help="a deployment id, or any unique start of one")],
+        as_json: JsonOpt = False,
+        api: ApiOpt = None,
+        token: TokenOpt = None,
+        data_dir: DataOpt = DEFAULT_DATA_DIR,
     ) -> None:
         result = ApiClient(api, token, data_dir).request("POST", f"/api/v1/deployments/{deployment_id}/{action}")
-        typer.echo(f"{action}: {result['devices']} devices told")
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            typer.echo(f"{action} deployment {result['deployment']}: {result['devices']} devices told")
 
     run.__doc__ = {
         "cancel": "Stop it on devices that have not switched.",

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from controller.cli.client import ApiClient
+from controller.cli.options import DEFAULT_DATA_DIR, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
 
 app = typer.Typer(help="Inspect and label devices.", no_args_is_help=True)
 
-ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="operator token")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
 
 
 @app.command("list")
@@ -24,10 +21,10 @@ def list_(
     status: Annotated[str | None, typer.Option(help="online or offline")] = None,
     selector: Annotated[str | None, typer.Option(help="label selector, e.g. site=berlin,tier!=canary")] = None,
     limit: int = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """List devices."""
     params: dict[str, str | int] = {"limit": limit}
@@ -51,9 +48,33 @@ def list_(
 
 
 @app.command()
-def show(device_id: str, api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")) -> None:
-    """Show one device as JSON."""
-    typer.echo(json.dumps(ApiClient(api, token, data_dir).request("GET", f"/api/v1/devices/{device_id}"), indent=2))
+def show(
+    device_id: str,
+    as_json: JsonOpt = False,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Show one device: status, hardware, installed models, labels."""
+    d = ApiClient(api, token, data_dir).request("GET", f"/api/v1/devices/{device_id}")
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    hw = d.get("hardware") or {}
+    ram = f", {hw['ram_bytes'] / 2**30:.1f} GiB RAM" if hw.get("ram_bytes") else ""
+    rows = [
+        ("device", d["id"]),
+        ("status", f"{'revoked' if d.get('revoked_at') else d['status']} since {d['status_changed_at'][:19]}"),
+        ("agent", d["agent_version"] or "-"),
+        ("hardware", f"{hw.get('arch', '-')}, {hw.get('cpu_count', '?')} CPUs{ram}"),
+        ("installed", _installed(d["installed"])),
+        ("labels", ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"),
+        ("last seen", d["last_seen"][:19]),
+    ]
+    grid = Table.grid(padding=(0, 2))
+    for key, value in rows:
+        grid.add_row(key, value)
+    data_console().print(grid)
 
 
 @app.command()
@@ -62,7 +83,7 @@ def label(
     changes: Annotated[list[str], typer.Argument(help="KEY=VALUE to set, KEY- to remove")],
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Set or remove labels of a device."""
     patch: dict[str, str | None] = {}
@@ -93,7 +114,7 @@ def revoke(
     device_id: str,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Revoke a device (admin): its broker credentials stop working and the controller ignores it."""
     result = ApiClient(api, token, data_dir).request("POST", f"/api/v1/devices/{device_id}/revoke")

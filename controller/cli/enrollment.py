@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from controller.cli.client import ApiClient
+from controller.cli.options import DEFAULT_DATA_DIR, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
 
 app = typer.Typer(help="Device enrollment tokens: create, list, revoke (admin token needed).", no_args_is_help=True)
 
-ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="admin token")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
 
 
 @app.command("create")
@@ -30,7 +28,7 @@ def create(
     note: Annotated[str, typer.Option(help="for whom or what the token is")] = "",
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Create a single-use enrollment token; the secret is printed once (only its hash is kept)."""
     labels: dict[str, str] = {}
@@ -55,15 +53,19 @@ def create(
 @app.command("list")
 def list_tokens(
     all_: Annotated[bool, typer.Option("--all", help="also used, revoked and expired tokens")] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Enrollment tokens (never their secrets)."""
+    found = ApiClient(api, token, data_dir).request("GET", "/api/v1/enrollment-tokens")
+    tokens = [t for t in found if all_ or t["usable"]]
+    if as_json:
+        typer.echo(json.dumps(tokens, indent=2))
+        return
     table = Table("id", "prefix", "device", "labels", "note", "expires", "used by", "revoked")
-    for t in ApiClient(api, token, data_dir).request("GET", "/api/v1/enrollment-tokens"):
-        if not all_ and not t["usable"]:
-            continue
+    for t in tokens:
         table.add_row(
             str(t["id"]),
             t["prefix"] + "…",
@@ -82,7 +84,7 @@ def revoke(
     token_id: Annotated[int, typer.Argument(help="the token's id (see 'slmfleet enrollment list')")],
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Revoke an unused enrollment token."""
     ApiClient(api, token, data_dir).request("DELETE", f"/api/v1/enrollment-tokens/{token_id}")

@@ -17,14 +17,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from controller.cli.client import ApiClient
+from controller.cli.files import read_json_object
+from controller.cli.options import DEFAULT_DATA_DIR, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
 
 app = typer.Typer(help="Register and inspect models.", no_args_is_help=True)
 console = Console(stderr=True)
 
-ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="operator token")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
+OPTIONS_EXAMPLE = '{"anomaly": {"threshold": 0.5}}'
 TASKS = "text-classification, embeddings, text-generation, text2text or anomaly"
 
 
@@ -33,11 +33,7 @@ def _options(
 ) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if options_file is not None:
-        try:
-            options = json.loads(options_file.read_text())
-        except (OSError, ValueError) as exc:
-            typer.echo(f"error: {options_file}: {exc}", err=True)
-            raise typer.Exit(2) from None
+        options = read_json_object(options_file, "options file", OPTIONS_EXAMPLE)
     if task:
         options["task"] = task
     if variants:
@@ -136,10 +132,10 @@ def add(
     variants: Annotated[str | None, typer.Option(help="comma-separated: fp32,int8,int4")] = None,
     description: Annotated[str | None, typer.Option(help="what this version is")] = None,
     options_file: Annotated[Path | None, typer.Option("--options", help="JSON file of import options")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the version as JSON")] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Upload an ONNX model or bundle; the controller quantizes, validates, signs and stores it."""
     client = ApiClient(api, token, data_dir)
@@ -156,10 +152,10 @@ def import_hf(
     runtime: Annotated[str | None, typer.Option(help="text generation: auto, onnxruntime or onnxruntime-genai")] = None,
     description: Annotated[str | None, typer.Option(help="what this version is")] = None,
     options_file: Annotated[Path | None, typer.Option("--options", help="JSON file of import options")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the version as JSON")] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Export a local Hugging Face checkpoint to ONNX (on the controller, which needs the convert extra)."""
     if not (checkpoint / "config.json").is_file():
@@ -172,9 +168,14 @@ def import_hf(
 
 
 @app.command("list")
-def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")) -> None:
+def list_(
+    as_json: JsonOpt = False, api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = DEFAULT_DATA_DIR
+) -> None:
     """List models."""
     models = ApiClient(api, token, data_dir).request("GET", "/api/v1/models")
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
     table = Table(title=f"{len(models)} models")
     for column in ("name", "task", "versions", "latest", "description"):
         table.add_column(column)
@@ -186,10 +187,10 @@ def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path("
 @app.command()
 def show(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Show a model's versions, or one version's variants."""
     client = ApiClient(api, token, data_dir)

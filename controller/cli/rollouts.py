@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Group
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from controller.cli import exits
 from controller.cli.client import ApiClient
+from controller.cli.files import read_json_object, usage_error, validate
+from controller.cli.follow import counts_text, follow
+from controller.cli.options import DEFAULT_DATA_DIR, SHORT_ID, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
+from controller.rollouts.plan import RolloutCreate
 
 app = typer.Typer(help="Roll a model version out in waves, gated on inference metrics.", no_args_is_help=True)
 
-ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="operator token")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
-ACTIVE = ("pending", "waiting_window", "deploying", "shadow_gating", "activating", "baking", "gating")
+#: where a rollout ends; --follow waits for one of them (through pauses and approvals)
+FINAL = ("completed", "aborted")
+PLAN_EXAMPLE = '{"waves": [{"until": 1}, {"until": "100%"}], "gates": {"min_samples": 200}}'
 
 
 def render(r: dict[str, Any]) -> Group:
@@ -29,7 +31,7 @@ def render(r: dict[str, Any]) -> Group:
     # Text, not markup: selectors, names and reasons are data (a "[/x]" in one must print as it is)
     head.add_row(
         Text.assemble(
-            (f"rollout {r['id'][:12]}", "bold"),
+            (f"rollout {r['id'][:SHORT_ID]}", "bold"),
             f"  {r['model']} v{r['version']} to '{r['selector']}' ({r['devices']} devices)",
         )
     )
@@ -61,13 +63,45 @@ def render(r: dict[str, Any]) -> Group:
     for g in r["gates"]:
         value = f"{g['value']:.4g}" if g["value"] is not None else "-"
         threshold = f"{g['comparison']} {g['threshold']}" if g["threshold"] is not None else "off"
-        gates.add_row(g["name"], value, threshold, f"{g['samples']}/{g['min_samples']}", g["status"], g["detail"][:80])
+        gates.add_row(g["name"], value, threshold, f"{g['samples']}/{g['min_samples']}", g["status"], g["detail"])
     log = Table(title="audit log")
     for column in ("at", "transition", "by", "reason"):
         log.add_column(column)
     for t in r["transitions"][-12:]:
-        log.add_row(t["at"][11:19], f"{t['from_state'] or '-'} -> {t['to_state']}", t["actor"], t["reason"][:160])
+        log.add_row(t["at"][11:19], f"{t['from_state'] or '-'} -> {t['to_state']}", t["actor"], t["reason"])
     return Group(head, waves, gates, log)
+
+
+def _progress_line(r: dict[str, Any]) -> str:
+    """One line of progress for logs: state, the current wave's devices per state, the reason."""
+    waves = r["waves"]
+    wave = waves[min(r["wave_index"], len(waves) - 1)] if waves else None
+    where = f", wave {r['wave_index'] + 1} of {len(waves)}" if wave else ""
+    name = f" ({wave['name'] or wave['until']})" if wave else ""
+    counts = counts_text(wave["counts"]) if wave else "-"
+    reason = f"; {r['reason']}" if r["reason"] else ""
+    return f"rollout {r['id'][:SHORT_ID]} {r['state']}{where}{name}: {counts}{reason}"
+
+
+def _finish(client: ApiClient, rollout: dict[str, Any], follow_it: bool, as_json: bool) -> None:
+    """Follow (progress on stderr) if asked, print the rollout on stdout, exit with its outcome."""
+    if follow_it:
+        rollout = follow(
+            rollout,
+            lambda: client.request("GET", f"/api/v1/rollouts/{rollout['id']}"),
+            done=lambda r: r["state"] in FINAL,
+            view=render,
+            line=_progress_line,
+            key=lambda r: (r["state"], r["wave_index"]),
+            interval_s=1.0,
+            resume_hint=f"slmfleet rollout show {rollout['id'][:SHORT_ID]} --follow",
+        )
+    if as_json:
+        typer.echo(json.dumps(rollout, indent=2))
+    else:
+        data_console().print(render(rollout))
+    if follow_it and rollout["state"] != "completed":
+        raise typer.Exit(exits.FAILED)
 
 
 @app.command()
@@ -77,68 +111,72 @@ def create(
     plan: Annotated[Path | None, typer.Option(help="JSON file: waves, gates, shadow, windows, start_at, ...")] = None,
     variant: Annotated[str, typer.Option(help="auto (per device), fp32, int8 or int4")] = "auto",
     shadow: Annotated[bool, typer.Option(help="run the candidate in shadow before switching")] = False,
-    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="show progress until it ends")] = False,
+    follow_it: Annotated[
+        bool,
+        typer.Option(
+            "--follow/--no-follow",
+            help="wait until it completes (exit 0) or is aborted (exit 3), with progress on stderr",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Create a rollout (default plan: canary of 1 device or 1%, then 10%, 50%, 100%)."""
     model, _, version = ref.partition("@")
-    if not version.isdigit():
-        typer.echo("error: give MODEL@VERSION, e.g. intent@3", err=True)
-        raise typer.Exit(2)
-    body: dict[str, Any] = json.loads(plan.read_text()) if plan else {}
+    if not model or not version.isdigit():
+        raise usage_error(f"{ref!r}: give MODEL@VERSION, e.g. intent@3")
+    body: dict[str, Any] = read_json_object(plan, "plan", PLAN_EXAMPLE) if plan else {}
     body.update(model=model, version=int(version), selector=selector, variant=variant)
     if shadow and "shadow" not in body:
         body["shadow"] = {}
+    validate(RolloutCreate, body, f"plan {plan}" if plan else "rollout")
     client = ApiClient(api, token, data_dir)
     rollout = client.request("POST", "/api/v1/rollouts", json=body)
-    _show(client, rollout, follow)
-
-
-def _show(client: ApiClient, rollout: dict[str, Any], follow: bool) -> None:
-    if not follow:
-        data_console().print(render(rollout))
-        return
-    with Live(render(rollout), console=data_console(), refresh_per_second=2) as live:
-        while rollout["state"] in ACTIVE:
-            time.sleep(1)
-            rollout = client.request("GET", f"/api/v1/rollouts/{rollout['id']}")
-            live.update(render(rollout))
+    typer.echo(f"created rollout {rollout['id']}", err=True)
+    _finish(client, rollout, follow_it, as_json)
 
 
 @app.command()
 def show(
-    rollout_id: str,
-    follow: Annotated[bool, typer.Option("--follow/--no-follow")] = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    rollout_id: Annotated[str, typer.Argument(help="a rollout id, or any unique start of one")],
+    follow_it: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="wait until it completes (exit 0) or is aborted (exit 3)")
+    ] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Waves with their progress, each gate's value against its threshold, and the audit log."""
     client = ApiClient(api, token, data_dir)
-    rollout = client.request("GET", f"/api/v1/rollouts/{rollout_id}")
-    if as_json:
-        typer.echo(json.dumps(rollout, indent=2))
-    else:
-        _show(client, rollout, follow)
+    _finish(client, client.request("GET", f"/api/v1/rollouts/{rollout_id}"), follow_it, as_json)
 
 
 @app.command("list")
-def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")) -> None:
-    """Recent rollouts."""
-    rollouts = ApiClient(api, token, data_dir).request("GET", "/api/v1/rollouts")
+def list_(
+    limit: Annotated[int, typer.Option(min=1, max=200, help="the most recent this many")] = 50,
+    as_json: JsonOpt = False,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Recent rollouts (ids shortened: any unique start of an id works in every command)."""
+    rollouts = ApiClient(api, token, data_dir).request("GET", "/api/v1/rollouts", params={"limit": limit})
+    if as_json:
+        typer.echo(json.dumps(rollouts, indent=2))
+        return
     table = Table(title=f"{len(rollouts)} rollouts")
     for column in ("id", "model", "selector", "state", "wave", "devices", "created"):
         table.add_column(column)
     for r in rollouts:
         table.add_row(
-            r["id"][:12],
+            r["id"][:SHORT_ID],
             f"{r['model']}@{r['version']}",
             r["selector"],
             r["state"],
-            str(r["wave_index"]),
+            f"{r['wave_index'] + 1} of {len(r['waves'])}",
             str(r["devices"]),
             r["created_at"][:19],
         )
@@ -147,15 +185,16 @@ def list_(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path("
 
 def _action(action: str, doc: str) -> Any:
     def run(
-        rollout_id: str,
+        rollout_id: Annotated[str, typer.Argument(help="a rollout id, or any unique start of one")],
         reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
+        as_json: JsonOpt = False,
         api: ApiOpt = None,
         token: TokenOpt = None,
-        data_dir: DataOpt = Path(".slmfleet"),
+        data_dir: DataOpt = DEFAULT_DATA_DIR,
     ) -> None:
         client = ApiClient(api, token, data_dir)
         rollout = client.request("POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"reason": reason})
-        data_console().print(render(rollout))
+        _finish(client, rollout, False, as_json)
 
     run.__doc__ = doc
     return run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from typing import Annotated
 
 import typer
@@ -10,13 +10,11 @@ from rich.table import Table
 
 from controller.auth.tokens import Role
 from controller.cli.client import ApiClient
+from controller.cli.options import DEFAULT_DATA_DIR, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
 
 app = typer.Typer(help="API tokens: create, list, revoke (admin token needed).", no_args_is_help=True)
 
-ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="admin token")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
 
 
 @app.command("create")
@@ -28,7 +26,7 @@ def create(
     ] = None,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Create a token; its secret is printed once (only a hash is kept)."""
     body: dict[str, object] = {"name": name, "role": role.value}
@@ -44,15 +42,18 @@ def create(
 @app.command("list")
 def list_tokens(
     all_: Annotated[bool, typer.Option("--all", help="also revoked and expired tokens")] = False,
+    as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Tokens (never their secrets): role, when created, expiring and last used."""
+    tokens = [t for t in ApiClient(api, token, data_dir).request("GET", "/api/v1/tokens") if all_ or t["active"]]
+    if as_json:
+        typer.echo(json.dumps(tokens, indent=2))
+        return
     table = Table("id", "name", "role", "prefix", "created", "expires", "last used", "revoked")
-    for t in ApiClient(api, token, data_dir).request("GET", "/api/v1/tokens"):
-        if not all_ and not t["active"]:
-            continue
+    for t in tokens:
         table.add_row(
             str(t["id"]),
             t["name"],
@@ -71,7 +72,7 @@ def revoke(
     token_id: Annotated[int, typer.Argument(help="the token's id (see 'slmfleet tokens list')")],
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Revoke a token; requests with it are refused from now on."""
     ApiClient(api, token, data_dir).request("DELETE", f"/api/v1/tokens/{token_id}")

@@ -20,6 +20,7 @@ from controller.auth.users import ADMIN_PASSWORD_FILE, INITIAL_ADMIN, ensure_ini
 from controller.broker import dynsec
 from controller.broker.embedded import EmbeddedBroker
 from controller.cli.client import ADMIN_TOKEN_FILE, write_connection_file
+from controller.datadir import DataDirLock
 from controller.errors import ControllerError
 from controller.registry import keys
 from controller.runtime import ControllerRuntime
@@ -82,7 +83,7 @@ def up(
             log_level=log_level,
         )
     except ControllerError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apscheduler", "alembic.runtime.migration"):
@@ -91,7 +92,9 @@ def up(
     data.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedBroker | None = None
     runtime: ControllerRuntime | None = None
+    lock = DataDirLock(data)
     try:
+        lock.acquire()  # before anything touches the directory: the database, the broker, controller.json
         _check_port_free(settings.http_host, settings.http_port)
         if settings.broker_url is None:
             dynsec_file = None
@@ -183,10 +186,11 @@ def up(
         server.run()
         console.print("slmfleet controller stopped", highlight=False)
     except ControllerError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         if runtime is not None:
             runtime.stop()
         if embedded is not None:
             embedded.stop()
+        lock.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,13 +12,11 @@ from rich.table import Table
 
 from controller.auth.tokens import Role
 from controller.cli.client import ApiClient
+from controller.cli.options import DEFAULT_DATA_DIR, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
 
 app = typer.Typer(help="Dashboard users: add, list, change, remove (admin token needed).", no_args_is_help=True)
 
-ApiOpt = Annotated[str | None, typer.Option("--api", help="controller URL [default: from the data dir]")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMFLEET_TOKEN", help="admin token")]
-DataOpt = Annotated[Path, typer.Option("--data-dir", help="controller data directory")]
 PasswordFileOpt = Annotated[
     Path | None,
     typer.Option("--password-file", help="read the password from this file (never from the command line)"),
@@ -48,7 +47,7 @@ def add(
     password_file: PasswordFileOpt = None,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Add a user. Without --password-file: asked on a terminal, otherwise generated and shown once."""
     body: dict[str, Any] = {"name": name, "role": role.value}
@@ -63,11 +62,16 @@ def add(
 
 
 @app.command("list")
-def list_users(api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")) -> None:
+def list_users(
+    as_json: JsonOpt = False, api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = DEFAULT_DATA_DIR
+) -> None:
     """The dashboard's users and when they last logged in."""
-    client = ApiClient(api, token, data_dir)
+    users = ApiClient(api, token, data_dir).request("GET", "/api/v1/users")
+    if as_json:
+        typer.echo(json.dumps(users, indent=2))
+        return
     table = Table("name", "role", "created", "by", "last login")
-    for u in client.request("GET", "/api/v1/users"):
+    for u in users:
         table.add_row(
             u["name"], u["role"], u["created_at"][:19], u["created_by"] or "-", (u["last_login_at"] or "never")[:19]
         )
@@ -82,7 +86,7 @@ def set_user(
     password_file: PasswordFileOpt = None,
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Change a user's role or password."""
     body: dict[str, Any] = {}
@@ -102,7 +106,7 @@ def remove(
     name: Annotated[str, typer.Argument(help="user name")],
     api: ApiOpt = None,
     token: TokenOpt = None,
-    data_dir: DataOpt = Path(".slmfleet"),
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
 ) -> None:
     """Remove a user; their dashboard sessions end at once."""
     ApiClient(api, token, data_dir).request("DELETE", f"/api/v1/users/{name}")

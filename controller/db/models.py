@@ -27,6 +27,8 @@ class Device(SQLModel, table=True):
     last_seen: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     status_changed_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     offline_reason: str | None = Field(default=None, max_length=32)
+    #: the MQTT connection the last birth came from: a birth repeated on it (a model switch) keeps the status time
+    connection: str | None = Field(default=None, max_length=64)
     enrolled_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
     revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
 

@@ -75,6 +75,10 @@ DEFAULT_FLOORS = {
 }
 
 
+class MissingDependency(ConversionError):
+    """A variant cannot be built because a package is missing on the controller (an install problem)."""
+
+
 @dataclass
 class ImportRequest:
     job_id: str
@@ -134,6 +138,10 @@ class Importer:
             progress(f"quantizing {variant}", base, "")
             try:
                 candidate = self._quantize(reference, variant, work / variant)
+            except MissingDependency as exc:
+                # not a verdict on the model: this controller cannot build what was asked (or what the task
+                # needs by default), so the import fails instead of quietly registering fewer variants
+                raise BundleError(f"{variant}: {exc}") from None
             except ConversionError as exc:
                 refused.append({"variant": variant, "reason": f"quantization failed: {exc}"})
                 if options.strict:
@@ -259,7 +267,11 @@ class Importer:
         try:
             return quantize(reference, QUANTIZATION_OF[variant], out)
         except ModuleNotFoundError as exc:
-            raise ConversionError(f"{exc.name} is not installed (the convert extra provides it)") from None
+            raise MissingDependency(
+                f"quantization needs the Python package {exc.name!r}, which is not installed on the controller:"
+                " reinstall it with pip install 'slmfleet[controller]', or ask only for the variants it can build"
+                ' (options {"variants": ["fp32"]})'
+            ) from None
 
     @staticmethod
     def _evaluate(

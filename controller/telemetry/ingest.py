@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, case, insert, select, update
 
 from agent.protocol.messages import AgentEvent, ChunkRequest, CommandAck, DeploymentEvent, DeviceOnline, Telemetry
 from controller.db.bulk import BulkInsert
@@ -331,6 +331,7 @@ class IngestWriter:
                     "last_seen": at,
                     "status_changed_at": at,
                     "offline_reason": None,
+                    "connection": m.connection,
                 }
                 birth_labels[op.device_id] = dict(m.labels)
                 seen.pop(op.device_id, None)
@@ -344,18 +345,34 @@ class IngestWriter:
                 )
                 for device_id, values in devices.items():
                     if device_id in existing:
-                        conn.execute(update(table(Device)).where(table(Device).c.id == device_id).values(**values))
+                        where = table(Device).c.id == device_id
+                        conn.execute(update(table(Device)).where(where).values(**_kept(values)))
                     elif "agent_version" in values:  # only a birth registers a device
                         row = Device(id=device_id, labels=birth_labels.get(device_id, {}), **values)
                         conn.execute(insert(table(Device)).values(**row.model_dump()))
             self._telemetry_insert.execute(conn, telemetry)
             self._event_insert.execute(conn, events)
-            if seen:
+            # devices whose status changed in this batch got their last_seen with it; an empty list here would
+            # run the statement once without parameters (and fail the whole batch)
+            seen_rows = [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices]
+            if seen_rows:
                 devices_table = table(Device)
                 conn.execute(
                     update(devices_table)
                     .where(devices_table.c.id == bindparam("b_id"))
                     .values(last_seen=bindparam("b_seen")),
-                    [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices],
+                    seen_rows,
                 )
         return len(telemetry), len(events)
+
+
+def _kept(values: dict[str, Any]) -> dict[str, Any]:
+    """A birth's column values, except that a birth on the connection the device is already online on (a
+    model switch, a changed interval, the retained birth re-read after a controller restart) keeps the
+    time the device came online: "online since" is the connection's, not the last birth's."""
+    connection = values.get("connection")
+    if values.get("status") != "online" or connection is None:
+        return values
+    devices = table(Device)
+    same = and_(devices.c.status == "online", devices.c.connection == connection)
+    return {**values, "status_changed_at": case((same, devices.c.status_changed_at), else_=values["status_changed_at"])}

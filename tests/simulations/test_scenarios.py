@@ -164,7 +164,7 @@ def test_a_full_disk_on_the_canary_fails_it_with_the_reason_and_aborts(
     spec["faults"] = [{"kind": "disk_full", "free_mb": 0.0, "devices": {"labels": {"ring": "canary"}}}]
     spec["expect"] = {
         "rollout_state": "aborted",
-        "ended_in_wave": 0,
+        "ended_in_wave": 1,
         "devices": [
             {"version": "v1", "min_share": "100%"},
         ],

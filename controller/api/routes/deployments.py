@@ -10,6 +10,7 @@ from sqlmodel import Session, col, select
 
 from agent.protocol.messages import ShadowSpec
 from controller import audit
+from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
 from controller.api.schemas import ActionResult, DeploymentCreate, DeploymentPublic, TargetPublic
 from controller.db.models import Deployment, DeploymentTarget
@@ -96,10 +97,8 @@ def render(runtime: ControllerRuntime, session: Session, dep: Deployment) -> Dep
 
 
 def _get(session: Session, deployment_id: str) -> Deployment:
-    dep = session.get(Deployment, deployment_id)
-    if dep is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"deployment {deployment_id!r} not found")
-    return dep
+    """The deployment with this id, or the only one whose id starts with it (as the CLI prints them)."""
+    return ids.resolve(session, Deployment, deployment_id, "deployment")
 
 
 @router.post("", response_model=DeploymentPublic, status_code=status.HTTP_201_CREATED)
@@ -163,7 +162,7 @@ def get_deployment(deployment_id: str, runtime: RuntimeDep, session: SessionDep,
 
 
 def _action(runtime: ControllerRuntime, session: Session, deployment_id: str, action: str, actor: str) -> ActionResult:
-    _get(session, deployment_id)
+    deployment_id = _get(session, deployment_id).id
     try:
         if action == "cancel":
             n = runtime.delivery.cancel(deployment_id, actor)

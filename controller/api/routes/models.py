@@ -11,6 +11,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from controller import audit
+from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
 from controller.api.schemas import (
     ArtifactSummary,
@@ -248,19 +249,13 @@ def delete_version(
 
 @router.get("/imports/{job_id}", response_model=ImportJobPublic)
 def get_import(job_id: str, session: SessionDep, _: ViewerDep) -> ImportJobPublic:
-    job = session.get(ImportJob, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"import {job_id!r} not found")
-    return _job_public(job)
+    return _job_public(ids.resolve(session, ImportJob, job_id, "import"))
 
 
 @router.get("/artifacts/{artifact_id}/manifest")
 def get_manifest(artifact_id: str, session: SessionDep, _: ViewerDep) -> Response:
     """The signed manifest of an artifact, exactly as devices receive it."""
-    artifact = session.get(Artifact, artifact_id)
-    if artifact is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"artifact {artifact_id!r} not found")
-    return JSONResponse(artifact.signed_manifest)
+    return JSONResponse(ids.resolve(session, Artifact, artifact_id, "artifact").signed_manifest)
 
 
 @router.get("/signing-key", response_model=SigningKeyPublic, tags=["security"])

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
 from controller import audit
+from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
 from controller.db.models import Rollout, RolloutTransition
 from controller.rollouts.engine import RolloutError
@@ -143,10 +144,8 @@ def render(runtime: ControllerRuntime, session: Session, r: Rollout) -> RolloutP
 
 
 def _get(session: Session, rollout_id: str) -> Rollout:
-    r = session.get(Rollout, rollout_id)
-    if r is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"rollout {rollout_id!r} not found")
-    return r
+    """The rollout with this id, or the only one whose id starts with it (as the CLI prints them)."""
+    return ids.resolve(session, Rollout, rollout_id, "rollout")
 
 
 @router.post("", response_model=RolloutPublic, status_code=status.HTTP_201_CREATED)
@@ -187,7 +186,7 @@ def get_rollout(rollout_id: str, runtime: RuntimeDep, session: SessionDep, _: Vi
 def _act(
     runtime: ControllerRuntime, session: Session, rollout_id: str, action: str, actor: str, body: ActionBody | None
 ) -> RolloutPublic:
-    _get(session, rollout_id)
+    rollout_id = _get(session, rollout_id).id
     reason = body.reason if body else ""
     try:
         runtime.rollouts.act(rollout_id, action, actor, reason)
