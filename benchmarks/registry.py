@@ -47,7 +47,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("llama-small", "text-generation"),
 )
 QUICK = ("bert-tiny", "minilm", "llama-small")
-#: MiniLM's evaluation sentences (MODELS.md's cosine figure was measured on a few hundred)
+#: MiniLM's evaluation sentences (the cosine figure is measured on a few hundred)
 MINILM_SENTENCES = 300
 
 

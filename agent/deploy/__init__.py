@@ -2,7 +2,7 @@
 
 Modules, from the inside out:
 
-* ``states``: the explicit ``(state, event) -> state`` table (DESIGN.md section 5) and what resuming means.
+* ``states``: the explicit ``(state, event) -> state`` table and what resuming means.
 * ``record``: the persisted record of the current deployment and its stores (disk, memory).
 * ``bitmap``, ``storage``, ``disk``, ``memory``: which chunks are held, and the two slots behind
   ``SlotStorage`` (files on disk for devices; hashes in memory for simulated fleets).

@@ -1,4 +1,4 @@
-"""The deployment state machine as one explicit table ``(state, event) -> state`` (DESIGN.md section 5).
+"""The deployment state machine as one explicit table ``(state, event) -> state``.
 
 ``IDLE -> DOWNLOADING -> VERIFYING -> STAGED -> [SHADOW] -> ACTIVATING -> ACTIVE``; ``FAILED`` and
 ``ROLLING_BACK -> ROLLED_BACK`` are reachable from every step after DOWNLOADING, ``CANCELLED`` from every

@@ -184,7 +184,7 @@ class CommandAck(_Message):
 
 
 class DeployState(StrEnum):
-    """The agent's deployment state machine (DESIGN.md section 5)."""
+    """The agent's deployment state machine."""
 
     IDLE = "idle"
     DOWNLOADING = "downloading"

@@ -1,4 +1,4 @@
-"""Topic names: built and matched here and nowhere else (DESIGN.md section 3).
+"""Topic names: built and matched here and nowhere else.
 
 The device id sits in the topic so a broker ACL can scope a device to its own
 subtree (``%u``/``%c`` patterns). Ids are restricted to characters that are
@@ -86,7 +86,7 @@ def all_devices(channel: DeviceChannel) -> str:
 
 
 def shared(filter_: str, group: str) -> str:
-    """An MQTT 5 shared subscription of ``filter_`` for ``group`` (scale-out, DESIGN.md section 8)."""
+    """An MQTT 5 shared subscription of ``filter_`` for ``group`` (scale-out: several controllers)."""
     return f"$share/{group}/{filter_}"
 
 

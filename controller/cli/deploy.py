@@ -140,7 +140,8 @@ def list_(
         typer.echo(json.dumps(deps, indent=2))
         return
     table = Table(title=f"{len(deps)} deployments")
-    for column in ("id", "model", "status", "devices", "created", "by"):
+    table.add_column("id", no_wrap=True, min_width=SHORT_ID)
+    for column in ("model", "status", "devices", "created", "by"):
         table.add_column(column)
     for d in deps:
         table.add_row(

@@ -43,7 +43,7 @@ def list_(
         installed = _installed(d["installed"])
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"
         shown = "revoked" if d.get("revoked_at") else d["status"]
-        table.add_row(d["id"], shown, d["agent_version"] or "-", installed, labels, d["last_seen"])
+        table.add_row(d["id"], shown, d["agent_version"] or "-", installed, labels, d["last_seen"][:19])
     data_console().print(table)
 
 

@@ -168,7 +168,8 @@ def list_(
         typer.echo(json.dumps(rollouts, indent=2))
         return
     table = Table(title=f"{len(rollouts)} rollouts")
-    for column in ("id", "model", "selector", "state", "wave", "devices", "created"):
+    table.add_column("id", no_wrap=True, min_width=SHORT_ID)
+    for column in ("model", "selector", "state", "wave", "devices", "created"):
         table.add_column(column)
     for r in rollouts:
         table.add_row(

@@ -196,7 +196,7 @@ def test_int8_and_int4_are_smaller_and_agree(family: Family) -> None:
     assert family.int4.quantization.block_size == 32
     # the builder's 8-bit graph keeps the embedding table in fp32 (about half the size of fp32 at this scale)
     assert family.int8.size_bytes < (0.6 if genai else 0.5) * fp32_size
-    # int4 keeps the embedding Gather in fp32 (MODELS.md): smaller than fp32, not always than int8.
+    # int4 keeps the embedding Gather in fp32: smaller than fp32, not always than int8.
     assert family.int4.size_bytes < 0.8 * fp32_size
     for variant, metrics in (("int8", family.int8_metrics), ("int4", family.int4_metrics)):
         assert metrics.agreement_kind == "token"

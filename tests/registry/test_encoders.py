@@ -265,7 +265,7 @@ def test_minilm_int8_cosine_to_fp32(minilm: tuple[ExportedBundle, ExportedBundle
 def test_per_tensor_int8_is_worse_than_per_channel(
     minilm: tuple[ExportedBundle, ExportedBundle], tmp_path: Path
 ) -> None:
-    """Why per_channel is the default: MODELS.md measured 0.965 vs 0.992 on MiniLM."""
+    """Why per_channel is the default: per-tensor measured 0.965 vs 0.992 on MiniLM."""
     fp32, int8 = minilm
     per_tensor = quantize_int8(fp32, tmp_path / "per-tensor", per_channel=False)
     assert per_tensor.quantization.per_channel is False

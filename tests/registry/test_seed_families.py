@@ -48,7 +48,7 @@ pytest.importorskip("transformers")
 #: An import of GPT-Neo 125M takes ~3 minutes on a busy 2-core machine; this bounds a stuck one.
 IMPORT_DEADLINE_S = 900.0
 DAY = 86400.0
-#: Dynamic int8 measured 0.25-0.27 of fp32 on the encoders (MODELS.md: MiniLM 90 -> 23 MB).
+#: Dynamic int8 measured 0.25-0.27 of fp32 on the encoders (MiniLM 90 -> 23 MB).
 MAX_ENCODER_INT8_RATIO = 0.30
 MIB = 1024 * 1024
 

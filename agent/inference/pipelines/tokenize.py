@@ -1,7 +1,7 @@
 """Text to model tensors on the device, with the ``tokenizers`` package only (no transformers, no torch).
 
 A checkpoint's tokenizer.json may carry padding and truncation settings of its own: MiniLM's pads every
-input to 128 tokens and truncates at 128 (MODELS.md). Both are reset here: truncation to the manifest's
+input to 128 tokens and truncates at 128. Both are reset here: truncation to the manifest's
 ``max_length`` and padding to the longest text of each batch, so short texts cost short sequences.
 """
 

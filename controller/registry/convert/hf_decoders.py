@@ -18,7 +18,7 @@ Two runtimes (``RunSpec.runtime``):
 
 Tied embeddings are untied before the plain export: with a tied ``lm_head`` the graph transposes the
 embedding at every step and int8 is no faster than fp32 (GPT-Neo 125M: 78 -> 203 tokens/s after
-untying, MODELS.md).
+untying).
 
 Never touches the network: transformers and the builder run with the hub offline.
 """

@@ -1,6 +1,6 @@
 """Export a local T5 checkpoint (text2text) to ``encoder.onnx`` + ``decoder.onnx``.
 
-transformers' own exporter fails on T5's second decoding step (MODELS.md), so both graphs are traced
+transformers' own exporter fails on T5's second decoding step, so both graphs are traced
 here from small wrappers with an explicit cache:
 
 * ``encoder.onnx``: ``input_ids``, ``attention_mask [batch, source]`` -> ``last_hidden_state`` and,

@@ -5,7 +5,7 @@ Works on any bundle layout: the encoders' ``model.onnx`` as well as the generati
 configs) are copied; the fp32 external-data files are not, since the quantized graphs no longer need them.
 
 Per-channel weights are not optional: on MiniLM per-tensor int8 drops the mean cosine to fp32 from 0.992
-to 0.965 (MODELS.md). ``quant_pre_process`` and ORT's transformer optimizer are deliberately not used:
+to 0.965. ``quant_pre_process`` and ORT's transformer optimizer are deliberately not used:
 both fail on transformers-5 graphs.
 """
 

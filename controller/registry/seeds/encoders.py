@@ -445,7 +445,7 @@ def _autoencoder(train: Any, seed: int) -> tuple[bytes, str, Any, bool]:
     graph = inner.graph
     n = train.shape[1]
     # Wrap the converted MLP: standardise in the graph, then score = mean((recon - x_scaled)^2). The
-    # regressor's output may come back flattened (MODELS.md), hence the Reshape to [batch, n].
+    # regressor's output may come back flattened, hence the Reshape to [batch, n].
     inner_in, inner_out = graph.input[0].name, graph.output[0].name
     # The converted MLP already calls its input "X": the wrapper takes "window" and feeds "X" the scaled copy.
     x_name, scaled_name = "window", inner_in
