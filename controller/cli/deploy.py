@@ -48,8 +48,7 @@ def render(dep: dict[str, Any]) -> Group:
     if len(dep["targets"]) > SHOWN_DEVICES:
         table.caption = f"... and {len(dep['targets']) - SHOWN_DEVICES} more devices"
     notes = [
-        Text(f"({numbers[reason]}) {_devices_text(devices)}: {reason}")
-        for reason, devices in long_reasons.items()
+        Text(f"({numbers[reason]}) {_devices_text(devices)}: {reason}") for reason, devices in long_reasons.items()
     ]
     return Group(table, *notes)
 

@@ -15,7 +15,6 @@ from controller.cli.output import data_console
 app = typer.Typer(help="Inspect and label devices.", no_args_is_help=True)
 
 
-
 @app.command("list")
 def list_(
     status: Annotated[str | None, typer.Option(help="online or offline")] = None,

@@ -15,7 +15,6 @@ from controller.cli.output import data_console
 app = typer.Typer(help="Device enrollment tokens: create, list, revoke (admin token needed).", no_args_is_help=True)
 
 
-
 @app.command("create")
 def create(
     label: Annotated[list[str] | None, typer.Option("--label", help="KEY=VALUE the device gets (repeatable)")] = None,

@@ -16,7 +16,6 @@ from controller.cli.output import data_console
 app = typer.Typer(help="API tokens: create, list, revoke (admin token needed).", no_args_is_help=True)
 
 
-
 @app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="who or what uses the token (the audit log's actor)")],
