@@ -1,0 +1,215 @@
+"""The health job: sums telemetry rows it has not seen yet into per-minute and per-hour buckets per model
+version and variant, and notes devices' latest trouble (inference errors, agent error events).
+
+It reads by id from where it stopped (a cursor row written in the same transaction as the sums), so a
+crash or restart neither loses nor double-counts a row. Telemetry has one writer (the ingest thread),
+so ids are committed in order and a row is never skipped. Buckets are keyed by the controller's receipt
+time, the clock the gates and charts use; a spool flushed after an outage lands when it arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from controller.db.models import DeviceEvent, DeviceHealth, HealthCursor, HealthRollup, TelemetryRecord, table
+from controller.db.types import from_epoch, utcnow
+from controller.health.aggregate import Health
+
+log = logging.getLogger(__name__)
+
+#: bucket sizes: minutes for the last hours and days, hours for weeks and months
+RESOLUTIONS = (60, 3600)
+#: how long each resolution's buckets are kept
+KEEP = {60: timedelta(days=3), 3600: timedelta(days=400)}
+TELEMETRY_CURSOR = "telemetry"
+EVENTS_CURSOR = "events"
+
+Key = tuple[str, int, int, datetime, str]  # model, version, resolution, bucket start, variant
+
+
+def bucket_start(at: datetime, resolution_s: int) -> datetime:
+    epoch = at.timestamp()
+    return from_epoch(epoch - epoch % resolution_s)
+
+
+class HealthRollupJob:
+    """``run`` is called by the scheduler; it catches up in batches within a time budget per call."""
+
+    def __init__(
+        self, engine: Engine, *, batch: int = 5000, budget_s: float = 1.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.engine = engine
+        self.batch = batch
+        self.budget_s = budget_s
+        self.clock = clock
+
+    def run(self) -> int:
+        """Sum what arrived since the last call; returns the telemetry rows read."""
+        started = time.monotonic()
+        total = 0
+        while True:
+            n = self._telemetry_batch()
+            total += n
+            if n < self.batch or time.monotonic() - started > self.budget_s:
+                break
+        self._error_events()
+        return total
+
+    # ------------------------------------------------------------ cursor --
+
+    @staticmethod
+    def _cursor(conn: Connection, name: str) -> int:
+        value = conn.execute(select(table(HealthCursor).c.last_id).where(table(HealthCursor).c.name == name)).scalar()
+        if value is None:
+            conn.execute(insert(table(HealthCursor)).values(name=name, last_id=0))
+            return 0
+        return int(value)
+
+    @staticmethod
+    def _advance(conn: Connection, name: str, last_id: int) -> None:
+        c = table(HealthCursor).c
+        conn.execute(update(table(HealthCursor)).where(c.name == name).values(last_id=last_id))
+
+    # --------------------------------------------------------- telemetry --
+
+    def _telemetry_batch(self) -> int:
+        tel = table(TelemetryRecord).c
+        with self.engine.begin() as conn:
+            after = self._cursor(conn, TELEMETRY_CURSOR)
+            rows = conn.execute(
+                select(
+                    tel.id,
+                    tel.device_id,
+                    tel.received_at,
+                    tel.model,
+                    tel.model_version,
+                    tel.variant,
+                    tel.inference_count,
+                    tel.inference_errors,
+                    tel.data["inference"].label("inference"),
+                )
+                .where(tel.id > after)
+                .order_by(tel.id)
+                .limit(self.batch)
+            ).all()
+            if not rows:
+                return 0
+            sums: dict[Key, Health] = defaultdict(Health)
+            trouble: dict[str, tuple[datetime, str]] = {}
+            for r in rows:
+                if r.inference_errors:
+                    trouble[r.device_id] = (
+                        r.received_at,
+                        f"{r.inference_errors} inference errors in one report ({r.inference_count} ok)",
+                    )
+                if r.model is None or r.model_version is None:
+                    continue  # serving nothing: no version to count it for
+                inference = r.inference if isinstance(r.inference, dict) else None
+                for resolution in RESOLUTIONS:
+                    start_at = bucket_start(r.received_at, resolution)
+                    key = (r.model, r.model_version, resolution, start_at, r.variant or "")
+                    sums[key].add_report(r.inference_count or 0, r.inference_errors or 0, inference)
+            self._merge(conn, sums)
+            self._note_trouble(conn, trouble)
+            self._advance(conn, TELEMETRY_CURSOR, rows[-1].id)
+        return len(rows)
+
+    def _merge(self, conn: Connection, sums: dict[Key, Health]) -> None:
+        """Add ``sums`` to the stored buckets (read, add, write: only this job writes them)."""
+        h = table(HealthRollup)
+        c = h.c
+        keys = list(sums)
+        existing: dict[Key, Any] = {}
+        for start in range(0, len(keys), 200):  # bounded IN lists
+            chunk = keys[start : start + 200]
+            for found in conn.execute(
+                select(h).where(
+                    tuple_(c.model, c.model_version, c.resolution_s, c.bucket_start, c.variant).in_(chunk)
+                )
+            ):
+                key = (found.model, found.model_version, found.resolution_s, found.bucket_start, found.variant)
+                existing[key] = found
+        new_rows: list[dict[str, Any]] = []
+        for key, health in sums.items():
+            row: Any = existing.get(key)
+            if row is None:
+                model, version, resolution, start_at, variant = key
+                new_rows.append(
+                    {
+                        "model": model[:128],
+                        "model_version": version,
+                        "resolution_s": resolution,
+                        "bucket_start": start_at,
+                        "variant": variant[:64],
+                        **health.columns(),
+                    }
+                )
+                continue
+            merged = Health.from_columns(row)
+            merged.merge(health)
+            conn.execute(update(h).where(c.id == row.id).values(**merged.columns()))
+        if new_rows:
+            conn.execute(insert(h), new_rows)
+
+    # ------------------------------------------------------------ trouble --
+
+    def _note_trouble(self, conn: Connection, trouble: dict[str, tuple[datetime, str]]) -> None:
+        """Each device's latest trouble, one row per device (upsert on both dialects)."""
+        if not trouble:
+            return
+        rows = [{"device_id": d, "last_error_at": at, "last_error": msg[:512]} for d, (at, msg) in trouble.items()]
+        t = table(DeviceHealth)
+        dialect_insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(conn.dialect.name)
+        if dialect_insert is None:  # pragma: no cover - the two supported databases have an upsert
+            conn.execute(delete(t).where(t.c.device_id.in_(list(trouble))))
+            conn.execute(insert(t), rows)
+            return
+        stmt = dialect_insert(t)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[t.c.device_id],
+                set_={"last_error_at": stmt.excluded.last_error_at, "last_error": stmt.excluded.last_error},
+            ),
+            rows,
+        )
+
+    def _error_events(self) -> None:
+        """Agent error events (a model that would not load, ...) since the last call."""
+        e = table(DeviceEvent).c
+        with self.engine.begin() as conn:
+            after = self._cursor(conn, EVENTS_CURSOR)
+            newest = conn.execute(select(func.max(e.id))).scalar()
+            if newest is None or newest <= after:
+                return
+            rows = conn.execute(
+                select(e.device_id, e.received_at, e.message)
+                .where(e.id > after, e.id <= newest, e.type == "agent", e.kind == "error")
+                .order_by(e.id)
+            ).all()
+            self._note_trouble(conn, {r.device_id: (r.received_at, r.message or "agent error") for r in rows})
+            self._advance(conn, EVENTS_CURSOR, int(newest))
+
+    # ---------------------------------------------------------- retention --
+
+    def prune(self, now: datetime | None = None) -> int:
+        """Delete buckets older than their resolution's keep time, and trouble older than a week."""
+        now = now or utcnow()
+        c = table(HealthRollup).c
+        with self.engine.begin() as conn:
+            removed = conn.execute(
+                delete(table(HealthRollup)).where(
+                    or_(*(and_(c.resolution_s == r, c.bucket_start < now - keep) for r, keep in KEEP.items()))
+                )
+            ).rowcount
+            removed += conn.execute(
+                delete(table(DeviceHealth)).where(table(DeviceHealth).c.last_error_at < now - timedelta(days=7))
+            ).rowcount
+        return int(removed or 0)

@@ -1,0 +1,3 @@
+"""The rollout tests' model versions and device peers, for the webhook tests' real rollouts."""
+
+from tests.rollouts.test_rollouts import fleet, versions  # noqa: F401 - fixtures
