@@ -71,13 +71,13 @@ class Health:
         if self.score_edges is None:
             self.score_edges = [float(e) for e in edges]
             self.score_counts = [0] * len(counts)
-        elif len(edges) != len(self.score_edges) or any(
-            not math.isclose(a, b, abs_tol=1e-9) for a, b in zip(edges, self.score_edges, strict=True)
+        elif edges != self.score_edges and (  # the same edges (the agents' constant) are equal floats: fast
+            len(edges) != len(self.score_edges)
+            or any(not math.isclose(a, b, abs_tol=1e-9) for a, b in zip(edges, self.score_edges, strict=True))
         ):
             self.score_mismatches += 1
             return
-        for i, n in enumerate(counts):
-            self.score_counts[i] += int(n)
+        self.score_counts = [a + int(b) for a, b in zip(self.score_counts, counts, strict=True)]
 
     def merge(self, other: Health) -> None:
         self.reports += other.reports

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 
 from controller.db.models import DeviceEvent, DeviceHealth, HealthCursor, HealthRollup, TelemetryRecord, table
 from controller.db.types import from_epoch, utcnow
@@ -25,14 +26,19 @@ from controller.health.aggregate import Health
 
 log = logging.getLogger(__name__)
 
-#: bucket sizes: minutes for the last hours and days, hours for weeks and months
-RESOLUTIONS = (60, 3600)
+#: bucket sizes: a minute (charts up to 6 h), 15 minutes (a day), an hour (a week), 6 hours (months); a chart
+#: reads the coarsest that still gives it enough points, so a page reads a few hundred rows per variant
+RESOLUTIONS = (60, 900, 3600, 21600)
 #: how long each resolution's buckets are kept
-KEEP = {60: timedelta(days=3), 3600: timedelta(days=400)}
+KEEP = {60: timedelta(days=2), 900: timedelta(days=14), 3600: timedelta(days=60), 21600: timedelta(days=400)}
 TELEMETRY_CURSOR = "telemetry"
 EVENTS_CURSOR = "events"
 
 Key = tuple[str, int, int, datetime, str]  # model, version, resolution, bucket start, variant
+
+
+class _Raced(Exception):
+    """Another health job moved the cursor first."""
 
 
 def bucket_start(at: datetime, resolution_s: int) -> datetime:
@@ -67,20 +73,35 @@ class HealthRollupJob:
 
     @staticmethod
     def _cursor(conn: Connection, name: str) -> int:
-        value = conn.execute(select(table(HealthCursor).c.last_id).where(table(HealthCursor).c.name == name)).scalar()
-        if value is None:
+        c = table(HealthCursor).c
+        value = conn.execute(select(c.last_id).where(c.name == name)).scalar()
+        if value is None:  # the migration writes the rows; a database without them gets them here
             conn.execute(insert(table(HealthCursor)).values(name=name, last_id=0))
             return 0
         return int(value)
 
     @staticmethod
-    def _advance(conn: Connection, name: str, last_id: int) -> None:
+    def _claim(conn: Connection, name: str, seen: int, last_id: int) -> None:
+        """Move the cursor from ``seen`` to ``last_id`` before writing, or give up (_Raced) when another job (a
+        second controller on the same database, a test calling ``run``) moved it meanwhile: that one counted
+        these rows. Claiming after the reads keeps the write lock (on SQLite, the database's) short."""
         c = table(HealthCursor).c
-        conn.execute(update(table(HealthCursor)).where(c.name == name).values(last_id=last_id))
+        moved = conn.execute(
+            update(table(HealthCursor)).where(c.name == name, c.last_id == seen).values(last_id=last_id)
+        )
+        if moved.rowcount != 1:
+            raise _Raced(name)
 
     # --------------------------------------------------------- telemetry --
 
     def _telemetry_batch(self) -> int:
+        try:
+            return self._sum_batch()
+        except (_Raced, OperationalError) as exc:  # OperationalError: SQLite's stale snapshot after a race
+            log.info("health: another job summed the same telemetry first (%s); this batch is dropped", exc)
+            return 0
+
+    def _sum_batch(self) -> int:
         tel = table(TelemetryRecord).c
         with self.engine.begin() as conn:
             after = self._cursor(conn, TELEMETRY_CURSOR)
@@ -113,30 +134,38 @@ class HealthRollupJob:
                 if r.model is None or r.model_version is None:
                     continue  # serving nothing: no version to count it for
                 inference = r.inference if isinstance(r.inference, dict) else None
-                for resolution in RESOLUTIONS:
-                    start_at = bucket_start(r.received_at, resolution)
-                    key = (r.model, r.model_version, resolution, start_at, r.variant or "")
-                    sums[key].add_report(r.inference_count or 0, r.inference_errors or 0, inference)
-            self._merge(conn, sums)
+                finest = RESOLUTIONS[0]
+                key = (r.model, r.model_version, finest, bucket_start(r.received_at, finest), r.variant or "")
+                sums[key].add_report(r.inference_count or 0, r.inference_errors or 0, inference)
+            for (model, version, _, start_at, variant), minute in list(sums.items()):
+                for resolution in RESOLUTIONS[1:]:  # the coarser buckets are sums of the finest
+                    sums[(model, version, resolution, bucket_start(start_at, resolution), variant)].merge(minute)
+            existing = self._existing(conn, list(sums))
+            self._claim(conn, TELEMETRY_CURSOR, after, rows[-1].id)
+            self._merge(conn, sums, existing)
             self._note_trouble(conn, trouble)
-            self._advance(conn, TELEMETRY_CURSOR, rows[-1].id)
         return len(rows)
 
-    def _merge(self, conn: Connection, sums: dict[Key, Health]) -> None:
-        """Add ``sums`` to the stored buckets (read, add, write: only this job writes them)."""
+    @staticmethod
+    def _existing(conn: Connection, keys: list[Key]) -> dict[Key, Any]:
+        """The stored buckets among ``keys``."""
         h = table(HealthRollup)
         c = h.c
-        keys = list(sums)
         existing: dict[Key, Any] = {}
         for start in range(0, len(keys), 200):  # bounded IN lists
             chunk = keys[start : start + 200]
             for found in conn.execute(
-                select(h).where(
-                    tuple_(c.model, c.model_version, c.resolution_s, c.bucket_start, c.variant).in_(chunk)
-                )
+                select(h).where(tuple_(c.model, c.model_version, c.resolution_s, c.bucket_start, c.variant).in_(chunk))
             ):
                 key = (found.model, found.model_version, found.resolution_s, found.bucket_start, found.variant)
                 existing[key] = found
+        return existing
+
+    @staticmethod
+    def _merge(conn: Connection, sums: dict[Key, Health], existing: dict[Key, Any]) -> None:
+        """Add ``sums`` to the stored buckets (``existing``, read in the same transaction)."""
+        h = table(HealthRollup)
+        c = h.c
         new_rows: list[dict[str, Any]] = []
         for key, health in sums.items():
             row: Any = existing.get(key)
@@ -182,6 +211,12 @@ class HealthRollupJob:
         )
 
     def _error_events(self) -> None:
+        try:
+            self._events_once()
+        except (_Raced, OperationalError) as exc:
+            log.info("health: another job read the same events first (%s)", exc)
+
+    def _events_once(self) -> None:
         """Agent error events (a model that would not load, ...) since the last call."""
         e = table(DeviceEvent).c
         with self.engine.begin() as conn:
@@ -194,8 +229,8 @@ class HealthRollupJob:
                 .where(e.id > after, e.id <= newest, e.type == "agent", e.kind == "error")
                 .order_by(e.id)
             ).all()
+            self._claim(conn, EVENTS_CURSOR, after, int(newest))
             self._note_trouble(conn, {r.device_id: (r.received_at, r.message or "agent error") for r in rows})
-            self._advance(conn, EVENTS_CURSOR, int(newest))
 
     # ---------------------------------------------------------- retention --
 

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, select
 from controller.db.models import HealthRollup, table
 from controller.db.types import from_epoch, utcnow
 from controller.health.aggregate import OTHER, Health, psi
+from controller.health.rollup import RESOLUTIONS
 
 #: the ranges the page offers (name -> seconds)
 RANGES = {"1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
@@ -27,7 +28,9 @@ RECENT = timedelta(minutes=15)
 
 
 def resolution_for(range_s: int) -> int:
-    return 60 if range_s <= 86400 else 3600
+    """The coarsest stored resolution that gives a chart of ``range_s`` at least 90 points."""
+    fitting = [r for r in RESOLUTIONS if range_s / r >= 90]
+    return max(fitting) if fitting else RESOLUTIONS[0]
 
 
 def _r(value: float | None, digits: int = 4) -> float | None:

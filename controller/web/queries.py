@@ -19,6 +19,7 @@ from controller.db.models import (
     DeploymentTarget,
     Device,
     DeviceEvent,
+    ImportJob,
     Model,
     ModelVersion,
     Rollout,
@@ -471,4 +472,25 @@ def audit_entries(
         stmt = stmt.where(a.target == target)
     if changes_only:
         stmt = stmt.where(a.action.not_like("dashboard.%"))
-    return [dict(r._mapping) for r in conn.execute(stmt)]
+    entries = [dict(r._mapping) for r in conn.execute(stmt)]
+    _with_import_outcomes(conn, entries)
+    return entries
+
+
+def _with_import_outcomes(conn: Connection, entries: list[dict[str, Any]]) -> None:
+    """An upload's entry is written when its import starts: add how the import ended (one query, if any)."""
+    jobs = {
+        str(e["detail"].get("job"))
+        for e in entries
+        if e["action"] == "model.version.import" and isinstance(e["detail"], dict) and e["detail"].get("job")
+    }
+    if not jobs:
+        return
+    j = table(ImportJob).c
+    found = {
+        r.id: dict(r._mapping)
+        for r in conn.execute(select(j.id, j.status, j.error, j.version_number).where(j.id.in_(list(jobs)[:200])))
+    }
+    for e in entries:
+        if e["action"] == "model.version.import" and isinstance(e["detail"], dict):
+            e["import"] = found.get(str(e["detail"].get("job")))

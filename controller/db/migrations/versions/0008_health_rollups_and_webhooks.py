@@ -57,6 +57,11 @@ def upgrade() -> None:
     sa.UniqueConstraint('model', 'model_version', 'resolution_s', 'bucket_start', 'variant', name='uq_health_rollup_bucket')
     )
     op.create_index('ix_health_rollup_recent', 'health_rollup', ['resolution_s', 'bucket_start'], unique=False)
+    # the health job's cursors exist from the start, so two jobs serialize on their rows (never both insert one)
+    op.bulk_insert(
+        sa.table('health_cursor', sa.column('name', sa.String), sa.column('last_id', sa.BigInteger)),
+        [{'name': 'telemetry', 'last_id': 0}, {'name': 'events', 'last_id': 0}],
+    )
     op.create_table('notification_event',
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('type', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
