@@ -127,9 +127,10 @@ class HealthRollupJob:
             trouble: dict[str, tuple[datetime, str]] = {}
             for r in rows:
                 if r.inference_errors:
+                    n = r.inference_errors
                     trouble[r.device_id] = (
                         r.received_at,
-                        f"{r.inference_errors} inference errors in one report ({r.inference_count} ok)",
+                        f"{n} inference error{'s' if n != 1 else ''} in one report ({r.inference_count} ok)",
                     )
                 if r.model is None or r.model_version is None:
                     continue  # serving nothing: no version to count it for

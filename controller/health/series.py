@@ -143,7 +143,8 @@ def version_series(
     out["scores"]["edges"] = total.score_edges or []
     out["scores"]["reference"] = _shares(reference.score_counts) if reference.score_edges else []
     out["scores"]["recent"] = _shares(recent.score_counts) if recent.score_edges else []
-    out["summary"] = summary_of(total, range_s)
+    # the rate while devices reported (a version that started ten minutes ago is not averaged over a day)
+    out["summary"] = summary_of(total, len(filled) * step)
     out["summary"]["variants"] = [v for v, _ in variants.most_common()]
     out["summary"]["label_psi"] = _r(psi(ref_labels, _label_vector(recent, names)))
     out["summary"]["score_psi"] = _r(_score_psi(reference, recent))

@@ -60,11 +60,8 @@ def attention(conn: Connection, now: datetime | None = None) -> Attention:
             item["window_opens_at"] = next_opening(RolloutCreate.model_validate(spec).windows, now)
         out.rollouts.append(item)
     d, t = table(Deployment).c, table(DeploymentTarget).c
-    bad = (
-        select(func.count())
-        .where(t.deployment_id == d.id, t.state.in_(("failed", "rolled_back")))
-        .scalar_subquery()
-        .label("bad")
+    bad = (  # failed, rolled back or cancelled: what made the deployment end as failed
+        select(func.count()).where(t.deployment_id == d.id, t.state != "active").scalar_subquery().label("bad")
     )
     devices = select(func.count()).where(t.deployment_id == d.id).scalar_subquery().label("devices")
     rows = conn.execute(

@@ -278,7 +278,7 @@ def test_the_fleet_page_says_what_needs_attention(web: LiveController, seeded: d
         n_offline = conn.execute(select(d.id).where(d.status == "offline")).all()
     assert f"{len(n_offline)}, the latest 5" in section and offline.count("<li>") == 5
     erroring = section.split('data-testid="attention-erroring"', 1)[1].split("</ul>", 1)[0]
-    assert "inference errors in one report" in erroring  # from the seeded telemetry, via the health job
+    assert "inference error in one report" in erroring  # from the seeded telemetry, via the health job
     assert 'data-testid="all-clear"' not in home
 
 

@@ -68,7 +68,7 @@ def version_health(
             "title": f"Health of {model} v{version}",
             "nav": "health",
             "model": model,
-            "version": version,
+            "number": version,  # not "version": that is the page footer's slmfleet version
             "range": range_,
             "ranges": list(series.RANGES),
             "s": data["summary"],

@@ -9,15 +9,22 @@
     return function (u, v) { return v == null ? "-" : v.toFixed(digits); };
   }
 
-  function timeOpts(el, series) {
+  /* Points where a line alone would hide values: a sparse series has isolated ones between gaps. */
+  function sparse(values) {
+    return values.filter(function (v) { return v != null; }).length <= 90;
+  }
+
+  function timeOpts(el, series, columns) {
     return {
       width: Math.max(280, el.clientWidth), height: 220,
       tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); },
       scales: { x: { time: true } },
       axes: [{}, { size: 60 }],
       series: [{}].concat(series.map(function (s, i) {
-        return { label: s.label, stroke: s.color || PALETTE[i % PALETTE.length], width: s.width || 1.5,
-                 dash: s.dash, spanGaps: false, value: fmt(s.digits == null ? 2 : s.digits) };
+        var color = s.color || PALETTE[i % PALETTE.length];
+        return { label: s.label, stroke: color, width: s.width || 1.5, dash: s.dash, spanGaps: false,
+                 points: { show: !s.dash && sparse(columns[i + 1]), size: 5, stroke: color, fill: color },
+                 value: fmt(s.digits == null ? 2 : s.digits) };
       }))
     };
   }
@@ -79,7 +86,7 @@
         if (name === "histogram") {
           made = histogram(el, data);
         } else if (defs[name]) {
-          made = { opts: timeOpts(el, defs[name].series), columns: defs[name].columns };
+          made = { opts: timeOpts(el, defs[name].series, defs[name].columns), columns: defs[name].columns };
         } else {
           continue;
         }
