@@ -61,6 +61,15 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2))
 
 
+def _get(path: str, as_json: bool, api: str | None, token: str | None, data_dir: Path) -> Any:
+    """GET ``path``; with ``as_json`` print it and return None (the caller prints a table otherwise)."""
+    found = _client(api, token, data_dir).request("GET", path)
+    if as_json:
+        _print_json(found)
+        return None
+    return found
+
+
 def _t(value: str | None) -> str:
     return (value or "-")[:19].replace("T", " ")
 
@@ -70,9 +79,8 @@ def list_events(
     as_json: JsonOpt = False, api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")
 ) -> None:
     """The events a webhook can receive."""
-    found = _client(api, token, data_dir).request("GET", "/api/v1/webhook-events")
-    if as_json:
-        _print_json(found)
+    found = _get("/api/v1/webhook-events", as_json, api, token, data_dir)
+    if found is None:
         return
     table = Table("event", "when")
     for item in found:
@@ -117,9 +125,8 @@ def list_webhooks(
     as_json: JsonOpt = False, api: ApiOpt = None, token: TokenOpt = None, data_dir: DataOpt = Path(".slmfleet")
 ) -> None:
     """Webhooks with their deliveries (never their secrets)."""
-    found = _client(api, token, data_dir).request("GET", "/api/v1/webhooks")
-    if as_json:
-        _print_json(found)
+    found = _get("/api/v1/webhooks", as_json, api, token, data_dir)
+    if found is None:
         return
     table = Table("id", "name", "url", "events", "enabled", "pending", "failed", "delivered", "last attempt")
     for w in found:

@@ -395,6 +395,20 @@ def model_choices(conn: Connection) -> list[dict[str, Any]]:
     ]
 
 
+def version_form(conn: Connection, values: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """What the deploy and rollout forms offer: model versions (the newest preselected when none was
+    chosen), their variants, and label suggestions for the selector."""
+    choices = model_choices(conn)
+    if not values["ref"] and choices:
+        values = {**values, "ref": f"{choices[0]['model']}@{choices[0]['version']}"}
+    offered = {
+        "choices": choices,
+        "variants": sorted({v for c in choices for v in c["variants"]}),
+        "suggestions": label_suggestions(conn),
+    }
+    return values, offered
+
+
 def label_suggestions(conn: Connection, limit: int = 50) -> list[str]:
     """``key=value`` pairs seen on devices, most common first (for the selector field's suggestions)."""
     return [f"{k}={v}" for (k, v), _ in label_counts(conn).most_common(limit)]

@@ -69,22 +69,11 @@ def deployments(
 
 def _form_page(request: Request, values: dict[str, str], errors: dict[str, str], status_code: int = 200) -> Response:
     with runtime_of(request).engine.connect() as conn:
-        choices = queries.model_choices(conn)
-        suggestions = queries.label_suggestions(conn)
-    if not values["ref"] and choices:
-        values = {**values, "ref": f"{choices[0]['model']}@{choices[0]['version']}"}
+        values, offered = queries.version_form(conn, values)
     return page(
         request,
         "deployment_new.html",
-        {
-            "title": "New deployment",
-            "nav": "deployments",
-            "v": values,
-            "errors": errors,
-            "choices": choices,
-            "variants": sorted({v for c in choices for v in c["variants"]}),
-            "suggestions": suggestions,
-        },
+        {"title": "New deployment", "nav": "deployments", "v": values, "errors": errors, **offered},
         status_code=status_code,
     )
 
