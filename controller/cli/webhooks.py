@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel, ValidationError
 from rich.table import Table
 
 from controller.cli.client import ApiClient
 from controller.cli.output import data_console
+from controller.notify.webhooks import WebhookCreate, WebhookUpdate
 
 app = typer.Typer(
     help="Webhooks: add, list, change, remove, test, and their delivery log (admin token needed).",
@@ -54,6 +56,17 @@ def _secret_from(path: Path | None) -> str | None:
         return path.read_text().strip()
     except OSError as exc:
         typer.echo(f"error: cannot read the secret file {path}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _checked(model: type[BaseModel], body: dict[str, Any]) -> None:
+    """Check a request body with the API's own model first: one line per problem, not the API's 422 list."""
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in e["loc"]) or "request"
+            typer.echo(f"error: {where}: {str(e['msg']).removeprefix('Value error, ')}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -110,6 +123,7 @@ def add(
     secret = _secret_from(secret_file)
     if secret is not None:
         body["secret"] = secret
+    _checked(WebhookCreate, body)
     created = _client(api, token, data_dir).request("POST", "/api/v1/webhooks", json=body)
     typer.echo(
         f"added webhook {created['id']} {created['name']} -> {created['url']} ({', '.join(created['events'])})",
@@ -213,6 +227,7 @@ def update(
     secret = _secret_from(secret_file)
     if secret is not None:
         body["secret"] = secret
+    _checked(WebhookUpdate, body)
     changed = client.request("PATCH", f"/api/v1/webhooks/{webhook_id}", json=body)
     typer.echo(f"updated webhook {changed['id']} {changed['name']}", err=True)
     if rotate_secret:

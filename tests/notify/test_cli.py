@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from controller.auth.tokens import Role, create_token
 from controller.cli import app as cli_app
+from controller.notify.events import EventType
 from tests.helpers import wait_until
 from tests.notify.receiver import Receiver
 from tests.notify.test_webhooks import verified
@@ -56,7 +57,11 @@ def test_an_admin_manages_webhooks_from_the_command_line(
         assert refused.exit_code == 1 and "disabled" in refused.output and "Traceback" not in refused.output
 
         bad = runner.invoke(cli_app, ["webhooks", "add", "x", "http://h/x", "--event", "rollout.oops", *common])
-        assert bad.exit_code == 1 and "matches no event" in bad.output and "Traceback" not in bad.output
+        assert bad.exit_code == 1 and "Traceback" not in bad.output
+        assert bad.output.strip().splitlines() == [
+            "error: events: 'rollout.oops' matches no event; events are: " + ", ".join(t.value for t in EventType)
+            + " (wildcards: rollout.*, *)"
+        ]
         missing = runner.invoke(cli_app, ["webhooks", "show", "nope", *common])
         assert missing.exit_code == 1 and "no webhook named 'nope'" in missing.output
 
