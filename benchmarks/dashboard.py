@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, insert
 from sqlmodel import Session
 
+from agent.telemetry.histogram import bucket_index
 from controller.app import create_app
 from controller.auth import users
 from controller.auth.tokens import Role
@@ -35,6 +36,7 @@ from controller.db.models import (
     DeploymentTarget,
     Device,
     DeviceEvent,
+    HealthRollup,
     Model,
     ModelVersion,
     Rollout,
@@ -42,6 +44,8 @@ from controller.db.models import (
     TelemetryRecord,
     table,
 )
+from controller.health.aggregate import Health
+from controller.health.rollup import HealthRollupJob
 from controller.rollouts.plan import WaveSpec, assign
 from controller.runtime import ControllerRuntime
 from controller.settings import load_settings
@@ -80,6 +84,10 @@ def _telemetry_row(
     p50 = base * rng.uniform(0.85, 1.15)
     count = int(rng.uniform(40, 60) * interval / 10)
     errors = 1 if rng.random() < 0.02 else 0
+    normal = int(count * rng.uniform(0.8, 0.95))
+    scores = [0] * 20
+    for _ in range(count):
+        scores[min(19, int(rng.betavariate(2, 6) * 20))] += 1
     return {
         "device_id": device_id,
         "received_at": at,
@@ -107,6 +115,16 @@ def _telemetry_row(
                     "p99_ms": p50 * 2.2,
                     "mean_ms": p50 * 1.1,
                     "max_ms": p50 * 3,
+                    "buckets": [
+                        [bucket_index(p50 * 0.8), count // 4],
+                        [bucket_index(p50), count // 2],
+                        [bucket_index(p50 * 1.6), count - count // 4 - count // 2],
+                    ],
+                },
+                "drift": {
+                    "label_counts": {"normal": normal, "anomaly": count - normal},
+                    "score_hist": scores,
+                    "score_edges": [i / 20 for i in range(21)],
                 },
             }
         },
@@ -120,9 +138,11 @@ def seed(
     chart_points: int = 720,
     rollouts: int = 30,
     seed_value: int = 7,
+    health_history: bool = False,
 ) -> dict[str, Any]:
     """Fill a migrated database with a plausible fleet: devices with labels and models, telemetry, a model
-    registry, rollouts (one large one paused in its third wave) and an audit log. Returns what it made."""
+    registry, rollouts (one large one paused in its third wave), an audit log, and the health buckets of the
+    telemetry (with ``health_history``, a month of them). Returns what it made."""
     rng = random.Random(seed_value)
     now = datetime.now(UTC)
     with Session(engine) as session:
@@ -223,12 +243,18 @@ def seed(
         }
         for i in range(0, devices, 3)
     ]
+    if health_history:  # ~85,000 bucket rows: the benchmark's month of history, not every test's; written
+        # before the telemetry, which the health job then adds to them
+        _seed_health(engine, rng, now)
     with engine.begin() as conn:
         conn.execute(insert(table(Device)), device_rows)
         for start in range(0, len(tel_rows), 5000):
             conn.execute(insert(table(TelemetryRecord)), tel_rows[start : start + 5000])
         conn.execute(insert(table(DeviceEvent)), events)
-    big = _seed_rollouts(engine, rng, now, {r["id"]: r["labels"] for r in device_rows}, version_ids, rollouts)
+    big, big_deployment = _seed_rollouts(
+        engine, rng, now, {r["id"]: r["labels"] for r in device_rows}, version_ids, rollouts
+    )
+    HealthRollupJob(engine, budget_s=3600).run()
     entries: list[dict[str, Any]] = [
         {
             "at": now - timedelta(minutes=5 * k),
@@ -259,6 +285,7 @@ def seed(
         "telemetry_rows": len(tel_rows),
         "rollouts": rollouts,
         "big_rollout": big,
+        "big_deployment": big_deployment,
         "chart_device": "dev-00000",
     }
 
@@ -270,7 +297,7 @@ def _seed_rollouts(
     labels: dict[str, dict[str, str]],
     version_ids: dict[tuple[str, int], int],
     count: int,
-) -> str:
+) -> tuple[str, str]:
     waves = [
         WaveSpec.model_validate({"name": name, "until": until, "bake_s": 120})
         for name, until in (("canary", "1%"), ("10%", "10%"), ("50%", "50%"), ("100%", "100%"))
@@ -302,8 +329,10 @@ def _seed_rollouts(
         state = "paused" if large else rng.choice(("completed", "completed", "aborted"))
         wave_index = 2 if large else 3
         created = now - timedelta(hours=count - k)
+        finished = None if large else created + timedelta(minutes=40)
         wave_deployments: dict[str, str] = {}
         for w in range(wave_index + 1):
+            current = large and w == wave_index
             dep = uuid.uuid4().hex
             wave_deployments[str(w)] = dep
             deployments.append(
@@ -315,7 +344,7 @@ def _seed_rollouts(
                     "variant_rule": "auto",
                     "selector": None,
                     "device_ids": None,
-                    "status": "completed",
+                    "status": "failed" if state == "aborted" else ("running" if current else "completed"),
                     "activate": True,
                     "shadow": None,
                     "timeout_s": 1800.0,
@@ -324,7 +353,7 @@ def _seed_rollouts(
                     "max_concurrent": None,
                     "created_at": created,
                     "created_by": f"rollout {rid[:8]}",
-                    "finished_at": None,
+                    "finished_at": None if current else (finished or created),
                 }
             )
             for device_id, wave in assignment.items():
@@ -411,14 +440,52 @@ def _seed_rollouts(
                 }
             )
         if large:
-            big = rid
+            big, big_deployment = rid, wave_deployments[str(wave_index)]
     with engine.begin() as conn:
         conn.execute(insert(table(Rollout)), rollouts)
         conn.execute(insert(table(Deployment)), deployments)
         for start in range(0, len(targets), 5000):
             conn.execute(insert(table(DeploymentTarget)), targets[start : start + 5000])
         conn.execute(insert(table(RolloutTransition)), transitions)
-    return big
+    return big, big_deployment
+
+
+def _seed_health(engine: Engine, rng: random.Random, now: datetime) -> None:
+    """Fleet health buckets for every seeded model version and variant, as the health job keeps them: two days
+    of minutes, two weeks of quarter hours, two months of hours, a year of 6-hour buckets."""
+    rows: list[dict[str, Any]] = []
+    edges = [i / 20 for i in range(21)]
+    for name, task, variants, count in MODELS:
+        labels = ("normal", "anomaly") if task == "anomaly" else ("billing", "outage", "howto", "other", "praise")
+        for number in range(1, count + 1):
+            for variant in variants:
+                for resolution, span in ((60, 2 * 86400), (900, 14 * 86400), (3600, 60 * 86400), (21600, 365 * 86400)):
+                    end = now.timestamp() - now.timestamp() % resolution
+                    for k in range(span // resolution):
+                        h = Health()
+                        inferences = int(rng.uniform(0.8, 1.2) * 40 * resolution)
+                        h.reports, h.inferences, h.errors = resolution // 10 * 50, inferences, int(inferences * 0.003)
+                        p50 = {"fp32": 18.0, "int8": 9.0, "int4": 7.0}[variant]
+                        h.buckets[bucket_index(p50 * 0.8)] += inferences // 4
+                        h.buckets[bucket_index(p50)] += inferences // 2
+                        h.buckets[bucket_index(p50 * 1.7)] += inferences - inferences // 4 - inferences // 2
+                        h.max_ms = p50 * 3
+                        for label in labels:
+                            h.labels[label] = int(inferences * rng.uniform(0.05, 0.4))
+                        h.score_edges, h.score_counts = edges, [int(inferences * rng.random() / 20) for _ in range(20)]
+                        rows.append(
+                            {
+                                "model": name,
+                                "model_version": number,
+                                "variant": variant,
+                                "resolution_s": resolution,
+                                "bucket_start": datetime.fromtimestamp(end - k * resolution, UTC),
+                                **h.columns(),
+                            }
+                        )
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 5000):
+            conn.execute(insert(table(HealthRollup)), rows[start : start + 5000])
 
 
 #: the threads that serve requests (AnyIO runs sync endpoints and dependencies in these)
@@ -482,10 +549,10 @@ def run(quick: bool = False) -> dict[str, Any]:
 
         with TestClient(app) as client:
             started = time.perf_counter()
-            seeded = seed(runtime.engine, telemetry_per_device=4 if quick else 12)
+            seeded = seed(runtime.engine, telemetry_per_device=4 if quick else 12, health_history=True)
             seed_s = time.perf_counter() - started
             with Session(runtime.engine) as session:
-                users.create_user(session, "bench", Role.OPERATOR, PASSWORD)
+                users.create_user(session, "bench", Role.ADMIN, PASSWORD)  # every page, the admins' too
                 session.commit()
             login(client, "bench", PASSWORD)
             big = seeded["big_rollout"]
@@ -502,6 +569,16 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "rollout": f"/rollouts/{big}",
                 "rollout_live": f"/rollouts/{big}/live",
                 "rollout_new": "/rollouts/new",
+                "deployments": "/deployments",
+                "deployment": f"/deployments/{seeded['big_deployment']}",
+                "deployment_live": f"/deployments/{seeded['big_deployment']}/live",
+                "deployment_new": "/deployments/new",
+                "health": "/health",
+                "health_version_24h": "/health/pump-anomaly/2",
+                "health_series_24h": "/health/pump-anomaly/2/series.json",
+                "health_series_7d": "/health/pump-anomaly/2/series.json?range=7d",
+                "health_series_30d": "/health/intent-classifier/3/series.json?range=30d",
+                "webhooks": "/webhooks",
             }
             _time(client, "/bench/ping", 5)  # warm up
             baseline = _time(client, "/bench/ping", repeats * 3)

@@ -10,7 +10,18 @@ from fastapi import FastAPI
 from agent import __version__
 from controller import web
 from controller.api import docs
-from controller.api.routes import deployments, devices, enrollment, health, index, models, rollouts, tokens, users
+from controller.api.routes import (
+    deployments,
+    devices,
+    enrollment,
+    health,
+    index,
+    models,
+    rollouts,
+    tokens,
+    users,
+    webhooks,
+)
 from controller.runtime import ControllerRuntime
 from controller.settings import ControllerSettings
 
@@ -48,6 +59,7 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     app.include_router(users.router)
     app.include_router(tokens.router)
     app.include_router(enrollment.router)
+    app.include_router(webhooks.router)
     docs.install(app)
     web.install(app)
     return app

@@ -22,9 +22,13 @@ from controller.db.types import utcnow
 from controller.delivery.service import DeliveryService
 from controller.devices.registry import DeviceRegistry
 from controller.enrollment.service import EnrollmentService
+from controller.health.rollup import HealthRollupJob
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
+from controller.notify.outbox import Notifier
+from controller.notify.sender import SenderSettings, WebhookSender
+from controller.notify.triggers import Triggers
 from controller.registry.service import RegistryService
 from controller.rollouts.engine import RolloutEngine
 from controller.settings import ControllerSettings
@@ -73,6 +77,22 @@ class ControllerRuntime:
         self.handler.on_birth = self.delivery.device_online
         self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
         self.rollouts = RolloutEngine(self.engine, self.delivery)
+        self.health = HealthRollupJob(self.engine)
+        self.notifier = Notifier(self.engine)
+        self.webhook_sender = WebhookSender(
+            self.engine,
+            SenderSettings(
+                concurrency=settings.webhook_concurrency,
+                timeout_s=settings.webhook_timeout_s,
+                max_attempts=settings.webhook_max_attempts,
+                retry_base_s=settings.webhook_retry_base_s,
+                retry_max_s=settings.webhook_retry_max_s,
+            ),
+        )
+        self.notifier.wake = self.webhook_sender.wake
+        self.triggers = Triggers(self.engine, self.notifier, settings.public_url, settings.notify_offline_after_s)
+        self.rollouts.on_transition = self.triggers.rollout_transition
+        self.delivery.on_finish = self.triggers.deployment_finished
         self.bridge: MqttBridge | None = None
         #: the broker's dynamic-security administrator when broker_auth is dynsec (set in start())
         self.broker_admin: DynsecAdmin | None = None
@@ -99,6 +119,8 @@ class ControllerRuntime:
         self.enrollment.load()
         self.models.start()
         self.writer.start()
+        self.notifier.reload()
+        self.webhook_sender.start()  # deliveries left pending by the last run go out now
         if s.broker_url:
             fields = parse_broker_url(s.broker_url)
             if s.mqtt_username:
@@ -138,6 +160,10 @@ class ControllerRuntime:
         self.scheduler.add_job(self.flush_last_seen, "interval", seconds=5, id="last-seen")
         self.scheduler.add_job(self.delivery.flush, "interval", seconds=1, id="delivery-flush")
         self.scheduler.add_job(self.delivery.check_timeouts, "interval", seconds=2, id="delivery-timeouts")
+        self.scheduler.add_job(self.health.run, "interval", seconds=s.health_interval_s, id="health-rollup")
+        if s.notify_offline_after_s > 0:
+            every = max(1.0, min(15.0, s.notify_offline_after_s / 4))
+            self.scheduler.add_job(self.triggers.check_devices, "interval", seconds=every, id="notify-offline")
         self.rollouts.resume_all()
         self.scheduler.add_job(self.rollouts.step_all, "interval", seconds=s.rollout_step_s, id="rollouts")
         self.scheduler.start()
@@ -154,6 +180,7 @@ class ControllerRuntime:
         self.delivery.flush()  # what devices reported while the connection was closing
         self.flush_last_seen()
         self.writer.stop()
+        self.webhook_sender.stop()
         self.models.stop()
         self.engine.dispose()
 
@@ -186,6 +213,9 @@ class ControllerRuntime:
         removed = (n.rowcount or 0) + (m.rowcount or 0)
         if removed:
             log.info("retention: removed %d telemetry rows and events older than %s", removed, cutoff)
+        pruned = self.health.prune() + self.webhook_sender.prune(timedelta(days=self.settings.webhook_log_days))
+        if pruned:
+            log.info("retention: removed %d old health buckets and webhook deliveries", pruned)
         return removed
 
     # --------------------------------------------------------- helpers --

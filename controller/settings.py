@@ -151,6 +151,34 @@ class ControllerSettings(BaseSettings):
     rollout_step_s: Annotated[float, Field(gt=0, le=60)] = Field(
         1.0, description="how often running rollouts are advanced (device failures also advance them at once)"
     )
+    health_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        10.0,
+        description="how often new telemetry is summed into the fleet health buckets (per model version, per"
+        " minute and per hour) that the dashboard's Health pages chart",
+    )
+    notify_offline_after_s: Annotated[float, Field(ge=0, le=30 * 86400)] = Field(
+        600.0,
+        description="webhooks get a device.offline event for devices offline longer than this (once per outage),"
+        " and device.online when they are back; 0 turns it off",
+    )
+    webhook_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        10.0, description="how long a webhook receiver has to answer before the attempt counts as failed"
+    )
+    webhook_max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        10, description="attempts per webhook delivery before it is marked failed"
+    )
+    webhook_retry_base_s: Annotated[float, Field(gt=0, le=86400)] = Field(
+        10.0, description="delay before the first retry of a webhook delivery; each next one waits 4x longer"
+    )
+    webhook_retry_max_s: Annotated[float, Field(gt=0, le=7 * 86400)] = Field(
+        3600.0, description="longest delay between two attempts of a webhook delivery"
+    )
+    webhook_concurrency: Annotated[int, Field(ge=1, le=64)] = Field(
+        4, description="webhook requests in flight at once (never more than one per webhook)"
+    )
+    webhook_log_days: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="delivered and failed webhook deliveries are kept this long in the delivery log"
+    )
     require_auth_for_reads: bool = Field(False, description="require a viewer token for GET requests too")
     dashboard_session_hours: Annotated[float, Field(gt=0, le=24 * 30)] = Field(
         12.0, description="how long a dashboard login lasts before the user must log in again"

@@ -8,7 +8,19 @@ from typing import Annotated
 
 import typer
 
-from controller.cli import broker, deploy, devices, enrollment, models, rollouts, simulate, tokens, up, users
+from controller.cli import (
+    broker,
+    deploy,
+    devices,
+    enrollment,
+    models,
+    rollouts,
+    simulate,
+    tokens,
+    up,
+    users,
+    webhooks,
+)
 
 app = typer.Typer(
     name="slmfleet",
@@ -46,4 +58,5 @@ app.add_typer(users.app, name="users")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(enrollment.app, name="enrollment")
 app.add_typer(broker.app, name="broker")
+app.add_typer(webhooks.app, name="webhooks")
 app.command("simulate")(simulate.simulate)

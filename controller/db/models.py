@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, String, Table, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from controller.db.types import UTCDateTime, utcnow
@@ -305,6 +305,129 @@ class WebSession(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     expires_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False, index=True))
     last_seen_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+
+
+
+class HealthRollup(SQLModel, table=True):
+    """What the devices serving one model version reported in one time bucket, summed over the fleet.
+
+    Built from the telemetry rows by a scheduled job (``controller.health.rollup``); the latency and score
+    histograms use the buckets shared with the agents, so merged buckets give exact fleet percentiles.
+    """
+
+    __tablename__ = "health_rollup"
+    __table_args__ = (
+        # one row per bucket; its order serves the charts (a version's buckets in a time range)
+        UniqueConstraint(
+            "model", "model_version", "resolution_s", "bucket_start", "variant", name="uq_health_rollup_bucket"
+        ),
+        # the fleet page: every version's last minutes
+        Index("ix_health_rollup_recent", "resolution_s", "bucket_start"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    )
+    resolution_s: int
+    bucket_start: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    model: str = Field(max_length=128)
+    model_version: int
+    variant: str = Field(max_length=64)
+    reports: int = 0
+    inferences: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    errors: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    drops: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    #: {"buckets": {index: count}, "max_ms": x, "p50_sum": s, "p95_sum": s, "weight": n} (sums: rows without buckets)
+    latency: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    #: {label: count}
+    labels: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    #: {"edges": [...], "counts": [...]}
+    scores: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class HealthCursor(SQLModel, table=True):
+    """How far the health job has read a table (the highest id it has summed)."""
+
+    __tablename__ = "health_cursor"
+
+    name: str = Field(sa_column=Column(String(32), primary_key=True))
+    last_id: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class DeviceHealth(SQLModel, table=True):
+    """A device's most recent trouble (inference errors, an agent error event), for the fleet page."""
+
+    __tablename__ = "device_health"
+
+    device_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    last_error_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False, index=True))
+    last_error: str = Field(default="", max_length=512)
+
+
+class Webhook(SQLModel, table=True):
+    """A URL told about events (rollout state changes, failed deployments, devices offline), signed."""
+
+    __tablename__ = "webhook"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(128), unique=True, nullable=False))
+    url: str = Field(max_length=2048)
+    #: ``whsec_`` + base64: the controller must sign with it, so it is kept (shown once, never listed)
+    secret: str = Field(max_length=128)
+    events: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    enabled: bool = True
+    description: str = Field(default="", max_length=1024)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+
+
+class NotificationEvent(SQLModel, table=True):
+    """One event, with the exact JSON body every webhook it goes to receives (and is signed over)."""
+
+    __tablename__ = "notification_event"
+
+    id: str = Field(sa_column=Column(String(40), primary_key=True))
+    type: str = Field(max_length=64, index=True)
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False, index=True))
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event to one webhook: pending until a 2xx answer, retried with backoff, failed after the last try."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (Index("ix_webhook_delivery_due", "status", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("webhook.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    event_id: str = Field(
+        sa_column=Column(String(40), ForeignKey("notification_event.id", ondelete="CASCADE"), nullable=False)
+    )
+    event_type: str = Field(max_length=64)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    last_attempt_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    delivered_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    last_status: int | None = None
+    last_error: str = Field(default="", max_length=1024)
+    #: the last attempts: [{"at", "status", "error", "ms"}], newest last, a few kept
+    history: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class DeviceOfflineNotice(SQLModel, table=True):
+    """A device the webhooks were told is offline (so they are told once per outage, and when it is back)."""
+
+    __tablename__ = "device_offline_notice"
+
+    device_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    offline_since: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    notified_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 
 
 def table(model: type[SQLModel]) -> Table:

@@ -100,6 +100,8 @@ class DeliveryService:
         self._broadcasts: dict[str, Broadcast] = {}
         self._repairs: Repairs | None = None
         self.on_target_change: list[Callable[[Target], None]] = []
+        #: told when a deployment ends (session, id, status, its targets) before that commits: notifications
+        self.on_finish: Callable[[Session, str, str, list[Target]], None] | None = None
         #: whether a device is online now (the device registry); offline ones are not waited for
         self.is_online: Callable[[str], bool] = lambda device_id: True
         #: lets a device read an artifact's chunk topic at the broker (per-device ACLs), before its command
@@ -653,6 +655,11 @@ class DeliveryService:
                     .where(table(Deployment).c.id == deployment_id)
                     .values(status=status, finished_at=utcnow())
                 )
+                if self.on_finish is not None:
+                    try:
+                        self.on_finish(session, deployment_id, status, targets)
+                    except Exception:  # a notification that cannot be written never holds a deployment up
+                        log.exception("deployment %s: notifying %s failed", deployment_id[:8], status)
                 session.commit()
             log.info("deployment %s %s", deployment_id[:8], status)
 

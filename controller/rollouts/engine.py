@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +61,9 @@ class RolloutEngine:
         self._deployment_rollout: dict[str, str] = {}
         self._last_late_scan: dict[str, float] = {}
         delivery.on_target_change.append(self.on_target_change)
+        #: told of every transition inside its transaction (session, rollout, from, event, to, reason, actor):
+        #: the notifications, which commit with the transition they report
+        self.on_transition: Callable[[Session, Rollout, str, str, str, str, str], None] | None = None
 
     # ---------------------------------------------------------- create --
 
@@ -498,6 +502,11 @@ class RolloutEngine:
         state = S(r.state)
         new = next_state(state, event)
         self._record(session, r, state, event, new, reason, actor)
+        if self.on_transition is not None:
+            try:
+                self.on_transition(session, r, state.value, event.value, new.value, reason, actor)
+            except Exception:  # a notification that cannot be written never holds a rollout up
+                log.exception("rollout %s: notifying %s failed", r.id[:8], new.value)
         r.state, r.state_since, r.reason = new.value, self._now_dt(), reason[:2000]
         if new in (S.COMPLETED, S.ABORTED):
             r.finished_at = self._now_dt()

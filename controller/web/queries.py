@@ -19,6 +19,7 @@ from controller.db.models import (
     DeploymentTarget,
     Device,
     DeviceEvent,
+    ImportJob,
     Model,
     ModelVersion,
     Rollout,
@@ -394,6 +395,20 @@ def model_choices(conn: Connection) -> list[dict[str, Any]]:
     ]
 
 
+def version_form(conn: Connection, values: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """What the deploy and rollout forms offer: model versions (the newest preselected when none was
+    chosen), their variants, and label suggestions for the selector."""
+    choices = model_choices(conn)
+    if not values["ref"] and choices:
+        values = {**values, "ref": f"{choices[0]['model']}@{choices[0]['version']}"}
+    offered = {
+        "choices": choices,
+        "variants": sorted({v for c in choices for v in c["variants"]}),
+        "suggestions": label_suggestions(conn),
+    }
+    return values, offered
+
+
 def label_suggestions(conn: Connection, limit: int = 50) -> list[str]:
     """``key=value`` pairs seen on devices, most common first (for the selector field's suggestions)."""
     return [f"{k}={v}" for (k, v), _ in label_counts(conn).most_common(limit)]
@@ -471,4 +486,25 @@ def audit_entries(
         stmt = stmt.where(a.target == target)
     if changes_only:
         stmt = stmt.where(a.action.not_like("dashboard.%"))
-    return [dict(r._mapping) for r in conn.execute(stmt)]
+    entries = [dict(r._mapping) for r in conn.execute(stmt)]
+    _with_import_outcomes(conn, entries)
+    return entries
+
+
+def _with_import_outcomes(conn: Connection, entries: list[dict[str, Any]]) -> None:
+    """An upload's entry is written when its import starts: add how the import ended (one query, if any)."""
+    jobs = {
+        str(e["detail"].get("job"))
+        for e in entries
+        if e["action"] == "model.version.import" and isinstance(e["detail"], dict) and e["detail"].get("job")
+    }
+    if not jobs:
+        return
+    j = table(ImportJob).c
+    found = {
+        r.id: dict(r._mapping)
+        for r in conn.execute(select(j.id, j.status, j.error, j.version_number).where(j.id.in_(list(jobs)[:200])))
+    }
+    for e in entries:
+        if e["action"] == "model.version.import" and isinstance(e["detail"], dict):
+            e["import"] = found.get(str(e["detail"].get("job")))

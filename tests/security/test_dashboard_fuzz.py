@@ -19,8 +19,9 @@ from sqlmodel import Session, select
 
 from benchmarks.dashboard import seed
 from controller.broker.embedded import EmbeddedBroker
-from controller.db.models import EnrollmentToken, Rollout
+from controller.db.models import Deployment, EnrollmentToken, Rollout, Webhook
 from controller.web import forms
+from controller.web.deployment_form import FIELDS as DEPLOYMENT_FIELDS
 from controller.web.enrollment_form import FIELDS as ENROLLMENT_FIELDS
 from tests.conftest import LiveController
 from tests.registry.tiny_models import anomaly_model
@@ -166,10 +167,103 @@ def test_dashboard_forms_and_pages_have_no_server_errors(admin: tuple[LiveContro
             r = client.get(path, params=params, follow_redirects=False)
             no_server_error(r, f"GET {path} {params!r}")
 
-    for target in (rollout_form, enrollment_form, paths, queries):
+    outcomes.update({"deploy": set(), "webhook": set(), "upload": set()})
+
+    @SETTINGS
+    @example(values={"ref": "fuzz-pump@1", "selector": "fleet=kiosks", "timeout_s": "60", "activate": "1"})
+    @given(values=form_of(list(DEPLOYMENT_FIELDS)))
+    def deployment_form(values: dict[str, str]) -> None:
+        with Session(ctl.runtime.engine) as session:
+            before = len(session.exec(select(Deployment)).all())
+        r = client.post("/deployments", data={**values, "csrf_token": token}, follow_redirects=False)
+        no_server_error(r, f"POST /deployments {values!r}")
+        outcomes["deploy"].add(r.status_code)
+        assert r.status_code in (303, 404, 409, 422), (r.status_code, values)
+        with Session(ctl.runtime.engine) as session:
+            after = len(session.exec(select(Deployment)).all())
+        assert after == before + (1 if r.status_code == 303 else 0)
+
+    @SETTINGS
+    @example(values={"name": "pager", "url": "http://127.0.0.1:9/hook", "event_rollout.aborting": "1"})
+    @given(values=form_of(["name", "url", "description", "secret", "event_rollout.aborting", "event_device.offline"]))
+    def webhook_form(values: dict[str, str]) -> None:
+        with Session(ctl.runtime.engine) as session:
+            before = len(session.exec(select(Webhook)).all())
+        r = client.post("/webhooks", data={**values, "csrf_token": token}, follow_redirects=False)
+        no_server_error(r, f"POST /webhooks {values!r}")
+        outcomes["webhook"].add(r.status_code)
+        assert r.status_code in (201, 409, 422), (r.status_code, values)
+        with Session(ctl.runtime.engine) as session:
+            after = len(session.exec(select(Webhook)).all())
+        assert after == before + (1 if r.status_code == 201 else 0)
+
+    @settings(SETTINGS, max_examples=max(5, EXAMPLES // 4))
+    @example(values={"model": "fuzz-upload", "task": "anomaly"}, name="m.onnx")
+    @given(values=form_of(["model", "task", "description", "options", "variant_int8"]), name=text)
+    def upload_form(values: dict[str, str], name: str) -> None:
+        files = [("file", (name[:100] or "m.onnx", b"not a model"))]
+        r = client.post("/models/upload", data={**values, "csrf_token": token}, files=files, follow_redirects=False)
+        no_server_error(r, f"POST /models/upload {values!r} {name!r}")
+        outcomes["upload"].add(r.status_code)
+        assert r.status_code in (303, 413, 422), (r.status_code, values, name)
+
+    @SETTINGS
+    @given(segment=text, other=text, action=st.sampled_from(["cancel", "rollback", "test", "delete", "enable", "x"]))
+    def new_paths(segment: str, other: str, action: str) -> None:
+        from urllib.parse import quote
+
+        seg, seg2 = quote(segment, safe="") or "x", quote(other, safe="") or "1"
+        for method, path, data in (
+            ("GET", f"/deployments/{seg}", None),
+            ("GET", f"/deployments/{seg}/live", None),
+            ("POST", f"/deployments/{seg}/{action}", {"csrf_token": token}),
+            ("GET", f"/health/{seg}/{seg2}", None),
+            ("GET", f"/health/{seg}/1/series.json", None),
+            ("GET", f"/imports/{seg}", None),
+            ("GET", f"/imports/{seg}/live", None),
+            ("GET", f"/webhooks/{seg}", None),
+            ("POST", f"/webhooks/{seg}/{action}", {"csrf_token": token}),
+            ("GET", f"/webhook-deliveries/{seg}", None),
+            ("POST", f"/webhook-deliveries/{seg}/retry", {"csrf_token": token}),
+        ):
+            r = client.request(method, path, data=data, follow_redirects=False)
+            no_server_error(r, f"{method} {path}")
+
+    @SETTINGS
+    @given(
+        params=st.dictionaries(
+            st.sampled_from(["status", "state", "page", "range", "done", "ref", "model", "selector"]), text, max_size=4
+        )
+    )
+    def new_queries(params: dict[str, str]) -> None:
+        for path in (
+            "/deployments",
+            "/deployments/new",
+            "/health",
+            "/health/pump-anomaly/2",
+            "/health/pump-anomaly/2/series.json",
+            "/webhooks",
+            "/models/upload",
+        ):
+            r = client.get(path, params=params, follow_redirects=False)
+            no_server_error(r, f"GET {path} {params!r}")
+
+    for target in (
+        rollout_form,
+        enrollment_form,
+        paths,
+        queries,
+        deployment_form,
+        webhook_form,
+        upload_form,
+        new_paths,
+        new_queries,
+    ):
         target()
     # both sides of each form were reached: accepted (a rollout created, a token shown) and refused
     assert {303, 422} <= outcomes["rollout"] and {201, 422} <= outcomes["enrollment"], outcomes
+    assert {303, 422} <= outcomes["deploy"] and {201, 422} <= outcomes["webhook"], outcomes
+    assert {303, 422} <= outcomes["upload"], outcomes
 
     # still serving, and the fuzzing left no rollout half-made (each one created has its waves)
     assert client.get("/").status_code == 200

@@ -23,9 +23,12 @@ from controller.app import create_app
 from controller.auth.tokens import Role, create_token
 from controller.broker.embedded import EmbeddedBroker
 from controller.db.models import AuditEntry, Rollout
+from controller.health.series import version_series
 from controller.runtime import ControllerRuntime
 from tests.conftest import BROKER_ENGINE, controller_settings
 from tests.helpers import wait_until
+from tests.notify.receiver import Receiver
+from tests.notify.test_webhooks import verified
 from tests.registry.tiny_models import anomaly_model
 from tests.rollouts.autopeer import AutoPeer
 from tests.web.support import CHROMIUM_FLAGS, PASSWORDS, LiveServer, add_users, chromium_path, save_screenshot
@@ -71,7 +74,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("dashboard")
     broker = EmbeddedBroker(root / "broker", engine=BROKER_ENGINE)  # type: ignore[arg-type]
     broker.start()
-    settings = controller_settings(root / "controller", broker, chunk_size=65536, rollout_step_s=0.2)
+    settings = controller_settings(
+        root / "controller",
+        broker,
+        chunk_size=65536,
+        rollout_step_s=0.2,
+        health_interval_s=0.5,
+        webhook_retry_base_s=0.3,
+    )
     runtime = ControllerRuntime(settings)
     server = LiveServer(create_app(settings, runtime)).start()
     peers: list[AutoPeer] = []
@@ -425,6 +435,115 @@ def test_logging_out_ends_the_session(tab: Any, site: Site) -> None:
     expect(page).to_have_url(re.compile(r"/login\?next=%2Frollouts$"))
     assert not [c for c in w.context.cookies() if c["name"] == "slmf_session"]
     assert w.problems == []
+
+
+def test_the_operator_pages_load_without_errors(tab: Any, site: Site) -> None:
+    w = tab("olivia")
+    page = w.page
+    big = site.seeded["big_rollout"]
+    for name, path, check in (
+        ("deployments", "/deployments", lambda: expect(page.get_by_test_id("deployment-table")).to_be_visible()),
+        ("health", "/health", lambda: expect(page.locator("tr[data-version='pump@1']")).to_be_visible()),
+        ("fleet-attention", "/", lambda: expect(page.get_by_test_id("attention-rollouts")).to_contain_text(big[:8])),
+    ):
+        response = page.goto(path)
+        assert response is not None and response.status == 200, path
+        check()
+        save_screenshot(page, name)
+        assert w.problems == [], (path, w.problems)
+    # the paused rollout on the fleet page leads to it
+    page.get_by_test_id("attention-rollouts").get_by_role("link", name=big[:8]).click()
+    expect(page).to_have_url(re.compile(f"/rollouts/{big}$"))
+    assert w.problems == []
+
+
+def test_health_charts_draw_what_the_devices_report(tab: Any, site: Site) -> None:
+    # the peers report every 0.3 s and the health job sums it every 0.5 s: wait for the first sums
+    def summed() -> bool:
+        with site.runtime.engine.connect() as conn:
+            return version_series(conn, "pump", 1, 3600)["summary"]["reports"] > 0
+
+    wait_until(summed, 20, what="health buckets of pump v1")
+    w = tab("vera")
+    page = w.page
+    page.goto("/health/pump/1?range=1h")
+    for chart in ("rate", "latency", "errors"):
+        box = page.get_by_test_id(f"chart-{chart}")
+        expect(box.locator("canvas")).to_be_visible()
+        expect(box).to_have_attribute("data-points", re.compile(r"^[1-9]\d*$"))
+    expect(page.get_by_test_id("health-p50")).to_contain_text("ms")
+    save_screenshot(page, "health-version")
+    assert w.problems == [], w.problems
+
+
+def test_a_version_uploaded_and_deployed_from_the_browser(tab: Any, site: Site, tmp_path: Path) -> None:
+    w = tab("olivia")
+    page = w.page
+    page.goto("/models")
+    page.get_by_test_id("upload-version").click()
+    expect(page).to_have_url(re.compile("/models/upload$"))
+    model, _ = anomaly_model(tmp_path / "pump-v3.onnx", seed=3)
+    page.fill("input[name=model]", "pump")
+    page.select_option("select[name=task]", "anomaly")
+    page.fill("input[name=description]", "v3 from the browser")
+    page.check("input[name=variant_fp32]")
+    options = {"anomaly": {"threshold": 0.0, "higher_is_anomalous": False, "output": "scores"}}
+    page.fill("textarea[name=options]", json.dumps(options))
+    page.get_by_test_id("upload-file").set_input_files(str(model))
+    save_screenshot(page, "model-upload")
+    page.get_by_test_id("upload").click()
+    expect(page).to_have_url(re.compile(r"/imports/[0-9a-f]{32}$"))
+    expect(page.get_by_test_id("import-done")).to_contain_text("pump v3 is registered", timeout=120_000)
+    page.get_by_test_id("deploy-version").click()
+    expect(page).to_have_url(re.compile(r"/deployments/new\?ref=pump%403$"))
+    page.fill("input[name=selector]", "group=a")
+    expect(page.get_by_test_id("matching")).to_have_text("3 devices match now.")
+    for p in site.peers["a"]:
+        p.hold("download")  # the page must show them downloading before they finish
+    page.get_by_test_id("create-deployment").click()
+    expect(page).to_have_url(re.compile(r"/deployments/[0-9a-f]{32}\?done=created$"))
+    progress = page.get_by_test_id("deployment-progress")
+    expect(progress).to_contain_text("0 of 3 devices active")
+    save_screenshot(page, "deployment-running")
+    for p in site.peers["a"]:
+        p.release("download")
+    expect(progress).to_contain_text("3 of 3 devices active (100%)", timeout=TIMEOUT_MS)  # no reload: it polls
+    expect(page.locator("[data-testid=targets] tbody tr[data-state=active]")).to_have_count(3)
+    expect(page.get_by_test_id("live").locator("[data-final]")).to_have_count(1)
+    save_screenshot(page, "deployment")
+    assert all(p.serving is not None and p.serving.version == 3 for p in site.peers["a"])
+    deployment_id = page.url.split("/deployments/")[1].split("?")[0]
+    assert [(a, b) for a, b, _ in site.audit(deployment_id)] == [("olivia", "deployment.create")]
+    page.goto("/")
+    page.get_by_test_id("audit-deployment").first.click()
+    expect(page).to_have_url(re.compile(f"/deployments/{deployment_id}$"))
+    assert w.problems == [], w.problems
+
+
+def test_webhooks_from_the_notifications_page(tab: Any, site: Site) -> None:
+    receiver = Receiver(script=[503]).start()
+    try:
+        w = tab("adam")
+        page = w.page
+        page.goto("/webhooks")
+        page.fill("input[name=name]", "ops-pager")
+        page.fill("input[name=url]", receiver.url)
+        page.check("input[name='event_rollout.aborting']")
+        page.get_by_test_id("add-webhook").click()
+        secret = page.get_by_test_id("webhook-secret").input_value()
+        assert secret.startswith("whsec_")
+        save_screenshot(page, "webhooks")
+        page.get_by_role("link", name="ops-pager").first.click()
+        page.get_by_role("button", name="Send a test event").click()
+        expect(page.locator(".notice")).to_contain_text("A ping event is on its way")
+        got = wait_until(lambda: [r for r in receiver.requests("ping") if r.status == 200], 30, what="the ping")
+        verified(secret, got[0])
+        page.reload()
+        expect(page.locator("[data-testid=delivery-log] tr[data-status=delivered]")).to_have_count(1)
+        save_screenshot(page, "webhook")
+        assert w.problems == [], w.problems
+    finally:
+        receiver.stop()
 
 
 def test_screenshots_are_kept_as_artifacts() -> None:

@@ -150,11 +150,19 @@ def test_pages_run_the_same_few_queries_whatever_the_fleet_size(make_controller:
             "rollout": f"/rollouts/{big}",
             "live": f"/rollouts/{big}/live",
             "form": "/rollouts/new",
+            "deployments": "/deployments",
+            "deployment": f"/deployments/{made['big_deployment']}",
+            "deployment_live": f"/deployments/{made['big_deployment']}/live",
+            "deploy_form": "/deployments/new",
+            "health": "/health",
+            "health_version": "/health/pump-anomaly/2?range=7d",
+            "health_series": "/health/pump-anomaly/2/series.json",
         }
         counts.append({name: _statements(ctl, path) for name, path in paths.items()})
     small, large = counts
     assert large == small
-    assert max(small.values()) <= 8, small
+    # the fleet page is the busiest: its summary (6) and what needs attention (5 bounded queries)
+    assert max(small.values()) <= 12, small
 
 
 def test_static_assets_are_served_and_vendored_with_their_licenses(web: LiveController) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session, col, select
@@ -96,21 +96,14 @@ def render(runtime: ControllerRuntime, session: Session, dep: Deployment) -> Dep
     )
 
 
-def _get(session: Session, deployment_id: str) -> Deployment:
-    """The deployment with this id, or the only one whose id starts with it (as the CLI prints them)."""
-    return ids.resolve(session, Deployment, deployment_id, "deployment")
-
-
-@router.post("", response_model=DeploymentPublic, status_code=status.HTTP_201_CREATED)
-def create_deployment(
-    body: DeploymentCreate, runtime: RuntimeDep, session: SessionDep, who: OperatorDep
-) -> DeploymentPublic:
-    """Send a model version to devices (ids or a label selector); the variant is chosen per device unless given."""
+def start_deployment(runtime: ControllerRuntime, body: DeploymentCreate, actor: str) -> tuple[str, dict[str, Any]]:
+    """Create a deployment from the API's request body (the REST route and the dashboard's form both call
+    this); returns its id and the audit entry's detail. Raises DeploymentError."""
     target = body.target
     devices = (target.devices if target else None) or body.devices
     selector = (target.selector if target else None) or body.selector
     if runtime.bridge is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the controller has no broker connection")
+        raise DeploymentError("the controller has no broker connection", status.HTTP_503_SERVICE_UNAVAILABLE)
     request = DeploymentRequest(
         model=body.model,
         version=body.version,
@@ -121,23 +114,41 @@ def create_deployment(
         timeout_s=body.timeout_s,
         shadow=None if body.shadow is None else ShadowSpec(**body.shadow.model_dump()),
     )
+    deployment_id = runtime.delivery.create(request, actor)
+    detail = {
+        "model": body.model,
+        "version": body.version,
+        "variant": body.variant,
+        "selector": selector,
+        "devices": (devices or [])[:50],
+    }
+    return deployment_id, detail
+
+
+def deployment_action(runtime: ControllerRuntime, deployment_id: str, action: str, actor: str) -> int:
+    """cancel, rollback or commit; returns how many devices were told. Raises DeploymentError."""
+    if action == "cancel":
+        return runtime.delivery.cancel(deployment_id, actor)
+    if action == "rollback":
+        return runtime.delivery.rollback(deployment_id, actor)
+    return runtime.delivery.commit(deployment_id)
+
+
+def _get(session: Session, deployment_id: str) -> Deployment:
+    """The deployment with this id, or the only one whose id starts with it (as the CLI prints them)."""
+    return ids.resolve(session, Deployment, deployment_id, "deployment")
+
+
+@router.post("", response_model=DeploymentPublic, status_code=status.HTTP_201_CREATED)
+def create_deployment(
+    body: DeploymentCreate, runtime: RuntimeDep, session: SessionDep, who: OperatorDep
+) -> DeploymentPublic:
+    """Send a model version to devices (ids or a label selector); the variant is chosen per device unless given."""
     try:
-        deployment_id = runtime.delivery.create(request, who.name)
+        deployment_id, detail = start_deployment(runtime, body, who.name)
     except DeploymentError as exc:
         raise HTTPException(exc.status, str(exc)) from None
-    audit.record(
-        session,
-        who.name,
-        "deployment.create",
-        deployment_id,
-        {
-            "model": body.model,
-            "version": body.version,
-            "variant": body.variant,
-            "selector": selector,
-            "devices": (devices or [])[:50],
-        },
-    )
+    audit.record(session, who.name, "deployment.create", deployment_id, detail)
     session.commit()
     return render(runtime, session, _get(session, deployment_id))
 
@@ -164,12 +175,7 @@ def get_deployment(deployment_id: str, runtime: RuntimeDep, session: SessionDep,
 def _action(runtime: ControllerRuntime, session: Session, deployment_id: str, action: str, actor: str) -> ActionResult:
     deployment_id = _get(session, deployment_id).id
     try:
-        if action == "cancel":
-            n = runtime.delivery.cancel(deployment_id, actor)
-        elif action == "rollback":
-            n = runtime.delivery.rollback(deployment_id, actor)
-        else:
-            n = runtime.delivery.commit(deployment_id)
+        n = deployment_action(runtime, deployment_id, action, actor)
     except DeploymentError as exc:
         raise HTTPException(exc.status, str(exc)) from None
     audit.record(session, actor, f"deployment.{action}", deployment_id, {"devices": n})

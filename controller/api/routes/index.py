@@ -21,6 +21,7 @@ RESOURCES = {
     "enrollment-tokens": "single-use tokens devices join with (admin)",
     "tokens": "API tokens (admin)",
     "users": "dashboard users (admin)",
+    "webhooks": "notification receivers and their delivery log (admin)",
 }
 
 

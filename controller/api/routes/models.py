@@ -24,8 +24,9 @@ from controller.api.schemas import (
     VersionPublic,
 )
 from controller.db.models import Artifact, Deployment, ImportJob, Model, ModelVersion
-from controller.registry.bundles import BundleError, parse_options
-from controller.registry.upload import UploadError, receive, remove_tree
+from controller.registry.bundles import BundleError
+from controller.registry.intake import queue_import, receive_upload
+from controller.registry.upload import UploadError
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
@@ -170,24 +171,17 @@ async def upload_version(
     less than ``wait`` seconds, else 202 with the import job to poll.
     """
     registry = runtime.models
-    staging = registry.new_staging()
     try:
-        upload = await receive(request, staging / "upload", runtime.settings.upload_max_bytes)
-        parsed = parse_options(upload.fields.get("options") or options)
-        files = [p.as_posix() for p in upload.files]
-        bundle_root = await anyio.to_thread.run_sync(registry.prepare, staging, files)
+        received = await receive_upload(registry, request, runtime.settings.upload_max_bytes)
+        job_id = await queue_import(
+            registry, received, name, received.upload.fields.get("options") or options, who.name
+        )
     except (UploadError, BundleError) as exc:
-        remove_tree(staging)
         code = exc.status if isinstance(exc, UploadError) else 422
         raise HTTPException(code, str(exc)) from None
-    except BaseException:
-        remove_tree(staging)
-        raise
-    job_id = registry.submit(name, staging, bundle_root, parsed, who.name)
     with Session(runtime.engine) as session:
-        audit.record(
-            session, who.name, "model.version.import", name, {"job": job_id, "files": files[:20], "bytes": upload.size}
-        )
+        detail = {"job": job_id, "files": received.files[:20], "bytes": received.upload.size}
+        audit.record(session, who.name, "model.version.import", name, detail)
         session.commit()
     timeout = runtime.settings.import_wait_s if wait is None else wait
     finished = await anyio.to_thread.run_sync(registry.wait, job_id, timeout)

@@ -15,6 +15,7 @@ from controller.db.types import utcnow
 from controller.devices import selectors
 from controller.enrollment.service import EnrollmentError
 from controller.web import queries
+from controller.web.attention import attention
 from controller.web.deps import AdminFormDep, UserDep, runtime_of
 from controller.web.render import SECURITY_HEADERS, page
 
@@ -33,6 +34,7 @@ DONE_MESSAGES = {
 def overview(request: Request, who: UserDep) -> Response:
     with runtime_of(request).engine.connect() as conn:
         summary = queries.fleet_summary(conn)
+        needs = attention(conn)
     bridge = runtime_of(request).bridge
     return page(
         request,
@@ -41,6 +43,7 @@ def overview(request: Request, who: UserDep) -> Response:
             "title": "Fleet",
             "nav": "fleet",
             "s": summary,
+            "a": needs,
             "broker_connected": bool(bridge and bridge.connected),
         },
     )

@@ -58,30 +58,17 @@ def rollouts(
 
 def _form_page(request: Request, values: dict[str, str], errors: dict[str, str], status_code: int = 200) -> Response:
     with runtime_of(request).engine.connect() as conn:
-        choices = queries.model_choices(conn)
-        suggestions = queries.label_suggestions(conn)
+        values, offered = queries.version_form(conn, values)
         matching = None
         if values["selector"] and "selector" not in errors:
             try:
                 matching = queries.count_matching(conn, selectors.parse(values["selector"]))
             except selectors.SelectorError:
                 matching = None
-    if not values["ref"] and choices:
-        values = {**values, "ref": f"{choices[0]['model']}@{choices[0]['version']}"}
-    variants = sorted({v for c in choices for v in c["variants"]})
     return page(
         request,
         "rollout_new.html",
-        {
-            "title": "New rollout",
-            "nav": "rollouts",
-            "v": values,
-            "errors": errors,
-            "choices": choices,
-            "variants": variants,
-            "suggestions": suggestions,
-            "matching": matching,
-        },
+        {"title": "New rollout", "nav": "rollouts", "v": values, "errors": errors, "matching": matching, **offered},
         status_code=status_code,
     )
 

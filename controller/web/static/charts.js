@@ -47,22 +47,8 @@
       }
     }
 
-    function load() {
-      if (document.hidden) { window.setTimeout(load, every); return; }
-      fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
-        .then(function (r) { return r.ok ? r.json() : null; })
-        .then(function (data) { if (data) { draw(data); } })
-        .catch(function () { /* try again next time */ })
-        .then(function () { window.setTimeout(load, every); });
-    }
-    load();
-
-    window.addEventListener("resize", function () {
-      Object.keys(plots).forEach(function (k) {
-        var el = box.querySelector('[data-chart="' + k + '"]');
-        plots[k].setSize({ width: Math.max(280, el.clientWidth), height: 220 });
-      });
-    });
+    window.slmfCharts.follow(url, every, draw, null);
+    window.slmfCharts.resizing(box, plots);
   }
 
   document.addEventListener("DOMContentLoaded", function () {

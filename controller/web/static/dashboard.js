@@ -2,6 +2,37 @@
 (function () {
   "use strict";
 
+  /* Shared by the chart scripts: fetch JSON from url and draw it now and every `every` ms while the page is
+     visible (`first`: data the page came with, drawn without a request); keep `plots` sized to their boxes. */
+  window.slmfCharts = {
+    follow: function (url, every, draw, first) {
+      function load() {
+        if (document.hidden) { window.setTimeout(load, every); return; }
+        if (first) {
+          var data = first;
+          first = null;
+          draw(data);
+          window.setTimeout(load, every);
+          return;
+        }
+        fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+          .then(function (r) { return r.ok ? r.json() : null; })
+          .then(function (data) { if (data) { draw(data); } })
+          .catch(function () { /* the controller restarts or the network blinks: try again next time */ })
+          .then(function () { window.setTimeout(load, every); });
+      }
+      load();
+    },
+    resizing: function (box, plots) {
+      window.addEventListener("resize", function () {
+        Object.keys(plots).forEach(function (k) {
+          var el = box.querySelector('[data-chart="' + k + '"]');
+          plots[k].setSize({ width: Math.max(280, el.clientWidth), height: 220 });
+        });
+      });
+    }
+  };
+
   /* Elements with data-poll="URL" are refreshed from that URL every data-every ms while the page is
      visible; polling stops once the fragment carries data-final (a finished rollout). */
   function poll(el) {
