@@ -292,7 +292,7 @@ def test_the_transition_table_is_explicit_and_complete() -> None:
 def test_bad_rollouts_are_refused(ctl, fleet) -> None:  # type: ignore[no-untyped-def]
     fleet(1)
     cases = [
-        ({"selector": "fleet=none"}, 422, "no device matches"),
+        ({"selector": "fleet=none"}, 409, "no device matches"),  # valid, but the fleet's state refuses it
         ({"version": 7}, 404, "no version 7"),
         ({"windows": [{"cron": "every day", "duration_s": 60}]}, 422, "crontab"),
         ({"waves": []}, 422, "waves"),
