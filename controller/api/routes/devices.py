@@ -16,6 +16,7 @@ from controller.api.openapi import errors
 from controller.api.schemas import DevicePage, DevicePatch, DevicePublic, EventPublic, TelemetryPublic
 from controller.db.models import Device, DeviceEvent, TelemetryRecord
 from controller.devices import selectors
+from controller.enrollment.service import EnrollmentError
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -107,16 +108,24 @@ def patch_device(device_id: str, body: DevicePatch, session: SessionDep, who: Op
     return device
 
 
-@router.delete("/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(_409="the device still has broker credentials: an admin revokes it first"),
+)
 def delete_device(device_id: str, session: SessionDep, runtime: RuntimeDep, who: OperatorDep) -> Response:
-    """Forget a device and its history (it registers again if it comes back)."""
-    device = _get(session, device_id)
-    session.delete(device)
-    for model in (TelemetryRecord, DeviceEvent):
-        for row in session.exec(select(model).where(model.device_id == device_id)).all():
-            session.delete(row)
-    audit.record(session, who.name, "device.delete", device_id)
-    session.commit()
+    """Forget a device and its history. It stays forgotten: what it still sends is dropped (counted), and only an
+    admin's enrollment token bound to its id brings it back. Refused while it has broker credentials (revoke it)."""
+    try:
+        tombstone = runtime.enrollment.forget(session, device_id, who.name)
+        audit.record(session, who.name, "device.delete", device_id, {"was_enrolled": tombstone.was_enrolled})
+        session.commit()
+    except EnrollmentError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    except BaseException:
+        runtime.enrollment.forget_failed(device_id)
+        raise
+    runtime.enrollment.forgotten_committed(device_id)
     runtime.registry.forget(device_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -158,7 +158,12 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, runtime: 
         f"enrollment:{result.token_prefix}",
         "device.enroll",
         result.device_id,
-        {"token_id": result.token_id, "labels": result.labels, "broker_credentials": result.mqtt_password is not None},
+        {
+            "token_id": result.token_id,
+            "labels": result.labels,
+            "broker_credentials": result.mqtt_password is not None,
+            **({"restored": result.restored} if result.restored else {}),
+        },
     )
     session.commit()
     return EnrollResponse(
