@@ -176,8 +176,9 @@ class ControllerSettings(BaseSettings):
     )
     dashboard_secure_cookie: bool | None = Field(
         None,
-        description="mark the dashboard's cookies Secure (sent over HTTPS only); unset: when the request came"
-        " over HTTPS (behind a proxy, uvicorn reads X-Forwarded-Proto from trusted addresses)",
+        description="true: mark the dashboard's cookies Secure (sent over HTTPS only) always; they are Secure"
+        " anyway whenever TLS is on: tls_cert_file set, an https public_url, or a request that came over HTTPS"
+        " (behind a proxy, uvicorn reads X-Forwarded-Proto from 127.0.0.1)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +66,49 @@ class ApiClient:
     ) -> Any:
         all_headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         all_headers.update(headers or {})
-        try:
-            r = httpx.request(
-                method, self.base + path, headers=all_headers, timeout=timeout, verify=self.verify, **kwargs
-            )
-        except httpx.HTTPError as exc:
-            typer.echo(f"error: cannot reach the controller at {self.base}: {exc}", err=True)
-            raise typer.Exit(1) from None
-        if r.status_code >= 400:
+        for attempt in range(RATE_LIMIT_TRIES):
             try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            typer.echo(f"error: {method} {path}: {r.status_code}: {detail}", err=True)
+                r = httpx.request(
+                    method, self.base + path, headers=all_headers, timeout=timeout, verify=self.verify, **kwargs
+                )
+            except httpx.HTTPError as exc:
+                typer.echo(f"error: cannot reach the controller at {self.base}: {exc}", err=True)
+                raise typer.Exit(1) from None
+            # a 429 is answered before the request did anything: asking again later is safe for every method
+            if r.status_code != 429 or attempt == RATE_LIMIT_TRIES - 1:
+                break
+            wait = min(_retry_after(r), RATE_LIMIT_WAIT_MAX_S)
+            typer.echo(f"the controller is rate-limiting this client: asking again in {wait:g} s", err=True)
+            time.sleep(wait)
+        if r.status_code >= 400:
+            typer.echo(f"error: {method} {path}: {r.status_code}: {error_detail(r)}", err=True)
             raise typer.Exit(1)
         return r.json() if r.content else None
+
+
+#: how often a request refused with 429 is sent, and the longest wait between two tries
+RATE_LIMIT_TRIES = 4
+RATE_LIMIT_WAIT_MAX_S = 30.0
+
+
+def _retry_after(r: httpx.Response) -> float:
+    try:
+        return max(1.0, float(r.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
+
+
+def error_detail(r: httpx.Response) -> str:
+    """The API's error in one line: its sentence, or each field error as ``where: what``."""
+    try:
+        detail = r.json().get("detail", r.text)
+    except (ValueError, AttributeError):
+        return r.text
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                where = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{where}: {item.get('msg', '')}" if where else str(item.get("msg", "")))
+        return "; ".join(parts) or str(detail)
+    return str(detail)

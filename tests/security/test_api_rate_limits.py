@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import pytest
+import typer
 
+from controller.cli.client import ApiClient
 from tests.helpers import metric_value, wait_until
 from tests.security.conftest import LiveServer
 
@@ -92,3 +96,19 @@ def test_the_defaults_let_a_busy_client_through(live_server: Callable[..., LiveS
     with client_from(live, "127.0.0.1", live.admin_token) as busy:
         assert {busy.get("/api/v1/devices").status_code for _ in range(300)} == {200}
     assert throttled(live, "source") == throttled(live, "token") == 0
+
+
+def test_the_cli_waits_out_a_rate_limit_and_prints_field_errors_in_a_line(
+    live_server: Callable[..., LiveServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live = live_server(api_rate_per_s=1.0, api_burst=1)
+    client = ApiClient(live.url, live.admin_token, tmp_path)
+    assert client.request("GET", "/api/v1/devices")["total"] == 0
+    assert client.request("GET", "/api/v1/devices")["total"] == 0  # refused once, asked again after Retry-After
+    assert "rate-limiting this client: asking again in 1 s" in capsys.readouterr().err
+    assert throttled(live, "source") >= 1
+    with pytest.raises(typer.Exit):
+        client.request("POST", "/api/v1/tokens", json={"name": "bad name!", "role": "boss"})
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: POST /api/v1/tokens: 422: name: String should match pattern"), err
+    assert "; role: Input should be 'viewer', 'operator' or 'admin'" in err

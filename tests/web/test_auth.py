@@ -72,6 +72,17 @@ def test_secure_cookies_when_asked(make_controller: Callable[..., LiveController
     assert tls.get("/").status_code == 200
 
 
+def test_cookies_are_secure_whenever_tls_is_on_even_if_told_otherwise(
+    make_controller: Callable[..., LiveController],
+) -> None:
+    """Behind a TLS proxy (an https public_url) the request reaches the controller as plain HTTP: still Secure."""
+    ctl = make_controller(None, public_url="https://fleet.example.com", dashboard_secure_cookie=False)
+    add_users(ctl.runtime.engine, ("vera",))
+    assert "secure" in ctl.client.get("/login").headers["set-cookie"].lower()
+    plain = make_controller(None)
+    assert "secure" not in plain.client.get("/login").headers["set-cookie"].lower()  # plain HTTP on loopback
+
+
 def test_wrong_passwords_are_refused_alike_and_guessing_is_slowed(web: LiveController) -> None:
     c = web.client
     wrong = login(c, "olivia", "not-her-password")

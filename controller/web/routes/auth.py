@@ -27,8 +27,11 @@ router = APIRouter(include_in_schema=False)
 
 
 def _secure(request: Request) -> bool:
-    setting = runtime_of(request).settings.dashboard_secure_cookie
-    return setting if setting is not None else request.url.scheme == "https"
+    """Cookies are Secure whenever TLS is on: this process serves HTTPS, devices and operators reach it at an https
+    public_url (a TLS proxy), or the request came over HTTPS; ``dashboard_secure_cookie`` forces it on."""
+    settings = runtime_of(request).settings
+    tls = settings.https or (settings.public_url or "").startswith("https://") or request.url.scheme == "https"
+    return tls or bool(settings.dashboard_secure_cookie)
 
 
 def _safe_next(target: str | None) -> str:
