@@ -125,8 +125,12 @@ def build(app: FastAPI, routers: Sequence[APIRouter]) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title,
         version=app.version,
+        openapi_version=app.openapi_version,
         description=app.description,
         routes=app.routes,
+        tags=app.openapi_tags,
+        servers=app.servers,
+        separate_input_output_schemas=app.separate_input_output_schemas,
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for model in (ApiError, ValidationFailed):
@@ -144,7 +148,9 @@ def build(app: FastAPI, routers: Sequence[APIRouter]) -> dict[str, Any]:
             for code in sorted(codes):
                 responses.setdefault(str(code), {"description": DESCRIPTIONS[code], "content": _error_ref(ApiError)})
             if "422" in responses:
-                responses["422"] = {"description": DESCRIPTIONS[422], "content": _error_ref(ValidationFailed)}
+                said = responses["422"].get("description")
+                description = said if said and said != "Validation Error" else DESCRIPTIONS[422]  # FastAPI's words
+                responses["422"] = {"description": description, "content": _error_ref(ValidationFailed)}
             if "429" in responses:
                 responses["429"]["headers"] = {
                     "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 1}}
