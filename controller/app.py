@@ -9,7 +9,8 @@ from fastapi import FastAPI
 
 from agent import __version__
 from controller import web
-from controller.api import docs
+from controller.api import docs, openapi
+from controller.api.ratelimit import ApiLimits, RateLimitMiddleware
 from controller.api.routes import (
     deployments,
     devices,
@@ -50,16 +51,13 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     )
     app.state.runtime = rt
     app.state.settings = settings
-    app.include_router(index.router)
-    app.include_router(health.router)
-    app.include_router(devices.router)
-    app.include_router(models.router)
-    app.include_router(deployments.router)
-    app.include_router(rollouts.router)
-    app.include_router(users.router)
-    app.include_router(tokens.router)
-    app.include_router(enrollment.router)
-    app.include_router(webhooks.router)
+    app.state.api_limits = limits = ApiLimits(settings, rt.metrics.api_throttled)
+    app.add_middleware(RateLimitMiddleware, limits=limits)
+    modules = (index, health, devices, models, deployments, rollouts, users, tokens, enrollment, webhooks)
+    routers = [m.router for m in modules]
+    for router in routers:
+        app.include_router(router)
     docs.install(app)
     web.install(app)
+    openapi.install(app, routers)
     return app

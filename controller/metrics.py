@@ -60,6 +60,18 @@ class Metrics:
         )
         self.ingest_queue = Gauge("slmfleet_ingest_queue_depth", "Received messages waiting to be written", registry=r)
         self.http_writes = Counter("slmfleet_api_writes", "Authenticated write requests", ["action"], registry=r)
+        self.api_throttled = Counter(
+            "slmfleet_api_throttled",
+            "REST API requests answered 429: their source address, API token or enrollment token exceeded its rate",
+            ["limit"],
+            registry=r,
+        )
+        self.logins_throttled = Counter(
+            "slmfleet_dashboard_logins_throttled",
+            "Dashboard logins answered 429 while their source address (for that user, or for all) was backing off",
+            ["scope"],
+            registry=r,
+        )
 
         self.deployment_transitions = Counter(
             "slmfleet_deployment_transitions", "Deployment state transitions reported by devices", ["state"], registry=r

@@ -102,8 +102,9 @@ class ControllerRuntime:
             self.models.key.public_pem,
             settings.broker_ca_file,
             None,
-            self._revoked_changed,
+            self._barred_changed,
         )
+        self.enrollment.drain = lambda: self.writer.flush(10)
         self.scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
@@ -227,9 +228,10 @@ class ControllerRuntime:
             return
         self.handler(topic, payload)
 
-    def _revoked_changed(self, revoked: frozenset[str]) -> None:
+    def _barred_changed(self, revoked: frozenset[str], forgotten: frozenset[str]) -> None:
         newly = revoked - self.handler.revoked
         self.handler.revoked = revoked
+        self.handler.forgotten = forgotten
         for device_id in newly:
             self.registry.offline(device_id)
 

@@ -110,6 +110,25 @@ class ControllerSettings(BaseSettings):
     control_burst: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         1000, description="state and event messages a device may send at once above control_rate_per_s"
     )
+    api_rate_per_s: Annotated[float, Field(ge=0, le=100_000)] = Field(
+        100.0,
+        description="REST API requests a second each source address, and each API token, may make on average"
+        " (0: no limit); beyond it and api_burst they are answered 429 with Retry-After and counted in"
+        " slmfleet_api_throttled_total",
+    )
+    api_burst: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        1000, description="REST API requests a source address or a token may make at once above api_rate_per_s"
+    )
+    enroll_rate_per_s: Annotated[float, Field(ge=0, le=100_000)] = Field(
+        10.0,
+        description="enrollment attempts (POST /api/v1/enroll) a second each source address, and each enrollment"
+        " token, may make on average (0: no limit), on top of api_rate_per_s",
+    )
+    enroll_burst: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        200,
+        description="enrollment attempts a source address may make at once above enroll_rate_per_s (a site that"
+        " enrolls a batch of devices from behind one address)",
+    )
     ingest_batch_size: Annotated[int, Field(ge=1, le=100_000)] = Field(
         2000, description="most rows written in one database transaction"
     )
@@ -185,8 +204,9 @@ class ControllerSettings(BaseSettings):
     )
     dashboard_secure_cookie: bool | None = Field(
         None,
-        description="mark the dashboard's cookies Secure (sent over HTTPS only); unset: when the request came"
-        " over HTTPS (behind a proxy, uvicorn reads X-Forwarded-Proto from trusted addresses)",
+        description="true: mark the dashboard's cookies Secure (sent over HTTPS only) always; they are Secure"
+        " anyway whenever TLS is on: tls_cert_file set, an https public_url, or a request that came over HTTPS"
+        " (behind a proxy, uvicorn reads X-Forwarded-Proto from 127.0.0.1)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 

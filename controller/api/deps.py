@@ -69,28 +69,31 @@ def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | 
     return Principal(row.name, role, row.id)
 
 
-def _reader(
+def reader_principal(
     runtime: RuntimeDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """Anyone where reads are open (a token that is presented is still checked); else a viewer token."""
     if credentials is None and not runtime.settings.require_auth_for_reads:
         return Principal("anonymous", Role.VIEWER)
     return _authenticate(session, credentials, Role.VIEWER)
 
 
-def _operator(
+def operator_principal(
     session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
+    """A token with the operator role or above."""
     return _authenticate(session, credentials, Role.OPERATOR)
 
 
-def _admin(
+def admin_principal(
     session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
+    """A token with the admin role."""
     return _authenticate(session, credentials, Role.ADMIN)
 
 
-ViewerDep = Annotated[Principal, Depends(_reader)]
-OperatorDep = Annotated[Principal, Depends(_operator)]
-AdminDep = Annotated[Principal, Depends(_admin)]
+ViewerDep = Annotated[Principal, Depends(reader_principal)]
+OperatorDep = Annotated[Principal, Depends(operator_principal)]
+AdminDep = Annotated[Principal, Depends(admin_principal)]

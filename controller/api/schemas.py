@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.protocol.manifest import Task
 from agent.protocol.messages import LabelKey, LabelValue
+from controller.devices.selectors import SCHEMA_PATTERN as SELECTOR_PATTERN
 
 
 class DevicePublic(BaseModel):
@@ -171,14 +173,29 @@ class SigningKeyPublic(BaseModel):
 # ------------------------------------------------------------- deployments --
 
 
-class DeploymentTargetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _exactly_one_of(*names: str) -> Callable[[dict[str, Any]], None]:
+    """The schema says what the route checks: exactly one of ``names`` is given (and not null)."""
 
-    devices: (
-        Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=128)]], Field(max_length=100_000)]
-        | None
-    ) = None
-    selector: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+    def extra(schema: dict[str, Any]) -> None:
+        schema["oneOf"] = [{"required": [n], "properties": {n: {"not": {"type": "null"}}}} for n in names]
+
+    return extra
+
+
+DeviceIds = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=128)]], Field(min_length=1, max_length=100_000)
+]
+#: a label selector: the grammar is in the schema, and the route names the term that breaks it
+SelectorText = Annotated[
+    str, StringConstraints(min_length=1, max_length=4096), Field(json_schema_extra={"pattern": SELECTOR_PATTERN})
+]
+
+
+class DeploymentTargetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_of("devices", "selector"))
+
+    devices: DeviceIds | None = None
+    selector: SelectorText | None = None
 
 
 class ShadowCreate(BaseModel):
@@ -192,14 +209,14 @@ class ShadowCreate(BaseModel):
 class DeploymentCreate(BaseModel):
     """What to deploy where: a model version (a variant, or ``auto`` per device) to devices or a selector."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_of("target", "devices", "selector"))
 
     model: ModelName
     version: Annotated[int, Field(ge=1, le=2**31 - 1)]  # beyond: the database driver overflows (a 500)
     variant: Annotated[str, StringConstraints(min_length=1, max_length=32)] = "auto"
     target: DeploymentTargetSpec | None = None
-    devices: list[str] | None = Field(None, description="shorthand for target.devices")
-    selector: str | None = Field(None, description="shorthand for target.selector")
+    devices: DeviceIds | None = Field(None, description="shorthand for target.devices")
+    selector: SelectorText | None = Field(None, description="shorthand for target.selector")
     activate: bool = True
     shadow: ShadowCreate | None = None
     timeout_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 3600.0

@@ -68,7 +68,9 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM us if the controller dies (even by SIGKILL)."""
+    """In the child, before exec: ask Linux to SIGTERM us if the controller dies (even by SIGKILL); and make
+    every file it writes (persistence, the plugin's credentials, its log) readable by this user only."""
+    os.umask(0o077)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -151,6 +153,14 @@ def mosquitto_config(
     return "\n".join(lines) + "\n"
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 (what the broker keeps next to it is private too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
 class EmbeddedBroker:
     """A private broker on ``host:port``: ``start()``, ``stop()``, ``restart()``."""
 
@@ -201,7 +211,7 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 15.0) -> str:
         """Start the broker and wait until it accepts connections; returns its URL."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         binary = mosquitto_binary() if self.requested in ("auto", "mosquitto") else None
         if self.requested == "mosquitto" and binary is None:
             raise BrokerError("mosquitto was asked for but its binary is not on PATH; install mosquitto")
@@ -225,7 +235,8 @@ class EmbeddedBroker:
 
     def _start_mosquitto(self, binary: str, timeout: float) -> None:
         conf = self.state_dir / "mosquitto.conf"
-        conf.write_text(
+        write_private(
+            conf,
             mosquitto_config(
                 self.host,
                 self.port,
@@ -235,9 +246,10 @@ class EmbeddedBroker:
                 self.tls_cert_file,
                 self.tls_key_file,
                 self.dynsec_file,
-            )
+            ),
         )
-        stderr = open(self.state_dir / "mosquitto.stderr", "ab")  # noqa: SIM115 - owned by the child
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        stderr = os.fdopen(os.open(self.state_dir / "mosquitto.stderr", flags, 0o600), "ab")  # owned by the child
         self._proc = subprocess.Popen(
             [binary, "-c", str(conf)],
             stdin=subprocess.DEVNULL,

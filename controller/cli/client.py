@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +94,40 @@ class ApiClient:
     ) -> Any:
         all_headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         all_headers.update(headers or {})
-        try:
-            r = httpx.request(
-                method, self.base + path, headers=all_headers, timeout=timeout, verify=self.verify, **kwargs
-            )
-        except httpx.HTTPError as exc:
-            typer.echo(f"error: {self.unreachable(exc)}", err=True)
-            raise typer.Exit(exits.ERROR) from None
+        for attempt in range(RATE_LIMIT_TRIES):
+            try:
+                r = httpx.request(
+                    method, self.base + path, headers=all_headers, timeout=timeout, verify=self.verify, **kwargs
+                )
+            except httpx.HTTPError as exc:
+                typer.echo(f"error: {self.unreachable(exc)}", err=True)
+                raise typer.Exit(exits.ERROR) from None
+            # a 429 is answered before the request did anything: asking again later is safe for every method
+            if r.status_code != 429 or attempt == RATE_LIMIT_TRIES - 1:
+                break
+            wait = min(_retry_after(r), RATE_LIMIT_WAIT_MAX_S)
+            typer.echo(f"the controller is rate-limiting this client: asking again in {wait:g} s", err=True)
+            time.sleep(wait)
         if r.status_code >= 400:
-            typer.echo(f"error: {method} {path}: {r.status_code}: {_detail(r)}", err=True)
+            typer.echo(f"error: {method} {path}: {r.status_code}: {error_detail(r)}", err=True)
             raise typer.Exit(exits.ERROR)
         return r.json() if r.content else None
 
 
-def _detail(response: httpx.Response) -> str:
-    """The API's error in one line: FastAPI's 422 lists become ``field.path: message``."""
+#: how often a request refused with 429 is sent, and the longest wait between two tries
+RATE_LIMIT_TRIES = 4
+RATE_LIMIT_WAIT_MAX_S = 30.0
+
+
+def _retry_after(r: httpx.Response) -> float:
+    try:
+        return max(1.0, float(r.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The API's error in one line: its sentence, or FastAPI's 422 lists as ``field.path: message``."""
     try:
         detail = response.json().get("detail", response.text)
     except (ValueError, AttributeError):

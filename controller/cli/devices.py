@@ -1,4 +1,4 @@
-"""``slmfleet devices``: list, show and label devices through the REST API."""
+"""``slmfleet devices``: list, show, label, revoke and forget devices through the REST API."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from controller.cli.client import ApiClient
 from controller.cli.options import DEFAULT_DATA_DIR, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
 
-app = typer.Typer(help="Inspect and label devices.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, label, revoke and forget devices.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -117,4 +117,28 @@ def revoke(
 ) -> None:
     """Revoke a device (admin): its broker credentials stop working and the controller ignores it."""
     result = ApiClient(api, token, data_dir).request("POST", f"/api/v1/devices/{device_id}/revoke")
-    typer.echo(f"revoked {device_id}" + ("" if result["changed"] else " (it already was)"))
+    typer.echo(
+        f"revoked {device_id}" + ("" if result["changed"] else " (it already was)") + "; it comes back only with an"
+        f" enrollment token bound to it, created from now on (slmfleet enrollment create --device-id {device_id})"
+    )
+
+
+@app.command()
+def forget(
+    device_id: str,
+    revoke_first: Annotated[
+        bool, typer.Option("--revoke", help="revoke it first (admin token): a device with broker credentials must be")
+    ] = False,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Forget a device and its history; it stays forgotten until an admin enrolls it again with a bound token."""
+    client = ApiClient(api, token, data_dir)
+    if revoke_first:
+        client.request("POST", f"/api/v1/devices/{device_id}/revoke")
+    client.request("DELETE", f"/api/v1/devices/{device_id}")
+    typer.echo(
+        f"forgot {device_id}: what it still sends is dropped; to take it back, enroll it with a token bound to it"
+        f" (slmfleet enrollment create --device-id {device_id})"
+    )

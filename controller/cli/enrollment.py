@@ -19,7 +19,12 @@ app = typer.Typer(help="Device enrollment tokens: create, list, revoke (admin to
 def create(
     label: Annotated[list[str] | None, typer.Option("--label", help="KEY=VALUE the device gets (repeatable)")] = None,
     device_id: Annotated[
-        str | None, typer.Option("--device-id", help="bind to this device id (re-enrolls it with new credentials)")
+        str | None,
+        typer.Option(
+            "--device-id",
+            help="bind to this device id: re-enrolls it with new credentials; the only way a revoked or forgotten"
+            " device comes back",
+        ),
     ] = None,
     expires_in_hours: Annotated[
         float | None, typer.Option("--expires-in-hours", help="lifetime [default: the controller's, 24 h]")

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from sqlmodel import Session
 
+from controller import datadir
 from controller.app import create_app
 from controller.auth.tokens import ensure_admin_token
 from controller.auth.users import ADMIN_PASSWORD_FILE, INITIAL_ADMIN, ensure_initial_admin
@@ -89,12 +90,12 @@ def up(
     for noisy in ("apscheduler", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     data = settings.data_dir.resolve()
-    data.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedBroker | None = None
     runtime: ControllerRuntime | None = None
     lock = DataDirLock(data)
     try:
-        lock.acquire()  # before anything touches the directory: the database, the broker, controller.json
+        datadir.prepare(data)  # 0700, its files 0600 (fixed with a log line), umask 077 from here on
+        lock.acquire()  # before anything else touches the directory: the database, the broker, controller.json
         _check_port_free(settings.http_host, settings.http_port)
         if settings.broker_url is None:
             dynsec_file = None

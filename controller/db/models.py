@@ -33,6 +33,18 @@ class Device(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
 
 
+class ForgottenDevice(SQLModel, table=True):
+    """A device an operator forgot: what it still sends is dropped, and its id stays taken until an admin enrolls
+    it again with a token bound to it (created after this)."""
+
+    __tablename__ = "forgotten_device"
+
+    device_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    forgotten_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    forgotten_by: str = Field(default="", max_length=128)
+    was_enrolled: bool = False
+
+
 class TelemetryRecord(SQLModel, table=True):
     """One telemetry message; the scalar columns are for queries, ``data`` keeps the whole message."""
 

@@ -180,12 +180,13 @@ class DeliveryService:
                 raise DeploymentError(f"model {request.model!r} has no version {request.version}", 404)
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
             if not artifacts:
-                raise DeploymentError(f"{request.model} v{request.version} has no artifacts")
+                raise DeploymentError(f"{request.model} v{request.version} has no artifacts", 409)
             by_variant = _variant_table(artifacts)
             if request.variant != "auto" and request.variant not in by_variant:
                 raise DeploymentError(
                     f"{request.model} v{request.version} has no {request.variant} variant"
-                    f" (it has {', '.join(sorted(by_variant))})"
+                    f" (it has {', '.join(sorted(by_variant))})",
+                    404,
                 )
             devices = self._resolve_devices(session, request)
             deployment_id = uuid.uuid4().hex
@@ -254,7 +255,7 @@ class DeliveryService:
             if parsed.matches(d.labels)
         ]
         if not devices:
-            raise DeploymentError(f"no device matches the selector {request.selector!r}")
+            raise DeploymentError(f"no device matches the selector {request.selector!r}", 409)
         return devices
 
     def _add_target(self, target: Target) -> None:

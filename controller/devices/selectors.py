@@ -17,6 +17,14 @@ _TERM_RE = [
     ("exists", re.compile(rf"^(?P<key>{_KEY})$")),
 ]
 
+_NONEMPTY_VAL = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_TERM = rf"(?:{_KEY}(?: ?(?:!=|==?) ?{_VAL}| (?:in|notin) \( ?{_NONEMPTY_VAL} ?(?:, ?{_NONEMPTY_VAL} ?)*\))?|! ?{_KEY})"
+#: the selectors :func:`parse` accepts, as one regular expression for the API's schema (with single spaces where
+#: the parser takes any whitespace): whatever a client or a fuzzer builds from it is accepted
+SCHEMA_PATTERN = rf"^(?: ?{_TERM} ?(?:, ?{_TERM} ?)*)?$"
+#: one ``KEY=VALUE`` filter (the device list's ``label`` parameter)
+LABEL_FILTER_PATTERN = rf"^{_KEY}={_VAL}$"
+
 
 class SelectorError(ValueError):
     """A selector that cannot be parsed; the message names the bad term."""

@@ -93,3 +93,14 @@ def revoke(session: Session, row: EnrollmentToken) -> bool:
     row.revoked_at = utcnow()
     session.add(row)
     return True
+
+
+def revoke_bound(session: Session, device_id: str) -> int:
+    """Revoke the unused tokens bound to ``device_id`` (it was revoked or forgotten); how many (the caller commits)."""
+    t = table(EnrollmentToken).c
+    result = session.execute(
+        update(table(EnrollmentToken))
+        .where(t.device_id == device_id, t.used_at.is_(None), t.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

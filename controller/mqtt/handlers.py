@@ -70,6 +70,8 @@ class DeviceTrafficHandler:
         )
         #: devices an operator revoked: whatever still arrives from them is dropped (counted as "revoked")
         self.revoked: frozenset[str] = frozenset()
+        #: devices an operator forgot: their births do not bring them back (dropped, counted as "forgotten")
+        self.forgotten: frozenset[str] = frozenset()
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
         """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""
@@ -94,6 +96,14 @@ class DeviceTrafficHandler:
         device_id, channel = parsed.device_id, parsed.channel
         if device_id in self.revoked:
             self.drops.drop(device_id, channel.value, "revoked", "the device was revoked")
+            return
+        if device_id in self.forgotten:
+            self.drops.drop(
+                device_id,
+                channel.value,
+                "forgotten",
+                "the device was forgotten: an admin's enrollment token bound to its id brings it back",
+            )
             return
         if channel not in (DeviceChannel.STATE, DeviceChannel.TELEMETRY, DeviceChannel.EVENTS):
             self.drops.drop(device_id, channel.value, "topic", "the controller does not consume this channel")

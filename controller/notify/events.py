@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -48,6 +49,17 @@ ROLLOUT_EVENTS: dict[str, EventType] = {
     "completed": EventType.ROLLOUT_COMPLETED,
 }
 ALL = "*"
+#: the patterns the API's schema describes: every event, every family with ``.*``, and ``*`` (the parser also
+#: takes other shell-style wildcards, as long as they match an event)
+SCHEMA_PATTERN = (
+    "^("
+    + "|".join(
+        [re.escape(t.value) for t in EventType]
+        + [re.escape(f) + r"\.\*" for f in sorted({t.value.split(".")[0] for t in EventType if "." in t.value})]
+        + [r"\*"]
+    )
+    + ")$"
+)
 
 
 def check_patterns(patterns: list[str]) -> list[str]:

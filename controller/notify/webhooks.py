@@ -22,6 +22,16 @@ from controller.notify.outbox import Notifier
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$"
 WebhookName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NAME_PATTERN)]
 STATUSES = ("pending", "delivered", "failed")
+#: what the schema says of these fields, stricter than the validators (whatever the schema admits is accepted);
+#: the validators keep their own messages, which say what to do
+URL_PATTERN = r"^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?([/?][^#]*)?$"
+#: ``whsec_`` + base64 of 24 to 62 bytes
+SECRET_PATTERN = r"^whsec_([A-Za-z0-9+/]{4}){8,20}([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+WebhookUrl = Annotated[str, StringConstraints(max_length=2048), Field(json_schema_extra={"pattern": URL_PATTERN})]
+WebhookSecret = Annotated[str, Field(json_schema_extra={"pattern": SECRET_PATTERN})]
+EventPattern = Annotated[
+    str, StringConstraints(max_length=64), Field(json_schema_extra={"pattern": events.SCHEMA_PATTERN})
+]
 
 
 def check_url(value: str) -> str:
@@ -59,13 +69,13 @@ class WebhookCreate(_Fields):
     model_config = ConfigDict(extra="forbid")
 
     name: WebhookName = Field(description="what it is for (unique), e.g. ops-pager")
-    url: str = Field(description="where events are POSTed: http(s)://host[:port]/path")
-    events: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+    url: WebhookUrl = Field(description="where events are POSTed: http(s)://host[:port]/path")
+    events: list[EventPattern] = Field(
         default_factory=lambda: [events.ALL],
         max_length=32,
         description="event types or patterns (rollout.*, deployment.failed, device.offline, *); default: all",
     )
-    secret: str | None = Field(
+    secret: WebhookSecret | None = Field(
         None, description="whsec_ + base64 of 24-64 random bytes; omit to have one generated (answered once)"
     )
     description: Annotated[str, StringConstraints(max_length=1024)] = ""
@@ -75,11 +85,11 @@ class WebhookCreate(_Fields):
 class WebhookUpdate(_Fields):
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = None
-    events: list[Annotated[str, StringConstraints(max_length=64)]] | None = Field(None, max_length=32)
+    url: WebhookUrl | None = None
+    events: list[EventPattern] | None = Field(None, max_length=32)
     description: Annotated[str, StringConstraints(max_length=1024)] | None = None
     enabled: bool | None = None
-    secret: str | None = Field(None, description="a new secret (whsec_...)")
+    secret: WebhookSecret | None = Field(None, description="a new secret (whsec_...)")
     rotate_secret: bool = Field(False, description="generate a new secret (answered once)")
 
 

@@ -90,7 +90,7 @@ class RolloutEngine:
                 if parsed.matches(d.labels)
             }
             if not devices:
-                raise RolloutError(f"no device matches the selector {spec.selector!r}")
+                raise RolloutError(f"no device matches the selector {spec.selector!r}", 409)
             rollout_id = uuid.uuid4().hex
             assert version.id is not None
             stored = spec.model_dump(mode="json")

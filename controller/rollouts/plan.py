@@ -4,22 +4,56 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zoneinfo
 from datetime import datetime
+from functools import cache
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+
+from controller.devices.selectors import SCHEMA_PATTERN as SELECTOR_PATTERN
 
 
 def _amount_text(v: object) -> object:
-    """A bare number (JSON ``1``) is a device count, like ``"1"``."""
+    """A bare number (JSON ``1``, or ``1.0``: an integer to JSON Schema too) is a device count, like ``"1"``."""
+    if isinstance(v, float) and v.is_integer() and v >= 0:
+        return str(int(v))
     return str(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else v
 
 
+_AMOUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?%?$"
 Amount = Annotated[
     str,
     BeforeValidator(_amount_text),
-    Field(pattern=r"^\d+(\.\d+)?%?$", description='a device count (5 or "5") or a percentage ("10%")'),
+    Field(pattern=_AMOUNT_PATTERN),
+    # the schema says what the validator takes: a JSON number is a count too
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": _AMOUNT_PATTERN}],
+            "description": 'a device count (5 or "5") or a percentage ("10%")',
+        }
+    ),
 ]
+#: a label selector; its grammar is in the schema, and ``selectors.parse`` names the term that breaks it
+Selector = Annotated[str, Field(max_length=4096, json_schema_extra={"pattern": SELECTOR_PATTERN})]
+#: the largest version number the database holds (PostgreSQL INTEGER)
+MAX_VERSION = 2**31 - 1
+
+# Crontab fields in the forms the schema describes (*, */step, n, n,m,...); the validator takes ranges and
+# names too (1-5, mon-fri), but a range written backwards cannot be told apart by a regular expression.
+_CRON_FIELDS = (
+    ("[0-5]?[0-9]", "[1-9]|[1-5][0-9]"),  # minute
+    ("[01]?[0-9]|2[0-3]", "[1-9]|1[0-9]|2[0-3]"),  # hour
+    ("[1-9]|[12][0-9]|3[01]", "[1-9]|[12][0-9]|30"),  # day of month
+    ("[1-9]|1[0-2]", "[1-9]|1[01]"),  # month
+    ("[0-6]", "[1-6]"),  # day of week, 0 = Monday
+)
+CRON_PATTERN = "^" + " ".join(rf"(?:\*(?:/(?:{step}))?|(?:{n})(?:,(?:{n}))*)" for n, step in _CRON_FIELDS) + "$"
+
+
+@cache
+def _timezones() -> list[str]:
+    return sorted(zoneinfo.available_timezones() | {"UTC"})
 
 
 class WaveSpec(BaseModel):
@@ -29,7 +63,7 @@ class WaveSpec(BaseModel):
 
     name: Annotated[str, Field(max_length=64)] | None = None
     until: Amount = "100%"
-    selector: Annotated[str, Field(max_length=4096)] | None = Field(
+    selector: Selector | None = Field(
         None, description="pick this wave's devices by label (e.g. tier=canary) instead of by share"
     )
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
@@ -70,9 +104,20 @@ class Window(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cron: Annotated[str, Field(min_length=9, max_length=128, examples=["0 2 * * *"])]
+    cron: Annotated[
+        str,
+        Field(
+            min_length=9,
+            max_length=128,
+            examples=["0 2 * * *"],
+            json_schema_extra={"pattern": CRON_PATTERN},
+            description="minute hour day month weekday (0 = Monday); ranges and names (1-5, mon-fri) work too",
+        ),
+    ]
     duration_s: Annotated[float, Field(gt=0, le=7 * 86400)]
-    timezone: str = "UTC"
+    timezone: Annotated[str, Field(max_length=64, json_schema_extra={"enum": _timezones()})] = Field(
+        "UTC", description="an IANA time zone, e.g. Europe/Berlin"
+    )
 
     @field_validator("cron")
     @classmethod
@@ -83,6 +128,13 @@ class Window(BaseModel):
             CronTrigger.from_crontab(v)
         except ValueError as exc:
             raise ValueError(f"not a crontab expression ({exc}): use 'minute hour day month weekday'") from None
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, v: str) -> str:
+        if v not in _timezones():
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as UTC or Europe/Berlin")
         return v
 
 
@@ -98,9 +150,9 @@ class RolloutCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[int, Field(ge=1, le=MAX_VERSION)]
     variant: Annotated[str, Field(min_length=1, max_length=32)] = "auto"
-    selector: Annotated[str, Field(min_length=1, max_length=4096)]
+    selector: Annotated[Selector, Field(min_length=1)]
     waves: Annotated[list[WaveSpec], Field(min_length=1, max_length=50)] | None = None
     gates: GateSpec = GateSpec()
     shadow: RolloutShadow | None = None

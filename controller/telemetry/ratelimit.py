@@ -34,18 +34,22 @@ class TokenBuckets:
 
     def allow(self, key: str) -> bool:
         """Take a token for ``key``; False (nothing taken) when its bucket is empty."""
+        return self.take(key) == 0.0
+
+    def take(self, key: str) -> float:
+        """Take a token for ``key`` and return 0.0; or, when its bucket is empty, the seconds until it holds one."""
         now = self._clock()
         with self._lock:
             tokens, updated = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + max(0.0, now - updated) * self.rate)
-            allowed = tokens >= 1.0
-            if allowed:
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            if not wait:
                 tokens -= 1.0
             self._buckets[key] = (tokens, now)
             self._buckets.move_to_end(key)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
-        return allowed
+        return wait
 
     def __len__(self) -> int:
         return len(self._buckets)

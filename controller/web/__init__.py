@@ -12,13 +12,13 @@ from fastapi.staticfiles import StaticFiles
 from controller.web.deps import LoginRequired, WebForbidden, forbidden_handler, login_required_handler
 from controller.web.render import STATIC, make_environment
 from controller.web.routes import auth, deployments, enrollment, fleet, health, models, rollouts, webhooks
-from controller.web.sessions import LoginThrottle
+from controller.web.sessions import LoginBackoff
 
 
 def install(app: FastAPI) -> None:
     """Mount the dashboard's pages at ``/`` and its static files at ``/static``."""
     app.state.web_templates = make_environment()
-    app.state.login_throttle = LoginThrottle()
+    app.state.login_backoff = LoginBackoff()
     app.add_exception_handler(LoginRequired, login_required_handler)
     app.add_exception_handler(WebForbidden, forbidden_handler)
     for module in (auth, fleet, models, deployments, rollouts, health, enrollment, webhooks):

@@ -11,8 +11,11 @@ import hmac
 import secrets
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 from sqlalchemy import Engine, delete, select, update
 from sqlmodel import Session
@@ -103,43 +106,81 @@ def csrf_ok(principal: WebPrincipal, submitted: str | None) -> bool:
     return bool(submitted) and hmac.compare_digest(principal.csrf_token.encode(), (submitted or "").encode())
 
 
-class LoginThrottle:
-    """After ``limit`` failed logins for a name within ``window_s``, refuse that name until the window passes.
+class LoginBackoff:
+    """Failed logins slow down the address they come from, never the account: nobody can lock a user out.
 
-    In memory and per process: it slows guessing down without letting anyone lock a user out for long.
+    Two records, each (failures, time of the last): per (source address, user name), and per source address
+    over every name (one address trying many names). Past its free failures, each failure doubles the wait
+    before that address may try again (that name, or any name), up to ``max_s``. A success clears the pair; a
+    record is forgotten ``forget_s`` after its last failure. The right password from an address that did not
+    fail is never held up. In memory and per process, bounded to ``max_keys`` records of each kind.
     """
 
-    def __init__(self, limit: int = 5, window_s: float = 300.0) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self._failures: dict[str, list[float]] = {}
+    def __init__(
+        self,
+        *,
+        pair_free: int = 3,
+        source_free: int = 10,
+        base_s: float = 1.0,
+        max_s: float = 300.0,
+        forget_s: float = 900.0,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pair_free, self.source_free = pair_free, source_free
+        self.base_s, self.max_s, self.forget_s = base_s, max_s, forget_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._pairs: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self._sources: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _recent(self, name: str, now: float) -> list[float]:
-        kept = [t for t in self._failures.get(name, []) if now - t < self.window_s]
-        if kept:
-            self._failures[name] = kept
-        else:
-            self._failures.pop(name, None)
-        return kept
+    def _delay(self, record: tuple[int, float] | None, free: int, now: float) -> float:
+        if record is None:
+            return 0.0
+        failures, last = record
+        if failures <= free:
+            return 0.0
+        return max(0.0, last + min(self.max_s, self.base_s * 2 ** (failures - free - 1)) - now)
 
-    def blocked_for(self, name: str) -> float:
-        """Seconds until ``name`` may try again (0: now)."""
-        now = time.monotonic()
+    def wait(self, source: str, name: str) -> tuple[float, str]:
+        """Seconds ``source`` must wait before it may try ``name`` (0: now), and why: "user" or "source"."""
+        now = self._clock()
         with self._lock:
-            recent = self._recent(name.lower(), now)
-            if len(recent) < self.limit:
-                return 0.0
-            return max(0.0, self.window_s - (now - recent[-self.limit]))
+            self._expire(now)
+            pair = self._delay(self._pairs.get((source, name.lower())), self.pair_free, now)
+            other = self._delay(self._sources.get(source), self.source_free, now)
+        return (pair, "user") if pair >= other else (other, "source")
 
-    def failed(self, name: str) -> None:
-        now = time.monotonic()
+    def failed(self, source: str, name: str) -> None:
+        now = self._clock()
         with self._lock:
-            if len(self._failures) > 10_000:  # bounded: forget the oldest names first
-                for key in list(self._failures)[:1000]:
-                    del self._failures[key]
-            self._failures.setdefault(name.lower(), []).append(now)
+            _count(self._pairs, (source, name.lower()), now, self.max_keys)
+            _count(self._sources, source, now, self.max_keys)
 
-    def succeeded(self, name: str) -> None:
+    def succeeded(self, source: str, name: str) -> None:
         with self._lock:
-            self._failures.pop(name.lower(), None)
+            self._pairs.pop((source, name.lower()), None)
+
+    def _expire(self, now: float) -> None:
+        _forget_older(self._pairs, now - self.forget_s)
+        _forget_older(self._sources, now - self.forget_s)
+
+
+K = TypeVar("K")
+
+
+def _count(table: OrderedDict[K, tuple[int, float]], key: K, now: float, max_keys: int) -> None:
+    """One more failure for ``key``, now; the record moves to the end (the table stays in failure order)."""
+    failures, _ = table.pop(key, (0, now))
+    table[key] = (failures + 1, now)
+    while len(table) > max_keys:
+        table.popitem(last=False)
+
+
+def _forget_older(table: OrderedDict[K, tuple[int, float]], cutoff: float) -> None:
+    while table:
+        key, (_, last) = next(iter(table.items()))
+        if last >= cutoff:
+            return
+        del table[key]

@@ -292,9 +292,11 @@ def test_the_transition_table_is_explicit_and_complete() -> None:
 def test_bad_rollouts_are_refused(ctl, fleet) -> None:  # type: ignore[no-untyped-def]
     fleet(1)
     cases = [
-        ({"selector": "fleet=none"}, 422, "no device matches"),
+        ({"selector": "fleet=none"}, 409, "no device matches"),  # valid, but the fleet's state refuses it
         ({"version": 7}, 404, "no version 7"),
         ({"windows": [{"cron": "every day", "duration_s": 60}]}, 422, "crontab"),
+        # an unknown zone was stored, then failed every step of the rollout
+        ({"windows": [{"cron": "0 2 * * *", "duration_s": 60, "timezone": "Mars/Olympus"}]}, 422, "time zone"),
         ({"waves": []}, 422, "waves"),
         ({"waves": [{"until": "ten"}]}, 422, "until"),
         ({"selector": "a=b=c"}, 422, "selector term"),

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -18,13 +19,17 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
+from agent.protocol import codec, topics
 from agent.runtime.config import load_settings
 from agent.runtime.enroll import enroll_main
 from controller.auth.tokens import Role
-from controller.db.models import AuditEntry, EnrollmentToken
+from controller.db.models import AuditEntry, EnrollmentToken, ForgottenDevice, TelemetryRecord
 from controller.db.types import utcnow
 from controller.settings import ControllerSettings
+from controller.telemetry.ingest import TelemetryIn
 from tests.conftest import LiveController
+from tests.helpers import metric_value
+from tests.security import payloads
 
 INSTALLER = Path(__file__).resolve().parents[2] / "deploy" / "install-agent.sh"
 
@@ -135,6 +140,89 @@ def test_revoking_a_device_needs_an_admin_and_is_audited(api: LiveController) ->
     with Session(api.runtime.engine) as session:
         audit = session.exec(select(AuditEntry).where(AuditEntry.action == "device.revoke")).all()
     assert [a.actor for a in audit] == ["test-admin", "test-admin"]
+
+
+def _audit_details(ctl: LiveController, action: str, target: str) -> list[dict[str, Any]]:
+    with Session(ctl.runtime.engine) as session:
+        rows = session.exec(select(AuditEntry).where(AuditEntry.action == action, AuditEntry.target == target)).all()
+        return [dict(r.detail) for r in rows]
+
+
+def test_a_revoked_id_comes_back_only_with_a_token_bound_to_it_made_after_the_revocation(api: LiveController) -> None:
+    """A probe enrolled as a revoked id with a spare unbound token: 200, the revocation cleared, labels inherited."""
+    assert (
+        api.client.post("/api/v1/enroll", json={"token": new_token(api, device_id="edge-1")["token"]}).status_code
+        == 200
+    )
+    assert (
+        api.client.patch("/api/v1/devices/edge-1", json={"labels": {"tier": "gold"}}, headers=api.auth).status_code
+        == 200
+    )
+    spare = new_token(api)
+    bound_before = new_token(api, device_id="edge-1")
+    assert api.client.post("/api/v1/devices/edge-1/revoke", headers=api.auth).status_code == 200
+
+    r = api.client.post("/api/v1/enroll", json={"token": spare["token"], "device_id": "edge-1"})
+    assert r.status_code == 409 and "edge-1 was revoked at" in r.json()["detail"]
+    assert "slmfleet enrollment create --device-id edge-1" in r.json()["detail"]
+    r = api.client.post("/api/v1/enroll", json={"token": bound_before["token"]})
+    assert r.status_code == 403 and "revoked" in r.json()["detail"]  # revoked together with the device
+    device = api.client.get("/api/v1/devices/edge-1").json()
+    assert device["revoked_at"] is not None and device["labels"] == {"tier": "gold"}
+    assert "edge-1" in api.runtime.handler.revoked
+    listed = {t["id"]: t["usable"] for t in api.client.get("/api/v1/enrollment-tokens", headers=api.auth).json()}
+    assert listed[spare["id"]] is True and listed[bound_before["id"]] is False  # the refusal used nothing up
+
+    r = api.client.post("/api/v1/enroll", json={"token": new_token(api, device_id="edge-1")["token"]})
+    assert r.status_code == 200
+    device = api.client.get("/api/v1/devices/edge-1").json()
+    assert device["revoked_at"] is None and device["labels"] == {"tier": "gold"}  # revoked, not forgotten: kept
+    assert "edge-1" not in api.runtime.handler.revoked
+    assert _audit_details(api, "device.enroll", "edge-1")[-1]["restored"] == "revoked"
+
+
+def test_a_forgotten_device_stays_forgotten_until_an_admin_binds_a_token_to_it(
+    private_broker: Any, make_controller: Any
+) -> None:
+    ctl: LiveController = make_controller(private_broker)
+    handler, writer = ctl.runtime.handler, ctl.runtime.writer
+    handler(topics.state("dev-f"), codec.encode(payloads.birth()))
+    handler(topics.telemetry("dev-f"), codec.encode(payloads.telemetry(1)))
+    ctl.flush()
+    assert ctl.client.get("/api/v1/devices/dev-f/telemetry").json() != []
+    operator = {"Authorization": f"Bearer {ctl.token_for(Role.OPERATOR, 'olga')}"}
+    # received just before the forget, still queued: written before the delete, so nothing of it is left behind
+    writer.put(TelemetryIn("dev-f", payloads.telemetry(2), time.time()))
+    assert ctl.client.delete("/api/v1/devices/dev-f", headers=operator).status_code == 204
+    ctl.flush()
+    with Session(ctl.runtime.engine) as session:
+        assert session.exec(select(TelemetryRecord).where(TelemetryRecord.device_id == "dev-f")).all() == []
+        tombstone = session.get(ForgottenDevice, "dev-f")
+    assert tombstone is not None and tombstone.forgotten_by == "olga" and not tombstone.was_enrolled
+
+    # its birth (the device still runs, or anyone on an open broker) does not bring it back: dropped, counted
+    handler(topics.state("dev-f"), codec.encode(payloads.birth()))
+    ctl.flush()
+    assert ctl.client.get("/api/v1/devices/dev-f").status_code == 404
+    text = ctl.client.get("/metrics").text
+    assert metric_value(text, "slmfleet_invalid_payloads_total", {"channel": "state", "reason": "forgotten"}) == 1
+    # nor does a spare token
+    r = ctl.client.post("/api/v1/enroll", json={"token": new_token(ctl)["token"], "device_id": "dev-f"})
+    assert r.status_code == 409 and "dev-f was forgotten at" in r.json()["detail"]
+    # a restart keeps it forgotten
+    assert "dev-f" in ctl.runtime.enrollment.forgotten
+    ctl.runtime.enrollment.load()
+    assert "dev-f" in handler.forgotten
+
+    # the admin's explicit act
+    r = ctl.client.post("/api/v1/enroll", json={"token": new_token(ctl, device_id="dev-f")["token"]})
+    assert r.status_code == 200 and "dev-f" not in handler.forgotten
+    handler(topics.state("dev-f"), codec.encode(payloads.birth()))
+    ctl.flush()
+    assert ctl.client.get("/api/v1/devices/dev-f").json()["status"] == "online"
+    assert _audit_details(ctl, "device.enroll", "dev-f")[-1]["restored"] == "forgotten"
+    with Session(ctl.runtime.engine) as session:
+        assert session.get(ForgottenDevice, "dev-f") is None
 
 
 def test_agent_enroll_writes_private_files_the_agent_runs_with(live_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ import datetime as dt
 import getpass
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -381,3 +382,24 @@ def test_mqtt_tls_checks_the_chain_and_the_host_name(pki: Pki) -> None:
         loop.close()
     assert parse_broker_url("mqtts://broker.example")["tls"] is True
     assert parse_broker_url("mqtts://broker.example")["port"] == 8883
+
+
+def test_dashboard_cookies_are_secure_when_the_api_is_served_over_https(tls_fleet: TlsFleet) -> None:
+    """A probe found the dashboard's cookies without ``Secure`` on an HTTPS controller: a browser would send them
+    over plain HTTP too."""
+    api, data = tls_fleet.controller.api, tls_fleet.controller.data_dir
+    with httpx.Client(base_url=api, verify=tls_fleet.ca_context(), timeout=10) as browser:
+        form = browser.get("/login")
+        login_cookie = form.headers["set-cookie"]
+        assert login_cookie.startswith("slmf_login=") and "secure" in login_cookie.lower().split("; ")
+        token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+        assert token is not None
+        password = (data / "admin-password").read_text().strip()
+        r = browser.post(
+            "/login",
+            data={"username": "admin", "password": password, "login_token": token.group(1), "next": "/"},
+            follow_redirects=False,
+        )
+        assert r.status_code == 303, r.text
+        session = next(h for h in r.headers.get_list("set-cookie") if h.startswith("slmf_session="))
+        assert {"secure", "httponly", "samesite=lax"} <= {p.strip().lower() for p in session.split(";")}

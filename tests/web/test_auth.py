@@ -72,17 +72,32 @@ def test_secure_cookies_when_asked(make_controller: Callable[..., LiveController
     assert tls.get("/").status_code == 200
 
 
+def test_cookies_are_secure_whenever_tls_is_on_even_if_told_otherwise(
+    make_controller: Callable[..., LiveController],
+) -> None:
+    """Behind a TLS proxy (an https public_url) the request reaches the controller as plain HTTP: still Secure."""
+    ctl = make_controller(None, public_url="https://fleet.example.com", dashboard_secure_cookie=False)
+    add_users(ctl.runtime.engine, ("vera",))
+    assert "secure" in ctl.client.get("/login").headers["set-cookie"].lower()
+    plain = make_controller(None)
+    assert "secure" not in plain.client.get("/login").headers["set-cookie"].lower()  # plain HTTP on loopback
+
+
 def test_wrong_passwords_are_refused_alike_and_guessing_is_slowed(web: LiveController) -> None:
     c = web.client
     wrong = login(c, "olivia", "not-her-password")
     unknown = login(c, "nobody", "not-her-password")
     assert wrong.status_code == unknown.status_code == 401
     assert "Wrong user name or password." in wrong.text and "Wrong user name or password." in unknown.text
-    for _ in range(5):
+    for _ in range(4):
         assert login(c, "vera", "guess-guess-guess").status_code == 401
-    blocked = login(c, "vera")  # the right password, but the name is throttled now
-    assert blocked.status_code == 429 and "Too many failed attempts" in blocked.text
+    blocked = login(c, "vera")  # the right password, but this address must wait after its guesses
+    assert blocked.status_code == 429 and "Too many failed attempts from your address" in blocked.text
+    assert 1 <= int(blocked.headers["Retry-After"]) <= 2
     assert login(c, "olivia").status_code == 303  # other names are not affected
+    # vera herself, from an address that did not guess, logs in at once: nobody can lock her out
+    elsewhere = TestClient(web.client.app, client=("192.0.2.7", 40000))
+    assert login(elsewhere, "vera").status_code == 303
 
 
 def test_the_login_form_has_its_own_csrf_token(web: LiveController, browserless_client: Any) -> None:

@@ -209,6 +209,14 @@ def test_revoking_a_device_needs_a_reason_and_works_without_javascript(
     [entry] = audit_trail(web.runtime.engine, "device.revoke")
     assert (entry.actor, entry.target) == ("adam", "pump-9")
     assert entry.detail["reason"] == "stolen" and entry.detail["via"] == "dashboard" and not entry.detail["already"]
+    # how it comes back: the page leads to the enrollment form with the id filled in
+    assert 'data-testid="restore-link"' in page and 'href="/enrollment?device_id=pump-9"' in page
+    form = admin.get("/enrollment?device_id=pump-9").text
+    assert 'name="device_id" value="pump-9"' in form
+    r = admin.post("/enrollment", data={"csrf_token": csrf, "device_id": "pump-9", "expires_in_hours": "1"})
+    assert r.status_code == 201
+    [row] = token_rows(web.runtime.engine)
+    assert row.device_id == "pump-9" and row.created_at > entry.at  # the kind of token that brings it back
 
 
 class RecordingDynsec:

@@ -125,11 +125,11 @@ def test_an_operator_uploads_a_version_and_deploys_it_from_the_dashboard(site: d
     token = csrf_token(form.text)
     for fields, where, status in (
         ({"selector": "site=oslo=x"}, "selector term", 422),
-        ({"selector": "site=nowhere"}, "no device matches", 422),
+        ({"selector": "site=nowhere"}, "no device matches", 409),
         ({"devices": "pump-0 ghost-9"}, "unknown devices: ghost-9", 404),
         ({"selector": "site=oslo", "devices": "pump-0"}, "one of them", 422),
         ({"selector": "site=oslo", "timeout_s": "-1"}, "seconds above 0", 422),
-        ({"selector": "site=oslo", "variant": "int4"}, "has no int4 variant", 422),
+        ({"selector": "site=oslo", "variant": "int4"}, "has no int4 variant", 404),
     ):
         r = c.post("/deployments", data={"csrf_token": token, "ref": "pump@1", "activate": "1", **fields})
         assert r.status_code == status and where in r.text, (fields, r.status_code, r.text[-2000:])

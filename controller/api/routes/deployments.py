@@ -12,6 +12,7 @@ from agent.protocol.messages import ShadowSpec
 from controller import audit
 from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
+from controller.api.openapi import errors
 from controller.api.schemas import ActionResult, DeploymentCreate, DeploymentPublic, TargetPublic
 from controller.db.models import Deployment, DeploymentTarget
 from controller.delivery.service import DeploymentError, DeploymentRequest
@@ -139,7 +140,7 @@ def _get(session: Session, deployment_id: str) -> Deployment:
     return ids.resolve(session, Deployment, deployment_id, "deployment")
 
 
-@router.post("", response_model=DeploymentPublic, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=DeploymentPublic, status_code=status.HTTP_201_CREATED, responses=errors(404, 409, 503))
 def create_deployment(
     body: DeploymentCreate, runtime: RuntimeDep, session: SessionDep, who: OperatorDep
 ) -> DeploymentPublic:
@@ -183,19 +184,19 @@ def _action(runtime: ControllerRuntime, session: Session, deployment_id: str, ac
     return ActionResult(deployment=deployment_id, action=action, devices=n)
 
 
-@router.post("/{deployment_id}/cancel", response_model=ActionResult)
+@router.post("/{deployment_id}/cancel", response_model=ActionResult, responses=errors(409))
 def cancel(deployment_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> ActionResult:
     """Stop it on devices that have not switched yet (they keep their model)."""
     return _action(runtime, session, deployment_id, "cancel", who.name)
 
 
-@router.post("/{deployment_id}/rollback", response_model=ActionResult)
+@router.post("/{deployment_id}/rollback", response_model=ActionResult, responses=errors(409))
 def rollback(deployment_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> ActionResult:
     """Return every device it touched to the model it had before (signed rollback commands)."""
     return _action(runtime, session, deployment_id, "rollback", who.name)
 
 
-@router.post("/{deployment_id}/commit", response_model=ActionResult)
+@router.post("/{deployment_id}/commit", response_model=ActionResult, responses=errors(409))
 def commit(deployment_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> ActionResult:
     """Confirm the new model on the devices that switched (they may free the previous slot)."""
     return _action(runtime, session, deployment_id, "commit", who.name)

@@ -6,14 +6,17 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
+from pydantic import Field
 from sqlalchemy import func
 from sqlmodel import col, select
 
 from controller import audit
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
+from controller.api.openapi import errors
 from controller.api.schemas import DevicePage, DevicePatch, DevicePublic, EventPublic, TelemetryPublic
 from controller.db.models import Device, DeviceEvent, TelemetryRecord
 from controller.devices import selectors
+from controller.enrollment.service import EnrollmentError
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -26,8 +29,8 @@ def _utc(value: datetime | None) -> datetime | None:
         return None
     try:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:  # e.g. 9999-12-31T23:59-23:00 is past the year 9999 in UTC
-        raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
+    except OverflowError:  # 9999-12-31T23:59-23:00 is past the year 9999 in UTC, 0001-01-01T00:00+14:00 before 1
+        return (datetime.max if value.year > 1 else datetime.min).replace(tzinfo=UTC)
 
 
 def _get(session: SessionDep, device_id: str) -> Device:
@@ -43,9 +46,13 @@ def list_devices(
     _: ViewerDep,
     status_: Annotated[Literal["online", "offline"] | None, Query(alias="status")] = None,
     selector: Annotated[
-        str | None, Query(description="label selector, e.g. site=berlin,tier!=canary,gpu", max_length=4096)
+        Annotated[str, Field(max_length=4096, json_schema_extra={"pattern": selectors.SCHEMA_PATTERN})] | None,
+        Query(description="label selector, e.g. site=berlin,tier!=canary,gpu"),
     ] = None,
-    label: Annotated[list[str] | None, Query(description="KEY=VALUE, repeatable (all must match)")] = None,
+    label: Annotated[
+        list[Annotated[str, Field(json_schema_extra={"pattern": selectors.LABEL_FILTER_PATTERN})]] | None,
+        Query(description="KEY=VALUE, repeatable (all must match)"),
+    ] = None,
     q: Annotated[str | None, Query(description="substring of the device id", max_length=128)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
@@ -81,7 +88,7 @@ def get_device(device_id: str, session: SessionDep, _: ViewerDep) -> Device:
     return _get(session, device_id)
 
 
-@router.patch("/{device_id}", response_model=DevicePublic)
+@router.patch("/{device_id}", response_model=DevicePublic, responses=errors(409))
 def patch_device(device_id: str, body: DevicePatch, session: SessionDep, who: OperatorDep) -> Device:
     """Set labels (a value) or remove them (``null``)."""
     device = _get(session, device_id)
@@ -91,8 +98,8 @@ def patch_device(device_id: str, body: DevicePatch, session: SessionDep, who: Op
             labels.pop(key, None)
         else:
             labels[key] = value
-    if len(labels) > 64:
-        raise HTTPException(422, "a device can carry at most 64 labels")
+    if len(labels) > 64:  # the patch is valid; with the labels the device has, there would be too many
+        raise HTTPException(status.HTTP_409_CONFLICT, "a device can carry at most 64 labels: remove some first")
     device.labels = labels
     session.add(device)
     audit.record(session, who.name, "device.labels", device_id, {"patch": body.labels})
@@ -101,16 +108,24 @@ def patch_device(device_id: str, body: DevicePatch, session: SessionDep, who: Op
     return device
 
 
-@router.delete("/{device_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{device_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(_409="the device still has broker credentials: an admin revokes it first"),
+)
 def delete_device(device_id: str, session: SessionDep, runtime: RuntimeDep, who: OperatorDep) -> Response:
-    """Forget a device and its history (it registers again if it comes back)."""
-    device = _get(session, device_id)
-    session.delete(device)
-    for model in (TelemetryRecord, DeviceEvent):
-        for row in session.exec(select(model).where(model.device_id == device_id)).all():
-            session.delete(row)
-    audit.record(session, who.name, "device.delete", device_id)
-    session.commit()
+    """Forget a device and its history. It stays forgotten: what it still sends is dropped (counted), and only an
+    admin's enrollment token bound to its id brings it back. Refused while it has broker credentials (revoke it)."""
+    try:
+        tombstone = runtime.enrollment.forget(session, device_id, who.name)
+        audit.record(session, who.name, "device.delete", device_id, {"was_enrolled": tombstone.was_enrolled})
+        session.commit()
+    except EnrollmentError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    except BaseException:
+        runtime.enrollment.forget_failed(device_id)
+        raise
+    runtime.enrollment.forgotten_committed(device_id)
     runtime.registry.forget(device_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

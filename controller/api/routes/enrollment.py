@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from controller import audit
 from controller.api.deps import AdminDep, RuntimeDep, SessionDep
+from controller.api.openapi import errors
+from controller.api.ratelimit import ApiLimits, retry_after
 from controller.db.models import EnrollmentToken
 from controller.db.types import utcnow
 from controller.enrollment import tokens
@@ -134,10 +136,19 @@ def revoke_enrollment_token(token_id: TokenId, session: SessionDep, who: AdminDe
 @router.post(
     "/enroll",
     response_model=EnrollResponse,
-    responses={401: {"description": "unknown token"}, 403: {"description": "token used, revoked or expired"}},
+    responses=errors(
+        _401="unknown enrollment token",
+        _403="the enrollment token was used, revoked or has expired",
+        _409="the device id is taken, revoked or forgotten, or the token is bound to another id",
+        _503="no broker to hand out, or the broker did not create the device's credentials",
+    ),
 )
-def enroll(body: EnrollRequest, session: SessionDep, runtime: RuntimeDep) -> EnrollResponse:
+def enroll(body: EnrollRequest, request: Request, session: SessionDep, runtime: RuntimeDep) -> EnrollResponse:
     """Exchange an enrollment token for this device's identity, broker credentials and the signing key."""
+    limits: ApiLimits = request.app.state.api_limits
+    wait, why = limits.check_enrollment_token(body.token, request.client.host if request.client else "unknown")
+    if wait:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, why, headers={"Retry-After": str(retry_after(wait))})
     try:
         result = runtime.enrollment.enroll(session, body.token, body.device_id)
     except EnrollmentError as exc:
@@ -147,7 +158,12 @@ def enroll(body: EnrollRequest, session: SessionDep, runtime: RuntimeDep) -> Enr
         f"enrollment:{result.token_prefix}",
         "device.enroll",
         result.device_id,
-        {"token_id": result.token_id, "labels": result.labels, "broker_credentials": result.mqtt_password is not None},
+        {
+            "token_id": result.token_id,
+            "labels": result.labels,
+            "broker_credentials": result.mqtt_password is not None,
+            **({"restored": result.restored} if result.restored else {}),
+        },
     )
     session.commit()
     return EnrollResponse(
@@ -161,7 +177,7 @@ def enroll(body: EnrollRequest, session: SessionDep, runtime: RuntimeDep) -> Enr
     )
 
 
-@router.post("/devices/{device_id}/revoke", response_model=RevokeResult, tags=["devices"])
+@router.post("/devices/{device_id}/revoke", response_model=RevokeResult, tags=["devices"], responses=errors(503))
 def revoke_device(
     device_id: Annotated[str, Path(max_length=128)], session: SessionDep, runtime: RuntimeDep, who: AdminDep
 ) -> RevokeResult:

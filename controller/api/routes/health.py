@@ -16,7 +16,12 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.get("/api/v1/health", response_model=Health, tags=["health"])
+@router.get(
+    "/api/v1/health",
+    response_model=Health,
+    tags=["health"],
+    responses={503: {"model": Health, "description": "the database cannot be reached"}},
+)
 def health(runtime: RuntimeDep, response: Response) -> Health:
     """Is the controller working: database reachable, broker connected."""
     database = "ok"

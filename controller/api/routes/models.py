@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 from controller import audit
 from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
+from controller.api.openapi import errors
 from controller.api.schemas import (
     ArtifactSummary,
     ImportJobPublic,
@@ -102,7 +103,7 @@ def _job_public(job: ImportJob) -> ImportJobPublic:
     )
 
 
-@router.post("/models", response_model=ModelPublic, status_code=status.HTTP_201_CREATED)
+@router.post("/models", response_model=ModelPublic, status_code=status.HTTP_201_CREATED, responses=errors(409))
 def create_model(body: ModelCreate, session: SessionDep, who: OperatorDep) -> ModelPublic:
     """Create a model; versions are added by uploading to it."""
     if session.exec(select(Model).where(Model.name == body.name)).first() is not None:
@@ -136,7 +137,14 @@ def get_model(name: str, session: SessionDep, _: ViewerDep) -> ModelDetail:
     "/models/{name}/versions",
     response_model=VersionPublic,
     status_code=status.HTTP_201_CREATED,
-    responses={202: {"model": ImportJobPublic, "description": "still importing; poll the job"}},
+    responses={
+        202: {"model": ImportJobPublic, "description": "still importing; poll the job"},
+        **errors(
+            413,
+            _422="the request or its options do not fit the schema, or the upload is not a model this registry"
+            " imports (not ONNX, no tokenizer for a text task, ...): the reason says what",
+        ),
+    },
     openapi_extra={
         "requestBody": {
             "content": {
@@ -144,7 +152,11 @@ def get_model(name: str, session: SessionDep, _: ViewerDep) -> ModelDetail:
                     "schema": {
                         "type": "object",
                         "properties": {
-                            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "file": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "minItems": 1,
+                            },
                             "options": {"type": "string", "description": "ImportOptions as JSON"},
                         },
                         "required": ["file"],
@@ -214,7 +226,7 @@ def get_version(name: str, number: VersionNumber, session: SessionDep, _: Viewer
     return _version_public(session, model, version)
 
 
-@router.delete("/models/{name}/versions/{number}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/models/{name}/versions/{number}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409))
 def delete_version(
     name: str, number: VersionNumber, runtime: RuntimeDep, session: SessionDep, who: OperatorDep
 ) -> Response:

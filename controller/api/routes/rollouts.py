@@ -12,15 +12,13 @@ from sqlmodel import Session, col, select
 from controller import audit
 from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
+from controller.api.openapi import errors
 from controller.db.models import Rollout, RolloutTransition
 from controller.rollouts.engine import RolloutError
 from controller.rollouts.plan import RolloutCreate, default_plan, wave_sizes
 from controller.runtime import ControllerRuntime
 
 router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
-
-#: the largest version number the database holds (PostgreSQL INTEGER)
-MAX_VERSION = 2**31 - 1
 
 
 class WavePublic(BaseModel):
@@ -148,16 +146,14 @@ def _get(session: Session, rollout_id: str) -> Rollout:
     return ids.resolve(session, Rollout, rollout_id, "rollout")
 
 
-@router.post("", response_model=RolloutPublic, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=RolloutPublic, status_code=status.HTTP_201_CREATED, responses=errors(404, 409, 503))
 def create_rollout(body: RolloutCreate, runtime: RuntimeDep, session: SessionDep, who: OperatorDep) -> RolloutPublic:
     """Roll a model version out to the devices a label selector matches, in waves (default: canary, 10%, 50%, 100%)."""
-    if body.version > MAX_VERSION:  # beyond the database's integers: a 500 from the driver otherwise
-        raise HTTPException(422, f"version {body.version} does not exist (versions are at most {MAX_VERSION})")
     if body.start_at is not None:
         try:
             body.start_at.astimezone(UTC)
-        except OverflowError:  # 9999-12-31T23:59-23:00 is past the year 9999 in UTC
-            raise HTTPException(422, f"start_at {body.start_at.isoformat()} is out of range in UTC") from None
+        except OverflowError:  # 9999-12-31T23:59-23:00 is past the year 9999 in UTC: as good as never
+            body = body.model_copy(update={"start_at": datetime.max.replace(tzinfo=UTC)})
     if runtime.bridge is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the controller has no broker connection")
     try:
@@ -198,21 +194,21 @@ def _act(
     return render(runtime, session, _get(session, rollout_id))
 
 
-@router.post("/{rollout_id}/pause", response_model=RolloutPublic)
+@router.post("/{rollout_id}/pause", response_model=RolloutPublic, responses=errors(409))
 def pause(
     rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
 ) -> RolloutPublic:
     return _act(runtime, session, rollout_id, "pause", who.name, body)
 
 
-@router.post("/{rollout_id}/resume", response_model=RolloutPublic)
+@router.post("/{rollout_id}/resume", response_model=RolloutPublic, responses=errors(409))
 def resume(
     rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
 ) -> RolloutPublic:
     return _act(runtime, session, rollout_id, "resume", who.name, body)
 
 
-@router.post("/{rollout_id}/abort", response_model=RolloutPublic)
+@router.post("/{rollout_id}/abort", response_model=RolloutPublic, responses=errors(409))
 def abort(
     rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
 ) -> RolloutPublic:
@@ -220,14 +216,14 @@ def abort(
     return _act(runtime, session, rollout_id, "abort", who.name, body)
 
 
-@router.post("/{rollout_id}/approve", response_model=RolloutPublic)
+@router.post("/{rollout_id}/approve", response_model=RolloutPublic, responses=errors(409))
 def approve(
     rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
 ) -> RolloutPublic:
     return _act(runtime, session, rollout_id, "approve", who.name, body)
 
 
-@router.post("/{rollout_id}/advance", response_model=RolloutPublic)
+@router.post("/{rollout_id}/advance", response_model=RolloutPublic, responses=errors(409))
 def advance(
     rollout_id: str, runtime: RuntimeDep, session: SessionDep, who: OperatorDep, body: ActionBody | None = None
 ) -> RolloutPublic:

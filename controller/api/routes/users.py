@@ -11,6 +11,7 @@ from sqlmodel import col, select
 
 from controller import audit
 from controller.api.deps import AdminDep, SessionDep
+from controller.api.openapi import errors
 from controller.auth import passwords, users
 from controller.auth.tokens import Role
 from controller.db.models import WebUser
@@ -72,7 +73,7 @@ def list_users(session: SessionDep, _: AdminDep) -> list[UserPublic]:
     return [_public(u) for u in session.exec(select(WebUser).order_by(col(WebUser.name))).all()]
 
 
-@router.post("", response_model=UserCreated, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=UserCreated, status_code=status.HTTP_201_CREATED, responses=errors(409))
 def create_user(body: UserCreate, session: SessionDep, who: AdminDep) -> UserCreated:
     """Add a dashboard user; without a password the controller generates one and answers it once."""
     generated = passwords.generate_password() if body.password is None else None

@@ -9,6 +9,7 @@ from sqlmodel import Session
 
 from controller import audit
 from controller.api.deps import AdminDep, RuntimeDep, SessionDep
+from controller.api.openapi import errors
 from controller.notify import webhooks
 from controller.notify.errors import NotifyError
 from controller.notify.webhooks import (
@@ -56,7 +57,7 @@ def list_webhooks(session: SessionDep, _: AdminDep) -> list[WebhookPublic]:
     return webhooks.listing(session)
 
 
-@router.post("/webhooks", response_model=WebhookCreated, status_code=status.HTTP_201_CREATED)
+@router.post("/webhooks", response_model=WebhookCreated, status_code=status.HTTP_201_CREATED, responses=errors(409))
 def create_webhook(body: WebhookCreate, runtime: RuntimeDep, session: SessionDep, who: AdminDep) -> WebhookCreated:
     """Add a webhook; the answer carries its signing secret, which is not shown again."""
     try:
@@ -72,7 +73,7 @@ def create_webhook(body: WebhookCreate, runtime: RuntimeDep, session: SessionDep
     return WebhookCreated(**webhooks.public(row).model_dump(), secret=secret)
 
 
-@router.get("/webhooks/{webhook_id}", response_model=WebhookPublic)
+@router.get("/webhooks/{webhook_id}", response_model=WebhookPublic, responses=errors(404))
 def get_webhook(webhook_id: WebhookId, session: SessionDep, _: AdminDep) -> WebhookPublic:
     try:
         return webhooks.one(session, webhook_id)
@@ -80,7 +81,7 @@ def get_webhook(webhook_id: WebhookId, session: SessionDep, _: AdminDep) -> Webh
         raise _refused(exc) from None
 
 
-@router.patch("/webhooks/{webhook_id}", response_model=WebhookPublic | WebhookCreated)
+@router.patch("/webhooks/{webhook_id}", response_model=WebhookPublic | WebhookCreated, responses=errors(404))
 def update_webhook(
     webhook_id: WebhookId, body: WebhookUpdate, runtime: RuntimeDep, session: SessionDep, who: AdminDep
 ) -> WebhookPublic | WebhookCreated:
@@ -98,7 +99,7 @@ def update_webhook(
     return WebhookCreated(**current.model_dump(), secret=secret) if secret and body.rotate_secret else current
 
 
-@router.delete("/webhooks/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/webhooks/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404))
 def delete_webhook(webhook_id: WebhookId, runtime: RuntimeDep, session: SessionDep, who: AdminDep) -> Response:
     """Remove a webhook with its pending deliveries and its log."""
     row = _get(session, webhook_id)
@@ -110,7 +111,12 @@ def delete_webhook(webhook_id: WebhookId, runtime: RuntimeDep, session: SessionD
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/webhooks/{webhook_id}/test", response_model=DeliveryPublic, status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/webhooks/{webhook_id}/test",
+    response_model=DeliveryPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=errors(404, 409),
+)
 def test_webhook(webhook_id: WebhookId, runtime: RuntimeDep, session: SessionDep, who: AdminDep) -> DeliveryPublic:
     """Queue a ``ping`` event to this webhook; follow it in the delivery log."""
     row = _get(session, webhook_id)
@@ -124,7 +130,7 @@ def test_webhook(webhook_id: WebhookId, runtime: RuntimeDep, session: SessionDep
     return items[0]
 
 
-@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryPublic])
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryPublic], responses=errors(404))
 def webhook_deliveries(
     webhook_id: WebhookId,
     session: SessionDep,
@@ -157,7 +163,7 @@ def all_deliveries(
     return items
 
 
-@router.get("/webhook-deliveries/{delivery_id}", response_model=DeliveryDetail)
+@router.get("/webhook-deliveries/{delivery_id}", response_model=DeliveryDetail, responses=errors(404))
 def get_delivery(delivery_id: DeliveryId, session: SessionDep, _: AdminDep) -> DeliveryDetail:
     """One delivery, with the body its receiver gets and its last attempts."""
     try:
@@ -166,7 +172,7 @@ def get_delivery(delivery_id: DeliveryId, session: SessionDep, _: AdminDep) -> D
         raise _refused(exc) from None
 
 
-@router.post("/webhook-deliveries/{delivery_id}/retry", response_model=DeliveryPublic)
+@router.post("/webhook-deliveries/{delivery_id}/retry", response_model=DeliveryPublic, responses=errors(404, 409))
 def retry_delivery(delivery_id: DeliveryId, runtime: RuntimeDep, session: SessionDep, who: AdminDep) -> DeliveryPublic:
     """Send a failed (or still pending) delivery again now, with a fresh set of attempts."""
     try:

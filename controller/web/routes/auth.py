@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 from typing import Annotated
 
@@ -26,8 +27,11 @@ router = APIRouter(include_in_schema=False)
 
 
 def _secure(request: Request) -> bool:
-    setting = runtime_of(request).settings.dashboard_secure_cookie
-    return setting if setting is not None else request.url.scheme == "https"
+    """Cookies are Secure whenever TLS is on: this process serves HTTPS, devices and operators reach it at an https
+    public_url (a TLS proxy), or the request came over HTTPS; ``dashboard_secure_cookie`` forces it on."""
+    settings = runtime_of(request).settings
+    tls = settings.https or (settings.public_url or "").startswith("https://") or request.url.scheme == "https"
+    return tls or bool(settings.dashboard_secure_cookie)
 
 
 def _safe_next(target: str | None) -> str:
@@ -75,21 +79,29 @@ def login(
     cookie = request.cookies.get(sessions.LOGIN_COOKIE, "")
     if not cookie or not hmac.compare_digest(cookie.encode(), login_token.encode()):
         return _login_form(request, target, "The form expired: please try again.", username, 403)
-    throttle: sessions.LoginThrottle = request.app.state.login_throttle
-    wait = throttle.blocked_for(username)
+    backoff: sessions.LoginBackoff = request.app.state.login_backoff
+    source = request.client.host if request.client else "unknown"
+    wait, scope = backoff.wait(source, username)
     if wait:
-        return _login_form(
-            request, target, f"Too many failed attempts: try again in {wait / 60:.0f} min.", username, 429
+        # the password is not even checked: an address that keeps guessing learns nothing while it waits
+        runtime.metrics.logins_throttled.labels(scope).inc()
+        seconds = math.ceil(wait)
+        response = _login_form(
+            request,
+            target,
+            f"Too many failed attempts from your address: try again in {seconds} s.",
+            username,
+            429,
         )
+        response.headers["Retry-After"] = str(seconds)
+        return response
     with Session(runtime.engine) as session:
         user = users.authenticate(session, username, password)
         if user is None:
-            throttle.failed(username)
-            log.warning(
-                "dashboard: failed login for %r from %s", username[:64], request.client.host if request.client else "?"
-            )
+            backoff.failed(source, username)
+            log.warning("dashboard: failed login for %r from %s", username[:64], source)
             return _login_form(request, target, "Wrong user name or password.", username, 401)
-        throttle.succeeded(username)
+        backoff.succeeded(source, username)
         secret = sessions.start(session, user, runtime.settings.dashboard_session_hours)
         audit.record(session, user.name, "dashboard.login", user.name)
         session.commit()

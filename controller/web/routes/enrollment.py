@@ -75,8 +75,15 @@ def _blank(request: Request) -> dict[str, str]:
 
 
 @router.get("/enrollment", response_class=HTMLResponse)
-def enrollment(request: Request, who: AdminDep, done: Annotated[str, Query(max_length=16)] = "") -> Response:
-    return _page(request, _blank(request), notice=DONE_MESSAGES.get(done, ""))
+def enrollment(
+    request: Request,
+    who: AdminDep,
+    done: Annotated[str, Query(max_length=16)] = "",
+    device_id: Annotated[str, Query(max_length=128)] = "",
+) -> Response:
+    """The page; ``device_id`` fills the form in (a revoked or forgotten device's page links here)."""
+    values = {**_blank(request), "device_id": device_id.strip()}
+    return _page(request, values, notice=DONE_MESSAGES.get(done, ""))
 
 
 @router.post("/enrollment", response_class=HTMLResponse)
