@@ -24,8 +24,8 @@ from agent.inference.pipelines.base import PipelineError
 from agent.inference.pipelines.generation import (
     DecoderGenerationPipeline,
     TokenStreamPipeline,
+    check_context,
     encode_prompt,
-    fit_prompt,
     generation_settings,
     load_tokenizer,
 )
@@ -75,7 +75,8 @@ class GenaiGenerationPipeline(TokenStreamPipeline):
             yield from self.fallback.token_ids(prompt_ids, max_new_tokens)
             return
         og = self._og
-        ids, max_new = fit_prompt(list(prompt_ids), max_new_tokens, self.context)
+        ids, max_new = list(prompt_ids), max_new_tokens
+        check_context(ids, max_new, self.context)
         params = og.GeneratorParams(self.model)
         search: dict[str, Any] = {"max_length": len(ids) + max_new, "do_sample": self.generation.do_sample}
         if self.generation.do_sample:
