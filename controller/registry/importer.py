@@ -40,8 +40,6 @@ from controller.registry.bundles import (
     ImportOptions,
     default_variants,
     detect_source,
-    inspect_genai_bundle,
-    inspect_onnx_bundle,
     merge_hints,
 )
 from controller.registry.convert import ConversionError, ExportedBundle
@@ -89,6 +87,8 @@ class ImportResult:
     version: int
     variants: list[str]
     refused: list[dict[str, Any]]
+    #: what the import read from the model's files (layout, task, limits, ids), for the operator
+    notes: list[str] | None = None
 
 
 class Importer:
@@ -117,15 +117,28 @@ class Importer:
     def run(self, req: ImportRequest, progress: Progress, work: Path) -> ImportResult:
         root = req.bundle_root
         options = merge_hints(root, req.options)
-        task = self._task_for(req.model_name, options)
-        options = options.model_copy(update={"task": task})
         source = detect_source(root)
-        progress("checking", 0.05, f"{source} bundle for {task.value}")
-        reference = self._reference(root, source, options, work, progress)
+        options = options.model_copy(update={"task": self._task_for(req.model_name, options, root, source)})
+        progress("checking", 0.05, f"{source} bundle" + (f" for {options.task.value}" if options.task else ""))
+        notes: list[str] = []
+        reference = self._reference(root, source, options, work, progress, notes)
+        task = reference.spec.task
+        options = options.model_copy(update={"task": task})
+        if notes:
+            progress("checking", 0.2, "; ".join(notes)[:1000])
+        if options.reference:
+            from controller.registry.reference import check_keys
+
+            check_keys(task, options.reference)
         wanted = [v for v in (options.variants or default_variants(task)) if v != "fp32"]
         samples = options.eval_set
         progress("measuring fp32", 0.3, "")
-        fp32_metrics = self._evaluate(reference, reference, samples)
+        # fp32 is the reference the variants are measured against: against itself it would agree 1.0 and
+        # check nothing, so its agreement stays empty and only the operator's reference (if any) checks it
+        fp32_metrics = self._evaluate(reference, reference, samples).model_copy(
+            update={"agreement": None, "agreement_kind": None}
+        )
+        fp32_metrics = self._check_reference(reference, options, fp32_metrics, decisions_only=False)
         built: list[tuple[str, ExportedBundle, Metrics]] = [("fp32", reference, fp32_metrics)]
         refused: list[dict[str, Any]] = []
         step = 0.55 / max(len(wanted), 1)
@@ -166,9 +179,32 @@ class Importer:
                 if options.strict:
                     raise BundleError(f"{variant} refused: {reason}")
                 continue
+            metrics = self._check_reference(candidate, options, metrics, decisions_only=True)
             built.append((variant, candidate, metrics))
         progress("signing and storing", 0.92, "")
-        return self._register(req, task, source, options, built, refused)
+        result = self._register(req, task, source, options, built, refused)
+        result.notes = notes
+        return result
+
+    @staticmethod
+    def _check_reference(
+        bundle: ExportedBundle, options: ImportOptions, metrics: Metrics, *, decisions_only: bool
+    ) -> Metrics:
+        """The operator's reference check on ``bundle``; fp32 (``decisions_only`` False) must pass."""
+        if not options.reference:
+            return metrics
+        from controller.registry.reference import run_reference
+
+        result = run_reference(bundle, options.reference, options.reference_tolerance, decisions_only=decisions_only)
+        if not result.passed and not decisions_only:
+            raise BundleError(
+                f"fp32 does not reproduce the reference outputs: {result.detail}. The model's files were read"
+                " differently from how its framework runs it: check the task, tokenizer, pooling, labels or"
+                " anomaly options, or the tolerance (reference_tolerance)"
+            )
+        return metrics.model_copy(
+            update={"reference": result.status, "reference_cases": result.cases, "reference_detail": result.detail}
+        )
 
     def floor(self, kind: str, variant: str) -> float:
         """The agreement floor of ``variant`` for agreement ``kind``.
@@ -196,27 +232,40 @@ class Importer:
             return target.parent
         return upload_root
 
-    def _task_for(self, name: str, options: ImportOptions) -> Task:
+    def _task_for(self, name: str, options: ImportOptions, root: Path, source: str) -> Task | None:
+        """The task: the model's (when it exists), else the options', else what a checkpoint's config.json
+        says; None leaves it to the bundle's files (``layouts.detect_task``)."""
         with Session(self.engine) as session:
             model = session.exec(select(Model).where(Model.name == name)).first()
         if model is None:
-            if options.task is None:
-                raise BundleError(
-                    f"model {name!r} does not exist: create it with POST /api/v1/models, or give options.task"
-                )
+            if options.task is None and source == "hf":
+                from controller.registry.hfconfig import ConfigError, read_model_config, task_from_architectures
+
+                try:
+                    found = task_from_architectures(read_model_config(root))
+                except ConfigError as exc:
+                    raise BundleError(str(exc)) from None
+                if found is None:
+                    raise BundleError(
+                        "config.json's architectures do not say which task the checkpoint performs: give"
+                        " options.task (text-classification, embeddings, text-generation or text2text)"
+                    )
+                return Task(found[0])
             return options.task
         if options.task is not None and options.task.value != model.task:
             raise BundleError(f"model {name!r} is a {model.task} model; this upload says {options.task.value}")
         return Task(model.task)
 
     def _reference(
-        self, root: Path, source: str, options: ImportOptions, work: Path, progress: Progress
+        self, root: Path, source: str, options: ImportOptions, work: Path, progress: Progress, notes: list[str]
     ) -> ExportedBundle:
+        if source in ("onnx", "genai"):
+            from controller.registry.layouts import inspect_bundle
+
+            inspection = inspect_bundle(root, options)
+            notes += inspection.notes
+            return inspection.bundle
         assert options.task is not None
-        if source == "onnx":
-            return inspect_onnx_bundle(root, options)
-        if source == "genai":
-            return inspect_genai_bundle(root, options)
         progress("exporting to ONNX", 0.1, "Hugging Face checkpoint")
         try:
             from controller.registry.convert import export_hf
@@ -249,7 +298,10 @@ class Importer:
             pre = spec.preprocess.model_copy(update={"max_length": options.max_length})
             spec = spec.model_copy(update={"preprocess": pre})
         if options.generation and spec.generation is not None:
-            spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=options.generation)})
+            given = options.generation.model_dump(exclude_unset=True)
+            if given:
+                merged = spec.generation.model_dump() | given
+                spec = spec.model_copy(update={"generation": type(spec.generation).model_validate(merged)})
         bundle.spec = spec
         return bundle
 

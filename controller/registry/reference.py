@@ -1,0 +1,145 @@
+"""The operator's reference check: inputs with the outputs their own framework gave, run through the device
+pipeline of each variant.
+
+fp32 must match every value within the tolerance (``|got - expected| <= t + t * |expected|``), or the import
+fails with the first case that did not: a model whose fp32 does not reproduce its framework was imported
+wrong (wrong pooling, tokenizer, label order, score direction), and deploying it would only spread that.
+Quantized variants cannot match float values to 1e-4; for them only the decisions are compared (label,
+anomaly, token ids, text), and the result is recorded, not enforced (their floors do that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from agent.protocol.manifest import Task
+from controller.registry.bundles import BundleError, ReferenceCase
+from controller.registry.convert import ExportedBundle
+
+#: expected keys compared within the tolerance, and those compared exactly, by task
+_FLOAT_KEYS = {"logits", "embedding", "score", "scores"}
+_EXACT_KEYS = {"label", "anomaly", "token_ids", "text"}
+_KEYS = {
+    Task.TEXT_CLASSIFICATION: {"logits", "label", "score", "scores"},
+    Task.EMBEDDINGS: {"embedding", "label", "score"},
+    Task.TEXT_GENERATION: {"token_ids", "text"},
+    Task.TEXT2TEXT: {"token_ids", "text"},
+    Task.ANOMALY: {"label", "anomaly", "score", "scores"},
+}
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    passed: bool
+    cases: int
+    detail: str
+
+    @property
+    def status(self) -> str:
+        return "pass" if self.passed else "fail"
+
+
+def check_keys(task: Task, cases: list[ReferenceCase]) -> None:
+    """BundleError for an expected output the task's results do not have (before anything is built)."""
+    allowed = _KEYS[task]
+    for i, case in enumerate(cases, 1):
+        unknown = sorted(set(case.expected) - allowed)
+        if unknown:
+            raise BundleError(
+                f"reference case {i} expects {unknown[0]!r}, which a {task.value} result does not have"
+                f" (compare one of: {', '.join(sorted(allowed))})"
+            )
+        if not case.expected:
+            raise BundleError(f"reference case {i} expects nothing: give at least one output to compare")
+
+
+def run_reference(
+    bundle: ExportedBundle, cases: list[ReferenceCase], tolerance: float, *, decisions_only: bool = False
+) -> ReferenceResult:
+    """Run every case through ``bundle``'s device pipeline and compare (see the module docstring)."""
+    from agent.inference.pipelines import load_pipeline
+    from agent.inference.session import InputError
+
+    pipeline = load_pipeline(bundle.spec, bundle.root)
+    worst = 0.0
+    matched = 0
+    first_miss = ""
+    try:
+        for i, case in enumerate(cases, 1):
+            try:
+                got = pipeline.run([dict(case.input)])[0]
+            except InputError as exc:
+                got = {"error": str(exc)}
+            miss, error = _compare(case.expected, got, tolerance, decisions_only)
+            worst = max(worst, error)
+            if miss:
+                first_miss = first_miss or f"case {i}: {miss}"
+            else:
+                matched += 1
+    finally:
+        pipeline.close()
+    what = "decisions" if decisions_only else "outputs"
+    detail = f"{matched}/{len(cases)} cases matched ({what})"
+    if not decisions_only:
+        detail += f", largest difference {worst:.3g}"
+    if first_miss:
+        detail += f"; first difference: {first_miss}"
+    return ReferenceResult(matched == len(cases), len(cases), detail[:1024])
+
+
+def _compare(
+    expected: dict[str, Any], got: dict[str, Any], tolerance: float, decisions_only: bool
+) -> tuple[str, float]:
+    """(what differs or "", the largest float difference seen)."""
+    if "error" in got:
+        return f"the model refused the input: {got['error']}", math.inf
+    worst = 0.0
+    for key, want in expected.items():
+        if key in _FLOAT_KEYS and decisions_only:
+            continue
+        have = got.get(key)
+        if key in _EXACT_KEYS:
+            if key == "label" and str(have) != str(want) or key != "label" and have != want:
+                return f"{key} is {_short(have)}, expected {_short(want)}", worst
+            continue
+        pairs = _float_pairs(want, have)
+        if pairs is None:
+            return f"{key} is {_short(have)}, expected {_short(want)} (not comparable)", worst
+        for a, b in pairs:
+            diff = abs(a - b)
+            worst = max(worst, diff)
+            if not diff <= tolerance + tolerance * abs(a):
+                return f"{key} differs by {diff:.3g} (expected {a:.6g}, got {b:.6g}; tolerance {tolerance:g})", worst
+    return "", worst
+
+
+def _float_pairs(want: Any, have: Any) -> list[tuple[float, float]] | None:
+    if isinstance(want, bool) or isinstance(have, bool):
+        return None
+    if isinstance(want, int | float) and isinstance(have, int | float):
+        return [(float(want), float(have))]
+    if isinstance(want, list) and isinstance(have, list) and len(want) == len(have):
+        pairs: list[tuple[float, float]] = []
+        for a, b in zip(want, have, strict=True):
+            sub = _float_pairs(a, b)
+            if sub is None:
+                return None
+            pairs += sub
+        return pairs
+    if isinstance(want, dict) and isinstance(have, dict) and set(map(str, want)) == set(map(str, have)):
+        have_str = {str(k): v for k, v in have.items()}
+        pairs = []
+        for k, a in want.items():
+            sub = _float_pairs(a, have_str[str(k)])
+            if sub is None:
+                return None
+            pairs += sub
+        return pairs
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

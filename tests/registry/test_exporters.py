@@ -1,0 +1,79 @@
+"""Models as the ecosystem's exporters write them (optimum, sentence-transformers, skl2onnx,
+onnxruntime-genai), imported with what a user would naturally pass: the folder, a name and (optionally)
+the reference outputs their framework gave. No task, no options found only in the source.
+
+The fixtures are made by ``tests/fixtures/exporters/make_fixtures.py`` with the real tools; their
+``*.reference.jsonl`` hold outputs computed by plain onnxruntime / tokenizers / the frameworks."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.protocol.manifest import SignedManifest
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "exporters"
+
+#: layout -> (task the import must detect, files the device must get, the manifest's decoder settings)
+LAYOUTS: dict[str, tuple[str, set[str]]] = {
+    "optimum-bert-classifier": ("text-classification", {"model.onnx", "tokenizer.json"}),
+    "optimum-gpt2-with-past": ("text-generation", {"model.onnx", "tokenizer.json"}),
+    "optimum-gpt2-no-past": ("text-generation", {"model.onnx", "tokenizer.json"}),
+    "optimum-gpt2-legacy": ("text-generation", {"decoder_model_merged.onnx", "tokenizer.json"}),
+    "optimum-t5": ("text2text", {"encoder_model.onnx", "decoder_model_merged.onnx", "tokenizer.json"}),
+    "sentence-transformers-cls": ("embeddings", {"onnx/model.onnx", "tokenizer.json"}),
+    "skl2onnx-isolation-forest": ("anomaly", {"model.onnx"}),
+    "skl2onnx-random-forest": ("anomaly", {"model.onnx"}),
+    "genai-llama": ("text-generation", {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"}),
+}
+
+
+def reference(name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (FIXTURES / f"{name}.reference.jsonl").read_text().splitlines() if line]
+
+
+def tar_gz(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(root, arcname=root.name)
+    return buf.getvalue()
+
+
+def upload_export(ctl: Any, name: str, layout: str, options: dict[str, Any] | None = None) -> Any:
+    """Upload a fixture as a user would: a folder as an archive, a lone skl2onnx graph as the file itself."""
+    folder = FIXTURES / layout
+    graphs = list(folder.glob("*.onnx"))
+    if layout.startswith("skl2onnx"):
+        files = [("file", (graphs[0].name, graphs[0].read_bytes(), "application/octet-stream"))]
+    else:
+        files = [("file", (f"{layout}.tar.gz", tar_gz(folder), "application/octet-stream"))]
+    data = {"options": json.dumps(options)} if options is not None else {}
+    return ctl.client.post(f"/api/v1/models/{name}/versions", files=files, data=data, headers=ctl.auth)
+
+
+@pytest.fixture
+def ctl(make_controller):  # type: ignore[no-untyped-def]
+    return make_controller(None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_each_export_imports_as_written_and_fp32_reproduces_its_framework(ctl, layout: str) -> None:  # type: ignore[no-untyped-def]
+    task, files = LAYOUTS[layout]
+    options = {"reference": reference(layout), "variants": ["fp32", "int8"]}
+    r = upload_export(ctl, layout.replace("_", "-"), layout, options)
+    assert r.status_code == 201, r.text
+    version = r.json()
+    assert version["task"] == task
+    variants = {v["variant"]: v for v in version["variants"]}
+    fp32 = variants["fp32"]["metrics"]
+    # checked against the framework's outputs, not against itself
+    assert fp32["reference"] == "pass", fp32
+    assert fp32.get("agreement") is None and fp32["reference_cases"] == len(reference(layout))
+    signed = SignedManifest.model_validate(ctl.client.get(variants["fp32"]["manifest_url"]).json())
+    assert {f.path for f in signed.manifest.files} == files
