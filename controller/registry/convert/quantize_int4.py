@@ -122,8 +122,12 @@ def _quantize_graphs(bundle: ExportedBundle, out: Path, **options: Any) -> Expor
 
     started = time.perf_counter()
     op_types = ("MatMul", "Gather") if quantize_gather else ("MatMul",)
+    from controller.registry.convert.weights import gemm_to_matmul, weight_fraction
+
     for rel in graphs:
         model = onnx.load(str(src / rel))
+        # Gemm layers (GPT-2's Conv1D) are invisible to MatMulNBits: as MatMul they are covered
+        gemm_to_matmul(model)
         quantizer = MatMulNBitsQuantizer(
             model,
             bits=4,
@@ -152,6 +156,7 @@ def _quantize_graphs(bundle: ExportedBundle, out: Path, **options: Any) -> Expor
         method="int4-weight-only",
         block_size=block_size,
         tool=f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer (accuracy_level {accuracy_level})",
+        weight_fraction=weight_fraction([out / rel for rel in graphs]),
     )
     extra = dict(bundle.extra)
     extra |= {

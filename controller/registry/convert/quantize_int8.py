@@ -76,8 +76,18 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         big = _weights_bytes(src / rel) >= _PROTOBUF_LIMIT // 2
+        source: Any = src / rel
+        if not big:
+            import onnx
+
+            from controller.registry.convert.weights import gemm_to_matmul
+
+            # Gemm layers (GPT-2's Conv1D) are invisible to quantize_dynamic: as MatMul they are covered
+            model = onnx.load(str(src / rel))
+            if gemm_to_matmul(model):
+                source = model
         quantize_dynamic(
-            src / rel,
+            source,
             target,
             per_channel=per_channel,
             reduce_range=reduce_range,
@@ -100,10 +110,13 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
             " constant weights (tree ensembles, for example); keep the fp32 variant"
         )
 
+    from controller.registry.convert.weights import weight_fraction
+
     quantization = Quantization(
         method="int8-dynamic",
         per_channel=per_channel,
         tool=f"onnxruntime {onnxruntime.__version__}",
+        weight_fraction=weight_fraction([out / rel for rel in graphs]),
     )
     extra = dict(bundle.extra)
     extra.update(
