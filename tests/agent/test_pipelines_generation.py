@@ -118,7 +118,7 @@ def test_generation_stops_at_eos(bundles: dict[str, ExportedBundle], kind: str) 
     assert out.finish_reason == "eos"
     assert out.text == pipe.tokenizer.decode(ids[:stop], skip_special_tokens=True)
     result = pipe.run([{key: PROMPTS[0], "max_new_tokens": 12}])[0]
-    assert result == {"text": out.text, "tokens": stop + 1}
+    assert result == {"text": out.text, "tokens": stop + 1, "token_ids": ids[: stop + 1], "finish_reason": "eos"}
     assert "".join(pipe.stream({key: PROMPTS[0], "max_new_tokens": 12})) == out.text
 
 
