@@ -113,7 +113,7 @@ def _follow(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
 
 def _print_version(version: dict[str, Any]) -> None:
     table = Table(title=f"{version['model']} v{version['number']} ({version['task']}, from {version['source']})")
-    for column in ("variant", "size", "agreement", "reference", "latency p50", "peak RSS", "artifact"):
+    for column in ("variant", "size", "quantized", "agreement", "reference", "latency p50", "peak RSS", "artifact"):
         table.add_column(column)
     for v in version["variants"]:
         m = v["metrics"]
@@ -122,14 +122,14 @@ def _print_version(version: dict[str, Any]) -> None:
         else:  # fp32 is what the others are measured against, not measured against itself
             agreement = "reference variant" if v["variant"] == "fp32" else "-"
         fraction = (v.get("quantization") or {}).get("weight_fraction")
-        if fraction is not None:
-            agreement += f" ({fraction:.0%} of weights quantized)"
+        quantized = f"{fraction:.0%} of weights" if fraction is not None else "-"
         reference = f"{m['reference']} ({m.get('reference_cases', 0)} cases)" if m.get("reference") else "no reference"
         latency = f"{m['latency_ms_p50']:.2f} ms" if m.get("latency_ms_p50") is not None else "-"
         rss = f"{m['peak_rss_bytes'] / 2**20:.0f} MiB" if m.get("peak_rss_bytes") else "-"
         table.add_row(
             v["variant"],
             f"{v['size_bytes'] / 2**20:.1f} MiB",
+            quantized,
             agreement,
             reference,
             latency,
