@@ -80,7 +80,7 @@ class ReferenceCase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: dict[str, Any] = Field(description="a record as the device takes it, e.g. {\"text\": \"...\"}")
+    input: dict[str, Any] = Field(description='a record as the device takes it, e.g. {"text": "..."}')
     expected: dict[str, Any] = Field(
         description="outputs to compare: logits, embedding, score or scores (within the tolerance); label,"
         " anomaly, token_ids or text (exactly)"

@@ -10,13 +10,22 @@ anomaly, token ids, text), and the result is recorded, not enforced (their floor
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.protocol.manifest import Task
-from controller.registry.bundles import BundleError, ReferenceCase
+from controller.registry.bundles import BundleError, ImportOptions, ReferenceCase
 from controller.registry.convert import ExportedBundle
+
+#: the most cases one import checks (each runs through every variant's pipeline)
+MAX_CASES = 1000
+#: a reference file's largest size (1,000 cases of 1,024-value embeddings take ~20 MB)
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 #: expected keys compared within the tolerance, and those compared exactly, by task
 _FLOAT_KEYS = {"logits", "embedding", "score", "scores"}
@@ -39,6 +48,60 @@ class ReferenceResult:
     @property
     def status(self) -> str:
         return "pass" if self.passed else "fail"
+
+
+def parse_reference(text: str) -> list[ReferenceCase]:
+    """Reference cases from a file as ``--reference`` takes it: JSON lines of ``{"input": ..., "expected":
+    ...}`` (blank lines skipped), or one JSON array of such objects. BundleError names the line at fault."""
+    stripped = text.strip()
+    if not stripped:
+        raise BundleError('the reference file is empty: give one {"input": ..., "expected": ...} object a line')
+    if stripped.startswith("["):
+        try:
+            items = json.loads(stripped)
+        except ValueError as exc:
+            raise BundleError(f"the reference file is not valid JSON: {exc}") from None
+        numbered = [(f"item {i}", item) for i, item in enumerate(items, 1)]
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {number}", json.loads(line)))
+            except ValueError as exc:
+                raise BundleError(f"reference line {number} is not JSON ({exc}): give one object a line") from None
+    if len(numbered) > MAX_CASES:
+        raise BundleError(f"the reference file has {len(numbered)} cases; at most {MAX_CASES} are checked")
+    cases = []
+    for where, item in numbered:
+        try:
+            cases.append(ReferenceCase.model_validate(item))
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in first["loc"]) or "the case"
+            raise BundleError(
+                f'reference {where}: {field}: {first["msg"]} (each case is {{"input": {{...}}, "expected": {{...}}}})'
+            ) from None
+    return cases
+
+
+def read_reference_file(path: Path) -> str:
+    """The text of an uploaded reference file (BundleError when it is too large or not UTF-8)."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise BundleError(f"the reference file has {size} bytes; at most {MAX_FILE_BYTES} are read")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BundleError("the reference file is not UTF-8 text: give JSON lines") from None
+
+
+def with_reference(options: ImportOptions, text: str) -> ImportOptions:
+    """``options`` with the cases of a reference file (the upload's ``reference`` part)."""
+    if options.reference:
+        raise BundleError("the reference is given twice (options.reference and a reference file): give one of them")
+    return options.model_copy(update={"reference": parse_reference(text)})
 
 
 def check_keys(task: Task, cases: list[ReferenceCase]) -> None:

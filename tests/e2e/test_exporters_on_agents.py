@@ -132,3 +132,62 @@ def test_over_the_context_is_a_400_that_says_the_limit_and_a_variant_switch_with
     deploy_and_wait(ctl, "clf", 1, "int8")
     r = httpx.post(url, json={"text": "the pump is running"}, timeout=30)
     assert r.status_code == 200 and r.json()["model"] == {"model": "clf", "version": 1, "variant": "int8"}, r.text
+
+
+def test_a_user_adds_a_t5_export_and_its_reference_with_the_cli_and_an_agent_serves_its_int8(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """As the README says: ``slmfleet model add ./optimum-t5 --name summarizer --reference FILE``, nothing else.
+    fp32 passes the reference; int8 and int4 quantize the merged decoder's layers too (they sit inside its
+    If branches); the int8 variant on a real agent answers the framework's token ids. A reference the model
+    does not reproduce fails the import with one line that says where."""
+    import subprocess
+
+    from tests.helpers import slmfleet_cmd
+
+    ctl = fleet.start_controller()
+    url = start_agent(fleet, ctl, tmp_path)
+    cli = ["--api", ctl.api, "--data-dir", str(ctl.data_dir)]
+    ref_file = FIXTURES / "optimum-t5.reference.jsonl"
+    done = subprocess.run(
+        slmfleet_cmd("model", "add", str(FIXTURES / "optimum-t5"), "--name", "summarizer", "--reference", str(ref_file))
+        + ["--json", *cli],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    version = json.loads(done.stdout)
+    assert version["task"] == "text2text"
+    variants = {v["variant"]: v for v in version["variants"]}
+    assert set(variants) == {"fp32", "int8", "int4"}, version["refused"]
+    assert variants["fp32"]["metrics"]["reference"] == "pass"
+    assert variants["fp32"]["metrics"]["reference_cases"] == len(reference("optimum-t5"))
+    # before: int8 left every layer of decoder_model_merged.onnx in fp32 (39% of the bundle's weights)
+    assert variants["int8"]["quantization"]["weight_fraction"] > 0.95
+    assert variants["int4"]["quantization"]["weight_fraction"] > 0.8
+    assert variants["int8"]["metrics"]["reference"] == "pass"
+
+    deploy_and_wait(ctl, "summarizer", 1, "int8")
+    for case in reference("optimum-t5"):
+        r = httpx.post(url, json=case["input"], timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["variant"] == "int8"
+        assert r.json()["result"]["token_ids"] == case["expected"]["token_ids"], (case, r.json())
+
+    cases = reference("optimum-t5")
+    cases[1]["expected"]["token_ids"][0] += 1
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("".join(json.dumps(c) + "\n" for c in cases))
+    done = subprocess.run(
+        slmfleet_cmd("model", "add", str(FIXTURES / "optimum-t5"), "-n", "summarizer", "--reference", str(wrong))
+        + cli,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert "fp32 does not reproduce the reference outputs" in line and "case 2: token_ids" in line, line

@@ -77,3 +77,45 @@ def test_each_export_imports_as_written_and_fp32_reproduces_its_framework(ctl, l
     assert fp32.get("agreement") is None and fp32["reference_cases"] == len(reference(layout))
     signed = SignedManifest.model_validate(ctl.client.get(variants["fp32"]["manifest_url"]).json())
     assert {f.path for f in signed.manifest.files} == files
+
+
+def test_a_reference_file_part_checks_fp32_and_a_wrong_one_fails_the_import_with_the_difference(ctl) -> None:  # type: ignore[no-untyped-def]
+    """The REST form of ``--reference FILE``: a multipart ``reference`` part of JSON lines, as the fixtures'
+    ``*.reference.jsonl`` are; it is not a bundle file (not shipped, not stored)."""
+    layout = "sentence-transformers-cls"
+    folder = FIXTURES / layout
+    lines = (FIXTURES / f"{layout}.reference.jsonl").read_text()
+
+    def post(name: str, reference: str, options: dict[str, Any] | None = None) -> Any:
+        files = [
+            ("file", (f"{layout}.tar.gz", tar_gz(folder), "application/octet-stream")),
+            ("reference", ("expected.jsonl", reference.encode(), "application/jsonl")),
+        ]
+        data = {"options": json.dumps(options or {"variants": ["fp32"]})}
+        return ctl.client.post(f"/api/v1/models/{name}/versions", files=files, data=data, headers=ctl.auth)
+
+    r = post("st-ref", lines)
+    assert r.status_code == 201, r.text
+    [fp32] = r.json()["variants"]
+    assert fp32["metrics"]["reference"] == "pass" and fp32["metrics"]["reference_cases"] == len(reference(layout))
+    signed = SignedManifest.model_validate(ctl.client.get(fp32["manifest_url"]).json())
+    assert "expected.jsonl" not in {f.path for f in signed.manifest.files}
+
+    # an embedding the model does not produce: the import fails and says where and by how much
+    cases = reference(layout)
+    cases[2]["expected"]["embedding"][5] += 0.01
+    wrong = "\n".join(json.dumps(c) for c in cases)
+    r = post("st-wrong", wrong)
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "fp32 does not reproduce the reference outputs" in detail and "case 3" in detail, detail
+    assert "embedding differs by 0.01" in detail, detail
+    assert ctl.client.get("/api/v1/models/st-wrong").status_code == 404
+
+    # a malformed file is refused before anything is built, naming the line; so is a reference given twice
+    r = post("st-bad", lines.splitlines()[0] + "\n{not json\n")
+    assert r.status_code == 422 and "reference line 2 is not JSON" in r.json()["detail"], r.text
+    r = post("st-bad", '{"input": {"text": "x"}}\n')
+    assert r.status_code == 422 and "reference line 1: expected: Field required" in r.json()["detail"], r.text
+    r = post("st-bad", lines, {"reference": cases[:1]})
+    assert r.status_code == 422 and "the reference is given twice" in r.json()["detail"], r.text

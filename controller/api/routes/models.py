@@ -24,6 +24,7 @@ from controller.api.schemas import (
 )
 from controller.db.models import Artifact, Deployment, ImportJob, Model, ModelVersion
 from controller.registry.bundles import BundleError, ImportOptions, parse_options
+from controller.registry.reference import read_reference_file, with_reference
 from controller.registry.upload import UploadError, receive, remove_tree
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
@@ -166,6 +167,13 @@ def get_model(name: str, session: SessionDep, _: ViewerDep) -> ModelDetail:
                         "properties": {
                             "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
                             "options": IMPORT_OPTIONS_SCHEMA,
+                            "reference": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "reference cases as JSON lines, one"
+                                ' {"input": {...}, "expected": {...}} a line: the same cases as options.reference'
+                                " (give one or the other), for files too large for a form field",
+                            },
                         },
                         "required": ["file"],
                     },
@@ -197,8 +205,12 @@ async def upload_version(
     registry = runtime.models
     staging = registry.new_staging()
     try:
-        upload = await receive(request, staging / "upload", runtime.settings.upload_max_bytes)
+        upload = await receive(
+            request, staging / "upload", runtime.settings.upload_max_bytes, side_parts=("reference",)
+        )
         parsed = parse_options(upload.fields.get("options") or options)
+        if "reference" in upload.parts:
+            parsed = with_reference(parsed, read_reference_file(upload.parts["reference"]))
         files = [p.as_posix() for p in upload.files]
         bundle_root = await anyio.to_thread.run_sync(registry.prepare, staging, files)
     except (UploadError, BundleError) as exc:
