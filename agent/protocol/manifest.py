@@ -228,6 +228,13 @@ class Metrics(_Strict):
 
     agreement: Annotated[float, Field(ge=-1, le=1)] | None = None
     agreement_kind: Literal["cosine", "top1", "token", "score-correlation", "exact"] | None = None
+    #: generation: the share of generated tokens before the first divergence when both decode freely
+    #: (``agreement`` is teacher-forced: each position compared in the same context)
+    free_running_agreement: Annotated[float, Field(ge=0, le=1)] | None = later()
+    #: classification: correlation of the variant's logits with fp32's over the evaluation set; matching
+    #: labels alone can hide a variant whose output no longer depends on its input (it answers the majority
+    #: class)
+    score_correlation: Annotated[float, Field(ge=-1, le=1)] | None = later()
     eval_samples: Annotated[int, Field(ge=0)] = 0
     latency_ms_p50: Annotated[float, Field(ge=0)] | None = None
     latency_ms_p95: Annotated[float, Field(ge=0)] | None = None

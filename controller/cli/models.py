@@ -148,16 +148,14 @@ def _follow(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
 
 def _print_version(version: dict[str, Any]) -> None:
     table = Table(title=f"{version['model']} v{version['number']} ({version['task']}, from {version['source']})")
-    for column in ("variant", "size", "quantized", "agreement", "reference", "latency p50", "peak RSS", "artifact"):
+    for column in ("variant", "size", "quantized", "agreement", "reference", "p50", "peak RSS", "artifact"):
         table.add_column(column)
     for v in version["variants"]:
         m = v["metrics"]
-        if m.get("agreement") is not None:
-            agreement = f"{m['agreement']:.4f} {m.get('agreement_kind', '')}"
-        else:  # fp32 is what the others are measured against, not measured against itself
-            agreement = "reference variant" if v["variant"] == "fp32" else "-"
+        # fp32 is what the others are measured against, not measured against itself: "-"
+        agreement = f"{m['agreement']:.4f} {m.get('agreement_kind', '')}" if m.get("agreement") is not None else "-"
         fraction = (v.get("quantization") or {}).get("weight_fraction")
-        quantized = f"{fraction:.0%} of weights" if fraction is not None else "-"
+        quantized = f"{fraction:.0%} weights" if fraction is not None else "-"
         reference = f"{m['reference']} ({m.get('reference_cases', 0)} cases)" if m.get("reference") else "no reference"
         latency = f"{m['latency_ms_p50']:.2f} ms" if m.get("latency_ms_p50") is not None else "-"
         rss = f"{m['peak_rss_bytes'] / 2**20:.0f} MiB" if m.get("peak_rss_bytes") else "-"
@@ -169,9 +167,12 @@ def _print_version(version: dict[str, Any]) -> None:
             reference,
             latency,
             rss,
-            v["artifact_id"][:16],
+            v["artifact_id"][:12],
         )
-    data_console().print(table)
+    out = data_console()
+    if not out.is_terminal:  # piped or in CI rich assumes 80 columns and cuts every cell: the table needs ~110
+        out = data_console(width=max(out.width, 120))
+    out.print(table)
     for r in version.get("refused", []):
         console.print(f"[yellow]{escape(r['variant'])} refused:[/yellow] {escape(r['reason'])}")
 

@@ -64,13 +64,30 @@ Progress = Callable[[str, float, str], None]
 #: int8 and int4 variants of most seed decoders; 0.15 (int8 and others) and 0.01 (int4) sit at about half
 #: the lowest measured value and still far above what a broken graph gives.
 DEFAULT_FLOORS = {
-    "cosine": 0.98,
+    "cosine": 0.9,
     "top1": 0.9,
-    "token": 0.15,
-    "token:int4": 0.01,
-    "exact": 0.95,
-    "score-correlation": 0.9,
+    "score-correlation": 0.3,
+    "token": 0.5,
+    "token:int4": 0.3,
+    "exact": 0.9,
 }
+
+
+#: what each kind of agreement measures, as the refusal says it
+_MEASURED = {
+    "token": "token agreement with fp32 (the share of fp32's next tokens it picks, fed fp32's text)",
+    "top1": "top-1 agreement with fp32 (the share of texts given fp32's label)",
+    "cosine": "the mean cosine of its embeddings to fp32's",
+    "exact": "the share of windows it decides as fp32 does",
+}
+
+
+def floor_for(floors: dict[str, float], kind: str, variant: str) -> float | None:
+    """``floors``' value for agreement ``kind`` of ``variant``: ``kind:variant`` first, then ``kind``."""
+    for key in (f"{kind}:{variant}", kind):
+        if key in floors:
+            return floors[key]
+    return None
 
 
 @dataclass
@@ -138,7 +155,7 @@ class Importer:
         fp32_metrics = self._evaluate(reference, reference, samples).model_copy(
             update={"agreement": None, "agreement_kind": None}
         )
-        fp32_metrics = self._check_reference(reference, options, fp32_metrics, decisions_only=False)
+        fp32_metrics = self._check_reference(reference, options, fp32_metrics, "fp32")
         built: list[tuple[str, ExportedBundle, Metrics]] = [("fp32", reference, fp32_metrics)]
         refused: list[dict[str, Any]] = []
         step = 0.55 / max(len(wanted), 1)
@@ -163,39 +180,35 @@ class Importer:
                 continue
             progress(f"evaluating {variant}", base + step / 2, "")
             metrics = self._evaluate(reference, candidate, samples)
-            floor = (
-                options.min_agreement
-                if options.min_agreement is not None
-                else self.floor(metrics.agreement_kind or "", variant)
-            )
-            if metrics.agreement is None or metrics.agreement < floor:
-                reason = (
-                    f"{metrics.agreement_kind} agreement with fp32 is {metrics.agreement:.4f},"
-                    f" below the floor of {floor:.4f}"
-                    if metrics.agreement is not None
-                    else "agreement not measured"
-                )
+            reason = self.refusal(metrics, variant, options.min_agreement)
+            if reason is not None:
                 refused.append({"variant": variant, "reason": reason, "agreement": metrics.agreement})
                 if options.strict:
                     raise BundleError(f"{variant} refused: {reason}")
                 continue
-            metrics = self._check_reference(candidate, options, metrics, decisions_only=True)
+            metrics = self._check_reference(candidate, options, metrics, variant)
             built.append((variant, candidate, metrics))
         progress("signing and storing", 0.92, "")
         result = self._register(req, task, source, options, built, refused)
         result.notes = notes
         return result
 
-    @staticmethod
     def _check_reference(
-        bundle: ExportedBundle, options: ImportOptions, metrics: Metrics, *, decisions_only: bool
+        self, bundle: ExportedBundle, options: ImportOptions, metrics: Metrics, variant: str
     ) -> Metrics:
-        """The operator's reference check on ``bundle``; fp32 (``decisions_only`` False) must pass."""
+        """The operator's reference check on ``bundle``: fp32 must pass; the others' decisions are recorded."""
+        decisions_only = variant != "fp32"
         if not options.reference:
             return metrics
         from controller.registry.reference import run_reference
 
-        result = run_reference(bundle, options.reference, options.reference_tolerance, decisions_only=decisions_only)
+        result = run_reference(
+            bundle,
+            options.reference,
+            options.reference_tolerance,
+            decisions_only=decisions_only,
+            cosine=self.floor("cosine", variant),
+        )
         if not result.passed and not decisions_only:
             raise BundleError(
                 f"fp32 does not reproduce the reference outputs: {result.detail}. The model's files were read"
@@ -206,6 +219,31 @@ class Importer:
             update={"reference": result.status, "reference_cases": result.cases, "reference_detail": result.detail}
         )
 
+    def refusal(self, metrics: Metrics, variant: str, min_agreement: float | None = None) -> str | None:
+        """Why ``variant`` is refused (measured against fp32, its output is not that model's any more), or None.
+
+        ``min_agreement`` (the import's option) replaces the floor of the agreement itself; the scores'
+        correlation keeps the registry's floor.
+        """
+        if metrics.agreement is None:
+            return "agreement with fp32 not measured"
+        kind = metrics.agreement_kind or ""
+        floor = min_agreement if min_agreement is not None else self.floor(kind, variant)
+        if metrics.agreement < floor:
+            return (
+                f"{_MEASURED.get(kind, f'{kind} agreement with fp32')} is {metrics.agreement:.4f}, below the floor"
+                f" of {floor:.4f}: its output is not fp32's (set min_agreement to keep it anyway)"
+            )
+        if metrics.score_correlation is not None:
+            floor = self.floor("score-correlation", variant)
+            if metrics.score_correlation < floor:
+                return (
+                    f"its scores follow fp32's with a correlation of {metrics.score_correlation:.4f} over the"
+                    f" evaluation set, below the floor of {floor:.4f}: its answers hardly depend on the input"
+                    f" although {metrics.agreement:.4f} of its decisions match"
+                )
+        return None
+
     def floor(self, kind: str, variant: str) -> float:
         """The agreement floor of ``variant`` for agreement ``kind``.
 
@@ -213,9 +251,9 @@ class Importer:
         So an operator's ``{"token": 0.6}`` applies to int4 too, although the defaults set int4 apart.
         """
         for floors in (self.floors, DEFAULT_FLOORS):
-            for key in (f"{kind}:{variant}", kind):
-                if key in floors:
-                    return floors[key]
+            found = floor_for(floors, kind, variant)
+            if found is not None:
+                return found
         return 0.0
 
     # ------------------------------------------------------------- stages --

@@ -5,7 +5,8 @@ fp32 must match every value within the tolerance (``|got - expected| <= t + t * 
 fails with the first case that did not: a model whose fp32 does not reproduce its framework was imported
 wrong (wrong pooling, tokenizer, label order, score direction), and deploying it would only spread that.
 Quantized variants cannot match float values to 1e-4; for them only the decisions are compared (label,
-anomaly, token ids, text), and the result is recorded, not enforced (their floors do that).
+anomaly, token ids, text; the class the expected logits pick; an embedding within the cosine floor of the
+expected one), and the result is recorded, not enforced (their floors do that).
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ _KEYS = {
 @dataclass(frozen=True)
 class ReferenceResult:
     passed: bool
+    #: the cases compared (a case that expects only scores gives a quantized variant nothing to compare)
     cases: int
     detail: str
 
     @property
-    def status(self) -> str:
+    def status(self) -> str | None:
+        if not self.cases:
+            return None
         return "pass" if self.passed else "fail"
 
 
@@ -111,7 +115,7 @@ def check_keys(task: Task, cases: list[ReferenceCase]) -> None:
         unknown = sorted(set(case.expected) - allowed)
         if unknown:
             raise BundleError(
-                f"reference case {i} expects {unknown[0]!r}, which a {task.value} result does not have"
+                f"reference case {i} expects {unknown[0]!r}, which the results of a {task.value} model do not have"
                 f" (compare one of: {', '.join(sorted(allowed))})"
             )
         if not case.expected:
@@ -119,23 +123,33 @@ def check_keys(task: Task, cases: list[ReferenceCase]) -> None:
 
 
 def run_reference(
-    bundle: ExportedBundle, cases: list[ReferenceCase], tolerance: float, *, decisions_only: bool = False
+    bundle: ExportedBundle,
+    cases: list[ReferenceCase],
+    tolerance: float,
+    *,
+    decisions_only: bool = False,
+    cosine: float = 0.9,
 ) -> ReferenceResult:
-    """Run every case through ``bundle``'s device pipeline and compare (see the module docstring)."""
+    """Run every case through ``bundle``'s device pipeline and compare (see the module docstring); with
+    ``decisions_only`` an embedding matches when its cosine to the expected one is at least ``cosine``."""
     from agent.inference.pipelines import load_pipeline
     from agent.inference.session import InputError
 
     pipeline = load_pipeline(bundle.spec, bundle.root)
     worst = 0.0
-    matched = 0
+    matched = compared = 0
     first_miss = ""
     try:
         for i, case in enumerate(cases, 1):
+            expected = _decisions(case.expected, cosine) if decisions_only else case.expected
+            if not expected:
+                continue
+            compared += 1
             try:
                 got = pipeline.run([dict(case.input)])[0]
             except InputError as exc:
                 got = {"error": str(exc)}
-            miss, error = _compare(case.expected, got, tolerance, decisions_only)
+            miss, error = _compare(expected, got, tolerance)
             worst = max(worst, error)
             if miss:
                 first_miss = first_miss or f"case {i}: {miss}"
@@ -143,24 +157,46 @@ def run_reference(
                 matched += 1
     finally:
         pipeline.close()
+    if not compared:
+        return ReferenceResult(False, 0, "the cases expect only scores, which a quantized variant cannot match")
     what = "decisions" if decisions_only else "outputs"
-    detail = f"{matched}/{len(cases)} cases matched ({what})"
+    detail = f"{matched}/{compared} cases matched ({what})"
     if not decisions_only:
         detail += f", largest difference {worst:.3g}"
     if first_miss:
         detail += f"; first difference: {first_miss}"
-    return ReferenceResult(matched == len(cases), len(cases), detail[:1024])
+    return ReferenceResult(matched == compared, compared, detail[:1024])
 
 
-def _compare(
-    expected: dict[str, Any], got: dict[str, Any], tolerance: float, decisions_only: bool
-) -> tuple[str, float]:
+def _decisions(expected: dict[str, Any], cosine: float) -> dict[str, Any]:
+    """What of ``expected`` a quantized variant must still match: the exact keys, the class its logits pick,
+    its embedding's direction."""
+    out = {k: v for k, v in expected.items() if k in _EXACT_KEYS}
+    logits = expected.get("logits")
+    if isinstance(logits, list) and logits and all(isinstance(x, int | float) for x in logits):
+        out["_class"] = max(range(len(logits)), key=lambda i: logits[i])
+    if isinstance(expected.get("embedding"), list):
+        out["_direction"] = (expected["embedding"], cosine)
+    return out
+
+
+def _compare(expected: dict[str, Any], got: dict[str, Any], tolerance: float) -> tuple[str, float]:
     """(what differs or "", the largest float difference seen)."""
     if "error" in got:
         return f"the model refused the input: {got['error']}", math.inf
     worst = 0.0
     for key, want in expected.items():
-        if key in _FLOAT_KEYS and decisions_only:
+        if key == "_class":
+            have_logits = got.get("logits") or []
+            picked = max(range(len(have_logits)), key=lambda i: have_logits[i]) if have_logits else None
+            if picked != want:
+                return f"its logits pick class {picked}, the expected logits class {want}", worst
+            continue
+        if key == "_direction":
+            vector, floor = want
+            similarity = _cosine(vector, got.get("embedding"))
+            if similarity is None or similarity < floor:
+                return f"embedding at cosine {similarity} to the expected one, under {floor:g}", worst
             continue
         have = got.get(key)
         if key in _EXACT_KEYS:
@@ -176,6 +212,15 @@ def _compare(
             if not diff <= tolerance + tolerance * abs(a):
                 return f"{key} differs by {diff:.3g} (expected {a:.6g}, got {b:.6g}; tolerance {tolerance:g})", worst
     return "", worst
+
+
+def _cosine(a: Any, b: Any) -> float | None:
+    pairs = _float_pairs(a, b)
+    if not pairs:
+        return None
+    dot = sum(x * y for x, y in pairs)
+    norms = math.sqrt(sum(x * x for x, _ in pairs) * sum(y * y for _, y in pairs))
+    return round(dot / norms, 6) if norms else None
 
 
 def _float_pairs(want: Any, have: Any) -> list[tuple[float, float]] | None:

@@ -77,6 +77,8 @@ def test_each_export_imports_as_written_and_fp32_reproduces_its_framework(ctl, l
     assert fp32.get("agreement") is None and fp32["reference_cases"] == len(reference(layout))
     signed = SignedManifest.model_validate(ctl.client.get(variants["fp32"]["manifest_url"]).json())
     assert {f.path for f in signed.manifest.files} == files
+    if "int8" in variants:  # its decisions: labels, the class the logits pick, token ids, embeddings' direction
+        assert variants["int8"]["metrics"]["reference"] == "pass", variants["int8"]["metrics"]
 
 
 def test_a_reference_file_part_checks_fp32_and_a_wrong_one_fails_the_import_with_the_difference(ctl) -> None:  # type: ignore[no-untyped-def]
@@ -94,10 +96,13 @@ def test_a_reference_file_part_checks_fp32_and_a_wrong_one_fails_the_import_with
         data = {"options": json.dumps(options or {"variants": ["fp32"]})}
         return ctl.client.post(f"/api/v1/models/{name}/versions", files=files, data=data, headers=ctl.auth)
 
-    r = post("st-ref", lines)
+    r = post("st-ref", lines, {"variants": ["fp32", "int8"]})
     assert r.status_code == 201, r.text
-    [fp32] = r.json()["variants"]
+    fp32, int8 = r.json()["variants"]
     assert fp32["metrics"]["reference"] == "pass" and fp32["metrics"]["reference_cases"] == len(reference(layout))
+    # int8 cannot match floats to 1e-4: its embeddings are checked for their direction (the cosine floor)
+    assert int8["metrics"]["reference"] == "pass", int8["metrics"]
+    assert int8["metrics"]["reference_detail"].startswith(f"{len(reference(layout))}/{len(reference(layout))}")
     signed = SignedManifest.model_validate(ctl.client.get(fp32["manifest_url"]).json())
     assert "expected.jsonl" not in {f.path for f in signed.manifest.files}
 
@@ -149,3 +154,95 @@ def test_int8_and_int4_quantize_the_layers_wherever_the_export_keeps_them(layout
         assert variant.quantization.weight_fraction is not None and variant.quantization.weight_fraction > share
         checked = run_reference(variant, cases, 1e-4, decisions_only=True)
         assert checked.passed, (method, checked.detail)
+
+
+@pytest.mark.parametrize(
+    "layout", ["optimum-gpt2-with-past", "optimum-gpt2-no-past", "optimum-gpt2-legacy", "optimum-t5", "genai-llama"]
+)
+def test_teacher_forcing_runs_through_every_generation_loop(layout: str, tmp_path: Path) -> None:
+    """The registry's token agreement feeds a variant the reference's tokens through the variant's own loop
+    (KV cache, full re-run, two graphs or merged, seq2seq, onnxruntime-genai's graph): fed its own greedy
+    tokens a model picks them again, and fed other tokens it picks what that context gives."""
+    import shutil
+
+    import numpy as np
+
+    from agent.inference.pipelines import load_pipeline
+    from agent.inference.pipelines.generation import TokenStreamPipeline
+    from controller.registry.bundles import ImportOptions
+    from controller.registry.layouts import inspect_bundle
+
+    shutil.copytree(FIXTURES / layout, tmp_path / layout)
+    bundle = inspect_bundle(tmp_path / layout, ImportOptions()).bundle
+    pipe = load_pipeline(bundle.spec, bundle.root)
+    assert isinstance(pipe, TokenStreamPipeline)
+    try:
+        for case in reference(layout):
+            ids = pipe.generate(case["input"]).token_ids
+            assert ids == case["expected"]["token_ids"]
+            assert pipe.forced(case["input"], ids) == ids
+        if layout.startswith("optimum-gpt2"):
+            record = reference(layout)[0]["input"]
+            prompt = pipe.encode(record["prompt"])
+            target = [7, 30, 2, 99, 5, 12]
+            logits = pipe.decoder.logits(prompt + target[:-1])  # type: ignore[attr-defined]
+            expected = [int(i) for i in np.argmax(logits[len(prompt) - 1 :], axis=-1)]
+            assert pipe.forced(record, target) == expected
+    finally:
+        pipe.close()
+
+
+def _archive_with_outliers(layout: str, tmp_path: Path) -> bytes:
+    """The fixture with outlier weights on channels its fp32 never uses (``benchmarks.floors.with_outliers``):
+    fp32 and int8 work, int4 rounds every other weight of those layers to 0."""
+    import shutil
+
+    from benchmarks.floors import with_outliers
+    from controller.registry.bundles import ImportOptions
+    from controller.registry.layouts import inspect_bundle
+
+    shutil.copytree(FIXTURES / layout, tmp_path / "export")
+    bundle = inspect_bundle(tmp_path / "export", ImportOptions()).bundle
+    shifted = with_outliers(bundle, tmp_path / "shifted" / layout)
+    for rel in (p.relative_to(FIXTURES / layout) for p in (FIXTURES / layout).rglob("*") if p.is_file()):
+        if not (shifted.root / rel).exists():  # the files the device does not get stay in the folder
+            (shifted.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(FIXTURES / layout / rel, shifted.root / rel)
+    return tar_gz(shifted.root)
+
+
+def test_an_int4_that_destroys_the_output_is_refused_with_its_measure_and_the_floor(ctl, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A GPT-2 export whose int4 produces garbage, imported with no options: int4 is refused with the measured
+    token agreement and the floor in the reason; int8 of the same export is kept."""
+    archive = _archive_with_outliers("optimum-gpt2-with-past", tmp_path)
+    files = [("file", ("gpt2.tar.gz", archive, "application/octet-stream"))]
+    r = ctl.client.post("/api/v1/models/outliers/versions", files=files, headers=ctl.auth)
+    assert r.status_code == 201, r.text
+    version = r.json()
+    assert {v["variant"] for v in version["variants"]} == {"fp32", "int8"}
+    int8 = next(v for v in version["variants"] if v["variant"] == "int8")["metrics"]
+    assert int8["agreement_kind"] == "token" and int8["agreement"] > 0.9
+    [refused] = version["refused"]
+    floor = ctl.runtime.models.importer.floor("token", "int4")
+    assert refused["variant"] == "int4" and refused["agreement"] < floor
+    assert f"is {refused['agreement']:.4f}, below the floor of {floor:.4f}" in refused["reason"], refused
+
+
+def test_a_classifier_variant_whose_logits_no_longer_follow_the_text_is_refused_though_its_labels_match(  # type: ignore[no-untyped-def]
+    ctl, tmp_path: Path
+) -> None:
+    """The fixture classifier answers one class for the evaluation texts; its int4 with outliers answers it too
+    (top-1 agreement 1.0) but its logits no longer move with the text: refused on the scores' correlation."""
+    archive = _archive_with_outliers("optimum-bert-classifier", tmp_path)
+    files = [("file", ("bert.tar.gz", archive, "application/octet-stream"))]
+    options = {"variants": ["fp32", "int8", "int4"]}
+    r = ctl.client.post(
+        "/api/v1/models/collapsed/versions", files=files, data={"options": json.dumps(options)}, headers=ctl.auth
+    )
+    assert r.status_code == 201, r.text
+    version = r.json()
+    assert {v["variant"] for v in version["variants"]} == {"fp32", "int8"}
+    [refused] = version["refused"]
+    floor = ctl.runtime.models.importer.floor("score-correlation", "int4")
+    assert refused["variant"] == "int4" and refused["agreement"] >= 0.9, refused
+    assert "correlation of" in refused["reason"] and f"below the floor of {floor:.4f}" in refused["reason"], refused

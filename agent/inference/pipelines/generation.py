@@ -637,6 +637,38 @@ class TokenStreamPipeline:
     def warmup(self) -> None:
         self.generate({self.record_key: "warm up", "max_new_tokens": 2})
 
+    def forced(self, record: dict[str, Any], target: list[int]) -> list[int]:
+        """Teacher forcing: this model's greedy choice at each position of ``target`` when it is fed ``target``
+        itself (another model's tokens for the same ``record``), through the loop that generates.
+
+        A variant compared this way is not thrown off course by its first different token, as it is when both
+        decode freely: each position tests the same context on both sides.
+        """
+        if not target:
+            return []
+        ids, _, _ = self.prepare(self._parse(dict(record, max_new_tokens=len(target))))
+        choices: list[int] = []
+
+        def follow(logits: np.ndarray) -> int:
+            choices.append(int(np.argmax(logits)))
+            return target[len(choices) - 1]
+
+        loop = self.forcing_loop()
+        saved = loop.picker
+        loop.picker = follow
+        try:
+            for _ in loop.token_ids(ids, len(target)):
+                pass
+        finally:
+            loop.picker = saved
+        return choices
+
+    def forcing_loop(self) -> Any:
+        """The pipeline whose ``picker`` chooses every token of ``token_ids`` (itself for the agent's loops)."""
+        if not hasattr(self, "picker"):
+            raise PipelineError(f"{type(self).__name__} picks its tokens itself: it cannot be teacher-forced")
+        return self
+
     def close(self) -> None:
         """Release the model; subclasses drop their sessions."""
 
