@@ -435,7 +435,31 @@ def summarize(rows: list[dict[str, Any]], floors: dict[str, float]) -> dict[str,
         entry["degraded_refused"] = sorted(f"{r['case']} {r['variant']}" for r in refused)
         entry["degraded_kept"] = sorted(f"{r['case']} {r['variant']}" for r in degraded if r not in refused)
         summary[name] = entry
+    summary["verdicts"] = verdicts(rows, floors)
     return summary
+
+
+def verdicts(rows: list[dict[str, Any]], floors: dict[str, float]) -> dict[str, list[str]]:
+    """What the importer's own refusal rule (every floor together) does with each measured variant; broken
+    and degraded ones are judged at int4's floors, the most lenient."""
+    from agent.protocol.manifest import Metrics
+    from controller.registry.importer import Importer
+
+    judge = Importer.__new__(Importer)
+    judge.floors = dict(floors)
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("kind") is None:
+            continue
+        metrics = Metrics(
+            agreement=row["agreement"],
+            agreement_kind=row["kind"],
+            score_correlation=row.get("score_correlation"),
+        )
+        variant = row["variant"] if row["group"] == "working" else "int4"
+        verdict = "refused" if judge.refusal(metrics, variant) else "kept"
+        out.setdefault(f"{row['group']}_{verdict}", []).append(f"{row['case']} {row['variant']}")
+    return out
 
 
 def run(quick: bool = False) -> dict[str, Any]:

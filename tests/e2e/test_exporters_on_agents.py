@@ -181,8 +181,7 @@ def test_a_user_adds_a_t5_export_and_its_reference_with_the_cli_and_an_agent_ser
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("".join(json.dumps(c) + "\n" for c in cases))
     done = subprocess.run(
-        slmfleet_cmd("model", "add", str(FIXTURES / "optimum-t5"), "-n", "summarizer", "--reference", str(wrong))
-        + cli,
+        slmfleet_cmd("model", "add", str(FIXTURES / "optimum-t5"), "-n", "summarizer", "--reference", str(wrong)) + cli,
         capture_output=True,
         text=True,
         timeout=600,
