@@ -47,6 +47,7 @@ class Case:
     what: str
     build: Callable[[Path], tuple[Any, list[dict[str, Any]] | None]]
     good: tuple[str, ...]
+    #: part of ``--quick`` (no training, small models: a smoke run of a few minutes)
     quick: bool = False
     #: also measure the model ``with_outliers``: its int8 works, its int4 is destroyed
     outliers: bool = False
@@ -322,11 +323,11 @@ CASES = (
         "minilm", "all-MiniLM-L6-v2 (real weights)", _seed("minilm", "embeddings", _minilm_sentences), INT, True, True
     ),
     Case("st-cls", "sentence-transformers fixture", _fixture("sentence-transformers-cls"), INT, True),
-    Case("trained-classifier", "BERT tiny trained here", _trained_classifier, INT, True, True),
+    Case("trained-classifier", "BERT tiny trained here", _trained_classifier, INT, outliers=True),
     Case("bert-tiny", "BERT tiny seed (random)", _seed("bert-tiny", "text-classification"), INT),
     Case("bert-mini", "BERT mini seed (random)", _seed("bert-mini", "text-classification"), INT),
-    Case("optimum-bert", "optimum BERT classifier fixture", _fixture("optimum-bert-classifier"), INT),
-    Case("trained-gpt2", "GPT-2 trained here (2 layers, 128)", _trained_gpt2, INT, True, True),
+    Case("optimum-bert", "optimum BERT classifier fixture", _fixture("optimum-bert-classifier"), INT, True),
+    Case("trained-gpt2", "GPT-2 trained here (2 layers, 128)", _trained_gpt2, INT, outliers=True),
     Case("optimum-gpt2", "optimum GPT-2 fixture", _fixture("optimum-gpt2-legacy"), INT, True),
     Case("optimum-t5", "optimum T5 fixture", _fixture("optimum-t5"), INT),
     Case("genai-llama", "onnxruntime-genai Llama fixture", _fixture("genai-llama"), INT),
