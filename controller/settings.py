@@ -164,8 +164,8 @@ class ControllerSettings(BaseSettings):
     )
     min_agreement: dict[str, float] = Field(
         default_factory=dict,
-        description="agreement floors overriding the defaults, keyed by kind (cosine, top1, token, exact) or"
-        " kind:variant (e.g. token:int4)",
+        description="agreement floors overriding the defaults, keyed by kind (cosine, top1, score-correlation,"
+        " token, exact) or kind:variant (e.g. token:int4); see the README's Agreement floors",
     )
     rollout_step_s: Annotated[float, Field(gt=0, le=60)] = Field(
         1.0, description="how often running rollouts are advanced (device failures also advance them at once)"

@@ -41,13 +41,21 @@ def check_manifest(
     """The manifest if it may be installed over ``installed`` (the active model), else VerificationError.
 
     The version must be newer than the installed one of the same model, unless it is ``allow_version``
-    (named by a verified rollback grant).
+    (named by a verified rollback grant) or another variant of the installed version (v1 fp32 -> v1 int8:
+    the same signed version, smaller or larger, e.g. under memory pressure; nothing older comes back).
     """
     if key is None:
         raise VerificationError(
             "no_key", "this agent has no pinned signing key (set signing_key_file); it installs nothing unsigned"
         )
     same_model = installed is not None and installed.model == signed.manifest.model
+    if (
+        same_model
+        and installed is not None
+        and installed.version == signed.manifest.version
+        and installed.variant != signed.manifest.variant
+    ):
+        same_model = False  # a variant switch within the installed version: not a downgrade
     return signing.verify(
         signed,
         key,

@@ -43,7 +43,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 MANIFEST_SCHEMA: Literal[1] = 1
 #: Default chunk size for delivery: small enough for stock broker limits, large enough to be efficient.
@@ -62,6 +62,28 @@ def _check_rel_path(value: str) -> str:
 
 
 RelPath = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_check_rel_path)]
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == [] or value == {} or value is False
+
+
+def later(default: Any = None, **kwargs: Any) -> Any:
+    """A field added after schema 1 shipped: left out of the signed JSON while it holds its default.
+
+    A manifest that does not use the field is then byte for byte what an older agent verifies and accepts
+    (manifests forbid unknown keys); one that uses it needs an agent that knows it, and only such an agent
+    can run it anyway.
+    """
+    return Field(default, exclude_if=_unset, **kwargs)
+
+
+def _ids(value: Any) -> Any:
+    """Token ids as Hugging Face writes them: ``0`` means ``[0]``."""
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+TokenIds = Annotated[list[int], BeforeValidator(_ids)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
@@ -146,7 +168,7 @@ def describe_files(files: dict[str, bytes], chunk_size: int) -> tuple[list[FileE
 class Preprocess(_Strict):
     tokenizer: RelPath | None = None
     max_length: Annotated[int, Field(ge=1, le=1_000_000)] = 256
-    pooling: Literal["none", "mean", "cls"] = "none"
+    pooling: Literal["none", "mean", "cls", "max", "lasttoken"] = "none"
     lowercase: bool = False
 
 
@@ -161,7 +183,7 @@ class Postprocess(_Strict):
 
 class Generation(_Strict):
     max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 64
-    eos_token_id: list[int] = []
+    eos_token_id: TokenIds = []
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     decoder_start_token_id: int | None = None
@@ -173,6 +195,9 @@ class Generation(_Strict):
     top_k: Annotated[int, Field(ge=0)] = 0
     decoder: RelPath | None = None
     encoder: RelPath | None = None
+    #: the graph run for every step after the first when the decoder comes in two files (optimum's
+    #: decoder_model.onnx for the prompt, decoder_with_past_model.onnx with the cache)
+    decoder_with_past: RelPath | None = later()
 
 
 class Anomaly(_Strict):
@@ -181,6 +206,12 @@ class Anomaly(_Strict):
     n_features: Annotated[int, Field(ge=1)]
     threshold: float
     higher_is_anomalous: bool = True
+    #: the graph's own decision (skl2onnx's ``label`` / ``output_label``): a window is anomalous when this
+    #: output is not ``normal_label``; the score output is then informational
+    label_output: str | None = later()
+    normal_label: int | str | None = later()
+    #: the classes of a classifier's probability output, in its column order (``scores`` per class)
+    classes: list[int | str] = later([])
 
 
 class Quantization(_Strict):
@@ -188,6 +219,8 @@ class Quantization(_Strict):
     per_channel: bool | None = None
     block_size: int | None = None
     tool: str | None = None
+    #: the share of the float weights (parameters of initializers) this variant stores quantized
+    weight_fraction: Annotated[float, Field(ge=0, le=1)] | None = later()
 
 
 class Metrics(_Strict):
@@ -195,12 +228,24 @@ class Metrics(_Strict):
 
     agreement: Annotated[float, Field(ge=-1, le=1)] | None = None
     agreement_kind: Literal["cosine", "top1", "token", "score-correlation", "exact"] | None = None
+    #: generation: the share of generated tokens before the first divergence when both decode freely
+    #: (``agreement`` is teacher-forced: each position compared in the same context)
+    free_running_agreement: Annotated[float, Field(ge=0, le=1)] | None = later()
+    #: classification: correlation of the variant's logits with fp32's over the evaluation set; matching
+    #: labels alone can hide a variant whose output no longer depends on its input (it answers the majority
+    #: class)
+    score_correlation: Annotated[float, Field(ge=-1, le=1)] | None = later()
     eval_samples: Annotated[int, Field(ge=0)] = 0
     latency_ms_p50: Annotated[float, Field(ge=0)] | None = None
     latency_ms_p95: Annotated[float, Field(ge=0)] | None = None
     tokens_per_s: Annotated[float, Field(ge=0)] | None = None
     peak_rss_bytes: Annotated[int, Field(ge=0)] | None = None
     size_bytes: Annotated[int, Field(ge=0)] = 0
+    #: the operator's reference check (inputs with outputs expected from their framework): pass or fail,
+    #: over how many cases, and the worst difference seen; None when no reference was given
+    reference: Literal["pass", "fail"] | None = later()
+    reference_cases: Annotated[int, Field(ge=0)] | None = later()
+    reference_detail: Annotated[str, StringConstraints(max_length=1024)] | None = later()
 
 
 class Requirements(_Strict):

@@ -6,9 +6,9 @@ import json
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import typer
 from rich.console import Console
@@ -26,6 +26,14 @@ console = Console(stderr=True)
 
 OPTIONS_EXAMPLE = '{"anomaly": {"threshold": 0.5}}'
 TASKS = "text-classification, embeddings, text-generation, text2text or anomaly"
+ReferenceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--reference",
+        help='JSON lines of {"input": {...}, "expected": {...}}: outputs your framework gave for these inputs;'
+        " fp32 must reproduce them (within options.reference_tolerance, 1e-4) or the import fails",
+    ),
+]
 
 
 def _options(
@@ -59,15 +67,37 @@ def _pack(path: Path, workdir: Path) -> Path:
     return archive
 
 
-def _stream(path: Path, progress: Progress, task_id: Any) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while block := f.read(1024 * 1024):
-            progress.advance(task_id, len(block))
-            yield block
+class _Counted:
+    """A binary file whose reads advance a progress bar (httpx streams multipart file parts by reading)."""
+
+    def __init__(self, f: BinaryIO, progress: Progress, task_id: Any) -> None:
+        self.f, self.progress, self.task_id = f, progress, task_id
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.f.read(size)
+        self.progress.advance(self.task_id, len(block))
+        return block
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
 
 
-def _upload(client: ApiClient, name: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="slmfleet-upload-") as tmp:
+def _upload(
+    client: ApiClient, name: str, path: Path, options: dict[str, Any], reference: Path | None = None
+) -> dict[str, Any]:
+    """Send the model, its options and its reference file as one multipart request (streamed from disk), then
+    follow the import. Options travel in the form, not in the URL: a reference with embeddings runs to
+    megabytes."""
+    if reference is not None and not reference.is_file():
+        typer.echo(f"error: reference file {reference} does not exist", err=True)
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory(prefix="slmfleet-upload-") as tmp, ExitStack() as files:
         payload = _pack(path, Path(tmp))
         size = payload.stat().st_size
         columns = (
@@ -79,12 +109,17 @@ def _upload(client: ApiClient, name: str, path: Path, options: dict[str, Any]) -
         )
         with Progress(*columns, console=console, transient=True) as progress:
             task_id = progress.add_task(f"uploading {payload.name}", total=size)
+            parts: dict[str, Any] = {
+                "file": (payload.name, _Counted(files.enter_context(open(payload, "rb")), progress, task_id))
+            }
+            if reference is not None:
+                parts["reference"] = (reference.name, files.enter_context(open(reference, "rb")), "application/jsonl")
             result: dict[str, Any] = client.request(
                 "POST",
                 f"/api/v1/models/{name}/versions",
-                params={"filename": payload.name, "options": json.dumps(options), "wait": 0},
-                content=_stream(payload, progress, task_id),
-                headers={"Content-Type": "application/octet-stream"},
+                params={"wait": 0},
+                data={"options": json.dumps(options)},
+                files=parts,
                 timeout=None,
             )
     return _follow(client, result)
@@ -109,17 +144,31 @@ def _follow(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
 
 def _print_version(version: dict[str, Any]) -> None:
     table = Table(title=f"{version['model']} v{version['number']} ({version['task']}, from {version['source']})")
-    for column in ("variant", "size", "agreement", "latency p50", "peak RSS", "artifact"):
+    for column in ("variant", "size", "quantized", "agreement", "reference", "p50", "peak RSS", "artifact"):
         table.add_column(column)
     for v in version["variants"]:
         m = v["metrics"]
+        # fp32 is what the others are measured against, not measured against itself: "-"
         agreement = f"{m['agreement']:.4f} {m.get('agreement_kind', '')}" if m.get("agreement") is not None else "-"
+        fraction = (v.get("quantization") or {}).get("weight_fraction")
+        quantized = f"{fraction:.0%} weights" if fraction is not None else "-"
+        reference = f"{m['reference']} ({m.get('reference_cases', 0)} cases)" if m.get("reference") else "no reference"
         latency = f"{m['latency_ms_p50']:.2f} ms" if m.get("latency_ms_p50") is not None else "-"
         rss = f"{m['peak_rss_bytes'] / 2**20:.0f} MiB" if m.get("peak_rss_bytes") else "-"
         table.add_row(
-            v["variant"], f"{v['size_bytes'] / 2**20:.1f} MiB", agreement, latency, rss, v["artifact_id"][:16]
+            v["variant"],
+            f"{v['size_bytes'] / 2**20:.1f} MiB",
+            quantized,
+            agreement,
+            reference,
+            latency,
+            rss,
+            v["artifact_id"][:12],
         )
-    data_console().print(table)
+    out = data_console()
+    if not out.is_terminal:  # piped or in CI rich assumes 80 columns and cuts every cell: the table needs ~110
+        out = data_console(width=max(out.width, 120))
+    out.print(table)
     for r in version.get("refused", []):
         console.print(f"[yellow]{escape(r['variant'])} refused:[/yellow] {escape(r['reason'])}")
 
@@ -132,6 +181,7 @@ def add(
     variants: Annotated[str | None, typer.Option(help="comma-separated: fp32,int8,int4")] = None,
     description: Annotated[str | None, typer.Option(help="what this version is")] = None,
     options_file: Annotated[Path | None, typer.Option("--options", help="JSON file of import options")] = None,
+    reference: ReferenceOpt = None,
     as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
@@ -139,7 +189,7 @@ def add(
 ) -> None:
     """Upload an ONNX model or bundle; the controller quantizes, validates, signs and stores it."""
     client = ApiClient(api, token, data_dir)
-    version = _upload(client, name, path, _options(task, variants, options_file, description, {}))
+    version = _upload(client, name, path, _options(task, variants, options_file, description, {}), reference)
     typer.echo(json.dumps(version, indent=2)) if as_json else _print_version(version)
 
 
@@ -152,6 +202,7 @@ def import_hf(
     runtime: Annotated[str | None, typer.Option(help="text generation: auto, onnxruntime or onnxruntime-genai")] = None,
     description: Annotated[str | None, typer.Option(help="what this version is")] = None,
     options_file: Annotated[Path | None, typer.Option("--options", help="JSON file of import options")] = None,
+    reference: ReferenceOpt = None,
     as_json: JsonOpt = False,
     api: ApiOpt = None,
     token: TokenOpt = None,
@@ -163,7 +214,7 @@ def import_hf(
         raise typer.Exit(2)
     client = ApiClient(api, token, data_dir)
     options = _options(task, variants, options_file, description, {"runtime": runtime})
-    version = _upload(client, name or checkpoint.resolve().name, checkpoint, options)
+    version = _upload(client, name or checkpoint.resolve().name, checkpoint, options, reference)
     typer.echo(json.dumps(version, indent=2)) if as_json else _print_version(version)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -11,17 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.protocol.manifest import (
     IO,
-    Anomaly,
     Budget,
-    Generation,
-    Postprocess,
-    Preprocess,
-    RunSpec,
-    Runtime,
     Task,
     TensorInfo,
 )
-from controller.registry.convert import ConversionError, ExportedBundle
+from controller.registry.convert import ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +28,119 @@ class BundleError(Exception):
 
 
 class AnomalyOptions(BaseModel):
+    """How to read an anomaly model's outputs; everything the graph says itself may be left out."""
+
     model_config = ConfigDict(extra="forbid")
 
-    threshold: float
-    higher_is_anomalous: bool = True
-    input: str | None = None
-    output: str | None = None
-    n_features: Annotated[int, Field(ge=1)] | None = None
+    threshold: float | None = Field(
+        None,
+        description="the score at which a window becomes an anomaly; needed only when the graph has no label"
+        " output (skl2onnx's outlier detectors and classifiers have one)",
+    )
+    higher_is_anomalous: bool | None = Field(
+        None,
+        description="true: a score above the threshold is an anomaly (reconstruction errors); false: below it"
+        " (scikit-learn's decision_function). Needed only when the graph has no label output",
+    )
+    normal_label: int | str | None = Field(
+        None,
+        description="the label of a normal window; read from the graph for scikit-learn outlier detectors (1)"
+        " and for classifiers whose classes include 'normal' (or are 0/1: 0)",
+    )
+    input: str | None = Field(None, description="the graph input that takes the window (default: its only input)")
+    output: str | None = Field(None, description="the graph output that holds the score (default: found by name)")
+    n_features: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the window length, when the graph does not fix it"
+    )
+
+
+class GenerationOptions(BaseModel):
+    """Decoding settings; the special ids default to what the model's configuration files say."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] | None = Field(
+        None, description="tokens generated when a request does not say (default: generation_config.json, else 64)"
+    )
+    eos_token_id: Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="end-of-sequence id(s), an int or a list as Hugging Face writes them"
+    )
+    pad_token_id: Annotated[int, Field(ge=0)] | None = None
+    bos_token_id: Annotated[int, Field(ge=0)] | None = None
+    decoder_start_token_id: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="first decoder token of an encoder-decoder (T5: the pad id)"
+    )
+    do_sample: bool | None = Field(None, description="sample instead of greedy decoding")
+    temperature: Annotated[float, Field(gt=0, le=100)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+
+
+class ReferenceCase(BaseModel):
+    """One input and the outputs the model's own framework gave for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: dict[str, Any] = Field(description='a record as the device takes it, e.g. {"text": "..."}')
+    expected: dict[str, Any] = Field(
+        description="outputs to compare: logits, embedding, score or scores (within the tolerance); label,"
+        " anomaly, token_ids or text (exactly)"
+    )
 
 
 class ImportOptions(BaseModel):
-    """What the operator says about an upload (the ``options`` form field, or ``slmfleet.json`` in a bundle)."""
+    """What the operator says about an upload (the ``options`` form field, or ``slmfleet.json`` in a bundle).
+
+    Every field may be left out: the import reads the task, limits, special ids, labels, pooling and
+    anomaly decisions from the model's own files and asks only for what they do not say.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Task | None = None
+    task: Task | None = Field(
+        None, description="what the model does; default: read from the files (config.json, modules.json, graphs)"
+    )
     description: Annotated[str, Field(max_length=4096)] = ""
     variants: list[Literal["fp32", "int8", "int4"]] | None = Field(
         None, description="variants to build; default fp32+int8 (and int4 for text-generation and text2text)"
     )
-    labels: list[Annotated[str, Field(max_length=128)]] | None = None
-    zero_shot_labels: dict[str, str] | None = None
-    max_length: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    pooling: Literal["none", "mean", "cls"] | None = None
-    normalize: bool | None = None
+    labels: list[Annotated[str, Field(max_length=128)]] | None = Field(
+        None, description="class names of a text classifier, in logit order (default: config.json id2label)"
+    )
+    zero_shot_labels: dict[str, str] | None = Field(
+        None, description="embeddings: label -> description; the device answers the closest label"
+    )
+    max_length: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        None,
+        description="longest input (encoders) or context (generation) in tokens; default and upper bound: the"
+        " model's own limit (config.json max_position_embeddings/n_positions, tokenizer_config.json"
+        " model_max_length, genai_config.json context_length)",
+    )
+    pooling: Literal["none", "mean", "cls", "max", "lasttoken"] | None = Field(
+        None,
+        description="embeddings: how to pool hidden states; default: sentence-transformers' Pooling config, else mean",
+    )
+    normalize: bool | None = Field(
+        None, description="embeddings: L2-normalize; default: sentence-transformers' Normalize module, else true"
+    )
     anomaly: AnomalyOptions | None = None
-    generation: dict[str, Any] | None = None
-    runtime: Literal["auto", "onnxruntime", "onnxruntime-genai"] = "auto"
-    eval_set: Annotated[list[dict[str, Any]], Field(max_length=5000)] | None = None
-    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    generation: GenerationOptions | None = None
+    runtime: Literal["auto", "onnxruntime", "onnxruntime-genai"] = Field(
+        "auto", description="Hugging Face checkpoints of text generation: which runtime's export to build"
+    )
+    eval_set: Annotated[list[dict[str, Any]], Field(max_length=5000)] | None = Field(
+        None, description="records to compare the variants with fp32 on (default: generated from the vocabulary)"
+    )
+    reference: Annotated[list[ReferenceCase], Field(max_length=1000)] | None = Field(
+        None,
+        description="inputs with the outputs the model's framework gave: fp32 must match them (within"
+        " reference_tolerance) or the import fails; each variant's match is recorded",
+    )
+    reference_tolerance: Annotated[float, Field(ge=0, le=1)] = Field(
+        1e-4, description="largest difference allowed per value: |got - expected| <= t + t * |expected|"
+    )
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="refuse variants that agree with fp32 less than this (default: the registry's floors)"
+    )
     budget: Budget | None = None
     expires_in_days: Annotated[float, Field(gt=0, le=36500)] | None = None
     strict: bool = Field(False, description="fail the whole import when a variant is refused")
@@ -128,186 +205,6 @@ def load_io(path: Path) -> IO:
         message = str(exc).splitlines()[0][:300]
         raise BundleError(f"{path.name} is not a valid ONNX model onnxruntime can load: {message}") from None
     return IO(inputs=_tensor_infos(session.get_inputs()), outputs=_tensor_infos(session.get_outputs()))
-
-
-def _config_labels(root: Path) -> list[str]:
-    config = root / "config.json"
-    if not config.is_file():
-        return []
-    try:
-        id2label = json.loads(config.read_text()).get("id2label") or {}
-        return [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
-    except (ValueError, TypeError, AttributeError):
-        return []
-
-
-def _find_entry(root: Path, names: tuple[str, ...]) -> Path:
-    for name in names:
-        if (root / name).is_file():
-            return root / name
-    onnx_files = sorted(root.rglob("*.onnx"))
-    if len(onnx_files) == 1:
-        return onnx_files[0]
-    raise BundleError(f"cannot tell which .onnx file is the model: name it {names[0]}")
-
-
-def _check_text_inputs(io: IO, task: Task, entry: str) -> None:
-    names = {t.name: t for t in io.inputs}
-    if "input_ids" not in names:
-        given = ", ".join(f"{t.name} ({t.dtype})" for t in io.inputs)
-        raise BundleError(
-            f"{entry} does not take token ids, so it cannot be a {task.value} model: its inputs are {given};"
-            " a text model takes input_ids and attention_mask"
-        )
-    if names["input_ids"].dtype not in ("int64", "int32"):
-        raise BundleError(f"{entry}: input_ids must be int64 or int32, it is {names['input_ids'].dtype}")
-    allowed = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
-    extra = [n for n in names if n not in allowed and not n.startswith("past_key_values")]
-    if extra:
-        raise BundleError(f"{entry}: unexpected inputs for a {task.value} model: {', '.join(extra)}")
-
-
-def inspect_onnx_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
-    """Check an uploaded ONNX bundle against its task and describe how to run it."""
-    task = options.task
-    if task is None:
-        raise BundleError(
-            'say which task the model performs: options {"task": "text-classification"} (or'
-            " embeddings, text-generation, text2text, anomaly)"
-        )
-    tokenizer = "tokenizer.json" if (root / "tokenizer.json").is_file() else None
-    if task != Task.ANOMALY and tokenizer is None:
-        raise BundleError(f"a {task.value} model needs its tokenizer: add tokenizer.json to the bundle")
-
-    if task == Task.TEXT2TEXT:
-        for part in ("encoder.onnx", "decoder.onnx"):
-            if not (root / part).is_file():
-                raise BundleError(f"a text2text bundle needs encoder.onnx and decoder.onnx; {part} is missing")
-        io = load_io(root / "encoder.onnx")
-        load_io(root / "decoder.onnx")
-        _check_text_inputs(io, task, "encoder.onnx")
-        gen = Generation(encoder="encoder.onnx", decoder="decoder.onnx", **(options.generation or {}))
-        if gen.decoder_start_token_id is None:
-            raise BundleError("a text2text model needs generation.decoder_start_token_id in the options")
-        spec = RunSpec(
-            task=task,
-            io=io,
-            entrypoint="encoder.onnx",
-            generation=gen,
-            preprocess=Preprocess(tokenizer=tokenizer, max_length=options.max_length or 512),
-        )
-        return ExportedBundle(root, spec)
-
-    entry_path = _find_entry(root, ("decoder.onnx", "model.onnx") if task == Task.TEXT_GENERATION else ("model.onnx",))
-    entry = entry_path.relative_to(root).as_posix()
-    io = load_io(entry_path)
-
-    if task == Task.ANOMALY:
-        floats = [t for t in io.inputs if t.dtype in ("float", "double")]
-        if len(io.inputs) != 1 or not floats or len(floats[0].shape) != 2:
-            given = ", ".join(f"{t.name} {t.dtype}{t.shape}" for t in io.inputs)
-            raise BundleError(f"an anomaly model takes one float window [batch, features]; {entry} takes {given}")
-        opts = options.anomaly
-        if opts is None:
-            raise BundleError('an anomaly model needs options {"anomaly": {"threshold": ...}}')
-        n_features = opts.n_features or floats[0].shape[1]
-        if not isinstance(n_features, int):
-            raise BundleError("the window length is not fixed in the graph: give anomaly.n_features")
-        output = opts.output or _pick_score_output(io)
-        if output not in {o.name for o in io.outputs}:
-            raise BundleError(f"anomaly.output {output!r} is not an output of {entry}")
-        anomaly = Anomaly(
-            input=floats[0].name,
-            output=output,
-            n_features=n_features,
-            threshold=opts.threshold,
-            higher_is_anomalous=opts.higher_is_anomalous,
-        )
-        return ExportedBundle(root, RunSpec(task=task, io=io, entrypoint=entry, anomaly=anomaly))
-
-    _check_text_inputs(io, task, entry)
-    preprocess = Preprocess(tokenizer=tokenizer, max_length=options.max_length or 256)
-    if task == Task.TEXT_CLASSIFICATION:
-        out = io.outputs[0]
-        if len(out.shape) != 2:
-            raise BundleError(
-                f"a classifier returns [batch, classes] logits; {entry}'s output {out.name} is {out.shape}"
-            )
-        labels = options.labels or _config_labels(root)
-        n = out.shape[1]
-        if labels and isinstance(n, int) and len(labels) != n:
-            raise BundleError(f"{len(labels)} labels given for a model with {n} classes")
-        spec = RunSpec(
-            task=task, io=io, entrypoint=entry, preprocess=preprocess, postprocess=Postprocess(labels=labels)
-        )
-        return ExportedBundle(root, spec)
-    if task == Task.EMBEDDINGS:
-        out = io.outputs[0]
-        pooling = options.pooling or ("mean" if len(out.shape) == 3 else "none")
-        if pooling == "none" and len(out.shape) != 2:
-            raise BundleError(f"{entry}'s output {out.name} is {out.shape}: pooled embeddings are [batch, dim]")
-        preprocess = preprocess.model_copy(update={"pooling": pooling})
-        post = Postprocess(
-            normalize=True if options.normalize is None else options.normalize,
-            zero_shot_labels=options.zero_shot_labels or {},
-        )
-        spec = RunSpec(task=task, io=io, entrypoint=entry, preprocess=preprocess, postprocess=post)
-        return ExportedBundle(root, spec)
-    # text generation with a plain decoder graph
-    if not any(t.name.startswith("past_key_values") for t in io.inputs):
-        raise BundleError(f"{entry} has no past_key_values inputs: slmfleet runs decoders with a KV cache")
-    gen = Generation(decoder=entry, **(options.generation or {}))
-    if not gen.eos_token_id:
-        raise BundleError("a text-generation model needs generation.eos_token_id in the options")
-    return ExportedBundle(root, RunSpec(task=task, io=io, entrypoint=entry, preprocess=preprocess, generation=gen))
-
-
-def inspect_genai_bundle(root: Path, options: ImportOptions) -> ExportedBundle:
-    """An onnxruntime-genai model folder (genai_config.json, model, tokenizer)."""
-    try:
-        config = json.loads((root / "genai_config.json").read_text())
-        model_cfg = config["model"]
-        decoder = model_cfg["decoder"]
-        filename = decoder["filename"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"genai_config.json is not an onnxruntime-genai model configuration: {exc}") from None
-    if not (root / filename).is_file():
-        raise BundleError(f"genai_config.json names {filename}, which is not in the bundle")
-    if not (root / "tokenizer.json").is_file():
-        raise BundleError("an onnxruntime-genai bundle needs tokenizer.json")
-    io = load_io(root / filename)
-    eos = model_cfg.get("eos_token_id", [])
-    gen = Generation(
-        eos_token_id=eos if isinstance(eos, list) else [eos],
-        pad_token_id=model_cfg.get("pad_token_id"),
-        bos_token_id=model_cfg.get("bos_token_id"),
-        num_layers=decoder.get("num_hidden_layers", 0),
-        num_kv_heads=decoder.get("num_key_value_heads", 0),
-        head_dim=decoder.get("head_size", 0),
-        decoder=filename,
-        **(options.generation or {}),
-    )
-    context = model_cfg.get("context_length") or options.max_length or 256
-    spec = RunSpec(
-        task=Task.TEXT_GENERATION,
-        runtime=Runtime.ONNXRUNTIME_GENAI,
-        io=io,
-        entrypoint=filename,
-        preprocess=Preprocess(tokenizer="tokenizer.json", max_length=int(context)),
-        generation=gen,
-    )
-    return ExportedBundle(root, spec)
-
-
-def _pick_score_output(io: IO) -> str:
-    for preferred in ("scores", "score", "anomaly_score", "variable"):
-        for o in io.outputs:
-            if o.name == preferred:
-                return o.name
-    floats = [o for o in io.outputs if o.dtype in ("float", "double")]
-    if not floats:
-        raise BundleError("the anomaly model has no float output to use as a score; name it in anomaly.output")
-    return floats[-1].name
 
 
 def default_variants(task: Task) -> list[str]:

@@ -11,6 +11,7 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from controller.registry.bundles import parse_options
+from controller.registry.reference import read_reference_file, with_reference
 from controller.registry.service import RegistryService
 from controller.registry.upload import Upload, receive, remove_tree
 
@@ -29,10 +30,11 @@ class Received:
 
 
 async def receive_upload(registry: RegistryService, request: Request, max_bytes: int) -> Received:
-    """Stream the request's files to a new staging directory (removed again if this fails)."""
+    """Stream the request's files to a new staging directory (removed again if this fails); a ``reference``
+    part (the operator's expected outputs) is kept beside them, not in the bundle."""
     staging = registry.new_staging()
     try:
-        upload = await receive(request, staging / "upload", max_bytes)
+        upload = await receive(request, staging / "upload", max_bytes, side_parts=("reference",))
     except BaseException:
         remove_tree(staging)
         raise
@@ -46,6 +48,8 @@ async def queue_import(
     UploadError (the staging directory is removed then); on success the import job owns it."""
     try:
         parsed = parse_options(options)
+        if "reference" in received.upload.parts:
+            parsed = with_reference(parsed, read_reference_file(received.upload.parts["reference"]))
         bundle_root = await anyio.to_thread.run_sync(registry.prepare, received.staging, received.files)
     except BaseException:
         received.discard()

@@ -41,6 +41,8 @@ class Upload:
     files: list[PurePosixPath] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     size: int = 0
+    #: named parts kept apart from the bundle's files (``receive``'s ``side_parts``), by part name
+    parts: dict[str, Path] = field(default_factory=dict)
 
 
 def safe_relative(name: str) -> PurePosixPath:
@@ -58,8 +60,12 @@ def safe_relative(name: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
-async def receive(request: Request, dest: Path, max_bytes: int) -> Upload:
-    """Stream the request body into ``dest``: multipart form data, or a raw body (``?filename=``)."""
+async def receive(request: Request, dest: Path, max_bytes: int, side_parts: tuple[str, ...] = ()) -> Upload:
+    """Stream the request body into ``dest``: multipart form data, or a raw body (``?filename=``).
+
+    Multipart parts named in ``side_parts`` (a file or a plain field) are not bundle files: each is streamed
+    to a file of its own beside ``dest`` (``Upload.parts``), under the same size cap as the whole upload.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     upload = Upload(dest)
     declared = request.headers.get("content-length")
@@ -70,7 +76,7 @@ async def receive(request: Request, dest: Path, max_bytes: int) -> Upload:
         boundary = params.get(b"boundary")
         if not boundary:
             raise UploadError("multipart upload without a boundary")
-        await _receive_multipart(request, upload, boundary, max_bytes)
+        await _receive_multipart(request, upload, boundary, max_bytes, side_parts)
     else:
         name = request.query_params.get("filename") or "upload.bin"
         rel = safe_relative(name)
@@ -88,13 +94,23 @@ async def receive(request: Request, dest: Path, max_bytes: int) -> Upload:
     return upload
 
 
-async def _receive_multipart(request: Request, upload: Upload, boundary: bytes, max_bytes: int) -> None:
-    state: dict[str, Any] = {"headers": {}, "field": b"", "value": b"", "out": None, "name": None, "fname": None}
+async def _receive_multipart(
+    request: Request, upload: Upload, boundary: bytes, max_bytes: int, side_parts: tuple[str, ...]
+) -> None:
+    state: dict[str, Any] = {
+        "headers": {},
+        "field": b"",
+        "value": b"",
+        "out": None,
+        "name": None,
+        "fname": None,
+        "side": None,
+    }
     field_bytes = bytearray()
     error: list[UploadError] = []
 
     def on_part_begin() -> None:
-        state.update(headers={}, out=None, name=None, fname=None)
+        state.update(headers={}, out=None, name=None, fname=None, side=None)
         field_bytes.clear()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -112,7 +128,16 @@ async def _receive_multipart(request: Request, upload: Upload, boundary: bytes, 
         name = disp.get(b"name", b"").decode("utf-8", "replace")
         fname = disp.get(b"filename")
         state["name"] = name
-        if fname is not None:
+        if name in side_parts:
+            if name in upload.parts:
+                error.append(UploadError(f"part {name!r} is sent twice"))
+                return
+            target = upload.root.parent / "parts" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            state["out"] = open(target, "wb")  # noqa: SIM115 - closed in on_part_end
+            state["side"] = name
+            upload.parts[name] = target
+        elif fname is not None:
             try:
                 rel = safe_relative(fname.decode("utf-8", "replace"))
             except UploadError as exc:
@@ -137,7 +162,8 @@ async def _receive_multipart(request: Request, upload: Upload, boundary: bytes, 
     def on_part_end() -> None:
         if state["out"] is not None:
             state["out"].close()
-            upload.files.append(state["fname"])
+            if state["side"] is None:
+                upload.files.append(state["fname"])
             state["out"] = None
         elif state["name"]:
             upload.fields[state["name"]] = field_bytes.decode("utf-8", "replace")

@@ -115,7 +115,7 @@ def test_classification_results(classifier: tuple[ExportedBundle, ExportedBundle
     results = pipe.run(_records(TEXTS))
     assert len(results) == len(TEXTS)
     for result in results:
-        assert set(result) == {"label", "score", "scores"}
+        assert set(result) == {"label", "score", "scores", "logits"}
         assert list(result["scores"]) == ["negative", "neutral", "positive"]
         assert sum(result["scores"].values()) == pytest.approx(1.0, abs=1e-5)
         assert result["score"] == max(result["scores"].values())

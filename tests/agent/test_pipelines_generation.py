@@ -22,9 +22,10 @@ from agent.inference.pipelines.genai import GenaiGenerationPipeline
 from agent.inference.pipelines.generation import (
     DecoderGenerationPipeline,
     IncrementalDecoder,
+    Prompt,
     TokenPicker,
     TokenStreamPipeline,
-    fit_prompt,
+    fit_context,
 )
 from agent.inference.session import InputError
 from agent.protocol.manifest import Generation, RunSpec, Runtime
@@ -117,7 +118,7 @@ def test_generation_stops_at_eos(bundles: dict[str, ExportedBundle], kind: str) 
     assert out.finish_reason == "eos"
     assert out.text == pipe.tokenizer.decode(ids[:stop], skip_special_tokens=True)
     result = pipe.run([{key: PROMPTS[0], "max_new_tokens": 12}])[0]
-    assert result == {"text": out.text, "tokens": stop + 1}
+    assert result == {"text": out.text, "tokens": stop + 1, "token_ids": ids[: stop + 1], "finish_reason": "eos"}
     assert "".join(pipe.stream({key: PROMPTS[0], "max_new_tokens": 12})) == out.text
 
 
@@ -215,15 +216,29 @@ def test_incremental_decoder_keeps_sentencepiece_spaces(bundles: dict[str, Expor
     assert sum(1 for p in pieces if p.startswith(" ")) == 3
 
 
-def test_long_prompts_are_cut_to_the_context(bundles: dict[str, ExportedBundle]) -> None:
-    assert fit_prompt(list(range(10)), 4, 8) == ([6, 7, 8, 9], 4)
-    assert fit_prompt(list(range(3)), 50, 8) == ([2], 7)
+def test_a_prompt_over_the_context_is_refused_with_the_limit_or_cut_only_when_asked(
+    bundles: dict[str, ExportedBundle],
+) -> None:
+    ids = list(range(10))
+    # the manifest's default length shrinks to the room left; an explicit one that does not fit is refused
+    assert fit_context(ids[:3], Prompt("", 50, explicit=False, truncate=False), 8) == ([0, 1, 2], 5, False)
+    with pytest.raises(InputError, match="context of 8 tokens; ask for at most 5"):
+        fit_context(ids[:3], Prompt("", 50, explicit=True, truncate=False), 8)
+    with pytest.raises(InputError, match="the prompt is 10 tokens, over the model's context of 8"):
+        fit_context(ids, Prompt("", 4, explicit=False, truncate=False), 8)
+    assert fit_context(ids, Prompt("", 4, explicit=True, truncate=True), 8) == ([6, 7, 8, 9], 4, True)
     bundle = bundles["plain-llama"]
     spec = bundle.spec.model_copy(update={"preprocess": bundle.spec.preprocess.model_copy(update={"max_length": 24})})
     pipe = _pipeline(spec, bundle.root)
     long_prompt = " ".join(["sensor"] * 100)
     assert len(pipe.encode(long_prompt)) > 24
-    assert pipe.run([{"prompt": long_prompt, "max_new_tokens": 8}])[0]["tokens"] == 8
+    with pytest.raises(InputError, match="context of 24 tokens"):
+        pipe.run([{"prompt": long_prompt, "max_new_tokens": 8}])
+    cut = pipe.run([{"prompt": long_prompt, "max_new_tokens": 8, "truncate": True}])[0]
+    assert cut["tokens"] == 8 and cut["truncated"] is True and len(cut["token_ids"]) == 8
+    # never the silent cut to the prompt's last token: max_new_tokens over the context is refused
+    with pytest.raises(InputError, match="ask for at most"):
+        pipe.run([{"prompt": "sensor", "max_new_tokens": 30}])
 
 
 def test_bundle_problems_are_pipeline_errors(bundles: dict[str, ExportedBundle], tmp_path: Path) -> None:

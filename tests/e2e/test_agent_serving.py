@@ -51,7 +51,8 @@ class Family:
 
 
 def _check_classification(record: dict[str, Any], result: dict[str, Any]) -> None:
-    assert set(result) == {"label", "score", "scores"}
+    assert set(result) == {"label", "score", "scores", "logits"}
+    assert len(result["logits"]) == len(result["scores"])
     if "good" in record["text"]:
         assert result["label"] == "positive"
     if "awful" in record["text"]:

@@ -165,7 +165,7 @@ def _symlink_tar(classifier_dir: Path) -> bytes:
         ("traversal", 422, "path traversal"),
         ("symlink", 422, "links are refused"),
         ("empty", 422, "no file"),
-        ("no_task", 422, "does not exist"),
+        ("no_task", 422, "do not say which task"),
         ("bad_options", 422, "options"),
         ("hf_without_weights", 422, "no model found"),
     ],
@@ -200,7 +200,15 @@ def test_bad_uploads_are_refused_and_leave_nothing_behind(  # type: ignore[no-un
             files={"note": (None, "x")},
         )
     elif case == "no_task":
-        r = upload(ctl, "bad", [("model.onnx", model_bytes), ("tokenizer.json", tok)])
+        # a graph whose files say nothing of its task (two float inputs, no tokenizer, no config.json)
+        from onnx import TensorProto, helper
+
+        x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4]) for n in ("x", "y"))
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4])
+        graph = helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "g", [x, y], [z])
+        blank = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        blank.ir_version = 9
+        r = upload(ctl, "bad", [("model.onnx", blank.SerializeToString())])
     elif case == "bad_options":
         r = upload(ctl, "bad", [("model.onnx", model_bytes)], {"task": "text-classification", "colour": "red"})
     else:

@@ -283,14 +283,21 @@ def check_version(ctl: Any, family: Family, name: str, version: dict[str, Any], 
         # What it measured
         metrics = m.metrics
         assert metrics.model_dump(mode="json", exclude_none=True) == summaries[variant]["metrics"]
-        assert metrics.agreement_kind == family.agreement_kind, where
         assert metrics.eval_samples == family.eval_samples, where
-        assert metrics.agreement is not None
         if variant == "fp32":
-            assert metrics.agreement == pytest.approx(1.0), where
+            # the reference: measured against itself it would agree 1.0 and check nothing
+            assert metrics.agreement is None and metrics.agreement_kind is None, where
+            assert metrics.score_correlation is None and metrics.free_running_agreement is None, where
         else:
+            assert metrics.agreement_kind == family.agreement_kind, where
+            assert metrics.agreement is not None
             floor = importer.floor(family.agreement_kind, variant)
             assert floor > 0 and metrics.agreement >= floor, f"{where}: {metrics.agreement} < {floor}"
+            if family.agreement_kind == "top1":  # its logits follow fp32's, not only its labels
+                correlation = metrics.score_correlation
+                assert correlation is not None and correlation >= importer.floor("score-correlation", variant)
+            if family.agreement_kind == "token":
+                assert metrics.free_running_agreement is not None, where
         assert metrics.latency_ms_p50 is not None and metrics.latency_ms_p95 is not None
         assert 0 < metrics.latency_ms_p50 <= metrics.latency_ms_p95, where
         # A fresh interpreter with onnxruntime and the model: more than the ~50 MiB of the runtime alone.

@@ -11,11 +11,12 @@ import numpy as np
 
 from agent.inference.pipelines.base import PipelineError
 from agent.inference.pipelines.tokenize import (
+    TextRecord,
     length_batches,
-    record_text,
     rows_interact,
     run_batched,
     text_encoder,
+    text_record,
 )
 from agent.inference.session import InputError, load_session
 from agent.protocol.manifest import RunSpec
@@ -57,24 +58,30 @@ class ClassificationPipeline:
     def _label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else f"LABEL_{index}"
 
-    def _infer(self, texts: list[str]) -> list[dict[str, Any]]:
-        feeds = self.encoder.encode(texts)
-        results: list[dict[str, Any]] = [{} for _ in texts]
+    def _infer(self, records: list[TextRecord]) -> list[dict[str, Any]]:
+        feeds, errors = self.encoder.encode_checked(records)
+        results: list[dict[str, Any]] = [{} for _ in records]
         for rows, batch in length_batches(feeds, self.max_batch):
             logits = np.asarray(self.session.run([self.output], batch)[0], dtype=np.float32)
             scores = softmax(logits) if self.spec.postprocess.softmax else logits
-            for row, row_scores in zip(rows, scores, strict=True):
+            for row, row_logits, row_scores in zip(rows, logits, scores, strict=True):
                 best = int(np.argmax(row_scores))
                 results[int(row)] = {
                     "label": self._label(best),
                     "score": float(row_scores[best]),
                     "scores": {self._label(i): float(p) for i, p in enumerate(row_scores)},
+                    # the graph's own output, to compare with the framework the model came from
+                    "logits": [float(x) for x in row_logits],
                 }
+                if records[int(row)].truncated:
+                    results[int(row)]["truncated"] = True
+        for row, error in errors.items():
+            results[row] = {"error": error}
         return results
 
     def run(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One result per record, in order; see ``agent.inference.pipelines`` for the formats."""
-        return run_batched(records, record_text, self._infer)
+        return run_batched(records, text_record, self._infer)
 
     def stream(self, record: dict[str, Any]) -> Iterator[str]:
         raise InputError("streaming is for text generation; a classification model answers with run()")

@@ -11,11 +11,12 @@ import numpy as np
 
 from agent.inference.pipelines.base import PipelineError
 from agent.inference.pipelines.tokenize import (
+    TextRecord,
     length_batches,
-    record_text,
     rows_interact,
     run_batched,
     text_encoder,
+    text_record,
 )
 from agent.inference.session import InputError, load_session
 from agent.protocol.manifest import RunSpec
@@ -68,35 +69,50 @@ class EmbeddingPipeline:
             return output
         if pooling == "cls":
             return output[:, 0]
+        if pooling == "max":
+            # sentence-transformers' max pooling: padding positions never win
+            masked = np.where(mask[..., None] > 0, output, np.finfo(output.dtype).min)
+            return masked.max(axis=1)
+        if pooling == "lasttoken":
+            last = np.maximum(mask.sum(axis=1) - 1, 0)
+            return output[np.arange(output.shape[0]), last]
         weights = mask[..., None].astype(output.dtype)
         return (output * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        feeds = self.encoder.encode(texts)
+        return self._embed_checked([TextRecord(t, True) for t in texts])[0]
+
+    def _embed_checked(self, records: list[TextRecord]) -> tuple[np.ndarray, dict[int, str]]:
+        feeds, errors = self.encoder.encode_checked(records)
         vectors: np.ndarray | None = None
         for rows, batch in length_batches(feeds, self.max_batch):
             output = np.asarray(self.session.run([self.output], batch)[0], dtype=np.float32)
             pooled = self._pool(output, batch["attention_mask"])
             if vectors is None:
-                vectors = np.empty((len(texts), pooled.shape[-1]), dtype=np.float32)
+                vectors = np.empty((len(records), pooled.shape[-1]), dtype=np.float32)
             vectors[rows] = pooled
         assert vectors is not None  # texts is never empty here
-        return l2_normalize(vectors) if self.spec.postprocess.normalize else vectors
+        return (l2_normalize(vectors) if self.spec.postprocess.normalize else vectors), errors
 
-    def _infer(self, texts: list[str]) -> list[dict[str, Any]]:
-        vectors = self._embed(texts)
+    def _infer(self, records: list[TextRecord]) -> list[dict[str, Any]]:
+        vectors, errors = self._embed_checked(records)
         results: list[dict[str, Any]] = [{"embedding": v.tolist()} for v in vectors]
+        for result, record in zip(results, records, strict=True):
+            if record.truncated:
+                result["truncated"] = True
         if self.label_vectors is not None:
             cosines = l2_normalize(vectors) @ self.label_vectors.T
             for result, row in zip(results, cosines, strict=True):
                 best = int(np.argmax(row))
                 result["label"] = self.zero_shot_labels[best]
                 result["score"] = float(row[best])
+        for row_index, error in errors.items():
+            results[row_index] = {"error": error}
         return results
 
     def run(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One result per record, in order; see ``agent.inference.pipelines`` for the formats."""
-        return run_batched(records, record_text, self._infer)
+        return run_batched(records, text_record, self._infer)
 
     def stream(self, record: dict[str, Any]) -> Iterator[str]:
         raise InputError("streaming is for text generation; an embedding model answers with run()")

@@ -24,12 +24,12 @@ from agent.inference.pipelines.base import PipelineError
 from agent.inference.pipelines.generation import (
     DecoderGenerationPipeline,
     TokenStreamPipeline,
+    check_context,
     encode_prompt,
-    fit_prompt,
     generation_settings,
     load_tokenizer,
 )
-from agent.protocol.manifest import RunSpec
+from agent.protocol.manifest import RunSpec, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class GenaiGenerationPipeline(TokenStreamPipeline):
         self.seed = seed
         self.model: Any = None
         self.fallback: DecoderGenerationPipeline | None = None
+        #: the agent's own loop on the same graph, for teacher forcing (``forcing_loop``)
+        self._forcing: DecoderGenerationPipeline | None = None
+        self.threads = threads
         try:
             import onnxruntime_genai as og
         except ImportError:
@@ -75,7 +78,8 @@ class GenaiGenerationPipeline(TokenStreamPipeline):
             yield from self.fallback.token_ids(prompt_ids, max_new_tokens)
             return
         og = self._og
-        ids, max_new = fit_prompt(list(prompt_ids), max_new_tokens, self.context)
+        ids, max_new = list(prompt_ids), max_new_tokens
+        check_context(ids, max_new, self.context)
         params = og.GeneratorParams(self.model)
         search: dict[str, Any] = {"max_length": len(ids) + max_new, "do_sample": self.generation.do_sample}
         if self.generation.do_sample:
@@ -95,7 +99,18 @@ class GenaiGenerationPipeline(TokenStreamPipeline):
             if token in self.eos:
                 return
 
-    def close(self) -> None:
+    def forcing_loop(self) -> Any:
+        """onnxruntime-genai picks its tokens inside its generator: teacher forcing runs the same graph in the
+        agent's own loop (the builder's graphs keep the decoder contract it needs)."""
         if self.fallback is not None:
-            self.fallback.close()
+            return self.fallback
+        if self._forcing is None:
+            plain = self.spec.model_copy(update={"runtime": Runtime.ONNXRUNTIME})
+            self._forcing = DecoderGenerationPipeline(plain, self.root, self.threads)
+        return self._forcing
+
+    def close(self) -> None:
+        for loop in (self.fallback, self._forcing):
+            if loop is not None:
+                loop.close()
         self.model = None

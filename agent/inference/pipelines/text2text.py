@@ -1,13 +1,18 @@
 """Text to text on the device (T5): the encoder once per request, then the decoder token by token.
 
 ``generation.encoder`` (``input_ids``, ``attention_mask``) returns ``last_hidden_state`` and possibly
-more outputs; a decoder input is fed from the encoder output of the same name (e.g.
+more outputs. optimum's seq2seq exports run with their cache as written: ``decoder_model.onnx`` for the
+first step and ``decoder_with_past_model.onnx`` after it (``generation.decoder_with_past``), or the merged
+``decoder_model_merged.onnx`` (``use_cache_branch``); see ``generation.SplitCacheDecoder``. Otherwise
+a decoder input is fed from the encoder output of the same name (e.g.
 ``cross_key_values.{i}.key``, the cross-attention keys computed once), ``encoder_hidden_states``
 from ``last_hidden_state`` and ``encoder_attention_mask`` from the source mask. A decoder with
 ``past_key_values.{i}.*`` inputs runs one token per step with its cache (IO binding, as in
 ``generation``); one without re-runs the whole target prefix each step.
 
-Records are ``{"text": str, "max_new_tokens"?: int}``; results ``{"text": str, "tokens": int}``.
+Records are ``{"text": str, "max_new_tokens"?: int, "truncate"?: bool}``; results as for generation.
+A source text longer than ``preprocess.max_length`` tokens is refused with the limit unless the record
+says ``"truncate": true``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import numpy as np
 
 from agent.inference.pipelines.base import PipelineError
 from agent.inference.pipelines.generation import (
+    Prompt,
+    SplitCacheDecoder,
     TokenPicker,
     TokenStreamPipeline,
     generation_settings,
+    graph_inputs,
     layer_order,
     load_tokenizer,
 )
@@ -51,13 +59,27 @@ class Text2TextPipeline(TokenStreamPipeline):
         self.tokenizer = load_tokenizer(spec, self.root)
         encoder_path = self.root / (self.generation.encoder or "encoder.onnx")
         decoder_path = self.root / (self.generation.decoder or spec.entrypoint)
-        for path in (encoder_path, decoder_path):
-            if not path.is_file():
+        with_past = self.root / self.generation.decoder_with_past if self.generation.decoder_with_past else None
+        for path in (encoder_path, decoder_path, with_past):
+            if path is not None and not path.is_file():
                 raise PipelineError(f"graph {path.name} is missing from the bundle")
+        self.picker = TokenPicker(self.generation, seed)
+        self.eos = set(self.generation.eos_token_id)
+        self.max_length = spec.preprocess.max_length
         self.encoder = load_session(encoder_path, threads)
-        self.decoder = load_session(decoder_path, threads)
         self.encoder_inputs = [i.name for i in self.encoder.get_inputs()]
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+        self.split: SplitCacheDecoder | None = None
+        if with_past is not None or "use_cache_branch" in graph_inputs(decoder_path):
+            self.split = SplitCacheDecoder(decoder_path, with_past, threads)
+            self.decoder = self.split.first
+            decoder_inputs = {**self.split.first_inputs, **self.split.step_inputs}
+            self.from_encoder = [n for n in decoder_inputs if n in self.encoder_outputs]
+            self.wants_hidden = "encoder_hidden_states" in decoder_inputs
+            self.wants_mask = "encoder_attention_mask" in decoder_inputs
+            self.past = []
+            return
+        self.decoder = load_session(decoder_path, threads)
         decoder_inputs = {i.name: i for i in self.decoder.get_inputs()}
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         if "input_ids" not in decoder_inputs or "logits" not in self.decoder_outputs:
@@ -81,16 +103,26 @@ class Text2TextPipeline(TokenStreamPipeline):
         if self.past and not (isinstance(heads, int) and isinstance(head_dim, int)):
             raise PipelineError("the cache geometry is unknown: set generation.num_kv_heads and head_dim")
         self.kv_heads, self.head_dim = int(heads or 0), int(head_dim or 0)
-        self.picker = TokenPicker(self.generation, seed)
-        self.eos = set(self.generation.eos_token_id)
-        self.max_length = spec.preprocess.max_length
 
     def encode(self, text: str) -> list[int]:
-        """Source ids (the tokenizer's template adds T5's closing ``</s>``), cut to ``max_length``."""
+        """Source ids (the tokenizer's template adds T5's closing ``</s>``)."""
         ids = list(self.tokenizer.encode(text).ids)
         if not ids:
             raise InputError("the text is empty")
-        return ids[: self.max_length]
+        return ids
+
+    def prepare(self, prompt: Prompt) -> tuple[list[int], int, bool]:
+        """The source ids within ``max_length`` (cut only when the record allows it)."""
+        ids = self.encode(prompt.text)
+        if len(ids) <= self.max_length:
+            return ids, prompt.max_new, False
+        if not prompt.truncate:
+            raise InputError(
+                f"the text is {len(ids)} tokens, over the model's limit of {self.max_length}: shorten it, or send"
+                ' "truncate": true to have it cut to the limit'
+            )
+        # keep the closing token the tokenizer's template added, as Hugging Face's truncation does
+        return ids[: self.max_length - 1] + ids[-1:], prompt.max_new, True
 
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
         """Generated ids for the source ``prompt_ids`` (EOS included when produced)."""
@@ -106,7 +138,14 @@ class Text2TextPipeline(TokenStreamPipeline):
         if self.wants_mask:
             constant["encoder_attention_mask"] = mask
         start = int(self.generation.decoder_start_token_id or 0)
-        if self.past:
+        if self.split is not None:
+
+            def following(token: int) -> dict[str, np.ndarray]:
+                return constant | {"input_ids": np.asarray([[token]], dtype=np.int64)}
+
+            first = constant | {"input_ids": np.asarray([[start]], dtype=np.int64)}
+            yield from self.split.steps(first, following, max_new_tokens, self.picker, self.eos)
+        elif self.past:
             yield from self._with_cache(start, constant, max_new_tokens)
         else:
             yield from self._without_cache(start, constant, max_new_tokens)
@@ -153,3 +192,5 @@ class Text2TextPipeline(TokenStreamPipeline):
     def close(self) -> None:
         self.encoder = None
         self.decoder = None
+        if self.split is not None:
+            self.split.close()

@@ -1,8 +1,11 @@
 """Text to model tensors on the device, with the ``tokenizers`` package only (no transformers, no torch).
 
 A checkpoint's tokenizer.json may carry padding and truncation settings of its own: MiniLM's pads every
-input to 128 tokens and truncates at 128. Both are reset here: truncation to the manifest's
-``max_length`` and padding to the longest text of each batch, so short texts cost short sequences.
+input to 128 tokens and truncates at 128. Both are reset here: padding to the longest text of each batch,
+so short texts cost short sequences, and the manifest's ``max_length`` (the model's own limit, read from
+its configuration at import) as the longest text accepted. A longer text is never cut silently: it is
+refused with the limit in the message, unless its record says ``"truncate": true`` (then it is cut to
+``max_length`` tokens, as Hugging Face's ``truncation=True`` does, and the result says ``"truncated": true``).
 """
 
 from __future__ import annotations
@@ -65,16 +68,62 @@ class TextEncoder:
         return 0, "[PAD]"
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Tensors for ``texts`` (already validated), padded to the longest of them."""
-        if self.lowercase:
-            texts = [t.lower() for t in texts]
+        """Tensors for ``texts`` (already validated), padded to the longest of them, each cut to max_length."""
+        return self.encode_checked([TextRecord(t, True) for t in texts])[0]
+
+    def encode_checked(self, records: list[TextRecord]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Tensors for ``records`` and, by row, the error of each text over ``max_length`` that did not ask to
+        be truncated (its row is computed cut, and its result replaced by the error)."""
+        texts = [r.text.lower() if self.lowercase else r.text for r in records]
         encodings = self.tokenizer.encode_batch(texts)
+        errors: dict[int, str] = {}
+        for row, (record, encoding) in enumerate(zip(records, encodings, strict=True)):
+            if encoding.overflowing:
+                record.truncated = True
+                if not record.truncate:
+                    errors[row] = self.too_long(texts[row])
         arrays = {
             "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
             "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64),
         }
-        return {name: arrays[name] for name in self.input_names}
+        return {name: arrays[name] for name in self.input_names}, errors
+
+    def too_long(self, text: str) -> str:
+        self.tokenizer.no_truncation()
+        try:
+            length = len(self.tokenizer.encode(text).ids)
+        finally:
+            self.tokenizer.enable_truncation(max_length=self.max_length)
+        return (
+            f"the text is {length} tokens, over the model's limit of {self.max_length}: shorten it, or send"
+            ' "truncate": true to have it cut to the limit'
+        )
+
+
+class TextRecord:
+    """A text to encode and whether its sender allows cutting it to the model's limit."""
+
+    __slots__ = ("text", "truncate", "truncated")
+
+    def __init__(self, text: str, truncate: bool) -> None:
+        self.text = text
+        self.truncate = truncate
+        self.truncated = False
+
+
+def record_truncate(record: dict[str, Any]) -> bool:
+    """The record's ``truncate`` flag (false when absent), or InputError when it is not a boolean."""
+    value = record.get("truncate", False)
+    if not isinstance(value, bool):
+        raise InputError(f'"truncate" must be true or false, got {type(value).__name__}')
+    return value
+
+
+def text_record(record: Any) -> TextRecord:
+    """A text record (``{"text": str, "truncate"?: bool}``), or InputError saying what is wrong with it."""
+    text = record_text(record)
+    return TextRecord(text, record_truncate(record))
 
 
 def text_encoder(spec: RunSpec, root: Path, input_names: list[str]) -> TextEncoder:

@@ -25,11 +25,33 @@ from controller.api.schemas import (
     VersionPublic,
 )
 from controller.db.models import Artifact, Deployment, ImportJob, Model, ModelVersion
-from controller.registry.bundles import BundleError
+from controller.registry.bundles import BundleError, ImportOptions
 from controller.registry.intake import queue_import, receive_upload
 from controller.registry.upload import UploadError
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
+
+
+def _inline_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` references resolved in place: the multipart request body below is
+    written by hand, and a ``#/$defs/...`` reference would not resolve inside the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                target = defs[node["$ref"].rsplit("/", 1)[-1]]
+                return walk({**target, **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return dict(walk(schema))
+
+
+#: the import options as the OpenAPI schema of the ``options`` form field (JSON)
+IMPORT_OPTIONS_SCHEMA = _inline_schema(ImportOptions.model_json_schema())
 
 #: a version number; larger numbers overflow the database drivers' integers (a 500 instead of a 404)
 VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -157,10 +179,18 @@ def get_model(name: str, session: SessionDep, _: ViewerDep) -> ModelDetail:
                                 "items": {"type": "string", "format": "binary"},
                                 "minItems": 1,
                             },
-                            "options": {"type": "string", "description": "ImportOptions as JSON"},
+                            "options": IMPORT_OPTIONS_SCHEMA,
+                            "reference": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "reference cases as JSON lines, one"
+                                ' {"input": {...}, "expected": {...}} a line: the same cases as options.reference'
+                                " (give one or the other), for files too large for a form field",
+                            },
                         },
                         "required": ["file"],
-                    }
+                    },
+                    "encoding": {"options": {"contentType": "application/json"}},
                 },
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
@@ -174,7 +204,10 @@ async def upload_version(
     runtime: RuntimeDep,
     who: OperatorDep,
     wait: Annotated[float | None, Query(ge=0, le=3600, description="seconds to wait for the import")] = None,
-    options: Annotated[str | None, Query(description="ImportOptions as JSON (for raw-body uploads)")] = None,
+    options: Annotated[
+        str | None,
+        Query(description="the import options as JSON, as in the multipart 'options' field (for raw-body uploads)"),
+    ] = None,
 ) -> Any:
     """Upload an ONNX model, a bundle (archive or several files) or a Hugging Face checkpoint (archive).
 

@@ -38,9 +38,13 @@ class ExportedBundle:
     quantization: Quantization = field(default_factory=Quantization)
     #: model-card facts worth keeping in the manifest (architecture, parameter count, source)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the files the device needs (relative paths); None: every file under ``root``
+    keep: list[str] | None = None
 
     def files(self) -> list[Path]:
-        """Every file of the bundle, relative to ``root``, sorted."""
+        """The bundle's files (those in ``keep``, when set) that exist, relative to ``root``, sorted."""
+        if self.keep is not None:
+            return sorted(Path(p) for p in self.keep if (self.root / p).is_file())
         return sorted(p.relative_to(self.root) for p in self.root.rglob("*") if p.is_file())
 
     @property

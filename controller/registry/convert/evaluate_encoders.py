@@ -94,6 +94,7 @@ def evaluate_encoder(
         finally:
             cand_pipe.close()
     agreement, kind, compared = _agreement(task, ref_out, cand_out)
+    correlation = score_correlation(task, ref_out, cand_out)
 
     p50 = p95 = None
     peak_rss = None
@@ -103,6 +104,7 @@ def evaluate_encoder(
     metrics = Metrics(
         agreement=max(-1.0, min(1.0, agreement)),
         agreement_kind=kind,
+        score_correlation=correlation,
         eval_samples=compared,
         latency_ms_p50=p50,
         latency_ms_p95=p95,
@@ -110,11 +112,12 @@ def evaluate_encoder(
         size_bytes=candidate.size_bytes,
     )
     log.info(
-        "evaluated %s against %s: %s %.4f over %d samples, p50 %s ms, peak RSS %s",
+        "evaluated %s against %s: %s %.4f (scores correlate %s) over %d samples, p50 %s ms, peak RSS %s",
         candidate.root,
         reference.root,
         kind,
         metrics.agreement,
+        correlation,
         compared,
         p50,
         peak_rss,
@@ -158,6 +161,39 @@ def _agreement(task: Task, ref: list[dict[str, Any]], cand: list[dict[str, Any]]
     }
     kind = kinds[task]
     return float(np.mean(values)), kind, len(values)
+
+
+def score_correlation(task: Task, ref: list[dict[str, Any]], cand: list[dict[str, Any]]) -> float | None:
+    """How a classifier's logits follow the reference's from one text to the next: Pearson's correlation over
+    every sample and class, each class centred on its mean.
+
+    Matching labels alone cannot tell a working variant from one whose output no longer depends on the text:
+    when most evaluation texts fall in one class (word salad is "neutral"), a variant that always answers that
+    class agrees on most of them. Its logits do not vary, so they correlate 0. None for other tasks (an
+    anomaly score is dominated by the window's own size, which any broken graph still sees: measured, the
+    anomaly decisions tell broken from working, the scores' correlation does not), and when the reference's
+    logits do not vary.
+    """
+    import numpy as np
+
+    if task != Task.TEXT_CLASSIFICATION:
+        return None
+    key = "logits"
+    pairs = [(r[key], c[key]) for r, c in zip(ref, cand, strict=True) if key in r and key in c]
+    if len(pairs) < 2:
+        return None
+    a = np.asarray([p[0] for p in pairs], dtype=np.float64).reshape(len(pairs), -1)
+    b = np.asarray([p[1] for p in pairs], dtype=np.float64).reshape(len(pairs), -1)
+    if a.shape != b.shape:
+        return 0.0
+    a -= a.mean(axis=0)
+    b -= b.mean(axis=0)
+    norm_a, norm_b = float(np.sqrt((a * a).sum())), float(np.sqrt((b * b).sum()))
+    if norm_a == 0.0:
+        return None
+    if norm_b == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, float((a * b).sum()) / (norm_a * norm_b)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,20 +4,26 @@ Both bundles run through the real device pipelines (``agent.inference.pipelines.
 a fresh interpreter that imports only the device code (no torch), so tokens/s, latency and peak RSS are the
 model's own and not this process's.
 
-**Token agreement** (``Metrics.agreement``, kind ``token``): both models decode greedily from the same
-prompts. Once they pick different tokens they continue from different texts, so a match after the first
-divergence means nothing; per prompt only the common prefix counts. With ``r`` and ``c`` the reference's
-and the candidate's generated ids (each ending at EOS or at ``max_new_tokens``)::
+**Token agreement** (``Metrics.agreement``, kind ``token``) is measured under teacher forcing: the
+reference decodes greedily from each prompt; the candidate is then fed the reference's tokens, through its
+own generation loop, and scored on whether its greedy choice at each position is the reference's token::
 
-    agreement = sum(common_prefix(r, c)) / sum(max(len(r), len(c)))
+    agreement = sum(positions where argmax(candidate | reference's prefix) == reference's token)
+                / sum(len(reference's generation))
 
-over all prompts: the fraction of generated positions produced before the first divergence. Identical
-generations give 1.0; stopping early (an EOS the reference did not produce) counts as a divergence.
+Each position tests the same context on both sides, so one flipped token does not decide the rest of the
+sequence. That matters for telling a working quantization from a broken one: on decoders with small logit
+margins (random weights, and any model on text it is unsure about) int4 flips an early token of most
+prompts, so free-running agreement gave working int4 variants 0.03 and broken graphs 0.0, which no floor
+can tell apart; teacher-forced, the same variants measure 0.6 against 0.0 (``python -m benchmarks floors``).
 
-``forced_agreement`` is the divergence-free companion: the candidate is fed the reference's tokens and
-scored on whether its argmax at each position is the reference's token (top-1 agreement under teacher
-forcing). Random-weight seeds have small logit margins, so the free-running number can drop at the first
-flip while the forced one shows how often a flip happens.
+``Metrics.free_running_agreement`` keeps the other view, the fraction of generated positions produced
+before the first divergence when both decode freely::
+
+    free_running_agreement = sum(common_prefix(r, c)) / sum(max(len(r), len(c)))
+
+Identical generations give 1.0 on both; stopping early (an EOS the reference did not produce) counts as a
+divergence.
 
 Latency is per generated token (request time / generated tokens, p50 and p95 over requests, prompt
 processing included); tokens/s is all generated tokens over all request time. ``tokens_per_second_ratio``
@@ -33,7 +39,8 @@ import random
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +61,8 @@ class GenerationRun:
     seconds: list[float]
     peak_rss_bytes: int | None = None
     errors: list[str | None] = field(default_factory=list)
+    #: its greedy choices when fed the targets it was given (``measure_generation``'s ``targets``)
+    forced: list[list[int]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -96,12 +105,17 @@ def evaluate_generation(
     ref = _reference_run(reference, records, threads)
     same_bundle = Path(candidate.root).resolve() == Path(reference.root).resolve() and candidate.spec == reference.spec
     # The registry measures fp32 against itself: one run is that measurement.
-    cand = ref if same_bundle else measure_generation(candidate, records, threads=threads)
-    agreement, compared = token_agreement(ref.token_ids, cand.token_ids, ref.errors, cand.errors)
+    if same_bundle:
+        cand = replace(ref, forced=ref.token_ids)
+    else:
+        cand = measure_generation(candidate, records, threads=threads, targets=ref.token_ids)
+    agreement, compared = forced_token_agreement(ref.token_ids, cand.forced, ref.errors, cand.errors)
+    free, _ = token_agreement(ref.token_ids, cand.token_ids, ref.errors, cand.errors)
     per_token = cand.per_token_ms()
     metrics = Metrics(
         agreement=agreement,
         agreement_kind="token",
+        free_running_agreement=free,
         eval_samples=compared,
         latency_ms_p50=_percentile(per_token, 50),
         latency_ms_p95=_percentile(per_token, 95),
@@ -110,11 +124,12 @@ def evaluate_generation(
         size_bytes=candidate.size_bytes,
     )
     log.info(
-        "evaluated %s against %s: token agreement %.3f over %d prompts, %.1f tokens/s (reference %.1f), "
-        "p50 %.2f ms/token, peak RSS %s",
+        "evaluated %s against %s: token agreement %.3f (free-running %.3f) over %d prompts, %.1f tokens/s"
+        " (reference %.1f), p50 %.2f ms/token, peak RSS %s",
         candidate.root,
         reference.root,
         agreement,
+        free,
         compared,
         cand.tokens_per_s,
         ref.tokens_per_s,
@@ -142,14 +157,49 @@ def _reference_run(bundle: ExportedBundle, records: list[dict[str, Any]], thread
     return _REFERENCE_RUNS[key]
 
 
+def forced_token_agreement(
+    reference: list[list[int]],
+    forced: list[list[int]],
+    ref_errors: list[str | None] | None = None,
+    cand_errors: list[str | None] | None = None,
+) -> tuple[float, int]:
+    """(teacher-forced agreement as defined in the module docstring, prompts compared). A prompt both sides
+    reject is skipped; one side rejecting counts as a disagreement at every position of the other side's."""
+
+    def same_positions(r: list[int], f: list[int]) -> tuple[int, int]:
+        return sum(1 for a, b in zip(r, f, strict=False) if a == b), len(r)
+
+    return _per_prompt(reference, forced, ref_errors, cand_errors, same_positions)
+
+
 def token_agreement(
     reference: list[list[int]],
     candidate: list[list[int]],
     ref_errors: list[str | None] | None = None,
     cand_errors: list[str | None] | None = None,
 ) -> tuple[float, int]:
-    """(agreement as defined in the module docstring, prompts compared). A prompt both sides reject is
-    skipped; one side rejecting counts as full disagreement over the other side's tokens."""
+    """(free-running agreement as defined in the module docstring, prompts compared). A prompt both sides
+    reject is skipped; one side rejecting counts as full disagreement over the other side's tokens."""
+
+    def common_prefix(r: list[int], c: list[int]) -> tuple[int, int]:
+        prefix = 0
+        for a, b in zip(r, c, strict=False):
+            if a != b:
+                break
+            prefix += 1
+        return prefix, max(len(r), len(c))
+
+    return _per_prompt(reference, candidate, ref_errors, cand_errors, common_prefix)
+
+
+def _per_prompt(
+    reference: list[list[int]],
+    candidate: list[list[int]],
+    ref_errors: list[str | None] | None,
+    cand_errors: list[str | None] | None,
+    score: Callable[[list[int], list[int]], tuple[int, int]],
+) -> tuple[float, int]:
+    """Matched over compared positions summed over prompts (``score`` gives both for one prompt)."""
     matched = positions = compared = 0
     ref_errors = ref_errors or [None] * len(reference)
     cand_errors = cand_errors or [None] * len(candidate)
@@ -160,13 +210,9 @@ def token_agreement(
         if r_err or c_err:
             positions += max(len(r), len(c), 1)
             continue
-        prefix = 0
-        for a, b in zip(r, c, strict=False):
-            if a != b:
-                break
-            prefix += 1
-        matched += prefix
-        positions += max(len(r), len(c))
+        hits, count = score(r, c)
+        matched += hits
+        positions += count
     if not compared:
         raise ConversionError("every evaluation prompt was rejected by both models: check the prompts")
     return (matched / positions if positions else 1.0), compared
@@ -233,19 +279,30 @@ try:
 except OSError:
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"ids": ids, "seconds": seconds, "errors": errors, "peak_rss_bytes": peak}))
+# teacher forcing after the timed runs and the memory reading: it loads another loop for genai bundles
+forced = []
+for record, target, error in zip(job["records"], job.get("targets") or [], errors):
+    forced.append([] if error else pipe.forced(record, target))
+print(json.dumps({"ids": ids, "seconds": seconds, "errors": errors, "peak_rss_bytes": peak, "forced": forced}))
 """
 
 
 def measure_generation(
-    bundle: ExportedBundle, records: list[dict[str, Any]], *, threads: int = 0, timeout: float = 1800.0
+    bundle: ExportedBundle,
+    records: list[dict[str, Any]],
+    *,
+    threads: int = 0,
+    timeout: float = 1800.0,
+    targets: list[list[int]] | None = None,
 ) -> GenerationRun:
-    """Generate for every record with ``bundle``'s device pipeline in a fresh interpreter (after a warm-up)."""
+    """Generate for every record with ``bundle``'s device pipeline in a fresh interpreter (after a warm-up);
+    with ``targets`` (another model's tokens per record), also its teacher-forced choices (``forced``)."""
     job = {
         "spec": bundle.spec.model_dump(mode="json"),
         "root": str(Path(bundle.root).resolve()),
         "records": records,
         "threads": threads,
+        "targets": targets,
     }
     report = _run_worker(_WORKER, job, timeout)
     return GenerationRun(
@@ -253,43 +310,29 @@ def measure_generation(
         seconds=report["seconds"],
         peak_rss_bytes=report["peak_rss_bytes"],
         errors=report["errors"],
+        forced=report["forced"],
     )
 
 
 def forced_agreement(
     reference: ExportedBundle, candidate: ExportedBundle, records: list[dict[str, Any]], *, threads: int = 0
 ) -> float:
-    """Top-1 agreement under teacher forcing: the share of the reference's greedy tokens that are also the
-    candidate's argmax when the candidate is fed the reference's own history (decoder-only bundles)."""
-    import numpy as np
-
+    """Teacher-forced token agreement (the module docstring) of ``candidate`` with ``reference`` on ``records``,
+    in this process (``evaluate_generation`` measures it in processes of their own)."""
     from agent.inference.pipelines import load_pipeline
-    from agent.inference.pipelines.generation import DecoderGenerationPipeline, TokenStreamPipeline
+    from agent.inference.pipelines.generation import TokenStreamPipeline
 
-    if reference.spec.task != Task.TEXT_GENERATION:
-        raise ConversionError("forced_agreement handles text-generation bundles")
-    ref_pipe = load_pipeline(reference.spec, reference.root, threads=threads)
-    if not isinstance(ref_pipe, TokenStreamPipeline):
-        raise ConversionError(f"{reference.root} does not load as a generation pipeline")
-    # The candidate's logits come from its graph directly (a genai graph keeps the decoder contract).
-    cand = _plain_spec(candidate)
-    cand_pipe = DecoderGenerationPipeline(cand.spec, cand.root, threads=threads)
-    hits = total = 0
+    pipes = [load_pipeline(b.spec, b.root, threads=threads) for b in (reference, candidate)]
     try:
-        for record in records:
-            out = ref_pipe.generate(record)
-            prompt = ref_pipe.encode(str(record["prompt"]))
-            if not out.token_ids:
-                continue
-            sequence = prompt + out.token_ids[:-1]
-            logits = cand_pipe.decoder.logits(sequence)
-            predicted = np.argmax(logits[len(prompt) - 1 :], axis=-1)
-            hits += int(np.sum(predicted == np.asarray(out.token_ids)))
-            total += len(out.token_ids)
+        ref_pipe, cand_pipe = pipes
+        if not isinstance(ref_pipe, TokenStreamPipeline) or not isinstance(cand_pipe, TokenStreamPipeline):
+            raise ConversionError("forced_agreement compares text-generation and text2text bundles")
+        targets = [ref_pipe.generate(record).token_ids for record in records]
+        forced = [cand_pipe.forced(record, target) for record, target in zip(records, targets, strict=True)]
     finally:
-        ref_pipe.close()
-        cand_pipe.close()
-    return hits / total if total else 1.0
+        for pipe in pipes:
+            pipe.close()
+    return forced_token_agreement(targets, forced)[0]
 
 
 def tokens_per_second_ratio(
@@ -427,8 +470,6 @@ def _run_worker(script: str, job: dict[str, Any], timeout: float) -> dict[str, A
 
 def _plain_spec(bundle: ExportedBundle) -> ExportedBundle:
     """The bundle as the plain onnxruntime loop sees it (an onnxruntime-genai graph keeps that contract)."""
-    from dataclasses import replace
-
     if bundle.spec.runtime == Runtime.ONNXRUNTIME:
         return bundle
     return replace(bundle, spec=bundle.spec.model_copy(update={"runtime": Runtime.ONNXRUNTIME}))

@@ -26,6 +26,7 @@ from typing import Any
 
 from agent.protocol.manifest import Quantization, Runtime
 from controller.registry.convert import ConversionError, ExportedBundle
+from controller.registry.convert.weights import external_locations, gemm_to_matmul, graphs_in, weight_fraction
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _quantize_graphs(bundle: ExportedBundle, out: Path, **options: Any) -> Expor
     out.mkdir(parents=True, exist_ok=True)
     external: set[str] = set()
     for rel in graphs:
-        external |= {(rel.parent / loc).as_posix() for loc in _external_locations(src / rel)}
+        external |= {(rel.parent / loc).as_posix() for loc in external_locations(src / rel)}
     for rel in bundle.files():
         # The fp32 external data is not needed by the quantized graphs, which hold their weights.
         if rel.suffix == ".onnx" or rel.as_posix() in external:
@@ -124,6 +125,8 @@ def _quantize_graphs(bundle: ExportedBundle, out: Path, **options: Any) -> Expor
     op_types = ("MatMul", "Gather") if quantize_gather else ("MatMul",)
     for rel in graphs:
         model = onnx.load(str(src / rel))
+        # Gemm layers (GPT-2's Conv1D) are invisible to MatMulNBits: as MatMul they are covered
+        gemm_to_matmul(model)
         quantizer = MatMulNBitsQuantizer(
             model,
             bits=4,
@@ -135,7 +138,7 @@ def _quantize_graphs(bundle: ExportedBundle, out: Path, **options: Any) -> Expor
         )
         quantizer.process()
         quantized = quantizer.model.model
-        replaced = sum(1 for node in quantized.graph.node if node.op_type == "MatMulNBits")
+        replaced = sum(1 for g in graphs_in(quantized.graph) for node in g.node if node.op_type == "MatMulNBits")
         if not replaced:
             log.warning("int4: nothing in %s was quantized (no MatMul with a constant 2-D weight)", rel)
         target = out / rel
@@ -152,6 +155,7 @@ def _quantize_graphs(bundle: ExportedBundle, out: Path, **options: Any) -> Expor
         method="int4-weight-only",
         block_size=block_size,
         tool=f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer (accuracy_level {accuracy_level})",
+        weight_fraction=weight_fraction([out / rel for rel in graphs]),
     )
     extra = dict(bundle.extra)
     extra |= {
@@ -163,15 +167,3 @@ def _quantize_graphs(bundle: ExportedBundle, out: Path, **options: Any) -> Expor
     }
     spec = bundle.spec
     return replace(bundle, root=out, spec=spec, quantization=quantization, extra=extra)
-
-
-def _external_locations(path: Path) -> set[str]:
-    """The external-data files a graph refers to (relative to its directory)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    found: set[str] = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            found |= {entry.value for entry in tensor.external_data if entry.key == "location"}
-    return found

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.protocol.manifest import Quantization
 from controller.registry.convert import ConversionError, ExportedBundle
+from controller.registry.convert.weights import external_locations, gemm_to_matmul, graphs_in, weight_fraction
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
 
     external = set()
     for rel in graphs:
-        external |= {(rel.parent / loc).as_posix() for loc in _external_locations(src / rel)}
+        external |= {(rel.parent / loc).as_posix() for loc in external_locations(src / rel)}
     for rel in bundle.files():
         if rel.suffix == ".onnx" or rel.as_posix() in external:
             continue
@@ -76,8 +76,16 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         big = _weights_bytes(src / rel) >= _PROTOBUF_LIMIT // 2
+        source: Any = src / rel
+        if not big:
+            import onnx
+
+            # Gemm layers (GPT-2's Conv1D) are invisible to quantize_dynamic: as MatMul they are covered
+            model = onnx.load(str(src / rel))
+            if gemm_to_matmul(model):
+                source = model
         quantize_dynamic(
-            src / rel,
+            source,
             target,
             per_channel=per_channel,
             reduce_range=reduce_range,
@@ -86,6 +94,9 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
             nodes_to_exclude=nodes_to_exclude,
             # Only huge graphs go to external data: a single file is simpler to ship and verify.
             use_external_data_format=big,
+            # optimum's merged decoders keep every layer inside the branches of an If (weights in the outer
+            # graph): without this the int8 variant of a merged decoder quantized none of them
+            extra_options={"EnableSubgraph": True},
         )
         if _has_quantized_ops(target):
             quantized_any = True
@@ -104,6 +115,7 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
         method="int8-dynamic",
         per_channel=per_channel,
         tool=f"onnxruntime {onnxruntime.__version__}",
+        weight_fraction=weight_fraction([out / rel for rel in graphs]),
     )
     extra = dict(bundle.extra)
     extra.update(
@@ -112,36 +124,10 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
     return replace(bundle, root=out, quantization=quantization, extra=extra)
 
 
-def _external_locations(path: Path) -> set[str]:
-    """The external-data files a graph refers to (relative to its directory)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in _tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations |= {entry.value for entry in tensor.external_data if entry.key == "location"}
-    return locations
-
-
-def _tensors(graph: Any) -> Iterator[Any]:
-    """Every tensor of a graph: initializers and tensor attributes, subgraphs (If/Loop bodies) included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
-
-
 def _weights_bytes(path: Path) -> int:
     """Bytes of a graph file plus its external data."""
     return path.stat().st_size + sum(
-        (path.parent / loc).stat().st_size for loc in _external_locations(path) if (path.parent / loc).is_file()
+        (path.parent / loc).stat().st_size for loc in external_locations(path) if (path.parent / loc).is_file()
     )
 
 
@@ -149,4 +135,4 @@ def _has_quantized_ops(path: Path) -> bool:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return any(node.op_type in _QUANTIZED_OPS for node in model.graph.node)
+    return any(node.op_type in _QUANTIZED_OPS for graph in graphs_in(model.graph) for node in graph.node)

@@ -146,6 +146,21 @@ def train_wordpiece_tokenizer(vocab_size: int = 8000, seed: int = 0, max_length:
     return tokenizer
 
 
+def bert_tokenizer(vocab_size: int = 8000, seed: int = 0, max_length: int = 512) -> Any:
+    """``train_wordpiece_tokenizer`` as the ``PreTrainedTokenizerFast`` a BERT checkpoint saves."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=train_wordpiece_tokenizer(vocab_size=vocab_size, seed=seed, max_length=max_length),
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+
+
 def encoder_config(name: str, task: str = "text-classification", labels: tuple[str, ...] = DEFAULT_LABELS) -> Any:
     """The transformers config of encoder family ``name`` at its real size."""
     from transformers import BertConfig, DistilBertConfig, MobileBertConfig
@@ -183,7 +198,7 @@ def build_encoder_seed(name: str, out_dir: Path, **options: Any) -> Path:
     ``labels`` (tuple of label names), ``seed`` (weights and tokenizer), ``vocab_size`` (tokenizer).
     """
     import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     task = str(options.pop("task", "text-classification"))
     labels = tuple(options.pop("labels", DEFAULT_LABELS))
@@ -203,16 +218,7 @@ def build_encoder_seed(name: str, out_dir: Path, **options: Any) -> Path:
     model.eval()
     model.save_pretrained(out)
 
-    raw = train_wordpiece_tokenizer(vocab_size=vocab_size, seed=seed, max_length=config.max_position_embeddings)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=config.max_position_embeddings,
-    )
+    tokenizer = bert_tokenizer(vocab_size, seed, config.max_position_embeddings)
     tokenizer.save_pretrained(out)
     if task == "embeddings":
         # Sentence-transformers layout: the exporter reads the pooling mode from here.

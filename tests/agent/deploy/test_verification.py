@@ -190,3 +190,23 @@ def test_a_disk_store_cap_counts_the_active_slot(
 def test_sign_and_verify_use_the_same_canonical_bytes(key: Ed25519PrivateKey, v1: Artifact) -> None:
     again = SignedManifest.model_validate_json(v1.signed.model_dump_json())
     assert signing.verify(again, key.public_key(), now=1000.0).artifact_id == v1.id
+
+
+def test_another_variant_of_the_installed_version_installs_but_an_older_one_does_not(
+    key: Ed25519PrivateKey, bundles: dict, v1: Artifact
+) -> None:
+    """v1 fp32 -> v1 int8 is a switch within the version (e.g. under memory pressure), not a downgrade; v0 of
+    any variant still needs a signed rollback grant."""
+    d = on_v1(key, v1)
+    installed = d.manager.installed()[0]
+    assert installed.version == 1 and installed.variant != "int8"
+    int8 = artifact(bundles["v2"], key, version=1, variant="int8")
+    d.command(deploy(int8, "dep-switch"))
+    assert d.state == S.DOWNLOADING
+    deliver(d, int8)
+    assert d.state == S.ACTIVE and d.active_artifact() == int8.id
+    d.command(commit("dep-switch"))
+    assert [(m.version, m.variant) for m in d.manager.installed()] == [(1, "int8")]
+    older = artifact(bundles["v2"], key, version=1, variant="int8", expires_at=9999.0)  # same variant, re-signed
+    d.command(deploy(older, "dep-same"))
+    assert refused(d, "dep-same").startswith("older_version:")
