@@ -20,6 +20,7 @@ from controller.db.engine import make_engine, migrate
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import utcnow
 from controller.delivery.service import DeliveryService
+from controller.devices.commands import CommandSender
 from controller.devices.registry import DeviceRegistry
 from controller.enrollment.service import EnrollmentService
 from controller.metrics import Metrics
@@ -66,7 +67,11 @@ class ControllerRuntime:
             max_unpacked_bytes=settings.unpack_max_bytes,
             floors=settings.min_agreement,
         )
-        self.delivery = DeliveryService(self.engine, self.models.store, self.models.key, self.metrics)
+        #: every command to a device goes out through this: sealed for that device (agent.protocol.signing)
+        self.commands = CommandSender(self.models.key, settings.command_ttl_s)
+        self.delivery = DeliveryService(
+            self.engine, self.models.store, self.models.key, self.metrics, commands=self.commands
+        )
         self.metrics.watch_targets(self.delivery.state_counts)
         self.handler.on_deployment_event = self.delivery.on_event
         self.handler.on_chunk_request = self.delivery.on_chunk_request

@@ -137,6 +137,11 @@ class ControllerSettings(BaseSettings):
     chunk_size: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = Field(
         256 * 1024, description="delivery chunk size of new artifacts, bytes"
     )
+    command_ttl_s: Annotated[float, Field(ge=60, le=7 * 86400)] = Field(
+        3600.0,
+        description="how long a command signed for a device stays valid (devices refuse it later, and refuse a"
+        " replay before); device clocks must be within this of the controller's",
+    )
     manifest_validity_days: Annotated[float, Field(gt=0)] = Field(
         365.0, description="manifests expire this long after registration (devices refuse expired ones)"
     )

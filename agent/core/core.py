@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.core.actions import Action, Publish, Subscribe
+from agent.core.guard import CommandGuard
 from agent.protocol import codec, topics
 from agent.protocol.messages import (
     Activate,
@@ -23,6 +24,8 @@ from agent.protocol.messages import (
     Commit,
     Configure,
     Deploy,
+    DeploymentEvent,
+    DeployState,
     DeviceOffline,
     DeviceOnline,
     HardwareProfile,
@@ -33,10 +36,19 @@ from agent.protocol.messages import (
     Rollback,
     Telemetry,
 )
+from agent.protocol.signing import VerificationError
 from agent.protocol.topics import DeviceChannel
 from agent.transport.base import Will
 
 log = logging.getLogger(__name__)
+
+#: a refused command is reported to the controller at most this often per reason (an attacker's stream of
+#: forged commands must not become a stream of events that pushes real telemetry out of the spool)
+REFUSAL_REPORT_INTERVAL_S = 60.0
+#: refusals reported per interval, at most
+MAX_REFUSAL_REPORTS = 10
+#: why a Deploy can never be accepted by this agent as it is configured (its deployment fails at once)
+_NEVER_ACCEPTED = frozenset({"no_key", "wrong_key", "unsigned"})
 
 DeployCommand = Deploy | Rollback | Activate | Commit | Cancel
 _DEPLOY_COMMANDS = (Deploy, Rollback, Activate, Commit, Cancel)
@@ -116,8 +128,13 @@ class AgentCore:
         started_at: float,
         installed: InstalledProvider | None = None,
         deployments: DeploymentHooks | None = None,
+        guard: CommandGuard | None = None,
     ) -> None:
+        """``guard`` admits signed commands (``agent.core.guard``); without one every command but ``ping``
+        is refused, as an agent without a pinned signing key must."""
         self.config = config
+        self.guard = guard or CommandGuard(config.device_id, None)
+        self._refusals_reported: dict[str, float] = {}
         self.hardware = hardware
         self._sampler = sampler
         self._deployments: DeploymentHooks | None = None
@@ -189,10 +206,15 @@ class AgentCore:
             self.drops.drop(topic, "cmd", "topic", "not a command topic of this device")
             return []
         try:
-            command = codec.decode(DeviceChannel.CMD, payload)
+            obj, command = codec.parse_command(payload)
         except codec.PayloadError as exc:
             self.drops.drop(topic, "cmd", exc.reason, exc.detail)
             return []
+        if not isinstance(command, Ping):
+            try:
+                self.guard.admit(obj, now)
+            except VerificationError as exc:
+                return self._refused(command, exc, topic, now)
         if isinstance(command, Ping):
             return [self._ack(command.command_id, True, "pong", now)]
         if isinstance(command, Configure):
@@ -253,6 +275,45 @@ class AgentCore:
     def _ack(self, command_id: str, ok: bool, detail: str, now: float) -> Publish:
         msg = CommandAck(ts=now, seq=self._next_seq(), command_id=command_id, ok=ok, detail=detail)
         return Publish(self._topic_events, codec.encode(msg), qos=1, durable=True)
+
+    def _refused(self, command: object, exc: VerificationError, topic: str, now: float) -> list[CoreAction]:
+        """A command not signed for this device, expired or replayed: counted and logged, never obeyed.
+
+        The controller hears of it without letting a stream of forged commands become a stream of events that
+        pushes real telemetry out of the spool: a Deploy this device can never accept (no pinned key, another
+        key, unsigned) fails that deployment, like a manifest it refuses; anything else is an undurable
+        ``command_refused`` event. Either at most once a minute per deployment or reason, and ten a minute
+        in all.
+        """
+        what = f"{getattr(command, 'type', '?')} {getattr(command, 'command_id', '?')}"
+        self.drops.drop(topic, "cmd", exc.reason, f"{what} refused: {exc}")
+        permanent = isinstance(command, Deploy) and exc.reason in _NEVER_ACCEPTED
+        key = f"deploy:{command.deployment_id}" if isinstance(command, Deploy) and permanent else exc.reason
+        if not self._may_report(key, now):
+            return []
+        if isinstance(command, Deploy) and permanent:
+            failed = DeploymentEvent(
+                ts=now,
+                seq=self._next_seq(),
+                deployment_id=command.deployment_id,
+                artifact_id=command.manifest.manifest.artifact_id,
+                state=DeployState.FAILED,
+                reason=f"{exc.reason}: {exc}"[:4096],
+            )
+            return [Publish(self._topic_events, codec.encode(failed), qos=1, durable=True)]
+        msg = AgentEvent(
+            ts=now, seq=self._next_seq(), kind="command_refused", message=f"{what} refused: {exc.reason}: {exc}"[:4096]
+        )
+        return [Publish(self._topic_events, codec.encode(msg), qos=1, durable=False)]
+
+    def _may_report(self, key: str, now: float) -> bool:
+        reported = self._refusals_reported
+        for old in [k for k, t in reported.items() if now - t >= REFUSAL_REPORT_INTERVAL_S or t > now]:
+            del reported[old]
+        if key in reported or len(reported) >= MAX_REFUSAL_REPORTS:
+            return False
+        reported[key] = now
+        return True
 
     def _configure(self, command: Configure, now: float) -> list[CoreAction]:
         actions: list[CoreAction] = []

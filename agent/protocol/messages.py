@@ -30,8 +30,33 @@ LabelKey = Annotated[
 ]
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=r"^([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$")]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
+DeviceId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+]
 NonNeg = Annotated[float, Field(ge=0)]
-Count = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+# Physical bounds: what no working device can report. A value beyond them is a broken sensor, a corrupted
+# spool or a hostile sender; the message is refused (and counted) instead of storing 1.7e308 % CPU.
+#: a day, in milliseconds: no single inference takes longer
+MAX_LATENCY_MS = 86_400_000.0
+#: 4096 cores, each fully busy (``cpu_percent`` is in percent of one core)
+MAX_CPU_PERCENT = 409_600.0
+#: a pebibyte: more memory or disk than any edge device has
+MAX_BYTES = 2**50
+#: a century of uptime
+MAX_UPTIME_S = 100 * 365.25 * 86400
+#: events, records, tokens, chunks per second
+MAX_RATE = 1e9
+#: absolute zero to well past where silicon stops working
+MIN_TEMPERATURE_C, MAX_TEMPERATURE_C = -273.15, 500.0
+#: a metric of a deployment (latency in ms, memory in bytes, agreement, counts)
+MAX_METRIC = 1e18
+Short = Annotated[str, StringConstraints(max_length=64)]
+Latency = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS)]
+Rate = Annotated[float, Field(ge=0, le=MAX_RATE)]
+Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+Metric = Annotated[float, Field(ge=-MAX_METRIC, le=MAX_METRIC)]
 
 
 class _Frozen(BaseModel):
@@ -54,13 +79,13 @@ class HardwareProfile(_Frozen):
     """What the device is: the controller picks variants and budgets from it."""
 
     cpu_count: Annotated[int, Field(ge=1, le=4096)]
-    cpu_model: str | None = None
-    ram_bytes: Count
-    disk_free_bytes: Count | None = None
-    arch: Annotated[str, StringConstraints(max_length=64)]
+    cpu_model: Annotated[str, StringConstraints(max_length=256)] | None = None
+    ram_bytes: Bytes
+    disk_free_bytes: Bytes | None = None
+    arch: Short
     os: Annotated[str, StringConstraints(max_length=128)]
-    python: str | None = None
-    onnxruntime: str | None = None
+    python: Short | None = None
+    onnxruntime: Short | None = None
     providers: Annotated[list[Name], Field(max_length=32)] = []
 
 
@@ -84,7 +109,7 @@ class DeviceOnline(_Message):
     installed: Annotated[list[InstalledModel], Field(max_length=16)] = []
     labels: Labels = {}
     keepalive_s: Annotated[int, Field(ge=1, le=65535)]
-    telemetry_interval_s: Annotated[float, Field(gt=0, le=86400)]
+    telemetry_interval_s: Annotated[float, Field(ge=0.1, le=86400)]
     capabilities: Annotated[list[Name], Field(max_length=64)] = []
 
 
@@ -111,11 +136,11 @@ class LatencySummary(_Frozen):
     """Latency over one interval. ``buckets`` holds sparse ``[index, count]`` pairs of
     ``agent.telemetry.histogram.BUCKET_BOUNDS_MS`` so fleets can be aggregated exactly."""
 
-    p50_ms: NonNeg
-    p95_ms: NonNeg
-    p99_ms: NonNeg
-    mean_ms: NonNeg
-    max_ms: NonNeg
+    p50_ms: Latency
+    p95_ms: Latency
+    p99_ms: Latency
+    mean_ms: Latency
+    max_ms: Latency
     buckets: Annotated[list[tuple[Count, Count]], Field(max_length=256)] = []
 
 
@@ -124,7 +149,7 @@ class DriftStats(_Frozen):
 
     label_counts: Annotated[dict[Name, Count], Field(max_length=256)] = {}
     score_hist: Annotated[list[Count], Field(max_length=64)] = []
-    score_edges: Annotated[list[float], Field(max_length=65)] = []
+    score_edges: Annotated[list[Metric], Field(max_length=65)] = []
 
 
 class InferenceStats(_Frozen):
@@ -132,10 +157,10 @@ class InferenceStats(_Frozen):
     errors: Count = 0
     drops: Count = 0
     queue_depth: Count = 0
-    throughput_per_s: NonNeg = 0.0
+    throughput_per_s: Rate = 0.0
     latency: LatencySummary | None = None
     tokens: Count = 0
-    tokens_per_s: NonNeg | None = None
+    tokens_per_s: Rate | None = None
     drift: DriftStats | None = None
 
 
@@ -145,10 +170,10 @@ class Telemetry(_Message):
     type: Literal["telemetry"] = "telemetry"
     seq: Count
     interval_s: Annotated[float, Field(gt=0, le=86400)]
-    uptime_s: NonNeg
-    cpu_percent: NonNeg
-    rss_bytes: Count
-    temperature_c: float | None = None
+    uptime_s: Annotated[float, Field(ge=0, le=MAX_UPTIME_S)]
+    cpu_percent: Annotated[float, Field(ge=0, le=MAX_CPU_PERCENT, description="percent of one core")]
+    rss_bytes: Bytes
+    temperature_c: Annotated[float, Field(ge=MIN_TEMPERATURE_C, le=MAX_TEMPERATURE_C)] | None = None
     model: ModelRef | None = None
     inference: InferenceStats | None = None
     spool_depth: Count = 0
@@ -210,7 +235,7 @@ class DeploymentEvent(_Message):
     )
     reason: Annotated[str, StringConstraints(max_length=4096)] = ""
     installed: InstalledModel | None = None
-    metrics: Annotated[dict[str, float], Field(max_length=64)] = {}
+    metrics: Annotated[dict[Name, Metric], Field(max_length=64)] = {}
 
 
 class ChunkRequest(_Message):
@@ -221,6 +246,9 @@ class ChunkRequest(_Message):
     deployment_id: DeploymentId
     artifact_id: ArtifactId
     ranges: Annotated[list[tuple[Count, Count]], Field(min_length=1, max_length=256)]
+    bad: Annotated[list[Count], Field(max_length=256)] = Field(
+        [], description="chunks that arrived and failed their sha256 since the last request (asked for again)"
+    )
 
 
 EventMessage = Annotated[AgentEvent | CommandAck | DeploymentEvent | ChunkRequest, Field(discriminator="type")]
@@ -229,16 +257,38 @@ EventMessage = Annotated[AgentEvent | CommandAck | DeploymentEvent | ChunkReques
 # ------------------------------------------------------------- commands ----
 
 
-class Ping(_Message):
-    type: Literal["ping"] = "ping"
+class CommandAuth(_Frozen):
+    """Whom a command is for and until when, signed by the controller's key (``agent.protocol.signing``).
+
+    The signature covers these fields (but ``signature``) and a digest of the whole command, so a genuine
+    command cannot be replayed to another device, after it expired, or (``nonce``) twice to the same one.
+    """
+
+    device_id: DeviceId
+    issued_at: Annotated[float, Field(ge=0, le=MAX_TS)]
+    expires_at: Annotated[float, Field(ge=0, le=MAX_TS)]
+    nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    key_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class _Command(_Message):
     command_id: CommandId
+    auth: CommandAuth | None = Field(
+        None, description="the controller's signature binding the command to one device (required by agents)"
+    )
 
 
-class Configure(_Message):
+class Ping(_Command):
+    """Answered with an ack; the only command an agent answers unsigned (it changes nothing)."""
+
+    type: Literal["ping"] = "ping"
+
+
+class Configure(_Command):
     """Change agent settings at run time; fields left out stay as they are."""
 
     type: Literal["configure"] = "configure"
-    command_id: CommandId
     telemetry_interval_s: Annotated[float, Field(ge=0.1, le=86400)] | None = None
 
 
@@ -250,11 +300,10 @@ class ShadowSpec(_Frozen):
     max_duration_s: Annotated[float, Field(gt=0)] = 600.0
 
 
-class Deploy(_Message):
+class Deploy(_Command):
     """Install the artifact the signed manifest describes (download, verify, stage, self-test, switch)."""
 
     type: Literal["deploy"] = "deploy"
-    command_id: CommandId
     deployment_id: DeploymentId
     manifest: SignedManifest
     activate: bool = Field(True, description="switch as soon as the self-test passes; false: wait in STAGED")
@@ -272,11 +321,10 @@ class RollbackGrant(_Frozen):
     expires_at: float
 
 
-class Rollback(_Message):
+class Rollback(_Command):
     """Go back to the artifact the grant names (kept in the other slot, or downloaded from ``manifest``)."""
 
     type: Literal["rollback"] = "rollback"
-    command_id: CommandId
     deployment_id: DeploymentId
     grant: RollbackGrant
     signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -284,27 +332,24 @@ class Rollback(_Message):
     reason: Annotated[str, StringConstraints(max_length=4096)] = ""
 
 
-class Activate(_Message):
+class Activate(_Command):
     """Switch to a candidate waiting in STAGED (or in SHADOW)."""
 
     type: Literal["activate"] = "activate"
-    command_id: CommandId
     deployment_id: DeploymentId
 
 
-class Commit(_Message):
+class Commit(_Command):
     """The controller confirms the new model: the previous slot may be freed."""
 
     type: Literal["commit"] = "commit"
-    command_id: CommandId
     deployment_id: DeploymentId
 
 
-class Cancel(_Message):
+class Cancel(_Command):
     """Stop a deployment that has not switched yet; the active model stays."""
 
     type: Literal["cancel"] = "cancel"
-    command_id: CommandId
     deployment_id: DeploymentId
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent import __version__
 from agent.core import AgentCore, CoreAction, CoreConfig, Publish, Subscribe, TelemetrySample, Unsubscribe
+from agent.core.guard import CommandGuard
 from agent.core.outbox import Outbox
 from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
@@ -37,6 +38,7 @@ from agent.protocol import codec, topics
 from agent.protocol.manifest import Task
 from agent.protocol.messages import InstalledModel
 from agent.runtime.config import AgentSettings, ConfigError
+from agent.runtime.nonces import DiskNonceStore
 from agent.runtime.notify import Notifier
 from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
@@ -128,6 +130,8 @@ class AgentService:
             started_at=now,
             installed=self._installed,
             deployments=self.deployment,
+            # the key that signs manifests also signs commands, each for this device alone
+            guard=CommandGuard(s.device_id, deployment.manager.key, DiskNonceStore(s.data_dir)),
         )
 
         transport = self.transport = MqttTransport(

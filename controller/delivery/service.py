@@ -9,7 +9,6 @@ restarted controller resumes from.
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -22,8 +21,8 @@ from typing import Any
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from agent.protocol import codec, topics
-from agent.protocol.manifest import SignedManifest, canonical_json
+from agent.protocol import signing
+from agent.protocol.manifest import SignedManifest
 from agent.protocol.messages import (
     Activate,
     Cancel,
@@ -35,6 +34,7 @@ from agent.protocol.messages import (
     RollbackGrant,
     ShadowSpec,
 )
+from agent.protocol.signing import CommandBody
 from controller.db.models import Artifact, Deployment, DeploymentTarget, Device, ModelVersion, table
 from controller.db.models import Model as ModelRow
 from controller.db.types import from_epoch, utcnow
@@ -42,6 +42,7 @@ from controller.delivery.targets import BEFORE_SWITCH, PENDING, SUCCESS, Target,
 from controller.delivery.transfer import Broadcast, ChunkSource, Repairs, TransferSettings
 from controller.delivery.variants import choose_variant
 from controller.devices import selectors
+from controller.devices.commands import CommandSender
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.registry.keys import SigningKey
@@ -84,19 +85,24 @@ class DeliveryService:
         key: SigningKey,
         metrics: Metrics,
         settings: TransferSettings | None = None,
+        commands: CommandSender | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.key = key
         self.metrics = metrics
         self.settings = settings or TransferSettings()
+        #: seals every command for its device (agent.protocol.signing) and publishes it
+        self.commands = commands or CommandSender(key)
         self.bridge: MqttBridge | None = None
         self._lock = threading.RLock()
         self._targets: dict[tuple[str, str], Target] = {}
         self._by_device: dict[str, set[str]] = {}
         self._deployments: dict[str, dict[str, Any]] = {}  # id -> {timeout_s, cancelled, status}
         self._manifests: dict[str, SignedManifest] = {}
-        self._commands: dict[tuple[str, str], bytes] = {}
+        #: the Deploy of each unfinished (deployment, device), serialized once per artifact, sealed per send
+        self._commands: dict[tuple[str, str], CommandBody] = {}
+        self._bodies: dict[tuple[str, str], CommandBody] = {}
         self._broadcasts: dict[str, Broadcast] = {}
         self._repairs: Repairs | None = None
         self.on_target_change: list[Callable[[Target], None]] = []
@@ -111,6 +117,8 @@ class DeliveryService:
         """Start sending through ``bridge`` and resume what the database says is unfinished."""
         self._resume()
         self.bridge = bridge
+        if self.commands.publish is None:
+            self.commands.publish = lambda topic, payload: bridge.publish(topic, payload, qos=1)
         bridge.on_reconnect.append(self._reconnected)
         bridge.call_soon(self._start_repairs)
         if bridge.connected:
@@ -261,16 +269,18 @@ class DeliveryService:
 
     def _remember_command(self, session: Session, dep: Deployment, target: Target) -> None:
         assert target.artifact_id is not None
-        signed = self._manifest(session, target.artifact_id)
-        command = Deploy(
-            ts=time.time(),
-            command_id=f"{dep.id[:16]}-deploy",
-            deployment_id=dep.id,
-            manifest=signed,
-            activate=dep.activate,
-            shadow=ShadowSpec(**dep.shadow) if dep.shadow else None,
-        )
-        self._commands[(dep.id, target.device_id)] = codec.encode(command)
+        body = self._bodies.get((dep.id, target.artifact_id))
+        if body is None:
+            command = Deploy(
+                ts=time.time(),
+                command_id=f"{dep.id[:16]}-deploy",
+                deployment_id=dep.id,
+                manifest=self._manifest(session, target.artifact_id),
+                activate=dep.activate,
+                shadow=ShadowSpec(**dep.shadow) if dep.shadow else None,
+            )
+            body = self._bodies[(dep.id, target.artifact_id)] = signing.command_body(command)
+        self._commands[(dep.id, target.device_id)] = body
 
     def _manifest(self, session: Session, artifact_id: str) -> SignedManifest:
         signed = self._manifests.get(artifact_id)
@@ -304,26 +314,31 @@ class DeliveryService:
             self._send_command(t)
 
     def _send_command(self, target: Target) -> None:
-        payload = self._commands.get((target.deployment_id, target.device_id))
-        if payload is None or self.bridge is None:
+        body = self._commands.get((target.deployment_id, target.device_id))
+        if body is None or self.bridge is None:
             return
         target.last_command_at = time.time()
         if self.grant_artifact is not None and target.artifact_id:
             # on the same connection, so the broker applies the grant before the device reads the command
             self.grant_artifact(target.device_id, target.artifact_id)
-        self.bridge.publish(topics.cmd(target.device_id), payload, qos=1)
+        self.commands.send(target.device_id, body)  # sealed afresh: a re-send is never a replay
 
     def _send(self, device_id: str, message: Any) -> None:
         if self.bridge is not None:
-            self.bridge.publish(topics.cmd(device_id), codec.encode(message), qos=1)
+            self.commands.send(device_id, message)
 
     def device_online(self, device_id: str) -> None:
-        """A birth: re-send commands of deployments this device has not started (it may have missed them)."""
+        """A birth: re-send what this device may have missed (commands expire, and a device that was away
+        longer than their validity refuses the ones its broker session kept): the Deploy of deployments it
+        has not started, the Rollback of rollbacks it has not finished."""
         with self._lock:
-            waiting = [self._targets[(d, device_id)] for d in self._by_device.get(device_id, ())]
-            waiting = [t for t in waiting if t.state == PENDING]
+            mine = [self._targets[(d, device_id)] for d in self._by_device.get(device_id, ())]
+            waiting = [t for t in mine if t.state == PENDING and not t.queued]
+            going_back = [t for t in mine if t.state == "rolling_back"]
         for target in waiting:
             self._send_command(target)
+        for target in going_back:
+            self._send(device_id, self.rollback_command(target, target.reason or "rollback"))
 
     # ------------------------------------------------------------ events --
 
@@ -530,7 +545,6 @@ class DeliveryService:
             version=int(prev.get("version", 1)),
             expires_at=time.time() + 86400,
         )
-        signature = self.key.private.sign(canonical_json(grant.model_dump(mode="json")))
         target.rollback_artifact = grant.artifact_id
         manifest = None
         if prev.get("artifact"):
@@ -543,7 +557,7 @@ class DeliveryService:
             command_id=f"{target.deployment_id[:16]}-rollback",
             deployment_id=target.deployment_id,
             grant=grant,
-            signature=base64.b64encode(signature).decode(),
+            signature=signing.sign_grant(grant, self.key.private),
             manifest=manifest,
             reason=reason[:4096],
         )
@@ -645,6 +659,11 @@ class DeliveryService:
             if status == info["status"]:
                 return
             info["status"] = status
+            if status != "running":  # nothing is re-sent any more (a late device re-creates its command)
+                for key in [k for k in self._bodies if k[0] == deployment_id]:
+                    del self._bodies[key]
+                for key in [k for k in self._commands if k[0] == deployment_id]:
+                    del self._commands[key]
         if status != "running":
             self.flush()
             with Session(self.engine) as session:
