@@ -87,9 +87,9 @@ class CommandGuard:
 
     def admit(self, obj: dict[str, Any], now: float) -> CommandAuth:
         """Check the signature, device, expiry and nonce; remember the nonce (persisted) before returning."""
+        self._forget_expired(now)
         auth = signing.open_command(obj, self.key, device_id=self.device_id, now=now)
         memory = self.memory
-        self._forget_expired(now)
         if auth.nonce in memory.seen:
             raise VerificationError("replay", f"command nonce {auth.nonce[:8]} was accepted before: a replay")
         if auth.issued_at <= memory.floor:

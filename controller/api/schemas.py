@@ -48,6 +48,19 @@ class DevicePatch(BaseModel):
     )
 
 
+class DeviceConfigure(BaseModel):
+    """Agent settings to change at run time (sent as a Configure command signed for the device)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    telemetry_interval_s: float | None = Field(None, ge=0.1, le=86400, description="seconds between telemetry messages")
+
+
+class CommandSent(BaseModel):
+    command_id: str
+    expires_at: datetime = Field(description="the device refuses the command after this (e.g. queued while offline)")
+
+
 class TelemetryPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -98,3 +98,24 @@ def revoke(
     """Revoke a device (admin): its broker credentials stop working and the controller ignores it."""
     result = ApiClient(api, token, data_dir).request("POST", f"/api/v1/devices/{device_id}/revoke")
     typer.echo(f"revoked {device_id}" + ("" if result["changed"] else " (it already was)"))
+
+
+@app.command()
+def configure(
+    device_id: str,
+    telemetry_interval: Annotated[
+        float | None, typer.Option("--telemetry-interval", help="seconds between telemetry messages")
+    ] = None,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = Path(".slmfleet"),
+) -> None:
+    """Change a device's agent settings at run time (a command signed for that device alone)."""
+    body: dict[str, Any] = {}
+    if telemetry_interval is not None:
+        body["telemetry_interval_s"] = telemetry_interval
+    if not body:
+        typer.echo("error: nothing to change: give --telemetry-interval", err=True)
+        raise typer.Exit(2)
+    sent = ApiClient(api, token, data_dir).request("POST", f"/api/v1/devices/{device_id}/configure", json=body)
+    typer.echo(f"sent {sent['command_id']} to {device_id} (valid until {sent['expires_at']})")
