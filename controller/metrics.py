@@ -71,6 +71,16 @@ class Metrics:
         self.bytes_published = Counter(
             "slmfleet_chunk_bytes_published", "Artifact bytes published, frames included", ["kind"], registry=r
         )
+        self.artifact_corruptions = Counter(
+            "slmfleet_artifact_corruptions",
+            "Artifacts marked corrupt: a file in the controller's store failed its sha256 (nothing is sent from them)",
+            registry=r,
+        )
+        self.chunk_bad_reports = Counter(
+            "slmfleet_chunk_bad_reports",
+            "Chunks devices received that failed their sha256 (damaged on the way or in the store)",
+            registry=r,
+        )
 
     def watch_devices(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_DeviceCollector(counts))

@@ -26,6 +26,7 @@ from controller.enrollment.service import EnrollmentService
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
+from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.service import RegistryService
 from controller.rollouts.engine import RolloutEngine
 from controller.settings import ControllerSettings
@@ -69,8 +70,15 @@ class ControllerRuntime:
         )
         #: every command to a device goes out through this: sealed for that device (agent.protocol.signing)
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)
+        #: artifacts damaged in the store (marked, announced, repaired); listeners get each new mark
+        self.integrity = ArtifactIntegrity(self.engine, self.models.store, self.metrics)
         self.delivery = DeliveryService(
-            self.engine, self.models.store, self.models.key, self.metrics, commands=self.commands
+            self.engine,
+            self.models.store,
+            self.models.key,
+            self.metrics,
+            commands=self.commands,
+            integrity=self.integrity,
         )
         self.metrics.watch_targets(self.delivery.state_counts)
         self.handler.on_deployment_event = self.delivery.on_event
@@ -102,6 +110,7 @@ class ControllerRuntime:
         migrate(self.engine)
         self._load_registry()
         self.enrollment.load()
+        self.integrity.load()
         self.models.start()
         self.writer.start()
         if s.broker_url:

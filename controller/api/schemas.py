@@ -143,6 +143,27 @@ class ArtifactSummary(BaseModel):
     requirements: dict[str, Any]
     expires_at: float | None
     manifest_url: str
+    corrupt_at: datetime | None = Field(
+        None, description="set: a file failed its sha256 in the controller's store; not deployable until repaired"
+    )
+    corrupt_reason: str | None = None
+
+
+class FileIntegrity(BaseModel):
+    path: str
+    sha256: str
+    size: int
+    ok: bool
+    problem: str | None = None
+    replaced: bool = Field(False, description="an uploaded copy replaced the store's")
+
+
+class ArtifactIntegrityPublic(BaseModel):
+    artifact_id: str
+    ok: bool = Field(description="every file of the artifact is in the store and matches its sha256")
+    corrupt_reason: str | None = None
+    files: list[FileIntegrity]
+    ignored: list[str] = Field([], description="uploaded files whose sha256 is none of the artifact's (not stored)")
 
 
 class VersionPublic(BaseModel):

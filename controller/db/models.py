@@ -168,6 +168,9 @@ class Artifact(SQLModel, table=True):
     signed_manifest: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    #: set when the store's copy failed its hashes: nothing is sent from it until a repair verifies it again
+    corrupt_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    corrupt_reason: str | None = Field(default=None, max_length=1024)
 
 
 class ImportJob(SQLModel, table=True):

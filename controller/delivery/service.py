@@ -39,12 +39,13 @@ from controller.db.models import Artifact, Deployment, DeploymentTarget, Device,
 from controller.db.models import Model as ModelRow
 from controller.db.types import from_epoch, utcnow
 from controller.delivery.targets import BEFORE_SWITCH, PENDING, SUCCESS, Target, deployment_status
-from controller.delivery.transfer import Broadcast, ChunkSource, Repairs, TransferSettings
+from controller.delivery.transfer import Broadcast, ChunkSource, ChunkUnavailable, Repairs, TransferSettings
 from controller.delivery.variants import choose_variant
 from controller.devices import selectors
 from controller.devices.commands import CommandSender
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
+from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.keys import SigningKey
 from controller.registry.store import ContentStore
 
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 
 #: how a target the controller gave up on (per-device timeout) is marked; such a device may still switch
 TIMEOUT_REASON = "timed out after"
+#: device reports of one chunk arriving damaged (all devices together) that make the controller re-check its copy
+BAD_REPORTS_RECHECK = 3
+#: reports by one device of one chunk arriving damaged, its store copy intact, that end its deployment
+BAD_REPORTS_GIVE_UP = 10
 
 
 class DeploymentError(Exception):
@@ -86,6 +91,7 @@ class DeliveryService:
         metrics: Metrics,
         settings: TransferSettings | None = None,
         commands: CommandSender | None = None,
+        integrity: ArtifactIntegrity | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -94,6 +100,11 @@ class DeliveryService:
         self.settings = settings or TransferSettings()
         #: seals every command for its device (agent.protocol.signing) and publishes it
         self.commands = commands or CommandSender(key)
+        #: marks of artifacts damaged in the store: nothing is sent from them
+        self.integrity = integrity or ArtifactIntegrity(engine, store, metrics)
+        #: devices' reports of chunks that arrived damaged: (artifact, index) and (device, artifact, index)
+        self._bad_chunks: dict[tuple[str, int], int] = {}
+        self._bad_by_device: dict[tuple[str, str, int], int] = {}
         self.bridge: MqttBridge | None = None
         self._lock = threading.RLock()
         self._targets: dict[tuple[str, str], Target] = {}
@@ -125,7 +136,7 @@ class DeliveryService:
             bridge.call_soon(self._reconnected)
 
     def _start_repairs(self) -> None:
-        self._repairs = Repairs(self._publish_tracked, self.settings, self._sent("repair"))
+        self._repairs = Repairs(self._publish_tracked, self.settings, self._sent("repair"), self._unavailable)
         self._repairs.start()
 
     def stop(self) -> None:
@@ -187,7 +198,8 @@ class DeliveryService:
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
             if not artifacts:
                 raise DeploymentError(f"{request.model} v{request.version} has no artifacts")
-            by_variant = _variant_table(artifacts)
+            self._refuse_corrupt(artifacts, request)
+            by_variant = _variant_table(artifacts, self.integrity.corrupt_reason)
             if request.variant != "auto" and request.variant not in by_variant:
                 raise DeploymentError(
                     f"{request.model} v{request.version} has no {request.variant} variant"
@@ -237,6 +249,21 @@ class DeliveryService:
         self._maybe_finish(deployment_id)
         log.info("deployment %s: %s v%d to %d devices", deployment_id[:8], request.model, request.version, len(targets))
         return deployment_id
+
+    def _refuse_corrupt(self, artifacts: Sequence[Artifact], request: DeploymentRequest) -> None:
+        """409 when the variant asked for (or, with auto, every variant) is marked corrupt in the store."""
+        damaged = {a.variant: (a.id, reason) for a in artifacts if (reason := self.integrity.corrupt_reason(a.id))}
+        if request.variant != "auto":
+            hit = damaged.get(request.variant)
+        else:
+            hit = next(iter(damaged.values())) if len(damaged) == len(artifacts) else None
+        if hit is not None:
+            artifact_id, reason = hit
+            raise DeploymentError(
+                f"{request.model} v{request.version} ({request.variant}): artifact {artifact_id[:12]} is corrupt in"
+                f" the controller's store ({reason}); repair it first: slmfleet model repair {artifact_id} FILE...",
+                409,
+            )
 
     def _resolve_devices(self, session: Session, request: DeploymentRequest) -> list[Device]:
         if bool(request.device_ids) == bool(request.selector):
@@ -408,10 +435,55 @@ class DeliveryService:
                 return
         self.metrics.chunk_requests.inc()
         source = self._source(request.artifact_id)
-        if source is not None and self._repairs is not None:
+        if source is None:
+            return
+        if request.bad and self._bad_chunks_reported(device_id, target, source, request.bad):
+            return
+        if self._repairs is not None:
             self._repairs.request(device_id, source, [(a, b) for a, b in request.ranges])
 
+    def _bad_chunks_reported(self, device_id: str, target: Target, source: ChunkSource, bad: list[int]) -> bool:
+        """A device says chunks arrived damaged. Repeated reports of one chunk make the controller check its own
+        copy (a damaged one stops the artifact); a device that gets an intact chunk damaged again and again is
+        given up with the reason instead of looping until its timeout. True when the request is not served."""
+        artifact_id = source.artifact_id
+        self.metrics.chunk_bad_reports.inc(len(bad))
+        if len(self._bad_chunks) > 100_000:  # bounded memory: old reports are worth less than a stable controller
+            self._bad_chunks.clear()
+            self._bad_by_device.clear()
+        for index in bad:
+            if index >= len(source):
+                continue
+            total = self._bad_chunks[(artifact_id, index)] = self._bad_chunks.get((artifact_id, index), 0) + 1
+            mine = self._bad_by_device.get((device_id, artifact_id, index), 0) + 1
+            self._bad_by_device[(device_id, artifact_id, index)] = mine
+            if total % BAD_REPORTS_RECHECK == 0:
+                try:
+                    source.frame(index)
+                except ChunkUnavailable as exc:
+                    self._unavailable(exc)
+                    return True
+                if total == BAD_REPORTS_RECHECK:
+                    log.warning(
+                        "chunk %d of artifact %s arrived damaged %d times though the controller's copy is intact:"
+                        " something between the controller and the devices corrupts data",
+                        index,
+                        artifact_id[:12],
+                        total,
+                    )
+            if mine >= BAD_REPORTS_GIVE_UP:
+                path = source.manifest.files[source.manifest.chunks[index].file].path
+                reason = (
+                    f"chunk {index} of {path} arrived damaged {mine} times though the controller's copy is intact:"
+                    " the broker, the network or this device's memory corrupts data"
+                )
+                self._give_up([target], reason)
+                return True
+        return False
+
     def _source(self, artifact_id: str) -> ChunkSource | None:
+        if self.integrity.corrupt_reason(artifact_id) is not None:
+            return None  # damaged in the store: nothing is sent from it until it is repaired
         signed = self._manifests.get(artifact_id)
         if signed is None:
             with Session(self.engine) as session:
@@ -420,6 +492,53 @@ class DeliveryService:
                 except DeploymentError:
                     return None
         return ChunkSource(signed.manifest, self.store)
+
+    def _unavailable(self, exc: ChunkUnavailable) -> None:
+        """A chunk failed its check in the store (MQTT loop): stop sending the artifact, mark it corrupt, alert,
+        and fail the devices that wait for it (they keep their model) with the reason."""
+        artifact_id = exc.artifact_id
+        broadcast = self._broadcasts.get(artifact_id)
+        if broadcast is not None:
+            broadcast.stop()
+        if self._repairs is not None:
+            self._repairs.drop_artifact(artifact_id)
+        self.integrity.mark_corrupt(artifact_id, str(exc), blob=exc.blob, chunk=exc.index, file=exc.path)
+        reason = (
+            f"artifact {artifact_id[:12]} is corrupt in the controller's store ({exc}); the device keeps its model."
+            f" Repair it (slmfleet model repair {artifact_id} FILE...) and deploy again"
+        )
+        with self._lock:
+            waiting = [
+                t
+                for t in self._targets.values()
+                if not t.terminal
+                and (
+                    (t.artifact_id == artifact_id and t.state in BEFORE_SWITCH)
+                    or (t.rollback_artifact == artifact_id and t.state == "rolling_back")
+                )
+            ]
+        self._give_up(waiting, reason)
+
+    def _give_up(self, targets: list[Target], reason: str) -> None:
+        """Fail these devices' deployments with ``reason`` and tell each device to stop (a Cancel)."""
+        now = time.time()
+        changed = []
+        with self._lock:
+            for target in targets:
+                if not target.terminal and target.update(now, state="failed", reason=reason):
+                    changed.append(target)
+        for target in changed:
+            log.warning("deployment %s on %s failed: %s", target.deployment_id[:8], target.device_id, reason)
+            self._send(
+                target.device_id,
+                Cancel(ts=now, command_id=f"{target.deployment_id[:16]}-cancel", deployment_id=target.deployment_id),
+            )
+            self.metrics.deployment_transitions.labels("failed").inc()
+            for callback in list(self.on_target_change):
+                callback(target)
+        for deployment_id in {t.deployment_id for t in changed}:
+            self._dispatch(deployment_id)
+            self._maybe_finish(deployment_id)
 
     def _join_broadcast(self, target: Target) -> None:
         artifact_id = target.artifact_id
@@ -444,7 +563,7 @@ class DeliveryService:
                     and self.is_online(t.device_id)
                 }
             broadcast = self._broadcasts[artifact_id] = Broadcast(
-                source, self._publish_tracked, self.settings, self._sent("broadcast"), expected
+                source, self._publish_tracked, self.settings, self._sent("broadcast"), expected, self._unavailable
             )
             broadcast.start()
         broadcast.join(target.device_id)
@@ -594,7 +713,7 @@ class DeliveryService:
                     )
                     info["status"] = "running"
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == dep.version_id)).all()
-            by_variant = _variant_table(artifacts)
+            by_variant = _variant_table(artifacts, self.integrity.corrupt_reason)
             added: list[Target] = []
             for device in session.exec(select(Device).where(col(Device.id).in_(device_ids))).all():
                 if (deployment_id, device.id) in self._targets:
@@ -750,8 +869,10 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
 
 
-def _variant_table(artifacts: Sequence[Artifact]) -> dict[str, dict[str, Any]]:
-    """Each variant's artifact and requirements, as ``choose_variant`` takes them."""
+def _variant_table(
+    artifacts: Sequence[Artifact], corrupt: Callable[[str], str | None] = lambda _: None
+) -> dict[str, dict[str, Any]]:
+    """Each variant's artifact and requirements, as ``choose_variant`` takes them (corrupt ones left out)."""
     return {
         a.variant: {
             "artifact_id": a.id,
@@ -759,6 +880,7 @@ def _variant_table(artifacts: Sequence[Artifact]) -> dict[str, dict[str, Any]]:
             "min_disk_bytes": a.signed_manifest["manifest"]["requirements"].get("min_disk_bytes", 0),
         }
         for a in artifacts
+        if corrupt(a.id) is None
     }
 
 
