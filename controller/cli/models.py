@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tarfile
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from controller.cli.client import ApiClient
 from controller.cli.output import data_console
+from controller.registry.store import sha256_file
 
 app = typer.Typer(help="Register and inspect models.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -240,14 +240,6 @@ def _candidates(paths: list[Path]) -> Iterator[Path]:
             raise typer.Exit(2)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @app.command()
 def repair(
     ref: Annotated[str, typer.Argument(help="an artifact id, NAME@VERSION or NAME@VERSION/VARIANT")],
@@ -268,7 +260,7 @@ def repair(
     client = ApiClient(api, token, data_dir)
     local: dict[str, Path] = {}
     for path in _candidates(list(sources or [])):
-        local.setdefault(_sha256(path), path)
+        local.setdefault(sha256_file(path), path)
     broken = False
     for artifact_id in _artifact_ids(client, ref):
         signed = client.request("GET", f"/api/v1/artifacts/{artifact_id}/manifest")

@@ -14,7 +14,6 @@ original upload, a backup, a device's slot) and hashed every file again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from controller import audit
 from controller.db.models import Artifact, Model, ModelVersion
 from controller.db.types import utcnow
 from controller.metrics import Metrics
-from controller.registry.store import ContentStore
+from controller.registry.store import ContentStore, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +63,6 @@ class IntegrityReport:
     files: list[FileCheck] = field(default_factory=list)
     reason: str | None = None
     ignored: list[str] = field(default_factory=list)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ArtifactIntegrity:
@@ -177,7 +168,7 @@ class ArtifactIntegrity:
         replaced: set[str] = set()
         ignored: list[str] = []
         for path in candidates:
-            sha = _sha256_file(path)
+            sha = sha256_file(path)
             if sha not in wanted:
                 ignored.append(path.name)
                 continue

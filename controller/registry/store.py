@@ -19,6 +19,15 @@ from typing import BinaryIO
 _COPY_BLOCK = 1024 * 1024
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 (hex) of a file's content, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class BlobMissing(KeyError):
     """A blob the database refers to is not in the store."""
 

@@ -113,6 +113,12 @@ class Fleet:
             self.controller.proc.stop(20)
 
 
+def served_version(http_port: int) -> int | None:
+    """The model version an agent itself says it serves (its local /v1/health), not what the controller believes."""
+    model = httpx.get(f"http://127.0.0.1:{http_port}/v1/health", timeout=5).json()["model"]
+    return model["version"] if model else None
+
+
 def broker_url_from_banner(text: str) -> str | None:
     m = re.search(r"MQTT broker\s+(mqtt://\S+)", text)
     return m.group(1) if m else None

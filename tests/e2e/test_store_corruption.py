@@ -8,27 +8,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 
-from controller.broker.embedded import EmbeddedBroker, free_port
-from tests.e2e.fleet import Fleet
+from controller.broker.embedded import free_port
+from tests.e2e import test_deploy_real_agents as real_agents
+from tests.e2e.fleet import Fleet, served_version
 from tests.e2e.test_deploy_real_agents import deploy, deployment, pin_key, register
 from tests.helpers import REPO, metric_value, slmfleet_cmd, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker):  # type: ignore[no-untyped-def]
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
-
-
-def served_version(http_port: int) -> int | None:
-    model = httpx.get(f"http://127.0.0.1:{http_port}/v1/health", timeout=5).json()["model"]
-    return model["version"] if model else None
+fleet = real_agents.fleet  # a controller and agents as processes, on a private broker
 
 
 def test_a_flipped_byte_in_the_store_fails_fast_and_is_repaired(fleet: Fleet, tmp_path: Path) -> None:

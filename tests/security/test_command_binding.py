@@ -24,7 +24,7 @@ from agent.protocol import codec, signing, topics
 from agent.protocol.manifest import SignedManifest
 from agent.protocol.messages import Configure, Deploy
 from controller.broker.embedded import EmbeddedBroker, free_port
-from tests.e2e.fleet import ControllerProc, Fleet
+from tests.e2e.fleet import ControllerProc, Fleet, served_version
 from tests.e2e.test_deploy_real_agents import deploy, deployment, pin_key, register
 from tests.helpers import RawMqtt, wait_until
 
@@ -36,12 +36,6 @@ def fleet(tmp_path: Path, private_broker: EmbeddedBroker, requires_mosquitto: No
     f = Fleet(tmp_path, private_broker.url)
     yield f
     f.stop()
-
-
-def served_version(http_port: int) -> int | None:
-    """What the agent itself says it serves (not what the controller believes)."""
-    model = httpx.get(f"http://127.0.0.1:{http_port}/v1/health", timeout=5).json()["model"]
-    return model["version"] if model else None
 
 
 def refusals(ctl: ControllerProc, device_id: str) -> list[str]:
