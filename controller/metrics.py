@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -29,6 +30,30 @@ class _StateCollector(Collector):
         for state, n in sorted(self._counts().items()):
             family.add_metric([state], n)
         yield family
+
+
+class SupervisedBroker(Protocol):
+    """What the metrics read of the embedded broker (``controller.broker.embedded.EmbeddedBroker``)."""
+
+    restarts: int
+
+    @property
+    def running(self) -> bool: ...
+
+
+class _BrokerCollector(Collector):
+    def __init__(self, broker: SupervisedBroker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily("slmfleet_broker_up", "1 while the embedded broker runs (0: dead or restarting)")
+        up.add_metric([], 1 if self._broker.running else 0)
+        yield up
+        restarts = CounterMetricFamily(
+            "slmfleet_broker_restarts", "Times the supervised embedded broker died and was started again"
+        )
+        restarts.add_metric([], self._broker.restarts)
+        yield restarts
 
 
 class Metrics:
@@ -84,6 +109,9 @@ class Metrics:
 
     def watch_devices(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_DeviceCollector(counts))
+
+    def watch_broker(self, broker: SupervisedBroker) -> None:
+        self.registry.register(_BrokerCollector(broker))
 
     def watch_targets(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(

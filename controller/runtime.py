@@ -13,9 +13,12 @@ from datetime import timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import delete, select
 
+from agent.protocol import chunks as frames
+from agent.protocol import topics
 from agent.transport.mqtt import MqttConfig, parse_broker_url
 from controller.broker import dynsec
 from controller.broker.dynsec import DynsecAdmin
+from controller.broker.embedded import EmbeddedBroker
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import utcnow
@@ -35,11 +38,19 @@ from controller.telemetry.ingest import IngestWriter, LastSeen, Offline
 log = logging.getLogger(__name__)
 
 
+#: room for the topic, packet id and MQTT 5 properties around the largest payload the controller accepts
+RECEIVE_OVERHEAD = 8 * 1024
+
+
 class ControllerRuntime:
-    def __init__(self, settings: ControllerSettings) -> None:
+    def __init__(self, settings: ControllerSettings, embedded_broker: EmbeddedBroker | None = None) -> None:
+        """``embedded_broker``: the broker ``slmfleet up`` started (its supervision shows in metrics and health)."""
         self.settings = settings
+        self.embedded_broker = embedded_broker
         self.engine = make_engine(settings.resolved_database_url)
         self.metrics = Metrics()
+        if embedded_broker is not None:
+            self.metrics.watch_broker(embedded_broker)
         self.registry = DeviceRegistry(settings.offline_after_factor)
         self.metrics.watch_devices(self.registry.counts)
         self.writer = IngestWriter(
@@ -121,7 +132,15 @@ class ControllerRuntime:
                 fields["password"] = s.mqtt_password
             if fields.get("tls") and s.broker_ca_file is not None:
                 fields["ca_file"] = str(s.broker_ca_file)
-            config = MqttConfig(**fields, keepalive_s=s.mqtt_keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=5.0)
+            # Only device state, telemetry and events come in, each at most max_control_payload: an MQTT 5 broker is
+            # told so and discards anything larger instead of sending it (a 100 MB publish never reaches us).
+            config = MqttConfig(
+                **fields,
+                keepalive_s=s.mqtt_keepalive_s,
+                protocol=s.mqtt_protocol,
+                reconnect_max_s=5.0,
+                max_packet_size=s.max_control_payload + RECEIVE_OVERHEAD,
+            )
             subscriptions = self.handler.subscriptions(s.mqtt_shared_group)
             if s.broker_auth == "dynsec":
                 subscriptions.append((dynsec.RESPONSE_TOPIC, 1))
@@ -131,7 +150,9 @@ class ControllerRuntime:
                 self._on_message,
                 subscriptions,
                 on_connection_change=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
+                on_oversize=self._oversize,
             )
+            self.bridge.on_reconnect.append(self._check_broker_limit)
             if s.broker_auth == "dynsec":
                 bridge = self.bridge
                 admin = self.broker_admin = DynsecAdmin(
@@ -210,6 +231,27 @@ class ControllerRuntime:
                 self.broker_admin.on_response(payload)
             return
         self.handler(topic, payload)
+
+    def _oversize(self, topic: str, size: int) -> None:
+        """A message over our limit that a 3.1.1 broker delivered anyway: dropped unread, counted."""
+        parsed = topics.parse_device(topic)
+        source = parsed.device_id if parsed is not None else topic[:200]
+        channel = parsed.channel.value if parsed is not None else "unknown"
+        self.handler.drops.drop(source, channel, "too_large", f"{size} bytes, dropped before reading it")
+
+    def _check_broker_limit(self) -> None:
+        """Chunk frames larger than the broker accepts would never arrive: say so at once, not per deployment."""
+        bridge = self.bridge
+        limit = bridge.transport.server_max_packet if bridge is not None and bridge.transport is not None else None
+        needed = self.settings.chunk_size + frames.HEADER_SIZE + RECEIVE_OVERHEAD
+        if limit is not None and limit < needed:
+            log.error(
+                "the broker accepts packets of at most %d bytes; chunks of chunk_size %d need %d: deployments"
+                " will not arrive. Raise the broker's max_packet_size or lower chunk_size",
+                limit,
+                self.settings.chunk_size,
+                needed,
+            )
 
     def _revoked_changed(self, revoked: frozenset[str]) -> None:
         newly = revoked - self.handler.revoked

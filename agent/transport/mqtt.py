@@ -69,6 +69,9 @@ class MqttConfig:
     refused_retry_s: float = 0.0
     connect_timeout_s: float = 5.0
     max_inflight: int = 100
+    #: the largest packet this client accepts: sent to an MQTT 5 broker in CONNECT (it then discards larger
+    #: messages instead of sending them) and enforced on receipt (3.1.1); None: no limit
+    max_packet_size: int | None = None
 
     @property
     def url(self) -> str:
@@ -162,6 +165,11 @@ class MqttTransport:
         self._closed: asyncio.Future[None] | None = None
         self.refused: str | None = None
         self.connects = 0
+        #: the broker's own limit on packets from us (MQTT 5 CONNACK), None when it announced none
+        self.server_max_packet: int | None = None
+        #: messages dropped because they exceeded ``config.max_packet_size`` (only a 3.1.1 broker sends them)
+        self.oversize_dropped = 0
+        self.on_oversize: Callable[[str, int], None] | None = None
         self.on_connect: Callable[[], None] | None = None
         self._subscribing: dict[int, list[str]] = {}
         self.on_disconnect: Callable[[str], None] | None = None
@@ -322,6 +330,8 @@ class MqttTransport:
             if self._protocol_v5:
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = cfg.session_expiry_s if cfg.persistent_session else 0
+                if cfg.max_packet_size is not None:
+                    props.MaximumPacketSize = cfg.max_packet_size
                 self._client.connect(
                     cfg.host,
                     cfg.port,
@@ -463,6 +473,7 @@ class MqttTransport:
         self._connected = True
         self._attempt = 0
         self.connects += 1
+        self.server_max_packet = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         if self._logged_failure or self.refused is not None:
             log.info("%s: connected to %s", self.name, self.config.url)
         self._logged_failure = False
@@ -505,6 +516,13 @@ class MqttTransport:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         handler = self.on_message
         if handler is None:
+            return
+        limit = self.config.max_packet_size
+        if limit is not None and len(message.payload) > limit:
+            # An MQTT 5 broker never sends these (CONNECT told it the limit); a 3.1.1 one may: drop before copying.
+            self.oversize_dropped += 1
+            if self.on_oversize is not None:
+                self.on_oversize(message.topic, len(message.payload))
             return
         try:
             handler(message.topic, bytes(message.payload))

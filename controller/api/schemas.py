@@ -97,9 +97,21 @@ class EventPublic(BaseModel):
     data: dict[str, Any]
 
 
+class EmbeddedBrokerHealth(BaseModel):
+    """The broker ``slmfleet up`` started and supervises."""
+
+    engine: str | None
+    running: bool
+    pid: int | None
+    restarts: int = Field(description="times it died and was started again")
+    last_exit: str | None = Field(None, description="how it last died, e.g. 'killed by SIGKILL'")
+    last_exit_at: datetime | None = None
+
+
 class BrokerHealth(BaseModel):
     url: str | None
     connected: bool
+    embedded: EmbeddedBrokerHealth | None = None
 
 
 class Health(BaseModel):

@@ -18,7 +18,7 @@ from controller.app import create_app
 from controller.auth.tokens import ensure_admin_token
 from controller.auth.users import ADMIN_PASSWORD_FILE, INITIAL_ADMIN, ensure_initial_admin
 from controller.broker import dynsec
-from controller.broker.embedded import EmbeddedBroker
+from controller.broker.embedded import EmbeddedBroker, packet_limit
 from controller.cli.client import ADMIN_TOKEN_FILE, write_connection_file
 from controller.errors import ControllerError
 from controller.registry import keys
@@ -107,13 +107,15 @@ def up(
                 engine=settings.embedded_broker,
                 tls_cert_file=settings.embedded_broker_tls_cert_file,
                 tls_key_file=settings.embedded_broker_tls_key_file,
+                max_packet_size=packet_limit(settings.chunk_size),
+                supervise=True,
             )
             url = embedded.start()
             update["broker_url"] = url
             if embedded.engine == "amqtt" and settings.mqtt_protocol == "auto":
                 update["mqtt_protocol"] = "3.1.1"
             settings = settings.model_copy(update=update)
-        runtime = ControllerRuntime(settings)
+        runtime = ControllerRuntime(settings, embedded_broker=embedded)
         runtime.start()
         token_file = data / ADMIN_TOKEN_FILE
         password_file = data / ADMIN_PASSWORD_FILE
