@@ -70,6 +70,8 @@ class ControllerRuntime:
             telemetry_burst=settings.telemetry_burst,
             control_rate_per_s=settings.control_rate_per_s,
             control_burst=settings.control_burst,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            max_age_s=settings.telemetry_retention_days * 86400,
         )
         self.models = RegistryService(
             self.engine,
@@ -95,6 +97,7 @@ class ControllerRuntime:
         self.handler.on_deployment_event = self.delivery.on_event
         self.handler.on_chunk_request = self.delivery.on_chunk_request
         self.handler.on_birth = self.delivery.device_online
+        self.handler.knows_deployment = self.delivery.knows
         self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
         self.rollouts = RolloutEngine(self.engine, self.delivery)
         self.bridge: MqttBridge | None = None

@@ -124,6 +124,11 @@ class ControllerSettings(BaseSettings):
         description="a device silent for this many times max(keepalive, telemetry interval) is marked offline"
         " even if the broker never delivered its will",
     )
+    max_clock_skew_s: Annotated[float, Field(ge=1, le=86400)] = Field(
+        300.0,
+        description="a device timestamp further ahead of the controller's clock than this (or older than the"
+        " telemetry retention) is flagged (slmfleet_clock_skew_total) and the receive time is stored instead",
+    )
     sweep_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(5.0, description="how often lapses are checked")
     telemetry_retention_days: Annotated[float, Field(gt=0)] = Field(
         30.0, description="telemetry rows older than this are deleted by a daily job"

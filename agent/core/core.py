@@ -13,10 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from agent.core.actions import Action, Publish, Subscribe
 from agent.core.guard import CommandGuard
 from agent.protocol import codec, topics
 from agent.protocol.messages import (
+    MAX_BYTES,
+    MAX_CPU_PERCENT,
+    MAX_TEMPERATURE_C,
+    MAX_UPTIME_S,
+    MIN_TEMPERATURE_C,
     Activate,
     AgentEvent,
     Cancel,
@@ -235,19 +242,26 @@ class AgentCore:
             return []
         interval = max(now - self._last_telemetry, 1e-6)
         sample = self._sampler(interval)
-        msg = Telemetry(
-            ts=now,
-            seq=self._telemetry_seq,
-            interval_s=min(interval, 86400.0),
-            uptime_s=max(0.0, now - self._started_at),
-            cpu_percent=sample.cpu_percent if math.isfinite(sample.cpu_percent) else 0.0,
-            rss_bytes=sample.rss_bytes,
-            temperature_c=sample.temperature_c,
-            model=sample.model,
-            inference=sample.inference,
-            spool_depth=sample.spool_depth,
-            spool_dropped=sample.spool_dropped,
-        )
+        temperature = sample.temperature_c
+        if temperature is not None and not MIN_TEMPERATURE_C <= temperature <= MAX_TEMPERATURE_C:
+            temperature = None  # a sensor's error value (e.g. 1000 degrees), not a temperature
+        try:
+            msg = Telemetry(
+                ts=now,
+                seq=self._telemetry_seq,
+                interval_s=min(interval, 86400.0),
+                uptime_s=min(max(0.0, now - self._started_at), MAX_UPTIME_S),
+                cpu_percent=min(sample.cpu_percent, MAX_CPU_PERCENT) if math.isfinite(sample.cpu_percent) else 0.0,
+                rss_bytes=min(sample.rss_bytes, MAX_BYTES),
+                temperature_c=temperature,
+                model=sample.model,
+                inference=sample.inference,
+                spool_depth=sample.spool_depth,
+                spool_dropped=sample.spool_dropped,
+            )
+        except ValidationError as exc:  # a measurement beyond the wire schema must not stop the agent's loop
+            log.error("telemetry %d not sent: a measured value is out of range: %s", self._telemetry_seq, exc)
+            msg = None
         self._telemetry_seq += 1
         self._last_telemetry = now
         period = self.config.telemetry_interval_s
@@ -255,6 +269,8 @@ class AgentCore:
         self._next_telemetry += period
         if self._next_telemetry <= now:
             self._next_telemetry = now + period
+        if msg is None:
+            return []
         return [Publish(self._topic_telemetry, codec.encode(msg), qos=1, durable=True)]
 
     def next_wakeup(self) -> float:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -103,6 +104,8 @@ class DeliveryService:
         #: marks of artifacts damaged in the store: nothing is sent from them
         self.integrity = integrity or ArtifactIntegrity(engine, store, metrics)
         #: devices' reports of chunks that arrived damaged: (artifact, index) and (device, artifact, index)
+        #: (deployment, device) pairs looked up in the database: reports of ones never created are dropped
+        self._known: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._bad_chunks: dict[tuple[str, int], int] = {}
         self._bad_by_device: dict[tuple[str, str, int], int] = {}
         self.bridge: MqttBridge | None = None
@@ -368,6 +371,26 @@ class DeliveryService:
             self._send(device_id, self.rollback_command(target, target.reason or "rollback"))
 
     # ------------------------------------------------------------ events --
+
+    def knows(self, device_id: str, deployment_id: str) -> bool:
+        """Whether the controller sent ``deployment_id`` to this device (MQTT thread): in memory, else the
+        database (a finished deployment's late report), remembered for the next report either way."""
+        key = (deployment_id, device_id)
+        if key in self._targets:
+            return True
+        with self._lock:
+            known = self._known.get(key)
+        if known is None:
+            with Session(self.engine) as session:
+                stmt = select(DeploymentTarget.id).where(
+                    DeploymentTarget.deployment_id == deployment_id, DeploymentTarget.device_id == device_id
+                )
+                known = session.exec(stmt.limit(1)).first() is not None
+            with self._lock:
+                self._known[key] = known
+                while len(self._known) > 10_000:
+                    self._known.popitem(last=False)
+        return known
 
     def on_event(self, device_id: str, event: DeploymentEvent) -> None:
         """A device reported progress or a transition (MQTT thread)."""

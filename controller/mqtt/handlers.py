@@ -18,6 +18,7 @@ from agent.protocol.messages import ChunkRequest, DeploymentEvent, DeployState, 
 from agent.protocol.topics import DeviceChannel
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
+from controller.telemetry.bounds import ValueBounds
 from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn, out_of_range
 from controller.telemetry.ratelimit import TokenBuckets
 
@@ -39,6 +40,8 @@ class DeviceTrafficHandler:
         telemetry_burst: int = 1000,
         control_rate_per_s: float = 20.0,
         control_burst: int = 1000,
+        max_clock_skew_s: float = 300.0,
+        max_age_s: float = 30 * 86400.0,
     ) -> None:
         self.registry = registry
         self.writer = writer
@@ -70,6 +73,10 @@ class DeviceTrafficHandler:
         )
         #: devices an operator revoked: whatever still arrives from them is dropped (counted as "revoked")
         self.revoked: frozenset[str] = frozenset()
+        #: values held to what the device can do, timestamps to the controller's clock
+        self.bounds = ValueBounds(metrics, max_clock_skew_s, max_age_s)
+        #: whether (device, deployment) is one the controller created; reports of others are dropped
+        self.knows_deployment: Callable[[str, str], bool] = lambda device_id, deployment_id: True
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
         """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""
@@ -117,6 +124,7 @@ class DeviceTrafficHandler:
             return
         now = self.clock()
         if isinstance(msg, DeviceOnline):
+            self.bounds.learn(device_id, msg.hardware)
             self.registry.online(device_id, now, msg.keepalive_s, msg.telemetry_interval_s)
             self.writer.put(Birth(device_id, msg, now))
             if self.on_birth is not None:
@@ -129,20 +137,24 @@ class DeviceTrafficHandler:
             self.registry.offline(device_id)
             self.writer.put(Offline(device_id, msg.reason, now))
             return
+        if isinstance(msg, DeploymentEvent | ChunkRequest) and not self.knows_deployment(device_id, msg.deployment_id):
+            self.drops.drop(device_id, channel.value, "unknown_deployment", f"no deployment {msg.deployment_id} for it")
+            return
         self.registry.heard(device_id, now)
+        skew = self.bounds.clock_skew(device_id, channel.value, msg.ts, now)
         if isinstance(msg, Telemetry):
             if self.registry.is_replay(device_id, msg.ts, msg.seq):
                 self.metrics.telemetry_replays.inc()
                 return
-            self.writer.put(TelemetryIn(device_id, msg, now))
+            self.writer.put(TelemetryIn(device_id, self.bounds.telemetry(device_id, msg), now, skew))
         elif isinstance(msg, ChunkRequest):
             if self.on_chunk_request is not None:
                 self.on_chunk_request(device_id, msg)
         elif isinstance(msg, DeploymentEvent):
             # download progress arrives about once a second: keep transitions, not every tick
             if msg.state != DeployState.DOWNLOADING or msg.chunks_have == 0:
-                self.writer.put(EventIn(device_id, msg, now))
+                self.writer.put(EventIn(device_id, msg, now, skew))
             if self.on_deployment_event is not None:
                 self.on_deployment_event(device_id, msg)
         else:
-            self.writer.put(EventIn(device_id, msg, now))
+            self.writer.put(EventIn(device_id, msg, now, skew))
