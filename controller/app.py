@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from agent import __version__
 from controller import web
-from controller.api.routes import deployments, devices, enrollment, health, models, rollouts, tokens, users
+from controller.api.routes import deployments, devices, enrollment, health, models, pki, rollouts, tokens, users
 from controller.runtime import ControllerRuntime
 from controller.settings import ControllerSettings
 
@@ -43,5 +43,6 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     app.include_router(users.router)
     app.include_router(tokens.router)
     app.include_router(enrollment.router)
+    app.include_router(pki.router)
     web.install(app)
     return app

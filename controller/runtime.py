@@ -15,6 +15,7 @@ from sqlalchemy import delete, select
 
 from agent.protocol import chunks as frames
 from agent.protocol import topics
+from agent.protocol.messages import CertificateRequest, CommandAck, InstallCertificate
 from agent.transport.mqtt import MqttConfig, parse_broker_url
 from controller.broker import dynsec
 from controller.broker.dynsec import DynsecAdmin
@@ -29,6 +30,9 @@ from controller.enrollment.service import EnrollmentService
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
+from controller.pki import broker as pki_broker
+from controller.pki.authority import PkiError
+from controller.pki.service import CRL_REFRESH, DevicePki
 from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.service import RegistryService
 from controller.rollouts.engine import RolloutEngine
@@ -100,6 +104,20 @@ class ControllerRuntime:
         self.handler.knows_deployment = self.delivery.knows
         self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
         self.rollouts = RolloutEngine(self.engine, self.delivery)
+        #: client certificates for devices (mutual TLS with the broker), when device_certificates is on
+        self.pki: DevicePki | None = None
+        if settings.device_certificates:
+            self.pki = DevicePki(
+                self.engine,
+                pki_broker.authority(settings),
+                pki_broker.crl_path(settings),
+                timedelta(hours=settings.device_cert_hours),
+                settings.broker_reload_command,
+            )
+            if embedded_broker is not None:
+                self.pki.reload_broker = embedded_broker.reload
+            self.handler.on_cert_request = self._certificate_requested
+            self.handler.on_ack = self._acknowledged
         self.bridge: MqttBridge | None = None
         #: the broker's dynamic-security administrator when broker_auth is dynsec (set in start())
         self.broker_admin: DynsecAdmin | None = None
@@ -125,6 +143,8 @@ class ControllerRuntime:
         self._load_registry()
         self.enrollment.load()
         self.integrity.load()
+        if self.pki is not None:
+            self.pki.publish_crl()  # from the database: what the last run revoked, valid for a week again
         self.models.start()
         self.writer.start()
         if s.broker_url:
@@ -176,6 +196,9 @@ class ControllerRuntime:
         self.scheduler.add_job(self.flush_last_seen, "interval", seconds=5, id="last-seen")
         self.scheduler.add_job(self.delivery.flush, "interval", seconds=1, id="delivery-flush")
         self.scheduler.add_job(self.delivery.check_timeouts, "interval", seconds=2, id="delivery-timeouts")
+        if self.pki is not None:  # a CRL expires; a broker holding an expired one refuses every device
+            interval = CRL_REFRESH.total_seconds()
+            self.scheduler.add_job(self.pki.publish_crl, "interval", seconds=interval, id="device-crl")
         self.rollouts.resume_all()
         self.scheduler.add_job(self.rollouts.step_all, "interval", seconds=s.rollout_step_s, id="rollouts")
         self.scheduler.start()
@@ -261,6 +284,25 @@ class ControllerRuntime:
         self.handler.revoked = revoked
         for device_id in newly:
             self.registry.offline(device_id)
+            if self.pki is not None and self.started:
+                self.pki.revoke_device(device_id)  # its certificates go into the CRL, the broker reloads it
+
+    def _certificate_requested(self, device_id: str, request: CertificateRequest) -> None:
+        """A device proved its current key and asks for a new certificate (MQTT thread): issue and send it."""
+        assert self.pki is not None
+        try:
+            issued = self.pki.renew(device_id, request, time.time())
+        except PkiError as exc:
+            self.handler.drops.drop(device_id, "events", "cert_refused", str(exc))
+            return
+        command = InstallCertificate(
+            ts=time.time(), command_id=f"cert-{issued.serial}", cert_pem=issued.cert_pem, serial=issued.serial
+        )
+        self.commands.send(device_id, command)
+
+    def _acknowledged(self, device_id: str, ack: CommandAck) -> None:
+        if self.pki is not None and ack.ok and ack.command_id.startswith("cert-"):
+            self.pki.installed(device_id, ack.command_id.removeprefix("cert-"))
 
     def _load_registry(self) -> None:
         t = table(Device).c

@@ -70,6 +70,30 @@ class ControllerSettings(BaseSettings):
         " deployed to it (one plugin change per device and artifact); fleet: any enrolled device may read any"
         " artifact broadcast (no change per deployment: for very large fleets)",
     )
+    device_certificates: bool = Field(
+        False,
+        description="devices authenticate to the broker with a client certificate issued at enrollment and renewed"
+        " before it expires (mutual TLS); revoked ones are listed in a CRL the broker reloads. The embedded"
+        " mosquitto then requires one on its device listener",
+    )
+    device_ca_cert_file: Path | None = Field(
+        None,
+        description="the CA that issues device certificates (with device_ca_key_file); unset: the controller's own",
+    )
+    device_ca_key_file: Path | None = Field(None, description="private key of device_ca_cert_file")
+    device_cert_hours: Annotated[float, Field(ge=0.01, le=24 * 3650)] = Field(
+        24 * 90.0, description="lifetime of a device certificate; agents renew when a third of it is left"
+    )
+    device_crl_file: Path | None = Field(
+        None,
+        description="where the CRL of revoked device certificates is written (default <data_dir>/pki/devices.crl.pem);"
+        " point your broker's crlfile at it",
+    )
+    broker_reload_command: str | None = Field(
+        None,
+        description="run after the CRL changed, for a broker the controller did not start (e.g. 'systemctl reload"
+        " mosquitto'); the embedded one gets SIGHUP",
+    )
     device_broker_url: str | None = Field(
         None,
         description="broker URL handed to devices at enrollment (unset: broker_url, which may be a loopback"
@@ -193,6 +217,7 @@ class ControllerSettings(BaseSettings):
         for cert, key in (
             ("tls_cert_file", "tls_key_file"),
             ("embedded_broker_tls_cert_file", "embedded_broker_tls_key_file"),
+            ("device_ca_cert_file", "device_ca_key_file"),
         ):
             if (getattr(self, cert) is None) != (getattr(self, key) is None):
                 raise ValueError(f"{cert} and {key} go together: set both or neither")

@@ -27,6 +27,7 @@ from agent.protocol.messages import (
     Activate,
     AgentEvent,
     Cancel,
+    CertificateRequest,
     CommandAck,
     Commit,
     Configure,
@@ -37,6 +38,7 @@ from agent.protocol.messages import (
     DeviceOnline,
     HardwareProfile,
     InferenceStats,
+    InstallCertificate,
     InstalledModel,
     ModelRef,
     Ping,
@@ -68,8 +70,29 @@ class Unsubscribe:
     filter: str
 
 
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Close the broker connection cleanly and connect again with fresh credentials (a renewed certificate)."""
+
+    reason: str
+
+
 #: What the core (with deployments) asks its driver to do.
-CoreAction = Action | Unsubscribe
+CoreAction = Action | Unsubscribe | Reconnect
+
+
+class CertificateHooks(Protocol):
+    """The device's client certificate for the broker (``agent.runtime.identity.ClientIdentity``)."""
+
+    def renewal(self, now: float) -> CertificateRequest | None:
+        """A request for a new certificate when the current one is due for renewal (seq is set by the core)."""
+        ...
+
+    def install(self, command: InstallCertificate, now: float) -> str | None:
+        """Take the renewed certificate; None when done, else why not."""
+        ...
+
+    def next_wakeup(self) -> float | None: ...
 
 
 class DeploymentHooks(Protocol):
@@ -136,10 +159,13 @@ class AgentCore:
         installed: InstalledProvider | None = None,
         deployments: DeploymentHooks | None = None,
         guard: CommandGuard | None = None,
+        certificates: CertificateHooks | None = None,
     ) -> None:
         """``guard`` admits signed commands (``agent.core.guard``); without one every command but ``ping``
-        is refused, as an agent without a pinned signing key must."""
+        is refused, as an agent without a pinned signing key must. ``certificates``: the client certificate
+        of a device that authenticates to the broker with one (renewed before it expires)."""
         self.config = config
+        self.certificates = certificates
         self.guard = guard or CommandGuard(config.device_id, None)
         self._refusals_reported: dict[str, float] = {}
         self.hardware = hardware
@@ -226,6 +252,8 @@ class AgentCore:
             return [self._ack(command.command_id, True, "pong", now)]
         if isinstance(command, Configure):
             return self._configure(command, now)
+        if isinstance(command, InstallCertificate):
+            return self._install_certificate(command, now)
         if isinstance(command, _DEPLOY_COMMANDS):
             if self._deployments is None:
                 return [self._ack(command.command_id, False, "this agent does not take deployments", now)]
@@ -233,8 +261,13 @@ class AgentCore:
         return []  # pragma: no cover - the union is exhaustive
 
     def tick(self, now: float) -> list[CoreAction]:
-        """Emit telemetry when it is due; let the deployment side act on time (repairs, progress)."""
+        """Emit telemetry when it is due; let the deployment side act on time (repairs, progress); ask for a
+        new client certificate when the current one is due."""
         actions: list[CoreAction] = self._deployments.tick(now) if self._deployments is not None else []
+        request = self.certificates.renewal(now) if self.certificates is not None else None
+        if request is not None:
+            request = request.model_copy(update={"seq": self._next_seq(), "ts": now})
+            actions.append(Publish(self._topic_events, codec.encode(request), qos=1, durable=False))
         return actions + self._telemetry(now)
 
     def _telemetry(self, now: float) -> list[CoreAction]:
@@ -274,8 +307,12 @@ class AgentCore:
         return [Publish(self._topic_telemetry, codec.encode(msg), qos=1, durable=True)]
 
     def next_wakeup(self) -> float:
-        wake = self._deployments.next_wakeup() if self._deployments is not None else None
-        return self._next_telemetry if wake is None else min(self._next_telemetry, wake)
+        wakes = [self._next_telemetry]
+        for hooks in (self._deployments, self.certificates):
+            wake = hooks.next_wakeup() if hooks is not None else None
+            if wake is not None:
+                wakes.append(wake)
+        return min(wakes)
 
     def event(self, kind: str, message: str, now: float) -> Publish:
         """An agent event (started, error, ...), durable."""
@@ -330,6 +367,16 @@ class AgentCore:
             return False
         reported[key] = now
         return True
+
+    def _install_certificate(self, command: InstallCertificate, now: float) -> list[CoreAction]:
+        if self.certificates is None:
+            return [self._ack(command.command_id, False, "this agent does not use a client certificate", now)]
+        problem = self.certificates.install(command, now)
+        if problem is not None:
+            return [self._ack(command.command_id, False, f"certificate refused: {problem}", now)]
+        # acknowledged before reconnecting: the ack goes out on the old connection or, spooled, on the new one
+        ack = self._ack(command.command_id, True, f"certificate {command.serial} installed", now)
+        return [ack, Reconnect(f"renewed client certificate {command.serial}")]
 
     def _configure(self, command: Configure, now: float) -> list[CoreAction]:
         actions: list[CoreAction] = []

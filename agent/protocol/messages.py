@@ -251,7 +251,25 @@ class ChunkRequest(_Message):
     )
 
 
-EventMessage = Annotated[AgentEvent | CommandAck | DeploymentEvent | ChunkRequest, Field(discriminator="type")]
+class CertificateRequest(_Message):
+    """A device asks for a new client certificate before its current one expires (mutual TLS).
+
+    ``proof`` is the current key's signature over ``signing.cert_request_bytes`` (device, request, serial,
+    time): only the holder of the current certificate's key can renew it, whoever can publish here.
+    """
+
+    type: Literal["cert_request"] = "cert_request"
+    seq: Count
+    csr_pem: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+    serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,64}$")] = Field(
+        description="the current certificate's serial number (hex)"
+    )
+    proof: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+EventMessage = Annotated[
+    AgentEvent | CommandAck | DeploymentEvent | ChunkRequest | CertificateRequest, Field(discriminator="type")
+]
 
 
 # ------------------------------------------------------------- commands ----
@@ -353,8 +371,17 @@ class Cancel(_Command):
     deployment_id: DeploymentId
 
 
+class InstallCertificate(_Command):
+    """The device's renewed client certificate (for the key of its last CertificateRequest), PEM with its chain."""
+
+    type: Literal["certificate"] = "certificate"
+    cert_pem: Annotated[str, StringConstraints(min_length=1, max_length=32768)]
+    serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,64}$")]
+
+
 CommandMessage = Annotated[
-    Ping | Configure | Deploy | Rollback | Activate | Commit | Cancel, Field(discriminator="type")
+    Ping | Configure | Deploy | Rollback | Activate | Commit | Cancel | InstallCertificate,
+    Field(discriminator="type"),
 ]
 
 

@@ -7,6 +7,8 @@ controller dependency. One layout per signed thing, each here and nowhere else:
   Not bound to a device: an artifact is the same for the whole fleet.
 * **rollback grants** (``sign_grant``/``verify_grant_signature``): the canonical JSON of the grant, which
   names the device, the deployment and the older artifact it may install.
+* **certificate renewals** (``cert_request_bytes``): the device signs, with the key of its current client
+  certificate, ``canonical_json({"domain": CERT_REQUEST_DOMAIN, "device_id", "csr_sha256", "serial", "ts"})``.
 * **commands** (``seal_command``/``open_command``): every command but ``ping`` carries ``auth``
   (``messages.CommandAuth``): the device it is for, when it was issued and expires, a random nonce and the
   signature over ``canonical_json({"domain": COMMAND_DOMAIN, "auth": <auth without signature>,
@@ -36,6 +38,8 @@ from agent.protocol.messages import CommandAuth, RollbackGrant
 
 #: separates command signatures from every other signed thing (a manifest can never pass as a command)
 COMMAND_DOMAIN = "slmfleet/v1/command"
+#: separates a device's proof of its current key (certificate renewal) from everything else signed
+CERT_REQUEST_DOMAIN = "slmfleet/v1/cert-request"
 #: the longest a command may be valid: bounds how long a device must remember nonces to refuse replays
 MAX_COMMAND_TTL_S = 7 * 86400.0
 
@@ -137,6 +141,22 @@ def verify_grant_signature(grant: RollbackGrant, signature: str, public_key: Ed2
         public_key.verify(base64.b64decode(signature, validate=True), grant_bytes(grant))
     except (binascii.Error, ValueError, InvalidSignature):
         raise VerificationError("bad_signature", "the rollback grant's signature does not verify") from None
+
+
+# ------------------------------------------------------- certificate renewals --
+
+
+def cert_request_bytes(device_id: str, csr_pem: str, serial: str, ts: float) -> bytes:
+    """What a device signs with its current client key to ask for a new certificate (``CertificateRequest``)."""
+    return canonical_json(
+        {
+            "domain": CERT_REQUEST_DOMAIN,
+            "device_id": device_id,
+            "csr_sha256": hashlib.sha256(csr_pem.encode()).hexdigest(),
+            "serial": serial,
+            "ts": ts,
+        }
+    )
 
 
 # ------------------------------------------------------------------- commands --

@@ -170,6 +170,7 @@ class MqttTransport:
         #: messages dropped because they exceeded ``config.max_packet_size`` (only a 3.1.1 broker sends them)
         self.oversize_dropped = 0
         self.on_oversize: Callable[[str, int], None] | None = None
+        self._renewing = False
         self.on_connect: Callable[[], None] | None = None
         self._subscribing: dict[int, list[str]] = {}
         self.on_disconnect: Callable[[str], None] | None = None
@@ -203,6 +204,24 @@ class MqttTransport:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,):
             return 0
         return int(info.mid) or -1
+
+    def reconnect(self, config: MqttConfig | None = None) -> None:
+        """Disconnect cleanly (no will) and connect again at once with a fresh client: new credentials, such as a
+        renewed client certificate, take effect (``config`` replaces the current one). From any thread."""
+
+        def renew() -> None:
+            if config is not None:
+                self.config = config
+            client = self._client
+            if client is None or not self._connected:
+                self._client = None  # the next attempt builds a client from the new configuration
+                return
+            self._renewing = True
+            client.disconnect()
+
+        # Later, not now: when this is called from a message callback, paho acknowledges that message after the
+        # callback returns; disconnecting first would have the broker deliver it again on the new session.
+        self._loop.call_soon_threadsafe(renew)
 
     def subscribe(self, filter_: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and after every reconnect."""
@@ -495,6 +514,13 @@ class MqttTransport:
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
         if self._stopping:
+            return
+        if self._renewing:  # our own clean disconnect, to connect again with new credentials
+            self._renewing = False
+            self._drop_socket()
+            self._client = None
+            log.info("%s: reconnecting with renewed credentials", self.name)
+            self._schedule_reconnect(delay=0.0)
             return
         if self.refused is not None and self._got_connack and not was_connected:
             return  # the close after this attempt's refusal, which scheduled its own (slow) retry

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,19 @@ PACKET_OVERHEAD = 64 * 1024
 RESTART_BACKOFF_S = (0.5, 30.0)
 #: a broker that ran this long before dying was healthy: the backoff starts over
 HEALTHY_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class ClientCertListener:
+    """Mutual TLS on the device listener (``controller.pki.broker``): the CA client certificates must chain
+    to, the CRL of revoked ones, and the broker's own certificate and key."""
+
+    ca_file: Path
+    crl_file: Path
+    cert_file: Path
+    key_file: Path
+    #: the CA devices verify the broker with (None: not ours to hand out)
+    server_ca_file: Path | None = None
 
 
 def packet_limit(chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
@@ -123,14 +137,34 @@ def mosquitto_config(
     tls_key_file: Path | None = None,
     dynsec_file: Path | None = None,
     max_packet_size: int | None = None,
+    client_certs: ClientCertListener | None = None,
+    controller_port: int | None = None,
 ) -> str:
     """A mosquitto.conf for a private single-node broker; the comments say why each line is there."""
-    lines = [
-        "# Written by slmfleet; regenerated on every start.",
-        f"listener {port} {host}",
-        "# The embedded broker is for a single machine: loopback only.",
-    ]
-    if tls_cert_file is not None and tls_key_file is not None:
+    lines = ["# Written by slmfleet; regenerated on every start."]
+    if client_certs is not None:
+        if controller_port is None:
+            raise BrokerError("a broker with client certificates needs a loopback port for the controller")
+        lines += [
+            "# The controller's own listener: loopback only, no client certificate.",
+            f"listener {controller_port} 127.0.0.1",
+        ]
+    lines += [f"listener {port} {host}"]
+    if client_certs is not None:
+        lines += [
+            "# Devices: TLS with a client certificate from the device CA (mutual TLS). Its common name is the",
+            "# user name (ACLs) and the client id (no device can take over another's session).",
+            f"cafile {Path(client_certs.ca_file).resolve()}",
+            f"certfile {Path(client_certs.cert_file).resolve()}",
+            f"keyfile {Path(client_certs.key_file).resolve()}",
+            "tls_version tlsv1.2",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+            "# Revoked certificates; the controller rewrites it and sends SIGHUP, which reloads it.",
+            f"crlfile {Path(client_certs.crl_file).resolve()}",
+        ]
+    elif tls_cert_file is not None and tls_key_file is not None:
         lines += [
             "# TLS only on this listener (mqtts://); clients verify this certificate.",
             f"certfile {Path(tls_cert_file).resolve()}",
@@ -197,8 +231,10 @@ class EmbeddedBroker:
         dynsec_file: Path | None = None,
         max_packet_size: int | None = None,
         supervise: bool = False,
+        client_certs: ClientCertListener | None = None,
     ) -> None:
-        """``supervise``: start the broker again whenever it dies (see the module docstring)."""
+        """``supervise``: start the broker again whenever it dies (see the module docstring). ``client_certs``:
+        devices need a client certificate; the controller then connects to ``controller_url`` (loopback)."""
         if (tls_cert_file is None) != (tls_key_file is None):
             raise BrokerError("the embedded broker's TLS certificate and key go together: give both or neither")
         self.tls_cert_file = tls_cert_file
@@ -211,6 +247,8 @@ class EmbeddedBroker:
         self.requested = engine
         self.extra_config = extra_config
         self.max_packet_size = max_packet_size or packet_limit()
+        self.client_certs = client_certs
+        self.controller_port = free_port("127.0.0.1") if client_certs is not None else None
         self.engine: Literal["mosquitto", "amqtt"] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._amqtt: _AmqttThread | None = None
@@ -232,7 +270,18 @@ class EmbeddedBroker:
 
     @property
     def tls(self) -> bool:
-        return self.tls_cert_file is not None
+        return self.tls_cert_file is not None or self.client_certs is not None
+
+    @property
+    def controller_url(self) -> str:
+        """Where the controller connects: the loopback listener when devices need certificates, else ``url``."""
+        return f"mqtt://127.0.0.1:{self.controller_port}" if self.controller_port is not None else self.url
+
+    def reload(self) -> None:
+        """Have mosquitto read its files again (SIGHUP): a new CRL takes effect for new connections."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGHUP)
 
     @property
     def protocol(self) -> str:
@@ -272,6 +321,8 @@ class EmbeddedBroker:
             )
         if self.tls and binary is None:
             raise BrokerError("the embedded broker serves TLS with mosquitto only; install mosquitto")
+        if self.client_certs is not None and binary is None:
+            raise BrokerError("client certificates for devices (device_certificates) need mosquitto; install mosquitto")
         if self.dynsec_file is not None and binary is None:
             raise BrokerError("per-device broker credentials (broker_auth dynsec) need mosquitto; install mosquitto")
         if binary is not None:
@@ -350,6 +401,8 @@ class EmbeddedBroker:
                 self.tls_key_file,
                 self.dynsec_file,
                 self.max_packet_size,
+                self.client_certs,
+                self.controller_port,
             )
         )
         stderr = open(self.state_dir / "mosquitto.stderr", "ab")  # noqa: SIM115 - owned by the child
@@ -366,7 +419,9 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise BrokerError(f"mosquitto exited with code {self._proc.returncode}: {self._log_tail()}")
-            if port_open(self.host, self.port):
+            if port_open(self.host, self.port) and (
+                self.controller_port is None or port_open("127.0.0.1", self.controller_port)
+            ):
                 self.engine = "mosquitto"
                 log.info("embedded mosquitto (pid %d) listening on %s", self._proc.pid, self.url)
                 return

@@ -112,6 +112,25 @@ class EnrollmentToken(SQLModel, table=True):
     used_by: str | None = Field(default=None, max_length=128)
 
 
+class DeviceCertificate(SQLModel, table=True):
+    """A client certificate the controller issued to a device (mutual TLS with the broker)."""
+
+    __tablename__ = "device_certificate"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=128, index=True)
+    serial: str = Field(sa_column=Column(String(64), unique=True, nullable=False))  # lower-case hex
+    cert_pem: str
+    not_before: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    not_after: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    issued_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    #: how it was issued: enrollment or renewal
+    via: str = Field(default="enrollment", max_length=16)
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    #: revoked (the device was) or superseded (a renewal replaced it)
+    revoke_reason: str | None = Field(default=None, max_length=16)
+
+
 class AuditEntry(SQLModel, table=True):
     """Who changed what, when: every write through the API lands here."""
 

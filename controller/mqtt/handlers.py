@@ -14,7 +14,15 @@ from collections.abc import Callable
 from prometheus_client import Counter
 
 from agent.protocol import codec, topics
-from agent.protocol.messages import ChunkRequest, DeploymentEvent, DeployState, DeviceOnline, Telemetry
+from agent.protocol.messages import (
+    CertificateRequest,
+    ChunkRequest,
+    CommandAck,
+    DeploymentEvent,
+    DeployState,
+    DeviceOnline,
+    Telemetry,
+)
 from agent.protocol.topics import DeviceChannel
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
@@ -53,6 +61,9 @@ class DeviceTrafficHandler:
         self.on_deployment_event: Callable[[str, DeploymentEvent], None] | None = None
         self.on_chunk_request: Callable[[str, ChunkRequest], None] | None = None
         self.on_birth: Callable[[str], None] | None = None
+        #: client certificates (controller.pki): renewal requests, and acks of the certificates sent
+        self.on_cert_request: Callable[[str, CertificateRequest], None] | None = None
+        self.on_ack: Callable[[str, CommandAck], None] | None = None
         self.drops = codec.DropCounter(log, on_drop=lambda ch, reason: self._invalid.labels(ch, reason).inc())
         #: telemetry per device: a flooding device is throttled before its payloads are even parsed
         self.telemetry_limit = TokenBuckets(telemetry_rate_per_s, telemetry_burst)
@@ -150,6 +161,11 @@ class DeviceTrafficHandler:
         elif isinstance(msg, ChunkRequest):
             if self.on_chunk_request is not None:
                 self.on_chunk_request(device_id, msg)
+        elif isinstance(msg, CertificateRequest):  # not stored: a request, answered with a command
+            if self.on_cert_request is None:
+                self.drops.drop(device_id, channel.value, "no_pki", "this controller issues no client certificates")
+            else:
+                self.on_cert_request(device_id, msg)
         elif isinstance(msg, DeploymentEvent):
             # download progress arrives about once a second: keep transitions, not every tick
             if msg.state != DeployState.DOWNLOADING or msg.chunks_have == 0:
@@ -158,3 +174,5 @@ class DeviceTrafficHandler:
                 self.on_deployment_event(device_id, msg)
         else:
             self.writer.put(EventIn(device_id, msg, now, skew))
+            if isinstance(msg, CommandAck) and self.on_ack is not None:
+                self.on_ack(device_id, msg)
