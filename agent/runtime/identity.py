@@ -92,7 +92,7 @@ class ClientIdentity:
             return self.configured
         cert = _load_cert(self.configured[0])
         mine = _load_cert(renewed[0])
-        if mine is not None and (cert is None or mine.not_valid_after_utc > cert.not_valid_after_utc):
+        if mine is not None and (cert is None or mine.not_valid_after_utc >= cert.not_valid_after_utc):
             return renewed
         return self.configured
 

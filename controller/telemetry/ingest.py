@@ -355,12 +355,15 @@ class IngestWriter:
                         conn.execute(insert(table(Device)).values(**row.model_dump()))
             self._telemetry_insert.execute(conn, telemetry)
             self._event_insert.execute(conn, events)
-            if seen:
+            # devices with a birth or status change in this batch got last_seen with it; an empty executemany
+            # would fail the whole batch
+            last_seen = [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices]
+            if last_seen:
                 devices_table = table(Device)
                 conn.execute(
                     update(devices_table)
                     .where(devices_table.c.id == bindparam("b_id"))
                     .values(last_seen=bindparam("b_seen")),
-                    [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices],
+                    last_seen,
                 )
         return len(telemetry), len(events)

@@ -25,7 +25,7 @@ from agent.protocol.manifest import SignedManifest
 from agent.protocol.messages import Configure, Deploy
 from controller.broker.embedded import EmbeddedBroker, free_port
 from tests.e2e.fleet import ControllerProc, Fleet, served_version
-from tests.e2e.test_deploy_real_agents import deploy, deployment, pin_key, register
+from tests.e2e.test_deploy_real_agents import active_version, deploy, deployment, pin_key, register
 from tests.helpers import RawMqtt, wait_until
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,8 @@ def test_genuine_deploys_and_manifests_replayed_elsewhere_or_later_are_refused(
     first = deploy(ctl, 1, ["dev-a", "dev-b"])
     wait_until(lambda: deployment(ctl, first)["status"] == "completed", 90, what="v1 on both devices")
     wait_until(lambda: served_version(ports["dev-a"]) == served_version(ports["dev-b"]) == 1, 30)
+    # and the controller knows it (the rollback below goes back to what it recorded as installed)
+    wait_until(lambda: active_version(ctl, "dev-a") == 1, 30, what="the controller seeing v1 on dev-a")
     second = deploy(ctl, 2, ["dev-a"])
     wait_until(lambda: deployment(ctl, second)["status"] == "completed", 90, what="v2 on dev-a")
     assert served_version(ports["dev-a"]) == 2
