@@ -23,7 +23,7 @@ from agent.runtime import identity
 from controller.broker import dynsec
 from controller.broker.embedded import free_port, mosquitto_binary
 from controller.pki.authority import Authority, key_pem, pem
-from tests.e2e.fleet import ControllerProc
+from tests.e2e.fleet import ControllerProc, start_up
 from tests.helpers import Proc, slmfleet_cmd, wait_until
 
 pytestmark = [
@@ -76,28 +76,15 @@ def revoked_serials(ctl: ControllerProc) -> set[int]:
 
 
 def test_client_certificates_rotate_without_downtime_and_revocation_shuts_the_device_out(tmp_path: Path) -> None:
-    port, broker_port = free_port(), free_port()
-    data = tmp_path / "controller"
-    up = Proc(
-        slmfleet_cmd(
-            "up",
-            "--data-dir",
-            str(data),
-            "--port",
-            str(port),
-            "--broker-port",
-            str(broker_port),
-            "--broker-auth",
-            "dynsec",
-            "--device-certificates",
-        ),
-        tmp_path / "controller.log",
+    ctl = start_up(
+        tmp_path,
+        *("--broker-auth", "dynsec", "--device-certificates"),
         env={"SLMFLEET_DEVICE_CERT_HOURS": "0.02"},  # 72 s: agents renew after about 30 s
     )
+    up, broker_port = ctl.proc, ctl.broker_port
+    assert broker_port is not None
     procs = [up]
     try:
-        ctl = ControllerProc(up, f"http://127.0.0.1:{port}", data)
-        wait_until(lambda: up.alive() and httpx.get(ctl.api + "/api/v1/health", timeout=2).json()["status"] == "ok", 30)
         assert f"mqtts://127.0.0.1:{broker_port}" in up.log()
         auth = {"Authorization": f"Bearer {ctl.token}"}
 

@@ -15,9 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import codec, topics
 from agent.protocol.messages import MAX_COMMAND_PAYLOAD
-from controller.broker.embedded import EmbeddedBroker, free_port, mosquitto_config, packet_limit
+from controller.broker.embedded import EmbeddedBroker, mosquitto_config, packet_limit
 from tests.conftest import LiveController
-from tests.e2e.fleet import broker_url_from_banner
+from tests.e2e.fleet import broker_url_from_banner, start_up
 from tests.helpers import Proc, RawMqtt, metric_value, slmfleet_cmd, wait_until
 from tests.security import payloads
 
@@ -144,16 +144,11 @@ def test_a_killed_embedded_broker_is_started_again_with_its_persistence(tmp_path
 
 
 def test_slmfleet_up_supervises_its_broker_and_health_shows_it(tmp_path: Path, requires_mosquitto: None) -> None:
-    port, broker_port = free_port(), free_port()
-    data = tmp_path / "data"
-    up = Proc(
-        slmfleet_cmd("up", "--data-dir", str(data), "--port", str(port), "--broker-port", str(broker_port)),
-        tmp_path / "up.log",
-    )
-    api = f"http://127.0.0.1:{port}"
+    ctl = start_up(tmp_path)
+    up, api, data, broker_port = ctl.proc, ctl.api, ctl.data_dir, ctl.broker_port
+    assert broker_port is not None
     agent = None
     try:
-        wait_until(lambda: httpx.get(api + "/api/v1/health", timeout=2).json()["status"] == "ok", 30, what="up")
         conf = (data / "broker" / "mosquitto.conf").read_text()
         assert f"max_packet_size {packet_limit()}" in conf
         broker_url = broker_url_from_banner(up.log())
