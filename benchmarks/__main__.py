@@ -19,6 +19,7 @@ BENCHMARKS = {
     "simulate": "benchmarks.simulate",
     "dashboard": "benchmarks.dashboard",
     "security": "benchmarks.security",
+    "hardening": "benchmarks.hardening",
 }
 
 

@@ -103,9 +103,12 @@ class DeliveryService:
         self.commands = commands or CommandSender(key)
         #: marks of artifacts damaged in the store: nothing is sent from them
         self.integrity = integrity or ArtifactIntegrity(engine, store, metrics)
+        self.integrity.on_repaired.append(self._forget_checks)
         #: devices' reports of chunks that arrived damaged: (artifact, index) and (device, artifact, index)
         #: (deployment, device) pairs looked up in the database: reports of ones never created are dropped
         self._known: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        #: chunks checked against their manifest once, per artifact (a repair does not hash them again)
+        self._verified: dict[str, set[int]] = {}
         self._bad_chunks: dict[tuple[str, int], int] = {}
         self._bad_by_device: dict[tuple[str, str, int], int] = {}
         self.bridge: MqttBridge | None = None
@@ -482,7 +485,7 @@ class DeliveryService:
             self._bad_by_device[(device_id, artifact_id, index)] = mine
             if total % BAD_REPORTS_RECHECK == 0:
                 try:
-                    source.frame(index)
+                    source.frame(index, recheck=True)
                 except ChunkUnavailable as exc:
                     self._unavailable(exc)
                     return True
@@ -514,12 +517,17 @@ class DeliveryService:
                     signed = self._manifest(session, artifact_id)
                 except DeploymentError:
                     return None
-        return ChunkSource(signed.manifest, self.store)
+        return ChunkSource(signed.manifest, self.store, self._verified.setdefault(artifact_id, set()))
+
+    def _forget_checks(self, artifact_id: str) -> None:
+        """The artifact's files changed in the store (a repair): its chunks are checked again when sent."""
+        self._verified.pop(artifact_id, None)
 
     def _unavailable(self, exc: ChunkUnavailable) -> None:
         """A chunk failed its check in the store (MQTT loop): stop sending the artifact, mark it corrupt, alert,
         and fail the devices that wait for it (they keep their model) with the reason."""
         artifact_id = exc.artifact_id
+        self._forget_checks(artifact_id)
         broadcast = self._broadcasts.get(artifact_id)
         if broadcast is not None:
             broadcast.stop()
