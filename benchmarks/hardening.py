@@ -124,20 +124,24 @@ def _stored(api: str, seq: int) -> bool:
     return any(r["seq"] == seq for r in rows)
 
 
-def _deploy(chunks: int) -> Deploy:
-    size = chunks * 256 * 1024
-    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(chunks)]
-    manifest = Manifest(
+def _manifest(sha256: str, size: int, chunk_hashes: list[str]) -> Manifest:
+    """A one-file manifest in chunks of 256 KiB."""
+    return Manifest(
         model="bench",
         version=1,
         variant="fp32",
         task=Task.ANOMALY,
         io=IO(inputs=[TensorInfo(name="x", dtype="float32", shape=[1, 8])], outputs=[]),
         anomaly={"input": "x", "output": "s", "n_features": 8, "threshold": 0.5},  # type: ignore[arg-type]
-        files=[{"path": "model.onnx", "sha256": "0" * 64, "size": size}],  # type: ignore[list-item]
-        chunks=file_chunks(0, size, hashes, 256 * 1024, 0),
+        files=[{"path": "model.onnx", "sha256": sha256, "size": size}],  # type: ignore[list-item]
+        chunks=file_chunks(0, size, chunk_hashes, 256 * 1024, 0),
         created_at=time.time(),
     )
+
+
+def _deploy(chunks: int) -> Deploy:
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(chunks)]
+    manifest = _manifest("0" * 64, chunks * 256 * 1024, hashes)
     key = Ed25519PrivateKey.generate()
     return Deploy(ts=time.time(), command_id="d-1", deployment_id="d-1", manifest=signing.sign(manifest, key))
 
@@ -189,17 +193,7 @@ def _chunk_check(root: Path, chunks: int) -> dict[str, Any]:
     data = os.urandom(chunks * 256 * 1024)
     sha = store.put_bytes(data)
     hashes = [hashlib.sha256(data[o : o + 256 * 1024]).hexdigest() for o in range(0, len(data), 256 * 1024)]
-    manifest = Manifest(
-        model="bench",
-        version=1,
-        variant="fp32",
-        task=Task.ANOMALY,
-        io=IO(inputs=[TensorInfo(name="x", dtype="float32", shape=[1, 8])], outputs=[]),
-        anomaly={"input": "x", "output": "s", "n_features": 8, "threshold": 0.5},  # type: ignore[arg-type]
-        files=[{"path": "model.onnx", "sha256": sha, "size": len(data)}],  # type: ignore[list-item]
-        chunks=file_chunks(0, len(data), hashes, 256 * 1024, 0),
-        created_at=time.time(),
-    )
+    manifest = _manifest(sha, len(data), hashes)
     source = ChunkSource(manifest, store)
     indices = iter(i % chunks for i in range(10**9))
     checked = _per_call(lambda: source.frame(next(indices), recheck=True), chunks)
