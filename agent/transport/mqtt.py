@@ -214,7 +214,7 @@ class MqttTransport:
                 self.config = config
             client = self._client
             if client is None or not self._connected:
-                self._client = None  # the next attempt builds a client from the new configuration
+                self._drop_failed_client()  # the next attempt builds a client from the new configuration
                 return
             self._renewing = True
             client.disconnect()

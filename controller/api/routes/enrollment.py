@@ -177,6 +177,8 @@ def enroll(body: EnrollRequest, session: SessionDep, runtime: RuntimeDep) -> Enr
         },
     )
     session.commit()
+    if pki is not None and issued is not None:  # enrolled again: the certificates of earlier enrollments stop working
+        pki.installed(result.device_id, issued.serial)
     return EnrollResponse(
         device_id=result.device_id,
         broker_url=result.broker_url,
