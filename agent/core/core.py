@@ -3,6 +3,10 @@
 Deployments (Deploy, Rollback, Activate, Commit, Cancel and the chunk frames) are routed to an optional
 ``DeploymentHooks`` object (``agent.deploy.driver.DeploymentDriver`` on devices and in simulations),
 which also supplies the installed models for the birth message.
+
+Every command but ``ping`` must pass the ``CommandGuard`` first: sealed by the controller for this device, not
+expired, never seen before (``agent.core.guard``); a device with a client certificate renews it through the
+optional ``CertificateHooks`` (``agent.runtime.identity``).
 """
 
 from __future__ import annotations
@@ -266,7 +270,7 @@ class AgentCore:
         actions: list[CoreAction] = self._deployments.tick(now) if self._deployments is not None else []
         request = self.certificates.renewal(now) if self.certificates is not None else None
         if request is not None:
-            request = request.model_copy(update={"seq": self._next_seq(), "ts": now})
+            request = request.model_copy(update={"seq": self._next_seq()})  # ts stays: the proof covers it
             actions.append(Publish(self._topic_events, codec.encode(request), qos=1, durable=False))
         return actions + self._telemetry(now)
 
