@@ -75,6 +75,8 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-username", dest="mqtt_username")
     p.add_argument("--mqtt-password-file", dest="mqtt_password_file", type=Path)
     p.add_argument("--ca-file", dest="ca_file", type=Path)
+    p.add_argument("--mqtt-cert-file", dest="mqtt_cert_file", type=Path, help="client certificate (mutual TLS)")
+    p.add_argument("--mqtt-key-file", dest="mqtt_key_file", type=Path, help="its private key (mode 0600)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: automatic)")
     p.add_argument(

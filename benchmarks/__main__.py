@@ -20,6 +20,7 @@ BENCHMARKS = {
     "dashboard": "benchmarks.dashboard",
     "security": "benchmarks.security",
     "floors": "benchmarks.floors",
+    "hardening": "benchmarks.hardening",
 }
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -29,6 +30,30 @@ class _StateCollector(Collector):
         for state, n in sorted(self._counts().items()):
             family.add_metric([state], n)
         yield family
+
+
+class SupervisedBroker(Protocol):
+    """What the metrics read of the embedded broker (``controller.broker.embedded.EmbeddedBroker``)."""
+
+    restarts: int
+
+    @property
+    def running(self) -> bool: ...
+
+
+class _BrokerCollector(Collector):
+    def __init__(self, broker: SupervisedBroker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily("slmfleet_broker_up", "1 while the embedded broker runs (0: dead or restarting)")
+        up.add_metric([], 1 if self._broker.running else 0)
+        yield up
+        restarts = CounterMetricFamily(
+            "slmfleet_broker_restarts", "Times the supervised embedded broker died and was started again"
+        )
+        restarts.add_metric([], self._broker.restarts)
+        yield restarts
 
 
 class Metrics:
@@ -83,9 +108,22 @@ class Metrics:
         self.bytes_published = Counter(
             "slmfleet_chunk_bytes_published", "Artifact bytes published, frames included", ["kind"], registry=r
         )
+        self.artifact_corruptions = Counter(
+            "slmfleet_artifact_corruptions",
+            "Artifacts marked corrupt: a file in the controller's store failed its sha256 (nothing is sent from them)",
+            registry=r,
+        )
+        self.chunk_bad_reports = Counter(
+            "slmfleet_chunk_bad_reports",
+            "Chunks devices received that failed their sha256 (damaged on the way or in the store)",
+            registry=r,
+        )
 
     def watch_devices(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_DeviceCollector(counts))
+
+    def watch_broker(self, broker: SupervisedBroker) -> None:
+        self.registry.register(_BrokerCollector(broker))
 
     def watch_targets(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(

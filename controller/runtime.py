@@ -13,13 +13,18 @@ from datetime import timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import delete, select
 
+from agent.protocol import chunks as frames
+from agent.protocol import topics
+from agent.protocol.messages import CertificateRequest, CommandAck, InstallCertificate
 from agent.transport.mqtt import MqttConfig, parse_broker_url
 from controller.broker import dynsec
 from controller.broker.dynsec import DynsecAdmin
+from controller.broker.embedded import EmbeddedBroker
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import utcnow
 from controller.delivery.service import DeliveryService
+from controller.devices.commands import CommandSender
 from controller.devices.registry import DeviceRegistry
 from controller.enrollment.service import EnrollmentService
 from controller.health.rollup import HealthRollupJob
@@ -29,6 +34,10 @@ from controller.mqtt.handlers import DeviceTrafficHandler
 from controller.notify.outbox import Notifier
 from controller.notify.sender import SenderSettings, WebhookSender
 from controller.notify.triggers import Triggers
+from controller.pki import broker as pki_broker
+from controller.pki.authority import PkiError
+from controller.pki.service import CRL_REFRESH, DevicePki
+from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.service import RegistryService
 from controller.rollouts.engine import RolloutEngine
 from controller.settings import ControllerSettings
@@ -37,11 +46,19 @@ from controller.telemetry.ingest import IngestWriter, LastSeen, Offline
 log = logging.getLogger(__name__)
 
 
+#: room for the topic, packet id and MQTT 5 properties around the largest payload the controller accepts
+RECEIVE_OVERHEAD = 8 * 1024
+
+
 class ControllerRuntime:
-    def __init__(self, settings: ControllerSettings) -> None:
+    def __init__(self, settings: ControllerSettings, embedded_broker: EmbeddedBroker | None = None) -> None:
+        """``embedded_broker``: the broker ``slmfleet up`` started (its supervision shows in metrics and health)."""
         self.settings = settings
+        self.embedded_broker = embedded_broker
         self.engine = make_engine(settings.resolved_database_url)
         self.metrics = Metrics()
+        if embedded_broker is not None:
+            self.metrics.watch_broker(embedded_broker)
         self.registry = DeviceRegistry(settings.offline_after_factor)
         self.metrics.watch_devices(self.registry.counts)
         self.writer = IngestWriter(
@@ -61,6 +78,8 @@ class ControllerRuntime:
             telemetry_burst=settings.telemetry_burst,
             control_rate_per_s=settings.control_rate_per_s,
             control_burst=settings.control_burst,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            max_age_s=settings.telemetry_retention_days * 86400,
         )
         self.models = RegistryService(
             self.engine,
@@ -70,11 +89,23 @@ class ControllerRuntime:
             max_unpacked_bytes=settings.unpack_max_bytes,
             floors=settings.min_agreement,
         )
-        self.delivery = DeliveryService(self.engine, self.models.store, self.models.key, self.metrics)
+        #: every command to a device goes out through this: sealed for that device (agent.protocol.signing)
+        self.commands = CommandSender(self.models.key, settings.command_ttl_s)
+        #: artifacts damaged in the store (marked, announced, repaired); listeners get each new mark
+        self.integrity = ArtifactIntegrity(self.engine, self.models.store, self.metrics)
+        self.delivery = DeliveryService(
+            self.engine,
+            self.models.store,
+            self.models.key,
+            self.metrics,
+            commands=self.commands,
+            integrity=self.integrity,
+        )
         self.metrics.watch_targets(self.delivery.state_counts)
         self.handler.on_deployment_event = self.delivery.on_event
         self.handler.on_chunk_request = self.delivery.on_chunk_request
         self.handler.on_birth = self.delivery.device_online
+        self.handler.knows_deployment = self.delivery.knows
         self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
         self.rollouts = RolloutEngine(self.engine, self.delivery)
         self.health = HealthRollupJob(self.engine)
@@ -93,6 +124,20 @@ class ControllerRuntime:
         self.triggers = Triggers(self.engine, self.notifier, settings.public_url, settings.notify_offline_after_s)
         self.rollouts.on_transition = self.triggers.rollout_transition
         self.delivery.on_finish = self.triggers.deployment_finished
+        #: client certificates for devices (mutual TLS with the broker), when device_certificates is on
+        self.pki: DevicePki | None = None
+        if settings.device_certificates:
+            self.pki = DevicePki(
+                self.engine,
+                pki_broker.authority(settings),
+                pki_broker.crl_path(settings),
+                timedelta(hours=settings.device_cert_hours),
+                settings.broker_reload_command,
+            )
+            if embedded_broker is not None:
+                self.pki.reload_broker = embedded_broker.reload
+            self.handler.on_cert_request = self._certificate_requested
+            self.handler.on_ack = self._acknowledged
         self.bridge: MqttBridge | None = None
         #: the broker's dynamic-security administrator when broker_auth is dynsec (set in start())
         self.broker_admin: DynsecAdmin | None = None
@@ -118,6 +163,9 @@ class ControllerRuntime:
         migrate(self.engine)
         self._load_registry()
         self.enrollment.load()
+        self.integrity.load()
+        if self.pki is not None:
+            self.pki.publish_crl()  # from the database: what the last run revoked, valid for a week again
         self.models.start()
         self.writer.start()
         self.notifier.reload()
@@ -130,7 +178,15 @@ class ControllerRuntime:
                 fields["password"] = s.mqtt_password
             if fields.get("tls") and s.broker_ca_file is not None:
                 fields["ca_file"] = str(s.broker_ca_file)
-            config = MqttConfig(**fields, keepalive_s=s.mqtt_keepalive_s, protocol=s.mqtt_protocol, reconnect_max_s=5.0)
+            # Only device state, telemetry and events come in, each at most max_control_payload: an MQTT 5 broker is
+            # told so and discards anything larger instead of sending it (a 100 MB publish never reaches us).
+            config = MqttConfig(
+                **fields,
+                keepalive_s=s.mqtt_keepalive_s,
+                protocol=s.mqtt_protocol,
+                reconnect_max_s=5.0,
+                max_packet_size=s.max_control_payload + RECEIVE_OVERHEAD,
+            )
             subscriptions = self.handler.subscriptions(s.mqtt_shared_group)
             if s.broker_auth == "dynsec":
                 subscriptions.append((dynsec.RESPONSE_TOPIC, 1))
@@ -140,7 +196,9 @@ class ControllerRuntime:
                 self._on_message,
                 subscriptions,
                 on_connection_change=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
+                on_oversize=self._oversize,
             )
+            self.bridge.on_reconnect.append(self._check_broker_limit)
             if s.broker_auth == "dynsec":
                 bridge = self.bridge
                 admin = self.broker_admin = DynsecAdmin(
@@ -165,6 +223,9 @@ class ControllerRuntime:
         if s.notify_offline_after_s > 0:
             every = max(1.0, min(15.0, s.notify_offline_after_s / 4))
             self.scheduler.add_job(self.triggers.check_devices, "interval", seconds=every, id="notify-offline")
+        if self.pki is not None:  # a CRL expires; a broker holding an expired one refuses every device
+            interval = CRL_REFRESH.total_seconds()
+            self.scheduler.add_job(self.pki.publish_crl, "interval", seconds=interval, id="device-crl")
         self.rollouts.resume_all()
         self.scheduler.add_job(self.rollouts.step_all, "interval", seconds=s.rollout_step_s, id="rollouts")
         self.scheduler.start()
@@ -228,12 +289,52 @@ class ControllerRuntime:
             return
         self.handler(topic, payload)
 
+    def _oversize(self, topic: str, size: int) -> None:
+        """A message over our limit that a 3.1.1 broker delivered anyway: dropped unread, counted."""
+        parsed = topics.parse_device(topic)
+        source = parsed.device_id if parsed is not None else topic[:200]
+        channel = parsed.channel.value if parsed is not None else "unknown"
+        self.handler.drops.drop(source, channel, "too_large", f"{size} bytes, dropped before reading it")
+
+    def _check_broker_limit(self) -> None:
+        """Chunk frames larger than the broker accepts would never arrive: say so at once, not per deployment."""
+        bridge = self.bridge
+        limit = bridge.transport.server_max_packet if bridge is not None and bridge.transport is not None else None
+        needed = self.settings.chunk_size + frames.HEADER_SIZE + RECEIVE_OVERHEAD
+        if limit is not None and limit < needed:
+            log.error(
+                "the broker accepts packets of at most %d bytes; chunks of chunk_size %d need %d: deployments"
+                " will not arrive. Raise the broker's max_packet_size or lower chunk_size",
+                limit,
+                self.settings.chunk_size,
+                needed,
+            )
+
     def _barred_changed(self, revoked: frozenset[str], forgotten: frozenset[str]) -> None:
         newly = revoked - self.handler.revoked
         self.handler.revoked = revoked
         self.handler.forgotten = forgotten
         for device_id in newly:
             self.registry.offline(device_id)
+            if self.pki is not None and self.started:
+                self.pki.revoke_device(device_id)  # its certificates go into the CRL, the broker reloads it
+
+    def _certificate_requested(self, device_id: str, request: CertificateRequest) -> None:
+        """A device proved its current key and asks for a new certificate (MQTT thread): issue and send it."""
+        assert self.pki is not None
+        try:
+            issued = self.pki.renew(device_id, request, time.time())
+        except PkiError as exc:
+            self.handler.drops.drop(device_id, "events", "cert_refused", str(exc))
+            return
+        command = InstallCertificate(
+            ts=time.time(), command_id=f"cert-{issued.serial}", cert_pem=issued.cert_pem, serial=issued.serial
+        )
+        self.commands.send(device_id, command)
+
+    def _acknowledged(self, device_id: str, ack: CommandAck) -> None:
+        if self.pki is not None and ack.ok and ack.command_id.startswith("cert-"):
+            self.pki.installed(device_id, ack.command_id.removeprefix("cert-"))
 
     def _load_registry(self) -> None:
         t = table(Device).c

@@ -70,6 +70,30 @@ class ControllerSettings(BaseSettings):
         " deployed to it (one plugin change per device and artifact); fleet: any enrolled device may read any"
         " artifact broadcast (no change per deployment: for very large fleets)",
     )
+    device_certificates: bool = Field(
+        False,
+        description="devices authenticate to the broker with a client certificate issued at enrollment and renewed"
+        " before it expires (mutual TLS); revoked ones are listed in a CRL the broker reloads. The embedded"
+        " mosquitto then requires one on its device listener",
+    )
+    device_ca_cert_file: Path | None = Field(
+        None,
+        description="the CA that issues device certificates (with device_ca_key_file); unset: the controller's own",
+    )
+    device_ca_key_file: Path | None = Field(None, description="private key of device_ca_cert_file")
+    device_cert_hours: Annotated[float, Field(ge=0.01, le=24 * 3650)] = Field(
+        24 * 90.0, description="lifetime of a device certificate; agents renew when a third of it is left"
+    )
+    device_crl_file: Path | None = Field(
+        None,
+        description="where the CRL of revoked device certificates is written (default <data_dir>/pki/devices.crl.pem);"
+        " point your broker's crlfile at it",
+    )
+    broker_reload_command: str | None = Field(
+        None,
+        description="run after the CRL changed, for a broker the controller did not start (e.g. 'systemctl reload"
+        " mosquitto'); the embedded one gets SIGHUP",
+    )
     device_broker_url: str | None = Field(
         None,
         description="broker URL handed to devices at enrollment (unset: broker_url, which may be a loopback"
@@ -143,6 +167,11 @@ class ControllerSettings(BaseSettings):
         description="a device silent for this many times max(keepalive, telemetry interval) is marked offline"
         " even if the broker never delivered its will",
     )
+    max_clock_skew_s: Annotated[float, Field(ge=1, le=86400)] = Field(
+        300.0,
+        description="a device timestamp further ahead of the controller's clock than this (or older than the"
+        " telemetry retention) is flagged (slmfleet_clock_skew_total) and the receive time is stored instead",
+    )
     sweep_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(5.0, description="how often lapses are checked")
     telemetry_retention_days: Annotated[float, Field(gt=0)] = Field(
         30.0, description="telemetry rows older than this are deleted by a daily job"
@@ -155,6 +184,11 @@ class ControllerSettings(BaseSettings):
     )
     chunk_size: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = Field(
         256 * 1024, description="delivery chunk size of new artifacts, bytes"
+    )
+    command_ttl_s: Annotated[float, Field(ge=60, le=7 * 86400)] = Field(
+        3600.0,
+        description="how long a command signed for a device stays valid (devices refuse it later, and refuse a"
+        " replay before); device clocks must be within this of the controller's",
     )
     manifest_validity_days: Annotated[float, Field(gt=0)] = Field(
         365.0, description="manifests expire this long after registration (devices refuse expired ones)"
@@ -231,6 +265,7 @@ class ControllerSettings(BaseSettings):
         for cert, key in (
             ("tls_cert_file", "tls_key_file"),
             ("embedded_broker_tls_cert_file", "embedded_broker_tls_key_file"),
+            ("device_ca_cert_file", "device_ca_key_file"),
         ):
             if (getattr(self, cert) is None) != (getattr(self, key) is None):
                 raise ValueError(f"{cert} and {key} go together: set both or neither")

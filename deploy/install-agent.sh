@@ -224,6 +224,12 @@ else
     # LoadCredential= needs the file; empty means "no key pinned yet": deployments are refused.
     : | write_file "$CONFIG_DIR/signing-key.pem" 0644
 fi
+for credential in client.pem client.key; do
+    # LoadCredential= needs the files; empty means "no client certificate" (a broker without mutual TLS).
+    if [ ! -f "$ROOT$CONFIG_DIR/$credential" ]; then
+        : | write_file "$CONFIG_DIR/$credential" 0600
+    fi
+done
 system chown "root:$SERVICE_USER" "$CONFIG_DIR" "$CONFIG_DIR/agent.toml"
 system chmod 0750 "$CONFIG_DIR"
 

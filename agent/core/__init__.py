@@ -8,10 +8,12 @@ or the wall clock.
 from agent.core.actions import Action, Publish, Subscribe
 from agent.core.core import (
     AgentCore,
+    CertificateHooks,
     CoreAction,
     CoreConfig,
     DeployCommand,
     DeploymentHooks,
+    Reconnect,
     TelemetrySample,
     Unsubscribe,
 )
@@ -19,11 +21,13 @@ from agent.core.core import (
 __all__ = [
     "Action",
     "AgentCore",
+    "CertificateHooks",
     "CoreAction",
     "CoreConfig",
     "DeployCommand",
     "DeploymentHooks",
     "Publish",
+    "Reconnect",
     "Subscribe",
     "TelemetrySample",
     "Unsubscribe",

@@ -3,6 +3,10 @@
 Deployments (Deploy, Rollback, Activate, Commit, Cancel and the chunk frames) are routed to an optional
 ``DeploymentHooks`` object (``agent.deploy.driver.DeploymentDriver`` on devices and in simulations),
 which also supplies the installed models for the birth message.
+
+Every command but ``ping`` must pass the ``CommandGuard`` first: sealed by the controller for this device, not
+expired, never seen before (``agent.core.guard``); a device with a client certificate renews it through the
+optional ``CertificateHooks`` (``agent.runtime.identity``).
 """
 
 from __future__ import annotations
@@ -14,30 +18,51 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from agent.core.actions import Action, Publish, Subscribe
+from agent.core.guard import CommandGuard
 from agent.protocol import codec, topics
 from agent.protocol.messages import (
+    MAX_BYTES,
+    MAX_CPU_PERCENT,
+    MAX_TEMPERATURE_C,
+    MAX_UPTIME_S,
+    MIN_TEMPERATURE_C,
     Activate,
     AgentEvent,
     Cancel,
+    CertificateRequest,
     CommandAck,
     Commit,
     Configure,
     Deploy,
+    DeploymentEvent,
+    DeployState,
     DeviceOffline,
     DeviceOnline,
     HardwareProfile,
     InferenceStats,
+    InstallCertificate,
     InstalledModel,
     ModelRef,
     Ping,
     Rollback,
     Telemetry,
 )
+from agent.protocol.signing import VerificationError
 from agent.protocol.topics import DeviceChannel
 from agent.transport.base import Will
 
 log = logging.getLogger(__name__)
+
+#: a refused command is reported to the controller at most this often per reason (an attacker's stream of
+#: forged commands must not become a stream of events that pushes real telemetry out of the spool)
+REFUSAL_REPORT_INTERVAL_S = 60.0
+#: refusals reported per interval, at most
+MAX_REFUSAL_REPORTS = 10
+#: why a Deploy can never be accepted by this agent as it is configured (its deployment fails at once)
+_NEVER_ACCEPTED = frozenset({"no_key", "wrong_key", "unsigned"})
 
 DeployCommand = Deploy | Rollback | Activate | Commit | Cancel
 _DEPLOY_COMMANDS = (Deploy, Rollback, Activate, Commit, Cancel)
@@ -50,8 +75,29 @@ class Unsubscribe:
     filter: str
 
 
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Close the broker connection cleanly and connect again with fresh credentials (a renewed certificate)."""
+
+    reason: str
+
+
 #: What the core (with deployments) asks its driver to do.
-CoreAction = Action | Unsubscribe
+CoreAction = Action | Unsubscribe | Reconnect
+
+
+class CertificateHooks(Protocol):
+    """The device's client certificate for the broker (``agent.runtime.identity.ClientIdentity``)."""
+
+    def renewal(self, now: float) -> CertificateRequest | None:
+        """A request for a new certificate when the current one is due for renewal (seq is set by the core)."""
+        ...
+
+    def install(self, command: InstallCertificate, now: float) -> str | None:
+        """Take the renewed certificate; None when done, else why not."""
+        ...
+
+    def next_wakeup(self) -> float | None: ...
 
 
 class DeploymentHooks(Protocol):
@@ -117,8 +163,16 @@ class AgentCore:
         started_at: float,
         installed: InstalledProvider | None = None,
         deployments: DeploymentHooks | None = None,
+        guard: CommandGuard | None = None,
+        certificates: CertificateHooks | None = None,
     ) -> None:
+        """``guard`` admits signed commands (``agent.core.guard``); without one every command but ``ping``
+        is refused, as an agent without a pinned signing key must. ``certificates``: the client certificate
+        of a device that authenticates to the broker with one (renewed before it expires)."""
         self.config = config
+        self.certificates = certificates
+        self.guard = guard or CommandGuard(config.device_id, None)
+        self._refusals_reported: dict[str, float] = {}
         self.hardware = hardware
         self._sampler = sampler
         self._deployments: DeploymentHooks | None = None
@@ -194,14 +248,21 @@ class AgentCore:
             self.drops.drop(topic, "cmd", "topic", "not a command topic of this device")
             return []
         try:
-            command = codec.decode(DeviceChannel.CMD, payload)
+            obj, command = codec.parse_command(payload)
         except codec.PayloadError as exc:
             self.drops.drop(topic, "cmd", exc.reason, exc.detail)
             return []
+        if not isinstance(command, Ping):
+            try:
+                self.guard.admit(obj, now)
+            except VerificationError as exc:
+                return self._refused(command, exc, topic, now)
         if isinstance(command, Ping):
             return [self._ack(command.command_id, True, "pong", now)]
         if isinstance(command, Configure):
             return self._configure(command, now)
+        if isinstance(command, InstallCertificate):
+            return self._install_certificate(command, now)
         if isinstance(command, _DEPLOY_COMMANDS):
             if self._deployments is None:
                 return [self._ack(command.command_id, False, "this agent does not take deployments", now)]
@@ -209,8 +270,13 @@ class AgentCore:
         return []  # pragma: no cover - the union is exhaustive
 
     def tick(self, now: float) -> list[CoreAction]:
-        """Emit telemetry when it is due; let the deployment side act on time (repairs, progress)."""
+        """Emit telemetry when it is due; let the deployment side act on time (repairs, progress); ask for a
+        new client certificate when the current one is due."""
         actions: list[CoreAction] = self._deployments.tick(now) if self._deployments is not None else []
+        request = self.certificates.renewal(now) if self.certificates is not None else None
+        if request is not None:
+            request = request.model_copy(update={"seq": self._next_seq()})  # ts stays: the proof covers it
+            actions.append(Publish(self._topic_events, codec.encode(request), qos=1, durable=False))
         return actions + self._telemetry(now)
 
     def _telemetry(self, now: float) -> list[CoreAction]:
@@ -218,19 +284,26 @@ class AgentCore:
             return []
         interval = max(now - self._last_telemetry, 1e-6)
         sample = self._sampler(interval)
-        msg = Telemetry(
-            ts=now,
-            seq=self._telemetry_seq,
-            interval_s=min(interval, 86400.0),
-            uptime_s=max(0.0, now - self._started_at),
-            cpu_percent=sample.cpu_percent if math.isfinite(sample.cpu_percent) else 0.0,
-            rss_bytes=sample.rss_bytes,
-            temperature_c=sample.temperature_c,
-            model=sample.model,
-            inference=sample.inference,
-            spool_depth=sample.spool_depth,
-            spool_dropped=sample.spool_dropped,
-        )
+        temperature = sample.temperature_c
+        if temperature is not None and not MIN_TEMPERATURE_C <= temperature <= MAX_TEMPERATURE_C:
+            temperature = None  # a sensor's error value (e.g. 1000 degrees), not a temperature
+        try:
+            msg = Telemetry(
+                ts=now,
+                seq=self._telemetry_seq,
+                interval_s=min(interval, 86400.0),
+                uptime_s=min(max(0.0, now - self._started_at), MAX_UPTIME_S),
+                cpu_percent=min(sample.cpu_percent, MAX_CPU_PERCENT) if math.isfinite(sample.cpu_percent) else 0.0,
+                rss_bytes=min(sample.rss_bytes, MAX_BYTES),
+                temperature_c=temperature,
+                model=sample.model,
+                inference=sample.inference,
+                spool_depth=sample.spool_depth,
+                spool_dropped=sample.spool_dropped,
+            )
+        except ValidationError as exc:  # a measurement beyond the wire schema must not stop the agent's loop
+            log.error("telemetry %d not sent: a measured value is out of range: %s", self._telemetry_seq, exc)
+            msg = None
         self._telemetry_seq += 1
         self._last_telemetry = now
         period = self.config.telemetry_interval_s
@@ -238,11 +311,17 @@ class AgentCore:
         self._next_telemetry += period
         if self._next_telemetry <= now:
             self._next_telemetry = now + period
+        if msg is None:
+            return []
         return [Publish(self._topic_telemetry, codec.encode(msg), qos=1, durable=True)]
 
     def next_wakeup(self) -> float:
-        wake = self._deployments.next_wakeup() if self._deployments is not None else None
-        return self._next_telemetry if wake is None else min(self._next_telemetry, wake)
+        wakes = [self._next_telemetry]
+        for hooks in (self._deployments, self.certificates):
+            wake = hooks.next_wakeup() if hooks is not None else None
+            if wake is not None:
+                wakes.append(wake)
+        return min(wakes)
 
     def event(self, kind: str, message: str, now: float) -> Publish:
         """An agent event (started, error, ...), durable."""
@@ -258,6 +337,55 @@ class AgentCore:
     def _ack(self, command_id: str, ok: bool, detail: str, now: float) -> Publish:
         msg = CommandAck(ts=now, seq=self._next_seq(), command_id=command_id, ok=ok, detail=detail)
         return Publish(self._topic_events, codec.encode(msg), qos=1, durable=True)
+
+    def _refused(self, command: object, exc: VerificationError, topic: str, now: float) -> list[CoreAction]:
+        """A command not signed for this device, expired or replayed: counted and logged, never obeyed.
+
+        The controller hears of it without letting a stream of forged commands become a stream of events that
+        pushes real telemetry out of the spool: a Deploy this device can never accept (no pinned key, another
+        key, unsigned) fails that deployment, like a manifest it refuses; anything else is an undurable
+        ``command_refused`` event. Either at most once a minute per deployment or reason, and ten a minute
+        in all.
+        """
+        what = f"{getattr(command, 'type', '?')} {getattr(command, 'command_id', '?')}"
+        self.drops.drop(topic, "cmd", exc.reason, f"{what} refused: {exc}")
+        permanent = isinstance(command, Deploy) and exc.reason in _NEVER_ACCEPTED
+        key = f"deploy:{command.deployment_id}" if isinstance(command, Deploy) and permanent else exc.reason
+        if not self._may_report(key, now):
+            return []
+        if isinstance(command, Deploy) and permanent:
+            failed = DeploymentEvent(
+                ts=now,
+                seq=self._next_seq(),
+                deployment_id=command.deployment_id,
+                artifact_id=command.manifest.manifest.artifact_id,
+                state=DeployState.FAILED,
+                reason=f"{exc.reason}: {exc}"[:4096],
+            )
+            return [Publish(self._topic_events, codec.encode(failed), qos=1, durable=True)]
+        msg = AgentEvent(
+            ts=now, seq=self._next_seq(), kind="command_refused", message=f"{what} refused: {exc.reason}: {exc}"[:4096]
+        )
+        return [Publish(self._topic_events, codec.encode(msg), qos=1, durable=False)]
+
+    def _may_report(self, key: str, now: float) -> bool:
+        reported = self._refusals_reported
+        for old in [k for k, t in reported.items() if now - t >= REFUSAL_REPORT_INTERVAL_S or t > now]:
+            del reported[old]
+        if key in reported or len(reported) >= MAX_REFUSAL_REPORTS:
+            return False
+        reported[key] = now
+        return True
+
+    def _install_certificate(self, command: InstallCertificate, now: float) -> list[CoreAction]:
+        if self.certificates is None:
+            return [self._ack(command.command_id, False, "this agent does not use a client certificate", now)]
+        problem = self.certificates.install(command, now)
+        if problem is not None:
+            return [self._ack(command.command_id, False, f"certificate refused: {problem}", now)]
+        # acknowledged before reconnecting: the ack goes out on the old connection or, spooled, on the new one
+        ack = self._ack(command.command_id, True, f"certificate {command.serial} installed", now)
+        return [ack, Reconnect(f"renewed client certificate {command.serial}")]
 
     def _configure(self, command: Configure, now: float) -> list[CoreAction]:
         actions: list[CoreAction] = []

@@ -122,6 +122,8 @@ class DeploymentManager:
         self._download_token = -1
         self._subscribed: str | None = None
         self._outstanding: dict[int, float] = {}
+        #: chunks that arrived and failed their sha256 since the last request: the controller hears of them
+        self._bad: set[int] = set()
         self._repair_mode = False
         self._last_chunk_at = 0.0
         self._last_progress_at = -math.inf
@@ -553,6 +555,8 @@ class DeploymentManager:
             # Never written; asked for again with the next request.
             self.counters["chunks_bad"] += 1
             self._outstanding.pop(frame.index, None)
+            if len(self._bad) < 256:
+                self._bad.add(frame.index)
             self.drops.drop(topic, "chunks", "bad_hash", f"chunk {frame.index} does not match its sha256")
             return []
         try:
@@ -613,8 +617,14 @@ class DeploymentManager:
                 self._outstanding[index] = now
         self._repair_mode = True
         self.counters["chunk_requests"] += 1
+        bad, self._bad = sorted(self._bad), set()
         msg = ChunkRequest(
-            ts=now, seq=self._bump_seq(), deployment_id=rec.deployment_id, artifact_id=rec.artifact_id, ranges=asked
+            ts=now,
+            seq=self._bump_seq(),
+            deployment_id=rec.deployment_id,
+            artifact_id=rec.artifact_id,
+            ranges=asked,
+            bad=bad,
         )
         # Not durable: a request is only useful now; it is repeated after the timeout anyway.
         return [Publish(self._events_topic, codec.encode(msg), qos=1, durable=False)]

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.deploy.ids import artifact_id
 from agent.protocol import signing
-from agent.protocol.manifest import Manifest, SignedManifest, canonical_json
+from agent.protocol.manifest import Manifest, SignedManifest
 from agent.protocol.messages import Rollback, RollbackGrant
 from agent.protocol.signing import VerificationError
 
-__all__ = ["VerificationError", "check_manifest", "load_pinned_key", "sign_grant", "verify_grant"]
+__all__ = ["VerificationError", "check_manifest", "load_pinned_key", "verify_grant"]
 
 
 def load_pinned_key(path: Path) -> Ed25519PublicKey:
@@ -65,26 +62,12 @@ def check_manifest(
     )
 
 
-def grant_bytes(grant: RollbackGrant) -> bytes:
-    """The bytes a rollback grant's signature covers."""
-    return canonical_json(grant.model_dump(mode="json"))
-
-
-def sign_grant(grant: RollbackGrant, key: Ed25519PrivateKey) -> str:
-    """The base64 signature a controller puts into ``Rollback.signature``."""
-    return base64.b64encode(key.sign(grant_bytes(grant))).decode()
-
-
 def verify_grant(command: Rollback, key: Ed25519PublicKey | None, *, device_id: str, now: float) -> RollbackGrant:
     """The grant if this device may act on it, else VerificationError."""
     grant = command.grant
     if key is None:
         raise VerificationError("no_key", "this agent has no pinned signing key (set signing_key_file)")
-    try:
-        signature = base64.b64decode(command.signature, validate=True)
-        key.verify(signature, grant_bytes(grant))
-    except (binascii.Error, ValueError, InvalidSignature):
-        raise VerificationError("bad_signature", "the rollback grant's signature does not verify") from None
+    signing.verify_grant_signature(grant, command.signature, key)
     if grant.device_id != device_id:
         raise VerificationError("wrong_device", f"the rollback grant names device {grant.device_id}, not {device_id}")
     if grant.deployment_id != command.deployment_id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -50,19 +51,49 @@ def decode(channel: DeviceChannel, payload: bytes, max_size: int | None = None) 
     adapter = _ADAPTERS.get(channel)
     if adapter is None:
         raise PayloadError("channel", f"no messages are defined for channel {channel.value!r}")
+    _check_size(payload, max_size)
+    try:
+        return adapter.validate_json(payload)
+    except ValidationError as exc:
+        raise _schema_error(exc) from None
+
+
+def parse_command(payload: bytes, max_size: int = MAX_COMMAND_PAYLOAD) -> tuple[dict[str, Any], Any]:
+    """A command payload as the JSON object received (what its signature covers) and the validated command.
+
+    Both come from one parse, so what is verified (``signing.open_command``) is exactly what is obeyed.
+    """
+    _check_size(payload, max_size)
+    try:
+        obj = json.loads(payload, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN/Infinity
+        raise PayloadError("not_json", str(exc)[:200]) from None
+    if not isinstance(obj, dict):
+        raise PayloadError("schema", f"payload: a command is a JSON object, not {type(obj).__name__}")
+    try:
+        return obj, _ADAPTERS[DeviceChannel.CMD].validate_python(obj)
+    except ValidationError as exc:
+        raise _schema_error(exc) from None
+
+
+def _check_size(payload: bytes, max_size: int) -> None:
     if len(payload) > max_size:
         raise PayloadError("too_large", f"{len(payload)} bytes exceeds the {max_size} byte limit")
     if not payload:
         raise PayloadError("empty", "empty payload")
-    try:
-        return adapter.validate_json(payload)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        if errors and errors[0]["type"] == "json_invalid":
-            raise PayloadError("not_json", str(errors[0]["msg"])[:200]) from None
-        first = errors[0] if errors else {"loc": (), "msg": str(exc)}
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise PayloadError("schema", f"{where}: {first['msg']}"[:300]) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _schema_error(exc: ValidationError) -> PayloadError:
+    errors = exc.errors(include_url=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return PayloadError("not_json", str(errors[0]["msg"])[:200])
+    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+    where = ".".join(str(p) for p in first["loc"]) or "payload"
+    return PayloadError("schema", f"{where}: {first['msg']}"[:300])
 
 
 class DropCounter:

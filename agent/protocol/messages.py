@@ -31,8 +31,33 @@ LabelKey = Annotated[
 ]
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=r"^([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$")]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
+DeviceId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+]
 NonNeg = Annotated[float, Field(ge=0)]
-Count = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+# Physical bounds: what no working device can report. A value beyond them is a broken sensor, a corrupted
+# spool or a hostile sender; the message is refused (and counted) instead of storing 1.7e308 % CPU.
+#: a day, in milliseconds: no single inference takes longer
+MAX_LATENCY_MS = 86_400_000.0
+#: 4096 cores, each fully busy (``cpu_percent`` is in percent of one core)
+MAX_CPU_PERCENT = 409_600.0
+#: a pebibyte: more memory or disk than any edge device has
+MAX_BYTES = 2**50
+#: a century of uptime
+MAX_UPTIME_S = 100 * 365.25 * 86400
+#: events, records, tokens, chunks per second
+MAX_RATE = 1e9
+#: absolute zero to well past where silicon stops working
+MIN_TEMPERATURE_C, MAX_TEMPERATURE_C = -273.15, 500.0
+#: a metric of a deployment (latency in ms, memory in bytes, agreement, counts)
+MAX_METRIC = 1e18
+Short = Annotated[str, StringConstraints(max_length=64)]
+Latency = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS)]
+Rate = Annotated[float, Field(ge=0, le=MAX_RATE)]
+Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+Metric = Annotated[float, Field(ge=-MAX_METRIC, le=MAX_METRIC)]
 
 
 class _Frozen(BaseModel):
@@ -55,13 +80,13 @@ class HardwareProfile(_Frozen):
     """What the device is: the controller picks variants and budgets from it."""
 
     cpu_count: Annotated[int, Field(ge=1, le=4096)]
-    cpu_model: str | None = None
-    ram_bytes: Count
-    disk_free_bytes: Count | None = None
-    arch: Annotated[str, StringConstraints(max_length=64)]
+    cpu_model: Annotated[str, StringConstraints(max_length=256)] | None = None
+    ram_bytes: Bytes
+    disk_free_bytes: Bytes | None = None
+    arch: Short
     os: Annotated[str, StringConstraints(max_length=128)]
-    python: str | None = None
-    onnxruntime: str | None = None
+    python: Short | None = None
+    onnxruntime: Short | None = None
     providers: Annotated[list[Name], Field(max_length=32)] = []
 
 
@@ -85,7 +110,7 @@ class DeviceOnline(_Message):
     installed: Annotated[list[InstalledModel], Field(max_length=16)] = []
     labels: Labels = {}
     keepalive_s: Annotated[int, Field(ge=1, le=65535)]
-    telemetry_interval_s: Annotated[float, Field(gt=0, le=86400)]
+    telemetry_interval_s: Annotated[float, Field(ge=0.1, le=86400)]
     capabilities: Annotated[list[Name], Field(max_length=64)] = []
     connection: ConnectionId | None = Field(
         None,
@@ -117,11 +142,11 @@ class LatencySummary(_Frozen):
     """Latency over one interval. ``buckets`` holds sparse ``[index, count]`` pairs of
     ``agent.telemetry.histogram.BUCKET_BOUNDS_MS`` so fleets can be aggregated exactly."""
 
-    p50_ms: NonNeg
-    p95_ms: NonNeg
-    p99_ms: NonNeg
-    mean_ms: NonNeg
-    max_ms: NonNeg
+    p50_ms: Latency
+    p95_ms: Latency
+    p99_ms: Latency
+    mean_ms: Latency
+    max_ms: Latency
     buckets: Annotated[list[tuple[Count, Count]], Field(max_length=256)] = []
 
 
@@ -130,7 +155,7 @@ class DriftStats(_Frozen):
 
     label_counts: Annotated[dict[Name, Count], Field(max_length=256)] = {}
     score_hist: Annotated[list[Count], Field(max_length=64)] = []
-    score_edges: Annotated[list[float], Field(max_length=65)] = []
+    score_edges: Annotated[list[Metric], Field(max_length=65)] = []
 
 
 class InferenceStats(_Frozen):
@@ -138,10 +163,10 @@ class InferenceStats(_Frozen):
     errors: Count = 0
     drops: Count = 0
     queue_depth: Count = 0
-    throughput_per_s: NonNeg = 0.0
+    throughput_per_s: Rate = 0.0
     latency: LatencySummary | None = None
     tokens: Count = 0
-    tokens_per_s: NonNeg | None = None
+    tokens_per_s: Rate | None = None
     drift: DriftStats | None = None
 
 
@@ -151,10 +176,10 @@ class Telemetry(_Message):
     type: Literal["telemetry"] = "telemetry"
     seq: Count
     interval_s: Annotated[float, Field(gt=0, le=86400)]
-    uptime_s: NonNeg
-    cpu_percent: NonNeg
-    rss_bytes: Count
-    temperature_c: float | None = None
+    uptime_s: Annotated[float, Field(ge=0, le=MAX_UPTIME_S)]
+    cpu_percent: Annotated[float, Field(ge=0, le=MAX_CPU_PERCENT, description="percent of one core")]
+    rss_bytes: Bytes
+    temperature_c: Annotated[float, Field(ge=MIN_TEMPERATURE_C, le=MAX_TEMPERATURE_C)] | None = None
     model: ModelRef | None = None
     inference: InferenceStats | None = None
     spool_depth: Count = 0
@@ -216,7 +241,7 @@ class DeploymentEvent(_Message):
     )
     reason: Annotated[str, StringConstraints(max_length=4096)] = ""
     installed: InstalledModel | None = None
-    metrics: Annotated[dict[str, float], Field(max_length=64)] = {}
+    metrics: Annotated[dict[Name, Metric], Field(max_length=64)] = {}
 
 
 class ChunkRequest(_Message):
@@ -227,24 +252,67 @@ class ChunkRequest(_Message):
     deployment_id: DeploymentId
     artifact_id: ArtifactId
     ranges: Annotated[list[tuple[Count, Count]], Field(min_length=1, max_length=256)]
+    bad: Annotated[list[Count], Field(max_length=256)] = Field(
+        [], description="chunks that arrived and failed their sha256 since the last request (asked for again)"
+    )
 
 
-EventMessage = Annotated[AgentEvent | CommandAck | DeploymentEvent | ChunkRequest, Field(discriminator="type")]
+class CertificateRequest(_Message):
+    """A device asks for a new client certificate before its current one expires (mutual TLS).
+
+    ``proof`` is the current key's signature over ``signing.cert_request_bytes`` (device, request, serial,
+    time): only the holder of the current certificate's key can renew it, whoever can publish here.
+    """
+
+    type: Literal["cert_request"] = "cert_request"
+    seq: Count
+    csr_pem: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+    serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,64}$")] = Field(
+        description="the current certificate's serial number (hex)"
+    )
+    proof: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+EventMessage = Annotated[
+    AgentEvent | CommandAck | DeploymentEvent | ChunkRequest | CertificateRequest, Field(discriminator="type")
+]
 
 
 # ------------------------------------------------------------- commands ----
 
 
-class Ping(_Message):
-    type: Literal["ping"] = "ping"
+class CommandAuth(_Frozen):
+    """Whom a command is for and until when, signed by the controller's key (``agent.protocol.signing``).
+
+    The signature covers these fields (but ``signature``) and a digest of the whole command, so a genuine
+    command cannot be replayed to another device, after it expired, or (``nonce``) twice to the same one.
+    """
+
+    device_id: DeviceId
+    issued_at: Annotated[float, Field(ge=0, le=MAX_TS)]
+    expires_at: Annotated[float, Field(ge=0, le=MAX_TS)]
+    nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    key_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class _Command(_Message):
     command_id: CommandId
+    auth: CommandAuth | None = Field(
+        None, description="the controller's signature binding the command to one device (required by agents)"
+    )
 
 
-class Configure(_Message):
+class Ping(_Command):
+    """Answered with an ack; the only command an agent answers unsigned (it changes nothing)."""
+
+    type: Literal["ping"] = "ping"
+
+
+class Configure(_Command):
     """Change agent settings at run time; fields left out stay as they are."""
 
     type: Literal["configure"] = "configure"
-    command_id: CommandId
     telemetry_interval_s: Annotated[float, Field(ge=0.1, le=86400)] | None = None
 
 
@@ -256,11 +324,10 @@ class ShadowSpec(_Frozen):
     max_duration_s: Annotated[float, Field(gt=0)] = 600.0
 
 
-class Deploy(_Message):
+class Deploy(_Command):
     """Install the artifact the signed manifest describes (download, verify, stage, self-test, switch)."""
 
     type: Literal["deploy"] = "deploy"
-    command_id: CommandId
     deployment_id: DeploymentId
     manifest: SignedManifest
     activate: bool = Field(True, description="switch as soon as the self-test passes; false: wait in STAGED")
@@ -278,11 +345,10 @@ class RollbackGrant(_Frozen):
     expires_at: float
 
 
-class Rollback(_Message):
+class Rollback(_Command):
     """Go back to the artifact the grant names (kept in the other slot, or downloaded from ``manifest``)."""
 
     type: Literal["rollback"] = "rollback"
-    command_id: CommandId
     deployment_id: DeploymentId
     grant: RollbackGrant
     signature: Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -290,32 +356,38 @@ class Rollback(_Message):
     reason: Annotated[str, StringConstraints(max_length=4096)] = ""
 
 
-class Activate(_Message):
+class Activate(_Command):
     """Switch to a candidate waiting in STAGED (or in SHADOW)."""
 
     type: Literal["activate"] = "activate"
-    command_id: CommandId
     deployment_id: DeploymentId
 
 
-class Commit(_Message):
+class Commit(_Command):
     """The controller confirms the new model: the previous slot may be freed."""
 
     type: Literal["commit"] = "commit"
-    command_id: CommandId
     deployment_id: DeploymentId
 
 
-class Cancel(_Message):
+class Cancel(_Command):
     """Stop a deployment that has not switched yet; the active model stays."""
 
     type: Literal["cancel"] = "cancel"
-    command_id: CommandId
     deployment_id: DeploymentId
 
 
+class InstallCertificate(_Command):
+    """The device's renewed client certificate (for the key of its last CertificateRequest), PEM with its chain."""
+
+    type: Literal["certificate"] = "certificate"
+    cert_pem: Annotated[str, StringConstraints(min_length=1, max_length=32768)]
+    serial: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{1,64}$")]
+
+
 CommandMessage = Annotated[
-    Ping | Configure | Deploy | Rollback | Activate | Commit | Cancel, Field(discriminator="type")
+    Ping | Configure | Deploy | Rollback | Activate | Commit | Cancel | InstallCertificate,
+    Field(discriminator="type"),
 ]
 
 

@@ -89,6 +89,14 @@ class AgentSettings(BaseModel):
     mqtt_username: str | None = None
     mqtt_password_file: Path | None = Field(None, description="file (mode 0600) holding the broker password")
     ca_file: Path | None = Field(None, description="CA bundle to verify the broker's TLS certificate")
+    mqtt_cert_file: Path | None = Field(
+        None,
+        description="client certificate (PEM) for a broker that requires one (mutual TLS), or credential"
+        " mqtt-client-cert; renewed ones are kept in data_dir/tls",
+    )
+    mqtt_key_file: Path | None = Field(
+        None, description="its private key (PEM, mode 0600), or credential mqtt-client-key"
+    )
     labels: Labels = Field(default_factory=dict, description="labels the device reports on first contact")
     threads: Annotated[int, Field(ge=0, le=256)] = Field(0, description="onnxruntime intra-op threads (0: automatic)")
     ort_allow_spinning: bool = Field(
@@ -157,6 +165,26 @@ class AgentSettings(BaseModel):
         if credential is not None and credential.is_file() and credential.stat().st_size > 0:
             return credential  # an empty credential is the installer's "none pinned yet"
         return self.signing_key_file
+
+    def client_cert_files(self) -> tuple[Path, Path] | None:
+        """The client certificate and key: systemd credentials ``mqtt-client-cert``/``-key`` when present and
+        not empty, else ``mqtt_cert_file``/``mqtt_key_file`` (the key must be mode 0600); None: not configured."""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir:
+            cert, key = Path(cred_dir) / "mqtt-client-cert", Path(cred_dir) / "mqtt-client-key"
+            if cert.is_file() and key.is_file() and cert.stat().st_size > 0 and key.stat().st_size > 0:
+                return cert, key
+        if self.mqtt_cert_file is None and self.mqtt_key_file is None:
+            return None
+        if self.mqtt_cert_file is None or self.mqtt_key_file is None:
+            raise ConfigError("mqtt_cert_file and mqtt_key_file go together: set both or neither")
+        try:
+            mode = self.mqtt_key_file.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"cannot read the client key {self.mqtt_key_file}: {exc}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"{self.mqtt_key_file} is readable by others; run: chmod 600 {self.mqtt_key_file}")
+        return self.mqtt_cert_file, self.mqtt_key_file
 
     def mqtt_input_password(self) -> str | None:
         """The input broker's password from credential ``mqtt-input-password`` or ``mqtt_input_password_file``."""

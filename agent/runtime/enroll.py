@@ -11,7 +11,10 @@ with mode 0600:
 - ``signing-key.pem``: the controller's public key, pinned: manifests must be
   signed with its private half;
 - ``broker-ca.pem``: the CA of the broker's TLS certificate, if the controller
-  hands one out.
+  hands one out;
+- ``client.key`` and ``client.pem``: this device's key (made here, it never leaves
+  the device) and the client certificate the controller issued for it, when the
+  broker authenticates devices by certificate (mutual TLS).
 
 Only the standard library talks to the controller (the agent stays light);
 HTTPS certificates are verified (``--ca-file`` for a private CA).
@@ -30,11 +33,14 @@ from typing import Any
 
 from agent.deploy.fsutil import atomic_write
 from agent.protocol import topics
+from agent.runtime import identity
 
 CONFIG_NAME = "agent.toml"
 PASSWORD_NAME = "mqtt-password"
 SIGNING_KEY_NAME = "signing-key.pem"
 BROKER_CA_NAME = "broker-ca.pem"
+CLIENT_KEY_NAME = "client.key"
+CLIENT_CERT_NAME = "client.pem"
 
 
 class EnrollError(Exception):
@@ -61,12 +67,39 @@ def parser() -> argparse.ArgumentParser:
 
 
 def request_enrollment(
-    controller: str, token: str, device_id: str | None, ca_file: Path | None, timeout: float
+    controller: str,
+    token: str,
+    device_id: str | None,
+    ca_file: Path | None,
+    timeout: float,
+    csr_pem: str | None = None,
 ) -> dict[str, Any]:
-    """POST /api/v1/enroll; the controller's answer as a dict. Raises EnrollError with its reason."""
+    """POST /api/v1/enroll; the controller's answer as a dict. Raises EnrollError with its reason.
+
+    ``csr_pem`` asks for a client certificate too; a controller that does not know the field (older than
+    this agent) refuses it before using the token, and the request is repeated without it.
+    """
     if not controller.startswith(("http://", "https://")):
         raise EnrollError(f"--controller {controller!r}: give a URL starting with http:// or https://")
-    body = json.dumps({"token": token, **({"device_id": device_id} if device_id else {})}).encode()
+    try:
+        return _post_enroll(controller, token, device_id, ca_file, timeout, csr_pem)
+    except _UnknownField:
+        return _post_enroll(controller, token, device_id, ca_file, timeout, None)
+
+
+class _UnknownField(Exception):
+    pass
+
+
+def _post_enroll(
+    controller: str, token: str, device_id: str | None, ca_file: Path | None, timeout: float, csr_pem: str | None
+) -> dict[str, Any]:
+    fields: dict[str, str] = {"token": token}
+    if device_id:
+        fields["device_id"] = device_id
+    if csr_pem:
+        fields["csr_pem"] = csr_pem
+    body = json.dumps(fields).encode()
     req = urllib.request.Request(
         controller.rstrip("/") + "/api/v1/enroll",
         data=body,
@@ -82,6 +115,8 @@ def request_enrollment(
             detail = json.loads(exc.read()).get("detail", "")
         except (ValueError, AttributeError):
             detail = ""
+        if exc.code == 422 and csr_pem and "csr_pem" in json.dumps(detail) and "extra" in json.dumps(detail).lower():
+            raise _UnknownField() from None
         raise EnrollError(f"the controller refused the enrollment ({exc.code}): {detail or exc.reason}") from None
     except urllib.error.URLError as exc:
         raise EnrollError(f"cannot reach the controller at {controller}: {exc.reason}") from None
@@ -97,7 +132,9 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def write_enrollment(answer: dict[str, Any], directory: Path, data_dir: Path | None) -> Path:
+def write_enrollment(
+    answer: dict[str, Any], directory: Path, data_dir: Path | None, client_key_pem: bytes | None = None
+) -> Path:
     """Write the credentials and agent.toml into ``directory``; returns agent.toml's path."""
     if not directory.is_dir():
         directory.mkdir(parents=True, mode=0o700)
@@ -119,6 +156,11 @@ def write_enrollment(answer: dict[str, Any], directory: Path, data_dir: Path | N
     if answer.get("broker_ca_pem"):
         atomic_write(directory / BROKER_CA_NAME, str(answer["broker_ca_pem"]).encode())
         lines.append(f"ca_file = {_toml_str(str(directory / BROKER_CA_NAME))}")
+    if answer.get("client_cert_pem") and client_key_pem is not None:
+        atomic_write(directory / CLIENT_KEY_NAME, client_key_pem)
+        atomic_write(directory / CLIENT_CERT_NAME, str(answer["client_cert_pem"]).encode(), 0o644)
+        lines.append(f"mqtt_cert_file = {_toml_str(str(directory / CLIENT_CERT_NAME))}")
+        lines.append(f"mqtt_key_file = {_toml_str(str(directory / CLIENT_KEY_NAME))}")
     labels = answer.get("labels") or {}
     if labels:
         lines.append("[agent.labels]")
@@ -141,17 +183,21 @@ def enroll_main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"error: cannot read {args.token_file}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    # The device's own key for a client certificate: made here, it never leaves the device.
+    key = identity.new_key()
+    csr = identity.make_csr(args.device_id or "device", key)
     try:
-        answer = request_enrollment(args.controller, token, args.device_id, args.ca_file, args.timeout)
-        written = write_enrollment(answer, args.dir, args.data_dir)
+        answer = request_enrollment(args.controller, token, args.device_id, args.ca_file, args.timeout, csr)
+        written = write_enrollment(answer, args.dir, args.data_dir, identity.key_pem(key))
     except (EnrollError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 1
     except OSError as exc:
         print(f"error: cannot write the enrollment into {args.dir}: {exc}", file=sys.stderr)  # noqa: T201
         return 1
+    cert = " with a client certificate" if answer.get("client_cert_pem") else ""
     print(  # noqa: T201
-        f"enrolled as {answer['device_id']} (broker {answer['broker_url']});"
+        f"enrolled as {answer['device_id']}{cert} (broker {answer['broker_url']});"
         f" secrets in {args.dir} (mode 0600)\nrun: slmfleet agent --config {written}"
     )
     return 0

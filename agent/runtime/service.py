@@ -21,7 +21,8 @@ import time
 from typing import Any
 
 from agent import __version__
-from agent.core import AgentCore, CoreAction, CoreConfig, Publish, Subscribe, TelemetrySample, Unsubscribe
+from agent.core import AgentCore, CoreAction, CoreConfig, Publish, Reconnect, Subscribe, TelemetrySample, Unsubscribe
+from agent.core.guard import CommandGuard
 from agent.core.outbox import Outbox
 from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
@@ -37,6 +38,8 @@ from agent.protocol import codec, topics
 from agent.protocol.manifest import Task
 from agent.protocol.messages import InstalledModel
 from agent.runtime.config import AgentSettings, ConfigError
+from agent.runtime.identity import ClientIdentity
+from agent.runtime.nonces import DiskNonceStore
 from agent.runtime.notify import Notifier
 from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
@@ -83,6 +86,8 @@ class AgentService:
         self._input_drops = codec.DropCounter(log)
         #: The deployment state machine (agent/deploy), built in ``_make_deployment_driver``.
         self.deployment: DeploymentDriver | None = None
+        #: the client certificate for a broker that requires one (renewed before it expires)
+        self.identity: ClientIdentity | None = None
         self.ready = threading.Event()
         self.exit_code = 0
 
@@ -113,6 +118,9 @@ class AgentService:
         deployment = self.deployment = self._make_deployment_driver()
         self.engine.taps.append(deployment.shadow.offer)
 
+        files = s.client_cert_files()
+        if files is not None:
+            self.identity = ClientIdentity(s.device_id, files[0], files[1], s.data_dir / "tls")
         now = time.time()
         self.core = AgentCore(
             CoreConfig(
@@ -128,6 +136,9 @@ class AgentService:
             started_at=now,
             installed=self._installed,
             deployments=self.deployment,
+            # the key that signs manifests also signs commands, each for this device alone
+            guard=CommandGuard(s.device_id, deployment.manager.key, DiskNonceStore(s.data_dir)),
+            certificates=self.identity,
         )
 
         transport = self.transport = MqttTransport(
@@ -197,6 +208,9 @@ class AgentService:
             fields["password"] = password
         if s.ca_file and fields.get("tls"):
             fields["ca_file"] = str(s.ca_file)
+        if self.identity is not None and fields.get("tls") and url == s.broker:
+            cert, key = self.identity.files()
+            fields["cert_file"], fields["key_file"] = str(cert), str(key)
         return MqttConfig(
             **fields,
             keepalive_s=s.keepalive_s,
@@ -370,6 +384,10 @@ class AgentService:
                     outbox.add(action)
                 elif transport is not None:
                     transport.publish(action.topic, action.payload, action.qos, action.retain)
+            elif isinstance(action, Reconnect) and transport is not None:
+                s = self.settings
+                log.info("%s: reconnecting to the broker", action.reason)
+                transport.reconnect(self._mqtt_config(s.broker, s.mqtt_username, s.mqtt_password()))
         if pump:
             self._pump()
 

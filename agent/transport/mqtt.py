@@ -69,6 +69,9 @@ class MqttConfig:
     refused_retry_s: float = 0.0
     connect_timeout_s: float = 5.0
     max_inflight: int = 100
+    #: the largest packet this client accepts: sent to an MQTT 5 broker in CONNECT (it then discards larger
+    #: messages instead of sending them) and enforced on receipt (3.1.1); None: no limit
+    max_packet_size: int | None = None
 
     @property
     def url(self) -> str:
@@ -162,6 +165,12 @@ class MqttTransport:
         self._closed: asyncio.Future[None] | None = None
         self.refused: str | None = None
         self.connects = 0
+        #: the broker's own limit on packets from us (MQTT 5 CONNACK), None when it announced none
+        self.server_max_packet: int | None = None
+        #: messages dropped because they exceeded ``config.max_packet_size`` (only a 3.1.1 broker sends them)
+        self.oversize_dropped = 0
+        self.on_oversize: Callable[[str, int], None] | None = None
+        self._renewing = False
         self.on_connect: Callable[[], None] | None = None
         self._subscribing: dict[int, list[str]] = {}
         self.on_disconnect: Callable[[str], None] | None = None
@@ -195,6 +204,24 @@ class MqttTransport:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,):
             return 0
         return int(info.mid) or -1
+
+    def reconnect(self, config: MqttConfig | None = None) -> None:
+        """Disconnect cleanly (no will) and connect again at once with a fresh client: new credentials, such as a
+        renewed client certificate, take effect (``config`` replaces the current one). From any thread."""
+
+        def renew() -> None:
+            if config is not None:
+                self.config = config
+            client = self._client
+            if client is None or not self._connected:
+                self._drop_failed_client()  # the next attempt builds a client from the new configuration
+                return
+            self._renewing = True
+            client.disconnect()
+
+        # Later, not now: when this is called from a message callback, paho acknowledges that message after the
+        # callback returns; disconnecting first would have the broker deliver it again on the new session.
+        self._loop.call_soon_threadsafe(renew)
 
     def subscribe(self, filter_: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and after every reconnect."""
@@ -322,6 +349,8 @@ class MqttTransport:
             if self._protocol_v5:
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = cfg.session_expiry_s if cfg.persistent_session else 0
+                if cfg.max_packet_size is not None:
+                    props.MaximumPacketSize = cfg.max_packet_size
                 self._client.connect(
                     cfg.host,
                     cfg.port,
@@ -463,6 +492,7 @@ class MqttTransport:
         self._connected = True
         self._attempt = 0
         self.connects += 1
+        self.server_max_packet = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         if self._logged_failure or self.refused is not None:
             log.info("%s: connected to %s", self.name, self.config.url)
         self._logged_failure = False
@@ -485,6 +515,13 @@ class MqttTransport:
             self._closed.set_result(None)
         if self._stopping:
             return
+        if self._renewing:  # our own clean disconnect, to connect again with new credentials
+            self._renewing = False
+            self._drop_socket()
+            self._client = None
+            log.info("%s: reconnecting with renewed credentials", self.name)
+            self._schedule_reconnect(delay=0.0)
+            return
         if self.refused is not None and self._got_connack and not was_connected:
             return  # the close after this attempt's refusal, which scheduled its own (slow) retry
         if not self._got_connack and self._protocol_v5 and self.config.protocol == "auto" and self.connects == 0:
@@ -505,6 +542,13 @@ class MqttTransport:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         handler = self.on_message
         if handler is None:
+            return
+        limit = self.config.max_packet_size
+        if limit is not None and len(message.payload) > limit:
+            # An MQTT 5 broker never sends these (CONNECT told it the limit); a 3.1.1 one may: drop before copying.
+            self.oversize_dropped += 1
+            if self.on_oversize is not None:
+                self.on_oversize(message.topic, len(message.payload))
             return
         try:
             handler(message.topic, bytes(message.payload))

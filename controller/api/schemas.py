@@ -50,6 +50,19 @@ class DevicePatch(BaseModel):
     )
 
 
+class DeviceConfigure(BaseModel):
+    """Agent settings to change at run time (sent as a Configure command signed for the device)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    telemetry_interval_s: float | None = Field(None, ge=0.1, le=86400, description="seconds between telemetry messages")
+
+
+class CommandSent(BaseModel):
+    command_id: str
+    expires_at: datetime = Field(description="the device refuses the command after this (e.g. queued while offline)")
+
+
 class TelemetryPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -86,9 +99,21 @@ class EventPublic(BaseModel):
     data: dict[str, Any]
 
 
+class EmbeddedBrokerHealth(BaseModel):
+    """The broker ``slmfleet up`` started and supervises."""
+
+    engine: str | None
+    running: bool
+    pid: int | None
+    restarts: int = Field(description="times it died and was started again")
+    last_exit: str | None = Field(None, description="how it last died, e.g. 'killed by SIGKILL'")
+    last_exit_at: datetime | None = None
+
+
 class BrokerHealth(BaseModel):
     url: str | None
     connected: bool
+    embedded: EmbeddedBrokerHealth | None = None
 
 
 class Health(BaseModel):
@@ -132,6 +157,27 @@ class ArtifactSummary(BaseModel):
     requirements: dict[str, Any]
     expires_at: float | None
     manifest_url: str
+    corrupt_at: datetime | None = Field(
+        None, description="set: a file failed its sha256 in the controller's store; not deployable until repaired"
+    )
+    corrupt_reason: str | None = None
+
+
+class FileIntegrity(BaseModel):
+    path: str
+    sha256: str
+    size: int
+    ok: bool
+    problem: str | None = None
+    replaced: bool = Field(False, description="an uploaded copy replaced the store's")
+
+
+class ArtifactIntegrityPublic(BaseModel):
+    artifact_id: str
+    ok: bool = Field(description="every file of the artifact is in the store and matches its sha256")
+    corrupt_reason: str | None = None
+    files: list[FileIntegrity]
+    ignored: list[str] = Field([], description="uploaded files whose sha256 is none of the artifact's (not stored)")
 
 
 class VersionPublic(BaseModel):

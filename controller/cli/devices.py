@@ -142,3 +142,24 @@ def forget(
         f"forgot {device_id}: what it still sends is dropped; to take it back, enroll it with a token bound to it"
         f" (slmfleet enrollment create --device-id {device_id})"
     )
+
+
+@app.command()
+def configure(
+    device_id: str,
+    telemetry_interval: Annotated[
+        float | None, typer.Option("--telemetry-interval", help="seconds between telemetry messages")
+    ] = None,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = DEFAULT_DATA_DIR,
+) -> None:
+    """Change a device's agent settings at run time (a command signed for that device alone)."""
+    body: dict[str, Any] = {}
+    if telemetry_interval is not None:
+        body["telemetry_interval_s"] = telemetry_interval
+    if not body:
+        typer.echo("error: nothing to change: give --telemetry-interval", err=True)
+        raise typer.Exit(2)
+    sent = ApiClient(api, token, data_dir).request("POST", f"/api/v1/devices/{device_id}/configure", json=body)
+    typer.echo(f"sent {sent['command_id']} to {device_id} (valid until {sent['expires_at']})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 import tempfile
 import time
@@ -20,6 +21,7 @@ from controller.cli.client import ApiClient
 from controller.cli.files import read_json_object
 from controller.cli.options import DEFAULT_DATA_DIR, ApiOpt, DataOpt, JsonOpt, TokenOpt
 from controller.cli.output import data_console
+from controller.registry.store import sha256_file
 
 app = typer.Typer(help="Register and inspect models.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -155,6 +157,7 @@ def _print_version(version: dict[str, Any]) -> None:
         reference = f"{m['reference']} ({m.get('reference_cases', 0)} cases)" if m.get("reference") else "no reference"
         latency = f"{m['latency_ms_p50']:.2f} ms" if m.get("latency_ms_p50") is not None else "-"
         rss = f"{m['peak_rss_bytes'] / 2**20:.0f} MiB" if m.get("peak_rss_bytes") else "-"
+        artifact = v["artifact_id"][:12] + (" CORRUPT" if v.get("corrupt_at") else "")
         table.add_row(
             v["variant"],
             f"{v['size_bytes'] / 2**20:.1f} MiB",
@@ -163,7 +166,7 @@ def _print_version(version: dict[str, Any]) -> None:
             reference,
             latency,
             rss,
-            v["artifact_id"][:12],
+            artifact,
         )
     out = data_console()
     if not out.is_terminal:  # piped or in CI rich assumes 80 columns and cuts every cell: the table needs ~110
@@ -171,6 +174,12 @@ def _print_version(version: dict[str, Any]) -> None:
     out.print(table)
     for r in version.get("refused", []):
         console.print(f"[yellow]{escape(r['variant'])} refused:[/yellow] {escape(r['reason'])}")
+    for v in version["variants"]:
+        if v.get("corrupt_at"):
+            console.print(
+                f"[red]{escape(v['variant'])} is corrupt in the store:[/red] {escape(v.get('corrupt_reason') or '')}"
+                f" (repair: slmfleet model repair {v['artifact_id']} FILE...)"
+            )
 
 
 @app.command()
@@ -256,3 +265,79 @@ def show(
         return
     for version in model["version_list"]:
         _print_version(version)
+
+
+def _artifact_ids(client: ApiClient, ref: str) -> list[str]:
+    """An artifact id, or the artifacts of NAME@VERSION (all variants) or NAME@VERSION/VARIANT."""
+    if re.fullmatch(r"[0-9a-f]{64}", ref):
+        return [ref]
+    m = re.fullmatch(r"([^@/]+)@(\d+)(?:/(\w+))?", ref)
+    if m is None:
+        typer.echo(f"error: {ref!r}: give an artifact id or NAME@VERSION[/VARIANT]", err=True)
+        raise typer.Exit(2)
+    version = client.request("GET", f"/api/v1/models/{m.group(1)}/versions/{m.group(2)}")
+    ids = [v["artifact_id"] for v in version["variants"] if m.group(3) in (None, v["variant"])]
+    if not ids:
+        typer.echo(f"error: {m.group(1)} v{m.group(2)} has no {m.group(3)} variant", err=True)
+        raise typer.Exit(2)
+    return ids
+
+
+def _candidates(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from (p for p in sorted(path.rglob("*")) if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            typer.echo(f"error: {path} does not exist", err=True)
+            raise typer.Exit(2)
+
+
+@app.command()
+def repair(
+    ref: Annotated[str, typer.Argument(help="an artifact id, NAME@VERSION or NAME@VERSION/VARIANT")],
+    sources: Annotated[
+        list[Path] | None,
+        typer.Argument(help="good copies: files or directories (the original model, a backup, a device's slot)"),
+    ] = None,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataOpt = Path(".slmfleet"),
+) -> None:
+    """Check artifacts in the controller's store and repair damaged files from good copies.
+
+    Only local files whose sha256 the artifact's manifest lists are uploaded; the controller then hashes
+    every file of the artifact and clears its corrupt mark when all are intact (exit 0), else says which
+    files are still damaged or missing (exit 1). Without SOURCES it only checks.
+    """
+    client = ApiClient(api, token, data_dir)
+    local: dict[str, Path] = {}
+    for path in _candidates(list(sources or [])):
+        local.setdefault(sha256_file(path), path)
+    broken = False
+    for artifact_id in _artifact_ids(client, ref):
+        signed = client.request("GET", f"/api/v1/artifacts/{artifact_id}/manifest")
+        wanted = {f["sha256"]: f["path"] for f in signed["manifest"]["files"]}
+        handles = [(wanted[sha], open(path, "rb")) for sha, path in local.items() if sha in wanted]  # noqa: SIM115
+        try:
+            files = [("file", (name, handle, "application/octet-stream")) for name, handle in handles]
+            report = client.request(
+                "POST", f"/api/v1/artifacts/{artifact_id}/repair", files=files or None, timeout=None
+            )
+        finally:
+            for _, handle in handles:
+                handle.close()
+        table = Table(title=f"artifact {artifact_id[:16]}: {'intact' if report['ok'] else 'DAMAGED'}")
+        for column in ("file", "sha256", "state"):
+            table.add_column(column)
+        for f in report["files"]:
+            state = ("replaced, " if f["replaced"] else "") + ("ok" if f["ok"] else str(f["problem"]))
+            table.add_row(f["path"], f["sha256"][:16], state)
+        data_console().print(table)
+        if not report["ok"]:
+            broken = True
+            needed = [f"{f['path']} (sha256 {f['sha256']})" for f in report["files"] if not f["ok"]]
+            console.print(f"[red]still damaged:[/red] give a good copy of {escape(', '.join(needed))}")
+    if broken:
+        raise typer.Exit(1)

@@ -19,10 +19,11 @@ from controller.app import create_app
 from controller.auth.tokens import ensure_admin_token
 from controller.auth.users import ADMIN_PASSWORD_FILE, INITIAL_ADMIN, ensure_initial_admin
 from controller.broker import dynsec
-from controller.broker.embedded import EmbeddedBroker
+from controller.broker.embedded import EmbeddedBroker, packet_limit
 from controller.cli.client import ADMIN_TOKEN_FILE, write_connection_file
 from controller.datadir import DataDirLock
 from controller.errors import ControllerError
+from controller.pki import broker as pki_broker
 from controller.registry import keys
 from controller.runtime import ControllerRuntime
 from controller.settings import load_settings
@@ -60,6 +61,13 @@ def up(
             " devices then join with 'slmfleet agent enroll'"
         ),
     ] = None,
+    device_certificates: Annotated[
+        bool | None,
+        typer.Option(
+            "--device-certificates",
+            help="devices authenticate to the broker with client certificates issued at enrollment (mutual TLS)",
+        ),
+    ] = None,
     tls_cert_file: Annotated[
         Path | None, typer.Option(help="serve the REST API over HTTPS with this PEM certificate (with --tls-key-file)")
     ] = None,
@@ -79,6 +87,7 @@ def up(
             embedded_broker_port=broker_port,
             embedded_broker=broker_engine,
             broker_auth=broker_auth,
+            device_certificates=device_certificates,
             tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file,
             log_level=log_level,
@@ -103,6 +112,7 @@ def up(
             if settings.broker_auth == "dynsec":
                 dynsec_file, secret = dynsec.prepare(data / "broker")
                 update.update(mqtt_username=dynsec.CONTROLLER_USER, mqtt_password=secret)
+            certs = pki_broker.prepare_embedded(settings) if settings.device_certificates else None
             embedded = EmbeddedBroker(
                 data / "broker",
                 dynsec_file=dynsec_file,
@@ -111,13 +121,18 @@ def up(
                 engine=settings.embedded_broker,
                 tls_cert_file=settings.embedded_broker_tls_cert_file,
                 tls_key_file=settings.embedded_broker_tls_key_file,
+                max_packet_size=packet_limit(settings.chunk_size),
+                supervise=True,
+                client_certs=certs,
             )
             url = embedded.start()
-            update["broker_url"] = url
+            update["broker_url"] = embedded.controller_url
+            if certs is not None:
+                update.update(pki_broker.device_settings(url, certs, settings))
             if embedded.engine == "amqtt" and settings.mqtt_protocol == "auto":
                 update["mqtt_protocol"] = "3.1.1"
             settings = settings.model_copy(update=update)
-        runtime = ControllerRuntime(settings)
+        runtime = ControllerRuntime(settings, embedded_broker=embedded)
         runtime.start()
         token_file = data / ADMIN_TOKEN_FILE
         password_file = data / ADMIN_PASSWORD_FILE
@@ -147,7 +162,7 @@ def up(
             + f"  REST API      {api}/api/v1\n"
             f"  API docs      {api}/docs\n"
             f"  metrics       {api}/metrics\n"
-            f"  MQTT broker   {settings.broker_url}{broker_note}\n"
+            f"  MQTT broker   {settings.device_broker_url or settings.broker_url}{broker_note}\n"
             f"  database      {settings.resolved_database_url}\n"
             f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
             f"  signing key   {public_key}  (public; devices pin it, also GET /api/v1/signing-key)\n"
@@ -155,7 +170,7 @@ def up(
                 "  connect a device:  slmfleet enrollment create  (admin token), then on the device:\n"
                 f"                     slmfleet agent enroll --controller {api} --token-file TOKEN --dir ./device\n"
                 "                     slmfleet agent --config ./device/agent.toml\n"
-                if settings.broker_auth == "dynsec"
+                if settings.broker_auth == "dynsec" or settings.device_certificates
                 else f"  connect a device:  slmfleet agent --broker {settings.broker_url} --device-id DEVICE"
                 f" --data-dir ./device-state --signing-key-file {public_key}{ca_hint}\n"
             )

@@ -126,6 +126,25 @@ class EnrollmentToken(SQLModel, table=True):
     used_by: str | None = Field(default=None, max_length=128)
 
 
+class DeviceCertificate(SQLModel, table=True):
+    """A client certificate the controller issued to a device (mutual TLS with the broker)."""
+
+    __tablename__ = "device_certificate"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=128, index=True)
+    serial: str = Field(sa_column=Column(String(64), unique=True, nullable=False))  # lower-case hex
+    cert_pem: str
+    not_before: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    not_after: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    issued_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    #: how it was issued: enrollment or renewal
+    via: str = Field(default="enrollment", max_length=16)
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    #: revoked (the device was) or superseded (a renewal replaced it)
+    revoke_reason: str | None = Field(default=None, max_length=16)
+
+
 class AuditEntry(SQLModel, table=True):
     """Who changed what, when: every write through the API lands here."""
 
@@ -182,6 +201,9 @@ class Artifact(SQLModel, table=True):
     signed_manifest: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    #: set when the store's copy failed its hashes: nothing is sent from it until a repair verifies it again
+    corrupt_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    corrupt_reason: str | None = Field(default=None, max_length=1024)
 
 
 class ImportJob(SQLModel, table=True):

@@ -9,11 +9,11 @@ restarted controller resumes from.
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,8 +22,8 @@ from typing import Any
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from agent.protocol import codec, topics
-from agent.protocol.manifest import SignedManifest, canonical_json
+from agent.protocol import signing
+from agent.protocol.manifest import SignedManifest
 from agent.protocol.messages import (
     Activate,
     Cancel,
@@ -35,15 +35,18 @@ from agent.protocol.messages import (
     RollbackGrant,
     ShadowSpec,
 )
+from agent.protocol.signing import CommandBody
 from controller.db.models import Artifact, Deployment, DeploymentTarget, Device, ModelVersion, table
 from controller.db.models import Model as ModelRow
 from controller.db.types import from_epoch, utcnow
 from controller.delivery.targets import BEFORE_SWITCH, PENDING, SUCCESS, Target, deployment_status
-from controller.delivery.transfer import Broadcast, ChunkSource, Repairs, TransferSettings
+from controller.delivery.transfer import Broadcast, ChunkSource, ChunkUnavailable, Repairs, TransferSettings
 from controller.delivery.variants import choose_variant
 from controller.devices import selectors
+from controller.devices.commands import CommandSender
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
+from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.keys import SigningKey
 from controller.registry.store import ContentStore
 
@@ -51,6 +54,10 @@ log = logging.getLogger(__name__)
 
 #: how a target the controller gave up on (per-device timeout) is marked; such a device may still switch
 TIMEOUT_REASON = "timed out after"
+#: device reports of one chunk arriving damaged (all devices together) that make the controller re-check its copy
+BAD_REPORTS_RECHECK = 3
+#: reports by one device of one chunk arriving damaged, its store copy intact, that end its deployment
+BAD_REPORTS_GIVE_UP = 10
 
 
 class DeploymentError(Exception):
@@ -84,19 +91,35 @@ class DeliveryService:
         key: SigningKey,
         metrics: Metrics,
         settings: TransferSettings | None = None,
+        commands: CommandSender | None = None,
+        integrity: ArtifactIntegrity | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.key = key
         self.metrics = metrics
         self.settings = settings or TransferSettings()
+        #: seals every command for its device (agent.protocol.signing) and publishes it
+        self.commands = commands or CommandSender(key)
+        #: marks of artifacts damaged in the store: nothing is sent from them
+        self.integrity = integrity or ArtifactIntegrity(engine, store, metrics)
+        self.integrity.on_repaired.append(self._forget_checks)
+        #: devices' reports of chunks that arrived damaged: (artifact, index) and (device, artifact, index)
+        #: (deployment, device) pairs looked up in the database: reports of ones never created are dropped
+        self._known: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        #: chunks checked against their manifest once, per artifact (a repair does not hash them again)
+        self._verified: dict[str, set[int]] = {}
+        self._bad_chunks: dict[tuple[str, int], int] = {}
+        self._bad_by_device: dict[tuple[str, str, int], int] = {}
         self.bridge: MqttBridge | None = None
         self._lock = threading.RLock()
         self._targets: dict[tuple[str, str], Target] = {}
         self._by_device: dict[str, set[str]] = {}
         self._deployments: dict[str, dict[str, Any]] = {}  # id -> {timeout_s, cancelled, status}
         self._manifests: dict[str, SignedManifest] = {}
-        self._commands: dict[tuple[str, str], bytes] = {}
+        #: the Deploy of each unfinished (deployment, device), serialized once per artifact, sealed per send
+        self._commands: dict[tuple[str, str], CommandBody] = {}
+        self._bodies: dict[tuple[str, str], CommandBody] = {}
         self._broadcasts: dict[str, Broadcast] = {}
         self._repairs: Repairs | None = None
         self.on_target_change: list[Callable[[Target], None]] = []
@@ -113,13 +136,15 @@ class DeliveryService:
         """Start sending through ``bridge`` and resume what the database says is unfinished."""
         self._resume()
         self.bridge = bridge
+        if self.commands.publish is None:
+            self.commands.publish = lambda topic, payload: bridge.publish(topic, payload, qos=1)
         bridge.on_reconnect.append(self._reconnected)
         bridge.call_soon(self._start_repairs)
         if bridge.connected:
             bridge.call_soon(self._reconnected)
 
     def _start_repairs(self) -> None:
-        self._repairs = Repairs(self._publish_tracked, self.settings, self._sent("repair"))
+        self._repairs = Repairs(self._publish_tracked, self.settings, self._sent("repair"), self._unavailable)
         self._repairs.start()
 
     def stop(self) -> None:
@@ -181,7 +206,8 @@ class DeliveryService:
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == version.id)).all()
             if not artifacts:
                 raise DeploymentError(f"{request.model} v{request.version} has no artifacts", 409)
-            by_variant = _variant_table(artifacts)
+            self._refuse_corrupt(artifacts, request)
+            by_variant = _variant_table(artifacts, self.integrity.corrupt_reason)
             if request.variant != "auto" and request.variant not in by_variant:
                 raise DeploymentError(
                     f"{request.model} v{request.version} has no {request.variant} variant"
@@ -233,6 +259,21 @@ class DeliveryService:
         log.info("deployment %s: %s v%d to %d devices", deployment_id[:8], request.model, request.version, len(targets))
         return deployment_id
 
+    def _refuse_corrupt(self, artifacts: Sequence[Artifact], request: DeploymentRequest) -> None:
+        """409 when the variant asked for (or, with auto, every variant) is marked corrupt in the store."""
+        damaged = {a.variant: (a.id, reason) for a in artifacts if (reason := self.integrity.corrupt_reason(a.id))}
+        if request.variant != "auto":
+            hit = damaged.get(request.variant)
+        else:
+            hit = next(iter(damaged.values())) if len(damaged) == len(artifacts) else None
+        if hit is not None:
+            artifact_id, reason = hit
+            raise DeploymentError(
+                f"{request.model} v{request.version} ({request.variant}): artifact {artifact_id[:12]} is corrupt in"
+                f" the controller's store ({reason}); repair it first: slmfleet model repair {artifact_id} FILE...",
+                409,
+            )
+
     def _resolve_devices(self, session: Session, request: DeploymentRequest) -> list[Device]:
         if bool(request.device_ids) == bool(request.selector):
             raise DeploymentError("give exactly one target: a list of device ids or a label selector")
@@ -264,16 +305,18 @@ class DeliveryService:
 
     def _remember_command(self, session: Session, dep: Deployment, target: Target) -> None:
         assert target.artifact_id is not None
-        signed = self._manifest(session, target.artifact_id)
-        command = Deploy(
-            ts=time.time(),
-            command_id=f"{dep.id[:16]}-deploy",
-            deployment_id=dep.id,
-            manifest=signed,
-            activate=dep.activate,
-            shadow=ShadowSpec(**dep.shadow) if dep.shadow else None,
-        )
-        self._commands[(dep.id, target.device_id)] = codec.encode(command)
+        body = self._bodies.get((dep.id, target.artifact_id))
+        if body is None:
+            command = Deploy(
+                ts=time.time(),
+                command_id=f"{dep.id[:16]}-deploy",
+                deployment_id=dep.id,
+                manifest=self._manifest(session, target.artifact_id),
+                activate=dep.activate,
+                shadow=ShadowSpec(**dep.shadow) if dep.shadow else None,
+            )
+            body = self._bodies[(dep.id, target.artifact_id)] = signing.command_body(command)
+        self._commands[(dep.id, target.device_id)] = body
 
     def _manifest(self, session: Session, artifact_id: str) -> SignedManifest:
         signed = self._manifests.get(artifact_id)
@@ -307,28 +350,53 @@ class DeliveryService:
             self._send_command(t)
 
     def _send_command(self, target: Target) -> None:
-        payload = self._commands.get((target.deployment_id, target.device_id))
-        if payload is None or self.bridge is None:
+        body = self._commands.get((target.deployment_id, target.device_id))
+        if body is None or self.bridge is None:
             return
         target.last_command_at = time.time()
         if self.grant_artifact is not None and target.artifact_id:
             # on the same connection, so the broker applies the grant before the device reads the command
             self.grant_artifact(target.device_id, target.artifact_id)
-        self.bridge.publish(topics.cmd(target.device_id), payload, qos=1)
+        self.commands.send(target.device_id, body)  # sealed afresh: a re-send is never a replay
 
     def _send(self, device_id: str, message: Any) -> None:
         if self.bridge is not None:
-            self.bridge.publish(topics.cmd(device_id), codec.encode(message), qos=1)
+            self.commands.send(device_id, message)
 
     def device_online(self, device_id: str) -> None:
-        """A birth: re-send commands of deployments this device has not started (it may have missed them)."""
+        """A birth: re-send what this device may have missed (commands expire, and a device that was away
+        longer than their validity refuses the ones its broker session kept): the Deploy of deployments it
+        has not started, the Rollback of rollbacks it has not finished."""
         with self._lock:
-            waiting = [self._targets[(d, device_id)] for d in self._by_device.get(device_id, ())]
-            waiting = [t for t in waiting if t.state == PENDING]
+            mine = [self._targets[(d, device_id)] for d in self._by_device.get(device_id, ())]
+            waiting = [t for t in mine if t.state == PENDING and not t.queued]
+            going_back = [t for t in mine if t.state == "rolling_back"]
         for target in waiting:
             self._send_command(target)
+        for target in going_back:
+            self._send(device_id, self.rollback_command(target, target.reason or "rollback"))
 
     # ------------------------------------------------------------ events --
+
+    def knows(self, device_id: str, deployment_id: str) -> bool:
+        """Whether the controller sent ``deployment_id`` to this device (MQTT thread): in memory, else the
+        database (a finished deployment's late report), remembered for the next report either way."""
+        key = (deployment_id, device_id)
+        if key in self._targets:
+            return True
+        with self._lock:
+            known = self._known.get(key)
+        if known is None:
+            with Session(self.engine) as session:
+                stmt = select(DeploymentTarget.id).where(
+                    DeploymentTarget.deployment_id == deployment_id, DeploymentTarget.device_id == device_id
+                )
+                known = session.exec(stmt.limit(1)).first() is not None
+            with self._lock:
+                self._known[key] = known
+                while len(self._known) > 10_000:
+                    self._known.popitem(last=False)
+        return known
 
     def on_event(self, device_id: str, event: DeploymentEvent) -> None:
         """A device reported progress or a transition (MQTT thread)."""
@@ -396,10 +464,55 @@ class DeliveryService:
                 return
         self.metrics.chunk_requests.inc()
         source = self._source(request.artifact_id)
-        if source is not None and self._repairs is not None:
+        if source is None:
+            return
+        if request.bad and self._bad_chunks_reported(device_id, target, source, request.bad):
+            return
+        if self._repairs is not None:
             self._repairs.request(device_id, source, [(a, b) for a, b in request.ranges])
 
+    def _bad_chunks_reported(self, device_id: str, target: Target, source: ChunkSource, bad: list[int]) -> bool:
+        """A device says chunks arrived damaged. Repeated reports of one chunk make the controller check its own
+        copy (a damaged one stops the artifact); a device that gets an intact chunk damaged again and again is
+        given up with the reason instead of looping until its timeout. True when the request is not served."""
+        artifact_id = source.artifact_id
+        self.metrics.chunk_bad_reports.inc(len(bad))
+        if len(self._bad_chunks) > 100_000:  # bounded memory: old reports are worth less than a stable controller
+            self._bad_chunks.clear()
+            self._bad_by_device.clear()
+        for index in bad:
+            if index >= len(source):
+                continue
+            total = self._bad_chunks[(artifact_id, index)] = self._bad_chunks.get((artifact_id, index), 0) + 1
+            mine = self._bad_by_device.get((device_id, artifact_id, index), 0) + 1
+            self._bad_by_device[(device_id, artifact_id, index)] = mine
+            if total % BAD_REPORTS_RECHECK == 0:
+                try:
+                    source.frame(index, recheck=True)
+                except ChunkUnavailable as exc:
+                    self._unavailable(exc)
+                    return True
+                if total == BAD_REPORTS_RECHECK:
+                    log.warning(
+                        "chunk %d of artifact %s arrived damaged %d times though the controller's copy is intact:"
+                        " something between the controller and the devices corrupts data",
+                        index,
+                        artifact_id[:12],
+                        total,
+                    )
+            if mine >= BAD_REPORTS_GIVE_UP:
+                path = source.manifest.files[source.manifest.chunks[index].file].path
+                reason = (
+                    f"chunk {index} of {path} arrived damaged {mine} times though the controller's copy is intact:"
+                    " the broker, the network or this device's memory corrupts data"
+                )
+                self._give_up([target], reason)
+                return True
+        return False
+
     def _source(self, artifact_id: str) -> ChunkSource | None:
+        if self.integrity.corrupt_reason(artifact_id) is not None:
+            return None  # damaged in the store: nothing is sent from it until it is repaired
         signed = self._manifests.get(artifact_id)
         if signed is None:
             with Session(self.engine) as session:
@@ -407,7 +520,59 @@ class DeliveryService:
                     signed = self._manifest(session, artifact_id)
                 except DeploymentError:
                     return None
-        return ChunkSource(signed.manifest, self.store)
+        return ChunkSource(signed.manifest, self.store, self._verified.setdefault(artifact_id, set()))
+
+    def _forget_checks(self, artifact_id: str) -> None:
+        """The artifact's files changed in the store (a repair): its chunks are checked again when sent."""
+        self._verified.pop(artifact_id, None)
+
+    def _unavailable(self, exc: ChunkUnavailable) -> None:
+        """A chunk failed its check in the store (MQTT loop): stop sending the artifact, mark it corrupt, alert,
+        and fail the devices that wait for it (they keep their model) with the reason."""
+        artifact_id = exc.artifact_id
+        self._forget_checks(artifact_id)
+        broadcast = self._broadcasts.get(artifact_id)
+        if broadcast is not None:
+            broadcast.stop()
+        if self._repairs is not None:
+            self._repairs.drop_artifact(artifact_id)
+        self.integrity.mark_corrupt(artifact_id, str(exc), blob=exc.blob, chunk=exc.index, file=exc.path)
+        reason = (
+            f"artifact {artifact_id[:12]} is corrupt in the controller's store ({exc}); the device keeps its model."
+            f" Repair it (slmfleet model repair {artifact_id} FILE...) and deploy again"
+        )
+        with self._lock:
+            waiting = [
+                t
+                for t in self._targets.values()
+                if not t.terminal
+                and (
+                    (t.artifact_id == artifact_id and t.state in BEFORE_SWITCH)
+                    or (t.rollback_artifact == artifact_id and t.state == "rolling_back")
+                )
+            ]
+        self._give_up(waiting, reason)
+
+    def _give_up(self, targets: list[Target], reason: str) -> None:
+        """Fail these devices' deployments with ``reason`` and tell each device to stop (a Cancel)."""
+        now = time.time()
+        changed = []
+        with self._lock:
+            for target in targets:
+                if not target.terminal and target.update(now, state="failed", reason=reason):
+                    changed.append(target)
+        for target in changed:
+            log.warning("deployment %s on %s failed: %s", target.deployment_id[:8], target.device_id, reason)
+            self._send(
+                target.device_id,
+                Cancel(ts=now, command_id=f"{target.deployment_id[:16]}-cancel", deployment_id=target.deployment_id),
+            )
+            self.metrics.deployment_transitions.labels("failed").inc()
+            for callback in list(self.on_target_change):
+                callback(target)
+        for deployment_id in {t.deployment_id for t in changed}:
+            self._dispatch(deployment_id)
+            self._maybe_finish(deployment_id)
 
     def _join_broadcast(self, target: Target) -> None:
         artifact_id = target.artifact_id
@@ -432,7 +597,7 @@ class DeliveryService:
                     and self.is_online(t.device_id)
                 }
             broadcast = self._broadcasts[artifact_id] = Broadcast(
-                source, self._publish_tracked, self.settings, self._sent("broadcast"), expected
+                source, self._publish_tracked, self.settings, self._sent("broadcast"), expected, self._unavailable
             )
             broadcast.start()
         broadcast.join(target.device_id)
@@ -533,7 +698,6 @@ class DeliveryService:
             version=int(prev.get("version", 1)),
             expires_at=time.time() + 86400,
         )
-        signature = self.key.private.sign(canonical_json(grant.model_dump(mode="json")))
         target.rollback_artifact = grant.artifact_id
         manifest = None
         if prev.get("artifact"):
@@ -546,7 +710,7 @@ class DeliveryService:
             command_id=f"{target.deployment_id[:16]}-rollback",
             deployment_id=target.deployment_id,
             grant=grant,
-            signature=base64.b64encode(signature).decode(),
+            signature=signing.sign_grant(grant, self.key.private),
             manifest=manifest,
             reason=reason[:4096],
         )
@@ -583,7 +747,7 @@ class DeliveryService:
                     )
                     info["status"] = "running"
             artifacts = session.exec(select(Artifact).where(Artifact.version_id == dep.version_id)).all()
-            by_variant = _variant_table(artifacts)
+            by_variant = _variant_table(artifacts, self.integrity.corrupt_reason)
             added: list[Target] = []
             for device in session.exec(select(Device).where(col(Device.id).in_(device_ids))).all():
                 if (deployment_id, device.id) in self._targets:
@@ -648,6 +812,11 @@ class DeliveryService:
             if status == info["status"]:
                 return
             info["status"] = status
+            if status != "running":  # nothing is re-sent any more (a late device re-creates its command)
+                for key in [k for k in self._bodies if k[0] == deployment_id]:
+                    del self._bodies[key]
+                for key in [k for k in self._commands if k[0] == deployment_id]:
+                    del self._commands[key]
         if status != "running":
             self.flush()
             with Session(self.engine) as session:
@@ -739,8 +908,10 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
 
 
-def _variant_table(artifacts: Sequence[Artifact]) -> dict[str, dict[str, Any]]:
-    """Each variant's artifact and requirements, as ``choose_variant`` takes them."""
+def _variant_table(
+    artifacts: Sequence[Artifact], corrupt: Callable[[str], str | None] = lambda _: None
+) -> dict[str, dict[str, Any]]:
+    """Each variant's artifact and requirements, as ``choose_variant`` takes them (corrupt ones left out)."""
     return {
         a.variant: {
             "artifact_id": a.id,
@@ -748,6 +919,7 @@ def _variant_table(artifacts: Sequence[Artifact]) -> dict[str, dict[str, Any]]:
             "min_disk_bytes": a.signed_manifest["manifest"]["requirements"].get("min_disk_bytes", 0),
         }
         for a in artifacts
+        if corrupt(a.id) is None
     }
 
 

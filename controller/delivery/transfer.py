@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from agent.protocol import chunks as frames
 from agent.protocol import topics
 from agent.protocol.manifest import Manifest
-from controller.registry.store import ContentStore
+from controller.registry.store import BlobMissing, ContentStore
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,58 @@ class TransferSettings:
     repair_inflight: int = 32
 
 
-class ChunkSource:
-    """Reads chunk ``i`` of an artifact from the content store."""
+class ChunkUnavailable(Exception):
+    """A chunk the store cannot supply as the manifest describes it: never sent, the artifact is unusable."""
 
-    def __init__(self, manifest: Manifest, store: ContentStore) -> None:
+    def __init__(self, artifact_id: str, index: int, path: str, blob: str, problem: str) -> None:
+        super().__init__(f"chunk {index} of {path}: {problem}")
+        self.artifact_id = artifact_id
+        self.index = index
+        self.path = path
+        self.blob = blob
+        self.problem = problem
+
+
+#: what the delivery does when a chunk cannot be sent (stop, fail the devices waiting for it, mark, alert)
+OnUnavailable = Callable[[ChunkUnavailable], None]
+
+
+class ChunkSource:
+    """Reads chunk ``i`` of an artifact from the content store, checked against the manifest's sha256.
+
+    The check is one sha256 of the chunk (under a millisecond for 256 KiB) the first time a chunk is sent;
+    ``verified`` (shared by every source of the artifact) remembers it, so repairs cost no more than before.
+    A byte flipped in the store stops the delivery with the reason instead of sending devices a chunk they
+    must refuse; one flipped after its check is caught when devices report it damaged (``recheck``).
+    """
+
+    def __init__(self, manifest: Manifest, store: ContentStore, verified: set[int] | None = None) -> None:
         self.manifest = manifest
         self.store = store
         self.artifact_id = manifest.artifact_id
+        self.verified = verified if verified is not None else set()
 
     def __len__(self) -> int:
         return len(self.manifest.chunks)
 
-    def frame(self, index: int) -> bytes:
+    def frame(self, index: int, recheck: bool = False) -> bytes:
+        """The frame of chunk ``index``; ChunkUnavailable when the store's copy is missing or damaged."""
         ref = self.manifest.chunks[index]
-        data = self.store.read_range(self.manifest.files[ref.file].sha256, ref.offset, ref.size)
+        entry = self.manifest.files[ref.file]
+        try:
+            data = self.store.read_range(entry.sha256, ref.offset, ref.size)
+        except (BlobMissing, OSError) as exc:
+            detail = "missing from the store" if isinstance(exc, BlobMissing) else f"unreadable: {exc}"
+            raise ChunkUnavailable(self.artifact_id, index, entry.path, entry.sha256, detail) from None
+        if len(data) != ref.size:
+            problem = f"the store holds {len(data)} of its {ref.size} bytes (truncated)"
+            raise ChunkUnavailable(self.artifact_id, index, entry.path, entry.sha256, problem)
+        if recheck or index not in self.verified:
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                self.verified.discard(index)
+                problem = "does not match its sha256 in the signed manifest (damaged in the controller's store)"
+                raise ChunkUnavailable(self.artifact_id, index, entry.path, entry.sha256, problem)
+            self.verified.add(index)
         return frames.encode(self.artifact_id, index, data)
 
 
@@ -78,8 +117,10 @@ class Broadcast:
         settings: TransferSettings,
         on_sent: Callable[[int], None],
         expected: set[str] | None = None,
+        on_unavailable: OnUnavailable | None = None,
     ) -> None:
         self.source = source
+        self.on_unavailable = on_unavailable
         #: devices worth waiting for (up to start_grace_s) before the first chunk goes out
         self.expected = set(expected or ())
         self.publish = publish
@@ -157,6 +198,10 @@ class Broadcast:
             log.info("broadcast of %s: %d of %d chunks sent", self.source.artifact_id[:12], self.next_index, total)
         except asyncio.CancelledError:
             raise
+        except ChunkUnavailable as exc:
+            log.error("broadcast of %s stopped: %s", self.source.artifact_id[:12], exc)
+            if self.on_unavailable is not None:
+                self.on_unavailable(exc)
         except Exception:
             log.exception("broadcast of %s failed; devices will repair", self.source.artifact_id[:12])
         finally:
@@ -192,10 +237,17 @@ class Broadcast:
 class Repairs:
     """Sends chunks a device asked for to that device alone, a bounded number at a time."""
 
-    def __init__(self, publish: PublishTracked, settings: TransferSettings, on_sent: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        publish: PublishTracked,
+        settings: TransferSettings,
+        on_sent: Callable[[int], None],
+        on_unavailable: OnUnavailable | None = None,
+    ) -> None:
         self.publish = publish
         self.settings = settings
         self.on_sent = on_sent
+        self.on_unavailable = on_unavailable
         self._queues: dict[tuple[str, str], deque[int]] = {}
         self._queued: dict[tuple[str, str], set[int]] = {}
         self._inflight: dict[str, int] = {}
@@ -239,25 +291,49 @@ class Repairs:
             self._queues.pop(key, None)
             self._queued.pop(key, None)
 
+    def drop_artifact(self, artifact_id: str) -> None:
+        """Send nothing more of ``artifact_id`` to anyone (its store copy is damaged)."""
+        for key in [k for k in self._queues if k[1] == artifact_id]:
+            self._queues.pop(key, None)
+            self._queued.pop(key, None)
+
     async def _run(self) -> None:
         while True:
-            sent_any = False
-            for (device_id, artifact_id), queue in list(self._queues.items()):
-                source = self._sources[artifact_id]
-                topic = topics.chunks(device_id)
-                while queue and self._inflight.get(device_id, 0) < self.settings.repair_inflight:
-                    index = queue[0]
-                    if not self._send(device_id, topic, source, index):
-                        break
-                    queue.popleft()
-                    self._queued[(device_id, artifact_id)].discard(index)
-                    sent_any = True
-                if not queue:
-                    self._queues.pop((device_id, artifact_id), None)
+            try:
+                sent_any = self._send_round()
+            except Exception:  # the repair task serves every device: it must outlive one bad round
+                log.exception("chunk repairs failed; retrying")
+                sent_any = False
             if not sent_any:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
+
+    def _send_round(self) -> bool:
+        sent_any = False
+        for (device_id, artifact_id), queue in list(self._queues.items()):
+            if (device_id, artifact_id) not in self._queues:
+                continue  # dropped in this round (its artifact is damaged)
+            source = self._sources[artifact_id]
+            topic = topics.chunks(device_id)
+            while queue and self._inflight.get(device_id, 0) < self.settings.repair_inflight:
+                index = queue[0]
+                try:
+                    sent = self._send(device_id, topic, source, index)
+                except ChunkUnavailable as exc:
+                    log.error("repairs of %s stopped: %s", artifact_id[:12], exc)
+                    self.drop_artifact(artifact_id)
+                    if self.on_unavailable is not None:
+                        self.on_unavailable(exc)
+                    break
+                if not sent:
+                    break
+                queue.popleft()
+                self._queued[(device_id, artifact_id)].discard(index)
+                sent_any = True
+            if not queue:
+                self._queues.pop((device_id, artifact_id), None)
+        return sent_any
 
     def _send(self, device_id: str, topic: str, source: ChunkSource, index: int) -> bool:
         frame = source.frame(index)

@@ -23,12 +23,14 @@ class MqttBridge:
         on_message: Callable[[str, bytes], None],
         subscriptions: list[tuple[str, int]],
         on_connection_change: Callable[[bool], None] | None = None,
+        on_oversize: Callable[[str, int], None] | None = None,
     ) -> None:
         self.config = config
         self.client_id = client_id
         self._on_message = on_message
         self._subscriptions = subscriptions
         self._on_change = on_connection_change
+        self._on_oversize = on_oversize
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -58,6 +60,7 @@ class MqttBridge:
         transport.on_connect = self._connected
         transport.on_disconnect = self._disconnected
         transport.on_published = self._published
+        transport.on_oversize = self._on_oversize
         for filter_, qos in self._subscriptions:
             transport.subscribe(filter_, qos)
         transport.start()

@@ -14,10 +14,19 @@ from collections.abc import Callable
 from prometheus_client import Counter
 
 from agent.protocol import codec, topics
-from agent.protocol.messages import ChunkRequest, DeploymentEvent, DeployState, DeviceOnline, Telemetry
+from agent.protocol.messages import (
+    CertificateRequest,
+    ChunkRequest,
+    CommandAck,
+    DeploymentEvent,
+    DeployState,
+    DeviceOnline,
+    Telemetry,
+)
 from agent.protocol.topics import DeviceChannel
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
+from controller.telemetry.bounds import ValueBounds
 from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn, out_of_range
 from controller.telemetry.ratelimit import TokenBuckets
 
@@ -39,6 +48,8 @@ class DeviceTrafficHandler:
         telemetry_burst: int = 1000,
         control_rate_per_s: float = 20.0,
         control_burst: int = 1000,
+        max_clock_skew_s: float = 300.0,
+        max_age_s: float = 30 * 86400.0,
     ) -> None:
         self.registry = registry
         self.writer = writer
@@ -50,6 +61,9 @@ class DeviceTrafficHandler:
         self.on_deployment_event: Callable[[str, DeploymentEvent], None] | None = None
         self.on_chunk_request: Callable[[str, ChunkRequest], None] | None = None
         self.on_birth: Callable[[str], None] | None = None
+        #: client certificates (controller.pki): renewal requests, and acks of the certificates sent
+        self.on_cert_request: Callable[[str, CertificateRequest], None] | None = None
+        self.on_ack: Callable[[str, CommandAck], None] | None = None
         self.drops = codec.DropCounter(log, on_drop=lambda ch, reason: self._invalid.labels(ch, reason).inc())
         #: telemetry per device: a flooding device is throttled before its payloads are even parsed
         self.telemetry_limit = TokenBuckets(telemetry_rate_per_s, telemetry_burst)
@@ -72,6 +86,10 @@ class DeviceTrafficHandler:
         self.revoked: frozenset[str] = frozenset()
         #: devices an operator forgot: their births do not bring them back (dropped, counted as "forgotten")
         self.forgotten: frozenset[str] = frozenset()
+        #: values held to what the device can do, timestamps to the controller's clock
+        self.bounds = ValueBounds(metrics, max_clock_skew_s, max_age_s)
+        #: whether (device, deployment) is one the controller created; reports of others are dropped
+        self.knows_deployment: Callable[[str, str], bool] = lambda device_id, deployment_id: True
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
         """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""
@@ -127,6 +145,7 @@ class DeviceTrafficHandler:
             return
         now = self.clock()
         if isinstance(msg, DeviceOnline):
+            self.bounds.learn(device_id, msg.hardware)
             self.registry.online(device_id, now, msg.keepalive_s, msg.telemetry_interval_s)
             self.writer.put(Birth(device_id, msg, now))
             if self.on_birth is not None:
@@ -139,20 +158,31 @@ class DeviceTrafficHandler:
             self.registry.offline(device_id)
             self.writer.put(Offline(device_id, msg.reason, now))
             return
+        if isinstance(msg, DeploymentEvent | ChunkRequest) and not self.knows_deployment(device_id, msg.deployment_id):
+            self.drops.drop(device_id, channel.value, "unknown_deployment", f"no deployment {msg.deployment_id} for it")
+            return
         self.registry.heard(device_id, now)
+        skew = self.bounds.clock_skew(device_id, channel.value, msg.ts, now)
         if isinstance(msg, Telemetry):
             if self.registry.is_replay(device_id, msg.ts, msg.seq):
                 self.metrics.telemetry_replays.inc()
                 return
-            self.writer.put(TelemetryIn(device_id, msg, now))
+            self.writer.put(TelemetryIn(device_id, self.bounds.telemetry(device_id, msg), now, skew))
         elif isinstance(msg, ChunkRequest):
             if self.on_chunk_request is not None:
                 self.on_chunk_request(device_id, msg)
+        elif isinstance(msg, CertificateRequest):  # not stored: a request, answered with a command
+            if self.on_cert_request is None:
+                self.drops.drop(device_id, channel.value, "no_pki", "this controller issues no client certificates")
+            else:
+                self.on_cert_request(device_id, msg)
         elif isinstance(msg, DeploymentEvent):
             # download progress arrives about once a second: keep transitions, not every tick
             if msg.state != DeployState.DOWNLOADING or msg.chunks_have == 0:
-                self.writer.put(EventIn(device_id, msg, now))
+                self.writer.put(EventIn(device_id, msg, now, skew))
             if self.on_deployment_event is not None:
                 self.on_deployment_event(device_id, msg)
         else:
-            self.writer.put(EventIn(device_id, msg, now))
+            self.writer.put(EventIn(device_id, msg, now, skew))
+            if isinstance(msg, CommandAck) and self.on_ack is not None:
+                self.on_ack(device_id, msg)

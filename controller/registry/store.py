@@ -19,6 +19,15 @@ from typing import BinaryIO
 _COPY_BLOCK = 1024 * 1024
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 (hex) of a file's content, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class BlobMissing(KeyError):
     """A blob the database refers to is not in the store."""
 
@@ -42,10 +51,11 @@ class ContentStore:
         except ValueError:
             return False
 
-    def put_file(self, src: Path) -> tuple[str, int]:
-        """Store the file at ``src``; returns (sha256, size). Identical content is stored once."""
+    def put_file(self, src: Path, replace: bool = False) -> tuple[str, int]:
+        """Store the file at ``src``; returns (sha256, size). Identical content is stored once (``replace``:
+        the copy in the store is overwritten, to repair a damaged blob with a good one)."""
         with open(src, "rb") as f:
-            return self.put_stream(f)
+            return self.put_stream(f, replace)
 
     def put_file_chunked(self, src: Path, chunk_size: int) -> tuple[str, int, list[str]]:
         """Store ``src`` and hash it in ``chunk_size`` pieces in the same pass: (sha256, size, chunk hashes)."""
@@ -73,7 +83,8 @@ class ContentStore:
             out.write(data)
         return sha
 
-    def put_stream(self, stream: BinaryIO) -> tuple[str, int]:
+    def put_stream(self, stream: BinaryIO, replace: bool = False) -> tuple[str, int]:
+        """Store what ``stream`` holds under its sha256; ``replace``: also over an existing (damaged) blob."""
         digest = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
@@ -87,7 +98,7 @@ class ContentStore:
                 os.fsync(out.fileno())
             sha = digest.hexdigest()
             final = self.path(sha)
-            if final.is_file():
+            if final.is_file() and not replace:
                 os.unlink(tmp_name)
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +130,23 @@ class ContentStore:
             return self.path(sha256).read_bytes()
         except FileNotFoundError:
             raise BlobMissing(sha256) from None
+
+    def check(self, sha256: str, size: int) -> str | None:
+        """Why the blob is not what its name says (missing, wrong size, wrong content), or None when it is."""
+        path = self.path(sha256)
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(_COPY_BLOCK):
+                    digest.update(block)
+                actual = f.tell()
+        except FileNotFoundError:
+            return f"blob {sha256[:12]} is missing from the store ({path})"
+        if actual != size:
+            return f"blob {sha256[:12]} holds {actual} bytes, {size} expected ({path})"
+        if digest.hexdigest() != sha256:
+            return f"blob {sha256[:12]} does not match its sha256 ({path}): damaged on disk"
+        return None
 
     def read_range(self, sha256: str, offset: int, size: int) -> bytes:
         try:

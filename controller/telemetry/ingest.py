@@ -7,6 +7,7 @@ few large ones. Ordering within a device is preserved.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -44,6 +45,8 @@ class TelemetryIn:
     device_id: str
     msg: Telemetry
     at: float
+    #: set when the device's timestamp was too far off the controller's clock: stored at ``at`` instead
+    clock_skew_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -51,6 +54,7 @@ class EventIn:
     device_id: str
     msg: AgentEvent | CommandAck | DeploymentEvent
     at: float
+    clock_skew_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -121,16 +125,26 @@ def out_of_range(msg: object) -> str | None:
     return None
 
 
+def _stored(op: TelemetryIn | EventIn) -> tuple[float, str]:
+    """The time to store (the device's, or the receive time when its clock is far off) and the data column:
+    the validated message re-serialized (unknown fields a device added are not stored), with the skew if any."""
+    if op.clock_skew_s is None:
+        return op.msg.ts, op.msg.model_dump_json(exclude_none=True)
+    data = {**op.msg.model_dump(mode="json", exclude_none=True), "clock_skew_s": round(op.clock_skew_s, 3)}
+    return op.at, json.dumps(data)
+
+
 def telemetry_row(op: TelemetryIn, dt: Callable[[float], Any]) -> tuple[Any, ...]:
     """Column values (TELEMETRY_COLUMNS order); ``dt`` converts epoch seconds for the dialect."""
     msg = op.msg
+    ts, data = _stored(op)
     inf = msg.inference
     lat = inf.latency if inf is not None else None
     model = msg.model
     return (
         op.device_id,
         dt(op.at),
-        dt(msg.ts),
+        dt(ts),
         msg.seq,
         msg.interval_s,
         msg.cpu_percent,
@@ -143,8 +157,7 @@ def telemetry_row(op: TelemetryIn, dt: Callable[[float], Any]) -> tuple[Any, ...
         model.model if model is not None else None,
         model.version if model is not None else None,
         model.variant[:64] if model is not None else None,  # the column is 64 long, the wire allows 128
-        # the validated message re-serialized: unknown fields a device added are not stored
-        msg.model_dump_json(exclude_none=True),
+        data,
     )
 
 
@@ -156,16 +169,8 @@ def event_row(op: EventIn, dt: Callable[[float], Any]) -> tuple[Any, ...]:
         kind, message = msg.state.value, msg.reason or f"deployment {msg.deployment_id}"
     else:
         kind, message = msg.kind, msg.message
-    return (
-        op.device_id,
-        dt(op.at),
-        dt(msg.ts),
-        msg.seq,
-        msg.type,
-        kind[:64],
-        message,
-        msg.model_dump_json(exclude_none=True),
-    )
+    ts, data = _stored(op)
+    return (op.device_id, dt(op.at), dt(ts), msg.seq, msg.type, kind[:64], message, data)
 
 
 class IngestWriter:
@@ -352,16 +357,16 @@ class IngestWriter:
                         conn.execute(insert(table(Device)).values(**row.model_dump()))
             self._telemetry_insert.execute(conn, telemetry)
             self._event_insert.execute(conn, events)
-            # devices whose status changed in this batch got their last_seen with it; an empty list here would
-            # run the statement once without parameters (and fail the whole batch)
-            seen_rows = [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices]
-            if seen_rows:
+            # devices with a birth or status change in this batch got last_seen with it; an empty executemany
+            # would fail the whole batch
+            last_seen = [{"b_id": k, "b_seen": from_epoch(v)} for k, v in seen.items() if k not in devices]
+            if last_seen:
                 devices_table = table(Device)
                 conn.execute(
                     update(devices_table)
                     .where(devices_table.c.id == bindparam("b_id"))
                     .values(last_seen=bindparam("b_seen")),
-                    seen_rows,
+                    last_seen,
                 )
         return len(telemetry), len(events)
 

@@ -7,7 +7,8 @@ own on the worker's event loop. What is simulated: the hardware (``MemorySlotSto
 and the trouble the scenario schedules (``fault_started`` / ``fault_ended``).
 
 What survives a power loss is what a device keeps on disk: the slots and the active pointer (the
-storage), the deployment record, and the spool. Everything else is built again by ``boot``.
+storage), the deployment record, the nonces of the commands it accepted, and the spool. Everything
+else is built again by ``boot``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.core import AgentCore, CoreAction, CoreConfig, Publish, Subscribe, TelemetrySample, Unsubscribe
+from agent.core.guard import CommandGuard, MemoryNonceStore
 from agent.core.outbox import Outbox
 from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
@@ -108,6 +110,7 @@ class VirtualDevice:
         # --- the "disk": survives a power loss
         self.storage = MemorySlotStorage(capacity_bytes=spec.disk_bytes)
         self.records = MemoryRecordStore()
+        self.nonces = MemoryNonceStore()
         self.spool = MemorySpool()
         if spec.installed_artifact is not None:
             self._factory_install(env.manifests[spec.installed_artifact])
@@ -242,7 +245,10 @@ class VirtualDevice:
         )
         # A random phase keeps a fleet that boots together from reporting in lockstep.
         started = now - self.rng.uniform(0.0, interval)
-        self.core = AgentCore(config, self.hardware(), self._sample, started_at=started, deployments=self.driver)
+        guard = CommandGuard(self.spec.id, self.env.key, self.nonces)
+        self.core = AgentCore(
+            config, self.hardware(), self._sample, started_at=started, deployments=self.driver, guard=guard
+        )
         self.outbox = Outbox(self.spool)
         self._connect()
         self._execute(self.driver.start(now))

@@ -1,14 +1,19 @@
 """The sans-IO agent core with a controllable clock and the in-memory transport."""
 
 import json
+import time
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.core import AgentCore, CoreConfig, Publish, Subscribe, TelemetrySample
-from agent.protocol import codec, topics
+from agent.core.guard import CommandGuard
+from agent.protocol import codec, signing, topics
 from agent.protocol.messages import Configure, HardwareProfile, InstalledModel, Ping
 from agent.protocol.topics import DeviceChannel
 from agent.transport.memory import MemoryBroker, MemoryTransport
 
 HW = HardwareProfile(cpu_count=4, ram_bytes=4 * 2**30, arch="aarch64", os="Linux")
+KEY = Ed25519PrivateKey.generate()
 
 
 def make_core(interval: float = 10.0, **kw: object) -> AgentCore:
@@ -17,6 +22,7 @@ def make_core(interval: float = 10.0, **kw: object) -> AgentCore:
         HW,
         lambda dt: TelemetrySample(cpu_percent=12.5, rss_bytes=1000),
         started_at=1000.0,
+        guard=CommandGuard("dev-1", KEY.public_key()),
         **kw,  # type: ignore[arg-type]
     )
 
@@ -54,9 +60,9 @@ def test_ping_is_acknowledged_and_configure_changes_the_interval() -> None:
     ack = core.on_message(topics.cmd("dev-1"), codec.encode(Ping(ts=1.0, command_id="p1")), 1001.0)
     event = codec.decode(DeviceChannel.EVENTS, ack[0].payload)
     assert event.type == "ack" and event.command_id == "p1" and event.ok
-    actions = core.on_message(
-        topics.cmd("dev-1"), codec.encode(Configure(ts=1.0, command_id="c1", telemetry_interval_s=2.0)), 1001.0
-    )
+    configure = Configure(ts=1.0, command_id="c1", telemetry_interval_s=2.0)
+    payload = signing.seal_command(configure, KEY, device_id="dev-1", now=time.time(), ttl_s=60)
+    actions = core.on_message(topics.cmd("dev-1"), payload, 1001.0)
     assert core.config.telemetry_interval_s == 2.0
     kinds = [codec.decode(DeviceChannel.STATE if a.retain else DeviceChannel.EVENTS, a.payload).type for a in actions]
     assert kinds == ["online", "ack"]

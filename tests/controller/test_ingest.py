@@ -134,3 +134,28 @@ def test_messages_for_unknown_devices_and_odd_topics_are_counted_and_ignored(con
     assert rows(controller, Device) == 0
     assert rows(controller, TelemetryRecord) == 0 and rows(controller, DeviceEvent) == 0
     assert controller.client.get("/api/v1/health").json()["status"] == "ok"
+
+
+def test_a_birth_and_a_last_seen_of_the_same_device_in_one_batch_are_written_together(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Regression: a LastSeen whose every device also has a birth in the batch made an empty executemany that
+    failed the whole batch (three retries, then row by row), delaying every device's births by a second."""
+    from agent.protocol import codec
+    from agent.protocol.topics import DeviceChannel
+    from controller.db.engine import make_engine, migrate
+    from controller.telemetry.ingest import Birth, IngestWriter, LastSeen
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'i.db'}")
+    migrate(engine)
+    writer = IngestWriter(engine, flush_interval_s=0.05)
+    topic, payload = du.birth("dev-z")
+    birth = codec.decode(DeviceChannel.STATE, payload)
+    writer.put(Birth("dev-z", birth, time.time()))
+    writer.put(LastSeen({"dev-z": time.time()}))  # after it: the batch's births cover every device seen
+    writer.start()
+    try:
+        assert writer.flush(10)
+    finally:
+        writer.stop()
+    assert writer.failed_batches == 0 and writer.batches == 1
+    with Session(engine) as s:
+        assert s.get(Device, "dev-z") is not None

@@ -103,7 +103,8 @@ class PeerDevice:
         self.state = state
         self.mqtt.client.publish(topics.events(self.device_id), codec.encode(event), qos=1)
 
-    def request_missing(self, limit: int = 256) -> list[tuple[int, int]]:
+    def request_missing(self, limit: int = 256, bad: list[int] | None = None) -> list[tuple[int, int]]:
+        """Ask for the chunks it lacks (``bad``: chunks it says arrived damaged, as the agent reports them)."""
         m = self.manifest
         assert m is not None
         missing = [i for i in range(len(m.chunks)) if i not in self.chunks][:limit]
@@ -120,6 +121,7 @@ class PeerDevice:
                 deployment_id=self.deployment_id,
                 artifact_id=m.artifact_id,
                 ranges=ranges[:256],
+                bad=bad or [],
             )
             self.mqtt.client.publish(topics.events(self.device_id), codec.encode(req), qos=1)
         return ranges

@@ -17,6 +17,8 @@ class ControllerProc:
     proc: Proc
     api: str
     data_dir: Path
+    #: the embedded broker's port (``start_up``), None with --broker
+    broker_port: int | None = None
 
     @property
     def token(self) -> str:
@@ -111,6 +113,31 @@ class Fleet:
             proc.stop(10)
         if self.controller is not None:
             self.controller.proc.stop(20)
+
+
+def start_up(root: Path, *extra: str, env: dict[str, str] | None = None) -> ControllerProc:
+    """``slmfleet up`` on embedded defaults (its own broker) on free ports, once its health says ok."""
+    port, broker_port = free_port(), free_port()
+    data = root / "controller"
+    args = ("up", "--data-dir", str(data), "--port", str(port), "--broker-port", str(broker_port), *extra)
+    proc = Proc(slmfleet_cmd(*args), root / "controller.log", env=env)
+    ctl = ControllerProc(proc, f"http://127.0.0.1:{port}", data, broker_port)
+    try:
+        wait_until(
+            lambda: proc.alive() and httpx.get(ctl.api + "/api/v1/health", timeout=2).json()["status"] == "ok",
+            30,
+            what=f"slmfleet up ready (log: {proc.log_path})",
+        )
+    except AssertionError:
+        proc.stop(20)
+        raise
+    return ctl
+
+
+def served_version(http_port: int) -> int | None:
+    """The model version an agent itself says it serves (its local /v1/health), not what the controller believes."""
+    model = httpx.get(f"http://127.0.0.1:{http_port}/v1/health", timeout=5).json()["model"]
+    return model["version"] if model else None
 
 
 def broker_url_from_banner(text: str) -> str | None:

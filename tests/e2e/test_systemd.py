@@ -64,7 +64,12 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert service["Restart"] == "always" and service["KillMode"] == "mixed"
     assert service["ExecStart"] == f"{DEFAULT_BINARY} agent --config /etc/slmfleet/agent.toml"
     credentials = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("LoadCredential=")]
-    assert credentials == ["mqtt-password:/etc/slmfleet/mqtt-password", "signing-key:/etc/slmfleet/signing-key.pem"]
+    assert credentials == [
+        "mqtt-password:/etc/slmfleet/mqtt-password",
+        "signing-key:/etc/slmfleet/signing-key.pem",
+        "mqtt-client-cert:/etc/slmfleet/client.pem",
+        "mqtt-client-key:/etc/slmfleet/client.key",
+    ]
     assert service["StateDirectory"] == "slmfleet-agent"
     for key, value in {
         "ProtectSystem": "strict",
@@ -99,6 +104,9 @@ def test_the_installer_writes_config_and_unit_under_a_root_dir_idempotently(tmp_
     assert str(settings.data_dir) == "/var/lib/slmfleet-agent"  # = StateDirectory
     assert stat.S_IMODE(password.stat().st_mode) == 0o600 and password.read_text() == ""
     assert (root / "etc/slmfleet/signing-key.pem").read_text() == ""  # none pinned yet: LoadCredential needs it
+    for credential in ("client.pem", "client.key"):  # no client certificate: empty, but there for LoadCredential
+        path = root / "etc/slmfleet" / credential
+        assert path.read_text() == "" and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert unit_file.read_text() == UNIT.read_text()
     # Root-only actions are printed, never run, under --root-dir.
     assert "useradd" in first.stdout and "(skipped: --root-dir)" in first.stdout

@@ -18,6 +18,7 @@ from sqlmodel import Session, func, select
 
 from agent.core import AgentCore, CoreConfig, TelemetrySample
 from agent.core.actions import Publish
+from agent.core.guard import CommandGuard
 from agent.protocol import chunks as frames
 from agent.protocol import codec, topics
 from agent.protocol.messages import (
@@ -32,7 +33,7 @@ from agent.protocol.messages import (
 from agent.protocol.topics import DeviceChannel
 from controller.broker.embedded import EmbeddedBroker
 from controller.db.models import Device, DeviceEvent, TelemetryRecord
-from tests.agent.deploy.harness import DEVICE, Artifact, artifact, deploy, memory_device, rollback
+from tests.agent.deploy.harness import DEVICE, Artifact, artifact, deploy, memory_device, rollback, sealed
 from tests.conftest import LiveController
 from tests.helpers import RawMqtt, metric_value, wait_until
 from tests.security import payloads
@@ -222,17 +223,18 @@ class AgentUnderFire:
             lambda dt: TelemetrySample(cpu_percent=1.0, rss_bytes=1000),
             started_at=1000.0,
             deployments=self.device.driver,
+            guard=CommandGuard(DEVICE, self.key.public_key()),
         )
         self.device.take(self.device.driver.start(1000.0))
         self.device.take(self.core.on_connected(1000.0))
-        self.device.take(self.core.on_message(topics.cmd(DEVICE), codec.encode(deploy(self.art)), 1000.0))
+        self.device.take(self.core.on_message(topics.cmd(DEVICE), sealed(deploy(self.art), self.key), 1000.0))
         assert self.device.state == DeployState.DOWNLOADING
         self.genuine = [self.art.frame(i) for i in range(len(self.art))]
         now = 1000.0
-        self.command_templates = [
-            codec.encode(m)
+        # genuine signed commands (and an unsigned ping): mutations of them must never be obeyed
+        self.command_templates = [codec.encode(Ping(ts=now, command_id="p-1"))] + [
+            sealed(m, self.key)
             for m in (
-                Ping(ts=now, command_id="p-1"),
                 Configure(ts=now, command_id="c-1", telemetry_interval_s=5.0),
                 deploy(self.art, "dep-2"),
                 rollback(self.key, "dep-3", self.art),
@@ -268,18 +270,30 @@ def _fuzz_agent_commands(a: AgentUnderFire, rng: random.Random, data: Any) -> No
         st.sampled_from([topics.cmd(DEVICE)] * 4 + [topics.cmd("dev-2"), topics.state(DEVICE), "x/y", ""])
     )
     valid = topic == topics.cmd(DEVICE) and payloads.is_valid(DeviceChannel.CMD, payload)
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        obj = None
+    genuine = obj in templates  # a mutation that changed nothing (an edge equal to the old value)
     before = a.dropped()
     actions = a.core.on_message(topic, payload, 1000.0)
     a.device.take(actions)
     if not valid:
         assert a.dropped() == before + 1, (topic, payload[:200])
         assert actions == [], f"an invalid command was acted on: {payload[:200]!r}"
+    elif not genuine and isinstance(obj, dict) and obj.get("type") != "ping":
+        # schema-valid but not what the controller signed for this device: refused, only reported
+        assert a.dropped() == before + 1, (topic, payload[:200])
+        reports = [json.loads(x.payload) for x in actions if isinstance(x, Publish)]
+        assert len(reports) == len(actions), f"obeyed: {payload[:200]!r}"
+        for r in reports:  # a refusal event, or the deployment of a Deploy this agent can never accept failed
+            assert r.get("kind") == "command_refused" or r.get("state") == "failed", f"obeyed: {payload[:200]!r}"
 
 
 def test_agent_commands_survive_hostile_payloads(agent: AgentUnderFire) -> None:
     _fuzz_agent_commands(agent)
     reasons = {reason for (_, reason) in agent.core.drops.counts}
-    assert reasons >= {"not_json", "schema", "empty", "topic"}, agent.core.drops.counts
+    assert reasons >= {"not_json", "schema", "empty", "topic", "bad_signature"}, agent.core.drops.counts
     # still answers a good command afterwards
     actions = agent.core.on_message(topics.cmd(DEVICE), codec.encode(Ping(ts=1001.0, command_id="p-9")), 1001.0)
     assert any(isinstance(x, Publish) and b"pong" in x.payload for x in actions)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -10,11 +12,21 @@ from pydantic import Field
 from sqlalchemy import func
 from sqlmodel import col, select
 
+from agent.protocol.messages import Configure
 from controller import audit
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
 from controller.api.openapi import errors
-from controller.api.schemas import DevicePage, DevicePatch, DevicePublic, EventPublic, TelemetryPublic
+from controller.api.schemas import (
+    CommandSent,
+    DeviceConfigure,
+    DevicePage,
+    DevicePatch,
+    DevicePublic,
+    EventPublic,
+    TelemetryPublic,
+)
 from controller.db.models import Device, DeviceEvent, TelemetryRecord
+from controller.db.types import from_epoch
 from controller.devices import selectors
 from controller.enrollment.service import EnrollmentError
 
@@ -163,3 +175,27 @@ def device_events(
     if since is not None:
         stmt = stmt.where(col(DeviceEvent.received_at) >= _utc(since))
     return list(session.exec(stmt.order_by(col(DeviceEvent.received_at), col(DeviceEvent.id)).limit(limit)))
+
+
+@router.post("/{device_id}/configure", response_model=CommandSent, status_code=status.HTTP_202_ACCEPTED)
+def configure_device(
+    device_id: str, body: DeviceConfigure, session: SessionDep, runtime: RuntimeDep, who: OperatorDep
+) -> CommandSent:
+    """Change a device's agent settings: a Configure command signed for this device alone, valid for
+    ``command_ttl_s``. The device acknowledges it in its events and announces the new interval in its state."""
+    device = _get(session, device_id)
+    if device.revoked_at is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"device {device_id!r} is revoked")
+    if not body.model_fields_set:
+        raise HTTPException(422, "nothing to change: give at least one setting (telemetry_interval_s)")
+    bridge = runtime.bridge
+    if bridge is None or not bridge.connected:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the controller is not connected to the broker")
+    command_id = f"configure-{uuid.uuid4().hex[:16]}"
+    now = time.time()
+    runtime.commands.send(
+        device_id, Configure(ts=now, command_id=command_id, telemetry_interval_s=body.telemetry_interval_s)
+    )
+    audit.record(session, who.name, "device.configure", device_id, body.model_dump(exclude_unset=True))
+    session.commit()
+    return CommandSent(command_id=command_id, expires_at=from_epoch(now + runtime.commands.ttl_s))

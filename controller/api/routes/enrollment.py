@@ -22,6 +22,7 @@ from controller.db.types import utcnow
 from controller.enrollment import tokens
 from controller.enrollment.schemas import DeviceIdStr, EnrollmentTokenCreate, controller_url, enroll_command
 from controller.enrollment.service import EnrollmentError
+from controller.pki.authority import PkiError, check_csr
 
 router = APIRouter(prefix="/api/v1", tags=["enrollment"])
 
@@ -54,6 +55,11 @@ class EnrollRequest(BaseModel):
 
     token: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     device_id: DeviceIdStr | None = Field(None, description="the id this device would like; omit: one is chosen")
+    csr_pem: Annotated[str, StringConstraints(max_length=8192)] | None = Field(
+        None,
+        description="a PEM certificate request for the device's own key: needed when the controller issues client"
+        " certificates (device_certificates), ignored otherwise",
+    )
 
 
 class EnrollResponse(BaseModel):
@@ -64,6 +70,9 @@ class EnrollResponse(BaseModel):
     signing_public_key_pem: str = Field(description="pin it: manifests must be signed with its private half")
     broker_ca_pem: str | None = Field(description="CA that verifies the broker's TLS certificate, if configured")
     labels: dict[str, str]
+    client_cert_pem: str | None = Field(
+        None, description="the device's client certificate for the broker (mutual TLS), for the key of csr_pem"
+    )
 
 
 class RevokeResult(BaseModel):
@@ -149,10 +158,23 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, runtime: 
     wait, why = limits.check_enrollment_token(body.token, request.client.host if request.client else "unknown")
     if wait:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, why, headers={"Retry-After": str(retry_after(wait))})
+    pki = runtime.pki
+    if pki is not None:  # checked before the token is used up
+        if not body.csr_pem:
+            raise HTTPException(
+                422,
+                "this controller gives devices client certificates: send a certificate request (csr_pem);"
+                " 'slmfleet agent enroll' does",
+            )
+        try:
+            check_csr(body.csr_pem)
+        except PkiError as exc:
+            raise HTTPException(422, str(exc)) from None
     try:
         result = runtime.enrollment.enroll(session, body.token, body.device_id)
     except EnrollmentError as exc:
         raise HTTPException(exc.status, str(exc)) from None
+    issued = pki.issue(session, result.device_id, body.csr_pem) if pki is not None and body.csr_pem else None
     audit.record(
         session,
         f"enrollment:{result.token_prefix}",
@@ -163,17 +185,22 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, runtime: 
             "labels": result.labels,
             "broker_credentials": result.mqtt_password is not None,
             **({"restored": result.restored} if result.restored else {}),
+            "client_certificate": issued.serial if issued is not None else None,
         },
     )
     session.commit()
+    if pki is not None and issued is not None:  # enrolled again: the certificates of earlier enrollments stop working
+        pki.installed(result.device_id, issued.serial)
     return EnrollResponse(
         device_id=result.device_id,
         broker_url=result.broker_url,
-        mqtt_username=result.mqtt_username,
-        mqtt_password=result.mqtt_password,
+        # with a certificate the broker takes the user name from it: no password to hand out
+        mqtt_username=result.mqtt_username if issued is None else None,
+        mqtt_password=result.mqtt_password if issued is None else None,
         signing_public_key_pem=result.signing_public_key_pem,
         broker_ca_pem=result.broker_ca_pem,
         labels=result.labels,
+        client_cert_pem=issued.cert_pem if issued is not None else None,
     )
 
 

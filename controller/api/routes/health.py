@@ -10,7 +10,8 @@ from sqlalchemy import text
 
 from agent import __version__
 from controller.api.deps import RuntimeDep
-from controller.api.schemas import BrokerHealth, Health
+from controller.api.schemas import BrokerHealth, EmbeddedBrokerHealth, Health
+from controller.db.types import from_epoch
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -32,8 +33,22 @@ def health(runtime: RuntimeDep, response: Response) -> Health:
         log.warning("health: database check failed: %s", exc)
         database = "error"
     bridge = runtime.bridge
-    broker = BrokerHealth(url=runtime.settings.broker_url, connected=bool(bridge and bridge.connected))
-    ok = database == "ok" and (broker.connected or bridge is None)
+    embedded = runtime.embedded_broker
+    broker = BrokerHealth(
+        url=runtime.settings.broker_url,
+        connected=bool(bridge and bridge.connected),
+        embedded=EmbeddedBrokerHealth(
+            engine=embedded.engine,
+            running=embedded.running,
+            pid=embedded.pid,
+            restarts=embedded.restarts,
+            last_exit=embedded.last_exit,
+            last_exit_at=from_epoch(embedded.last_exit_at) if embedded.last_exit_at else None,
+        )
+        if embedded is not None
+        else None,
+    )
+    ok = database == "ok" and (broker.connected or bridge is None) and (embedded is None or embedded.running)
     if database != "ok":
         response.status_code = 503
     return Health(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path as PathLib
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -15,7 +16,9 @@ from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
 from controller.api.openapi import errors
 from controller.api.schemas import (
+    ArtifactIntegrityPublic,
     ArtifactSummary,
+    FileIntegrity,
     ImportJobPublic,
     ModelCreate,
     ModelDetail,
@@ -90,6 +93,8 @@ def _summary(artifact: Artifact) -> ArtifactSummary:
         requirements=manifest.get("requirements", {}),
         expires_at=manifest.get("expires_at"),
         manifest_url=f"/api/v1/artifacts/{artifact.id}/manifest",
+        corrupt_at=artifact.corrupt_at,
+        corrupt_reason=artifact.corrupt_reason,
     )
 
 
@@ -295,6 +300,67 @@ def get_import(job_id: str, session: SessionDep, _: ViewerDep) -> ImportJobPubli
 def get_manifest(artifact_id: str, session: SessionDep, _: ViewerDep) -> Response:
     """The signed manifest of an artifact, exactly as devices receive it."""
     return JSONResponse(ids.resolve(session, Artifact, artifact_id, "artifact").signed_manifest)
+
+
+@router.post(
+    "/artifacts/{artifact_id}/repair",
+    response_model=ArtifactIntegrityPublic,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    }
+                }
+            },
+            "required": False,
+        }
+    },
+)
+async def repair_artifact(
+    artifact_id: str, request: Request, runtime: RuntimeDep, who: OperatorDep
+) -> ArtifactIntegrityPublic:
+    """Check an artifact's files in the store, after putting in good copies of damaged ones.
+
+    Upload any files (``file`` parts) whose sha256 the artifact's manifest lists: the original model files,
+    a backup, a device's slot. Each replaces the store's copy; other files are ignored. Then every file of
+    the artifact is hashed: all intact clears the corrupt mark (deployments may use it again), else the
+    answer says which files are still missing or damaged. Without files it only checks.
+    """
+    with Session(runtime.engine) as session:
+        if session.get(Artifact, artifact_id) is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"artifact {artifact_id!r} not found")
+    registry = runtime.models
+    staging = registry.new_staging()
+    try:
+        uploads: list[PathLib] = []
+        if request.headers.get("content-type"):
+            try:
+                upload = await receive(request, staging / "upload", runtime.settings.upload_max_bytes)
+            except UploadError as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+            uploads = [upload.root / p for p in upload.files]
+        report = await anyio.to_thread.run_sync(runtime.integrity.repair, artifact_id, uploads, who.name)
+    finally:
+        remove_tree(staging)
+    with Session(runtime.engine) as session:  # the request; the mark's changes have entries of their own
+        detail = {"ok": report.ok, "replaced": [f.path for f in report.files if f.replaced], "ignored": report.ignored}
+        audit.record(session, who.name, "artifact.check", artifact_id, detail)
+        session.commit()
+    return ArtifactIntegrityPublic(
+        artifact_id=artifact_id,
+        ok=report.ok,
+        corrupt_reason=report.reason,
+        files=[
+            FileIntegrity(
+                path=f.path, sha256=f.sha256, size=f.size, ok=f.problem is None, problem=f.problem, replaced=f.replaced
+            )
+            for f in report.files
+        ],
+        ignored=report.ignored,
+    )
 
 
 @router.get("/signing-key", response_model=SigningKeyPublic, tags=["security"])

@@ -28,7 +28,6 @@ from agent.deploy.modelops import HostModelOps, ModelOps, SimulatedModelOps
 from agent.deploy.record import MemoryRecordStore, PersistedState, RecordStore
 from agent.deploy.shadow import ShadowTap
 from agent.deploy.storage import SlotStorage
-from agent.deploy.verify import sign_grant
 from agent.inference.host import ModelHost
 from agent.protocol import chunks as frames
 from agent.protocol import codec, signing, topics
@@ -151,6 +150,11 @@ def artifact(files: dict[str, bytes], key: Ed25519PrivateKey, **manifest_fields:
     return Artifact(signing.sign(make_manifest(files, **manifest_fields), key), files)
 
 
+def sealed(command: Any, key: Ed25519PrivateKey, device_id: str = DEVICE, *, ttl_s: float = 3600.0) -> bytes:
+    """``command``'s wire payload, signed for ``device_id`` the way the controller's CommandSender signs it."""
+    return signing.seal_command(command, key, device_id=device_id, now=time.time(), ttl_s=ttl_s)
+
+
 def deploy(art: Artifact, deployment_id: str = "dep-1", **fields: Any) -> Deploy:
     return Deploy(
         ts=time.time(), command_id=f"{deployment_id}-deploy", deployment_id=deployment_id, manifest=art.signed, **fields
@@ -180,7 +184,7 @@ def rollback(
         command_id=f"{deployment_id}-rollback",
         deployment_id=deployment_id,
         grant=grant,
-        signature=sign_grant(grant, key),
+        signature=signing.sign_grant(grant, key),
         manifest=art.signed if with_manifest else None,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.core import AgentCore, CoreConfig, Publish, Subscribe, TelemetrySample, Unsubscribe
+from agent.core.guard import CommandGuard
 from agent.deploy.driver import DeploymentDriver
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
@@ -14,7 +15,7 @@ from agent.deploy.record import MemoryRecordStore
 from agent.protocol import codec, topics
 from agent.protocol.messages import DeploymentEvent, DeployState, HardwareProfile, InstalledModel
 from agent.protocol.topics import DeviceChannel
-from tests.agent.deploy.harness import Artifact, deploy
+from tests.agent.deploy.harness import Artifact, deploy, sealed
 
 HW = HardwareProfile(cpu_count=1, ram_bytes=2**30, arch="aarch64", os="Linux")
 
@@ -31,6 +32,7 @@ def make_core(key: Ed25519PrivateKey, with_deployments: bool = True) -> tuple[Ag
         lambda dt: TelemetrySample(cpu_percent=0, rss_bytes=0),
         started_at=0.0,
         deployments=driver,
+        guard=CommandGuard("dev-1", key.public_key()),
     )
     return core, driver
 
@@ -49,7 +51,7 @@ def test_commands_and_chunks_reach_the_driver_and_the_birth_tells_the_truth(
     assert actions[0] == Subscribe(topics.cmd("dev-1"), 1) and Subscribe(topics.chunks("dev-1"), 1) in actions
     assert decode(actions[-1]).installed == []  # type: ignore[attr-defined, arg-type]
 
-    actions = core.on_message(topics.cmd("dev-1"), codec.encode(deploy(v1)), 11.0)
+    actions = core.on_message(topics.cmd("dev-1"), sealed(deploy(v1), key), 11.0)
     assert Subscribe(topics.artifact_chunks(v1.id), 1) in actions
     events = [decode(a) for a in actions if isinstance(a, Publish)]
     assert [e.state for e in events if isinstance(e, DeploymentEvent)] == [DeployState.DOWNLOADING] * 2
@@ -69,7 +71,7 @@ def test_commands_and_chunks_reach_the_driver_and_the_birth_tells_the_truth(
 def test_the_core_wakes_up_for_the_deployments_timers(key: Ed25519PrivateKey, v1: Artifact) -> None:
     core, driver = make_core(key)
     assert core.next_wakeup() == 10.0  # telemetry
-    core.on_message(topics.cmd("dev-1"), codec.encode(deploy(v1)), 1.0)
+    core.on_message(topics.cmd("dev-1"), sealed(deploy(v1), key), 1.0)
     assert driver is not None and core.next_wakeup() == 1.0 + driver.manager.config.chunk_idle_s
     requests = [decode(a) for a in core.tick(3.5) if isinstance(a, Publish) and not a.durable]
     assert [r.type for r in requests] == ["chunks"]  # type: ignore[attr-defined]
@@ -77,7 +79,7 @@ def test_the_core_wakes_up_for_the_deployments_timers(key: Ed25519PrivateKey, v1
 
 def test_without_deployments_a_deploy_is_refused_with_a_reason(key: Ed25519PrivateKey, v1: Artifact) -> None:
     core, _ = make_core(key, with_deployments=False)
-    (ack,) = core.on_message(topics.cmd("dev-1"), codec.encode(deploy(v1)), 1.0)
+    (ack,) = core.on_message(topics.cmd("dev-1"), sealed(deploy(v1), key), 1.0)
     msg = decode(ack)  # type: ignore[arg-type]
     assert msg.type == "ack" and not msg.ok and "does not take deployments" in msg.detail  # type: ignore[attr-defined]
 
@@ -92,12 +94,13 @@ def test_a_driver_attached_later_reports_slots_and_falls_back_to_the_static_mode
         lambda dt: TelemetrySample(cpu_percent=0, rss_bytes=0),
         started_at=0.0,
         installed=lambda: static,
+        guard=CommandGuard("dev-1", key.public_key()),
     )
     _, driver = make_core(key)
     assert driver is not None
     core.attach_deployments(driver)
     assert decode(core.birth(1.0)).installed == static  # type: ignore[attr-defined]
-    core.on_message(topics.cmd("dev-1"), codec.encode(deploy(v1)), 1.0)
+    core.on_message(topics.cmd("dev-1"), sealed(deploy(v1), key), 1.0)
     for index in range(len(v1)):
         core.on_message(topics.artifact_chunks(v1.id), v1.frame(index), 2.0)
     (model,) = decode(core.birth(3.0)).installed  # type: ignore[attr-defined]

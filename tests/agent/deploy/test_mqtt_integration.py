@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.core import AgentCore, CoreConfig, Publish, Subscribe, TelemetrySample, Unsubscribe
+from agent.core.guard import CommandGuard
 from agent.core.outbox import Outbox
 from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
@@ -31,10 +32,11 @@ from agent.protocol.messages import (
     HardwareProfile,
 )
 from agent.protocol.topics import DeviceChannel
+from agent.runtime.nonces import DiskNonceStore
 from agent.telemetry.spool import SqliteSpool
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
 from controller.broker.embedded import EmbeddedBroker
-from tests.agent.deploy.harness import Artifact, activate, deploy, rollback
+from tests.agent.deploy.harness import Artifact, activate, deploy, rollback, sealed
 from tests.helpers import LoopThread, RawMqtt, wait_until
 
 S = DeployState
@@ -71,6 +73,7 @@ class LiveAgent:
             lambda dt: TelemetrySample(cpu_percent=0.0, rss_bytes=0),
             started_at=now,
             deployments=self.deploy,
+            guard=CommandGuard(DEVICE, self.deploy.manager.key, DiskNonceStore(data_dir)),
         )
         fields = parse_broker_url(broker_url)
         self.transport = MqttTransport(
@@ -123,7 +126,8 @@ class LiveAgent:
 class ControllerSim:
     """Plays the controller's delivery: commands, one broadcast per artifact, repairs on request."""
 
-    def __init__(self, port: int, artifacts: list[Artifact], drop: set[int]) -> None:
+    def __init__(self, port: int, artifacts: list[Artifact], drop: set[int], key: Ed25519PrivateKey) -> None:
+        self.key = key
         self.artifacts = {a.id: a for a in artifacts}
         self.drop = drop
         self.events: list[DeploymentEvent] = []
@@ -166,7 +170,8 @@ class ControllerSim:
                 self.mqtt.client.publish(topics.artifact_chunks(art.id), art.frame(index), qos=1)
 
     def send(self, command: Any) -> None:
-        self.mqtt.publish(topics.cmd(DEVICE), codec.encode(command))
+        """Sealed for the device, as the controller's CommandSender does (a fresh nonce each time)."""
+        self.mqtt.publish(topics.cmd(DEVICE), sealed(command, self.key, DEVICE))
 
     def state_of(self, deployment_id: str) -> DeployState | None:
         with self._lock:
@@ -194,7 +199,7 @@ def test_deploy_stage_activate_and_roll_back_over_mqtt(
 ) -> None:
     key_file = tmp_path / "controller.pub"
     key_file.write_text(signing.public_key_pem(key.public_key()))
-    controller = ControllerSim(private_broker.port, [v1, v2], drop={1, 3})
+    controller = ControllerSim(private_broker.port, [v1, v2], drop={1, 3}, key=key)
     loop = LoopThread()
     agent = LiveAgent(loop, private_broker.url, tmp_path / "agent", key_file)
     try:
