@@ -7,6 +7,7 @@ import re
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO

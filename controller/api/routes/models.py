@@ -30,7 +30,7 @@ from controller.api.schemas import (
 from controller.db.models import Artifact, Deployment, ImportJob, Model, ModelVersion
 from controller.registry.bundles import BundleError, ImportOptions
 from controller.registry.intake import queue_import, receive_upload
-from controller.registry.upload import UploadError
+from controller.registry.upload import UploadError, receive, remove_tree
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 

@@ -7,10 +7,14 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Response, status
 
 from controller.api.deps import RuntimeDep, ViewerDep
+from controller.api.openapi import errors
 from controller.pki.service import DevicePki
 
 router = APIRouter(prefix="/api/v1/pki", tags=["security"])
-PEM: dict[int | str, dict[str, Any]] = {200: {"content": {"application/x-pem-file": {}}, "description": "PEM"}}
+PEM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/x-pem-file": {}}, "description": "PEM"},
+    **errors(_404="this controller issues no device certificates (started without --device-certificates)"),
+}
 
 
 def _pki(runtime: RuntimeDep) -> DevicePki:
