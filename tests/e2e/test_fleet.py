@@ -86,6 +86,10 @@ def test_agent_shutdown_says_goodbye(fleet: Fleet) -> None:
     wait_until(lambda: ctl.devices()["polite-1"] == "offline", 5, what="offline right after SIGTERM")
     assert ctl.get("/api/v1/devices/polite-1").json()["offline_reason"] == "shutdown"
     assert "started" in [e["kind"] for e in ctl.get("/api/v1/devices/polite-1/events").json()]
+    # a normal stop is not an error: no traceback, no CancelledError, nothing at ERROR
+    log = agent.log()
+    assert "connected to broker" in log
+    assert not [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line or "Cancelled" in line], log
 
 
 def test_slmfleet_up_on_embedded_defaults(tmp_path: Path) -> None:
