@@ -22,9 +22,9 @@ from agent.deploy.storage import SlotStorage
 from agent.inference.bundle import ModelSource
 from agent.inference.host import Loaded, ModelHost
 from agent.inference.loader import ModelLoader
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import ModelRef, ShadowSpec
 from agent.telemetry.system import rss_bytes
+from wire.manifest import SignedManifest
+from wire.messages import ModelRef, ShadowSpec
 
 log = logging.getLogger(__name__)
 

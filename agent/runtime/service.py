@@ -34,9 +34,6 @@ from agent.inference.inputs import JsonLinesInput, PayloadFormat
 from agent.inference.loader import MIB, ModelLoader
 from agent.inference.session import InputError, ModelLoadError, configure_sessions
 from agent.inference.sinks import FileSink, MqttSink
-from agent.protocol import codec, topics
-from agent.protocol.manifest import Task
-from agent.protocol.messages import InstalledModel
 from agent.runtime.config import AgentSettings, ConfigError
 from agent.runtime.identity import ClientIdentity
 from agent.runtime.nonces import DiskNonceStore
@@ -45,6 +42,9 @@ from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
 from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
+from wire import codec, topics
+from wire.manifest import Task
+from wire.messages import InstalledModel
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.messages import HardwareProfile
+from wire.messages import HardwareProfile
 
 log = logging.getLogger(__name__)
 

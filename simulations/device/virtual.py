@@ -34,9 +34,6 @@ from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
 from agent.deploy.memory import MemorySlotStorage
 from agent.deploy.record import MemoryRecordStore
-from agent.protocol import topics
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import DeployState, HardwareProfile, ModelRef
 from agent.telemetry.spool import MemorySpool
 from agent.telemetry.stats import InferenceCounters
 from agent.transport.mqtt import MqttConfig
@@ -44,6 +41,9 @@ from simulations.device.behaviour import Behaviours, Serving, rss_of, simulate_i
 from simulations.device.modelops import CrashRule, SimJobExecutor, SimModelOps, job_seconds
 from simulations.device.net import DelayLine, SimTransport, TokenBucket
 from simulations.plan import MIB, DeviceSpec
+from wire import topics
+from wire.manifest import SignedManifest
+from wire.messages import DeployState, HardwareProfile, ModelRef
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ValidationError
 
-from agent.protocol.manifest import Manifest, SignedManifest, canonical_json
-from agent.protocol.messages import CommandAuth, RollbackGrant
+from wire.manifest import Manifest, SignedManifest, canonical_json
+from wire.messages import CommandAuth, RollbackGrant
 
 #: separates command signatures from every other signed thing (a manifest can never pass as a command)
 COMMAND_DOMAIN = "slmfleet/v1/command"
