@@ -24,11 +24,12 @@ from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
-from agent.deploy.modelops import HostModelOps, ModelOps, SimulatedModelOps
+from agent.deploy.modelops import HostModelOps, ModelOps
 from agent.deploy.record import MemoryRecordStore, PersistedState, RecordStore
 from agent.deploy.shadow import ShadowTap
 from agent.deploy.storage import SlotStorage
 from agent.inference.host import ModelHost
+from tests.agent.deploy.fake_ops import SimulatedModelOps
 from tests.registry.tiny_models import text_classifier
 from wire import chunks as frames
 from wire import codec, signing, topics

@@ -10,8 +10,8 @@ from agent.deploy.driver import DeploymentDriver
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
 from agent.deploy.memory import MemorySlotStorage
-from agent.deploy.modelops import SimulatedModelOps
 from agent.deploy.record import MemoryRecordStore
+from tests.agent.deploy.fake_ops import SimulatedModelOps
 from tests.agent.deploy.harness import Artifact, deploy, sealed
 from wire import codec, topics
 from wire.messages import DeploymentEvent, DeployState, HardwareProfile, InstalledModel

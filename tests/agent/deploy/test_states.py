@@ -13,9 +13,10 @@ from agent.deploy.errors import InvalidTransition
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
 from agent.deploy.memory import MemorySlotStorage
-from agent.deploy.modelops import SelfTestReport, SimulatedModelOps
+from agent.deploy.modelops import SelfTestReport
 from agent.deploy.record import MemoryRecordStore
 from agent.deploy.states import BEFORE_SWITCH, FINAL, TRANSITIONS, Event, resumable, transition
+from tests.agent.deploy.fake_ops import SimulatedModelOps
 from tests.agent.deploy.harness import (
     Artifact,
     Device,
