@@ -1,7 +1,7 @@
 """Ed25519 signatures: what the controller signs and how a device checks it, for every signed thing.
 
-Lives in the protocol package so a device verifies with exactly the code that signed, without any
-controller dependency. One layout per signed thing, each here and nowhere else:
+Lives in the wire package (imported by both sides) so a device verifies with exactly the code that signed,
+without any controller dependency. One layout per signed thing, each here and nowhere else:
 
 * **manifests** (``sign``/``verify``): the canonical JSON of the manifest (``Manifest.canonical_bytes``).
   Not bound to a device: an artifact is the same for the whole fleet.
