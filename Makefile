@@ -49,7 +49,7 @@ bench: setup-test
 	$(BIN)/python -m benchmarks $(BENCH)
 
 lint: setup-test
-	$(BIN)/ruff check . && $(BIN)/mypy agent controller
+	$(BIN)/ruff check . && $(BIN)/mypy agent controller wire slmfleet && $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

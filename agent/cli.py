@@ -1,8 +1,6 @@
-"""The ``slmfleet`` command.
+"""The device agent's command line: ``slmfleet agent ...`` (through ``slmfleet.cli``) or ``slmfleet-agent ...``.
 
-``slmfleet agent ...`` runs the device agent and needs only the ``agent``
-extra (argparse, no CLI framework). Every other subcommand belongs to the
-controller's CLI, imported only when asked for.
+Needs only the ``agent`` extra (argparse, no CLI framework) and imports nothing from the controller.
 """
 
 from __future__ import annotations
@@ -133,33 +131,14 @@ def agent_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``slmfleet-agent [enroll] ...`` (also ``python -m agent.cli [agent] ...``): the device agent alone."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "agent":
-        return agent_main(argv[1:])
+        argv = argv[1:]
     if argv and argv[0] in ("--version", "version"):
-        print(f"slmfleet {__version__}")  # noqa: T201
+        print(f"slmfleet-agent {__version__}")  # noqa: T201
         return 0
-    try:
-        from controller.cli import app
-    except ImportError as exc:
-        print(  # noqa: T201
-            f"The controller commands need the controller extra ({exc}).\n"
-            "Install it with: pip install 'slmfleet[controller]'  (devices need only 'slmfleet agent').",
-            file=sys.stderr,
-        )
-        return 2
-    return _run_typer(app, argv)
-
-
-def _run_typer(app: object, argv: list[str]) -> int:
-    import typer.main
-
-    command = typer.main.get_command(app)  # type: ignore[arg-type]
-    try:
-        command.main(args=argv, prog_name="slmfleet", standalone_mode=True)
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    return 0
+    return agent_main(argv)
 
 
 if __name__ == "__main__":

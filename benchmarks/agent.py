@@ -278,7 +278,7 @@ def _encoders(tmp: Path, broker: EmbeddedBroker, made: dict[str, str], n: int, r
 
 
 def _generation(tmp: Path, broker: EmbeddedBroker, bundle: str, n_prompts: int, rounds: int) -> dict[str, Any]:
-    from agent.protocol.manifest import RunSpec, Runtime
+    from wire.manifest import RunSpec, Runtime
 
     max_new = 64
     prompts = _texts(n_prompts, seed=1)

@@ -25,7 +25,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, insert
 from sqlmodel import Session
 
-from agent.telemetry.histogram import bucket_index
 from controller.app import create_app
 from controller.auth import users
 from controller.auth.tokens import Role
@@ -49,6 +48,7 @@ from controller.health.rollup import HealthRollupJob
 from controller.rollouts.plan import WaveSpec, assign
 from controller.runtime import ControllerRuntime
 from controller.settings import load_settings
+from wire.histogram import bucket_index
 
 DEVICES = 5000
 GOAL_MS = 200.0

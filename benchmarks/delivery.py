@@ -100,7 +100,7 @@ class Controller:
         self.log_path = root / "controller.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        cmd = [sys.executable, "-m", "agent.cli", "up", "--data-dir", str(self.data_dir)]
+        cmd = [sys.executable, "-m", "slmfleet", "up", "--data-dir", str(self.data_dir)]
         cmd += ["--broker", broker_url, "--port", str(self.port)]
         self.popen = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self.client = httpx.Client(base_url=self.api, timeout=30)
@@ -295,7 +295,7 @@ def subscribers_main(argv: list[str]) -> None:
 
 def _frames(sizes: list[int], filler: bytes) -> list[bytes]:
     """Frames of the given payload sizes (the artifact's chunks), filled with ``filler``'s bytes."""
-    from agent.protocol import chunks
+    from wire import chunks
 
     fake_id = "ab" * 32
     out, offset = [], 0

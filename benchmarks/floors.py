@@ -191,10 +191,10 @@ def _fixture(name: str, task: str | None = None) -> Callable[[Path], tuple[Any, 
 
 def _seed(name: str, task: str, eval_set: Callable[[], list[dict[str, Any]]] | None = None) -> Any:
     def build(work: Path) -> tuple[Any, list[dict[str, Any]] | None]:
-        from agent.protocol.manifest import Task
+        from benchmarks.seeds import ENCODER_SEEDS, build_seed
+        from benchmarks.seeds.encoders import minilm_checkpoint
         from controller.registry.convert import export_hf
-        from controller.registry.seeds import ENCODER_SEEDS, build_seed
-        from controller.registry.seeds.encoders import minilm_checkpoint
+        from wire.manifest import Task
 
         if name == "minilm":
             checkpoint = minilm_checkpoint()
@@ -207,7 +207,7 @@ def _seed(name: str, task: str, eval_set: Callable[[], list[dict[str, Any]]] | N
 
 
 def _minilm_sentences() -> list[dict[str, Any]]:
-    from controller.registry.seeds.sentences import text_records
+    from benchmarks.seeds.sentences import text_records
 
     return text_records(300)
 
@@ -217,9 +217,9 @@ def _trained_gpt2(work: Path) -> tuple[Any, list[dict[str, Any]]]:
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from agent.protocol.manifest import Task
+    from benchmarks.seeds.decoders import generate_corpus, train_tokenizer
     from controller.registry.convert import export_hf
-    from controller.registry.seeds.decoders import generate_corpus, train_tokenizer
+    from wire.manifest import Task
 
     torch.manual_seed(0)
     raw = train_tokenizer("gpt-j-small", 2048)
@@ -278,9 +278,9 @@ def _trained_classifier(work: Path) -> tuple[Any, None]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from agent.protocol.manifest import Task
+    from benchmarks.seeds.encoders import bert_tokenizer, encoder_config, generate_corpus
     from controller.registry.convert import export_hf
-    from controller.registry.seeds.encoders import bert_tokenizer, encoder_config, generate_corpus
+    from wire.manifest import Task
 
     torch.manual_seed(0)
     config = encoder_config("bert-tiny")
@@ -313,7 +313,7 @@ def _trained_classifier(work: Path) -> tuple[Any, None]:
 
 
 def _autoencoder(work: Path) -> tuple[Any, None]:
-    from controller.registry.seeds.encoders import build_anomaly_model
+    from benchmarks.seeds.encoders import build_anomaly_model
 
     return build_anomaly_model(work / "fp32", kind="autoencoder"), None
 
@@ -342,9 +342,9 @@ CASES = (
 
 def _measure(reference: Any, candidate: Any, samples: list[dict[str, Any]] | None) -> Any:
     """The registry's own measurement (latency and memory of encoders skipped: not needed here)."""
-    from agent.protocol.manifest import Task
     from controller.registry.convert.evaluate_encoders import evaluate_encoder
     from controller.registry.convert.evaluate_generation import evaluate_generation
+    from wire.manifest import Task
 
     if reference.spec.task in (Task.TEXT_GENERATION, Task.TEXT2TEXT):
         return evaluate_generation(reference, candidate, samples)
@@ -443,8 +443,8 @@ def summarize(rows: list[dict[str, Any]], floors: dict[str, float]) -> dict[str,
 def verdicts(rows: list[dict[str, Any]], floors: dict[str, float]) -> dict[str, list[str]]:
     """What the importer's own refusal rule (every floor together) does with each measured variant; broken
     and degraded ones are judged at int4's floors, the most lenient."""
-    from agent.protocol.manifest import Metrics
     from controller.registry.importer import Importer
+    from wire.manifest import Metrics
 
     judge = Importer.__new__(Importer)
     judge.floors = dict(floors)

@@ -28,15 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.core.guard import CommandGuard
-from agent.protocol import chunks as frames
-from agent.protocol import codec, signing, topics
-from agent.protocol.manifest import IO, Manifest, Task, TensorInfo, file_chunks
-from agent.protocol.messages import Deploy, DeviceOnline, HardwareProfile, Telemetry
-from agent.protocol.topics import DeviceChannel
 from benchmarks.common import wait_for
 from controller.broker.embedded import EmbeddedBroker, free_port
 from controller.delivery.transfer import ChunkSource
 from controller.registry.store import ContentStore
+from wire import chunks as frames
+from wire import codec, signing, topics
+from wire.manifest import IO, Manifest, Task, TensorInfo, file_chunks
+from wire.messages import Deploy, DeviceOnline, HardwareProfile, Telemetry
+from wire.topics import DeviceChannel
 
 MIB = 1024 * 1024
 
@@ -77,7 +77,7 @@ def _oversize_case(root: Path, size: int, capped: bool) -> dict[str, Any]:
         env["SLMFLEET_MQTT_PROTOCOL"] = "3.1.1"  # a client that reads whatever the broker sends
     args = ["up", "--data-dir", str(root / "ctl"), "--broker", broker.url, "--port", str(port)]
     log = open(root / "ctl.log", "wb")  # noqa: SIM115 - closed below
-    ctl = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    ctl = subprocess.Popen([sys.executable, "-m", "slmfleet", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     api = f"http://127.0.0.1:{port}"
     clients: list[mqtt.Client] = []
     try:

@@ -52,8 +52,8 @@ MINILM_SENTENCES = 300
 
 
 def _checkpoint(name: str, root: Path) -> Path:
-    from controller.registry.seeds import ENCODER_SEEDS, build_seed
-    from controller.registry.seeds.encoders import minilm_checkpoint
+    from benchmarks.seeds import ENCODER_SEEDS, build_seed
+    from benchmarks.seeds.encoders import minilm_checkpoint
 
     if name == "minilm":
         return minilm_checkpoint()
@@ -88,7 +88,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _import(service: RegistryService, name: str, task: str, checkpoint: Path, work: Path) -> dict[str, Any]:
     options: dict[str, Any] = {"task": task}
     if name == "minilm":
-        from controller.registry.seeds.sentences import text_records
+        from benchmarks.seeds.sentences import text_records
 
         options["eval_set"] = text_records(MINILM_SENTENCES)
     marks: list[tuple[str, float]] = []

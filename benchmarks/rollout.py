@@ -42,11 +42,11 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import Cancel, DeploymentEvent, Rollback
-from agent.protocol.topics import DeviceChannel
 from benchmarks.common import JsonProc, start_broker, wait_for
 from controller.broker.embedded import free_port
+from wire import codec, topics
+from wire.messages import Cancel, DeploymentEvent, Rollback
+from wire.topics import DeviceChannel
 
 DEVICES = 200
 PROCESSES = 4
@@ -120,7 +120,7 @@ class Controller:
         self.log = open(root / "controller.log", "ab")  # noqa: SIM115 - closed in stop()
         args = ["up", "--data-dir", str(self.data), "--broker", broker_url, "--port", str(self.port)]
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", *args],
+            [sys.executable, "-m", "slmfleet", *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -53,8 +53,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlmodel import Session
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import InferenceStats, LatencySummary, Telemetry
 from benchmarks.common import JsonProc, wait_for
 from benchmarks.delivery import cpu_seconds
 from controller.broker import dynsec
@@ -62,6 +60,8 @@ from controller.broker.embedded import EmbeddedBroker
 from controller.enrollment import tokens
 from controller.runtime import ControllerRuntime
 from controller.settings import load_settings
+from wire import codec, topics
+from wire.messages import InferenceStats, LatencySummary, Telemetry
 
 #: threads that drive the device clients (each its share of them, publishing round robin)
 DRIVER_THREADS = 4

@@ -13,9 +13,6 @@ from datetime import timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import delete, select
 
-from agent.protocol import chunks as frames
-from agent.protocol import topics
-from agent.protocol.messages import CertificateRequest, CommandAck, InstallCertificate
 from agent.transport.mqtt import MqttConfig, parse_broker_url
 from controller.broker import dynsec
 from controller.broker.dynsec import DynsecAdmin
@@ -42,6 +39,9 @@ from controller.registry.service import RegistryService
 from controller.rollouts.engine import RolloutEngine
 from controller.settings import ControllerSettings
 from controller.telemetry.ingest import IngestWriter, LastSeen, Offline
+from wire import chunks as frames
+from wire import topics
+from wire.messages import CertificateRequest, CommandAck, InstallCertificate
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ControllerRuntime:
             max_unpacked_bytes=settings.unpack_max_bytes,
             floors=settings.min_agreement,
         )
-        #: every command to a device goes out through this: sealed for that device (agent.protocol.signing)
+        #: every command to a device goes out through this: sealed for that device (wire.signing)
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)
         #: artifacts damaged in the store (marked, announced, repaired); listeners get each new mark
         self.integrity = ArtifactIntegrity(self.engine, self.models.store, self.metrics)

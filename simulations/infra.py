@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 
-from controller.broker.embedded import EmbeddedBroker, _die_with_parent, free_port
+from controller.broker.embedded import EmbeddedBroker, free_port
+from controller.processes import die_with_parent
 from simulations.errors import SimulationError
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class ControllerHandle:
         cmd = [
             sys.executable,
             "-m",
-            "agent.cli",
+            "slmfleet",
             "up",
             "--data-dir",
             str(data_dir),
@@ -182,7 +183,7 @@ class ControllerHandle:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
         )
         log_file.close()
         self.url = f"http://127.0.0.1:{port}"

@@ -29,7 +29,6 @@ from typing import Any
 import httpx
 from rich.markup import escape
 
-from agent.protocol.messages import DeployState
 from agent.transport.mqtt import parse_broker_url
 from simulations.assertions import evaluate
 from simulations.console import Console
@@ -39,6 +38,7 @@ from simulations.models import text_classifier
 from simulations.plan import DeviceSpec, build_fleet, chunks_of
 from simulations.scenario import ModelSpec, Scenario, VersionSpec
 from simulations.worker import WorkerConfig, worker_main
+from wire.messages import DeployState
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.deploy.config import DeployConfig
-from agent.protocol import signing
-from agent.protocol.manifest import SignedManifest
 from agent.transport.mqtt import MqttConfig
 from simulations.device.behaviour import Behaviours
 from simulations.device.net import ChunkHashes
 from simulations.device.virtual import DeviceStats, VirtualDevice, WorkerEnv
 from simulations.plan import DeviceSpec
+from wire import signing
+from wire.manifest import SignedManifest
 
 log = logging.getLogger(__name__)
 

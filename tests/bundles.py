@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from agent.protocol.manifest import (
+from wire.manifest import (
     DEFAULT_CHUNK_SIZE,
     Manifest,
     Postprocess,
@@ -72,8 +72,8 @@ def _mark(root: Path) -> Path:
 
 def classification_bundle(cache: Path) -> Path:
     """The tiny text classifier (negative/positive) with a Manifest: ``tiny-sentiment`` v3 fp32."""
-    from agent.protocol.manifest import IO, TensorInfo
     from tests.registry.tiny_models import text_classifier
+    from wire.manifest import IO, TensorInfo
 
     root = cache / "classification"
     if _done(root):
@@ -100,10 +100,10 @@ def embeddings_bundle(cache: Path) -> Path:
     """all-MiniLM-L6-v2 (real weights), int8, with zero-shot labels, as a SignedManifest."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from agent.protocol.signing import sign
+    from benchmarks.seeds.encoders import minilm_checkpoint
     from controller.registry.convert import export_hf
     from controller.registry.convert.quantize_int8 import quantize_int8
-    from controller.registry.seeds.encoders import minilm_checkpoint
+    from wire.signing import sign
 
     root = cache / "embeddings"
     if _done(root):
@@ -127,7 +127,7 @@ def minilm_fp32_bundle(cache: Path) -> Path:
 
 def anomaly_bundle(cache: Path) -> Path:
     """An IsolationForest over 32-value sensor windows, described by a bare RunSpec (slmfleet.json)."""
-    from controller.registry.seeds.encoders import build_anomaly_model
+    from benchmarks.seeds.encoders import build_anomaly_model
 
     root = cache / "anomaly"
     if _done(root):
@@ -139,8 +139,8 @@ def anomaly_bundle(cache: Path) -> Path:
 
 def generation_bundle(cache: Path) -> Path:
     """The llama-small seed built by onnxruntime-genai's model builder, with a Manifest."""
+    from benchmarks.seeds import build_seed
     from controller.registry.convert import export_hf
-    from controller.registry.seeds import build_seed
 
     root = cache / "generation"
     if _done(root):
@@ -153,8 +153,8 @@ def generation_bundle(cache: Path) -> Path:
 
 def text2text_bundle(cache: Path) -> Path:
     """The t5-small seed exported with hf_t5, described by a bare RunSpec (slmfleet.json)."""
+    from benchmarks.seeds import build_seed
     from controller.registry.convert import export_hf
-    from controller.registry.seeds import build_seed
 
     root = cache / "text2text"
     if _done(root):

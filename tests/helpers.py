@@ -38,7 +38,7 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
 
 
 def slmfleet_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", *args]
+    return [sys.executable, "-m", "slmfleet", *args]
 
 
 class Proc:

@@ -22,8 +22,9 @@ from pydantic import ValidationError
 
 from agent.core.actions import Action, Publish, Subscribe
 from agent.core.guard import CommandGuard
-from agent.protocol import codec, topics
-from agent.protocol.messages import (
+from agent.transport.base import Will
+from wire import codec, topics
+from wire.messages import (
     MAX_BYTES,
     MAX_CPU_PERCENT,
     MAX_TEMPERATURE_C,
@@ -50,9 +51,8 @@ from agent.protocol.messages import (
     Rollback,
     Telemetry,
 )
-from agent.protocol.signing import VerificationError
-from agent.protocol.topics import DeviceChannel
-from agent.transport.base import Will
+from wire.signing import VerificationError
+from wire.topics import DeviceChannel
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Which commands an agent obeys: signed for this device by the pinned key, unexpired, and each only once.
 
-``agent.protocol.signing.open_command`` checks the signature, the device id and the expiry; this adds the
+``wire.signing.open_command`` checks the signature, the device id and the expiry; this adds the
 device's memory: the nonce of every command it accepted, kept (and persisted before the command acts)
 until the command expires, so a genuine command replayed to the same device is refused too. The memory
 is bounded: when a nonce is forgotten (expired, or evicted as the oldest of ``max_remembered``) the
@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.protocol import signing
-from agent.protocol.messages import CommandAuth
-from agent.protocol.signing import VerificationError
+from wire import signing
+from wire.messages import CommandAuth
+from wire.signing import VerificationError
 
 log = logging.getLogger(__name__)
 

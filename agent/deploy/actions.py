@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from agent.core.actions import Publish, Subscribe
 from agent.core.core import Unsubscribe
 from agent.deploy.bitmap import ChunkBitmap
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import ShadowSpec
+from wire.manifest import SignedManifest
+from wire.messages import ShadowSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from agent.deploy.errors import StorageError
 from agent.deploy.fsutil import atomic_write, durable_unlink, fsync_dir
 from agent.deploy.ids import artifact_id
 from agent.deploy.storage import SLOTS, SlotMeta
-from agent.protocol.manifest import ChunkRef, Manifest, SignedManifest
+from wire.manifest import ChunkRef, Manifest, SignedManifest
 
 log = logging.getLogger(__name__)
 

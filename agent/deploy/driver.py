@@ -43,7 +43,7 @@ from agent.deploy.shadow import ShadowTap
 from agent.deploy.verify import load_pinned_key
 from agent.inference.host import Loaded, ModelHost
 from agent.inference.loader import ModelLoader
-from agent.protocol.messages import InstalledModel
+from wire.messages import InstalledModel
 
 log = logging.getLogger(__name__)
 

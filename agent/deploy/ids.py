@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from agent.protocol.manifest import Manifest
+from wire.manifest import Manifest
 
 _MAX = 256
 _lock = threading.Lock()

@@ -55,9 +55,9 @@ from agent.deploy.record import DeploymentRecord, PersistedState, RecordStore, S
 from agent.deploy.states import BEFORE_SWITCH, FINAL, Event, resumable, transition
 from agent.deploy.storage import SLOTS, SlotMeta, SlotStorage, installed_models, other_slot
 from agent.deploy.verify import VerificationError, check_manifest, verify_grant
-from agent.protocol import chunks, codec, topics
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import (
+from wire import chunks, codec, topics
+from wire.manifest import SignedManifest
+from wire.messages import (
     Activate,
     Cancel,
     ChunkRequest,

@@ -16,7 +16,7 @@ from pathlib import Path
 from agent.deploy.bitmap import ChunkBitmap
 from agent.deploy.errors import StorageError
 from agent.deploy.storage import SLOTS, SlotMeta
-from agent.protocol.manifest import ChunkRef, Manifest, SignedManifest
+from wire.manifest import ChunkRef, Manifest, SignedManifest
 
 _BAD = "0" * 64
 

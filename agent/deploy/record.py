@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.deploy.fsutil import atomic_write
 from agent.deploy.ids import artifact_id
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import DeployState, ShadowSpec
+from wire.manifest import SignedManifest
+from wire.messages import DeployState, ShadowSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.deploy.errors import SelfTestError
 from agent.inference.pipelines.base import Pipeline
-from agent.protocol.manifest import Budget, RunSpec, Task
+from wire.manifest import Budget, RunSpec, Task
 
 SAMPLE_TEXT = "the pump on the north line is running fine this morning"
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.inference.pipelines.base import Pipeline
-from agent.protocol.manifest import Task
-from agent.protocol.messages import ShadowSpec
 from agent.telemetry.system import rss_bytes
+from wire.manifest import Task
+from wire.messages import ShadowSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from agent.deploy.errors import InvalidTransition
-from agent.protocol.messages import DeployState
+from wire.messages import DeployState
 
 S = DeployState
 

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 
 from agent.deploy.bitmap import ChunkBitmap
 from agent.deploy.ids import artifact_id
-from agent.protocol.manifest import ChunkRef, Manifest, SignedManifest
-from agent.protocol.messages import InstalledModel
+from wire.manifest import ChunkRef, Manifest, SignedManifest
+from wire.messages import InstalledModel
 
 SLOTS = ("a", "b")
 

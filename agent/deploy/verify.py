@@ -7,10 +7,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.deploy.ids import artifact_id
-from agent.protocol import signing
-from agent.protocol.manifest import Manifest, SignedManifest
-from agent.protocol.messages import Rollback, RollbackGrant
-from agent.protocol.signing import VerificationError
+from wire import signing
+from wire.manifest import Manifest, SignedManifest
+from wire.messages import Rollback, RollbackGrant
+from wire.signing import VerificationError
 
 __all__ = ["VerificationError", "check_manifest", "load_pinned_key", "verify_grant"]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.inference.session import ModelLoadError
-from agent.protocol.manifest import Manifest, RunSpec, SignedManifest
-from agent.protocol.messages import ModelRef
+from wire.manifest import Manifest, RunSpec, SignedManifest
+from wire.messages import ModelRef
 
 log = logging.getLogger(__name__)
 

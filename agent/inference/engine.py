@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 from agent.inference.host import ModelHost
 from agent.inference.session import InputError
-from agent.protocol.manifest import Task
-from agent.protocol.messages import ModelRef
-from agent.protocol.results import InferenceResult
 from agent.telemetry.stats import InferenceCounters
+from wire.manifest import Task
+from wire.messages import ModelRef
+from wire.results import InferenceResult
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.inference.pipelines import Pipeline, load_pipeline
-from agent.protocol.manifest import RunSpec
-from agent.protocol.messages import ModelRef
+from wire.manifest import RunSpec
+from wire.messages import ModelRef
 
 log = logging.getLogger(__name__)
 

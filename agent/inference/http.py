@@ -29,7 +29,7 @@ from http import HTTPStatus
 from typing import Any
 
 from agent.inference.engine import NO_MODEL, InferenceEngine
-from agent.protocol.messages import ModelRef
+from wire.messages import ModelRef
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Result sinks: a local JSON-lines file, and the device's MQTT results topic (sampled, QoS 0).
 
-Results are written as ``agent.protocol.results.InferenceResult``. Nothing here is spooled: results
+Results are written as ``wire.results.InferenceResult``. Nothing here is spooled: results
 are data for applications on and near the device, not the control plane, and an offline device keeps
 serving its local consumers.
 """
@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from agent.protocol import topics
-from agent.protocol.results import InferenceResult
+from wire import topics
+from wire.results import InferenceResult
 
 log = logging.getLogger(__name__)
 

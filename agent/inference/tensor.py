@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.inference.session import InputError, TensorModel
-from agent.protocol.manifest import IO, RunSpec, TensorInfo
+from wire.manifest import IO, RunSpec, TensorInfo
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.protocol import topics
-from agent.protocol.messages import Labels
+from wire import topics
+from wire.messages import Labels
 
 
 class ConfigError(Exception):

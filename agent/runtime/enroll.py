@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.deploy.fsutil import atomic_write
-from agent.protocol import topics
 from agent.runtime import identity
+from wire import topics
 
 CONFIG_NAME = "agent.toml"
 PASSWORD_NAME = "mqtt-password"

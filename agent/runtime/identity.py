@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from agent.deploy.fsutil import atomic_write
-from agent.protocol import signing
-from agent.protocol.messages import CertificateRequest, InstallCertificate
+from wire import signing
+from wire.messages import CertificateRequest, InstallCertificate
 
 log = logging.getLogger(__name__)
 

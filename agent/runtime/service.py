@@ -21,9 +21,10 @@ import time
 from typing import Any
 
 from agent import __version__
-from agent.core import AgentCore, CoreAction, CoreConfig, Publish, Reconnect, Subscribe, TelemetrySample, Unsubscribe
+from agent.core import AgentCore, CoreAction, CoreConfig, Reconnect, TelemetrySample
 from agent.core.guard import CommandGuard
 from agent.core.outbox import Outbox
+from agent.core.shell import CoreShell
 from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
 from agent.inference.bundle import ModelSource, resolve_model
@@ -34,9 +35,6 @@ from agent.inference.inputs import JsonLinesInput, PayloadFormat
 from agent.inference.loader import MIB, ModelLoader
 from agent.inference.session import InputError, ModelLoadError, configure_sessions
 from agent.inference.sinks import FileSink, MqttSink
-from agent.protocol import codec, topics
-from agent.protocol.manifest import Task
-from agent.protocol.messages import InstalledModel
 from agent.runtime.config import AgentSettings, ConfigError
 from agent.runtime.identity import ClientIdentity
 from agent.runtime.nonces import DiskNonceStore
@@ -45,6 +43,9 @@ from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
 from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
+from wire import codec, topics
+from wire.manifest import Task
+from wire.messages import InstalledModel
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class AgentService:
         self.input_transport: MqttTransport | None = None
         self.core: AgentCore | None = None
         self.outbox: Outbox | None = None
+        #: carries out the core's actions over ``transport`` and ``outbox`` (built with the outbox in ``run``)
+        self.shell: CoreShell | None = None
         self.results_mqtt: MqttSink | None = None
         self.active_source: ModelSource | None = None
         self._input_format = PayloadFormat(
@@ -100,6 +103,7 @@ class AgentService:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         spool = SqliteSpool(s.data_dir / "spool.sqlite3", s.spool_max_messages, s.spool_max_bytes)
         self.outbox = Outbox(spool)
+        self.shell = CoreShell(self.outbox, lambda: self.transport, reconnect=self._reconnect)
         sinks: list[Any] = []
         if s.results is not None:
             sinks.append(FileSink(s.results))
@@ -370,31 +374,18 @@ class AgentService:
     # ------------------------------------------------------------ core --
 
     def _execute(self, actions: list[CoreAction], pump: bool = True) -> None:
-        transport, outbox = self.transport, self.outbox
-        assert outbox is not None
-        for action in actions:
-            if isinstance(action, Subscribe):
-                if transport is not None:
-                    transport.subscribe(action.filter, action.qos)
-            elif isinstance(action, Unsubscribe):
-                if transport is not None:
-                    transport.unsubscribe(action.filter)
-            elif isinstance(action, Publish):
-                if action.durable:
-                    outbox.add(action)
-                elif transport is not None:
-                    transport.publish(action.topic, action.payload, action.qos, action.retain)
-            elif isinstance(action, Reconnect) and transport is not None:
-                s = self.settings
-                log.info("%s: reconnecting to the broker", action.reason)
-                transport.reconnect(self._mqtt_config(s.broker, s.mqtt_username, s.mqtt_password()))
-        if pump:
-            self._pump()
+        assert self.shell is not None
+        self.shell.execute(actions, pump)
 
     def _pump(self) -> None:
-        transport, outbox = self.transport, self.outbox
-        if transport is not None and outbox is not None and transport.connected:
-            outbox.pump(transport.publish)
+        assert self.shell is not None
+        self.shell.pump()
+
+    def _reconnect(self, action: Reconnect) -> None:
+        assert self.transport is not None
+        s = self.settings
+        log.info("%s: reconnecting to the broker", action.reason)
+        self.transport.reconnect(self._mqtt_config(s.broker, s.mqtt_username, s.mqtt_password()))
 
     def _on_connect(self) -> None:
         assert self.core is not None and self._loop is not None and self.transport is not None
@@ -436,9 +427,8 @@ class AgentService:
         self.engine.submit(record, f"mqtt:{topic}")
 
     def _on_published(self, mid: int) -> None:
-        assert self.outbox is not None and self.transport is not None
-        if self.outbox.acked(mid):
-            self.outbox.pump(self.transport.publish)
+        assert self.shell is not None
+        self.shell.acked(mid)
 
     def _on_refused(self, reason: str) -> None:
         retry = self.settings.broker_refused_retry_s

@@ -7,8 +7,8 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 
-from agent.protocol.messages import DriftStats, InferenceStats, LatencySummary
-from agent.telemetry.histogram import LatencyHistogram
+from wire.histogram import LatencyHistogram
+from wire.messages import DriftStats, InferenceStats, LatencySummary
 
 #: Score histogram edges for drift signals (scores are expected in [0, 1]; outside clamps).
 SCORE_EDGES: tuple[float, ...] = tuple(i / 20 for i in range(21))

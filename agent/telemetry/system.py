@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.messages import HardwareProfile
+from wire.messages import HardwareProfile
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,6 @@ def _cpu_model() -> str | None:
 
 #: Where the providers onnxruntime offers are remembered, per onnxruntime version and interpreter.
 PROVIDERS_CACHE = "onnxruntime-providers.json"
-_PROBE = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
 
 
 def _probe_providers(timeout_s: float = 60.0) -> list[str] | None:
@@ -163,7 +162,11 @@ def _probe_providers(timeout_s: float = 60.0) -> list[str] | None:
     """
     try:
         out = subprocess.run(
-            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout_s, check=True
+            [sys.executable, "-m", "agent.telemetry.providers"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
         ).stdout
         providers = json.loads(out.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:

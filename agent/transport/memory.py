@@ -11,8 +11,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from agent.protocol.topics import matches
 from agent.transport.base import Will
+from wire.topics import matches
 
 
 class MemoryBroker:

@@ -13,11 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from agent.protocol.manifest import Task
+from benchmarks.seeds import build_seed
+from benchmarks.seeds.encoders import minilm_checkpoint
 from controller.registry.convert import ExportedBundle, export_hf
 from controller.registry.convert.quantize_int8 import quantize_int8
-from controller.registry.seeds import build_seed
-from controller.registry.seeds.encoders import minilm_checkpoint
+from wire.manifest import Task
 
 
 def _write(bundle: ExportedBundle) -> str:

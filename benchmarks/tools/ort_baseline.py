@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import RunSpec
+from wire.manifest import RunSpec
 
 
 def encoder(bundle: Path, texts: list[str], max_batch: int, threads: int) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from collections import deque
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import DeviceOnline, HardwareProfile, InferenceStats, LatencySummary, Telemetry
+from wire import codec, topics
+from wire.messages import DeviceOnline, HardwareProfile, InferenceStats, LatencySummary, Telemetry
 
 
 def payloads(n: int, devices: int) -> list[tuple[str, bytes]]:

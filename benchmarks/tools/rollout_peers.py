@@ -30,10 +30,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import chunks as frames
-from agent.protocol import codec, signing, topics
-from agent.protocol.manifest import Manifest
-from agent.protocol.messages import (
+from wire import chunks as frames
+from wire import codec, signing, topics
+from wire.manifest import Manifest
+from wire.messages import (
     Cancel,
     ChunkRequest,
     Deploy,
@@ -44,7 +44,7 @@ from agent.protocol.messages import (
     InstalledModel,
     Rollback,
 )
-from agent.protocol.topics import DeviceChannel
+from wire.topics import DeviceChannel
 
 BEFORE_SWITCH = {DeployState.DOWNLOADING, DeployState.VERIFYING, DeployState.STAGED}
 

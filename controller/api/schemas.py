@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agent.protocol.manifest import Task
-from agent.protocol.messages import LabelKey, LabelValue
 from controller.devices.selectors import SCHEMA_PATTERN as SELECTOR_PATTERN
+from wire.manifest import Task
+from wire.messages import LabelKey, LabelValue
 
 
 class DevicePublic(BaseModel):

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import topics
-from agent.protocol.topics import DeviceChannel
 from controller.auth.tokens import write_secret_file
 from controller.errors import BrokerError
+from wire import topics
+from wire.topics import DeviceChannel
 
 log = logging.getLogger(__name__)
 

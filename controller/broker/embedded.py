@@ -18,7 +18,6 @@ what happened (the controller exports them as metrics and in its health).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import getpass
 import logging
 import os
@@ -34,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.protocol import chunks as frames
-from agent.protocol.manifest import DEFAULT_CHUNK_SIZE
-from agent.protocol.messages import MAX_COMMAND_PAYLOAD
 from controller.broker import dynsec
 from controller.errors import BrokerError
+from controller.processes import die_with_parent
+from wire import chunks as frames
+from wire.manifest import DEFAULT_CHUNK_SIZE
+from wire.messages import MAX_COMMAND_PAYLOAD
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,6 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM us if the controller dies (even by SIGKILL); and make
-    every file it writes (persistence, the plugin's credentials, its log) readable by this user only."""
-    os.umask(0o077)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def mosquitto_binary() -> str | None:
@@ -424,7 +413,7 @@ class EmbeddedBroker:
             stdout=stderr,
             stderr=stderr,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker: we stop it in order
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         stderr.close()
         deadline = time.monotonic() + timeout

@@ -1,4 +1,7 @@
-"""The controller's command line: ``slmfleet up`` and API clients for operators."""
+"""The controller's command line: ``slmfleet up`` and API clients for operators.
+
+``slmfleet.cli`` composes it with ``slmfleet agent`` and ``slmfleet simulate`` into the ``slmfleet`` command.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from controller.cli import (
     enrollment,
     models,
     rollouts,
-    simulate,
     tokens,
     up,
     users,
@@ -59,4 +61,3 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(enrollment.app, name="enrollment")
 app.add_typer(broker.app, name="broker")
 app.add_typer(webhooks.app, name="webhooks")
-app.command("simulate")(simulate.simulate)

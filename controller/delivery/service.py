@@ -22,20 +22,6 @@ from typing import Any
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
-from agent.protocol import signing
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import (
-    Activate,
-    Cancel,
-    ChunkRequest,
-    Commit,
-    Deploy,
-    DeploymentEvent,
-    Rollback,
-    RollbackGrant,
-    ShadowSpec,
-)
-from agent.protocol.signing import CommandBody
 from controller.db.models import Artifact, Deployment, DeploymentTarget, Device, ModelVersion, table
 from controller.db.models import Model as ModelRow
 from controller.db.types import from_epoch, utcnow
@@ -49,6 +35,20 @@ from controller.mqtt.bridge import MqttBridge
 from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.keys import SigningKey
 from controller.registry.store import ContentStore
+from wire import signing
+from wire.manifest import SignedManifest
+from wire.messages import (
+    Activate,
+    Cancel,
+    ChunkRequest,
+    Commit,
+    Deploy,
+    DeploymentEvent,
+    Rollback,
+    RollbackGrant,
+    ShadowSpec,
+)
+from wire.signing import CommandBody
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class DeliveryService:
         self.key = key
         self.metrics = metrics
         self.settings = settings or TransferSettings()
-        #: seals every command for its device (agent.protocol.signing) and publishes it
+        #: seals every command for its device (wire.signing) and publishes it
         self.commands = commands or CommandSender(key)
         #: marks of artifacts damaged in the store: nothing is sent from them
         self.integrity = integrity or ArtifactIntegrity(engine, store, metrics)

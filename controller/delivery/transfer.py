@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.protocol import chunks as frames
-from agent.protocol import topics
-from agent.protocol.manifest import Manifest
 from controller.registry.store import BlobMissing, ContentStore
+from wire import chunks as frames
+from wire import topics
+from wire.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

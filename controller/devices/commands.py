@@ -1,6 +1,6 @@
 """Commands to devices: each sealed for its one device with the controller's key, then published.
 
-What is signed and how lives in ``agent.protocol.signing`` (the agent checks with the same code); this
+What is signed and how lives in ``wire.signing`` (the agent checks with the same code); this
 is the controller's side: one sender, used by deployments, rollbacks and device configuration, so no
 command leaves the controller unsigned.
 """
@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from agent.protocol import signing, topics
-from agent.protocol.signing import CommandBody
 from controller.registry.keys import SigningKey
+from wire import signing, topics
+from wire.signing import CommandBody
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agent.protocol.messages import Labels
+from wire.messages import Labels
 
 #: the longest lifetime a token may be given (a year)
 MAX_HOURS = 24 * 365

@@ -27,11 +27,11 @@ from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from agent.protocol import topics
 from controller.broker.dynsec import DynsecAdmin, DynsecError
 from controller.db.models import Device, DeviceEvent, ForgottenDevice, TelemetryRecord, table
 from controller.db.types import utcnow
 from controller.enrollment import tokens
+from wire import topics
 
 log = logging.getLogger(__name__)
 

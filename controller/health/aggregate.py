@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.telemetry.histogram import quantile_from_buckets
+from wire.histogram import quantile_from_buckets
 
 #: labels kept per bucket (the wire message carries at most 256 per report); the rest count as OTHER
 MAX_LABELS = 256

@@ -13,8 +13,13 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import (
+from controller.devices.registry import DeviceRegistry
+from controller.metrics import Metrics
+from controller.telemetry.bounds import ValueBounds
+from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn, out_of_range
+from controller.telemetry.ratelimit import TokenBuckets
+from wire import codec, topics
+from wire.messages import (
     CertificateRequest,
     ChunkRequest,
     CommandAck,
@@ -23,12 +28,7 @@ from agent.protocol.messages import (
     DeviceOnline,
     Telemetry,
 )
-from agent.protocol.topics import DeviceChannel
-from controller.devices.registry import DeviceRegistry
-from controller.metrics import Metrics
-from controller.telemetry.bounds import ValueBounds
-from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn, out_of_range
-from controller.telemetry.ratelimit import TokenBuckets
+from wire.topics import DeviceChannel
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from cryptography import x509
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from agent.protocol import signing
-from agent.protocol.messages import CertificateRequest
 from controller import audit
 from controller.db.models import Device, DeviceCertificate
 from controller.db.types import utcnow
 from controller.pki.authority import Authority, PkiError, check_csr, pem, verify_with, write_public
+from wire import signing
+from wire.messages import CertificateRequest
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.protocol.manifest import (
+from controller.registry.convert import ConversionError
+from wire.manifest import (
     IO,
     Budget,
     Task,
     TensorInfo,
 )
-from controller.registry.convert import ConversionError
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,6 @@ from sqlalchemy import Engine, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from agent.protocol import signing
-from agent.protocol.manifest import (
-    Budget,
-    ChunkRef,
-    FileEntry,
-    Manifest,
-    Metrics,
-    Requirements,
-    SignedManifest,
-    Task,
-    file_chunks,
-)
 from controller.db.models import Artifact, Model, ModelVersion
 from controller.registry.bundles import (
     HINTS_FILE,
@@ -46,6 +34,18 @@ from controller.registry.convert import ConversionError, ExportedBundle
 from controller.registry.keys import SigningKey
 from controller.registry.store import ContentStore
 from controller.registry.upload import UnpackLimits, is_archive, unpack
+from wire import signing
+from wire.manifest import (
+    Budget,
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    Metrics,
+    Requirements,
+    SignedManifest,
+    Task,
+    file_chunks,
+)
 
 log = logging.getLogger(__name__)
 

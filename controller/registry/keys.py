@@ -9,8 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.protocol.signing import key_id, public_key_pem
 from controller.errors import ControllerError
+from wire.signing import key_id, public_key_pem
 
 KEY_FILE = "signing-key.pem"
 #: the public half, for devices to pin (``slmfleet agent --signing-key-file``); not a secret

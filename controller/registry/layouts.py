@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import (
+from controller.registry.bundles import BundleError, ImportOptions, load_io
+from controller.registry.convert import ExportedBundle
+from controller.registry.hfconfig import ConfigError, ModelConfig, read_json, read_model_config, task_from_architectures
+from wire.manifest import (
     IO,
     Anomaly,
     Generation,
@@ -42,9 +45,6 @@ from agent.protocol.manifest import (
     Task,
     TensorInfo,
 )
-from controller.registry.bundles import BundleError, ImportOptions, load_io
-from controller.registry.convert import ExportedBundle
-from controller.registry.hfconfig import ConfigError, ModelConfig, read_json, read_model_config, task_from_architectures
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.protocol.manifest import Task
 from controller.registry.bundles import BundleError, ImportOptions, ReferenceCase
 from controller.registry.convert import ExportedBundle
+from wire.manifest import Task
 
 #: the most cases one import checks (each runs through every variant's pipeline)
 MAX_CASES = 1000

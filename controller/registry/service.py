@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from agent.protocol.manifest import SignedManifest
 from controller.db.models import Artifact, ImportJob, Model, ModelVersion
 from controller.db.types import utcnow
 from controller.registry import keys
@@ -20,6 +19,7 @@ from controller.registry.bundles import BundleError, ImportOptions
 from controller.registry.importer import Importer, ImportRequest
 from controller.registry.store import ContentStore
 from controller.registry.upload import UploadError, remove_tree
+from wire.manifest import SignedManifest
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from agent.protocol.messages import ShadowSpec
 from controller.db.models import Deployment, Device, ModelVersion, Rollout, RolloutTransition
 from controller.db.models import Model as ModelRow
 from controller.delivery.service import DeliveryService, DeploymentError, DeploymentRequest
@@ -34,6 +33,7 @@ from controller.rollouts.machine import RolloutEvent as E
 from controller.rollouts.machine import RolloutState as S
 from controller.rollouts.plan import RolloutCreate, RolloutShadow, WaveSpec, amount, assign, default_plan
 from controller.rollouts.windows import in_window
+from wire.messages import ShadowSpec
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, select
 
-from agent.telemetry.histogram import quantile_from_buckets
 from controller.db.models import TelemetryRecord, table
 from controller.rollouts.plan import GateSpec
+from wire.histogram import quantile_from_buckets
 
 Status = Literal["pass", "fail", "waiting", "off"]
 #: how far back before a wave started its devices' previous-version telemetry is taken

@@ -1,6 +1,6 @@
 """What a device reports, held to what is physically possible for that device and to the controller's clock.
 
-The wire schema refuses what no device can send at all (``agent.protocol.messages``: 1.7e308 % CPU, a
+The wire schema refuses what no device can send at all (``wire.messages``: 1.7e308 % CPU, a
 60 KB CPU model, a timestamp past the year 3000). Here, per device and at ingest:
 
 * CPU above 100 % per core of the device (its birth says how many) and resident memory above its RAM are
@@ -19,8 +19,8 @@ from collections import OrderedDict
 
 from prometheus_client import Counter
 
-from agent.protocol.messages import HardwareProfile, Telemetry
 from controller.metrics import Metrics
+from wire.messages import HardwareProfile, Telemetry
 
 log = logging.getLogger(__name__)
 

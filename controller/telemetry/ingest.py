@@ -18,10 +18,10 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, case, insert, select, update
 
-from agent.protocol.messages import AgentEvent, ChunkRequest, CommandAck, DeploymentEvent, DeviceOnline, Telemetry
 from controller.db.bulk import BulkInsert
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import from_epoch
+from wire.messages import AgentEvent, ChunkRequest, CommandAck, DeploymentEvent, DeviceOnline, Telemetry
 
 log = logging.getLogger(__name__)
 

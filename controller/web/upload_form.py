@@ -7,8 +7,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from agent.protocol.manifest import Task
 from controller.web.forms import FormError
+from wire.manifest import Task
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FIELDS = ("model", "task", "description", "options")

@@ -35,9 +35,9 @@ from agent.deploy.actions import (
 from agent.deploy.errors import DeployError
 from agent.deploy.ids import artifact_id
 from agent.deploy.modelops import Report, SelfTestReport
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import ShadowSpec
 from simulations.device.behaviour import Behaviours, Serving
+from wire.manifest import SignedManifest
+from wire.messages import ShadowSpec
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from typing import Any
 
 from agent.deploy.driver import DeploymentDriver
 from agent.inference.host import ModelHost
-from agent.protocol.messages import ModelRef
 from agent.telemetry.stats import InferenceCounters
 from simulations.device.behaviour import Serving
 from simulations.device.virtual import VirtualDevice, WorkerEnv
 from simulations.plan import DeviceSpec
+from wire.messages import ModelRef
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,16 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.core import AgentCore, CoreAction, CoreConfig, Publish, Subscribe, TelemetrySample, Unsubscribe
+from agent.core import AgentCore, CoreAction, CoreConfig, Publish, TelemetrySample
 from agent.core.guard import CommandGuard, MemoryNonceStore
 from agent.core.outbox import Outbox
+from agent.core.shell import CoreShell
 from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
 from agent.deploy.memory import MemorySlotStorage
 from agent.deploy.record import MemoryRecordStore
-from agent.protocol import topics
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import DeployState, HardwareProfile, ModelRef
 from agent.telemetry.spool import MemorySpool
 from agent.telemetry.stats import InferenceCounters
 from agent.transport.mqtt import MqttConfig
@@ -44,6 +42,9 @@ from simulations.device.behaviour import Behaviours, Serving, rss_of, simulate_i
 from simulations.device.modelops import CrashRule, SimJobExecutor, SimModelOps, job_seconds
 from simulations.device.net import DelayLine, SimTransport, TokenBucket
 from simulations.plan import MIB, DeviceSpec
+from wire import topics
+from wire.manifest import SignedManifest
+from wire.messages import DeployState, HardwareProfile, ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class VirtualDevice:
         self.driver: DeploymentDriver | None = None
         self.ops: SimModelOps | None = None
         self.outbox: Outbox | None = None
+        #: the agent's action interpreter over ``transport`` and ``outbox`` (built with the outbox in boot())
+        self.shell: CoreShell | None = None
         self.transport: SimTransport | None = None
         self.serving: Serving | None = None
         self.counters = InferenceCounters()
@@ -250,6 +253,7 @@ class VirtualDevice:
             config, self.hardware(), self._sample, started_at=started, deployments=self.driver, guard=guard
         )
         self.outbox = Outbox(self.spool)
+        self.shell = CoreShell(self.outbox, lambda: self.transport, on_publish=self._count_publish)
         self._connect()
         self._execute(self.driver.start(now))
         self._schedule_tick()
@@ -303,15 +307,12 @@ class VirtualDevice:
         self.loop.call_soon(self._pump)  # after paho re-sent what was in flight: keeps the order
 
     def _on_published(self, mid: int) -> None:
-        outbox, transport = self.outbox, self.transport
-        if outbox is not None and transport is not None and outbox.acked(mid):
+        if self.transport is not None and self.shell is not None and self.shell.acked(mid):
             self.stats.acked += 1
-            outbox.pump(transport.publish)
 
     def _pump(self) -> None:
-        transport, outbox = self.transport, self.outbox
-        if transport is not None and outbox is not None and transport.connected:
-            outbox.pump(transport.publish)
+        if self.shell is not None:
+            self.shell.pump()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not self.powered:
@@ -386,25 +387,12 @@ class VirtualDevice:
 
     def _execute_now(self, item: tuple[list[CoreAction], bool]) -> None:
         actions, pump = item
-        if not self.powered:
-            return
-        transport, outbox = self.transport, self.outbox
-        assert outbox is not None
-        for action in actions:
-            if isinstance(action, Publish):
-                if action.topic.endswith("/telemetry"):
-                    self.stats.telemetry += 1
-                if action.durable:
-                    outbox.add(action)
-                elif transport is not None:
-                    transport.publish(action.topic, action.payload, action.qos, action.retain)
-            elif isinstance(action, Subscribe):
-                if transport is not None:
-                    transport.subscribe(action.filter, action.qos)
-            elif isinstance(action, Unsubscribe) and transport is not None:
-                transport.unsubscribe(action.filter)
-        if pump:
-            self._pump()
+        if self.powered and self.shell is not None:
+            self.shell.execute(actions, pump)
+
+    def _count_publish(self, action: Publish) -> None:
+        if action.topic.endswith("/telemetry"):
+            self.stats.telemetry += 1
 
     def _schedule_tick(self) -> None:
         if not self.powered or self.core is None:
@@ -615,7 +603,7 @@ class VirtualDevice:
         self._outbound.clear()
         self.powered = False
         self.core = self.driver = self.ops = None
-        self.outbox = None
+        self.outbox = self.shell = None
         self.serving = None
         self.counters = InferenceCounters()
         self._last_total = 0

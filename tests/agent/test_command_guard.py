@@ -1,4 +1,4 @@
-"""Commands sealed for one device (agent.protocol.signing) and the agent's guard (agent.core.guard)."""
+"""Commands sealed for one device (wire.signing) and the agent's guard (agent.core.guard)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.core import AgentCore, CoreConfig, Publish, TelemetrySample
 from agent.core.guard import CommandGuard, MemoryNonceStore
-from agent.protocol import codec, signing, topics
-from agent.protocol.messages import Configure, HardwareProfile, Ping
-from agent.protocol.signing import CommandBody, VerificationError
 from agent.runtime.nonces import DiskNonceStore
+from wire import codec, signing, topics
+from wire.messages import Configure, HardwareProfile, Ping
+from wire.signing import CommandBody, VerificationError
 
 KEY = Ed25519PrivateKey.generate()
 NOW = time.time()

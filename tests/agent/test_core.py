@@ -7,10 +7,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.core import AgentCore, CoreConfig, Publish, Subscribe, TelemetrySample
 from agent.core.guard import CommandGuard
-from agent.protocol import codec, signing, topics
-from agent.protocol.messages import Configure, HardwareProfile, InstalledModel, Ping
-from agent.protocol.topics import DeviceChannel
 from agent.transport.memory import MemoryBroker, MemoryTransport
+from wire import codec, signing, topics
+from wire.messages import Configure, HardwareProfile, InstalledModel, Ping
+from wire.topics import DeviceChannel
 
 HW = HardwareProfile(cpu_count=4, ram_bytes=4 * 2**30, arch="aarch64", os="Linux")
 KEY = Ed25519PrivateKey.generate()

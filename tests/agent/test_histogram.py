@@ -1,6 +1,6 @@
 import random
 
-from agent.telemetry.histogram import BUCKET_BOUNDS_MS, LatencyHistogram, bucket_index, quantile_from_buckets
+from wire.histogram import BUCKET_BOUNDS_MS, LatencyHistogram, bucket_index, quantile_from_buckets
 
 
 def test_quantiles_are_within_one_bucket_of_the_exact_value() -> None:

@@ -17,17 +17,17 @@ from agent.inference.pipelines import PipelineError, load_pipeline
 from agent.inference.pipelines.classification import ClassificationPipeline
 from agent.inference.pipelines.embeddings import EmbeddingPipeline
 from agent.inference.session import InputError
-from agent.protocol.manifest import IO, Anomaly, Postprocess, RunSpec, Task, TensorInfo
-from controller.registry.convert import ExportedBundle, export_hf
-from controller.registry.convert.quantize_int8 import quantize_int8
-from controller.registry.seeds import build_seed
-from controller.registry.seeds.encoders import (
+from benchmarks.seeds import build_seed
+from benchmarks.seeds.encoders import (
     build_anomaly_model,
     inject_anomalies,
     minilm_checkpoint,
     sensor_windows,
     window_features,
 )
+from controller.registry.convert import ExportedBundle, export_hf
+from controller.registry.convert.quantize_int8 import quantize_int8
+from wire.manifest import IO, Anomaly, Postprocess, RunSpec, Task, TensorInfo
 
 TEXTS = [
     "ok",

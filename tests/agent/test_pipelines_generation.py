@@ -28,11 +28,11 @@ from agent.inference.pipelines.generation import (
     fit_context,
 )
 from agent.inference.session import InputError
-from agent.protocol.manifest import Generation, RunSpec, Runtime
+from benchmarks.seeds import build_seed
 from controller.registry.convert import ExportedBundle
 from controller.registry.convert.hf_decoders import export_decoder
 from controller.registry.convert.hf_t5 import export_t5
-from controller.registry.seeds import build_seed
+from wire.manifest import Generation, RunSpec, Runtime
 
 pytest.importorskip("torch")
 
@@ -268,7 +268,7 @@ def test_device_pipelines_run_without_torch_or_transformers(bundles: dict[str, E
     script = (
         "import json, sys\n"
         "from agent.inference.pipelines import load_pipeline\n"
-        "from agent.protocol.manifest import RunSpec\n"
+        "from wire.manifest import RunSpec\n"
         "out = []\n"
         "for job in json.loads(sys.argv[1]):\n"
         "    pipe = load_pipeline(RunSpec.model_validate(job['spec']), job['root'])\n"

@@ -19,13 +19,13 @@ from agent.inference.inputs import PayloadFormat
 from agent.inference.loader import ModelLoader, ModelTooLarge
 from agent.inference.session import InputError, ModelLoadError
 from agent.inference.sinks import FileSink, Sampler
-from agent.protocol.manifest import Manifest, RunSpec, SignedManifest
-from agent.protocol.messages import ModelRef
 from agent.telemetry.stats import InferenceCounters
 from tests import bundles
 from tests.e2e.test_agent_inference import tiny_model
 from tests.helpers import wait_until
 from tests.registry.tiny_models import text_classifier
+from wire.manifest import Manifest, RunSpec, SignedManifest
+from wire.messages import ModelRef
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def engine_for(host: ModelHost, **kw: Any) -> tuple[InferenceEngine, InferenceCo
 
 
 def windows(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    from controller.registry.seeds.encoders import sensor_windows
+    from benchmarks.seeds.encoders import sensor_windows
 
     return [{"values": w.tolist()} for w in sensor_windows(n, 32, seed=seed)]
 

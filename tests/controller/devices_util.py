@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import (
+from wire import codec, topics
+from wire.messages import (
     AgentEvent,
     DeviceOffline,
     DeviceOnline,

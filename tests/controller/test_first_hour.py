@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from sqlmodel import Session, select
 
-from agent.cli import main
-from agent.protocol import codec, topics
-from agent.protocol.messages import DeviceOnline, InstalledModel
 from controller.db.models import Device, ImportJob, ModelVersion
 from controller.telemetry.ingest import LastSeen, Offline
 from simulations.report import render_html
+from slmfleet.cli import main
 from tests.controller import devices_util as du
 from tests.helpers import REPO, RawMqtt, wait_until
+from wire import codec, topics
+from wire.messages import DeviceOnline, InstalledModel
 
 EXAMPLES = REPO / "examples"
 

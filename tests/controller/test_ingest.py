@@ -139,10 +139,10 @@ def test_messages_for_unknown_devices_and_odd_topics_are_counted_and_ignored(con
 def test_a_birth_and_a_last_seen_of_the_same_device_in_one_batch_are_written_together(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Regression: a LastSeen whose every device also has a birth in the batch made an empty executemany that
     failed the whole batch (three retries, then row by row), delaying every device's births by a second."""
-    from agent.protocol import codec
-    from agent.protocol.topics import DeviceChannel
     from controller.db.engine import make_engine, migrate
     from controller.telemetry.ingest import Birth, IngestWriter, LastSeen
+    from wire import codec
+    from wire.topics import DeviceChannel
 
     engine = make_engine(f"sqlite:///{tmp_path / 'i.db'}")
     migrate(engine)

@@ -12,10 +12,11 @@ import threading
 import time
 from typing import Any
 
-from agent.protocol import chunks as frames
-from agent.protocol import codec, signing, topics
-from agent.protocol.manifest import Manifest
-from agent.protocol.messages import (
+from tests.helpers import RawMqtt
+from wire import chunks as frames
+from wire import codec, signing, topics
+from wire.manifest import Manifest
+from wire.messages import (
     ChunkRequest,
     Deploy,
     DeploymentEvent,
@@ -24,8 +25,7 @@ from agent.protocol.messages import (
     HardwareProfile,
     InstalledModel,
 )
-from agent.protocol.topics import DeviceChannel
-from tests.helpers import RawMqtt
+from wire.topics import DeviceChannel
 
 
 class PeerDevice:

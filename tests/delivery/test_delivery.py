@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.messages import InstalledModel
 from controller.delivery.variants import choose_variant
 from tests.delivery.peer import PeerDevice
 from tests.helpers import metric_value, wait_until
 from tests.registry.tiny_models import anomaly_model, text_classifier
+from wire.messages import InstalledModel
 
 CHUNK = 4096
 

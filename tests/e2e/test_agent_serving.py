@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.protocol import topics
 from controller.broker.embedded import EmbeddedBroker, free_port
 from tests import bundles
 from tests.helpers import Proc, RawMqtt, slmfleet_cmd, wait_until
+from wire import topics
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _windows() -> tuple[list[list[float]], list[list[float]]]:
-    from controller.registry.seeds.encoders import inject_anomalies, sensor_windows
+    from benchmarks.seeds.encoders import inject_anomalies, sensor_windows
 
     normal = sensor_windows(40, 32, seed=7)
     broken = inject_anomalies(normal[:4], seed=3)

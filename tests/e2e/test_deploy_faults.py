@@ -24,13 +24,13 @@ import pytest
 
 from agent.deploy.faults import CRASH_AT_ENV, CRASH_EXIT_CODE, marker_path
 from agent.deploy.states import RESUMABLE
-from agent.protocol.messages import DeployState
 from benchmarks.delivery import BIG_MODEL_OPTIONS, big_model
 from controller.broker.embedded import EmbeddedBroker, free_port
 from tests.conftest import BROKER_ENGINE
 from tests.e2e.fleet import ControllerProc, Fleet
 from tests.helpers import Proc, slmfleet_cmd, wait_until
 from tests.registry.tiny_models import anomaly_model
+from wire.messages import DeployState
 
 pytestmark = pytest.mark.slow
 

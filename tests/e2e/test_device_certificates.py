@@ -18,13 +18,13 @@ import pytest
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import topics
 from agent.runtime import identity
 from controller.broker import dynsec
 from controller.broker.embedded import free_port, mosquitto_binary
 from controller.pki.authority import Authority, key_pem, pem
 from tests.e2e.fleet import ControllerProc, start_up
 from tests.helpers import Proc, slmfleet_cmd, wait_until
+from wire import topics
 
 pytestmark = [
     pytest.mark.slow,

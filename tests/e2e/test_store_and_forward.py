@@ -19,10 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import topics
 from controller.broker.embedded import EmbeddedBroker
 from tests import bundles
 from tests.helpers import Proc, slmfleet_cmd, wait_until
+from wire import topics
 
 
 class Watcher:

@@ -214,7 +214,7 @@ def test_the_installer_pins_the_signing_key_and_the_agent_reads_it_as_a_credenti
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from agent.protocol.signing import public_key_pem
+    from wire.signing import public_key_pem
 
     pem = tmp_path / "controller.pub.pem"
     pem.write_text(public_key_pem(Ed25519PrivateKey.generate().public_key()))

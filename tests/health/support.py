@@ -9,11 +9,11 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
-from agent.protocol.messages import ModelRef, Telemetry
 from agent.telemetry.stats import InferenceCounters
 from controller.db.bulk import BulkInsert
 from controller.db.models import TelemetryRecord, table
 from controller.telemetry.ingest import TELEMETRY_COLUMNS, TelemetryIn, telemetry_row
+from wire.messages import ModelRef, Telemetry
 
 
 def report(

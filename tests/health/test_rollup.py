@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from agent.telemetry.histogram import LatencyHistogram
 from controller.db.engine import make_engine, migrate
 from controller.db.models import DeviceEvent, DeviceHealth, HealthRollup, table
 from controller.health.aggregate import psi
@@ -20,6 +19,7 @@ from controller.health.rollup import HealthRollupJob
 from controller.health.series import recent_by_version, version_series
 from tests.controller.test_postgres import postgres_url  # noqa: F401 - fixture
 from tests.health.support import latencies, report, store
+from wire.histogram import LatencyHistogram
 
 NOW = datetime.now(UTC).replace(second=30, microsecond=0)
 V1 = ("clf", 1, "int8")

@@ -3,8 +3,8 @@ import logging
 
 import pytest
 
-from agent.protocol import codec
-from agent.protocol.messages import (
+from wire import codec
+from wire.messages import (
     CommandAck,
     DeviceOffline,
     DeviceOnline,
@@ -12,7 +12,7 @@ from agent.protocol.messages import (
     Ping,
     Telemetry,
 )
-from agent.protocol.topics import DeviceChannel
+from wire.topics import DeviceChannel
 
 HW = HardwareProfile(cpu_count=2, ram_bytes=2**30, arch="aarch64", os="Linux 6.1")
 

@@ -1,7 +1,7 @@
 import pytest
 
-from agent.protocol import topics
-from agent.protocol.topics import DeviceChannel
+from wire import topics
+from wire.topics import DeviceChannel
 
 
 def test_topics_are_versioned_and_carry_the_device_id() -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from agent.inference.pipelines import load_pipeline
 from agent.inference.pipelines.generation import TokenStreamPipeline
-from agent.protocol.manifest import Metrics, RunSpec, Runtime, Task
+from benchmarks.seeds import DECODER_SEEDS, build_seed
 from controller.registry.convert import ConversionError, ExportedBundle, evaluate, export_hf, quantize
 from controller.registry.convert.evaluate_generation import (
     default_prompts,
@@ -30,7 +30,7 @@ from controller.registry.convert.evaluate_generation import (
 from controller.registry.convert.hf_decoders import export_decoder
 from controller.registry.convert.hf_t5 import export_t5
 from controller.registry.convert.quantize_int4 import quantize_genai, quantize_int4
-from controller.registry.seeds import DECODER_SEEDS, build_seed
+from wire.manifest import Metrics, RunSpec, Runtime, Task
 
 torch = pytest.importorskip("torch")
 

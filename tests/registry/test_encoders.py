@@ -17,13 +17,13 @@ import pytest
 
 from agent.inference.pipelines import load_pipeline
 from agent.inference.pipelines.tokenize import TextEncoder
-from agent.protocol.manifest import Metrics, Task
+from benchmarks.seeds import ENCODER_SEEDS, build_seed
+from benchmarks.seeds.encoders import BERT_LADDER, minilm_checkpoint
 from controller.registry.convert import ConversionError, ExportedBundle, evaluate, export_hf, quantize
 from controller.registry.convert.evaluate_encoders import evaluate_encoder, text_samples, vocabulary_words
 from controller.registry.convert.hf_encoders import torch_module
 from controller.registry.convert.quantize_int8 import quantize_int8
-from controller.registry.seeds import ENCODER_SEEDS, build_seed
-from controller.registry.seeds.encoders import BERT_LADDER, minilm_checkpoint
+from wire.manifest import Metrics, Task
 
 torch = pytest.importorskip("torch")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.manifest import SignedManifest
+from wire.manifest import SignedManifest
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "exporters"
 

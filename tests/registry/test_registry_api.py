@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlmodel import Session, func, select
 
-from agent.protocol import signing
-from agent.protocol.manifest import SignedManifest
 from controller.db.models import Artifact, ModelVersion
 from tests.helpers import wait_until
 from tests.registry.tiny_models import anomaly_model, text_classifier
+from wire import signing
+from wire.manifest import SignedManifest
 
 
 @pytest.fixture

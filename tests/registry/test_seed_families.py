@@ -30,17 +30,17 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.protocol import signing
-from agent.protocol.manifest import Manifest, Runtime, SignedManifest, Task
+from benchmarks.seeds import ENCODER_SEEDS, build_seed
+from benchmarks.seeds.encoders import minilm_checkpoint
+from benchmarks.seeds.sentences import prompt_records, text_records
 from controller.broker.embedded import free_port
 from controller.registry.convert.evaluate_encoders import DEFAULT_TEXT_SAMPLES
 from controller.registry.convert.evaluate_generation import DEFAULT_PROMPTS
 from controller.registry.importer import Importer
-from controller.registry.seeds import ENCODER_SEEDS, build_seed
-from controller.registry.seeds.encoders import minilm_checkpoint
-from controller.registry.seeds.sentences import prompt_records, text_records
 from controller.registry.store import ContentStore
 from tests.helpers import Proc, slmfleet_cmd, wait_until
+from wire import signing
+from wire.manifest import Manifest, Runtime, SignedManifest, Task
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

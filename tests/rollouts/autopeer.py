@@ -8,8 +8,10 @@ import threading
 import time
 from typing import Any, Literal
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import (
+from tests.delivery.peer import PeerDevice
+from wire import codec, topics
+from wire.histogram import bucket_index
+from wire.messages import (
     Activate,
     Cancel,
     Commit,
@@ -22,9 +24,7 @@ from agent.protocol.messages import (
     Rollback,
     Telemetry,
 )
-from agent.protocol.topics import DeviceChannel
-from agent.telemetry.histogram import bucket_index
-from tests.delivery.peer import PeerDevice
+from wire.topics import DeviceChannel
 
 Behaviour = Literal["ok", "fail_load", "slow", "disagree", "errors"]
 
@@ -152,7 +152,7 @@ class AutoPeer(PeerDevice):
         super().report(state, reason=reason, installed=installed)
 
     def report_metrics(self, state: DeployState, metrics: dict[str, float]) -> None:
-        from agent.protocol.messages import DeploymentEvent
+        from wire.messages import DeploymentEvent
 
         m = self.manifest
         assert m is not None

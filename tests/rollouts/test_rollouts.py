@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.messages import Commit, InstalledModel
 from controller.auth.tokens import Role
 from controller.rollouts.machine import TRANSITIONS, RolloutEvent, RolloutState
 from tests.helpers import wait_until
 from tests.registry.tiny_models import anomaly_model
 from tests.rollouts.autopeer import AutoPeer
+from wire.messages import Commit, InstalledModel
 
 FAST_GATES = {
     "min_samples": 100,

@@ -12,9 +12,9 @@ import random
 import time
 from typing import Any
 
-from agent.protocol import chunks as frames
-from agent.protocol import codec
-from agent.protocol.messages import (
+from wire import chunks as frames
+from wire import codec
+from wire.messages import (
     AgentEvent,
     ChunkRequest,
     CommandAck,
@@ -29,7 +29,7 @@ from agent.protocol.messages import (
     ModelRef,
     Telemetry,
 )
-from agent.protocol.topics import DeviceChannel
+from wire.topics import DeviceChannel
 
 ART = "ab" * 32
 HW = HardwareProfile(cpu_count=4, ram_bytes=2 * 2**30, arch="aarch64", os="Linux 6.1", onnxruntime="1.20.0")

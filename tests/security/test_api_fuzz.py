@@ -211,7 +211,7 @@ def test_inputs_the_fuzzing_found_get_declared_answers(
 
 
 def _birth(device_id: str) -> tuple[str, bytes]:
-    from agent.protocol import codec, topics
     from tests.security import payloads
+    from wire import codec, topics
 
     return topics.state(device_id), codec.encode(payloads.birth())

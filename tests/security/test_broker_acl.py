@@ -25,13 +25,13 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlmodel import Session, select
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import Telemetry
 from controller.broker import dynsec
 from controller.broker.embedded import EmbeddedBroker, free_port, mosquitto_binary, port_open
 from controller.db.models import TelemetryRecord
 from tests.conftest import LiveController
 from tests.helpers import Proc, metric_value, slmfleet_cmd, wait_until
+from wire import codec, topics
+from wire.messages import Telemetry
 
 pytestmark = pytest.mark.skipif(
     mosquitto_binary() is None or dynsec.plugin_path() is None,

@@ -13,13 +13,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import codec, topics
-from agent.protocol.messages import MAX_COMMAND_PAYLOAD
 from controller.broker.embedded import EmbeddedBroker, mosquitto_config, packet_limit
 from tests.conftest import LiveController
 from tests.e2e.fleet import broker_url_from_banner, start_up
 from tests.helpers import Proc, RawMqtt, metric_value, slmfleet_cmd, wait_until
 from tests.security import payloads
+from wire import codec, topics
+from wire.messages import MAX_COMMAND_PAYLOAD
 
 MIB = 1024 * 1024
 

@@ -19,14 +19,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.protocol import chunks as frames
-from agent.protocol import codec, signing, topics
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import Configure, Deploy
 from controller.broker.embedded import EmbeddedBroker, free_port
 from tests.e2e.fleet import ControllerProc, Fleet, served_version
 from tests.e2e.test_deploy_real_agents import active_version, deploy, deployment, pin_key, register
 from tests.helpers import RawMqtt, wait_until
+from wire import chunks as frames
+from wire import codec, signing, topics
+from wire.manifest import SignedManifest
+from wire.messages import Configure, Deploy
 
 pytestmark = pytest.mark.slow
 

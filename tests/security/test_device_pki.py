@@ -13,14 +13,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlmodel import Session, select
 
-from agent.protocol import signing
-from agent.protocol.messages import CertificateRequest, InstallCertificate
 from agent.runtime import identity
 from agent.runtime.identity import ClientIdentity
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Device, DeviceCertificate
 from controller.pki.authority import Authority, PkiError, check_csr
 from controller.pki.service import DevicePki
+from wire import signing
+from wire.messages import CertificateRequest, InstallCertificate
 
 
 @pytest.fixture

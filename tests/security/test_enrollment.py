@@ -19,7 +19,6 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from agent.protocol import codec, topics
 from agent.runtime.config import load_settings
 from agent.runtime.enroll import enroll_main
 from controller.auth.tokens import Role
@@ -30,6 +29,7 @@ from controller.telemetry.ingest import TelemetryIn
 from tests.conftest import LiveController
 from tests.helpers import metric_value
 from tests.security import payloads
+from wire import codec, topics
 
 INSTALLER = Path(__file__).resolve().parents[2] / "deploy" / "install-agent.sh"
 
@@ -268,7 +268,7 @@ def test_the_enroll_command_names_the_public_url_or_the_address_asked(live_serve
         assert created["enroll_command"] == f"slmfleet agent enroll --controller {url} --token-file TOKEN_FILE"
         assert created["token"] not in created["enroll_command"]
     cli = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "enrollment", "create", "--api", proxied.url],
+        [sys.executable, "-m", "slmfleet", "enrollment", "create", "--api", proxied.url],
         env={**os.environ, "SLMFLEET_TOKEN": proxied.admin_token},
         capture_output=True,
         text=True,
@@ -282,7 +282,7 @@ def test_the_enroll_command_names_the_public_url_or_the_address_asked(live_serve
             ControllerSettings(data_dir=tmp_path / "x", public_url=bad)
     # and `slmfleet up` says so in a line (the message holds "[/path]", which is not console markup)
     up = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "up", "--data-dir", str(tmp_path / "up")],
+        [sys.executable, "-m", "slmfleet", "up", "--data-dir", str(tmp_path / "up")],
         env={**os.environ, "SLMFLEET_PUBLIC_URL": "fleet.example.com"},
         capture_output=True,
         text=True,

@@ -19,9 +19,15 @@ from sqlmodel import Session, func, select
 from agent.core import AgentCore, CoreConfig, TelemetrySample
 from agent.core.actions import Publish
 from agent.core.guard import CommandGuard
-from agent.protocol import chunks as frames
-from agent.protocol import codec, topics
-from agent.protocol.messages import (
+from controller.broker.embedded import EmbeddedBroker
+from controller.db.models import Device, DeviceEvent, TelemetryRecord
+from tests.agent.deploy.harness import DEVICE, Artifact, artifact, deploy, memory_device, rollback, sealed
+from tests.conftest import LiveController
+from tests.helpers import RawMqtt, metric_value, wait_until
+from tests.security import payloads
+from wire import chunks as frames
+from wire import codec, topics
+from wire.messages import (
     Activate,
     Cancel,
     Commit,
@@ -30,13 +36,7 @@ from agent.protocol.messages import (
     HardwareProfile,
     Ping,
 )
-from agent.protocol.topics import DeviceChannel
-from controller.broker.embedded import EmbeddedBroker
-from controller.db.models import Device, DeviceEvent, TelemetryRecord
-from tests.agent.deploy.harness import DEVICE, Artifact, artifact, deploy, memory_device, rollback, sealed
-from tests.conftest import LiveController
-from tests.helpers import RawMqtt, metric_value, wait_until
-from tests.security import payloads
+from wire.topics import DeviceChannel
 
 FUZZ = settings(
     max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from sqlmodel import Session, func, select
 
-from agent.protocol import codec, topics
 from controller.broker.embedded import EmbeddedBroker
 from controller.db.models import TelemetryRecord
 from controller.telemetry.ingest import TelemetryIn
@@ -16,6 +15,7 @@ from controller.telemetry.ratelimit import TokenBuckets
 from tests.conftest import LiveController
 from tests.helpers import RawMqtt, metric_value, wait_until
 from tests.security import payloads
+from wire import codec, topics
 
 
 def _stored(ctl: LiveController, device_id: str) -> int:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import codec, topics
 from controller.broker.embedded import EmbeddedBroker
 from tests.e2e.fleet import Fleet
 from tests.helpers import RawMqtt, metric_value, wait_until
 from tests.security import payloads
+from wire import codec, topics
 
 pytestmark = pytest.mark.slow
 YEAR_2984 = 32_000_000_000.0

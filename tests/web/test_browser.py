@@ -17,7 +17,6 @@ import httpx
 import pytest
 from sqlmodel import Session, col, select
 
-from agent.protocol.messages import InstalledModel
 from benchmarks.dashboard import seed
 from controller.app import create_app
 from controller.auth.tokens import Role, create_token
@@ -32,6 +31,7 @@ from tests.notify.test_webhooks import verified
 from tests.registry.tiny_models import anomaly_model
 from tests.rollouts.autopeer import AutoPeer
 from tests.web.support import CHROMIUM_FLAGS, PASSWORDS, LiveServer, add_users, chromium_path, save_screenshot
+from wire.messages import InstalledModel
 
 CHROMIUM = chromium_path()
 pytestmark = [

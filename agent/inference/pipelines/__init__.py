@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.inference.pipelines.base import Pipeline, PipelineError
-from agent.protocol.manifest import RunSpec, Runtime, Task
+from wire.manifest import RunSpec, Runtime, Task
 
 
 def load_pipeline(spec: RunSpec, bundle_dir: str | Path, *, threads: int = 0) -> Pipeline:

@@ -12,7 +12,7 @@ import numpy as np
 from agent.inference.pipelines.base import PipelineError
 from agent.inference.pipelines.tokenize import record_values, run_batched
 from agent.inference.session import InputError, load_session
-from agent.protocol.manifest import RunSpec
+from wire.manifest import RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from agent.inference.session import InputError, ModelLoadError
-from agent.protocol.manifest import RunSpec
+from wire.manifest import RunSpec
 
 
 class PipelineError(ModelLoadError):

@@ -19,7 +19,7 @@ from agent.inference.pipelines.tokenize import (
     text_record,
 )
 from agent.inference.session import InputError, load_session
-from agent.protocol.manifest import RunSpec
+from wire.manifest import RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from agent.inference.pipelines.generation import (
     generation_settings,
     load_tokenizer,
 )
-from agent.protocol.manifest import RunSpec, Runtime
+from wire.manifest import RunSpec, Runtime
 
 log = logging.getLogger(__name__)
 

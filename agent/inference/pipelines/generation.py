@@ -40,7 +40,7 @@ import numpy as np
 
 from agent.inference.pipelines.base import PipelineError
 from agent.inference.session import InputError, load_session
-from agent.protocol.manifest import Generation, RunSpec
+from wire.manifest import Generation, RunSpec
 
 log = logging.getLogger(__name__)
 

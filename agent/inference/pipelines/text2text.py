@@ -35,7 +35,7 @@ from agent.inference.pipelines.generation import (
     load_tokenizer,
 )
 from agent.inference.session import InputError, load_session
-from agent.protocol.manifest import RunSpec
+from wire.manifest import RunSpec
 
 log = logging.getLogger(__name__)
 

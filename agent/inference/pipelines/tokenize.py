@@ -21,7 +21,7 @@ import numpy as np
 
 from agent.inference.pipelines.base import PipelineError
 from agent.inference.session import InputError
-from agent.protocol.manifest import RunSpec
+from wire.manifest import RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlmodel import Session, col, select
 
-from agent.protocol.messages import ShadowSpec
 from controller import audit
 from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
@@ -18,6 +17,7 @@ from controller.db.models import Deployment, DeploymentTarget
 from controller.delivery.service import DeploymentError, DeploymentRequest
 from controller.delivery.targets import Target
 from controller.runtime import ControllerRuntime
+from wire.messages import ShadowSpec
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
 

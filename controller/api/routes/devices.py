@@ -12,7 +12,6 @@ from pydantic import Field
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from agent.protocol.messages import Configure
 from controller import audit
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
 from controller.api.openapi import errors
@@ -29,6 +28,7 @@ from controller.db.models import Device, DeviceEvent, TelemetryRecord
 from controller.db.types import from_epoch
 from controller.devices import selectors
 from controller.enrollment.service import EnrollmentError
+from wire.messages import Configure
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 

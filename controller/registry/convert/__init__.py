@@ -12,7 +12,7 @@ The pieces and who calls them:
 * ``quantize(bundle, method, out_dir)`` -> ExportedBundle of the variant
   - ``int8-dynamic`` (per-channel, every family): ``quantize_int8``
   - ``int4-weight-only`` (decoders): ``quantize_int4``
-* ``evaluate(reference, candidate, samples)`` -> ``agent.protocol.manifest.Metrics``
+* ``evaluate(reference, candidate, samples)`` -> ``wire.manifest.Metrics``
   - encoders and anomaly: ``evaluate_encoders``; generation: ``evaluate_generation``
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import Metrics, Quantization, RunSpec, Task
+from wire.manifest import Metrics, Quantization, RunSpec, Task
 
 
 class ConversionError(Exception):

@@ -3,26 +3,20 @@
 Both bundles run through the real device pipelines (``agent.inference.pipelines.load_pipeline``), so what
 is measured is what a device will do. Agreement: mean cosine of embeddings, top-1 label agreement for
 classification, identical decisions for anomaly models. Latency (single-record calls) and peak RSS of the
-candidate come from a fresh subprocess that imports only the device code, so the numbers are the model's
-and not this process's (which may hold torch and both models).
-
-Top-level imports stay light: this module is also what that subprocess would import.
+candidate come from a fresh subprocess that imports only the device code (``python -m agent.inference.probe``),
+so the numbers are the model's and not this process's (which may hold torch and both models).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.protocol.manifest import Metrics, Task
 from controller.registry.convert import ConversionError, ExportedBundle
+from controller.registry.convert.probe import run_probe
+from wire.manifest import Metrics, Task
 
 log = logging.getLogger(__name__)
 
@@ -261,65 +255,17 @@ def random_windows(n_features: int, n: int, seed: int = 0) -> list[dict[str, Any
 # ---------------------------------------------------------------------------------------------------------
 # Latency and memory, in a process of the candidate's own
 
-_PROBE = r"""
-import json, resource, sys, time
-job = json.load(open(sys.argv[1]))
-from agent.inference.pipelines import load_pipeline
-from agent.protocol.manifest import RunSpec
-pipe = load_pipeline(RunSpec.model_validate(job["spec"]), job["root"], threads=job["threads"])
-pipe.warmup()
-times = []
-for record in job["samples"]:
-    start = time.perf_counter()
-    try:
-        pipe.run([record])
-    except ValueError:
-        continue
-    times.append((time.perf_counter() - start) * 1000.0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-try:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) * 1024
-except OSError:
-    pass
-print(json.dumps({"times_ms": times, "peak_rss_bytes": peak}))
-"""
-
-
 def probe_candidate(bundle: ExportedBundle, samples: list[dict[str, Any]], threads: int = 0) -> dict[str, Any]:
     """Load ``bundle`` in a fresh interpreter, time one call per sample, and report p50/p95 and peak RSS."""
     import numpy as np
 
-    import agent
-
-    repo_root = str(Path(agent.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
     job = {
         "spec": bundle.spec.model_dump(mode="json"),
         "root": str(Path(bundle.root).resolve()),
         "samples": samples,
         "threads": threads,
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-        job_path = f.name
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PROBE, job_path],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=repo_root,
-            timeout=600,
-            check=False,
-        )
-    finally:
-        os.unlink(job_path)
-    if done.returncode != 0:
-        raise ConversionError(f"measuring {bundle.root} failed: {done.stderr.strip()[-2000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_probe("latency", job, timeout=600)
     times = report["times_ms"]
     if not times:
         raise ConversionError(f"measuring {bundle.root}: every latency sample was rejected")

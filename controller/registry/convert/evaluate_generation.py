@@ -1,8 +1,8 @@
 """Measure a generation variant (int8, int4, another runtime) against its fp32 reference.
 
 Both bundles run through the real device pipelines (``agent.inference.pipelines.load_pipeline``), each in
-a fresh interpreter that imports only the device code (no torch), so tokens/s, latency and peak RSS are the
-model's own and not this process's.
+a fresh interpreter that imports only the device code (``python -m agent.inference.probe``, no torch), so
+tokens/s, latency and peak RSS are the model's own and not this process's.
 
 **Token agreement** (``Metrics.agreement``, kind ``token``) is measured under teacher forcing: the
 reference decodes greedily from each prompt; the candidate is then fed the reference's tokens, through its
@@ -34,18 +34,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import Metrics, Runtime, Task
 from controller.registry.convert import ConversionError, ExportedBundle
+from controller.registry.convert.probe import run_probe
+from wire.manifest import Metrics, Runtime, Task
 
 log = logging.getLogger(__name__)
 
@@ -255,38 +252,6 @@ def default_prompts(bundle: ExportedBundle, n: int = DEFAULT_PROMPTS, seed: int 
 # ---------------------------------------------------------------------------------------------------------
 # Measuring in a process of the bundle's own
 
-_WORKER = r"""
-import json, sys, time
-job = json.load(open(sys.argv[1]))
-from agent.inference.pipelines import load_pipeline
-from agent.inference.session import InputError
-from agent.protocol.manifest import RunSpec
-pipe = load_pipeline(RunSpec.model_validate(job["spec"]), job["root"], threads=job["threads"])
-pipe.warmup()
-ids, seconds, errors = [], [], []
-for record in job["records"]:
-    try:
-        out = pipe.generate(record)
-    except InputError as exc:
-        ids.append([]); seconds.append(0.0); errors.append(str(exc))
-        continue
-    ids.append(out.token_ids); seconds.append(out.seconds); errors.append(None)
-peak = None
-try:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) * 1024
-except OSError:
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-# teacher forcing after the timed runs and the memory reading: it loads another loop for genai bundles
-forced = []
-for record, target, error in zip(job["records"], job.get("targets") or [], errors):
-    forced.append([] if error else pipe.forced(record, target))
-print(json.dumps({"ids": ids, "seconds": seconds, "errors": errors, "peak_rss_bytes": peak, "forced": forced}))
-"""
-
-
 def measure_generation(
     bundle: ExportedBundle,
     records: list[dict[str, Any]],
@@ -304,7 +269,7 @@ def measure_generation(
         "threads": threads,
         "targets": targets,
     }
-    report = _run_worker(_WORKER, job, timeout)
+    report = run_probe("generation", job, timeout)
     return GenerationRun(
         token_ids=report["ids"],
         seconds=report["seconds"],
@@ -383,9 +348,7 @@ def tokens_per_second_ratio(
                 "max_new_tokens": max_new_tokens,
                 "threads": threads,
             }
-            report = _run_worker(_RATIO_WORKER, job, timeout)
-            if report.get("error"):
-                raise ConversionError(report["error"])
+            report = run_probe("ratio", job, timeout)
             totals[name][0] += report["tokens"]
             totals[name][1] += report["seconds"]
             rate[name] = report["tokens"] / report["seconds"]
@@ -409,63 +372,6 @@ def tokens_per_second_ratio(
         result["ratio"],
     )
     return result
-
-
-_RATIO_WORKER = r"""
-import json, sys, time
-job = json.load(open(sys.argv[1]))
-from agent.inference.pipelines.generation import DecoderGenerationPipeline, encode_prompt, load_tokenizer
-from agent.inference.pipelines.genai import GenaiGenerationPipeline
-from agent.protocol.manifest import RunSpec
-from pathlib import Path
-spec = RunSpec.model_validate(job["spec"])
-if job["side"] == "genai":
-    pipe = GenaiGenerationPipeline(spec, job["root"], threads=job["threads"])
-    if pipe.fallback is not None:
-        print(json.dumps({"error": "onnxruntime-genai is not installed: there is no genai loop to compare with"}))
-        sys.exit(0)
-else:
-    pipe = DecoderGenerationPipeline(spec, job["root"], threads=job["threads"])
-# Both sides start from the genai bundle's tokenizer: the same ids, whatever graph runs them.
-tok_spec = RunSpec.model_validate(job["tokenizer_spec"])
-tokenizer = load_tokenizer(tok_spec, Path(job["tokenizer_root"]))
-encoded = [encode_prompt(tokenizer, t, tok_spec.generation.bos_token_id) for t in job["prompts"]]
-list(pipe.token_ids(encoded[0], 4))  # first-run allocations are not the loop's cost
-ids, seconds = [], 0.0
-for prompt in encoded:
-    started = time.perf_counter()
-    ids.append(list(pipe.token_ids(prompt, job["max_new_tokens"])))
-    seconds += time.perf_counter() - started
-shared = job["side"] == "agent" and pipe.decoder.share_buffer
-print(json.dumps({"ids": ids, "tokens": sum(map(len, ids)), "seconds": seconds, "shared_cache_buffer": shared}))
-"""
-
-
-def _run_worker(script: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run ``script`` with ``job`` in a fresh interpreter that sees this repository; its last line is JSON."""
-    import agent
-
-    repo_root = str(Path(agent.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-        job_path = f.name
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script, job_path],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=repo_root,
-            timeout=timeout,
-            check=False,
-        )
-    finally:
-        os.unlink(job_path)
-    if done.returncode != 0:
-        raise ConversionError(f"the measuring process failed: {done.stderr.strip()[-2000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def _plain_spec(bundle: ExportedBundle) -> ExportedBundle:

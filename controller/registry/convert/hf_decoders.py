@@ -41,8 +41,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import Generation, Preprocess, Quantization, RunSpec, Runtime, Task
 from controller.registry.convert import ConversionError, ExportedBundle
+from wire.manifest import Generation, Preprocess, Quantization, RunSpec, Runtime, Task
 
 log = logging.getLogger(__name__)
 

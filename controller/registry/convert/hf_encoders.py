@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import IO, Postprocess, Preprocess, RunSpec, Task, TensorInfo
 from controller.registry.convert import ConversionError, ExportedBundle
+from wire.manifest import IO, Postprocess, Preprocess, RunSpec, Task, TensorInfo
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import Generation, Preprocess, RunSpec, Runtime, Task
 from controller.registry.convert import ConversionError, ExportedBundle
 from controller.registry.convert.hf_decoders import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -42,6 +41,7 @@ from controller.registry.convert.hf_decoders import (
     read_json,
     untie_lm_head,
 )
+from wire.manifest import Generation, Preprocess, RunSpec, Runtime, Task
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import Quantization, Runtime
 from controller.registry.convert import ConversionError, ExportedBundle
 from controller.registry.convert.weights import external_locations, gemm_to_matmul, graphs_in, weight_fraction
+from wire.manifest import Quantization, Runtime
 
 log = logging.getLogger(__name__)
 

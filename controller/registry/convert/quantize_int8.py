@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.manifest import Quantization
 from controller.registry.convert import ConversionError, ExportedBundle
 from controller.registry.convert.weights import external_locations, gemm_to_matmul, graphs_in, weight_fraction
+from wire.manifest import Quantization
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,16 @@ from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
-from agent.deploy.modelops import HostModelOps, ModelOps, SimulatedModelOps
+from agent.deploy.modelops import HostModelOps, ModelOps
 from agent.deploy.record import MemoryRecordStore, PersistedState, RecordStore
 from agent.deploy.shadow import ShadowTap
 from agent.deploy.storage import SlotStorage
 from agent.inference.host import ModelHost
-from agent.protocol import chunks as frames
-from agent.protocol import codec, signing, topics
-from agent.protocol.manifest import (
+from tests.agent.deploy.fake_ops import SimulatedModelOps
+from tests.registry.tiny_models import text_classifier
+from wire import chunks as frames
+from wire import codec, signing, topics
+from wire.manifest import (
     IO,
     Budget,
     Manifest,
@@ -42,7 +44,7 @@ from agent.protocol.manifest import (
     TensorInfo,
     describe_files,
 )
-from agent.protocol.messages import (
+from wire.messages import (
     Activate,
     Cancel,
     ChunkRequest,
@@ -54,8 +56,7 @@ from agent.protocol.messages import (
     Rollback,
     RollbackGrant,
 )
-from agent.protocol.topics import DeviceChannel
-from tests.registry.tiny_models import text_classifier
+from wire.topics import DeviceChannel
 
 DEVICE = "dev-1"
 LABELS = ["negative", "positive"]

@@ -10,10 +10,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.deploy.config import DeployConfig
 from agent.deploy.memory import MemorySlotStorage
 from agent.deploy.record import MemoryRecordStore, PersistedState
-from agent.protocol import chunks as frames
-from agent.protocol import topics
-from agent.protocol.messages import DeployState
 from tests.agent.deploy.harness import Artifact, Device, artifact, deliver, deploy, memory_device
+from wire import chunks as frames
+from wire import topics
+from wire.messages import DeployState
 
 S = DeployState
 

@@ -10,12 +10,12 @@ from agent.deploy.driver import DeploymentDriver
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
 from agent.deploy.memory import MemorySlotStorage
-from agent.deploy.modelops import SimulatedModelOps
 from agent.deploy.record import MemoryRecordStore
-from agent.protocol import codec, topics
-from agent.protocol.messages import DeploymentEvent, DeployState, HardwareProfile, InstalledModel
-from agent.protocol.topics import DeviceChannel
+from tests.agent.deploy.fake_ops import SimulatedModelOps
 from tests.agent.deploy.harness import Artifact, deploy, sealed
+from wire import codec, topics
+from wire.messages import DeploymentEvent, DeployState, HardwareProfile, InstalledModel
+from wire.topics import DeviceChannel
 
 HW = HardwareProfile(cpu_count=1, ram_bytes=2**30, arch="aarch64", os="Linux")
 

@@ -17,8 +17,6 @@ from agent.deploy.bitmap import ChunkBitmap
 from agent.deploy.config import DeployConfig
 from agent.deploy.disk import DiskSlotStorage
 from agent.deploy.record import DiskRecordStore
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import DeployState, ShadowSpec
 from tests.agent.deploy.harness import (
     Artifact,
     Device,
@@ -30,6 +28,8 @@ from tests.agent.deploy.harness import (
     rollback,
 )
 from tests.helpers import wait_until
+from wire.manifest import SignedManifest
+from wire.messages import DeployState, ShadowSpec
 
 S = DeployState
 SHADOW = ShadowSpec(sample_rate=1.0, min_samples=1000, max_duration_s=30)

@@ -23,21 +23,21 @@ from agent.core.outbox import Outbox
 from agent.deploy.config import DeployConfig
 from agent.deploy.driver import DeploymentDriver
 from agent.inference.host import ModelHost
-from agent.protocol import codec, signing, topics
-from agent.protocol.messages import (
-    ChunkRequest,
-    DeploymentEvent,
-    DeployState,
-    DeviceOnline,
-    HardwareProfile,
-)
-from agent.protocol.topics import DeviceChannel
 from agent.runtime.nonces import DiskNonceStore
 from agent.telemetry.spool import SqliteSpool
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
 from controller.broker.embedded import EmbeddedBroker
 from tests.agent.deploy.harness import Artifact, activate, deploy, rollback, sealed
 from tests.helpers import LoopThread, RawMqtt, wait_until
+from wire import codec, signing, topics
+from wire.messages import (
+    ChunkRequest,
+    DeploymentEvent,
+    DeployState,
+    DeviceOnline,
+    HardwareProfile,
+)
+from wire.topics import DeviceChannel
 
 S = DeployState
 DEVICE = "edge-7"

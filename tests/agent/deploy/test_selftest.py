@@ -12,8 +12,6 @@ from agent.deploy.disk import DiskSlotStorage
 from agent.deploy.record import DiskRecordStore
 from agent.deploy.selftest import check_result, sample_record
 from agent.deploy.shadow import agreement
-from agent.protocol.manifest import Anomaly, Budget, Task
-from agent.protocol.messages import DeployState, ShadowSpec
 from tests.agent.deploy.harness import (
     Artifact,
     Device,
@@ -24,6 +22,8 @@ from tests.agent.deploy.harness import (
     host_ops,
 )
 from tests.helpers import wait_until
+from wire.manifest import Anomaly, Budget, Task
+from wire.messages import DeployState, ShadowSpec
 
 S = DeployState
 

@@ -13,12 +13,10 @@ from agent.deploy.errors import InvalidTransition
 from agent.deploy.jobs import JobRunner
 from agent.deploy.manager import DeploymentManager
 from agent.deploy.memory import MemorySlotStorage
-from agent.deploy.modelops import SelfTestReport, SimulatedModelOps
+from agent.deploy.modelops import SelfTestReport
 from agent.deploy.record import MemoryRecordStore
 from agent.deploy.states import BEFORE_SWITCH, FINAL, TRANSITIONS, Event, resumable, transition
-from agent.protocol import codec, topics
-from agent.protocol.messages import DeployState, ShadowSpec
-from agent.protocol.topics import DeviceChannel
+from tests.agent.deploy.fake_ops import SimulatedModelOps
 from tests.agent.deploy.harness import (
     Artifact,
     Device,
@@ -29,6 +27,9 @@ from tests.agent.deploy.harness import (
     memory_device,
     rollback,
 )
+from wire import codec, topics
+from wire.messages import DeployState, ShadowSpec
+from wire.topics import DeviceChannel
 
 S = DeployState
 

@@ -13,8 +13,8 @@ from agent.deploy.errors import StorageError
 from agent.deploy.memory import MemorySlotStorage
 from agent.deploy.record import DeploymentRecord, DiskRecordStore, PersistedState
 from agent.deploy.storage import installed_models
-from agent.protocol.messages import DeployState
 from tests.agent.deploy.harness import Artifact
+from wire.messages import DeployState
 
 
 def test_bitmap_counts_the_contiguous_prefix_and_lists_what_is_missing() -> None:

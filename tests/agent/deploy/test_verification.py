@@ -12,9 +12,6 @@ from agent.deploy.config import DeployConfig
 from agent.deploy.disk import DiskSlotStorage
 from agent.deploy.memory import MemorySlotStorage
 from agent.deploy.record import DiskRecordStore
-from agent.protocol import signing
-from agent.protocol.manifest import SignedManifest
-from agent.protocol.messages import DeployState
 from tests.agent.deploy.harness import (
     Artifact,
     Device,
@@ -25,6 +22,9 @@ from tests.agent.deploy.harness import (
     memory_device,
     rollback,
 )
+from wire import signing
+from wire.manifest import SignedManifest
+from wire.messages import DeployState
 
 S = DeployState
 

@@ -1,7 +1,7 @@
 """Ed25519 signatures: what the controller signs and how a device checks it, for every signed thing.
 
-Lives in the protocol package so a device verifies with exactly the code that signed, without any
-controller dependency. One layout per signed thing, each here and nowhere else:
+Lives in the wire package (imported by both sides) so a device verifies with exactly the code that signed,
+without any controller dependency. One layout per signed thing, each here and nowhere else:
 
 * **manifests** (``sign``/``verify``): the canonical JSON of the manifest (``Manifest.canonical_bytes``).
   Not bound to a device: an artifact is the same for the whole fleet.
@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ValidationError
 
-from agent.protocol.manifest import Manifest, SignedManifest, canonical_json
-from agent.protocol.messages import CommandAuth, RollbackGrant
+from wire.manifest import Manifest, SignedManifest, canonical_json
+from wire.messages import CommandAuth, RollbackGrant
 
 #: separates command signatures from every other signed thing (a manifest can never pass as a command)
 COMMAND_DOMAIN = "slmfleet/v1/command"

@@ -17,11 +17,11 @@ SEEDS = ENCODER_SEEDS + DECODER_SEEDS
 def build_seed(name: str, out_dir: Path, **options: object) -> Path:
     """Build seed ``name`` into ``out_dir`` (a checkpoint directory) and return it."""
     if name in ENCODER_SEEDS:
-        from controller.registry.seeds.encoders import build_encoder_seed
+        from benchmarks.seeds.encoders import build_encoder_seed
 
         return build_encoder_seed(name, out_dir, **options)
     if name in DECODER_SEEDS:
-        from controller.registry.seeds.decoders import build_decoder_seed
+        from benchmarks.seeds.decoders import build_decoder_seed
 
         return build_decoder_seed(name, out_dir, **options)
     raise ValueError(f"unknown seed {name!r}; choose one of {', '.join(SEEDS)}")

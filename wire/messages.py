@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agent.protocol.manifest import SignedManifest
+from wire.manifest import SignedManifest
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -140,7 +140,7 @@ class ModelRef(_Frozen):
 
 class LatencySummary(_Frozen):
     """Latency over one interval. ``buckets`` holds sparse ``[index, count]`` pairs of
-    ``agent.telemetry.histogram.BUCKET_BOUNDS_MS`` so fleets can be aggregated exactly."""
+    ``wire.histogram.BUCKET_BOUNDS_MS`` so fleets can be aggregated exactly."""
 
     p50_ms: Latency
     p95_ms: Latency
@@ -282,7 +282,7 @@ EventMessage = Annotated[
 
 
 class CommandAuth(_Frozen):
-    """Whom a command is for and until when, signed by the controller's key (``agent.protocol.signing``).
+    """Whom a command is for and until when, signed by the controller's key (``wire.signing``).
 
     The signature covers these fields (but ``signature``) and a digest of the whole command, so a genuine
     command cannot be replayed to another device, after it expired, or (``nonce``) twice to the same one.

@@ -1,4 +1,4 @@
-"""``slmfleet simulate SCENARIO``: rehearse a rollout on a virtual fleet (the logic lives in ``simulations``)."""
+"""``slmfleet simulate SCENARIO``: rehearse a rollout on a virtual fleet (``slmfleet.cli`` adds it to the command)."""
 
 from __future__ import annotations
 

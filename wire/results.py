@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from agent.protocol.messages import MAX_TS, SCHEMA_VERSION, ModelRef
+from wire.messages import MAX_TS, SCHEMA_VERSION, ModelRef
 
 
 class InferenceResult(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from agent.protocol.messages import (
+from wire.messages import (
     MAX_COMMAND_PAYLOAD,
     MAX_CONTROL_PAYLOAD,
     CommandMessage,
@@ -20,7 +20,7 @@ from agent.protocol.messages import (
     StateMessage,
     Telemetry,
 )
-from agent.protocol.topics import DeviceChannel
+from wire.topics import DeviceChannel
 
 _ADAPTERS: dict[DeviceChannel, TypeAdapter[Any]] = {
     DeviceChannel.STATE: TypeAdapter(StateMessage),

@@ -328,8 +328,8 @@ def build_anomaly_model(out_dir: Path, **options: Any) -> ExportedBundle:
 
 
 def _anomaly_spec(path: Path, output: str, n_features: int, threshold: float, higher: bool) -> Any:
-    from agent.protocol.manifest import Anomaly, RunSpec, Task
     from controller.registry.convert.hf_encoders import graph_io
+    from wire.manifest import Anomaly, RunSpec, Task
 
     io = graph_io(path)
     anomaly = Anomaly(
