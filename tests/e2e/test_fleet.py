@@ -89,7 +89,8 @@ def test_agent_shutdown_says_goodbye(fleet: Fleet) -> None:
     # a normal stop is not an error: no traceback, no CancelledError, nothing at ERROR
     log = agent.log()
     assert "connected to broker" in log
-    assert not [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line or "Cancelled" in line], log
+    bad = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line or "Cancelled" in line]
+    assert not bad, log
 
 
 def test_slmfleet_up_on_embedded_defaults(tmp_path: Path) -> None:
