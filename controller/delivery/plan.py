@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from agent.protocol.messages import ShadowSpec
+from agent.protocol.messages import DeployState, ShadowSpec
 from controller.db.models import Artifact, Device
 from controller.delivery.targets import Target
 from controller.delivery.variants import choose_variant
@@ -120,5 +120,5 @@ def new_target(
         updated_at=now,
     )
     if choice.artifact_id is None:
-        target.update(now, state="failed", reason=choice.reason)
+        target.update(now, state=DeployState.FAILED.value, reason=choice.reason)
     return target

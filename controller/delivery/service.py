@@ -31,6 +31,7 @@ from agent.protocol.messages import ChunkRequest, DeploymentEvent, DeployState, 
 from controller.db.models import Artifact, Deployment, Device, ModelVersion
 from controller.db.models import Model as ModelRow
 from controller.delivery import transitions
+from controller.delivery.damage import DamageReports
 from controller.delivery.plan import (
     DeploymentError,
     DeploymentRequest,
@@ -56,10 +57,6 @@ log = logging.getLogger(__name__)
 
 #: how a target the controller gave up on (per-device timeout) is marked; such a device may still switch
 TIMEOUT_REASON = "timed out after"
-#: device reports of one chunk arriving damaged (all devices together) that make the controller re-check its copy
-BAD_REPORTS_RECHECK = 3
-#: reports by one device of one chunk arriving damaged, its store copy intact, that end its deployment
-BAD_REPORTS_GIVE_UP = 10
 
 #: told of every change of a target's state (MQTT thread): the rollout engine judges failures at once
 TargetListener = Callable[[Target], None]
@@ -107,9 +104,8 @@ class DeliveryService:
             grant_artifact,
         )
         self.integrity.on_repaired.append(self.wire.forget_checks)
-        #: devices' reports of chunks that arrived damaged: (artifact, index) and (device, artifact, index)
-        self._bad_chunks: dict[tuple[str, int], int] = {}
-        self._bad_by_device: dict[tuple[str, str, int], int] = {}
+        #: devices' reports of chunks that arrived damaged
+        self.damage = DamageReports(metrics)
 
     @property
     def grant_artifact(self) -> Callable[[str, str], None] | None:
@@ -259,7 +255,7 @@ class DeliveryService:
             step = transitions.step(target.state, event, self._facts(target))
             if step.state is not None and Action.RECORD not in step.actions:
                 now = self.clock()
-                values: dict[str, object] = {"state": step.state}
+                values: dict[str, object] = {"state": str(step.state)}
                 if reason:
                     values["reason"] = reason
                 if Action.RESTART_CLOCK in step.actions:
@@ -430,7 +426,7 @@ class DeliveryService:
             if step.state is not None and step.state != event.state:
                 # the switch crossed a cancel or a rollback on the wire: the device must go back
                 reason = "switched after the deployment was cancelled"
-                target.update(now, state=step.state, reason=reason, started_at=now)
+                target.update(now, state=str(step.state), reason=reason, started_at=now)
         if step.state is not None and step.state != event.state:
             self.wire.send(device_id, self.rollback_command(target, target.reason))
         if event.state == DeployState.DOWNLOADING and event.artifact_id == target.artifact_id:
@@ -454,48 +450,15 @@ class DeliveryService:
         source = self._source(request.artifact_id)
         if source is None:
             return
-        if request.bad and self._bad_chunks_reported(device_id, target, source, request.bad):
-            return
+        if request.bad:
+            verdict = self.damage.judge(device_id, source, request.bad)
+            if isinstance(verdict, ChunkUnavailable):
+                self._unavailable(verdict)  # the controller's own copy is damaged
+                return
+            if verdict is not None:
+                self._give_up([target], verdict)
+                return
         self.wire.repair(device_id, source, [(a, b) for a, b in request.ranges])
-
-    def _bad_chunks_reported(self, device_id: str, target: Target, source: ChunkSource, bad: list[int]) -> bool:
-        """A device says chunks arrived damaged. Repeated reports of one chunk make the controller check its own
-        copy (a damaged one stops the artifact); a device that gets an intact chunk damaged again and again is
-        given up with the reason instead of looping until its timeout. True when the request is not served."""
-        artifact_id = source.artifact_id
-        self.metrics.chunk_bad_reports.inc(len(bad))
-        if len(self._bad_chunks) > 100_000:  # bounded memory: old reports are worth less than a stable controller
-            self._bad_chunks.clear()
-            self._bad_by_device.clear()
-        for index in bad:
-            if index >= len(source):
-                continue
-            total = self._bad_chunks[(artifact_id, index)] = self._bad_chunks.get((artifact_id, index), 0) + 1
-            mine = self._bad_by_device.get((device_id, artifact_id, index), 0) + 1
-            self._bad_by_device[(device_id, artifact_id, index)] = mine
-            if total % BAD_REPORTS_RECHECK == 0:
-                try:
-                    source.frame(index, recheck=True)
-                except ChunkUnavailable as exc:
-                    self._unavailable(exc)
-                    return True
-                if total == BAD_REPORTS_RECHECK:
-                    log.warning(
-                        "chunk %d of artifact %s arrived damaged %d times though the controller's copy is intact:"
-                        " something between the controller and the devices corrupts data",
-                        index,
-                        artifact_id[:12],
-                        total,
-                    )
-            if mine >= BAD_REPORTS_GIVE_UP:
-                path = source.manifest.files[source.manifest.chunks[index].file].path
-                reason = (
-                    f"chunk {index} of {path} arrived damaged {mine} times though the controller's copy is intact:"
-                    " the broker, the network or this device's memory corrupts data"
-                )
-                self._give_up([target], reason)
-                return True
-        return False
 
     def _source(self, artifact_id: str) -> ChunkSource | None:
         if self.integrity.corrupt_reason(artifact_id) is not None:
@@ -574,7 +537,7 @@ class DeliveryService:
                     continue
                 reason = f"{TIMEOUT_REASON} {info.timeout_s:.0f}s in state {target.state}"
                 step = transitions.step(target.state, Control.TIMEOUT)
-                target.update(now, state=step.state, reason=reason)
+                target.update(now, state=str(step.state), reason=reason)
                 expired.append((target, step))
         for target, step in expired:
             self._carry_out(target, Control.TIMEOUT, step)
