@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 #: how a target the controller gave up on (per-device timeout) is marked; such a device may still switch
 TIMEOUT_REASON = "timed out after"
 
+#: a report that changes nothing but the progress
+RECORD_ONLY = (Action.RECORD,)
 #: told of every change of a target's state (MQTT thread): the rollout engine judges failures at once
 TargetListener = Callable[[Target], None]
 
@@ -241,13 +243,16 @@ class DeliveryService:
 
     # ----------------------------------------------------------- the table --
 
-    def _facts(self, target: Target) -> Facts:
-        info = self.targets_store.info(target.deployment_id)
-        return Facts(
-            timed_out=target.state == DeployState.FAILED and target.reason.startswith(TIMEOUT_REASON),
-            withdrawn=info is not None and info.withdrawn,
-            has_previous=bool(target.previous),
-        )
+    def _facts(self, target: Target) -> Callable[[], Facts]:
+        def facts() -> Facts:
+            info = self.targets_store.info(target.deployment_id)
+            return Facts(
+                timed_out=target.state == DeployState.FAILED and target.reason.startswith(TIMEOUT_REASON),
+                withdrawn=info is not None and info.withdrawn,
+                has_previous=bool(target.previous),
+            )
+
+        return facts
 
     def _decide(self, target: Target, event: Event, reason: str = "") -> Step:
         """Look the event up and keep the new state (under the lock); the caller then ``_carry_out``s the step."""
@@ -263,9 +268,13 @@ class DeliveryService:
                 target.update(now, **values)
         return step
 
-    def _carry_out(self, target: Target, event: Event, step: Step, reason: str = "") -> None:
-        """The step's actions other than RECORD (kept by ``_decide`` or ``on_event``), in order."""
+    def _carry_out(
+        self, target: Target, event: Event, step: Step, reason: str = "", done: Action | None = None
+    ) -> None:
+        """The step's actions other than RECORD (kept by ``_decide`` or ``on_event``) and ``done``, in order."""
         for action in step.actions:
+            if action == Action.RECORD or action == done:
+                continue
             if action == Action.SEND_DEPLOY:
                 self.wire.send_deploy(target)
             elif action == Action.SEND_CANCEL:
@@ -435,9 +444,8 @@ class DeliveryService:
         if broadcast is not None:
             downloading = event.state == DeployState.DOWNLOADING
             broadcast.progress(device_id, event.contiguous, event.chunks_have, downloading, event.listening)
-        self._carry_out(
-            target, event.state, Step(step.state, tuple(a for a in step.actions if a != Action.SEND_ROLLBACK))
-        )
+        if step.actions != RECORD_ONLY:
+            self._carry_out(target, event.state, step, done=Action.SEND_ROLLBACK)
 
     def on_chunk_request(self, device_id: str, request: ChunkRequest) -> None:
         with self._lock:
@@ -492,9 +500,7 @@ class DeliveryService:
         changed = [(t, s) for t, s in steps if not s.ignored]
         for target, step in changed:
             log.warning("deployment %s on %s failed: %s", target.deployment_id[:8], target.device_id, reason)
-            self._carry_out(
-                target, Control.GIVE_UP, Step(step.state, tuple(a for a in step.actions if a != Action.SETTLE))
-            )
+            self._carry_out(target, Control.GIVE_UP, step, done=Action.SETTLE)
         for deployment_id in {t.deployment_id for t, _ in changed}:
             self._dispatch(deployment_id)
             self._maybe_finish(deployment_id)

@@ -157,9 +157,17 @@ def _rows() -> dict[tuple[State, Event], Rule]:
 TRANSITIONS: dict[tuple[State, Event], Rule] = _rows()
 
 
-def step(state: State, event: Event, facts: Facts = Facts()) -> Step:
-    """The row for ``event`` in ``state`` (IGNORE when there is none)."""
-    if state not in STATES:
-        raise ValueError(f"unknown target state {state!r}")
-    rule = TRANSITIONS.get((state, event), IGNORE)
-    return rule(facts) if callable(rule) else rule
+_KNOWN = frozenset(STATES)
+
+
+def step(state: State, event: Event, facts: Facts | Callable[[], Facts] = Facts()) -> Step:
+    """The row for ``event`` in ``state`` (IGNORE when there is none). ``facts`` may be a function: it is
+    called only for the few rows that need them (a device report is handled on the MQTT thread)."""
+    rule = TRANSITIONS.get((state, event))
+    if rule is None:
+        if state not in _KNOWN:
+            raise ValueError(f"unknown target state {state!r}")
+        return IGNORE
+    if isinstance(rule, Step):
+        return rule
+    return rule(facts() if callable(facts) else facts)
