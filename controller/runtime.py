@@ -69,18 +69,6 @@ class ControllerRuntime:
             on_written=self._written,
             on_dropped=self.metrics.ingest_dropped.inc,
         )
-        self.handler = DeviceTrafficHandler(
-            self.registry,
-            self.writer,
-            self.metrics,
-            max_payload=settings.max_control_payload,
-            telemetry_rate_per_s=settings.telemetry_rate_per_s,
-            telemetry_burst=settings.telemetry_burst,
-            control_rate_per_s=settings.control_rate_per_s,
-            control_burst=settings.control_burst,
-            max_clock_skew_s=settings.max_clock_skew_s,
-            max_age_s=settings.telemetry_retention_days * 86400,
-        )
         self.models = RegistryService(
             self.engine,
             settings.data_dir,
@@ -93,23 +81,6 @@ class ControllerRuntime:
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)
         #: artifacts damaged in the store (marked, announced, repaired); listeners get each new mark
         self.integrity = ArtifactIntegrity(self.engine, self.models.store, self.metrics)
-        self.delivery = DeliveryService(
-            self.engine,
-            self.models.store,
-            self.models.key,
-            self.metrics,
-            commands=self.commands,
-            integrity=self.integrity,
-        )
-        self.metrics.watch_targets(self.delivery.state_counts)
-        self.handler.on_deployment_event = self.delivery.on_event
-        self.handler.on_chunk_request = self.delivery.on_chunk_request
-        self.handler.on_birth = self.delivery.device_online
-        self.handler.knows_deployment = self.delivery.knows
-        self.delivery.is_online = lambda device_id: self.registry.status(device_id) == "online"
-        self.rollouts = RolloutEngine(self.engine, self.delivery)
-        self.health = HealthRollupJob(self.engine)
-        self.notifier = Notifier(self.engine)
         self.webhook_sender = WebhookSender(
             self.engine,
             SenderSettings(
@@ -120,10 +91,35 @@ class ControllerRuntime:
                 retry_max_s=settings.webhook_retry_max_s,
             ),
         )
-        self.notifier.wake = self.webhook_sender.wake
+        self.notifier = Notifier(self.engine, wake=self.webhook_sender.wake)
         self.triggers = Triggers(self.engine, self.notifier, settings.public_url, settings.notify_offline_after_s)
-        self.rollouts.on_transition = self.triggers.rollout_transition
-        self.delivery.on_finish = self.triggers.deployment_finished
+        #: the bridge to the broker, made in start() (None without broker_url)
+        self.bridge: MqttBridge | None = None
+        #: the broker's dynamic-security administrator when broker_auth is dynsec (it publishes through the bridge)
+        self.broker_admin: DynsecAdmin | None = None
+        if settings.broker_url and settings.broker_auth == "dynsec":
+            self.broker_admin = DynsecAdmin(
+                self._publish, connected=lambda: self.bridge is not None and self.bridge.connected
+            )
+        self.delivery = DeliveryService(
+            self.engine,
+            self.models.store,
+            self.models.key,
+            self.metrics,
+            commands=self.commands,
+            integrity=self.integrity,
+            is_online=lambda device_id: self.registry.status(device_id) == "online",
+            on_target_change=[lambda target: self.rollouts.on_target_change(target)],  # the engine is made next
+            on_finish=self.triggers.deployment_finished,
+            grant_artifact=(
+                self.broker_admin.grant_artifact
+                if self.broker_admin is not None and settings.broker_artifact_acl != "fleet"
+                else None
+            ),
+        )
+        self.metrics.watch_targets(self.delivery.state_counts)
+        self.rollouts = RolloutEngine(self.engine, self.delivery, on_transition=self.triggers.rollout_transition)
+        self.health = HealthRollupJob(self.engine)
         #: client certificates for devices (mutual TLS with the broker), when device_certificates is on
         self.pki: DevicePki | None = None
         if settings.device_certificates:
@@ -133,23 +129,35 @@ class ControllerRuntime:
                 pki_broker.crl_path(settings),
                 timedelta(hours=settings.device_cert_hours),
                 settings.broker_reload_command,
+                reload_broker=embedded_broker.reload if embedded_broker is not None else None,
             )
-            if embedded_broker is not None:
-                self.pki.reload_broker = embedded_broker.reload
-            self.handler.on_cert_request = self._certificate_requested
-            self.handler.on_ack = self._acknowledged
-        self.bridge: MqttBridge | None = None
-        #: the broker's dynamic-security administrator when broker_auth is dynsec (set in start())
-        self.broker_admin: DynsecAdmin | None = None
+        self.handler = DeviceTrafficHandler(
+            self.registry,
+            self.writer,
+            self.metrics,
+            max_payload=settings.max_control_payload,
+            telemetry_rate_per_s=settings.telemetry_rate_per_s,
+            telemetry_burst=settings.telemetry_burst,
+            control_rate_per_s=settings.control_rate_per_s,
+            control_burst=settings.control_burst,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            max_age_s=settings.telemetry_retention_days * 86400,
+            on_deployment_event=self.delivery.on_event,
+            on_chunk_request=self.delivery.on_chunk_request,
+            on_birth=self.delivery.device_online,
+            knows_deployment=self.delivery.knows,
+            on_cert_request=self._certificate_requested if self.pki is not None else None,
+            on_ack=self._acknowledged if self.pki is not None else None,
+        )
         self.enrollment = EnrollmentService(
             self.engine,
             lambda: self.settings.device_broker_url or self.settings.broker_url,
             self.models.key.public_pem,
             settings.broker_ca_file,
-            None,
+            self.broker_admin,
             self._barred_changed,
+            drain=lambda: self.writer.flush(10),
         )
-        self.enrollment.drain = lambda: self.writer.flush(10)
         self.scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
@@ -188,8 +196,14 @@ class ControllerRuntime:
                 max_packet_size=s.max_control_payload + RECEIVE_OVERHEAD,
             )
             subscriptions = self.handler.subscriptions(s.mqtt_shared_group)
-            if s.broker_auth == "dynsec":
+            if self.broker_admin is not None:
                 subscriptions.append((dynsec.RESPONSE_TOPIC, 1))
+            admin = self.broker_admin
+            on_reconnect = [self._check_broker_limit]
+            if admin is not None:
+                fleet_wide = s.broker_artifact_acl == "fleet"
+                on_reconnect += [admin.forget_grants, lambda: admin.set_fleet_artifact_access(fleet_wide)]
+            on_reconnect.append(self.delivery.reconnected)  # last: artifact grants are forgotten before it re-grants
             self.bridge = MqttBridge(
                 config,
                 s.mqtt_client_id,
@@ -197,19 +211,8 @@ class ControllerRuntime:
                 subscriptions,
                 on_connection_change=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
                 on_oversize=self._oversize,
+                on_reconnect=on_reconnect,
             )
-            self.bridge.on_reconnect.append(self._check_broker_limit)
-            if s.broker_auth == "dynsec":
-                bridge = self.bridge
-                admin = self.broker_admin = DynsecAdmin(
-                    lambda topic, payload: bridge.publish(topic, payload, qos=1), connected=lambda: bridge.connected
-                )
-                self.enrollment.admin = admin
-                fleet_wide = s.broker_artifact_acl == "fleet"
-                if not fleet_wide:
-                    self.delivery.grant_artifact = admin.grant_artifact
-                bridge.on_reconnect.append(admin.forget_grants)
-                bridge.on_reconnect.append(lambda: admin.set_fleet_artifact_access(fleet_wide))
             self.bridge.start()
             self.delivery.attach(self.bridge)
         else:
@@ -281,6 +284,10 @@ class ControllerRuntime:
         return removed
 
     # --------------------------------------------------------- helpers --
+
+    def _publish(self, topic: str, payload: bytes) -> int:
+        """Publish through the bridge (QoS 1) once start() made it; 0 before."""
+        return self.bridge.publish(topic, payload, qos=1) if self.bridge is not None else 0
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == dynsec.RESPONSE_TOPIC:

@@ -6,12 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-PENDING = "pending"
-#: target states a device can report (DeployState values) plus the controller's own
-TERMINAL = frozenset({"active", "failed", "rolled_back", "cancelled"})
-SUCCESS = "active"
-#: states in which the device has not switched yet (a cancel keeps its old model)
-BEFORE_SWITCH = frozenset({PENDING, "idle", "downloading", "verifying", "staged", "shadow"})
+from controller.delivery.transitions import BEFORE_SWITCH, PENDING, SUCCESS, TERMINAL
+
+__all__ = ["BEFORE_SWITCH", "PENDING", "SUCCESS", "TERMINAL", "Target", "deployment_status"]
 
 
 @dataclass

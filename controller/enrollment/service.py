@@ -70,6 +70,7 @@ class EnrollmentService:
         broker_ca_file: Path | None,
         admin: DynsecAdmin | None,
         on_barred_changed: Callable[[frozenset[str], frozenset[str]], None],
+        drain: Callable[[], object] | None = None,
     ) -> None:
         self.engine = engine
         self._broker_url = broker_url
@@ -79,8 +80,8 @@ class EnrollmentService:
         self._on_barred_changed = on_barred_changed
         self.revoked: frozenset[str] = frozenset()
         self.forgotten: frozenset[str] = frozenset()
-        #: waits until what was received before the call is written (set by the runtime: the ingest writer's flush)
-        self.drain: Callable[[], object] | None = None
+        #: waits until what was received before the call is written (the ingest writer's flush)
+        self.drain = drain
 
     def load(self) -> None:
         """Read the revoked and the forgotten devices from the database (at start)."""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from agent.transport.mqtt import MqttConfig, MqttTransport
 
@@ -24,7 +24,9 @@ class MqttBridge:
         subscriptions: list[tuple[str, int]],
         on_connection_change: Callable[[bool], None] | None = None,
         on_oversize: Callable[[str, int], None] | None = None,
+        on_reconnect: Sequence[Callable[[], None]] = (),
     ) -> None:
+        """``on_reconnect``: called in order on the loop thread after each (re)connection."""
         self.config = config
         self.client_id = client_id
         self._on_message = on_message
@@ -37,7 +39,7 @@ class MqttBridge:
         self.transport: MqttTransport | None = None
         self.connected_since: float | None = None
         self._acks: dict[int, Callable[[], None]] = {}
-        self.on_reconnect: list[Callable[[], None]] = []
+        self.on_reconnect = list(on_reconnect)
 
     @property
     def connected(self) -> bool:

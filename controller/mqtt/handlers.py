@@ -50,6 +50,12 @@ class DeviceTrafficHandler:
         control_burst: int = 1000,
         max_clock_skew_s: float = 300.0,
         max_age_s: float = 30 * 86400.0,
+        on_deployment_event: Callable[[str, DeploymentEvent], None] | None = None,
+        on_chunk_request: Callable[[str, ChunkRequest], None] | None = None,
+        on_birth: Callable[[str], None] | None = None,
+        knows_deployment: Callable[[str, str], bool] = lambda device_id, deployment_id: True,
+        on_cert_request: Callable[[str, CertificateRequest], None] | None = None,
+        on_ack: Callable[[str, CommandAck], None] | None = None,
     ) -> None:
         self.registry = registry
         self.writer = writer
@@ -58,12 +64,12 @@ class DeviceTrafficHandler:
         self.clock = clock
         self._invalid = metrics.invalid_payloads
         #: hooks for delivery: (device_id, event), (device_id, request), (device_id)
-        self.on_deployment_event: Callable[[str, DeploymentEvent], None] | None = None
-        self.on_chunk_request: Callable[[str, ChunkRequest], None] | None = None
-        self.on_birth: Callable[[str], None] | None = None
+        self.on_deployment_event = on_deployment_event
+        self.on_chunk_request = on_chunk_request
+        self.on_birth = on_birth
         #: client certificates (controller.pki): renewal requests, and acks of the certificates sent
-        self.on_cert_request: Callable[[str, CertificateRequest], None] | None = None
-        self.on_ack: Callable[[str, CommandAck], None] | None = None
+        self.on_cert_request = on_cert_request
+        self.on_ack = on_ack
         self.drops = codec.DropCounter(log, on_drop=lambda ch, reason: self._invalid.labels(ch, reason).inc())
         #: telemetry per device: a flooding device is throttled before its payloads are even parsed
         self.telemetry_limit = TokenBuckets(telemetry_rate_per_s, telemetry_burst)
@@ -89,7 +95,7 @@ class DeviceTrafficHandler:
         #: values held to what the device can do, timestamps to the controller's clock
         self.bounds = ValueBounds(metrics, max_clock_skew_s, max_age_s)
         #: whether (device, deployment) is one the controller created; reports of others are dropped
-        self.knows_deployment: Callable[[str, str], bool] = lambda device_id, deployment_id: True
+        self.knows_deployment = knows_deployment
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
         """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""

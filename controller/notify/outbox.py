@@ -29,12 +29,12 @@ class Subscriber:
 class Notifier:
     """Knows which webhooks want what (cached, reloaded when they change) and writes events for them."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, wake: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
         self._subscribers: tuple[Subscriber, ...] | None = None
         self._lock = threading.Lock()
         #: called after a transaction with new deliveries commits (the sender sends at once)
-        self.wake: Callable[[], None] = lambda: None
+        self.wake = wake
 
     def reload(self) -> None:
         """Read the enabled webhooks again (after one was added, changed or removed)."""

@@ -68,14 +68,15 @@ class DevicePki:
         crl_file: Path,
         valid: dt.timedelta,
         reload_command: str | None = None,
+        reload_broker: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.authority = authority
         self.crl_file = crl_file
         self.valid = valid
         self.reload_command = reload_command
-        #: tells the embedded broker to reload the CRL (SIGHUP); set by the runtime
-        self.reload_broker: Callable[[], None] | None = None
+        #: tells the embedded broker to reload the CRL (SIGHUP)
+        self.reload_broker = reload_broker
         self._lock = threading.Lock()
         self._renewed_at: dict[str, float] = {}
 

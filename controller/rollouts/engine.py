@@ -24,7 +24,8 @@ from sqlmodel import Session, col, select
 
 from controller.db.models import Deployment, Device, ModelVersion, Rollout, RolloutTransition
 from controller.db.models import Model as ModelRow
-from controller.delivery.service import DeliveryService, DeploymentError, DeploymentRequest
+from controller.delivery.port import Deliveries
+from controller.delivery.service import DeploymentError, DeploymentRequest
 from controller.delivery.targets import TERMINAL, Target
 from controller.devices import selectors
 from controller.rollouts import gates
@@ -53,17 +54,23 @@ class RolloutError(Exception):
 
 
 class RolloutEngine:
-    def __init__(self, engine: Engine, delivery: DeliveryService, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        delivery: Deliveries,
+        clock: Any = time.time,
+        on_transition: Callable[[Session, Rollout, str, str, str, str, str], None] | None = None,
+    ) -> None:
+        """The delivery tells the engine of each target's change: give it ``on_target_change``."""
         self.engine = engine
         self.delivery = delivery
         self.clock = clock
         self._lock = threading.RLock()
         self._deployment_rollout: dict[str, str] = {}
         self._last_late_scan: dict[str, float] = {}
-        delivery.on_target_change.append(self.on_target_change)
         #: told of every transition inside its transaction (session, rollout, from, event, to, reason, actor):
         #: the notifications, which commit with the transition they report
-        self.on_transition: Callable[[Session, Rollout, str, str, str, str, str], None] | None = None
+        self.on_transition = on_transition
 
     # ---------------------------------------------------------- create --
 
