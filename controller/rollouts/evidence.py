@@ -1,0 +1,172 @@
+"""Decisions with stated confidence: pass, fail or "not enough evidence yet".
+
+Ratio gates (latency, memory) are paired: each device is compared with itself, before and after, as
+log ratios; the wave's estimate is the mean log ratio over its devices. The interval comes from a
+two-level bootstrap (devices, then each device's telemetry intervals on each side), so it holds both
+the device-to-device spread and the noise within a device, including intervals that differ (load, time
+of day). The error rate is pooled over the wave with exact binomial (Clopper-Pearson) bounds. Both sides are one-sided
+bounds at the gate's confidence: the gate passes once the upper bound is within the threshold, fails
+once the lower bound is beyond it, and waits while the threshold lies inside the interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from agent.telemetry.histogram import BUCKET_BOUNDS_MS
+
+Decision = Literal["pass", "fail", "waiting"]
+#: bootstrap replicates: the bounds' own sampling error is about 1% of the interval's width at 2,000
+REPLICATES = 2000
+#: a fixed seed, so the same telemetry always gives the same decision
+SEED = 20261207
+
+_UPPER = np.array(BUCKET_BOUNDS_MS)
+_LOWER = np.concatenate(([0.0], _UPPER[:-1]))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An estimate with a one-sided bound on each side at ``confidence`` (both from the same test)."""
+
+    value: float
+    low: float
+    high: float
+    confidence: float
+
+    def decide(self, threshold: float, comparison: Literal["<=", ">="] = "<=") -> Decision:
+        if comparison == "<=":
+            if self.high <= threshold:
+                return "pass"
+            return "fail" if self.low > threshold else "waiting"
+        if self.low >= threshold:
+            return "pass"
+        return "fail" if self.high < threshold else "waiting"
+
+
+def _binomial_cdf(x: int, n: int, p: float) -> float:
+    """P(X <= x) for X ~ Binomial(n, p), summed in log space (exact; fine for millions of trials)."""
+    if x < 0:
+        return 0.0
+    if x >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    k = np.arange(x)
+    steps = np.log(n - k) - np.log(k + 1) + math.log(p) - math.log1p(-p)
+    logs = n * math.log1p(-p) + np.concatenate(([0.0], np.cumsum(steps)))
+    top = logs.max()
+    return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+
+
+def _solve(f: Callable[[float], float], target: float) -> float:
+    """The p in [0, 1] where the decreasing ``f`` crosses ``target`` (bisection to 2**-50)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def binomial_bounds(errors: int, total: int, confidence: float) -> Estimate:
+    """The error rate with exact one-sided (Clopper-Pearson) bounds: a few errors in few trials prove little,
+    which a normal approximation (or Wilson's) overstates at rates near 0."""
+    if total <= 0:
+        return Estimate(math.nan, 0.0, 1.0, confidence)
+    alpha = 1.0 - confidence
+    # low: the rate at which this many errors or more happen only alpha of the time (P(X >= errors) = alpha,
+    # i.e. P(X <= errors - 1) = confidence); high: the rate at which this few happen only alpha of the time
+    low = 0.0 if errors == 0 else _solve(lambda p: _binomial_cdf(errors - 1, total, p), confidence)
+    high = 1.0 if errors >= total else _solve(lambda p: _binomial_cdf(errors, total, p), alpha)
+    return Estimate(errors / total, low, high, confidence)
+
+
+# ------------------------------------------------------------- per-row statistics --
+
+#: a statistic of one device-side from its intervals: rows (k, ...) and bootstrap weights (B, k) -> (B,)
+Statistic = Callable[[np.ndarray], np.ndarray]
+
+
+def histogram_quantile(histograms: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of each row of ``histograms`` (counts over the shared latency buckets, (B, 104)),
+    interpolated inside the bucket like ``agent.telemetry.histogram.quantile_from_buckets``."""
+    cumulative = np.cumsum(histograms, axis=1)
+    total = cumulative[:, -1]
+    rank = q * total
+    index = np.argmax(cumulative >= rank[:, None], axis=1)
+    rows = np.arange(histograms.shape[0])
+    below = np.where(index > 0, cumulative[rows, np.maximum(index - 1, 0)], 0.0)
+    count = np.maximum(histograms[rows, index], 1e-12)
+    frac = np.clip((rank - below) / count, 0.0, 1.0)
+    return _LOWER[index] + (_UPPER[index] - _LOWER[index]) * frac
+
+
+@dataclass(frozen=True)
+class Side:
+    """One device's intervals on one side (before or after), as the statistic reads them."""
+
+    #: (k, 104) latency histograms, or (k, 2) [per-token seconds, tokens], or (k, 1) memory
+    rows: np.ndarray
+    samples: int
+
+    @property
+    def intervals(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def p95_of(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return histogram_quantile(weights @ rows, 0.95)
+
+
+def per_token_of(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Seconds per generated token: total generation time over total tokens."""
+    return (weights @ rows[:, 0]) / np.maximum(weights @ rows[:, 1], 1e-12)
+
+
+def mean_of(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return (weights @ rows[:, 0]) / np.maximum(weights.sum(axis=1), 1e-12)
+
+
+def paired_ratio(
+    pairs: Sequence[tuple[Side, Side]],
+    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    confidence: float,
+    replicates: int = REPLICATES,
+    floor: float = 0.0,
+) -> Estimate:
+    """The wave's after/before ratio: geometric mean over devices of each device's own ratio.
+
+    ``pairs`` holds (before, after) per device. ``floor`` is the smallest value a side is taken to have
+    (a memory cost below the measurement's resolution is not a ratio worth judging).
+    """
+    if not pairs:
+        raise ValueError("no device with both sides")
+    rng = np.random.default_rng(SEED)
+    point = np.empty(len(pairs))
+    boot = np.empty((len(pairs), replicates))
+    for d, (before, after) in enumerate(pairs):
+        logs = []
+        for side in (before, after):
+            k = side.intervals
+            ones = np.ones((1, k))
+            weights = rng.multinomial(k, np.full(k, 1.0 / k), size=replicates).astype(float)
+            values = np.maximum(statistic(np.vstack([ones, weights]), side.rows), max(floor, 1e-12))
+            logs.append(np.log(values))
+        diff = logs[1] - logs[0]
+        point[d], boot[d] = diff[0], diff[1:]
+    n = len(pairs)
+    if n == 1:
+        means = boot[0]
+    else:  # devices resampled too: a fleet whose devices disagree gets a wide interval
+        picks = rng.integers(0, n, size=(replicates, n))
+        means = boot[picks, np.arange(replicates)[:, None]].mean(axis=1)
+    low, high = np.quantile(means, [1 - confidence, confidence])
+    return Estimate(math.exp(point.mean()), math.exp(low), math.exp(high), confidence)
