@@ -91,13 +91,11 @@ def binomial_bounds(errors: int, total: int, confidence: float) -> Estimate:
 
 # ------------------------------------------------------------- per-row statistics --
 
-#: a statistic of one device-side from its intervals: rows (k, ...) and bootstrap weights (B, k) -> (B,)
-Statistic = Callable[[np.ndarray], np.ndarray]
-
-
-def histogram_quantile(histograms: np.ndarray, q: float) -> np.ndarray:
-    """The ``q`` quantile of each row of ``histograms`` (counts over the shared latency buckets, (B, 104)),
-    interpolated inside the bucket like ``agent.telemetry.histogram.quantile_from_buckets``."""
+def histogram_quantile(histograms: np.ndarray, q: float, columns: np.ndarray | None = None) -> np.ndarray:
+    """The ``q`` quantile of each row of ``histograms`` (counts over the shared latency buckets, (B, 104),
+    or over the buckets ``columns`` only), interpolated inside the bucket like the agent's
+    ``agent.telemetry.histogram.quantile_from_buckets``."""
+    lower, upper = (_LOWER, _UPPER) if columns is None else (_LOWER[columns], _UPPER[columns])
     cumulative = np.cumsum(histograms, axis=1)
     total = cumulative[:, -1]
     rank = q * total
@@ -106,38 +104,46 @@ def histogram_quantile(histograms: np.ndarray, q: float) -> np.ndarray:
     below = np.where(index > 0, cumulative[rows, np.maximum(index - 1, 0)], 0.0)
     count = np.maximum(histograms[rows, index], 1e-12)
     frac = np.clip((rank - below) / count, 0.0, 1.0)
-    return _LOWER[index] + (_UPPER[index] - _LOWER[index]) * frac
+    return lower[index] + (upper[index] - lower[index]) * frac
 
 
 @dataclass(frozen=True)
 class Side:
     """One device's intervals on one side (before or after), as the statistic reads them."""
 
-    #: (k, 104) latency histograms, or (k, 2) [per-token seconds, tokens], or (k, 1) memory
+    #: (k, c) latency histograms over the buckets ``columns``, or (k, 2) [per-token seconds, tokens], or
+    #: (k, 1) memory
     rows: np.ndarray
     samples: int
+    columns: np.ndarray | None = None
 
     @property
     def intervals(self) -> int:
         return int(self.rows.shape[0])
 
 
-def p95_of(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return histogram_quantile(weights @ rows, 0.95)
+def p95_of(weights: np.ndarray, side: Side) -> np.ndarray:
+    return histogram_quantile(weights @ side.rows, 0.95, side.columns)
 
 
-def per_token_of(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def per_token_of(weights: np.ndarray, side: Side) -> np.ndarray:
     """Seconds per generated token: total generation time over total tokens."""
-    return (weights @ rows[:, 0]) / np.maximum(weights @ rows[:, 1], 1e-12)
+    return (weights @ side.rows[:, 0]) / np.maximum(weights @ side.rows[:, 1], 1e-12)
 
 
-def mean_of(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return (weights @ rows[:, 0]) / np.maximum(weights.sum(axis=1), 1e-12)
+def mean_of(weights: np.ndarray, side: Side) -> np.ndarray:
+    return (weights @ side.rows[:, 0]) / np.maximum(weights.sum(axis=1), 1e-12)
+
+
+def _resample_weights(rng: np.random.Generator, k: int, replicates: int) -> np.ndarray:
+    """How often each of ``k`` intervals is drawn in each replicate (k draws with replacement): (B, k)."""
+    drawn = rng.integers(0, k, size=(replicates, k)) + k * np.arange(replicates)[:, None]
+    return np.bincount(drawn.ravel(), minlength=replicates * k).reshape(replicates, k).astype(float)
 
 
 def paired_ratio(
     pairs: Sequence[tuple[Side, Side]],
-    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    statistic: Callable[[np.ndarray, Side], np.ndarray],
     confidence: float,
     replicates: int = REPLICATES,
     floor: float = 0.0,
@@ -157,8 +163,8 @@ def paired_ratio(
         for side in (before, after):
             k = side.intervals
             ones = np.ones((1, k))
-            weights = rng.multinomial(k, np.full(k, 1.0 / k), size=replicates).astype(float)
-            values = np.maximum(statistic(np.vstack([ones, weights]), side.rows), max(floor, 1e-12))
+            weights = _resample_weights(rng, k, replicates)
+            values = np.maximum(statistic(np.vstack([ones, weights]), side), max(floor, 1e-12))
             logs.append(np.log(values))
         diff = logs[1] - logs[0]
         point[d], boot[d] = diff[0], diff[1:]

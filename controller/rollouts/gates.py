@@ -160,12 +160,15 @@ def pairs_for(
 
 
 def _histograms(rows: list[Reading]) -> evidence.Side:
-    matrix = np.zeros((len(rows), _BUCKETS))
+    """The readings' histograms as a matrix over the buckets any of them uses (the others stay empty)."""
+    columns = np.array(sorted({i for r in rows for i, _ in r.buckets if 0 <= i < _BUCKETS}), dtype=int)
+    where = {int(b): j for j, b in enumerate(columns)}
+    matrix = np.zeros((len(rows), len(columns)))
     for i, r in enumerate(rows):
         for index, count in r.buckets:
-            if 0 <= index < _BUCKETS:
-                matrix[i, index] += count
-    return evidence.Side(matrix, sum(r.count for r in rows))
+            if index in where:
+                matrix[i, where[index]] += count
+    return evidence.Side(matrix, sum(r.count for r in rows), columns)
 
 
 def _per_token(rows: list[Reading]) -> evidence.Side:
@@ -219,8 +222,9 @@ def latency_gate(spec: GateSpec, pairs: list[Pair], warmup_s: float, activated: 
     no_baseline = growing = 0
     samples = 0
     for p in pairs:
-        after = [r for r in p.after if r.count and not r.warming(warmup_s, _naive(activated[p.device_id]))]
-        before = [r for r in p.before if r.count]
+        switched = _naive(activated[p.device_id])
+        after = [r for r in p.after if (r.buckets or r.tokens) and not r.warming(warmup_s, switched)]
+        before = [r for r in p.before if r.buckets or r.tokens]
         if sum(r.count for r in before) < spec.min_samples or len(before) < MIN_INTERVALS:
             no_baseline += 1
             continue

@@ -24,6 +24,7 @@ FAST_GATES = {
     "p95_latency_ratio_max": 1.5,
     "rss_ratio_max": 1.5,
     "shadow_agreement_min": 0.9,
+    "warmup_s": 0,  # the peers serve at full speed from the first inference
 }
 
 
