@@ -338,7 +338,7 @@ class RolloutEngine:
                 )
                 self._abort_actions(r)
             return
-        self._next_wave(session, r, spec, now, f"gates passed for wave {r.wave_index + 1}")
+        self._next_wave(session, r, spec, now, gates.passed_reason(r.wave_index))
 
     def _next_wave(
         self, session: Session, r: Rollout, spec: RolloutCreate, now: float, reason: str, manual: bool = False

@@ -91,6 +91,7 @@ def binomial_bounds(errors: int, total: int, confidence: float) -> Estimate:
 
 # ------------------------------------------------------------- per-row statistics --
 
+
 def histogram_quantile(histograms: np.ndarray, q: float, columns: np.ndarray | None = None) -> np.ndarray:
     """The ``q`` quantile of each row of ``histograms`` (counts over the shared latency buckets, (B, 104),
     or over the buckets ``columns`` only), interpolated inside the bucket like the agent's

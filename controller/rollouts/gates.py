@@ -17,6 +17,7 @@ waits for evidence in between; the engine fails a gate still waiting at its dead
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -363,6 +364,27 @@ def shadow_gate(spec: GateSpec, metrics: dict[str, dict[str, float]]) -> GateRes
         return GateResult("shadow_agreement", value, threshold, ">=", samples, spec.min_samples, status, detail)
     status = "pass" if value >= threshold else "fail"
     return GateResult("shadow_agreement", value, threshold, ">=", samples, spec.min_samples, status, detail)
+
+
+def passed_reason(wave_index: int) -> str:
+    """The audit log's reason when a wave's gates pass (``passed_waves`` reads it back)."""
+    return f"gates passed for wave {wave_index + 1}"
+
+
+_PASSED = re.compile(r"^gates passed for wave (\d+)")
+
+
+def passed_waves(transitions: Iterable[tuple[str, str]]) -> set[int]:
+    """Indexes of the waves whose gates passed, from the audit log's ``(from_state, reason)`` pairs.
+
+    A device has succeeded in a rollout once it serves the new version and its wave's gates passed: a
+    wave moved on by an operator (``advance``) skipped its gates, and its devices are only "active"."""
+    out = set()
+    for from_state, reason in transitions:
+        match = _PASSED.match(reason or "") if from_state == "gating" else None
+        if match:
+            out.add(int(match.group(1)) - 1)
+    return out
 
 
 def verdict(results: list[GateResult]) -> Status:
