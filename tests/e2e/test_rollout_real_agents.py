@@ -29,9 +29,11 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
-#: the default thresholds (error rate, p95 ratio, memory ratio) and confidence; a short warm-up, as the
-#: agents report every second and the rollouts here are minutes long
-GATES = {"min_samples": 20, "warmup_s": 2, "deadline_s": 120}
+#: the default thresholds for errors and memory, and the default confidence; a short warm-up, as the agents
+#: report every second and the rollouts here are minutes long. Latency: 1.5, as in examples/first-rollout.json:
+#: the agents, the controller and the load share 2 cores with whatever else runs on the machine, and their
+#: latency follows that machine's load over time (a device of its own does not)
+GATES = {"min_samples": 20, "warmup_s": 2, "deadline_s": 120, "p95_latency_ratio_max": 1.5}
 
 
 @pytest.fixture
@@ -297,7 +299,7 @@ def test_a_model_three_times_slower_fails_the_latency_gate_on_real_agents(fleet:
     failing = [g for g in done["gates"] if g["status"] == "fail"]
     assert [g["name"] for g in failing] == ["p95_latency_ratio"], done["gates"]
     latency = failing[0]
-    assert latency["low"] > GATES.get("p95_latency_ratio_max", 1.2), latency  # beyond the threshold on evidence
+    assert latency["low"] > GATES["p95_latency_ratio_max"], latency  # beyond the threshold, on evidence
     abort = next(t for t in done["transitions"] if t["to_state"] == "aborting")
     assert "p95_latency_ratio" in abort["reason"], abort
     # the canary goes back to version 1; the other devices never left it
