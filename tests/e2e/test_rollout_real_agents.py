@@ -203,9 +203,9 @@ def test_a_good_model_rolls_out_through_every_wave(fleet: Fleet, tmp_path: Path)
         r = start_rollout(ctl, waves)
         assert [w["devices"] for w in r["waves"]] == [1, 2, 3]
         done = until_ended(ctl, r["id"], 240)
-        assert done["state"] == "completed", (
-            [(t["from_state"], t["to_state"], t["reason"]) for t in done["transitions"]],
-            done["gates"],
+        assert done["state"] == "completed", "\n".join(
+            [f"{t['from_state']} -> {t['to_state']}: {t['reason']}" for t in done["transitions"]]
+            + [str(g) for g in done["gates"]]
         )
         # every device serves version 2: the controller's view and the answers of the devices themselves
         wait_until(lambda: all(active_version(ctl, d) == 2 for d in devices), 20, what="version 2 everywhere")
