@@ -21,6 +21,7 @@ BENCHMARKS = {
     "security": "benchmarks.security",
     "floors": "benchmarks.floors",
     "hardening": "benchmarks.hardening",
+    "gates": "benchmarks.gates",
 }
 
 

@@ -184,6 +184,12 @@ class Telemetry(_Message):
     inference: InferenceStats | None = None
     spool_depth: Count = 0
     spool_dropped: Count = Field(0, description="messages the offline spool's bound has dropped, ever")
+    serving_s: Annotated[float, Field(ge=0, le=MAX_UPTIME_S)] | None = Field(
+        None, description="seconds ``model`` has served in this process (since its activation or the agent's start)"
+    )
+    model_rss_bytes: Bytes | None = Field(
+        None, description="what ``model`` itself costs in memory: the agent's RSS after loading it minus before"
+    )
 
 
 # --------------------------------------------------------------- events ----

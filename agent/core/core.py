@@ -145,6 +145,8 @@ class TelemetrySample:
     inference: InferenceStats | None = None
     spool_depth: int = 0
     spool_dropped: int = 0
+    serving_s: float | None = None
+    model_rss_bytes: int | None = None
 
 
 Sampler = Callable[[float], TelemetrySample]
@@ -300,6 +302,8 @@ class AgentCore:
                 inference=sample.inference,
                 spool_depth=sample.spool_depth,
                 spool_dropped=sample.spool_dropped,
+                serving_s=None if sample.serving_s is None else min(max(0.0, sample.serving_s), MAX_UPTIME_S),
+                model_rss_bytes=None if sample.model_rss_bytes is None else min(sample.model_rss_bytes, MAX_BYTES),
             )
         except ValidationError as exc:  # a measurement beyond the wire schema must not stop the agent's loop
             log.error("telemetry %d not sent: a measured value is out of range: %s", self._telemetry_seq, exc)

@@ -34,6 +34,10 @@ class Loaded:
     bundle_dir: Path
     spec: RunSpec
     loaded_at: float = field(default_factory=time.time)
+    #: what loading it cost in memory (RSS after minus before, measured by the loader; 0: not measured)
+    rss_bytes: int = 0
+    #: when it began to serve (``switch``), None while it does not
+    serving_since: float | None = None
     _users: int = 0
     _retired: bool = False
 
@@ -71,6 +75,8 @@ class ModelHost:
 
     def switch(self, new: Loaded | None) -> Loaded | None:
         """Make ``new`` the active pipeline; returns the previous one (closed once idle)."""
+        if new is not None:
+            new.serving_since = time.time()
         with self._lock:
             old, self._active = self._active, new
             if old is not None:

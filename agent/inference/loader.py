@@ -98,6 +98,7 @@ class ModelLoader:
                 limit,
             )
         self.last_report = LoadReport(estimate, measured, time.perf_counter() - started)
+        loaded.rss_bytes = measured
         log.info(
             "loaded %s: %.0f MiB resident (weights %.0f MiB) in %.2f s",
             source.describe(),

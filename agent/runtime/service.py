@@ -369,6 +369,8 @@ class AgentService:
             inference=self.counters.snapshot(interval_s, queue_depth=depth),
             spool_depth=len(self.outbox.spool),
             spool_dropped=self.outbox.spool.dropped,
+            serving_s=time.time() - loaded.serving_since if loaded and loaded.serving_since else None,
+            model_rss_bytes=loaded.rss_bytes or None if loaded is not None else None,
         )
 
     # ------------------------------------------------------------ core --

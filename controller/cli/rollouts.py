@@ -47,6 +47,8 @@ def render(r: dict[str, Any]) -> Group:
         waves.add_column(column)
     for w in r["waves"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(w["counts"].items())) or "-"
+        if w.get("succeeded"):
+            counts += f"; succeeded {w['succeeded']} (gates passed)"
         waves.add_row(
             str(w["index"] + 1),
             w["name"] or w["until"],
@@ -58,18 +60,33 @@ def render(r: dict[str, Any]) -> Group:
             w["status"],
         )
     gates = Table(title="gates (latest evaluation)")
-    for column in ("gate", "value", "threshold", "samples", "status", "detail"):
+    for column in ("gate", "estimate", "interval", "threshold", "samples", "status", "detail"):
         gates.add_column(column)
     for g in r["gates"]:
         value = f"{g['value']:.4g}" if g["value"] is not None else "-"
         threshold = f"{g['comparison']} {g['threshold']}" if g["threshold"] is not None else "off"
-        gates.add_row(g["name"], value, threshold, f"{g['samples']}/{g['min_samples']}", g["status"], g["detail"])
+        gates.add_row(
+            g["name"],
+            value,
+            gate_interval(g),
+            threshold,
+            f"{g['samples']}/{g['min_samples']}",
+            g["status"],
+            g["detail"],
+        )
     log = Table(title="audit log")
     for column in ("at", "transition", "by", "reason"):
         log.add_column(column)
     for t in r["transitions"][-12:]:
         log.add_row(t["at"][11:19], f"{t['from_state'] or '-'} -> {t['to_state']}", t["actor"], t["reason"])
     return Group(head, waves, gates, log)
+
+
+def gate_interval(g: dict[str, Any]) -> str:
+    """``[low, high] @ 95%``: the bounds the gate decided on, or ``-`` before it had any."""
+    if g.get("low") is None or g.get("high") is None or g.get("confidence") is None:
+        return "-"
+    return f"[{g['low']:.4g}, {g['high']:.4g}] @ {g['confidence'] * 100:.0f}%"
 
 
 def _progress_line(r: dict[str, Any]) -> str:

@@ -323,9 +323,7 @@ class RolloutEngine:
             return
         targets = [t for t in self._targets(r, r.wave_index) if t.state == "active"]
         activated = {t.device_id: datetime.fromtimestamp(t.finished_at or t.updated_at, UTC) for t in targets}
-        dep = session.get(Deployment, r.wave_deployments[str(r.wave_index)])
-        started = dep.created_at if dep is not None else self._now_dt()
-        results = gates.telemetry_gates(self.engine, spec.gates, r.model_name, r.version_number, activated, started)
+        results = gates.telemetry_gates(self.engine, spec.gates, r.model_name, r.version_number, activated)
         r.gate_results = [g.as_dict() for g in results]
         self._persist(session, r)
         verdict = gates.verdict(results)
@@ -343,11 +341,11 @@ class RolloutEngine:
                     session,
                     r,
                     E.GATES_FAILED,
-                    f"gates still without enough samples after {spec.gates.deadline_s:.0f}s: " + "; ".join(waiting),
+                    f"gates still without enough evidence after {spec.gates.deadline_s:.0f}s: " + "; ".join(waiting),
                 )
                 self._abort_actions(r)
             return
-        self._next_wave(session, r, spec, now, f"gates passed for wave {r.wave_index + 1}")
+        self._next_wave(session, r, spec, now, gates.passed_reason(r.wave_index))
 
     def _next_wave(
         self, session: Session, r: Rollout, spec: RolloutCreate, now: float, reason: str, manual: bool = False

@@ -87,16 +87,37 @@ def default_plan() -> list[WaveSpec]:
 
 
 class GateSpec(BaseModel):
-    """Thresholds on how the new model behaves on a wave's devices after the bake time (None: gate off)."""
+    """Thresholds on how the new model behaves on a wave's devices after the bake time (None: gate off).
+
+    The defaults come from ``python -m benchmarks gates`` (README, Gates): with them an identical model
+    is aborted in well under 1% of rollouts and the regressions the benchmark plants are caught in the
+    canary or the first wave.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    error_rate_max: Annotated[float, Field(ge=0, le=1)] | None = 0.05
-    p95_latency_ratio_max: Annotated[float, Field(gt=0)] | None = 1.5
-    rss_ratio_max: Annotated[float, Field(gt=0)] | None = 1.5
+    error_rate_max: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        0.01, description="errors per inference on the new version, at most"
+    )
+    p95_latency_ratio_max: Annotated[float, Field(gt=0)] | None = Field(
+        1.2, description="p95 latency (seconds per token for generation), new over previous, per device, at most"
+    )
+    rss_ratio_max: Annotated[float, Field(gt=0)] | None = Field(
+        1.1, description="the model's own memory, new over previous, per device, at most"
+    )
     shadow_agreement_min: Annotated[float, Field(ge=0, le=1)] | None = 0.95
-    min_samples: Annotated[int, Field(ge=1)] = 100
-    deadline_s: Annotated[float, Field(gt=0)] = 600.0
+    min_samples: Annotated[int, Field(ge=1)] = Field(
+        100, description="inferences a device needs on each side (after its warm-up) before it is judged"
+    )
+    confidence: Annotated[float, Field(ge=0.5, lt=1)] = Field(
+        0.95, description="one-sided confidence of each decision: pass, fail, or wait for more evidence"
+    )
+    warmup_s: Annotated[float, Field(ge=0, le=86400)] = Field(
+        30.0, description="seconds after an activation or an agent restart that no gate reads"
+    )
+    deadline_s: Annotated[float, Field(gt=0)] = Field(
+        600.0, description="a gate still without a decision this long after the bake fails the wave"
+    )
 
 
 class Window(BaseModel):

@@ -8,9 +8,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from controller.rollouts.plan import RolloutCreate
+from controller.rollouts.plan import GateSpec, RolloutCreate
 
 #: what the form shows before anything was typed (the engine's default plan, as text)
+_GATE_DEFAULTS = GateSpec().model_dump(
+    include={
+        "error_rate_max",
+        "p95_latency_ratio_max",
+        "rss_ratio_max",
+        "min_samples",
+        "confidence",
+        "warmup_s",
+        "deadline_s",
+    }
+)
 DEFAULTS: dict[str, str] = {
     "ref": "",
     "variant": "auto",
@@ -23,11 +34,8 @@ DEFAULTS: dict[str, str] = {
     "max_concurrent": "",
     "device_timeout_s": "1800",
     "require_approval": "",
-    "error_rate_max": "0.05",
-    "p95_latency_ratio_max": "1.5",
-    "rss_ratio_max": "1.5",
-    "min_samples": "100",
-    "deadline_s": "600",
+    # the gates' defaults are the API's (chosen from ``python -m benchmarks gates``)
+    **{k: f"{v:g}" for k, v in _GATE_DEFAULTS.items()},
     "shadow": "",
     "shadow_sample_rate": "0.2",
     "shadow_min_samples": "50",
@@ -93,6 +101,8 @@ def to_rollout(values: dict[str, str]) -> RolloutCreate:
             "p95_latency_ratio_max",
             "rss_ratio_max",
             "deadline_s",
+            "confidence",
+            "warmup_s",
             "shadow_sample_rate",
             "shadow_agreement_min",
         )
@@ -127,8 +137,9 @@ def to_rollout(values: dict[str, str]) -> RolloutCreate:
     gates["shadow_agreement_min"] = numbers["shadow_agreement_min"]
     if ints["min_samples"] is not None:
         gates["min_samples"] = ints["min_samples"]
-    if numbers["deadline_s"] is not None:
-        gates["deadline_s"] = numbers["deadline_s"]
+    for key in ("deadline_s", "confidence", "warmup_s"):
+        if numbers[key] is not None:
+            gates[key] = numbers[key]
     body: dict[str, Any] = {
         "model": model,
         "version": int(version),

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 
 from controller.db.models import DeploymentTarget, Rollout, RolloutTransition, table
+from controller.rollouts.gates import passed_waves
 from controller.rollouts.machine import TRANSITIONS, RolloutEvent, RolloutState
 from controller.rollouts.plan import RolloutCreate, default_plan, wave_sizes
 from controller.web.queries import audit_entries
@@ -21,8 +22,12 @@ ACTIONS = ("approve", "pause", "resume", "advance", "abort")
 #: gate name -> (spec field, comparison, what it measures)
 GATES = {
     "error_rate": ("error_rate_max", "<=", "errors per inference on the new version"),
-    "p95_latency_ratio": ("p95_latency_ratio_max", "<=", "p95 latency, new over previous version"),
-    "rss_ratio": ("rss_ratio_max", "<=", "memory (RSS), new over previous version"),
+    "p95_latency_ratio": (
+        "p95_latency_ratio_max",
+        "<=",
+        "p95 latency (per token for generation), new over previous version, each device against itself",
+    ),
+    "rss_ratio": ("rss_ratio_max", "<=", "the model's own memory, new over previous version, per device"),
     "shadow_agreement": ("shadow_agreement_min", ">=", "candidate agrees with the active model in shadow"),
 }
 FAILED = frozenset({"failed"})
@@ -84,6 +89,13 @@ def rollout_view(conn: Connection, rollout_id: str) -> RolloutView | None:
             counts.setdefault(dep_id, {})[state] = n
             if state == "downloading":
                 progress[dep_id] = float(mean or 0.0)
+    tr = table(RolloutTransition).c
+    passed = passed_waves(
+        (x.from_state, x.reason)
+        for x in conn.execute(
+            select(tr.from_state, tr.reason).where(tr.rollout_id == rollout_id, tr.from_state == "gating")
+        )
+    )
     waves = []
     totals: Counter[str] = Counter()
     for i, w in enumerate(plan):
@@ -96,6 +108,7 @@ def rollout_view(conn: Connection, rollout_id: str) -> RolloutView | None:
             {
                 "devices": devices,
                 "active": active,
+                "succeeded": active if i in passed else 0,
                 "failed": failed,
                 "in_flight": sum(n for s, n in c.items() if s in IN_FLIGHT),
             }
@@ -113,6 +126,7 @@ def rollout_view(conn: Connection, rollout_id: str) -> RolloutView | None:
                 "deployment_id": dep,
                 "counts": dict(sorted(c.items())),
                 "active": active,
+                "succeeded": active if i in passed else 0,
                 "failed": failed,
                 "download": progress.get(dep or ""),
                 "status": status,
@@ -139,13 +153,15 @@ def rollout_view(conn: Connection, rollout_id: str) -> RolloutView | None:
                 "comparison": comparison,
                 "threshold": threshold,
                 "value": g.get("value") if g else None,
+                "low": g.get("low") if g else None,
+                "high": g.get("high") if g else None,
+                "confidence": g.get("confidence") if g else None,
                 "samples": g.get("samples") if g else None,
                 "min_samples": g.get("min_samples") if g else spec.gates.min_samples,
                 "status": (g["status"] if g else ("off" if threshold is None else "not yet")),
                 "detail": g.get("detail", "") if g else "",
             }
         )
-    tr = table(RolloutTransition).c
     transitions = [
         dict(x._mapping)
         for x in conn.execute(

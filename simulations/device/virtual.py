@@ -38,7 +38,7 @@ from agent.deploy.record import MemoryRecordStore
 from agent.telemetry.spool import MemorySpool
 from agent.telemetry.stats import InferenceCounters
 from agent.transport.mqtt import MqttConfig
-from simulations.device.behaviour import Behaviours, Serving, rss_of, simulate_interval
+from simulations.device.behaviour import BASE_RSS, Behaviours, Serving, rss_of, simulate_interval
 from simulations.device.modelops import CrashRule, SimJobExecutor, SimModelOps, job_seconds
 from simulations.device.net import DelayLine, SimTransport, TokenBucket
 from simulations.plan import MIB, DeviceSpec
@@ -131,6 +131,7 @@ class VirtualDevice:
         self.shell: CoreShell | None = None
         self.transport: SimTransport | None = None
         self.serving: Serving | None = None
+        self._serving_since = 0.0
         self.counters = InferenceCounters()
         self._last_total = 0
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -419,6 +420,7 @@ class VirtualDevice:
 
     def _on_serve(self, serving: Serving | None) -> None:
         self.serving = serving
+        self._serving_since = self.now()
 
     def _simulated(self) -> bool:
         """True when inference is simulated (a real-onnxruntime device runs it in a thread instead)."""
@@ -448,9 +450,12 @@ class VirtualDevice:
             self.stats.baseline_inferences += made
         ref = ModelRef(model=serving.model, version=serving.version, variant=serving.variant) if serving else None
         cpu = min(100.0, 2.0 + 100.0 * busy / self.spec.cpu_count)
+        rss = rss_of(serving, behaviour, self.np_rng)
         return TelemetrySample(
             cpu_percent=round(cpu + self.rng.uniform(0, 1.5), 2),
-            rss_bytes=rss_of(serving, behaviour, self.np_rng),
+            rss_bytes=rss,
+            serving_s=self.now() - self._serving_since if serving is not None else None,
+            model_rss_bytes=max(0, rss - BASE_RSS) if serving is not None else None,
             temperature_c=round(45.0 + 20.0 * busy + self.rng.uniform(-1, 1), 1),
             model=ref,
             inference=self.counters.snapshot(interval_s),

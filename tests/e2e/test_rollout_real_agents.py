@@ -29,14 +29,11 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
-#: gates that the telemetry of these agents passes on a loaded 2-core machine (latency is noisy there)
-GATES = {
-    "min_samples": 20,
-    "deadline_s": 60,
-    "error_rate_max": 0.05,
-    "p95_latency_ratio_max": 4.0,
-    "rss_ratio_max": 2.0,
-}
+#: the default thresholds for errors and memory, and the default confidence; a short warm-up, as the agents
+#: report every second and the rollouts here are minutes long. Latency: 1.5, as in examples/first-rollout.json:
+#: the agents, the controller and the load share 2 cores with whatever else runs on the machine, and their
+#: latency follows that machine's load over time (a device of its own does not)
+GATES = {"min_samples": 20, "warmup_s": 2, "deadline_s": 120, "p95_latency_ratio_max": 1.5}
 
 
 @pytest.fixture
@@ -205,10 +202,11 @@ def test_a_good_model_rolls_out_through_every_wave(fleet: Fleet, tmp_path: Path)
         ]
         r = start_rollout(ctl, waves)
         assert [w["devices"] for w in r["waves"]] == [1, 2, 3]
-        done = until_ended(ctl, r["id"], 100)
-        assert done["state"] == "completed", [
-            (t["from_state"], t["to_state"], t["reason"]) for t in done["transitions"]
-        ]
+        done = until_ended(ctl, r["id"], 240)
+        assert done["state"] == "completed", "\n".join(
+            [f"{t['from_state']} -> {t['to_state']}: {t['reason']}" for t in done["transitions"]]
+            + [str(g) for g in done["gates"]]
+        )
         # every device serves version 2: the controller's view and the answers of the devices themselves
         wait_until(lambda: all(active_version(ctl, d) == 2 for d in devices), 20, what="version 2 everywhere")
         wait_until(lambda: all(load.last.get(d) == 2 for d in devices), 20, what="requests answered by version 2")
@@ -242,8 +240,71 @@ def test_a_good_model_rolls_out_through_every_wave(fleet: Fleet, tmp_path: Path)
     assert gates["error_rate"]["samples"] >= GATES["min_samples"], gates
     assert gates["p95_latency_ratio"]["status"] == "pass", gates
     assert gates["rss_ratio"]["status"] == "pass", gates
+    assert "the model's own memory" in gates["rss_ratio"]["detail"], gates  # the agents' per-model measure
+    assert [w["succeeded"] for w in done["waves"]] == [1, 2, 3]
     for d in devices:
         assert "Traceback" not in (tmp_path / f"{d}.log").read_text()
+
+
+def dense_model(path: Path, layers: int, width: int = 768) -> Path:
+    """An anomaly scorer of ``layers`` dense layers (one weight matrix, shared): its compute grows with the
+    layers, everything else (inputs, outputs, size) stays the same."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w_in = rng.normal(0, 0.3, (8, width)).astype(np.float32)
+    w = rng.normal(0, 1.0 / np.sqrt(width), (width, width)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "w_in"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["scores"], keepdims=1, axes=[1]))
+    graph = helper.make_graph(
+        nodes,
+        "dense",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 1])],
+        [onnx.numpy_helper.from_array(w_in, "w_in"), onnx.numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_a_model_three_times_slower_fails_the_latency_gate_on_real_agents(fleet: Fleet, tmp_path: Path) -> None:
+    ctl = fleet.start_controller()
+    register_file(ctl, dense_model(tmp_path / "v1.onnx", layers=8))
+    register_file(ctl, dense_model(tmp_path / "v2.onnx", layers=24))  # three times the compute
+    key = pin_key(ctl, tmp_path / "controller.pem")
+    devices = [f"pump-{i}" for i in range(3)]
+    # no micro-batch wait: the latency the agents report is the model's, not the batcher's 5 ms
+    extra = dict.fromkeys(devices, ["--max-wait-ms", "0"])
+    ports = start_fleet(fleet, key, {d: {"fleet": "pumps"} for d in devices}, extra)
+    serve_v1(ctl, devices)
+    load = Load(ports)
+    try:
+        wait_for_baseline(ctl, devices)
+        waves = [
+            {"name": "canary", "until": "1", "bake_s": 2, "failure_threshold": "1", "device_timeout_s": 60},
+            {"name": "all", "until": "100%", "bake_s": 2, "failure_threshold": "1", "device_timeout_s": 60},
+        ]
+        r = start_rollout(ctl, waves)
+        done = until_ended(ctl, r["id"], 240)
+    finally:
+        load.stop()
+    transitions = [(t["from_state"], t["to_state"], t["reason"]) for t in done["transitions"]]
+    assert done["state"] == "aborted" and done["wave_index"] == 0, transitions
+    failing = [g for g in done["gates"] if g["status"] == "fail"]
+    assert [g["name"] for g in failing] == ["p95_latency_ratio"], done["gates"]
+    latency = failing[0]
+    assert latency["low"] > GATES["p95_latency_ratio_max"], latency  # beyond the threshold, on evidence
+    abort = next(t for t in done["transitions"] if t["to_state"] == "aborting")
+    assert "p95_latency_ratio" in abort["reason"], abort
+    # the canary goes back to version 1; the other devices never left it
+    wait_until(lambda: all(active_version(ctl, d) == 1 for d in devices), 60, what="every device on version 1")
+    assert [w["succeeded"] for w in done["waves"]] == [0, 0]
 
 
 def test_a_model_failing_on_30pct_aborts_in_the_canary_and_touched_devices_return(fleet: Fleet, tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ class AutoPeer(PeerDevice):
         self.telemetry_s = telemetry_s
         self.waiting_activate = False
         self.telemetry_seq = 0
+        self.serving_since = time.time()
         #: stages held back until release(): download, shadow, activate, rollback, telemetry
         self.held: dict[str, threading.Event] = {}
         self._stop = threading.Event()
@@ -174,6 +175,7 @@ class AutoPeer(PeerDevice):
         self.report(DeployState.ACTIVATING)
         self.previous = self.serving
         self.serving = InstalledModel(model=m.model, version=m.version, variant=m.variant, artifact=m.artifact_id)
+        self.serving_since = time.time()
         self.report(DeployState.ACTIVE, installed=self.serving)
 
     def _rollback(self, command: Rollback) -> None:
@@ -181,6 +183,7 @@ class AutoPeer(PeerDevice):
         self.report(DeployState.ROLLING_BACK, reason=command.reason)
         if self.previous is not None:
             self.serving = self.previous
+            self.serving_since = time.time()
         self.report(DeployState.ROLLED_BACK, installed=self.serving)
 
     def _telemetry(self) -> None:
@@ -202,6 +205,7 @@ class AutoPeer(PeerDevice):
             rss_bytes=100 * 2**20,
             model=ModelRef(model=serving.model, version=serving.version, variant=serving.variant),
             inference=InferenceStats(count=count, errors=errors, latency=latency),
+            serving_s=time.time() - self.serving_since,
         )
         self.telemetry_seq += 1
         self.mqtt.client.publish(topics.telemetry(self.device_id), codec.encode(msg), qos=1)

@@ -24,6 +24,7 @@ FAST_GATES = {
     "p95_latency_ratio_max": 1.5,
     "rss_ratio_max": 1.5,
     "shadow_agreement_min": 0.9,
+    "warmup_s": 0,  # the peers serve at full speed from the first inference
 }
 
 
@@ -131,6 +132,11 @@ def test_a_good_model_goes_through_every_wave(ctl, fleet) -> None:  # type: igno
     gates = {g["name"]: g for g in done["gates"]}
     assert gates["error_rate"]["status"] == "pass" and gates["p95_latency_ratio"]["status"] == "pass"
     assert gates["p95_latency_ratio"]["samples"] >= 100
+    # the decision's evidence: an interval at the stated confidence, within the threshold
+    latency = gates["p95_latency_ratio"]
+    assert latency["confidence"] == 0.95 and latency["low"] <= latency["value"] <= latency["high"] <= 1.5
+    # every device serves v2 and its wave's gates passed: each one counts as succeeded
+    assert [w["succeeded"] for w in done["waves"]] == [1, 2, 3]
     wait_until(
         lambda: all(any(isinstance(c, Commit) for c in p.commands) for p in peers),
         10,
@@ -177,6 +183,9 @@ def test_a_model_three_times_slower_fails_the_latency_gate(ctl, fleet) -> None: 
     failing = [g for g in done["gates"] if g["status"] == "fail"]
     assert [g["name"] for g in failing] == ["p95_latency_ratio"]
     assert 2.5 < failing[0]["value"] < 3.5
+    assert failing[0]["low"] > 1.5  # failed on evidence: even the lower bound is beyond the threshold
+    # the devices that switched serve the new model, but its gates failed: none succeeded
+    assert [w["succeeded"] for w in done["waves"]] == [0, 0]
     assert "p95_latency_ratio" in done["transitions"][-2]["reason"]
 
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 
 from controller import audit
@@ -14,6 +14,7 @@ from controller.api import ids
 from controller.api.deps import OperatorDep, RuntimeDep, SessionDep, ViewerDep
 from controller.api.openapi import errors
 from controller.db.models import Rollout, RolloutTransition
+from controller.rollouts import gates
 from controller.rollouts.engine import RolloutError
 from controller.rollouts.plan import RolloutCreate, default_plan, wave_sizes
 from controller.runtime import ControllerRuntime
@@ -28,6 +29,7 @@ class WavePublic(BaseModel):
     devices: int
     deployment_id: str | None
     counts: dict[str, int]
+    succeeded: int = Field(description="devices serving the new version whose wave's gates passed")
     max_concurrent: int | None
     success_threshold: float
     failure_threshold: str
@@ -78,6 +80,10 @@ def render(runtime: ControllerRuntime, session: Session, r: Rollout) -> RolloutP
     spec = RolloutCreate.model_validate(r.spec)
     waves = spec.waves or default_plan()
     sizes = wave_sizes(waves, len(r.assignment))
+    transitions = session.exec(
+        select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(col(RolloutTransition.id))
+    ).all()
+    passed = gates.passed_waves((t.from_state, t.reason) for t in transitions)
     wave_list = []
     for i, w in enumerate(waves):
         dep = r.wave_deployments.get(str(i))
@@ -94,6 +100,7 @@ def render(runtime: ControllerRuntime, session: Session, r: Rollout) -> RolloutP
                 devices=sum(1 for x in r.assignment.values() if x == i) or sizes[i],
                 deployment_id=dep,
                 counts=counts,
+                succeeded=counts.get("active", 0) if i in passed else 0,
                 max_concurrent=w.max_concurrent,
                 success_threshold=w.success_threshold,
                 failure_threshold=w.failure_threshold,
@@ -102,9 +109,6 @@ def render(runtime: ControllerRuntime, session: Session, r: Rollout) -> RolloutP
                 status=status_,
             )
         )
-    transitions = session.exec(
-        select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(col(RolloutTransition.id))
-    ).all()
     return RolloutPublic(
         id=r.id,
         model=r.model_name,
