@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from fastapi import HTTPException, status
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, SQLModel, col, func, select
 
 Row = TypeVar("Row", bound=SQLModel)
 
@@ -23,7 +23,10 @@ def resolve(session: Session, table: type[Row], given: str, kind: str) -> Row:
     if row is not None:
         return row
     id_column: Any = col(table.id)  # type: ignore[attr-defined]
-    query = select(table).where(id_column.startswith(given, autoescape=True)).order_by(id_column)
+    # LIKE finds the candidates (an index can serve it); SQLite's LIKE ignores ASCII case, PostgreSQL's does
+    # not: the exact comparison of the first characters makes a prefix case-sensitive on both.
+    prefix = id_column.startswith(given, autoescape=True) & (func.substr(id_column, 1, len(given)) == given)
+    query = select(table).where(prefix).order_by(id_column)
     matches = session.exec(query.limit(SHOWN_CANDIDATES + 1)).all()
     if not matches:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"{kind} {given!r} not found")

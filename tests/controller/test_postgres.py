@@ -4,39 +4,21 @@ server answers."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from tests.controller import devices_util as du
 from tests.helpers import RawMqtt, wait_until
+from tests.postgres import own_database
 
 pytestmark = pytest.mark.postgres
-
-ADMIN_URL = os.environ.get("SLMFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    try:
-        admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL} ({type(exc).__name__}); set SLMFLEET_TEST_POSTGRES to run this")
-    name = f"slmfleet_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with own_database() as url:
+        yield url
 
 
 def test_controller_on_postgresql(postgres_url: str, private_broker, make_controller) -> None:  # type: ignore[no-untyped-def]
