@@ -150,11 +150,11 @@ class AgentService:
             s.device_id,
             will=self.core.will(now),
             name=s.device_id,
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+            on_published=self._on_published,
+            on_refused=self._on_refused,
         )
-        transport.on_connect = self._on_connect
-        transport.on_message = self._on_message
-        transport.on_published = self._on_published
-        transport.on_refused = self._on_refused
         if s.results_mqtt:
             self.results_mqtt = MqttSink(s.device_id, transport.publish, self._loop, s.results_sample)
             self.engine.sinks.append(self.results_mqtt)
@@ -317,8 +317,8 @@ class AgentService:
                     self._mqtt_config(s.mqtt_input_broker, s.mqtt_input_username, s.mqtt_input_password()),
                     f"{s.device_id}-input",
                     name=f"{s.device_id} inputs",
+                    on_message=self._on_input_message,
                 )
-                transport.on_message = self._on_input_message
                 for filter_ in s.mqtt_input_topics:
                     transport.subscribe(filter_, s.mqtt_input_qos)
                 transport.start()

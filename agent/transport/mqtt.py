@@ -144,6 +144,12 @@ class MqttTransport:
         will: Will | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         name: str | None = None,
+        on_connect: Callable[[], None] | None = None,
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_published: Callable[[int], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+        on_oversize: Callable[[str, int], None] | None = None,
     ) -> None:
         self.config = config
         self.client_id = client_id
@@ -169,14 +175,14 @@ class MqttTransport:
         self.server_max_packet: int | None = None
         #: messages dropped because they exceeded ``config.max_packet_size`` (only a 3.1.1 broker sends them)
         self.oversize_dropped = 0
-        self.on_oversize: Callable[[str, int], None] | None = None
+        self.on_oversize = on_oversize
         self._renewing = False
-        self.on_connect: Callable[[], None] | None = None
+        self.on_connect = on_connect
         self._subscribing: dict[int, list[str]] = {}
-        self.on_disconnect: Callable[[str], None] | None = None
-        self.on_message: Callable[[str, bytes], None] | None = None
-        self.on_published: Callable[[int], None] | None = None
-        self.on_refused: Callable[[str], None] | None = None
+        self.on_disconnect = on_disconnect
+        self.on_message = on_message
+        self.on_published = on_published
+        self.on_refused = on_refused
 
     # ------------------------------------------------------------ public --
 

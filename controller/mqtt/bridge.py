@@ -57,12 +57,17 @@ class MqttBridge:
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        transport = self.transport = MqttTransport(self.config, self.client_id, loop=loop, name="controller")
-        transport.on_message = self._on_message
-        transport.on_connect = self._connected
-        transport.on_disconnect = self._disconnected
-        transport.on_published = self._published
-        transport.on_oversize = self._on_oversize
+        transport = self.transport = MqttTransport(
+            self.config,
+            self.client_id,
+            loop=loop,
+            name="controller",
+            on_message=self._on_message,
+            on_connect=self._connected,
+            on_disconnect=self._disconnected,
+            on_published=self._published,
+            on_oversize=self._on_oversize,
+        )
         for filter_, qos in self._subscriptions:
             transport.subscribe(filter_, qos)
         transport.start()

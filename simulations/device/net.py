@@ -52,9 +52,9 @@ class TokenBucket:
 class SimTransport(MqttTransport):
     """``MqttTransport`` whose reads a token bucket can hold back (a bandwidth cap)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, bucket: TokenBucket | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.bucket: TokenBucket | None = None
+        self.bucket = bucket
         self._paused: asyncio.TimerHandle | None = None
 
     def account(self, nbytes: int) -> None:

@@ -261,15 +261,18 @@ class VirtualDevice:
 
     def _connect(self) -> None:
         assert self.core is not None
-        transport = SimTransport(
-            self.env.mqtt, self.spec.id, will=self.core.will(self.now()), loop=self.loop, name=self.spec.id
-        )
-        transport.on_connect = self._on_connect
-        transport.on_message = self._on_message
-        transport.on_published = self._on_published
         bw = self._bandwidth()
-        transport.bucket = TokenBucket(bw) if bw else None
-        self.transport = transport
+        transport = self.transport = SimTransport(
+            self.env.mqtt,
+            self.spec.id,
+            will=self.core.will(self.now()),
+            loop=self.loop,
+            name=self.spec.id,
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+            on_published=self._on_published,
+            bucket=TokenBucket(bw) if bw else None,
+        )
         transport.start()
 
     def shutdown(self, final: bool = True) -> Any:
