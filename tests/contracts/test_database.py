@@ -39,6 +39,7 @@ from controller.rollouts.plan import GateSpec
 from controller.telemetry.ingest import TELEMETRY_COLUMNS, TelemetryIn, telemetry_row
 from controller.web.queries import count_matching, device_page, json_object_size
 from tests.postgres import own_database
+from wire.histogram import quantile_from_buckets
 from wire.messages import InferenceStats, LatencySummary, ModelRef, Telemetry
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -176,13 +177,13 @@ def test_label_selectors_and_the_id_search_run_in_sql(db: Engine) -> None:
 # ----------------------------------------------------------------------------------------- bulk inserts --
 
 
-def telemetry_in(device_id: str, at: datetime, version: int, errors: int) -> TelemetryIn:
-    latency = LatencySummary(p50_ms=1.0, p95_ms=2.0, p99_ms=3.0, mean_ms=1.2, max_ms=4.0, buckets=[(40, 50)])
+def telemetry_in(device_id: str, at: datetime, version: int, errors: int, bucket: int = 40) -> TelemetryIn:
+    latency = LatencySummary(p50_ms=1.0, p95_ms=2.0, p99_ms=3.0, mean_ms=1.2, max_ms=4.0, buckets=[(bucket, 50)])
     msg = Telemetry(
         ts=at.timestamp(),
         seq=0,
         interval_s=10,
-        uptime_s=5,
+        uptime_s=86_400,  # long up: no restart, so no warm-up in these rows
         cpu_percent=3.5,
         rss_bytes=50_000_000,
         inference=InferenceStats(count=50, errors=errors, latency=latency),
@@ -193,22 +194,29 @@ def telemetry_in(device_id: str, at: datetime, version: int, errors: int) -> Tel
 
 def test_ingested_telemetry_rows_are_what_the_gates_read(db: Engine) -> None:
     """The ingest's bulk insert hands the driver its own values (datetimes, JSON text); read back through the
-    ORM and by the rollout gates they are the same instants and numbers on both databases."""
+    ORM and by the rollout gates they are the same instants and numbers on both databases: each device's
+    baseline is its rows on the previous version before its own switch, the candidate's rows after it."""
     bulk = BulkInsert(db, table(TelemetryRecord), TELEMETRY_COLUMNS)
     switched = T0 + timedelta(minutes=10)
-    ops = [telemetry_in("d-1", T0 + timedelta(minutes=i), 1, 0) for i in range(3)]  # the old version, before
-    ops += [telemetry_in(d, switched + timedelta(seconds=i), 2, 1) for d in ("d-1", "d-2") for i in range(2)]
+    devices = ("d-1", "d-2")
+    ops = [telemetry_in(d, T0 + timedelta(minutes=i), 1, 0) for d in devices for i in range(3)]  # before
+    ops += [telemetry_in(d, switched + timedelta(minutes=1 + i), 2, 1, bucket=44) for d in devices for i in range(3)]
     with db.begin() as conn:
         bulk.execute(conn, [telemetry_row(op, bulk.datetime) for op in ops])
     with Session(db) as s:
         rows = s.exec(select(TelemetryRecord).order_by(table(TelemetryRecord).c.id)).scalars().all()  # type: ignore[call-overload]
     assert [r.received_at for r in rows[:3]] == [T0 + timedelta(minutes=i) for i in range(3)]
-    assert rows[0].ts == T0 and rows[0].data["inference"]["count"] == 50 and rows[3].model_version == 2
-    spec = GateSpec(min_samples=100)
-    results = {r.name: r for r in telemetry_gates(db, spec, "m", 2, {"d-1": switched, "d-2": switched}, switched)}
-    assert results["error_rate"].samples == 4 * 51 and results["error_rate"].value == pytest.approx(4 / 204)
-    assert results["error_rate"].status == "pass"
-    assert results["p95_latency_ratio"].samples == 150, "the old version's rows before the wave are the baseline"
+    assert rows[0].ts == T0 and rows[0].data["inference"]["count"] == 50 and rows[6].model_version == 2
+    spec = GateSpec(min_samples=100, warmup_s=0)
+    results = {r.name: r for r in telemetry_gates(db, spec, "m", 2, dict.fromkeys(devices, switched))}
+    errors = results["error_rate"]
+    assert errors.samples == 6 * 51 and errors.value == pytest.approx(6 / 306), errors  # the candidate's rows only
+    latency = results["p95_latency_ratio"]
+    # the same histogram on every row of a side: the paired ratio is exactly the ratio of the two p95s
+    before = quantile_from_buckets([(40, 150)], 0.95, None)
+    after = quantile_from_buckets([(44, 150)], 0.95, None)
+    assert latency.value == pytest.approx(after / before, rel=1e-6), latency
+    assert latency.samples == 2 * 150 and latency.status == "fail", latency  # 3 rows of 50 a device after
 
 
 # --------------------------------------------------------------------------------------------- audit --
