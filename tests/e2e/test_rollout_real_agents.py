@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from controller.broker.embedded import EmbeddedBroker, free_port
+from controller.rollouts.gates import MIN_INTERVALS
 from tests.e2e.fleet import ControllerProc, Fleet
 from tests.e2e.test_deploy_real_agents import WINDOW, _auth, active_version, deploy, deployment, pin_key, register
 from tests.helpers import wait_until
@@ -146,9 +147,18 @@ def serve_v1(ctl: ControllerProc, devices: list[str]) -> None:
     wait_until(lambda: all(active_version(ctl, d) == 1 for d in devices), 30, what="version 1 active everywhere")
 
 
-def v1_inferences(ctl: ControllerProc, device: str) -> int:
+def v1_rows_after_warmup(ctl: ControllerProc, device: str) -> list[dict[str, Any]]:
+    """The device's version-1 telemetry the gates read as its baseline: rows past the warm-up."""
     rows = ctl.get(f"/api/v1/devices/{device}/telemetry", params={"limit": 100}).json()
-    return sum(r["inference_count"] for r in rows if r["model_version"] == 1)
+    return [
+        r
+        for r in rows
+        if r["model_version"] == 1 and (r["data"].get("serving_s") or 0) - r["interval_s"] >= GATES["warmup_s"]
+    ]
+
+
+def v1_inferences(ctl: ControllerProc, device: str) -> int:
+    return sum(r["inference_count"] for r in v1_rows_after_warmup(ctl, device))
 
 
 def start_rollout(ctl: ControllerProc, waves: list[dict[str, Any]]) -> dict[str, Any]:
@@ -177,7 +187,10 @@ def installed_versions(ctl: ControllerProc, device: str) -> set[int]:
 def wait_for_baseline(ctl: ControllerProc, devices: list[str]) -> None:
     """Devices served version 1 under load for a while: the gates' baseline (p95, memory)."""
     wait_until(
-        lambda: all(v1_inferences(ctl, d) >= 2 * GATES["min_samples"] for d in devices),
+        lambda: all(
+            v1_inferences(ctl, d) >= 2 * GATES["min_samples"] and len(v1_rows_after_warmup(ctl, d)) >= 2 * MIN_INTERVALS
+            for d in devices
+        ),
         60,
         interval=0.5,
         what="baseline telemetry on version 1",
