@@ -41,6 +41,19 @@ def slmfleet_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "slmfleet", *args]
 
 
+class FakeClock:
+    """A clock the test moves: ``clock()`` is now, ``advance(s)`` moves it."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class Proc:
     """A child process with its output in a log file, ended by PID."""
 

@@ -32,7 +32,7 @@ from controller.metrics import Metrics
 from controller.registry.keys import SigningKey, load_or_create
 from controller.registry.store import ContentStore
 from tests.agent.deploy.harness import make_manifest
-from tests.helpers import wait_until
+from tests.helpers import FakeClock, wait_until
 from wire import chunks as frames
 from wire import signing, topics
 from wire.messages import ChunkRequest, DeploymentEvent, DeployState
@@ -40,17 +40,6 @@ from wire.messages import ChunkRequest, DeploymentEvent, DeployState
 CHUNK = 1024
 DEVICES = ["dev-a", "dev-b", "dev-c"]
 PREVIOUS = {"model": "old-cls", "version": 3, "artifact": "b" * 64, "active": True}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeTransport:

@@ -6,7 +6,6 @@ gates are the real ones, over a database without telemetry (off, or waiting unti
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,21 +21,11 @@ from controller.delivery.plan import DeploymentRequest
 from controller.delivery.targets import BEFORE_SWITCH, Target
 from controller.rollouts.engine import RolloutEngine, RolloutError
 from controller.rollouts.plan import GateSpec, RolloutCreate, WaveSpec
+from tests.helpers import FakeClock
 
 ARTIFACT = "a" * 64
 PREVIOUS = {"model": "pump", "version": 0, "artifact": "b" * 64}
 GATES_OFF = GateSpec(error_rate_max=None, p95_latency_ratio_max=None, rss_ratio_max=None, shadow_agreement_min=None)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeDelivery:
