@@ -234,7 +234,7 @@ def test_gates_without_samples_fail_at_their_deadline(db, rollouts, delivery, cl
     assert rollouts.step(rid) == "gating"  # waiting for samples
     clock.advance(2)
     assert rollouts.step(rid) == "aborting"
-    assert "without enough samples after 30s" in rollout(db, rid).reason
+    assert "without enough evidence after 30s" in rollout(db, rid).reason
     assert ("rollback", canary) in delivery.calls
 
 
