@@ -230,7 +230,8 @@ def test_agent_enroll_writes_private_files_the_agent_runs_with(live_server, tmp_
     r = httpx.post(
         server.url + "/api/v1/enrollment-tokens",
         json={"labels": {"site": "lab", "tier": "canary"}},
-        headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=30.0,
+        headers={"Authorization": f"Bearer {server.admin_token}"},
+        timeout=30.0,
     )
     token_file = tmp_path / "token"
     token_file.write_text(r.json()["token"] + "\n")
@@ -298,7 +299,8 @@ def test_the_installer_enrolls_once_and_keeps_the_enrollment(live_server, tmp_pa
     r = httpx.post(
         server.url + "/api/v1/enrollment-tokens",
         json={"device_id": "gw-3", "labels": {"site": "depot"}},
-        headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=30.0,
+        headers={"Authorization": f"Bearer {server.admin_token}"},
+        timeout=30.0,
     )
     token_file = tmp_path / "token"
     token_file.write_text(r.json()["token"])
