@@ -76,6 +76,7 @@ class ControllerRuntime:
             validity_days=settings.manifest_validity_days,
             max_unpacked_bytes=settings.unpack_max_bytes,
             floors=settings.min_agreement,
+            artifact_store=settings.artifact_store,
         )
         #: every command to a device goes out through this: sealed for that device (wire.signing)
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)
@@ -125,7 +126,7 @@ class ControllerRuntime:
         if settings.device_certificates:
             self.pki = DevicePki(
                 self.engine,
-                pki_broker.authority(settings),
+                pki_broker.authority(settings, self.engine),
                 pki_broker.crl_path(settings),
                 timedelta(hours=settings.device_cert_hours),
                 settings.broker_reload_command,

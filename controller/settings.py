@@ -23,6 +23,13 @@ class ControllerSettings(BaseSettings):
         None,
         description="SQLAlchemy URL; default sqlite:///<data_dir>/controller.db (PostgreSQL: postgresql+psycopg://...)",
     )
+    artifact_store: str = Field(
+        "local",
+        description="where model files live: local (<data_dir>/registry/store, one controller); database (rows of"
+        " database_url, which every replica reaches: use it with several replicas); or the absolute path of a"
+        " directory every replica mounts. Not local: the signing key (and the controller's own device CA) are"
+        " shared through the database too",
+    )
     broker_url: str | None = Field(
         None, description="existing broker, mqtt://host:port; unset: start an embedded broker"
     )
@@ -249,6 +256,20 @@ class ControllerSettings(BaseSettings):
     def _absolute_data_dir(cls, v: Path) -> Path:
         """Absolute from the start: subprocesses (model evaluation) and later chdirs see the same place."""
         return v.expanduser().absolute()
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store(cls, v: str) -> str:
+        if v in ("local", "database"):
+            return v
+        if not Path(v).expanduser().is_absolute():
+            raise ValueError(f"artifact_store is local, database or the absolute path of a shared directory, not {v!r}")
+        return str(Path(v).expanduser())
+
+    @property
+    def shared_artifacts(self) -> bool:
+        """Artifacts (and the secrets that sign them) live where several replicas reach them."""
+        return self.artifact_store != "local"
 
     @field_validator("public_url")
     @classmethod

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controller.registry.store import BlobMissing, ContentStore
+from controller.registry.store import ArtifactStore, BlobMissing
 from wire import chunks as frames
 from wire import topics
 from wire.manifest import Manifest
@@ -67,7 +67,7 @@ class ChunkSource:
     must refuse; one flipped after its check is caught when devices report it damaged (``recheck``).
     """
 
-    def __init__(self, manifest: Manifest, store: ContentStore, verified: set[int] | None = None) -> None:
+    def __init__(self, manifest: Manifest, store: ArtifactStore, verified: set[int] | None = None) -> None:
         self.manifest = manifest
         self.store = store
         self.artifact_id = manifest.artifact_id

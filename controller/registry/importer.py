@@ -32,7 +32,7 @@ from controller.registry.bundles import (
 )
 from controller.registry.convert import ConversionError, ExportedBundle
 from controller.registry.keys import SigningKey
-from controller.registry.store import ContentStore
+from controller.registry.store import ArtifactStore
 from controller.registry.upload import UnpackLimits, is_archive, unpack
 from wire import signing
 from wire.manifest import (
@@ -126,7 +126,7 @@ class Importer:
     def __init__(
         self,
         engine: Engine,
-        store: ContentStore,
+        store: ArtifactStore,
         key: SigningKey,
         *,
         chunk_size: int,

@@ -28,7 +28,7 @@ from controller import audit
 from controller.db.models import Artifact, Model, ModelVersion
 from controller.db.types import utcnow
 from controller.metrics import Metrics
-from controller.registry.store import ContentStore, sha256_file
+from controller.registry.store import ArtifactStore, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class IntegrityReport:
 
 
 class ArtifactIntegrity:
-    def __init__(self, engine: Engine, store: ContentStore, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, store: ArtifactStore, metrics: Metrics) -> None:
         self.engine = engine
         self.store = store
         self.metrics = metrics

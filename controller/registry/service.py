@@ -17,11 +17,22 @@ from controller.db.types import utcnow
 from controller.registry import keys
 from controller.registry.bundles import BundleError, ImportOptions
 from controller.registry.importer import Importer, ImportRequest
-from controller.registry.store import ContentStore
+from controller.registry.dbstore import DatabaseStore
+from controller.registry.store import SHARED_GRACE_S, ArtifactStore, ContentStore
 from controller.registry.upload import UploadError, remove_tree
 from wire.manifest import SignedManifest
 
 log = logging.getLogger(__name__)
+
+
+def open_store(spec: str, engine: Engine, local_root: Path, piece_size: int) -> ArtifactStore:
+    """The artifact store the ``artifact_store`` setting names: local (``local_root``), database, or a shared
+    directory (its path)."""
+    if spec == "local":
+        return ContentStore(local_root)
+    if spec == "database":
+        return DatabaseStore(engine, piece_size)
+    return ContentStore(Path(spec), shared=True)
 
 
 class RegistryService:
@@ -34,12 +45,16 @@ class RegistryService:
         validity_days: float,
         max_unpacked_bytes: int,
         floors: dict[str, float] | None = None,
+        artifact_store: str = "local",
     ) -> None:
+        """``artifact_store``: local, database or the path of a directory every replica mounts (settings)."""
         self.engine = engine
         self.root = data_dir / "registry"
-        self.store = ContentStore(self.root / "store")
-        self.staging = self.root / "staging"
-        self.key = keys.load_or_create(data_dir / "keys")
+        self.store = open_store(artifact_store, engine, self.root / "store", chunk_size)
+        self.staging = self.root / "staging"  # per replica: uploads being unpacked and converted
+        # every replica signs with the same key, from the database, once the artifacts are shared
+        load = keys.load_or_create if artifact_store == "local" else lambda d: keys.load_shared(engine, d)
+        self.key = load(data_dir / "keys")
         self.importer = Importer(
             engine,
             self.store,
@@ -74,37 +89,37 @@ class RegistryService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def collect_garbage(self) -> int:
-        """Delete blobs that no manifest lists. Only safe while no import runs (start-up)."""
+        """Delete blobs that no manifest lists. Only safe while no import runs (start-up); in a shared store only
+        blobs older than SHARED_GRACE_S (younger ones may belong to another replica's import in progress)."""
+        referenced = self._referenced()
+        removed = 0
+        for sha in self.store.list_blobs(SHARED_GRACE_S if self.store.shared else 0.0):
+            if sha not in referenced and self.store.delete(sha):
+                removed += 1
+        return removed
+
+    def _referenced(self) -> set[str]:
         referenced: set[str] = set()
         with Session(self.engine) as session:
             for signed in session.exec(select(Artifact.signed_manifest)).all():
-                for f in signed["manifest"]["files"]:
-                    referenced.add(f["sha256"])
-        removed = 0
-        for blob in self.store.blobs.glob("*/*/*"):
-            if blob.name not in referenced:
-                blob.unlink(missing_ok=True)
-                removed += 1
-        return removed
+                referenced.update(f["sha256"] for f in signed["manifest"]["files"])
+        return referenced
 
     def drop_unreferenced(self, candidates: list[str]) -> int:
         """Delete the blobs among ``candidates`` that no artifact lists any more.
 
         Skipped while an import runs (it may have stored the same blob and not committed yet): the
-        next start-up's garbage collection removes them then.
+        next start-up's garbage collection removes them then. In a shared store another replica's import may
+        have too: only blobs older than SHARED_GRACE_S go.
         """
         with self._lock:
             if any(not f.done() for f in self._futures.values()):
                 return 0
-        referenced: set[str] = set()
-        with Session(self.engine) as session:
-            for signed in session.exec(select(Artifact.signed_manifest)).all():
-                referenced.update(f["sha256"] for f in signed["manifest"]["files"])
+        if self.store.shared:
+            candidates = list(set(candidates) & set(self.store.list_blobs(SHARED_GRACE_S)))
         removed = 0
-        for sha in set(candidates) - referenced:
-            path = self.store.path(sha)
-            if path.exists():
-                path.unlink()
+        for sha in set(candidates) - self._referenced():
+            if self.store.delete(sha):
                 removed += 1
         return removed
 
