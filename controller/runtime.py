@@ -69,6 +69,8 @@ class ControllerRuntime:
             on_written=self._written,
             on_dropped=self.metrics.ingest_dropped.inc,
         )
+        if settings.shared_artifacts:
+            migrate(self.engine)  # the signing key the replicas share is read from the database just below
         self.models = RegistryService(
             self.engine,
             settings.data_dir,
