@@ -36,6 +36,7 @@ DEFAULT_PIECE = 256 * 1024
 
 _BLOB = table(ArtifactBlob)
 _PIECE = table(ArtifactBlobPiece)
+_PIECE_SQL = "SELECT data FROM artifact_blob_piece WHERE sha256 = %s AND idx = %s"
 
 
 def _pieces(src: Path, piece_size: int) -> Iterator[bytes]:
@@ -54,6 +55,7 @@ class DatabaseStore:
         #: sha256 -> (size, piece size) of blobs seen: a blob's content never changes under its name
         self._headers: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
+        self._binary = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
 
     def where(self, sha256: str) -> str:
         return f"artifact_blob {sha256[:12]} in the database"
@@ -144,6 +146,15 @@ class DatabaseStore:
             self._headers[sha256] = found
         return found
 
+    def _piece(self, conn: Connection, sha256: str, idx: int) -> bytes:
+        if self._binary:  # psycopg's binary format: bytea as is, not hex text (2-3x faster for 256 KiB)
+            with conn.connection.driver_connection.cursor(binary=True) as cur:  # type: ignore[union-attr]
+                cur.execute(_PIECE_SQL, (sha256, idx))
+                row = cur.fetchone()
+        else:
+            row = conn.execute(select(_PIECE.c.data).where(_PIECE.c.sha256 == sha256, _PIECE.c.idx == idx)).first()
+        return bytes(row[0]) if row is not None else b""
+
     def has(self, sha256: str) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(select(_BLOB.c.sha256).where(_BLOB.c.sha256 == sha256)).first() is not None
@@ -163,8 +174,7 @@ class DatabaseStore:
             first, last = offset // piece, (end - 1) // piece
             c = _PIECE.c
             if first == last:  # a chunk of the size it was stored at: one row by its primary key
-                data = conn.execute(select(c.data).where(c.sha256 == sha256, c.idx == first)).scalar()
-                blob = bytes(data) if data is not None else b""
+                blob = self._piece(conn, sha256, first)
             else:
                 rows = conn.execute(
                     select(c.data).where(c.sha256 == sha256, c.idx >= first, c.idx <= last).order_by(c.idx)
