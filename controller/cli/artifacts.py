@@ -22,7 +22,9 @@ app = typer.Typer(help="The artifact store: where model files live.", no_args_is
 @app.command("migrate")
 def migrate_store(
     to: Annotated[str, typer.Option("--to", help="database, or the absolute path of a directory every replica mounts")],
-    data_dir: Annotated[Path | None, typer.Option(help="the controller's data directory [default: ./.slmfleet]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="the controller's data directory [default: ./.slmfleet]")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file (database_url, chunk_size)")] = None,
 ) -> None:
     """Copy every artifact's files from the local store (<data_dir>/registry/store) to ``--to``, and the signing key

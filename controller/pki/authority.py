@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from sqlalchemy import Engine
 
 from controller.db import secrets
@@ -159,14 +158,16 @@ class Authority:
         first replica (from its ``pki_dir`` when it has one there), written to ``pki_dir`` for the broker."""
         cert_path, key_path = pki_dir / CA_CERT, pki_dir / CA_KEY
         local = (cert_path.read_bytes(), key_path.read_bytes()) if cert_path.is_file() and key_path.is_file() else None
-        held = secrets.read(engine, secrets.DEVICE_CA_KEY), secrets.read(engine, secrets.DEVICE_CA_CERT)
-        if held[0] is None or held[1] is None:
+        key_pem_bytes, cert_pem_bytes = (
+            secrets.read(engine, secrets.DEVICE_CA_KEY),
+            secrets.read(engine, secrets.DEVICE_CA_CERT),
+        )
+        if key_pem_bytes is None or cert_pem_bytes is None:
             if local is None:
                 cls._create(cert_path, key_path)
                 local = (cert_path.read_bytes(), key_path.read_bytes())
             offered = secrets.offer(engine, {secrets.DEVICE_CA_KEY: local[1], secrets.DEVICE_CA_CERT: local[0]})
-            held = offered[secrets.DEVICE_CA_KEY], offered[secrets.DEVICE_CA_CERT]
-        key_pem_bytes, cert_pem_bytes = held
+            key_pem_bytes, cert_pem_bytes = offered[secrets.DEVICE_CA_KEY], offered[secrets.DEVICE_CA_CERT]
         if local is not None and local[0] != cert_pem_bytes:
             raise PkiError(
                 f"{cert_path} is another device CA than the one the replicas share in the database: devices"

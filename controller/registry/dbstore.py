@@ -74,9 +74,7 @@ class DatabaseStore:
         self._write(sha, len(data), self.piece_size, lambda n: (data[i : i + n] for i in range(0, len(data), n)), False)
         return sha
 
-    def _put(
-        self, src: Path, piece_size: int, chunk_size: int | None, replace: bool
-    ) -> tuple[str, int, list[str]]:
+    def _put(self, src: Path, piece_size: int, chunk_size: int | None, replace: bool) -> tuple[str, int, list[str]]:
         digest = hashlib.sha256()
         chunk_hashes: list[str] = []
         size = 0

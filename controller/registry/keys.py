@@ -8,7 +8,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from sqlalchemy import Engine
 
 from controller.db import secrets
@@ -98,7 +97,7 @@ def load_shared(engine: Engine, keys_dir: Path) -> SigningKey:
             f"{path} holds another signing key than the one the replicas share in the database: devices pinned to"
             " one refuse manifests signed with the other. Move it away to sign with the shared key (devices that"
             " pinned it must be given the key from GET /api/v1/signing-key), or start this controller with"
-            " artifact_store = \"local\" and its own database"
+            ' artifact_store = "local" and its own database'
         )
     return SigningKey(key, path)
 

@@ -16,8 +16,8 @@ from controller.db.models import Artifact, ImportJob, Model, ModelVersion
 from controller.db.types import utcnow
 from controller.registry import keys
 from controller.registry.bundles import BundleError, ImportOptions
-from controller.registry.importer import Importer, ImportRequest
 from controller.registry.dbstore import DatabaseStore
+from controller.registry.importer import Importer, ImportRequest
 from controller.registry.store import SHARED_GRACE_S, ArtifactStore, ContentStore
 from controller.registry.upload import UploadError, remove_tree
 from wire.manifest import SignedManifest

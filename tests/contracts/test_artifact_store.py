@@ -64,7 +64,12 @@ def _flip_row(engine: Engine) -> Callable[[str, int], None]:
 
 
 @pytest.fixture(
-    params=["local", "shared-directory", "database-sqlite", pytest.param("database-postgresql", marks=pytest.mark.postgres)]
+    params=[
+        "local",
+        "shared-directory",
+        "database-sqlite",
+        pytest.param("database-postgresql", marks=pytest.mark.postgres),
+    ]
 )
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     with contextlib.ExitStack() as stack:
