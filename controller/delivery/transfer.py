@@ -72,6 +72,8 @@ class ChunkSource:
         self.store = store
         self.artifact_id = manifest.artifact_id
         self.verified = verified if verified is not None else set()
+        #: reads may take milliseconds (a database, a network filesystem): broadcasts make them in a worker thread
+        self.shared = store.shared
 
     def __len__(self) -> int:
         return len(self.manifest.chunks)
@@ -190,7 +192,11 @@ class Broadcast:
                 while (
                     self.next_index < total and self.next_index < position + s.window and self.inflight < s.max_inflight
                 ):
-                    if not self._send(self.next_index):
+                    if self.source.shared:  # a database or network read: off the loop that hears the devices
+                        frame = await asyncio.to_thread(self.source.frame, self.next_index)
+                    else:
+                        frame = self.source.frame(self.next_index)
+                    if not self._send(frame):
                         break
                     self.next_index += 1
                 if self.next_index < total:
@@ -213,8 +219,7 @@ class Broadcast:
         listening = {d for d, p in self.participants.items() if p.listening or not p.downloading}
         return bool(listening) and self.expected <= listening
 
-    def _send(self, index: int) -> bool:
-        frame = self.source.frame(index)
+    def _send(self, frame: bytes) -> bool:
         generation = self.generation
 
         def acked() -> None:
