@@ -79,6 +79,7 @@ class ControllerRuntime:
             max_unpacked_bytes=settings.unpack_max_bytes,
             floors=settings.min_agreement,
             artifact_store=settings.artifact_store,
+            secrets_key=settings.shared_secrets_key,
         )
         #: every command to a device goes out through this: sealed for that device (wire.signing)
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from controller.db.secrets import valid_key
 from controller.errors import SettingsError
 
 
@@ -29,6 +30,11 @@ class ControllerSettings(BaseSettings):
         " database_url, which every replica reaches: use it with several replicas); or the absolute path of a"
         " directory every replica mounts. Not local: the signing key (and the controller's own device CA) are"
         " shared through the database too",
+    )
+    shared_secrets_key: str | None = Field(
+        None,
+        description="a Fernet key, the same on every replica, that encrypts the secrets replicas share in the"
+        " database (signing key, device CA) when artifact_store is not local; unset: stored unencrypted",
     )
     broker_url: str | None = Field(
         None, description="existing broker, mqtt://host:port; unset: start an embedded broker"
@@ -265,6 +271,11 @@ class ControllerSettings(BaseSettings):
         if not Path(v).expanduser().is_absolute():
             raise ValueError(f"artifact_store is local, database or the absolute path of a shared directory, not {v!r}")
         return str(Path(v).expanduser())
+
+    @field_validator("shared_secrets_key")
+    @classmethod
+    def _fernet_key(cls, v: str | None) -> str | None:
+        return valid_key(v) if v else None
 
     @property
     def shared_artifacts(self) -> bool:

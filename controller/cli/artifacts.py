@@ -10,6 +10,7 @@ from sqlmodel import Session, select
 
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Artifact
+from controller.db.secrets import SharedSecrets
 from controller.errors import ControllerError
 from controller.registry import keys
 from controller.registry.service import open_store
@@ -60,7 +61,7 @@ def migrate_store(
                     target.put_file_chunked(local.path(f["sha256"]), int(manifest["chunk_size"]))
                     copied += 1
         try:
-            key = keys.load_shared(engine, settings.data_dir / "keys")
+            key = keys.load_shared(SharedSecrets(engine, settings.shared_secrets_key), settings.data_dir / "keys")
         except ControllerError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

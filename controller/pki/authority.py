@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import Engine
 
 from controller.db import secrets
+from controller.db.secrets import SharedSecrets
 from controller.errors import ControllerError
 
 CA_CERT = "device-ca.pem"
@@ -153,20 +153,17 @@ class Authority:
         return cls(cert, key, own)
 
     @classmethod
-    def load_or_create_shared(cls, engine: Engine, pki_dir: Path) -> Authority:
+    def load_or_create_shared(cls, shared: SharedSecrets, pki_dir: Path) -> Authority:
         """The controller's own CA as every replica holds it: from the database (``shared_secret``), made by the
         first replica (from its ``pki_dir`` when it has one there), written to ``pki_dir`` for the broker."""
         cert_path, key_path = pki_dir / CA_CERT, pki_dir / CA_KEY
         local = (cert_path.read_bytes(), key_path.read_bytes()) if cert_path.is_file() and key_path.is_file() else None
-        key_pem_bytes, cert_pem_bytes = (
-            secrets.read(engine, secrets.DEVICE_CA_KEY),
-            secrets.read(engine, secrets.DEVICE_CA_CERT),
-        )
+        key_pem_bytes, cert_pem_bytes = shared.read(secrets.DEVICE_CA_KEY), shared.read(secrets.DEVICE_CA_CERT)
         if key_pem_bytes is None or cert_pem_bytes is None:
             if local is None:
                 cls._create(cert_path, key_path)
                 local = (cert_path.read_bytes(), key_path.read_bytes())
-            offered = secrets.offer(engine, {secrets.DEVICE_CA_KEY: local[1], secrets.DEVICE_CA_CERT: local[0]})
+            offered = shared.offer({secrets.DEVICE_CA_KEY: local[1], secrets.DEVICE_CA_CERT: local[0]})
             key_pem_bytes, cert_pem_bytes = offered[secrets.DEVICE_CA_KEY], offered[secrets.DEVICE_CA_CERT]
         if local is not None and local[0] != cert_pem_bytes:
             raise PkiError(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import Engine
 
-from controller.db import secrets
+from controller.db.secrets import SIGNING_KEY as SIGNING_KEY_SECRET
+from controller.db.secrets import SharedSecrets
 from controller.errors import ControllerError
 from wire.signing import key_id, public_key_pem
 
@@ -75,7 +75,7 @@ def _parse(pem: bytes, where: str) -> Ed25519PrivateKey:
     return key
 
 
-def load_shared(engine: Engine, keys_dir: Path) -> SigningKey:
+def load_shared(shared: SharedSecrets, keys_dir: Path) -> SigningKey:
     """The key every replica signs with, from the database (``shared_secret`` ``signing-key``).
 
     The first replica stores its data directory's key when it has one (devices of an existing install pin it),
@@ -91,7 +91,7 @@ def load_shared(engine: Engine, keys_dir: Path) -> SigningKey:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
-    key = _parse(secrets.get_or_make(engine, secrets.SIGNING_KEY, make), "in the database (shared_secret)")
+    key = _parse(shared.get_or_make(SIGNING_KEY_SECRET, make), "in the database (shared_secret)")
     if local is not None and key_id(_parse(local, str(path)).public_key()) != key_id(key.public_key()):
         raise ControllerError(
             f"{path} holds another signing key than the one the replicas share in the database: devices pinned to"

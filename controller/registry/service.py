@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from controller.db.models import Artifact, ImportJob, Model, ModelVersion
+from controller.db.secrets import SharedSecrets
 from controller.db.types import utcnow
 from controller.registry import keys
 from controller.registry.bundles import BundleError, ImportOptions
@@ -46,14 +47,17 @@ class RegistryService:
         max_unpacked_bytes: int,
         floors: dict[str, float] | None = None,
         artifact_store: str = "local",
+        secrets_key: str | None = None,
     ) -> None:
-        """``artifact_store``: local, database or the path of a directory every replica mounts (settings)."""
+        """``artifact_store``: local, database or the path of a directory every replica mounts (settings);
+        ``secrets_key``: the Fernet key of the secrets replicas share (shared_secrets_key)."""
         self.engine = engine
         self.root = data_dir / "registry"
         self.store = open_store(artifact_store, engine, self.root / "store", chunk_size)
         self.staging = self.root / "staging"  # per replica: uploads being unpacked and converted
         # every replica signs with the same key, from the database, once the artifacts are shared
-        load = keys.load_or_create if artifact_store == "local" else lambda d: keys.load_shared(engine, d)
+        shared = SharedSecrets(engine, secrets_key)
+        load = keys.load_or_create if artifact_store == "local" else lambda d: keys.load_shared(shared, d)
         self.key = load(data_dir / "keys")
         self.importer = Importer(
             engine,

@@ -2,7 +2,8 @@
 through replica A is delivered by replica B, which never imported it, to a real agent that pins B's key.
 
 B reads the manifest and every chunk from the database (its own data directory holds no blob and no key
-file), signs with the key the replicas share, and the agent verifies, installs and activates the model."""
+file), signs with the key the replicas share (encrypted there with shared_secrets_key), and the agent verifies,
+installs and activates the model. A replica without that key refuses to start and says which setting it needs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 
 from controller.broker.embedded import EmbeddedBroker, free_port
 from tests.e2e.fleet import ControllerProc
@@ -28,7 +30,11 @@ def database_url() -> Iterator[str]:
         yield url
 
 
-def start_replica(root: Path, name: str, broker_url: str, database_url: str) -> ControllerProc:
+#: the Fernet key every replica is given: the shared signing key is encrypted in the database
+SECRETS_KEY = Fernet.generate_key().decode()
+
+
+def replica_proc(root: Path, name: str, broker_url: str, database_url: str, secrets_key: str | None) -> ControllerProc:
     port = free_port()
     data = root / name
     env = {
@@ -37,9 +43,16 @@ def start_replica(root: Path, name: str, broker_url: str, database_url: str) -> 
         "SLMFLEET_MQTT_CLIENT_ID": f"slmfleet-controller-{name}",
         "SLMFLEET_CHUNK_SIZE": "4096",  # many chunks: every one is a row B reads
     }
+    if secrets_key is not None:
+        env["SLMFLEET_SHARED_SECRETS_KEY"] = secrets_key
     args = slmfleet_cmd("up", "--data-dir", str(data), "--broker", broker_url, "--port", str(port))
     proc = Proc(args, root / f"{name}.log", env=env)
-    ctl = ControllerProc(proc, f"http://127.0.0.1:{port}", data)
+    return ControllerProc(proc, f"http://127.0.0.1:{port}", data)
+
+
+def start_replica(root: Path, name: str, broker_url: str, database_url: str) -> ControllerProc:
+    ctl = replica_proc(root, name, broker_url, database_url, SECRETS_KEY)
+    proc = ctl.proc
     try:
         wait_until(
             lambda: proc.alive() and httpx.get(ctl.api + "/api/v1/health", timeout=2).json()["broker"]["connected"],
@@ -103,6 +116,12 @@ def test_a_replica_that_never_imported_a_version_delivers_it_signed_with_the_sha
         assert not local_store.exists() or not any(local_store.rglob("*")), "B sent nothing from a local copy"
         log = agent.log()
         assert "Traceback" not in log and "signature" not in log.lower(), log[-3000:]
+
+        # a replica started without the key that encrypts the shared secrets refuses to start, naming the setting
+        c = replica_proc(tmp_path, "replica-c", private_broker.url, database_url, None)
+        procs.append(c.proc)
+        assert c.proc.popen.wait(60) == 1
+        assert "set shared_secrets_key" in c.proc.log(), c.proc.log()[-2000:]
     finally:
         for p in reversed(procs):
             with contextlib.suppress(Exception):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from controller.cli import app
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Artifact, Model, ModelVersion
+from controller.db.secrets import SharedSecrets
 from controller.registry import keys
 from controller.registry.dbstore import DatabaseStore
 from controller.registry.store import ContentStore
@@ -44,7 +45,7 @@ def test_migrate_copies_every_artifact_file_and_the_signing_key(tmp_path: Path) 
     store = DatabaseStore(engine)
     assert store.read(sha) == src.read_bytes() and store.check(sha, size) is None
     assert store.read_range(sha, 4096, 4096) == src.read_bytes()[4096:8192]
-    assert keys.load_shared(engine, tmp_path / "replica-b" / "keys").key_id == key.key_id
+    assert keys.load_shared(SharedSecrets(engine), tmp_path / "replica-b" / "keys").key_id == key.key_id
     again = runner.invoke(app, ["artifacts", "migrate", "--to", "database", "--data-dir", str(data)])
     assert again.exit_code == 0 and "0 files copied" in again.output and "1 already there" in again.output
     engine.dispose()
