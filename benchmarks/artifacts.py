@@ -46,7 +46,7 @@ def _postgres() -> Iterator[str]:
         admin.dispose()
 
 
-def _measure(store: ArtifactStore, src: Path, max_passes: int, max_s: float) -> dict[str, Any]:
+def measure(store: ArtifactStore, src: Path, max_passes: int, max_s: float) -> dict[str, Any]:
     started = time.perf_counter()
     sha, size, hashes = store.put_file_chunked(src, CHUNK)
     put_s = time.perf_counter() - started
@@ -85,16 +85,16 @@ def run(quick: bool = False) -> dict[str, Any]:
         root = Path(tmp)
         src = root / "model.bin"
         src.write_bytes(os.urandom(size))
-        results["local"] = _measure(ContentStore(root / "store"), src, max_passes, max_s)
+        results["local"] = measure(ContentStore(root / "store"), src, max_passes, max_s)
         sqlite = make_engine(f"sqlite:///{root / 'bench.db'}")
         migrate(sqlite)
-        results["database_sqlite"] = _measure(DatabaseStore(sqlite, CHUNK), src, max_passes, max_s)
+        results["database_sqlite"] = measure(DatabaseStore(sqlite, CHUNK), src, max_passes, max_s)
         sqlite.dispose()
         try:
             with _postgres() as url:
                 engine = make_engine(url)
                 migrate(engine)
-                results["database_postgresql"] = _measure(DatabaseStore(engine, CHUNK), src, max_passes, max_s)
+                results["database_postgresql"] = measure(DatabaseStore(engine, CHUNK), src, max_passes, max_s)
                 engine.dispose()
         except Exception as exc:  # no server: say so instead of a figure
             results["database_postgresql"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:200]}"}

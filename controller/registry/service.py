@@ -6,6 +6,7 @@ import logging
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from controller.registry.upload import UploadError, remove_tree
 from wire.manifest import SignedManifest
 
 log = logging.getLogger(__name__)
+
+#: with a shared store, an import job silent this long at a replica's start-up is taken for one whose replica died
+IMPORT_SILENCE_S = 3600.0
 
 
 def open_store(spec: str, engine: Engine, local_root: Path, piece_size: int) -> ArtifactStore:
@@ -76,15 +80,20 @@ class RegistryService:
     # ------------------------------------------------------------ life --
 
     def start(self) -> None:
-        """Clean up after a crash: interrupted jobs fail, staging and stray blobs go."""
+        """Clean up after a crash: interrupted jobs fail, staging and stray blobs go. With a shared store, jobs
+        that made progress in the last IMPORT_SILENCE_S may be another replica's, running: left alone."""
+        recent = utcnow() - timedelta(seconds=IMPORT_SILENCE_S)
         with Session(self.engine) as session:
             for job in session.exec(select(ImportJob).where(ImportJob.status.in_(("queued", "running")))).all():  # type: ignore[attr-defined]
+                if self.store.shared and job.updated_at > recent:
+                    continue
                 job.status, job.error, job.updated_at = "failed", "the controller stopped during the import", utcnow()
                 session.add(job)
             session.commit()
         remove_tree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.store.clean_tmp()
+        log.info("artifact store: %s", self.store.kind if self.store.kind != "local" else self.root / "store")
         removed = self.collect_garbage()
         if removed:
             log.info("registry: removed %d blobs no artifact refers to (left by an interrupted import)", removed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.artifacts import CHUNK, _measure
+from benchmarks.artifacts import CHUNK, measure
 from controller.db.engine import make_engine, migrate
 from controller.registry.dbstore import DatabaseStore
 from controller.registry.store import ContentStore
@@ -17,8 +17,8 @@ def test_each_backend_reads_every_chunk_back_as_stored(tmp_path: Path) -> None:
     migrate(engine)
     try:
         for store in (ContentStore(tmp_path / "store"), DatabaseStore(engine, CHUNK)):
-            figures = _measure(store, src, max_passes=2, max_s=30.0)
-            assert figures["chunks_read"] == 8 and figures["passes"] == 2, figures  # sha256-checked in _measure
+            figures = measure(store, src, max_passes=2, max_s=30.0)
+            assert figures["chunks_read"] == 8 and figures["passes"] == 2, figures  # sha256-checked in measure
             assert figures["chunks_per_s"] > 0 and figures["stored_mib_per_s"] > 0
     finally:
         engine.dispose()

@@ -1,0 +1,47 @@
+"""A replica starting on a shared artifact store leaves other replicas' work alone: an import job that made
+progress recently stays running, and a blob stored recently that no artifact lists yet (an import not committed)
+is not collected; what is old and unreferenced goes, as on a single controller."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlmodel import Session
+
+from controller.db.engine import make_engine, migrate
+from controller.db.models import ArtifactBlob, ImportJob, table
+from controller.db.types import utcnow
+from controller.registry.service import RegistryService
+
+
+@pytest.mark.parametrize("store", ["local", "database"])
+def test_start_up_spares_what_another_replica_may_be_doing(tmp_path: Path, store: str) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    migrate(engine)
+    service = RegistryService(
+        engine, tmp_path / "data", chunk_size=4096, validity_days=1, max_unpacked_bytes=1 << 20, artifact_store=store
+    )
+    with Session(engine) as s:
+        s.add(ImportJob(id="recent", model_name="m", status="running", updated_at=utcnow()))
+        s.add(ImportJob(id="silent", model_name="m", status="running", updated_at=utcnow() - timedelta(hours=2)))
+        s.commit()
+    fresh = service.store.put_bytes(b"an import in progress on another replica")
+    old = service.store.put_bytes(b"left by an import that died two days ago")
+    if store == "database":
+        blobs = table(ArtifactBlob)
+        with engine.begin() as conn:
+            conn.execute(update(blobs).where(blobs.c.sha256 == old).values(stored_at=utcnow() - timedelta(days=2)))
+    service.start()
+    try:
+        with Session(engine) as s:
+            status = {j: s.get(ImportJob, j).status for j in ("recent", "silent")}  # type: ignore[union-attr]
+        shared = store != "local"
+        assert status == {"recent": "running" if shared else "failed", "silent": "failed"}
+        assert service.store.has(fresh) == shared, "a young unreferenced blob is spared only in a shared store"
+        assert not service.store.has(old)
+    finally:
+        service.stop()
+        engine.dispose()
