@@ -1,10 +1,11 @@
-"""``slmfleet artifacts migrate --to database``: an existing single controller's files and signing key move to the
-database store a replica then serves them from; running it again copies nothing more."""
+"""``slmfleet artifacts migrate --to database|DIR``: an existing single controller's files and signing key move to
+the database store (or a shared directory) a replica then serves them from; running it again copies nothing more."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlmodel import Session
 from typer.testing import CliRunner
 
@@ -13,11 +14,13 @@ from controller.db.engine import make_engine, migrate
 from controller.db.models import Artifact, Model, ModelVersion
 from controller.db.secrets import SharedSecrets
 from controller.registry import keys
-from controller.registry.dbstore import DatabaseStore
+from controller.registry.service import open_store
 from controller.registry.store import ContentStore
 
 
-def test_migrate_copies_every_artifact_file_and_the_signing_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to", ["database", "shared-directory"])
+def test_migrate_copies_every_artifact_file_and_the_signing_key(tmp_path: Path, to: str) -> None:
+    target = "database" if to == "database" else str(tmp_path / "mnt" / "artifacts")
     data = tmp_path / "ctl"
     engine = make_engine(f"sqlite:///{data / 'controller.db'}")
     migrate(engine)
@@ -39,13 +42,13 @@ def test_migrate_copies_every_artifact_file_and_the_signing_key(tmp_path: Path) 
         s.commit()
 
     runner = CliRunner()
-    first = runner.invoke(app, ["artifacts", "migrate", "--to", "database", "--data-dir", str(data)])
+    first = runner.invoke(app, ["artifacts", "migrate", "--to", target, "--data-dir", str(data)])
     assert first.exit_code == 0, first.output
-    assert "1 files copied to the database store" in first.output
-    store = DatabaseStore(engine)
+    store = open_store(target, engine, tmp_path / "unused", 4096)
+    assert f"1 files copied to the {store.kind} store" in first.output
     assert store.read(sha) == src.read_bytes() and store.check(sha, size) is None
     assert store.read_range(sha, 4096, 4096) == src.read_bytes()[4096:8192]
     assert keys.load_shared(SharedSecrets(engine), tmp_path / "replica-b" / "keys").key_id == key.key_id
-    again = runner.invoke(app, ["artifacts", "migrate", "--to", "database", "--data-dir", str(data)])
+    again = runner.invoke(app, ["artifacts", "migrate", "--to", target, "--data-dir", str(data)])
     assert again.exit_code == 0 and "0 files copied" in again.output and "1 already there" in again.output
     engine.dispose()
