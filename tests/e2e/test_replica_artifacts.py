@@ -1,7 +1,8 @@
-"""Two controller replicas on one PostgreSQL database with the database artifact store: a version imported
-through replica A is delivered by replica B, which never imported it, to a real agent that pins B's key.
+"""Two controller replicas on one PostgreSQL database with a shared artifact store (the database, or a directory
+both mount): a version imported through replica A is delivered by replica B, which never imported it, to a real
+agent that pins B's key.
 
-B reads the manifest and every chunk from the database (its own data directory holds no blob and no key
+B reads the manifest and every chunk from the shared store (its own data directory holds no blob and no key
 file), signs with the key the replicas share (encrypted there with shared_secrets_key), and the agent verifies,
 installs and activates the model. A replica without that key refuses to start and says which setting it needs."""
 
@@ -34,12 +35,14 @@ def database_url() -> Iterator[str]:
 SECRETS_KEY = Fernet.generate_key().decode()
 
 
-def replica_proc(root: Path, name: str, broker_url: str, database_url: str, secrets_key: str | None) -> ControllerProc:
+def replica_proc(
+    root: Path, name: str, broker_url: str, database_url: str, secrets_key: str | None, store: str = "database"
+) -> ControllerProc:
     port = free_port()
     data = root / name
     env = {
         "SLMFLEET_DATABASE_URL": database_url,
-        "SLMFLEET_ARTIFACT_STORE": "database",
+        "SLMFLEET_ARTIFACT_STORE": store,
         "SLMFLEET_MQTT_CLIENT_ID": f"slmfleet-controller-{name}",
         "SLMFLEET_CHUNK_SIZE": "4096",  # many chunks: every one is a row B reads
     }
@@ -50,8 +53,8 @@ def replica_proc(root: Path, name: str, broker_url: str, database_url: str, secr
     return ControllerProc(proc, f"http://127.0.0.1:{port}", data)
 
 
-def start_replica(root: Path, name: str, broker_url: str, database_url: str) -> ControllerProc:
-    ctl = replica_proc(root, name, broker_url, database_url, SECRETS_KEY)
+def start_replica(root: Path, name: str, broker_url: str, database_url: str, store: str) -> ControllerProc:
+    ctl = replica_proc(root, name, broker_url, database_url, SECRETS_KEY, store)
     proc = ctl.proc
     try:
         wait_until(
@@ -65,16 +68,18 @@ def start_replica(root: Path, name: str, broker_url: str, database_url: str) -> 
     return ctl
 
 
+@pytest.mark.parametrize("store", ["database", "shared-directory"])
 def test_a_replica_that_never_imported_a_version_delivers_it_signed_with_the_shared_key(
-    tmp_path: Path, private_broker: EmbeddedBroker, database_url: str
+    tmp_path: Path, private_broker: EmbeddedBroker, database_url: str, store: str
 ) -> None:
+    store = "database" if store == "database" else str(tmp_path / "mnt" / "artifacts")  # the directory both mount
     procs: list[Proc] = []
     try:
-        a = start_replica(tmp_path, "replica-a", private_broker.url, database_url)
+        a = start_replica(tmp_path, "replica-a", private_broker.url, database_url, store)
         procs.append(a.proc)
         version = register(a, tmp_path, seed=1)
         assert version["number"] == 1
-        b = start_replica(tmp_path, "replica-b", private_broker.url, database_url)  # after the import
+        b = start_replica(tmp_path, "replica-b", private_broker.url, database_url, store)  # after the import
         procs.append(b.proc)
 
         key_a = a.get("/api/v1/signing-key").json()
@@ -114,11 +119,13 @@ def test_a_replica_that_never_imported_a_version_delivers_it_signed_with_the_sha
         assert a.get(f"/api/v1/deployments/{dep}").json()["status"] == "completed", "the state is the shared one"
         local_store = b.data_dir / "registry" / "store" / "blobs"
         assert not local_store.exists() or not any(local_store.rglob("*")), "B sent nothing from a local copy"
+        if store != "database":
+            assert any(p.is_file() for p in (Path(store) / "blobs").rglob("*")), "the files are in the shared directory"
         log = agent.log()
         assert "Traceback" not in log and "signature" not in log.lower(), log[-3000:]
 
         # a replica started without the key that encrypts the shared secrets refuses to start, naming the setting
-        c = replica_proc(tmp_path, "replica-c", private_broker.url, database_url, None)
+        c = replica_proc(tmp_path, "replica-c", private_broker.url, database_url, None, store)
         procs.append(c.proc)
         assert c.proc.popen.wait(60) == 1
         assert "set shared_secrets_key" in c.proc.log(), c.proc.log()[-2000:]
