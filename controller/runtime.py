@@ -71,6 +71,11 @@ class ControllerRuntime:
         )
         if settings.shared_artifacts:
             migrate(self.engine)  # the signing key the replicas share is read from the database just below
+        elif settings.mqtt_shared_group:
+            log.warning(
+                "several controllers (mqtt_shared_group) with a local artifact store: a replica that did not import a"
+                ' version cannot send it, and each signs with its own key; set artifact_store = "database"'
+            )
         self.models = RegistryService(
             self.engine,
             settings.data_dir,
