@@ -22,8 +22,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from controller.db.models import ArtifactBlob, ArtifactBlobPiece, table
 from controller.db.types import utcnow
@@ -56,6 +57,13 @@ class DatabaseStore:
         self._headers: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._binary = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        #: chunk reads on PostgreSQL: autocommit (no BEGIN/ROLLBACK round trips) and no ping before each use (a
+        #: dead connection is retried once instead): ~3x fewer round trips per chunk than the shared engine's
+        self._reads = engine
+        if engine.dialect.name == "postgresql":
+            self._reads = create_engine(
+                engine.url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=8, pool_recycle=3600
+            )
 
     def where(self, sha256: str) -> str:
         return f"artifact_blob {sha256[:12]} in the database"
@@ -164,20 +172,34 @@ class DatabaseStore:
             return b"".join(bytes(r[0]) for r in rows)
 
     def read_range(self, sha256: str, offset: int, size: int) -> bytes:
-        with self.engine.connect() as conn:
-            total, piece = self._header(conn, sha256)
-            end = min(offset + size, total)
-            if end <= offset:
-                return b""
-            first, last = offset // piece, (end - 1) // piece
-            c = _PIECE.c
-            if first == last:  # a chunk of the size it was stored at: one row by its primary key
-                blob = self._piece(conn, sha256, first)
-            else:
-                rows = conn.execute(
-                    select(c.data).where(c.sha256 == sha256, c.idx >= first, c.idx <= last).order_by(c.idx)
-                )
-                blob = b"".join(bytes(r[0]) for r in rows)
+        # A connection the server closed (a restart, a proxy): the pool is renewed and the read made once more.
+        lost: Any = getattr(self._reads.dialect.loaded_dbapi, "OperationalError", DBAPIError)
+        for attempt in (1, 2):
+            with self._reads.connect() as conn:
+                try:
+                    return self._range(conn, sha256, offset, size)
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+                except lost:  # from the driver's own cursor (binary reads): not wrapped, nothing invalidated yet
+                    if attempt == 2:
+                        raise
+                    conn.invalidate()
+                    self._reads.dispose()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _range(self, conn: Connection, sha256: str, offset: int, size: int) -> bytes:
+        total, piece = self._header(conn, sha256)
+        end = min(offset + size, total)
+        if end <= offset:
+            return b""
+        first, last = offset // piece, (end - 1) // piece
+        c = _PIECE.c
+        if first == last:  # a chunk of the size it was stored at: one row by its primary key
+            blob = self._piece(conn, sha256, first)
+        else:
+            rows = conn.execute(select(c.data).where(c.sha256 == sha256, c.idx >= first, c.idx <= last).order_by(c.idx))
+            blob = b"".join(bytes(r[0]) for r in rows)
         start = offset - first * piece
         return blob[start : start + (end - offset)]
 
@@ -222,3 +244,8 @@ class DatabaseStore:
     def clean_tmp(self) -> int:
         """Nothing to clean: an interrupted write is a rolled-back transaction."""
         return 0
+
+    def close(self) -> None:
+        """Close the chunk readers' connections (the shared engine is its owner's to dispose)."""
+        if self._reads is not self.engine:
+            self._reads.dispose()

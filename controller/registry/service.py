@@ -100,6 +100,7 @@ class RegistryService:
 
     def stop(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
     def collect_garbage(self) -> int:
         """Delete blobs that no manifest lists. Only safe while no import runs (start-up); in a shared store only

@@ -92,6 +92,10 @@ class ArtifactStore(Protocol):
         """Where the blob lives, for messages."""
         ...
 
+    def close(self) -> None:
+        """Release what the store holds open (at stop)."""
+        ...
+
 
 class ContentStore:
     """The directory backend: ``blobs/ab/cd/<sha256>``, temporary files in ``tmp/``."""
@@ -107,6 +111,9 @@ class ContentStore:
 
     def where(self, sha256: str) -> str:
         return str(self.path(sha256))
+
+    def close(self) -> None:
+        """Nothing held open."""
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):

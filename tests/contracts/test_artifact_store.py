@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, text, update
 
 from controller.db.engine import make_engine, migrate
 from controller.db.models import ArtifactBlobPiece, table
@@ -220,3 +220,24 @@ def test_deleted_blobs_are_gone_and_shared_stores_spare_young_ones(backend: Back
         assert removed == (0 if store.shared else 1)
     else:
         assert store.clean_tmp() == 0
+
+
+def test_chunk_reads_survive_the_server_closing_every_connection(backend: Backend, tmp_path: Path) -> None:
+    """A PostgreSQL restart (or a proxy) closes pooled connections: the next chunk read gets a new one."""
+    if backend.name != "database-postgresql":
+        pytest.skip("PostgreSQL only: a server that closes its clients' connections")
+    store = backend.open()
+    assert isinstance(store, DatabaseStore)
+    src = _file(tmp_path, "model.onnx", 2 * CHUNK, seed=3)
+    sha, _, _ = store.put_file_chunked(src, CHUNK)
+    assert store.read_range(sha, 0, CHUNK) == src.read_bytes()[:CHUNK]  # a pooled reader connection now
+    with store.engine.connect() as conn:
+        killed = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    assert killed and killed >= 1
+    assert store.read_range(sha, CHUNK, CHUNK) == src.read_bytes()[CHUNK:]
+    store.close()
