@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: room for the topic, packet id and MQTT 5 properties around the largest payload the controller accepts
 RECEIVE_OVERHEAD = 8 * 1024
+#: with a shared artifact store, how old this replica's copy of the corrupt marks may be (another marks or repairs)
+MARKS_REFRESH_S = 5.0
 
 
 class ControllerRuntime:
@@ -89,7 +91,12 @@ class ControllerRuntime:
         #: every command to a device goes out through this: sealed for that device (wire.signing)
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)
         #: artifacts damaged in the store (marked, announced, repaired); listeners get each new mark
-        self.integrity = ArtifactIntegrity(self.engine, self.models.store, self.metrics)
+        self.integrity = ArtifactIntegrity(
+            self.engine,
+            self.models.store,
+            self.metrics,
+            refresh_s=MARKS_REFRESH_S if self.models.store.shared else None,
+        )
         self.webhook_sender = WebhookSender(
             self.engine,
             SenderSettings(

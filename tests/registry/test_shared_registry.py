@@ -1,6 +1,7 @@
 """A replica starting on a shared artifact store leaves other replicas' work alone: an import job that made
 progress recently stays running, and a blob stored recently that no artifact lists yet (an import not committed)
-is not collected; what is old and unreferenced goes, as on a single controller."""
+is not collected; what is old and unreferenced goes, as on a single controller. Marks of corrupt artifacts, and
+their repairs, reach every replica."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from sqlalchemy import update
 from sqlmodel import Session
 
 from controller.db.engine import make_engine, migrate
-from controller.db.models import ArtifactBlob, ImportJob, table
+from controller.db.models import Artifact, ArtifactBlob, ImportJob, Model, ModelVersion, table
 from controller.db.types import utcnow
+from controller.metrics import Metrics
+from controller.registry.dbstore import DatabaseStore
+from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.service import RegistryService
 
 
@@ -45,3 +49,39 @@ def test_start_up_spares_what_another_replica_may_be_doing(tmp_path: Path, store
     finally:
         service.stop()
         engine.dispose()
+
+
+def test_a_corrupt_mark_and_its_repair_reach_the_other_replicas(tmp_path: Path) -> None:
+    """Replica A finds an artifact damaged and marks it; B, sharing the store, stops using it; A's repair clears
+    the mark and B uses it again, checking its chunks anew (``on_repaired``)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    migrate(engine)
+    store = DatabaseStore(engine, 4096)
+    sha = store.put_bytes(b"weights" * 1000)
+    with Session(engine) as s:
+        model = Model(name="pump", task="anomaly")
+        s.add(model)
+        s.flush()
+        version = ModelVersion(model_id=model.id or 0, number=1, source="upload")
+        s.add(version)
+        s.flush()
+        files = [{"path": "model.onnx", "sha256": sha, "size": 7000}]
+        s.add(
+            Artifact(
+                id="a" * 64, version_id=version.id or 0, variant="fp32", signed_manifest={"manifest": {"files": files}}
+            )
+        )
+        s.commit()
+    a = ArtifactIntegrity(engine, store, Metrics(), refresh_s=0.0)
+    b = ArtifactIntegrity(engine, store, Metrics(), refresh_s=0.0)
+    single = ArtifactIntegrity(engine, store, Metrics())  # a single controller's: never re-reads
+    for integrity in (a, b, single):
+        integrity.load()
+    rechecked: list[str] = []
+    b.on_repaired.append(rechecked.append)
+    a.mark_corrupt("a" * 64, "chunk 3 does not match its sha256")
+    assert b.corrupt_reason("a" * 64) == "chunk 3 does not match its sha256"
+    assert single.corrupt_reason("a" * 64) is None
+    assert a.verify("a" * 64).ok  # the store's copy is intact: the mark goes
+    assert b.corrupt_reason("a" * 64) is None and rechecked == ["a" * 64]
+    engine.dispose()
