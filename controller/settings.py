@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography.fernet import Fernet
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from controller.db.secrets import valid_key
 from controller.errors import SettingsError
 
 
@@ -275,7 +275,16 @@ class ControllerSettings(BaseSettings):
     @field_validator("shared_secrets_key")
     @classmethod
     def _fernet_key(cls, v: str | None) -> str | None:
-        return valid_key(v) if v else None
+        if not v:
+            return None
+        try:
+            Fernet(v.encode())
+        except (ValueError, TypeError):
+            raise ValueError(
+                "shared_secrets_key must be a Fernet key (url-safe base64 of 32 bytes); make one with: python -c"
+                " 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+            ) from None
+        return v
 
     @property
     def shared_artifacts(self) -> bool:

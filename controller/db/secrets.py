@@ -34,18 +34,6 @@ DEVICE_CA_KEY = "device-ca-key"
 DEVICE_CA_CERT = "device-ca-cert"
 
 
-def valid_key(key: str) -> str:
-    """``key`` when it is a Fernet key (url-safe base64 of 32 bytes), else ValueError saying how to make one."""
-    try:
-        Fernet(key.encode())
-    except (ValueError, TypeError):
-        raise ValueError(
-            "shared_secrets_key must be a Fernet key (url-safe base64 of 32 bytes); make one with: python -c"
-            " 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
-        ) from None
-    return key
-
-
 class SharedSecrets:
     """The ``shared_secret`` table, encrypted with ``key`` when one is given."""
 

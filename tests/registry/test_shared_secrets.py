@@ -17,9 +17,10 @@ from controller.db import secrets
 from controller.db.engine import make_engine, migrate
 from controller.db.models import SharedSecret, table
 from controller.db.secrets import SEALED, SharedSecrets
-from controller.errors import ControllerError
+from controller.errors import ControllerError, SettingsError
 from controller.pki.authority import Authority, PkiError
 from controller.registry import keys
+from controller.settings import load_settings
 from tests.postgres import own_database
 
 
@@ -88,5 +89,6 @@ def test_with_a_shared_secrets_key_the_database_holds_only_ciphertext(db: Engine
         keys.load_shared(SharedSecrets(db), tmp_path / "c" / "keys")
     with pytest.raises(ControllerError, match="does not decrypt"):
         keys.load_shared(SharedSecrets(db, Fernet.generate_key().decode()), tmp_path / "d" / "keys")
-    with pytest.raises(ValueError, match="Fernet key"):
-        secrets.valid_key("not-a-key")
+    with pytest.raises(SettingsError, match="shared_secrets_key must be a Fernet key"):
+        load_settings(data_dir=tmp_path, shared_secrets_key="not-a-key")
+    assert load_settings(data_dir=tmp_path, shared_secrets_key=fernet_key).shared_secrets_key == fernet_key
