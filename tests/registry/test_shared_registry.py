@@ -15,10 +15,12 @@ from sqlmodel import Session
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Artifact, ArtifactBlob, ImportJob, Model, ModelVersion, table
 from controller.db.types import utcnow
+from controller.errors import SettingsError
 from controller.metrics import Metrics
 from controller.registry.dbstore import DatabaseStore
 from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.service import RegistryService
+from controller.settings import load_settings
 
 
 @pytest.mark.parametrize("store", ["local", "database"])
@@ -85,3 +87,12 @@ def test_a_corrupt_mark_and_its_repair_reach_the_other_replicas(tmp_path: Path) 
     assert a.verify("a" * 64).ok  # the store's copy is intact: the mark goes
     assert b.corrupt_reason("a" * 64) is None and rechecked == ["a" * 64]
     engine.dispose()
+
+
+def test_the_artifact_store_setting(tmp_path: Path) -> None:
+    assert not load_settings(data_dir=tmp_path).shared_artifacts, "local stays the default"
+    assert load_settings(data_dir=tmp_path, artifact_store="database").shared_artifacts
+    shared = load_settings(data_dir=tmp_path, artifact_store=str(tmp_path / "mnt"))
+    assert shared.shared_artifacts and shared.artifact_store == str(tmp_path / "mnt")
+    with pytest.raises(SettingsError, match="artifact_store is local, database or the absolute path"):
+        load_settings(data_dir=tmp_path, artifact_store="relative/dir")
