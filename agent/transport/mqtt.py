@@ -189,6 +189,8 @@ class MqttTransport:
         self._flush_scheduled = False
         #: the socket is registered with the loop for writing (its buffer was full)
         self._writer_added = False
+        #: turns of the loop that read from the socket (several packets are read in one when they are waiting)
+        self.read_turns = 0
         self._subs: dict[str, int] = {}
         self._connected = False
         self._got_connack = False
@@ -626,6 +628,7 @@ class MqttTransport:
     # ---------------------------------------------------- loop plumbing --
 
     def _readable(self, client: mqtt.Client) -> None:
+        self.read_turns += 1
         client.loop_read()
         # Whole packets often arrive together: read what is already here in this turn (bounded).
         sock = self._sock
