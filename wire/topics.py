@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from enum import StrEnum
+from functools import lru_cache
 
 ROOT = "slmfleet/v1"
 DEVICE_PREFIX = f"{ROOT}/dev"

@@ -66,6 +66,7 @@ else:  # pragma: no cover - no FIONREAD on sockets there: one packet per readabl
     def _waiting(sock: Any) -> int:
         return 0
 
+
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
 _RC_UNSUPPORTED_PROTOCOL = 132
 _RC_REFUSED_FOR_GOOD = {133, 134, 135, 138, 140}  # bad client id, bad credentials, not authorized, banned, bad auth
