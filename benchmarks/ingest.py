@@ -16,44 +16,19 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select
 
-from benchmarks.common import JsonProc, start_broker, wait_for
+from benchmarks.common import JsonProc, postgres_database, start_broker, wait_for
 from controller.db.models import TelemetryRecord, table
 from controller.runtime import ControllerRuntime
 from controller.settings import load_settings
 
 DEVICES = 2000
-POSTGRES_ADMIN_URL = os.environ.get("SLMFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 #: the figure issue 16 started from (SQLite, 100,000 messages, this machine)
 BEFORE_US_PER_MSG = 141.9
-
-
-@contextmanager
-def _postgres() -> Iterator[str | None]:
-    """The URL of a new, empty PostgreSQL database (dropped after), or None when no server answers."""
-    try:
-        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception:
-        yield None
-        return
-    name = f"slmfleet_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _thread_cpu() -> dict[int, tuple[str, float]]:
@@ -171,9 +146,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             sqlite = _controller(broker.port, n, Path(tmp) / "controller")
             backends["sqlite (WAL)"] = _figures(sqlite, baseline, n)
             time.sleep(0.5)
-            with _postgres() as url:
+            with postgres_database("slmfleet_bench") as (url, why):
                 if url is None:
-                    backends["postgresql"] = {"skipped": f"no PostgreSQL answers at {POSTGRES_ADMIN_URL}"}
+                    backends["postgresql"] = {"skipped": why}
                 else:
                     pg = _controller(broker.port, n, Path(tmp) / "controller-pg", database_url=url)
                     backends["postgresql"] = _figures(pg, baseline, n)

@@ -4,33 +4,18 @@ their lengths, one row the database refuses costs only itself."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
 from sqlmodel import Session
 
-from controller.db.engine import make_engine, migrate
 from controller.db.models import DeviceEvent, TelemetryRecord
 from controller.telemetry.ingest import EventIn, IngestWriter, TelemetryIn
-from tests.postgres import own_database
+from tests.contracts.test_database import db
 from wire.messages import AgentEvent, CommandAck, InferenceStats, LatencySummary, ModelRef, Telemetry
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'writer.db'}"
-        else:
-            url = stack.enter_context(own_database("slmfleet_writer"))
-        engine = make_engine(url)
-        stack.callback(engine.dispose)
-        migrate(engine)
-        yield engine
+__all__ = ["db"]  # the database suite's fixture: a migrated, empty database of each dialect
 
 
 def _telemetry(seq: int, ts: float, *, model: bool = True) -> Telemetry:
