@@ -52,19 +52,29 @@ if sys.platform != "win32":
     import fcntl
     import termios
 
-    def _waiting(sock: Any) -> int:
-        """Bytes already received on ``sock`` and not read yet (TLS: decrypted ones count too)."""
-        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+    def _received(sock: Any) -> int:
         try:
             buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
         except (OSError, ValueError):
-            return pending
-        return pending + int.from_bytes(buf, sys.byteorder)
+            return 0
+        return int.from_bytes(buf, sys.byteorder)
 
-else:  # pragma: no cover - no FIONREAD on sockets there: one packet per readable event, as before
+else:  # pragma: no cover - no FIONREAD on sockets there: what the poll reports, one packet a turn
 
-    def _waiting(sock: Any) -> int:
+    def _received(sock: Any) -> int:
         return 0
+
+
+def _waiting(sock: Any) -> int:
+    """Bytes received and not read yet: in the read buffer, decrypted by TLS, in the kernel."""
+    if isinstance(sock, paho_speed.BufferedReads):
+        buffered = sock.buffered()
+        if buffered:
+            return buffered
+        sock = sock.raw
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return sock.pending()
+    return _received(sock)
 
 
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
@@ -602,7 +612,7 @@ class MqttTransport:
                 log.exception("%s: on_published handler failed", self.name)
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._sock = sock
+        self._sock = paho_speed.buffer_reads(client) or sock
         self._call_in_loop(self._loop.add_reader, sock, self._readable, client)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -635,8 +645,11 @@ class MqttTransport:
         sock = self._sock
         for _ in range(READ_BATCH - 1):
             if sock is None or sock is not self._sock or _waiting(sock) <= 0:
-                break
+                return
             client.loop_read()
+        if sock is not None and sock is self._sock and _waiting(sock) > 0:
+            # more is here, some of it maybe only in the read buffer (no poll would report it): go on next turn
+            self._loop.call_soon(self._readable, client)
 
     def _writable(self, sock: Any, client: mqtt.Client) -> None:
         client.loop_write()

@@ -58,3 +58,51 @@ def install() -> bool:
         return False
     _packet.Properties = PublishProperties  # type: ignore[misc]
     return True
+
+
+#: bytes read from the socket at once (at most): a few hundred telemetry messages
+READ_SIZE = 64 * 1024
+
+
+class BufferedReads:
+    """A connected socket whose reads paho takes from a buffer filled by one ``recv`` at a time.
+
+    paho reads each packet with three or four ``recv`` calls (its type byte, its length bytes one by
+    one, then the rest); under load the packets arrive together, and here one system call fetches many
+    of them. Everything else (send, fileno, close, TLS's pending) is the socket's own. What is buffered
+    is invisible to the event loop's poll: whoever reads must go on while ``buffered()`` is not zero.
+    """
+
+    __slots__ = ("_buf", "_pos", "raw")
+
+    def __init__(self, sock: Any) -> None:
+        self.raw = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            buf = self.raw.recv(max(bufsize, READ_SIZE))  # raises as the socket does when nothing is there
+            if not buf:
+                return buf  # the connection closed
+            self._buf, pos = buf, 0
+        end = pos + bufsize
+        self._pos = end
+        return buf[pos:end]
+
+    def buffered(self) -> int:
+        return max(0, len(self._buf) - self._pos)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def buffer_reads(client: Any) -> Any:
+    """Give paho's ``client`` its socket with buffered reads (call right after it opened one); returns it."""
+    sock = getattr(client, "_sock", None)
+    if sock is None or isinstance(sock, BufferedReads):
+        return sock
+    wrapped = BufferedReads(sock)
+    client._sock = wrapped
+    return wrapped
