@@ -3,6 +3,7 @@ their PUBACKs written after it, MQTT 5 PUBLISH properties decoded without paho's
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from paho.mqtt import _packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 
+from agent.transport import mqtt as mqtt_transport
 from agent.transport import paho_speed
 from agent.transport.mqtt import MqttConfig, MqttTransport
 from controller.broker.embedded import EmbeddedBroker
@@ -36,9 +38,17 @@ def _subscriber(loop: LoopThread, broker: EmbeddedBroker, got: list[bytes]) -> M
     return t
 
 
+@pytest.mark.parametrize("read_batch", [mqtt_transport.READ_BATCH, 2])
 def test_waiting_packets_are_read_in_one_turn_and_every_one_is_acknowledged(
-    private_broker: EmbeddedBroker, requires_mosquitto: None, loop: LoopThread
+    private_broker: EmbeddedBroker,
+    requires_mosquitto: None,
+    loop: LoopThread,
+    read_batch: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """With a bound of 2 packets a turn, most of the burst waits in the read buffer where no poll sees it:
+    the transport must go on reading in the next turns by itself."""
+    monkeypatch.setattr(mqtt_transport, "READ_BATCH", read_batch)
     got: list[bytes] = []
     sub = _subscriber(loop, private_broker, got)
     pub = RawMqtt(private_broker.port, "batch-pub")
@@ -58,7 +68,12 @@ def test_waiting_packets_are_read_in_one_turn_and_every_one_is_acknowledged(
         assert [int(p) for p in got[1:]] == list(range(n))  # all of them, in order, once
         assert sub.read_turns - turns < n  # at least one turn read several packets
         # Every PUBACK reached the broker: after a connection cut (no DISCONNECT) the persistent session
-        # redelivers nothing of the burst, only what is published afterwards.
+        # redelivers nothing of the burst, only what is published afterwards. (The broker reads a connection
+        # in order: once it acknowledged a message the subscriber sent after the PUBACKs, it has them all.)
+        acked: list[int] = []
+        sub.on_published = acked.append
+        mid = loop.call(sub.publish, "mark/after-burst", b"m", 1, False)
+        wait_until(lambda: mid in acked, 10, what="the subscriber's own message acknowledged")
         loop.call(sub.abort)
         again: list[bytes] = []
         sub = _subscriber(loop, private_broker, again)  # the same client id: the broker resumes its session
@@ -115,3 +130,24 @@ def test_publish_properties_decode_as_paho_s_own() -> None:
     again.UserProperty = ("x", "y")
     again.unpack(b"\x00")  # an object holding properties is cleared first, as paho's unpack does
     assert again.json() == {}
+
+
+def test_buffered_reads_hand_out_the_bytes_in_order_across_refills() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        reads = paho_speed.BufferedReads(a)
+        b.sendall(b"\x30\x05hello\x30\x03abc")
+        assert reads.recv(1) == b"\x30" and reads.buffered() == 11  # one recv took everything there
+        assert reads.recv(1) == b"\x05" and reads.recv(5) == b"hello"
+        assert [reads.recv(1), reads.recv(1), reads.recv(10)] == [b"\x30", b"\x03", b"abc"]  # a short read
+        assert reads.buffered() == 0
+        with pytest.raises(BlockingIOError):  # empty: the socket's own answer
+            reads.recv(1)
+        b.sendall(b"more")
+        assert reads.recv(2) == b"mo" and reads.recv(2) == b"re"
+        assert reads.fileno() == a.fileno()  # the rest is the socket's
+        b.close()
+        assert reads.recv(1) == b""  # closed
+    finally:
+        a.close()
