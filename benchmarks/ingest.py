@@ -94,6 +94,16 @@ def _wait_stored(stored: Any, n: int, stall_s: float = 20.0, timeout: float = 60
     raise TimeoutError(f"{stored()} of {n} messages stored within {timeout}s")
 
 
+def _broker_dropped(broker_dir: Path, client_id: str) -> int:
+    """How often mosquitto said it dropped messages queued for ``client_id`` (beyond max_queued_messages: the
+    controller had fallen that far behind)."""
+    log = broker_dir / "mosquitto.log"
+    if not log.is_file():
+        return 0
+    text = log.read_text(errors="replace")
+    return text.count(f"Outgoing messages are being dropped for client {client_id}")
+
+
 def _controller(port: int, n: int, data_dir: Path, database_url: str | None = None) -> dict[str, Any]:
     settings = load_settings(
         data_dir=data_dir,
@@ -135,6 +145,7 @@ def _controller(port: int, n: int, data_dir: Path, database_url: str | None = No
             "batches": runtime.writer.batches - batches,
             "invalid": runtime.handler.drops.total,
             "stored": stored,
+            "client_id": settings.mqtt_client_id,
         }
     finally:
         runtime.stop()
@@ -208,7 +219,7 @@ def _stages(n: int, database_url: str | None, data_dir: Path) -> dict[str, float
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def _figures(controller: dict[str, Any], baseline: dict[str, Any], n: int) -> dict[str, Any]:
+def _figures(controller: dict[str, Any], baseline: dict[str, Any], n: int, broker_dir: Path) -> dict[str, Any]:
     return {
         "controller_stored_msgs_per_s": round(controller["msgs_per_s"]),
         "ratio": round(controller["msgs_per_s"] / baseline["msgs_per_s"], 3),
@@ -217,6 +228,7 @@ def _figures(controller: dict[str, Any], baseline: dict[str, Any], n: int) -> di
         "sent": n,
         "stored": controller["stored"],
         "lost": n - controller["stored"],
+        "broker_dropped_notices": _broker_dropped(broker_dir, controller["client_id"]),
         "write_batches": controller["batches"],
         "invalid_payloads": controller["invalid"],
     }
@@ -231,14 +243,14 @@ def run(quick: bool = False) -> dict[str, Any]:
             baseline = _baseline(broker.port, n)
             time.sleep(0.5)  # let the broker drain its logs between phases
             sqlite = _controller(broker.port, n, Path(tmp) / "controller")
-            backends["sqlite (WAL)"] = _figures(sqlite, baseline, n)
+            backends["sqlite (WAL)"] = _figures(sqlite, baseline, n, Path(tmp) / "broker")
             time.sleep(0.5)
             with postgres_database("slmfleet_bench") as (url, why):
                 if url is None:
                     backends["postgresql"] = {"skipped": why}
                 else:
                     pg = _controller(broker.port, n, Path(tmp) / "controller-pg", database_url=url)
-                    backends["postgresql"] = _figures(pg, baseline, n)
+                    backends["postgresql"] = _figures(pg, baseline, n, Path(tmp) / "broker")
         finally:
             broker.stop()
         stages = {"sqlite (WAL)": _stages(min(n, 20_000), None, Path(tmp) / "stages")}
