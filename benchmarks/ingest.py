@@ -77,17 +77,20 @@ def _baseline(port: int, n: int) -> dict[str, float]:
     }
 
 
-def _wait_stored(stored: Any, n: int, stall_s: float = 20.0, timeout: float = 600.0) -> float:
-    """When ``stored()`` reached ``n``; or, when it stopped growing for ``stall_s`` (the broker dropped what
-    it could not queue for a controller too far behind: the rest never comes), when it last grew."""
+def _wait_stored(stored: Any, idle: Any, n: int, stall_s: float = 30.0, timeout: float = 600.0) -> float:
+    """When ``stored()`` reached ``n``; or, when it stopped growing for ``stall_s`` with the controller
+    ``idle()`` (nothing waiting for the database: the broker dropped what it could not queue for a
+    controller too far behind, and the rest never comes), when it last grew."""
     deadline = time.monotonic() + timeout
     last, grew_at, grew_wall = -1, time.monotonic(), time.time()
     while time.monotonic() < deadline:
         now = stored()
         if now >= n:
             return time.time()
-        if now != last:
-            last, grew_at, grew_wall = now, time.monotonic(), time.time()
+        if now != last or not idle():
+            if now != last:
+                grew_wall = time.time()
+            last, grew_at = now, time.monotonic()
         elif time.monotonic() - grew_at > stall_s:
             return grew_wall
         time.sleep(0.02)
@@ -124,10 +127,13 @@ def _controller(port: int, n: int, data_dir: Path, database_url: str | None = No
         batches = runtime.writer.batches
         cpu0, threads0 = os.times(), _thread_cpu()
         pub.send()
-        done_at = _wait_stored(lambda: int(runtime.metrics.telemetry_ingested._value.get() - base), n)
+        done_at = _wait_stored(
+            lambda: int(runtime.metrics.telemetry_ingested._value.get() - base), lambda: runtime.writer.depth == 0, n
+        )
         cpu1, threads1 = os.times(), _thread_cpu()
         started = pub.read()["start"]
         pub.wait()
+        assert runtime.writer.flush(60)
         seconds = done_at - started
         # the controller's threads: the process less this one, which only waits (polling a counter)
         main = threading.main_thread().ident
