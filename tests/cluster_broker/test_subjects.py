@@ -1,0 +1,95 @@
+"""MQTT topics as NATS subjects, several broker URLs, and the rotation through them (no broker needed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
+from controller.broker.embedded import free_port
+from controller.mqtt.nats_ingest import NatsSubscription, ingest_subscriptions, subject_to_topic, topic_to_subject
+from controller.settings import SettingsError, load_settings
+from wire import topics
+
+
+def test_topics_map_to_subjects_as_nats_mqtt_gateway_maps_them() -> None:
+    assert topic_to_subject("slmfleet/v1/dev/pump-7/telemetry") == "slmfleet.v1.dev.pump-7.telemetry"
+    assert topic_to_subject("slmfleet/v1/dev/+/state") == "slmfleet.v1.dev.*.state"
+    assert topic_to_subject("slmfleet/v1/#") == "slmfleet.v1.>"
+    # a '.' inside a level is '//' in the subject (nats-server >= 2.10), and back
+    assert topic_to_subject(topics.telemetry("pump.7")) == "slmfleet.v1.dev.pump//7.telemetry"
+    for topic in (topics.telemetry("pump.7"), topics.events("a.b.c"), topics.state("x_1:y-2")):
+        assert subject_to_topic(topic_to_subject(topic)) == topic
+        assert topics.parse_device(subject_to_topic(topic_to_subject(topic))) is not None
+    with pytest.raises(ValueError):
+        topic_to_subject("/leading/slash")
+
+
+def test_shared_mqtt_subscriptions_become_a_queue_group_and_state_reaches_every_replica() -> None:
+    subs = ingest_subscriptions(
+        [
+            (topics.all_devices(topics.DeviceChannel.STATE), 1),
+            (topics.shared(topics.all_devices(topics.DeviceChannel.TELEMETRY), "ingest"), 1),
+            (topics.shared(topics.all_devices(topics.DeviceChannel.EVENTS), "ingest"), 1),
+        ]
+    )
+    assert subs == [
+        NatsSubscription("slmfleet.v1.dev.*.state", None),
+        NatsSubscription("slmfleet.v1.dev.*.telemetry", "ingest"),
+        NatsSubscription("slmfleet.v1.dev.*.events", "ingest"),
+    ]
+
+
+def test_a_comma_separated_broker_list_names_every_node() -> None:
+    fields = parse_broker_url("mqtt://u:p@n1:1883, mqtt://n2:1884,mqtt://n3")
+    config = MqttConfig(**fields)
+    assert config.rotation == (("n1", 1883), ("n2", 1884), ("n3", 1883))
+    assert (config.host, config.port, config.username, config.password) == ("n1", 1883, "u", "p")
+    assert [config.server_url(i) for i in range(4)] == [
+        "mqtt://n1:1883",
+        "mqtt://n2:1884",
+        "mqtt://n3:1883",
+        "mqtt://n1:1883",
+    ]
+    assert MqttConfig(**parse_broker_url("mqtt://solo:1")).rotation == (("solo", 1),)
+    with pytest.raises(ValueError, match="mix"):
+        parse_broker_url("mqtt://a:1,mqtts://b:2")
+
+
+def test_nats_ingest_needs_its_servers_and_the_mqtt_gateway(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SettingsError, match="nats_url"):
+        load_settings(data_dir=tmp_path, ingest="nats", broker_url="mqtt://127.0.0.1:1")
+    settings = load_settings(
+        data_dir=tmp_path, ingest="nats", broker_url="mqtt://127.0.0.1:1", nats_url="nats://127.0.0.1:2"
+    )
+    assert settings.nats_queue_group == "slmfleet-ingest"
+
+
+def test_the_transport_tries_every_broker_in_turn_before_backing_off() -> None:
+    """Three closed ports: attempts go to each in turn, and only after a full round does the delay grow."""
+    ports = [free_port(), free_port(), free_port()]
+    url = ",".join(f"mqtt://127.0.0.1:{p}" for p in ports)
+
+    async def run() -> list[str]:
+        config = MqttConfig(**parse_broker_url(url), reconnect_min_s=0.05, reconnect_max_s=0.05, connect_timeout_s=1)
+        transport = MqttTransport(config, "rotation-test")
+        tried: list[str] = []
+        original = transport._try_connect
+
+        def spy() -> None:
+            tried.append(transport.server_url)
+            original()
+
+        transport._try_connect = spy  # type: ignore[method-assign]
+        transport.start()
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(tried) < 7 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await transport.stop()
+        return tried
+
+    tried = asyncio.run(run())
+    assert len(tried) >= 7, tried
+    expected = [f"mqtt://127.0.0.1:{ports[i % 3]}" for i in range(7)]
+    assert tried[:7] == expected
