@@ -1,0 +1,169 @@
+"""Ingest through a 3-node NATS cluster: ``python -m benchmarks ingest --broker nats-cluster --replicas 3``.
+
+A 3-node NATS cluster (MQTT + JetStream, ``benchmarks/nats_cluster.py``); one publisher process per node, each
+sending the births of its share of the devices and then its share of the telemetry (QoS 1, as fast as its node
+acknowledges); controller replicas (``slmfleet up`` processes, ``ingest = "nats"``, one queue group) on one
+PostgreSQL database. Measured with 1 replica and with ``--replicas`` replicas: telemetry rows stored per second,
+the replicas' CPU (user + system, from /proc) per stored message, and after the drain the messages lost and
+stored twice (both must be 0). On a 2-core machine three replicas cannot store three times as much; CPU per
+message is the figure that says what a replica's core carries.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+from benchmarks.common import JsonProc, wait_for
+from benchmarks.nats_cluster import NatsCluster, nats_binary
+from controller.broker.embedded import free_port
+
+DEVICES = 10_000
+ADMIN_URL = os.environ.get("SLMFLEET_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def _database() -> Iterator[str]:
+    """A throwaway PostgreSQL database (the replicas share it)."""
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    name = f"slmfleet_bench_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _start_replica(root: Path, index: int, cluster: NatsCluster, url: str) -> tuple[Any, str]:
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        SLMFLEET_INGEST="nats",
+        SLMFLEET_NATS_URL=cluster.nats_urls,
+        SLMFLEET_DATABASE_URL=url,
+        SLMFLEET_MQTT_PROTOCOL="3.1.1",
+        SLMFLEET_MQTT_CLIENT_ID=f"bench-replica-{index}",
+        SLMFLEET_LOG_LEVEL="WARNING",
+    )
+    log = open(root / f"replica-{index}.log", "ab")  # noqa: SIM115 - the child keeps it
+    data = root / f"replica-{index}"
+    args = ["-m", "slmfleet", "up", "--data-dir", str(data), "--port", str(port), "--broker", cluster.mqtt_urls]
+    proc = psutil.Popen([sys.executable, *args], stdout=log, stderr=log, env=env)
+    log.close()
+    api = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"replica {index} exited: see {root / f'replica-{index}.log'}")
+        try:
+            return bool(httpx.get(api + "/api/v1/health", timeout=2).json()["broker"]["connected"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+
+    wait_for(up, 120, interval=0.2)
+    # the NATS subscriptions follow the MQTT connection; wait for them to be in place
+    wait_for(lambda: "slmfleet_nats_connected 1.0" in httpx.get(api + "/metrics", timeout=5).text, 60, interval=0.2)
+    return proc, api
+
+
+def _cpu(procs: list[Any]) -> float:
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def _count(engine: Engine) -> tuple[int, int]:
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT COUNT(*), COUNT(DISTINCT (device_id, seq, ts)) FROM telemetry")).one()
+    return int(row[0]), int(row[1])
+
+
+def _run(cluster: NatsCluster, replicas: int, n: int, devices: int, root: Path) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
+    with _database() as url:
+        procs: list[Any] = []
+        engine = create_engine(url)
+        try:
+            for i in range(replicas):  # one after the other: the first migrates the database
+                proc, _ = _start_replica(root, i, cluster, url)
+                procs.append(proc)
+            per = n // len(cluster.nodes)
+            pubs = [
+                JsonProc("benchmarks.tools.publish", node.mqtt_port, per, devices // len(cluster.nodes), "all", f"b{k}")
+                for k, node in enumerate(cluster.nodes)
+            ]
+            for pub in pubs:
+                pub.read()  # births sent
+            # every replica hears every birth (state is not shared); let them write the devices before the clock
+            wait_for(lambda: _devices_known(engine) >= devices // len(cluster.nodes) * len(cluster.nodes), 300, 0.2)
+            time.sleep(1.0)
+            cpu0 = _cpu(procs)
+            for pub in pubs:
+                pub.send()
+            total = per * len(pubs)
+            done_at = wait_for(lambda: _count(engine)[0] >= total, 600, interval=0.1)
+            cpu1 = _cpu(procs)
+            starts = [pub.read()["start"] for pub in pubs]
+            for pub in pubs:
+                pub.wait()
+            time.sleep(2.0)  # a late duplicate would show now
+            stored, distinct = _count(engine)
+            seconds = done_at - min(starts)
+            return {
+                "replicas": replicas,
+                "messages": total,
+                "stored_msgs_per_s": round(total / seconds),
+                "seconds": round(seconds, 2),
+                "controller_cpu_us_per_msg": round((cpu1 - cpu0) / total * 1e6, 1),
+                "lost": total - distinct,
+                "duplicates": stored - distinct,
+            }
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(20)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+            engine.dispose()
+
+
+def _devices_known(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT COUNT(*) FROM device")).scalar_one())
+
+
+def run(quick: bool = False, replicas: int = 3) -> dict[str, Any]:
+    if nats_binary() is None:
+        return {"error": "nats-server not found on PATH"}
+    n = 15_000 if quick else 60_000
+    devices = 3_000 if quick else DEVICES
+    with tempfile.TemporaryDirectory(prefix="slmfleet-bench-nats-") as tmp, NatsCluster(Path(tmp) / "nats") as cluster:
+        one = _run(cluster, 1, n, devices, Path(tmp) / "r1")
+        many = _run(cluster, replicas, n, devices, Path(tmp) / f"r{replicas}")
+    return {
+        "broker": "nats-cluster (3 nodes, MQTT 3.1.1 + JetStream R3)",
+        "database": "postgresql",
+        "devices": devices,
+        "qos": 1,
+        "publishers": "one process per node",
+        "runs": [one, many],
+    }
