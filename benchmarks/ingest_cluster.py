@@ -89,18 +89,44 @@ def _cpu(procs: list[Any]) -> float:
     return total
 
 
-def _quiet(procs: list[Any], timeout: float = 120.0) -> float:
-    """Wait until the replicas' CPU settles (two 2-second windows within 20 %); returns their idle cores."""
+def _quiet(procs: list[Any], timeout: float = 300.0) -> float:
+    """Wait until the replicas idle (under 0.1 core each over 2 s: every birth handled); returns their idle cores."""
     deadline = time.monotonic() + timeout
-    previous = None
+    rate = 0.0
     while time.monotonic() < deadline:
         before = _cpu(procs)
         time.sleep(2.0)
         rate = (_cpu(procs) - before) / 2.0
-        if previous is not None and rate <= 0.5 * len(procs) and abs(rate - previous) <= 0.2 * max(previous, 0.05):
+        if rate <= 0.1 * len(procs):
             return rate
-        previous = rate
-    return previous or 0.0
+    return rate
+
+
+def _progress(engine: Engine, total: int, stall_s: float = 30.0, timeout: float = 900.0) -> float:
+    """Until ``total`` rows are stored, or none more for ``stall_s`` (then some were lost); the time it ended."""
+    deadline = time.monotonic() + timeout
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = _count(engine)[0]
+        if count >= total:
+            return time.time()
+        if count != last:
+            last, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > stall_s:
+            return time.time() - stall_s
+        time.sleep(0.1)
+    return time.time()
+
+
+def _drops(apis: list[str]) -> dict[str, float]:
+    """Messages the replicas dropped, by reason (slmfleet_invalid_payloads)."""
+    out: dict[str, float] = {}
+    for api in apis:
+        for line in httpx.get(api + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("slmfleet_invalid_payloads_total{"):
+                reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                out[reason] = out.get(reason, 0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _count(engine: Engine) -> tuple[int, int]:
@@ -113,11 +139,13 @@ def _run(cluster: NatsCluster, replicas: int, n: int, devices: int, root: Path) 
     root.mkdir(parents=True, exist_ok=True)
     with _database() as url:
         procs: list[Any] = []
+        apis: list[str] = []
         engine = create_engine(url)
         try:
             for i in range(replicas):  # one after the other: the first migrates the database
-                proc, _ = _start_replica(root, i, cluster, url)
+                proc, api = _start_replica(root, i, cluster, url)
                 procs.append(proc)
+                apis.append(api)
             per = n // len(cluster.nodes)
             pubs = [
                 JsonProc(
@@ -140,7 +168,7 @@ def _run(cluster: NatsCluster, replicas: int, n: int, devices: int, root: Path) 
             for pub in pubs:
                 pub.send()
             total = per * len(pubs)
-            done_at = wait_for(lambda: _count(engine)[0] >= total, 600, interval=0.1)
+            done_at = _progress(engine, total)
             cpu1 = _cpu(procs)
             clock_end = time.time()
             starts = [pub.read()["start"] for pub in pubs]
@@ -162,6 +190,7 @@ def _run(cluster: NatsCluster, replicas: int, n: int, devices: int, root: Path) 
                 "idle_cpu_cores": round(idle, 3),
                 "lost": total - distinct,
                 "duplicates": stored - distinct,
+                "dropped_by_reason": _drops(apis),
             }
         finally:
             for proc in procs:

@@ -215,14 +215,22 @@ class ControllerRuntime:
                 max_packet_size=s.max_control_payload + RECEIVE_OVERHEAD,
             )
             device_filters = self.handler.subscriptions(s.mqtt_shared_group)
-            # ingest = nats: device traffic comes over NATS (queue group); the MQTT connection only publishes
-            subscriptions = [] if s.ingest == "nats" else list(device_filters)
+            subscriptions = list(device_filters)
+            over_nats: list[tuple[str, int]] = []
+            if s.ingest == "nats":
+                # Telemetry and events (the shared filters) come over NATS in a queue group. State stays on MQTT,
+                # to every replica: retained births arrive on subscribing, and those sent while this controller
+                # was away are kept in its persistent session (a core NATS subscription would miss both).
+                by_group = self.handler.subscriptions(s.nats_queue_group)
+                over_nats = [f for f in by_group if f[0].startswith("$share/")]
+                subscriptions = [f for f in by_group if not f[0].startswith("$share/")]
             if self.broker_admin is not None:
                 subscriptions.append((dynsec.RESPONSE_TOPIC, 1))
             admin = self.broker_admin
             on_reconnect = [self._check_broker_limit]
             if s.ingest == "nats":  # a persistent session of an earlier MQTT-ingest run must not deliver them too
-                on_reconnect.append(lambda: self._drop_subscriptions(device_filters))
+                stale = [f for f in device_filters if f not in subscriptions]
+                on_reconnect.append(lambda: self._drop_subscriptions(stale))
             if admin is not None:
                 fleet_wide = s.broker_artifact_acl == "fleet"
                 on_reconnect += [admin.forget_grants, lambda: admin.set_fleet_artifact_access(fleet_wide)]
@@ -242,7 +250,7 @@ class ControllerRuntime:
                 bridge = self.bridge
                 self.nats_ingest = NatsIngest(
                     [u.strip() for u in s.nats_url.split(",") if u.strip()],
-                    ingest_subscriptions(self.handler.subscriptions(s.nats_queue_group)),
+                    ingest_subscriptions(over_nats),
                     # into the MQTT loop's thread, where the handler and delivery expect device traffic
                     lambda topic, payload: bridge.call_soon(self._on_message, topic, payload),
                     name=s.mqtt_client_id,

@@ -26,6 +26,7 @@ import ssl
 import sys
 import threading
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,7 +111,8 @@ class MqttConfig:
     #: messages instead of sending them) and enforced on receipt (3.1.1); None: no limit
     max_packet_size: int | None = None
     #: every broker to try, in turn, as (host, port): the nodes of a cluster. Empty: ``host``:``port`` alone.
-    #: After a failed attempt or a lost connection the next one is tried; the backoff grows per full round.
+    #: A client starts at the one its client id picks (``first_server``: a fleet spreads over the nodes); after
+    #: a failed attempt or a lost connection it tries the next one; the backoff grows per full round.
     servers: tuple[tuple[str, int], ...] = ()
 
     @property
@@ -165,6 +167,11 @@ def _parse_one(url: str) -> dict[str, Any]:
     if parts.password:
         fields["password"] = unquote(parts.password)
     return fields
+
+
+def first_server(client_id: str, count: int) -> int:
+    """The index in a broker rotation of ``count`` nodes where a client starts: fixed per client id, spread."""
+    return zlib.crc32(client_id.encode()) % count if count > 1 else 0
 
 
 class _MiscTicker:
@@ -240,8 +247,9 @@ class MqttTransport:
         self._got_connack = False
         self._stopping = False
         self._attempt = 0
-        #: which of ``config.rotation`` this client connects (or tries to connect) to
-        self._server = 0
+        #: which of ``config.rotation`` this client connects (or tries to connect) to: it starts at the node its
+        #: client id picks, so a fleet given the same list spreads over the nodes
+        self._server = first_server(client_id, len(config.rotation))
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._connack_timer: asyncio.TimerHandle | None = None
         self._logged_failure = False

@@ -4,8 +4,9 @@ NATS's MQTT gateway speaks MQTT 3.1.1, without ``$share`` subscriptions: several
 over MQTT would each store every message. Every MQTT publish is also a NATS message, though, on the subject the
 topic maps to (``slmfleet/v1/dev/pump-7/telemetry`` is ``slmfleet.v1.dev.pump-7.telemetry``), and NATS spreads
 the messages of a subject over the members of a queue group: each telemetry message and event reaches one
-replica. State messages (births and wills) reach every replica (a plain subscription), as with ``$share`` on
-MQTT 5, so each one knows which devices are online.
+replica. A subscription without a group reaches every replica; the runtime keeps state messages (births and
+wills) on MQTT instead, where retained births arrive on subscribing and the persistent session keeps those sent
+while the controller was away.
 
 The client is nats-py (asyncio), on a loop of its own in the ``nats-ingest`` thread. Each message goes to
 ``deliver(topic, payload)`` with its MQTT topic restored; the runtime passes a function that hands it to the MQTT

@@ -24,6 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, text
 
+from agent.transport.mqtt import first_server
 from benchmarks.nats_cluster import NatsCluster, NatsNode
 from controller.broker.embedded import free_port
 from controller.mqtt.nats_ingest import NatsIngest, ingest_subscriptions
@@ -145,7 +146,12 @@ def test_an_agent_moves_to_another_node_when_its_node_dies_and_every_telemetry_m
     wait_until(lambda: "NATS ingest: subscribed" in controller.log(), 30, what="the controller's NATS ingest")
 
     device = "nats-agent-1"
-    agent = start_agent(tmp_path, device, [n.mqtt_url for n in nats_cluster.nodes], 0.2)
+    # the list as an operator gives it to every device; this device's id makes it start on n1
+    urls = [n.mqtt_url for n in nats_cluster.nodes]
+    shift = first_server(device, 3)
+    urls = urls[-shift:] + urls[:-shift] if shift else urls
+    assert urls[first_server(device, 3)] == n1.mqtt_url
+    agent = start_agent(tmp_path, device, urls, 0.2)
     procs.append(agent)
     db = data / "controller.db"
     wait_until(lambda: nats_cluster.node_of_client(device) is n1, 60, what=f"agent on n1 ({agent.log_path})")
@@ -320,3 +326,47 @@ def test_two_controller_replicas_on_one_database_store_each_telemetry_message_on
         finally:
             for runtime in runtimes:
                 runtime.stop()
+
+
+def test_the_controller_moves_to_another_node_when_its_nats_node_dies_and_ingest_goes_on(
+    nats_cluster: NatsCluster, tmp_path: Path, procs: list[Proc]
+) -> None:
+    settings = load_settings(
+        data_dir=tmp_path / "ctl",
+        broker_url=nats_cluster.mqtt_urls,
+        mqtt_protocol="3.1.1",
+        mqtt_client_id="ctl-moving",
+        ingest="nats",
+        nats_url=nats_cluster.nats_urls,
+        ingest_flush_interval_s=0.05,
+    )
+    runtime = ControllerRuntime(settings)
+    runtime.start()
+    try:
+        ingest = runtime.nats_ingest
+        assert ingest is not None and ingest.wait_subscribed(15)
+        by_port = {f"127.0.0.1:{n.client_port}": n for n in nats_cluster.nodes}
+        doomed = by_port[str(ingest.connected_url)]
+        device = "nats-agent-2"
+        agent_nodes = [n for n in nats_cluster.nodes if n is not doomed]
+        agent = start_agent(tmp_path, device, [n.mqtt_url for n in agent_nodes], 0.2)
+        procs.append(agent)
+        db = tmp_path / "ctl" / "controller.db"
+        wait_until(lambda: len(stored_telemetry(db, device)) >= 5, 60, what=f"telemetry stored ({agent.log_path})")
+
+        nats_cluster.kill(doomed)
+        wait_until(
+            lambda: ingest.connected and ingest.connected_url in by_port and by_port[ingest.connected_url].alive(),
+            30,
+            what="the NATS ingest on another node",
+        )
+        assert runtime.bridge is not None
+        wait_until(lambda: runtime.bridge.connected, 30, what="the controller's MQTT connection")
+        assert nats_cluster.node_of_client(device) in agent_nodes
+        after = len(stored_telemetry(db, device))
+        wait_until(lambda: len(stored_telemetry(db, device)) >= after + 10, 60, what="telemetry after the move")
+        stored = stored_telemetry(db, device)
+        assert len(stored) == len(set(stored))
+        print(f"telemetry lost while the controller moved: {max(stored) + 1 - len(stored)}")
+    finally:
+        runtime.stop()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
+from agent.transport.mqtt import MqttConfig, MqttTransport, first_server, parse_broker_url
 from controller.broker.embedded import free_port
 from controller.mqtt.nats_ingest import NatsSubscription, ingest_subscriptions, subject_to_topic, topic_to_subject
 from controller.settings import SettingsError, load_settings
@@ -91,5 +91,13 @@ def test_the_transport_tries_every_broker_in_turn_before_backing_off() -> None:
 
     tried = asyncio.run(run())
     assert len(tried) >= 7, tried
-    expected = [f"mqtt://127.0.0.1:{ports[i % 3]}" for i in range(7)]
+    first = first_server("rotation-test", 3)
+    expected = [f"mqtt://127.0.0.1:{ports[(first + i) % 3]}" for i in range(7)]
     assert tried[:7] == expected
+
+
+def test_a_fleet_given_the_same_list_spreads_over_the_nodes() -> None:
+    starts = [first_server(f"pump-{i}", 3) for i in range(300)]
+    assert all(starts.count(k) > 60 for k in range(3)), [starts.count(k) for k in range(3)]
+    assert first_server("pump-1", 3) == first_server("pump-1", 3)
+    assert first_server("pump-1", 1) == 0
