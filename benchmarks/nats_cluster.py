@@ -13,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -205,34 +207,26 @@ class NatsCluster:
         self._spawn(node)
         self.wait_ready(timeout, [node])
 
-    def node_of_client(self, client_id: str) -> NatsNode | None:
-        """The live node an MQTT client (by client id) is connected to, from the nodes' /connz."""
+    def _monitor(self, path: str, params: dict[str, str]) -> Iterator[tuple[NatsNode, dict[str, Any]]]:
+        """Each live node's monitoring answer to ``path`` (nodes that do not answer are left out)."""
         for node in self.nodes:
             if not node.alive():
                 continue
             try:
-                connz = httpx.get(
-                    f"http://127.0.0.1:{node.monitor_port}/connz?mqtt_client={client_id}", timeout=2
-                ).json()
+                yield node, httpx.get(f"http://127.0.0.1:{node.monitor_port}{path}", params=params, timeout=2).json()
             except (httpx.HTTPError, ValueError):
                 continue
+
+    def node_of_client(self, client_id: str) -> NatsNode | None:
+        """The live node an MQTT client (by client id) is connected to, from the nodes' /connz."""
+        for node, connz in self._monitor("/connz", {"mqtt_client": client_id}):
             if connz.get("connections"):
                 return node
         return None
 
     def stream_leader(self, stream: str) -> NatsNode | None:
         """The node leading a JetStream stream (e.g. ``$MQTT_rmsgs``, the MQTT retained messages), or None."""
-        for node in self.nodes:
-            if not node.alive():
-                continue
-            try:
-                jsz = httpx.get(
-                    f"http://127.0.0.1:{node.monitor_port}/jsz",
-                    params={"accounts": "true", "streams": "true"},
-                    timeout=2,
-                ).json()
-            except (httpx.HTTPError, ValueError):
-                continue
+        for _node, jsz in self._monitor("/jsz", {"accounts": "true", "streams": "true"}):
             for account in jsz.get("account_details") or []:
                 for detail in account.get("stream_detail") or []:
                     if detail.get("name") == stream:

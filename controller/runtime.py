@@ -28,7 +28,7 @@ from controller.health.rollup import HealthRollupJob
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
-from controller.mqtt.nats_ingest import NatsIngest, ingest_subscriptions
+from controller.mqtt.nats_ingest import Handoff, NatsIngest, ingest_subscriptions
 from controller.notify.outbox import Notifier
 from controller.notify.sender import SenderSettings, WebhookSender
 from controller.notify.triggers import Triggers
@@ -247,12 +247,12 @@ class ControllerRuntime:
             self.bridge.start()
             self.delivery.attach(self.bridge)
             if s.ingest == "nats" and s.nats_url:
-                bridge = self.bridge
+                # into the MQTT loop's thread, where the handler and delivery expect device traffic
+                handoff = Handoff(self.bridge.call_soon, self._on_message)
                 self.nats_ingest = NatsIngest(
                     [u.strip() for u in s.nats_url.split(",") if u.strip()],
                     ingest_subscriptions(over_nats),
-                    # into the MQTT loop's thread, where the handler and delivery expect device traffic
-                    lambda topic, payload: bridge.call_soon(self._on_message, topic, payload),
+                    handoff.put,
                     name=s.mqtt_client_id,
                     user=s.nats_user,
                     password=s.nats_password,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,30 @@ def ingest_subscriptions(filters: Sequence[tuple[str, int]]) -> list[NatsSubscri
             _, group, filter_ = filter_.split("/", 2)
         out.append(NatsSubscription(topic_to_subject(filter_), group))
     return out
+
+
+class Handoff:
+    """Messages from the NATS thread to another loop, a batch per wake-up: ``put`` appends and schedules one
+    drain through ``call_soon`` (thread-safe) unless one is pending; the drain calls ``handler`` in order."""
+
+    def __init__(self, call_soon: Callable[[Callable[[], None]], None], handler: Callable[[str, bytes], None]) -> None:
+        self._call_soon = call_soon
+        self._handler = handler
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._scheduled = False
+
+    def put(self, topic: str, payload: bytes) -> None:
+        self._queue.append((topic, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            self._call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False  # from here on a put schedules another drain (which may find nothing left)
+        queue, handler = self._queue, self._handler
+        while queue:
+            topic, payload = queue.popleft()
+            handler(topic, payload)
 
 
 class NatsIngest:

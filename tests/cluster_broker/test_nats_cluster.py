@@ -29,7 +29,7 @@ from benchmarks.nats_cluster import NatsCluster, NatsNode
 from controller.broker.embedded import free_port
 from controller.mqtt.nats_ingest import NatsIngest, ingest_subscriptions
 from controller.runtime import ControllerRuntime
-from controller.settings import load_settings
+from controller.settings import ControllerSettings, load_settings
 from tests.helpers import Proc, slmfleet_cmd, wait_until
 from tests.postgres import own_database
 from wire import topics
@@ -100,6 +100,22 @@ def spooled_telemetry(data_dir: Path, device_id: str) -> list[int]:
 def spooled_at_least(data_dir: Path, device_id: str, count: int) -> list[int]:
     seqs = spooled_telemetry(data_dir, device_id)
     return seqs if len(seqs) >= count else []
+
+
+def nats_settings(
+    data_dir: Path, broker_url: str, nats_url: str, client_id: str, database_url: str | None = None
+) -> ControllerSettings:
+    """An in-process controller's settings for ingest over NATS (commands over the nodes' MQTT)."""
+    return load_settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=broker_url,
+        mqtt_protocol="3.1.1",
+        mqtt_client_id=client_id,
+        ingest="nats",
+        nats_url=nats_url,
+        ingest_flush_interval_s=0.05,
+    )
 
 
 @pytest.fixture
@@ -284,17 +300,9 @@ def test_two_controller_replicas_on_one_database_store_each_telemetry_message_on
         runtimes = []
         try:
             for i, node in enumerate((n2, n3)):
-                settings = load_settings(
-                    data_dir=tmp_path / f"ctl-{i}",
-                    database_url=url,
-                    broker_url=node.mqtt_url,
-                    mqtt_protocol="3.1.1",
-                    mqtt_client_id=f"ctl-replica-{i}",
-                    ingest="nats",
-                    nats_url=node.nats_url,
-                    ingest_flush_interval_s=0.05,
+                runtime = ControllerRuntime(
+                    nats_settings(tmp_path / f"ctl-{i}", node.mqtt_url, node.nats_url, f"ctl-replica-{i}", url)
                 )
-                runtime = ControllerRuntime(settings)
                 runtime.start()
                 runtimes.append(runtime)
             for runtime in runtimes:
@@ -331,16 +339,9 @@ def test_two_controller_replicas_on_one_database_store_each_telemetry_message_on
 def test_the_controller_moves_to_another_node_when_its_nats_node_dies_and_ingest_goes_on(
     nats_cluster: NatsCluster, tmp_path: Path, procs: list[Proc]
 ) -> None:
-    settings = load_settings(
-        data_dir=tmp_path / "ctl",
-        broker_url=nats_cluster.mqtt_urls,
-        mqtt_protocol="3.1.1",
-        mqtt_client_id="ctl-moving",
-        ingest="nats",
-        nats_url=nats_cluster.nats_urls,
-        ingest_flush_interval_s=0.05,
+    runtime = ControllerRuntime(
+        nats_settings(tmp_path / "ctl", nats_cluster.mqtt_urls, nats_cluster.nats_urls, "ctl-moving")
     )
-    runtime = ControllerRuntime(settings)
     runtime.start()
     try:
         ingest = runtime.nats_ingest
