@@ -163,7 +163,10 @@ def _run(cluster: NatsCluster, replicas: int, n: int, devices: int, root: Path) 
                 pub.read()  # births sent
             # every replica hears every birth (state is not shared); let them write the devices before the clock
             wait_for(lambda: _devices_known(engine) >= devices // len(cluster.nodes) * len(cluster.nodes), 300, 0.2)
-            _quiet(procs)  # every replica done with the births
+            # every replica knows every device (its own registry: a replica that missed a birth drops the telemetry)
+            want = devices // len(cluster.nodes) * len(cluster.nodes)
+            wait_for(lambda: all(_registry_size(api) >= want for api in apis), 300, 0.5)
+            _quiet(procs)
             cpu0, clock_start = _cpu(procs), time.time()
             for pub in pubs:
                 pub.send()
@@ -207,6 +210,11 @@ def _run(cluster: NatsCluster, replicas: int, n: int, devices: int, root: Path) 
                 except psutil.TimeoutExpired:
                     proc.kill()
             engine.dispose()
+
+
+def _registry_size(api: str) -> int:
+    counts = httpx.get(api + "/api/v1/health", timeout=10).json()["devices"]
+    return int(sum(counts.values()))
 
 
 def _devices_known(engine: Engine) -> int:

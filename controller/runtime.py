@@ -28,7 +28,7 @@ from controller.health.rollup import HealthRollupJob
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
-from controller.mqtt.nats_ingest import Handoff, NatsIngest, ingest_subscriptions
+from controller.mqtt.nats_ingest import Handoff, NatsIngest, StateDedup, ingest_subscriptions
 from controller.notify.outbox import Notifier
 from controller.notify.sender import SenderSettings, WebhookSender
 from controller.notify.triggers import Triggers
@@ -114,6 +114,8 @@ class ControllerRuntime:
         self.bridge: MqttBridge | None = None
         #: device traffic over NATS's own protocol (ingest = nats), made in start()
         self.nats_ingest: NatsIngest | None = None
+        #: ingest = nats: state messages arrive over NATS and over MQTT; the first copy of each is handled
+        self._states: StateDedup | None = None
         #: the broker's dynamic-security administrator when broker_auth is dynsec (it publishes through the bridge)
         self.broker_admin: DynsecAdmin | None = None
         if settings.broker_url and settings.broker_auth == "dynsec":
@@ -218,12 +220,14 @@ class ControllerRuntime:
             subscriptions = list(device_filters)
             over_nats: list[tuple[str, int]] = []
             if s.ingest == "nats":
-                # Telemetry and events (the shared filters) come over NATS in a queue group. State stays on MQTT,
-                # to every replica: retained births arrive on subscribing, and those sent while this controller
-                # was away are kept in its persistent session (a core NATS subscription would miss both).
+                # Telemetry and events (the shared filters) come over NATS in a queue group. State comes both ways,
+                # to every replica: over NATS in order with the device's telemetry (a birth before the telemetry
+                # it allows), and over MQTT, where retained births arrive on subscribing and those sent while this
+                # controller was away wait in its persistent session. The second copy of a state is dropped.
                 by_group = self.handler.subscriptions(s.nats_queue_group)
-                over_nats = [f for f in by_group if f[0].startswith("$share/")]
+                over_nats = list(by_group)
                 subscriptions = [f for f in by_group if not f[0].startswith("$share/")]
+                self._states = StateDedup()
             if self.broker_admin is not None:
                 subscriptions.append((dynsec.RESPONSE_TOPIC, 1))
             admin = self.broker_admin
@@ -336,6 +340,9 @@ class ControllerRuntime:
         return self.bridge.publish(topic, payload, qos=1) if self.bridge is not None else 0
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        states = self._states
+        if states is not None and topic.endswith("/state") and not states.fresh(topic, payload):
+            return  # ingest = nats: this state already came the other way (NATS or MQTT)
         if topic == dynsec.RESPONSE_TOPIC:
             if self.broker_admin is not None:
                 self.broker_admin.on_response(payload)

@@ -4,9 +4,9 @@ NATS's MQTT gateway speaks MQTT 3.1.1, without ``$share`` subscriptions: several
 over MQTT would each store every message. Every MQTT publish is also a NATS message, though, on the subject the
 topic maps to (``slmfleet/v1/dev/pump-7/telemetry`` is ``slmfleet.v1.dev.pump-7.telemetry``), and NATS spreads
 the messages of a subject over the members of a queue group: each telemetry message and event reaches one
-replica. A subscription without a group reaches every replica; the runtime keeps state messages (births and
-wills) on MQTT instead, where retained births arrive on subscribing and the persistent session keeps those sent
-while the controller was away.
+replica. A subscription without a group reaches every replica: state messages (births and wills), which the
+runtime also takes over MQTT (retained births arrive on subscribing, the persistent session keeps those sent
+while the controller was away), handling the first copy of each (``StateDedup``).
 
 The client is nats-py (asyncio), on a loop of its own in the ``nats-ingest`` thread. Each message goes to
 ``deliver(topic, payload)`` with its MQTT topic restored; the runtime passes a function that hands it to the MQTT
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections import deque
@@ -69,6 +70,22 @@ def ingest_subscriptions(filters: Sequence[tuple[str, int]]) -> list[NatsSubscri
             _, group, filter_ = filter_.split("/", 2)
         out.append(NatsSubscription(topic_to_subject(filter_), group))
     return out
+
+
+class StateDedup:
+    """The state messages (births, wills) a controller receives twice, over NATS and over MQTT: per topic, the
+    digest of the last one handled; the same bytes again are a copy (a birth carries its connection's id and time,
+    so a new birth never matches the previous one). Used on one thread (the MQTT loop's)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, bytes] = {}
+
+    def fresh(self, topic: str, payload: bytes) -> bool:
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if self._last.get(topic) == digest:
+            return False
+        self._last[topic] = digest
+        return True
 
 
 class Handoff:

@@ -14,6 +14,7 @@ from controller.broker.embedded import free_port
 from controller.mqtt.nats_ingest import (
     Handoff,
     NatsSubscription,
+    StateDedup,
     ingest_subscriptions,
     subject_to_topic,
     topic_to_subject,
@@ -137,3 +138,15 @@ def test_the_handoff_delivers_every_message_in_order_with_fewer_wake_ups() -> No
     loop.close()
     assert got == [str(i).encode() for i in range(count)]
     assert wakeups < count
+
+
+def test_a_state_that_comes_over_nats_and_over_mqtt_is_handled_once() -> None:
+    states = StateDedup()
+    birth, will = b'{"type":"online","ts":1}', b'{"type":"offline","ts":2}'
+    topic = topics.state("pump-7")
+    assert states.fresh(topic, birth)
+    assert not states.fresh(topic, birth)  # the other way's copy
+    assert states.fresh(topic, will)
+    assert not states.fresh(topic, will)
+    assert states.fresh(topic, b'{"type":"online","ts":3}')  # a new birth
+    assert states.fresh(topics.state("pump-8"), birth)  # another device
