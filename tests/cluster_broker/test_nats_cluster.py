@@ -30,6 +30,8 @@ from controller.broker.embedded import free_port
 from controller.mqtt.nats_ingest import NatsIngest, ingest_subscriptions
 from controller.runtime import ControllerRuntime
 from controller.settings import ControllerSettings, load_settings
+from tests.e2e.fleet import Fleet
+from tests.e2e.test_deploy_real_agents import active_version, deploy, deployment, pin_key, register
 from tests.helpers import Proc, slmfleet_cmd, wait_until
 from tests.postgres import own_database
 from wire import topics
@@ -377,3 +379,35 @@ def test_the_controller_moves_to_another_node_when_its_nats_node_dies_and_ingest
         print(f"telemetry lost while the controller moved: {max(stored) + 1 - len(stored)}")
     finally:
         runtime.stop()
+
+
+def test_a_deployment_reaches_agents_through_the_cluster_while_a_node_dies(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """Commands and chunk broadcasts go over the nodes' MQTT (QoS 1, kept in JetStream for the subscribers):
+    a signed model reaches two agents and is active on both, though one of them lost its node meanwhile."""
+    n1, n2, n3 = nats_cluster.nodes
+    # the controller reads NATS on n2 or n3 and its MQTT client id starts it on n3; nats-edge-a starts on n1
+    assert first_server("slmfleet-controller", 3) == 2 and first_server("nats-edge-a", 3) == 0
+    nats_url = f"{n2.nats_url},{n3.nats_url}"
+    env = {"SLMFLEET_INGEST": "nats", "SLMFLEET_NATS_URL": nats_url, "SLMFLEET_MQTT_PROTOCOL": "3.1.1"}
+    fleet = Fleet(tmp_path, nats_cluster.mqtt_urls)
+    try:
+        ctl = fleet.start_controller(env=env)
+        register(ctl, tmp_path, 1)
+        key = pin_key(ctl, tmp_path / "controller.pem")
+        devices = ["nats-edge-a", "nats-edge-b"]
+        for device in devices:
+            fleet.start_agent(device, "--signing-key-file", str(key))
+        fleet.wait_online(devices, 60)
+        assert nats_cluster.node_of_client("nats-edge-a") is n1
+        assert nats_cluster.node_of_client("slmfleet-controller") is n3
+        dep = deploy(ctl, 1, devices)
+        nats_cluster.kill(n1)  # nats-edge-a's node dies during the deployment
+        done = wait_until(
+            lambda: (d := deployment(ctl, dep))["status"] in ("completed", "failed") and d, 180, what="deployment"
+        )
+        assert {t["device_id"]: t["state"] for t in done["targets"]} == dict.fromkeys(devices, "active"), done
+        wait_until(lambda: all(active_version(ctl, d) == 1 for d in devices), 30, what="version 1 active")
+    finally:
+        fleet.stop()
