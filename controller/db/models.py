@@ -390,6 +390,7 @@ class WebSession(SQLModel, table=True):
     last_seen_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 
 
+
 class HealthRollup(SQLModel, table=True):
     """What the devices serving one model version reported in one time bucket, summed over the fleet.
 
