@@ -20,7 +20,12 @@ def _agent_parser() -> argparse.ArgumentParser:
         " 'slmfleet agent enroll --help': join a fleet with an enrollment token.",
     )
     p.add_argument("--config", type=Path, help="TOML settings file (flags override it)")
-    p.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883")
+    p.add_argument(
+        "--broker",
+        action="append",
+        help="broker URL, e.g. mqtt://127.0.0.1:1883; the nodes of a cluster: repeat it, or a comma-separated list"
+        " (tried in turn: when one node dies the agent moves to the next)",
+    )
     p.add_argument("--device-id", dest="device_id", help="this device's id")
     p.add_argument("--data-dir", dest="data_dir", type=Path, help="state directory (spool, models)")
     p.add_argument(
@@ -104,6 +109,8 @@ def agent_main(argv: list[str]) -> int:
 
     args = _agent_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "label")}
+    if args.broker:
+        overrides["broker"] = ",".join(args.broker)
     if args.label:
         labels: dict[str, str] = {}
         for item in args.label:

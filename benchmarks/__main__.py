@@ -1,4 +1,6 @@
-"""Runner: ``python -m benchmarks NAME [--quick]``."""
+"""Runner: ``python -m benchmarks NAME [--quick]``.
+
+``python -m benchmarks ingest --broker nats-cluster --replicas 3``: ingest through a 3-node NATS cluster."""
 
 from __future__ import annotations
 
@@ -30,21 +32,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     parser.add_argument("--quick", action="store_true", help="a smaller run (smoke test)")
+    parser.add_argument(
+        "--broker",
+        choices=["embedded", "nats-cluster"],
+        default="embedded",
+        help="ingest: the embedded broker (default) or a 3-node NATS cluster with controller replicas",
+    )
+    parser.add_argument("--replicas", type=int, default=3, help="ingest --broker nats-cluster: controller replicas")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where to keep the JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    name, options = BENCHMARKS[args.name], {}
+    if args.name == "ingest" and args.broker == "nats-cluster":
+        name, options = "benchmarks.ingest_cluster", {"replicas": args.replicas}
     try:
-        module = importlib.import_module(BENCHMARKS[args.name])
+        module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
         print(json.dumps({"benchmark": args.name, "error": f"not available: {exc}"}))
         return 2
     started = time.time()
-    result = {"benchmark": args.name, "quick": args.quick, **module.run(quick=args.quick)}
+    result = {"benchmark": args.name, "quick": args.quick, **module.run(quick=args.quick, **options)}
     result["wall_s"] = round(time.time() - started, 2)
     text = json.dumps(result, indent=2)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}{'-quick' if args.quick else ''}.json").write_text(text + "\n")
+    stem = args.name + ("-nats-cluster" if options else "")
+    (args.out / f"{stem}{'-quick' if args.quick else ''}.json").write_text(text + "\n")
     return 0
 
 

@@ -83,6 +83,9 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "slmfleet_mqtt_connected", "1 while the controller is connected to the broker", registry=r
         )
+        self.nats_connected = Gauge(
+            "slmfleet_nats_connected", "1 while the NATS ingest (ingest = nats) is connected", registry=r
+        )
         self.ingest_queue = Gauge("slmfleet_ingest_queue_depth", "Received messages waiting to be written", registry=r)
         self.http_writes = Counter("slmfleet_api_writes", "Authenticated write requests", ["action"], registry=r)
         self.api_throttled = Counter(

@@ -28,6 +28,7 @@ from controller.health.rollup import HealthRollupJob
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
+from controller.mqtt.nats_ingest import Handoff, NatsIngest, StateDedup, ingest_subscriptions
 from controller.notify.outbox import Notifier
 from controller.notify.sender import SenderSettings, WebhookSender
 from controller.notify.triggers import Triggers
@@ -111,6 +112,10 @@ class ControllerRuntime:
         self.triggers = Triggers(self.engine, self.notifier, settings.public_url, settings.notify_offline_after_s)
         #: the bridge to the broker, made in start() (None without broker_url)
         self.bridge: MqttBridge | None = None
+        #: device traffic over NATS's own protocol (ingest = nats), made in start()
+        self.nats_ingest: NatsIngest | None = None
+        #: ingest = nats: state messages arrive over NATS and over MQTT; the first copy of each is handled
+        self._states: StateDedup | None = None
         #: the broker's dynamic-security administrator when broker_auth is dynsec (it publishes through the bridge)
         self.broker_admin: DynsecAdmin | None = None
         if settings.broker_url and settings.broker_auth == "dynsec":
@@ -211,11 +216,25 @@ class ControllerRuntime:
                 reconnect_max_s=5.0,
                 max_packet_size=s.max_control_payload + RECEIVE_OVERHEAD,
             )
-            subscriptions = self.handler.subscriptions(s.mqtt_shared_group)
+            device_filters = self.handler.subscriptions(s.mqtt_shared_group)
+            subscriptions = list(device_filters)
+            over_nats: list[tuple[str, int]] = []
+            if s.ingest == "nats":
+                # Telemetry and events (the shared filters) come over NATS in a queue group. State comes both ways,
+                # to every replica: over NATS in order with the device's telemetry (a birth before the telemetry
+                # it allows), and over MQTT, where retained births arrive on subscribing and those sent while this
+                # controller was away wait in its persistent session. The second copy of a state is dropped.
+                by_group = self.handler.subscriptions(s.nats_queue_group)
+                over_nats = list(by_group)
+                subscriptions = [f for f in by_group if not f[0].startswith("$share/")]
+                self._states = StateDedup()
             if self.broker_admin is not None:
                 subscriptions.append((dynsec.RESPONSE_TOPIC, 1))
             admin = self.broker_admin
             on_reconnect = [self._check_broker_limit]
+            if s.ingest == "nats":  # a persistent session of an earlier MQTT-ingest run must not deliver them too
+                stale = [f for f in device_filters if f not in subscriptions]
+                on_reconnect.append(lambda: self._drop_subscriptions(stale))
             if admin is not None:
                 fleet_wide = s.broker_artifact_acl == "fleet"
                 on_reconnect += [admin.forget_grants, lambda: admin.set_fleet_artifact_access(fleet_wide)]
@@ -231,6 +250,19 @@ class ControllerRuntime:
             )
             self.bridge.start()
             self.delivery.attach(self.bridge)
+            if s.ingest == "nats" and s.nats_url:
+                # into the MQTT loop's thread, where the handler and delivery expect device traffic
+                handoff = Handoff(self.bridge.call_soon, self._on_message)
+                self.nats_ingest = NatsIngest(
+                    [u.strip() for u in s.nats_url.split(",") if u.strip()],
+                    ingest_subscriptions(over_nats),
+                    handoff.put,
+                    name=s.mqtt_client_id,
+                    user=s.nats_user,
+                    password=s.nats_password,
+                    on_connection_change=lambda up: self.metrics.nats_connected.set(1 if up else 0),
+                )
+                self.nats_ingest.start()
         else:
             log.warning("no broker_url: the controller serves its API but hears no devices")
         self.scheduler.add_job(self.sweep, "interval", seconds=s.sweep_interval_s, id="presence-sweep")
@@ -256,6 +288,8 @@ class ControllerRuntime:
         self.started = False
         self.scheduler.shutdown(wait=False)
         self.delivery.stop()
+        if self.nats_ingest is not None:
+            self.nats_ingest.stop()
         if self.bridge is not None:
             self.bridge.stop()
         self.delivery.flush()  # what devices reported while the connection was closing
@@ -306,11 +340,20 @@ class ControllerRuntime:
         return self.bridge.publish(topic, payload, qos=1) if self.bridge is not None else 0
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        states = self._states
+        if states is not None and topic.endswith("/state") and not states.fresh(topic, payload):
+            return  # ingest = nats: this state already came the other way (NATS or MQTT)
         if topic == dynsec.RESPONSE_TOPIC:
             if self.broker_admin is not None:
                 self.broker_admin.on_response(payload)
             return
         self.handler(topic, payload)
+
+    def _drop_subscriptions(self, filters: list[tuple[str, int]]) -> None:
+        transport = self.bridge.transport if self.bridge is not None else None
+        if transport is not None:
+            for filter_, _ in filters:
+                transport.unsubscribe(filter_)
 
     def _oversize(self, topic: str, size: int) -> None:
         """A message over our limit that a 3.1.1 broker delivered anyway: dropped unread, counted."""

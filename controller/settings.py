@@ -37,7 +37,9 @@ class ControllerSettings(BaseSettings):
         " database (signing key, device CA) when artifact_store is not local; unset: stored unencrypted",
     )
     broker_url: str | None = Field(
-        None, description="existing broker, mqtt://host:port; unset: start an embedded broker"
+        None,
+        description="existing broker, mqtt://host:port; the nodes of a cluster: comma-separated (tried in turn);"
+        " unset: start an embedded broker",
     )
     embedded_broker: Literal["auto", "mosquitto", "amqtt"] = Field(
         "auto", description="embedded broker engine: mosquitto when its binary is found (auto), else amqtt"
@@ -125,6 +127,19 @@ class ControllerSettings(BaseSettings):
     mqtt_shared_group: str | None = Field(
         None, description="MQTT 5 shared-subscription group, so several controllers split device traffic"
     )
+    ingest: Literal["mqtt", "nats"] = Field(
+        "mqtt",
+        description="how device traffic comes in: mqtt (the broker_url connection), or nats (NATS's own protocol at"
+        " nats_url, telemetry and events shared by the replicas in nats_queue_group; commands still go over MQTT)",
+    )
+    nats_url: str | None = Field(
+        None, description="NATS servers for ingest = nats, nats://host:4222, comma-separated (the cluster's nodes)"
+    )
+    nats_queue_group: str = Field(
+        "slmfleet-ingest", description="NATS queue group: the replicas in it share telemetry and events"
+    )
+    nats_user: str | None = Field(None, description="user on the NATS servers (ingest = nats)")
+    nats_password: str | None = Field(None, description="password on the NATS servers (ingest = nats)")
     max_control_payload: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = Field(
         64 * 1024, description="largest state/telemetry/event payload accepted, bytes"
     )
@@ -324,6 +339,12 @@ class ControllerSettings(BaseSettings):
     def https(self) -> bool:
         """Whether the REST API is served over HTTPS."""
         return self.tls_cert_file is not None
+
+    @model_validator(mode="after")
+    def _nats_ingest_is_complete(self) -> ControllerSettings:
+        if self.ingest == "nats" and (self.nats_url is None or self.broker_url is None):
+            raise ValueError("ingest = nats needs nats_url (NATS servers) and broker_url (their MQTT gateway)")
+        return self
 
     @model_validator(mode="after")
     def _production_is_safe(self) -> ControllerSettings:

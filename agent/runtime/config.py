@@ -29,7 +29,11 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     device_id: str = Field(description="this device's id; it appears in every topic")
-    broker: str = Field("mqtt://127.0.0.1:1883", description="broker URL, mqtt://host:port or mqtts://host:port")
+    broker: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="broker URL, mqtt://host:port or mqtts://host:port; several (the nodes of a cluster, tried in"
+        " turn): comma-separated",
+    )
     data_dir: Path = Field(Path("/var/lib/slmfleet-agent"), description="state: spool, model slots, identity")
     model: Path | None = Field(
         None,

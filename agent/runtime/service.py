@@ -393,7 +393,7 @@ class AgentService:
         assert self.core is not None and self._loop is not None and self.transport is not None
         log.info(
             "connected to broker %s as %s (MQTT %s)",
-            self.transport.config.url,
+            self.transport.server_url,
             self.settings.device_id,
             self.transport.protocol,
         )

@@ -6,7 +6,8 @@ on these machines. Here every client's socket is registered with the asyncio
 loop (epoll), so one loop runs one agent on a device or thousands in the
 simulator, and the controller's connection lives in its own loop thread.
 
-The transport reconnects forever with capped, jittered exponential backoff,
+The transport reconnects forever with capped, jittered exponential backoff
+(through several brokers in turn when given several, e.g. the nodes of a cluster),
 re-applies its subscriptions after every reconnect, speaks MQTT 5 where the
 broker does and falls back to 3.1.1 where it does not (``protocol="auto"``).
 When the broker refuses the credentials it stops retrying, or, with
@@ -25,6 +26,7 @@ import ssl
 import sys
 import threading
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -108,14 +110,47 @@ class MqttConfig:
     #: the largest packet this client accepts: sent to an MQTT 5 broker in CONNECT (it then discards larger
     #: messages instead of sending them) and enforced on receipt (3.1.1); None: no limit
     max_packet_size: int | None = None
+    #: every broker to try, in turn, as (host, port): the nodes of a cluster. Empty: ``host``:``port`` alone.
+    #: A client starts at the one its client id picks (``first_server``: a fleet spreads over the nodes); after
+    #: a failed attempt or a lost connection it tries the next one; the backoff grows per full round.
+    servers: tuple[tuple[str, int], ...] = ()
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        return self.server_url(0)
+
+    @property
+    def rotation(self) -> tuple[tuple[str, int], ...]:
+        """The brokers tried in turn (at least ``host``:``port``)."""
+        return self.servers or ((self.host, self.port),)
+
+    def server_url(self, index: int) -> str:
+        host, port = self.rotation[index % len(self.rotation)]
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{port}"
 
 
 def parse_broker_url(url: str) -> dict[str, Any]:
-    """Split ``mqtt://[user:pass@]host:port`` (or ``mqtts://``) into MqttConfig fields."""
+    """Split ``mqtt://[user:pass@]host:port`` (or ``mqtts://``) into MqttConfig fields.
+
+    A comma-separated list of URLs names the nodes of a cluster (``servers``, tried in turn): they share one
+    scheme, and the credentials of the first URL that has any."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"broker URL {url!r} names no broker")
+    each = [_parse_one(u) for u in urls]
+    fields = dict(each[0])
+    if len(each) > 1:
+        if any(f["tls"] != fields["tls"] for f in each):
+            raise ValueError(f"broker URLs {url!r} mix mqtt:// and mqtts://: use one scheme for every node")
+        for f in each:
+            for key in ("username", "password"):
+                if key in f and key not in fields:
+                    fields[key] = f[key]
+        fields["servers"] = tuple((f["host"], f["port"]) for f in each)
+    return fields
+
+
+def _parse_one(url: str) -> dict[str, Any]:
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
@@ -132,6 +167,11 @@ def parse_broker_url(url: str) -> dict[str, Any]:
     if parts.password:
         fields["password"] = unquote(parts.password)
     return fields
+
+
+def first_server(client_id: str, count: int) -> int:
+    """The index in a broker rotation of ``count`` nodes where a client starts: fixed per client id, spread."""
+    return zlib.crc32(client_id.encode()) % count if count > 1 else 0
 
 
 class _MiscTicker:
@@ -207,6 +247,9 @@ class MqttTransport:
         self._got_connack = False
         self._stopping = False
         self._attempt = 0
+        #: which of ``config.rotation`` this client connects (or tries to connect) to: it starts at the node its
+        #: client id picks, so a fleet given the same list spreads over the nodes
+        self._server = first_server(client_id, len(config.rotation))
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._connack_timer: asyncio.TimerHandle | None = None
         self._logged_failure = False
@@ -221,6 +264,8 @@ class MqttTransport:
         self._renewing = False
         self.on_connect = on_connect
         self._subscribing: dict[int, list[str]] = {}
+        #: filters the broker refused, with how many times in a row (asked again with backoff)
+        self._sub_refusals: dict[str, int] = {}
         self.on_disconnect = on_disconnect
         self.on_message = on_message
         self.on_published = on_published
@@ -231,6 +276,11 @@ class MqttTransport:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def server_url(self) -> str:
+        """The broker this client is connected to (or trying next), from ``config.rotation``."""
+        return self.config.server_url(self._server)
 
     @property
     def protocol(self) -> str:
@@ -392,6 +442,7 @@ class MqttTransport:
         if self._client is None:
             self._client = self._make_client()
         cfg = self.config
+        host, port = cfg.rotation[self._server % len(cfg.rotation)]
         self._got_connack = False
         try:
             if self._protocol_v5:
@@ -400,26 +451,26 @@ class MqttTransport:
                 if cfg.max_packet_size is not None:
                     props.MaximumPacketSize = cfg.max_packet_size
                 self._client.connect(
-                    cfg.host,
-                    cfg.port,
+                    host,
+                    port,
                     keepalive=cfg.keepalive_s,
                     clean_start=not cfg.persistent_session,
                     properties=props,
                 )
             else:
-                self._client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+                self._client.connect(host, port, keepalive=cfg.keepalive_s)
         except ssl.SSLCertVerificationError as exc:
             # Verification stays on: a certificate the CA did not sign, or issued for another host, is retried
             # with backoff (it may be replaced) but never accepted.
             self._note_failure(
-                f"TLS certificate of broker {cfg.host}:{cfg.port} rejected: {exc.verify_message or exc}"
+                f"TLS certificate of broker {host}:{port} rejected: {exc.verify_message or exc}"
                 f" (CA file: {cfg.ca_file or 'system trust store'})"
             )
             self._drop_failed_client()
             self._schedule_reconnect()
             return
         except (OSError, ssl.SSLError, ValueError) as exc:
-            self._note_failure(f"cannot reach broker {cfg.host}:{cfg.port}: {exc}")
+            self._note_failure(f"cannot reach broker {host}:{port}: {exc}")
             if cfg.tls:
                 self._drop_failed_client()
             self._schedule_reconnect()
@@ -460,8 +511,14 @@ class MqttTransport:
         if self._stopping or self._reconnect_handle is not None:
             return
         if delay is None:
+            # A failed attempt or a lost connection: the next broker of the rotation; the backoff grows once
+            # every broker was tried (with one broker: after every attempt).
             cfg = self.config
-            base = min(cfg.reconnect_max_s, cfg.reconnect_min_s * (2 ** min(self._attempt, 16)))
+            count = len(cfg.rotation)
+            if count > 1:
+                self._server = (self._server + 1) % count
+            rounds = self._attempt // count
+            base = min(cfg.reconnect_max_s, cfg.reconnect_min_s * (2 ** min(rounds, 16)))
             delay = base * random.uniform(0.5, 1.0)
             self._attempt += 1
         self._reconnect_handle = self._loop.call_later(delay, self._try_connect)
@@ -487,11 +544,30 @@ class MqttTransport:
                 self._subscribing[mid] = [f for f, _ in pairs]
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
-        """Say which subscriptions the broker refused (an ACL, usually): they will deliver nothing."""
+        """Say which subscriptions the broker refused, and ask again later with backoff: an ACL refuses for good,
+        but a clustered broker may fail one for a while (NATS while JetStream elects a leader after a node loss)."""
         filters = self._subscribing.pop(mid, [])
         for filter_, reason in zip(filters, reasons or [], strict=False):
             if getattr(reason, "is_failure", False) or (isinstance(reason, int) and reason >= 0x80):
-                log.warning("%s: the broker refused the subscription to %s: %s", self.name, filter_, reason)
+                tries = self._sub_refusals.get(filter_, 0)
+                self._sub_refusals[filter_] = tries + 1
+                delay = min(self.config.reconnect_max_s, 1.0 * 2 ** min(tries, 16))
+                level = logging.WARNING if tries == 0 else logging.DEBUG
+                log.log(
+                    level,
+                    "%s: the broker refused the subscription to %s: %s (asking again)",
+                    self.name,
+                    filter_,
+                    reason,
+                )
+                self._loop.call_later(delay * random.uniform(0.8, 1.0), self._resubscribe, filter_)
+            elif self._sub_refusals.pop(filter_, 0):
+                log.info("%s: subscribed to %s", self.name, filter_)
+
+    def _resubscribe(self, filter_: str) -> None:
+        qos = self._subs.get(filter_)
+        if qos is not None and not self._stopping:
+            self._subscribe_now([(filter_, qos)])
 
     def _unsubscribe_now(self, filter_: str) -> None:
         if self._client is not None and self._connected:
@@ -542,7 +618,7 @@ class MqttTransport:
         self.connects += 1
         self.server_max_packet = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         if self._logged_failure or self.refused is not None:
-            log.info("%s: connected to %s", self.name, self.config.url)
+            log.info("%s: connected to %s", self.name, self.server_url)
         self._logged_failure = False
         self.refused = None
         self._subscribe_now(list(self._subs.items()))

@@ -1,4 +1,4 @@
-"""A separate publisher process: ``python -m benchmarks.tools.publish PORT N DEVICES`` sends N valid
+"""A separate publisher process: ``python -m benchmarks.tools.publish PORT N DEVICES [MODE [PREFIX]]`` sends N valid
 telemetry messages (QoS 1) round-robin over DEVICES device topics as fast as the broker takes them,
 after one birth per device, then prints a JSON line with its own timings."""
 
@@ -16,14 +16,14 @@ from wire import codec, topics
 from wire.messages import DeviceOnline, HardwareProfile, InferenceStats, LatencySummary, Telemetry
 
 
-def payloads(n: int, devices: int) -> list[tuple[str, bytes]]:
+def payloads(n: int, devices: int, prefix: str = "bench") -> list[tuple[str, bytes]]:
     latency = LatencySummary(
         p50_ms=3.1, p95_ms=7.9, p99_ms=12.4, mean_ms=3.6, max_ms=15.0, buckets=[(64, 80), (70, 20)]
     )
     out = []
     now = time.time()
     for k in range(n):
-        device = f"bench-{k % devices:05d}"
+        device = f"{prefix}-{k % devices:05d}"
         msg = Telemetry(
             ts=now + k * 1e-6,
             seq=k // devices,
@@ -37,11 +37,11 @@ def payloads(n: int, devices: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def births(devices: int) -> list[tuple[str, bytes]]:
+def births(devices: int, prefix: str = "bench") -> list[tuple[str, bytes]]:
     hw = HardwareProfile(cpu_count=4, ram_bytes=4 * 2**30, arch="aarch64", os="Linux")
     return [
         (
-            topics.state(f"bench-{i:05d}"),
+            topics.state(f"{prefix}-{i:05d}"),
             codec.encode(
                 DeviceOnline(
                     ts=time.time(), agent_version="bench", hardware=hw, keepalive_s=60, telemetry_interval_s=10
@@ -69,13 +69,14 @@ def publish_all(client: mqtt.Client, items: list[tuple[str, bytes]]) -> None:
 def main() -> None:
     port, n, devices = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     mode = sys.argv[4] if len(sys.argv) > 4 else "all"
-    items = payloads(n, devices)
+    prefix = sys.argv[5] if len(sys.argv) > 5 else "bench"  # device ids PREFIX-00000...: several publishers
+    items = payloads(n, devices, prefix)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{time.time_ns()}", protocol=mqtt.MQTTv311)
     client.max_inflight_messages_set(1000)
     client.connect("127.0.0.1", port, keepalive=60)
     client.loop_start()
     if mode in ("all", "births"):
-        publish_all(client, births(devices))
+        publish_all(client, births(devices, prefix))
     if mode == "births":
         client.disconnect()
         client.loop_stop()

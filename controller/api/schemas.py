@@ -110,10 +110,20 @@ class EmbeddedBrokerHealth(BaseModel):
     last_exit_at: datetime | None = None
 
 
+class NatsIngestHealth(BaseModel):
+    """ingest = nats: the controller's NATS connection (telemetry and events in a queue group)."""
+
+    connected: bool
+    server: str | None = Field(None, description="the NATS server it is connected to (host:port)")
+    queue_group: str
+    received: int = Field(description="messages received from NATS since the start")
+
+
 class BrokerHealth(BaseModel):
     url: str | None
     connected: bool
     embedded: EmbeddedBrokerHealth | None = None
+    nats: NatsIngestHealth | None = None
 
 
 class Health(BaseModel):

@@ -83,7 +83,9 @@ class MqttBridge:
             except Exception:
                 log.exception("reconnect hook failed")
         log.info(
-            "controller connected to broker %s (MQTT %s)", self.config.url, self.transport and self.transport.protocol
+            "controller connected to broker %s (MQTT %s)",
+            self.transport and self.transport.server_url,
+            self.transport and self.transport.protocol,
         )
         if self._on_change is not None:
             self._on_change(True)

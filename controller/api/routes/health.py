@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from agent import __version__
 from controller.api.deps import RuntimeDep
-from controller.api.schemas import BrokerHealth, EmbeddedBrokerHealth, Health
+from controller.api.schemas import BrokerHealth, EmbeddedBrokerHealth, Health, NatsIngestHealth
 from controller.db.types import from_epoch
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,17 @@ def health(runtime: RuntimeDep, response: Response) -> Health:
         )
         if embedded is not None
         else None,
+        nats=NatsIngestHealth(
+            connected=nats.connected,
+            server=nats.connected_url,
+            queue_group=runtime.settings.nats_queue_group,
+            received=nats.received,
+        )
+        if (nats := runtime.nats_ingest) is not None
+        else None,
     )
     ok = database == "ok" and (broker.connected or bridge is None) and (embedded is None or embedded.running)
+    ok = ok and (broker.nats is None or broker.nats.connected)
     if database != "ok":
         response.status_code = 503
     return Health(
