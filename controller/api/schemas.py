@@ -116,6 +116,14 @@ class BrokerHealth(BaseModel):
     embedded: EmbeddedBrokerHealth | None = None
 
 
+class ReplicaHealth(BaseModel):
+    """This replica of a cluster: its id and the leases it holds (what it drives)."""
+
+    id: str
+    clustered: bool
+    drives: list[str]
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
@@ -123,6 +131,7 @@ class Health(BaseModel):
     broker: BrokerHealth
     devices: dict[str, int]
     ingest_queue: int
+    replica: ReplicaHealth | None = None
 
 
 # ------------------------------------------------------------------ models --
