@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, select
 
 from controller.db.models import ClusterMessage, table
+from controller.db.types import utcnow
 
 EVENT = "event"
 CHUNKS = "chunks"
@@ -30,7 +31,12 @@ def put(engine: Engine, deployment_id: str, device_id: str, kind: str, payload: 
     with engine.begin() as conn:
         conn.execute(
             insert(table(ClusterMessage)).values(
-                deployment_id=deployment_id, device_id=device_id, kind=kind, payload=payload, sender=sender
+                deployment_id=deployment_id,
+                device_id=device_id,
+                kind=kind,
+                payload=payload,
+                sender=sender,
+                at=utcnow(),
             )
         )
 

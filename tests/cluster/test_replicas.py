@@ -1,0 +1,134 @@
+"""Three controller replicas (real processes) on one PostgreSQL database and one mosquitto with shared
+subscriptions, real agents: killing the replica that drives a rollout and its deployment hands both over
+within 10 s, every device ends on the new model exactly once, and the audit log shows the handover."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from controller.broker.embedded import EmbeddedBroker
+from tests.cluster.harness import Cluster, holder
+from tests.e2e.fleet import ControllerProc, Fleet
+from tests.e2e.test_deploy_real_agents import active_version, pin_key, register
+from tests.helpers import wait_until
+from tests.postgres import own_database
+
+pytestmark = pytest.mark.slow
+
+NO_GATES = {"error_rate_max": None, "p95_latency_ratio_max": None, "rss_ratio_max": None, "shadow_agreement_min": None}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, private_broker: EmbeddedBroker, requires_mosquitto: None) -> Iterator[Cluster]:
+    with own_database("slmfleet_cluster") as url:
+        c = Cluster(tmp_path, url, private_broker.url)
+        try:
+            yield c
+        finally:
+            c.stop()
+
+
+def as_controller(replica: object) -> ControllerProc:
+    return ControllerProc(replica.proc, replica.api, replica.data_dir)  # type: ignore[attr-defined]
+
+
+def test_killing_the_rollout_driver_hands_the_rollout_and_its_deployment_over(
+    cluster: Cluster, private_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    first = cluster.start("r1")
+    ctl = as_controller(first)
+    register(ctl, tmp_path, 1)
+    register(ctl, tmp_path, 2)
+    key = pin_key(ctl, tmp_path / "controller.pem")
+    for rid in ("r2", "r3"):
+        cluster.start(rid, template=first.data_dir)
+    clustered = first.cluster()
+    assert clustered["clustered"] and {r["id"] for r in clustered["replicas"]} == {"r1", "r2", "r3"}
+
+    fleet = Fleet(tmp_path / "agents", private_broker.url)
+    (tmp_path / "agents").mkdir()
+    fleet.controller = ctl
+    devices = ["c0", "c1", "c2", "c3"]
+    try:
+        for d in devices:
+            fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps")
+        fleet.wait_online(devices, 60)
+        spec = {
+            "model": "pump",
+            "version": 2,
+            "selector": "fleet=pumps",
+            "variant": "fp32",
+            "waves": [{"until": "1", "bake_s": 8}, {"until": "100%", "bake_s": 2}],
+            "gates": NO_GATES,
+        }
+        r = httpx.post(ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"})
+        assert r.status_code == 201, r.text
+        rollout_id = r.json()["id"]
+        engine = create_engine(cluster.database_url)
+        try:
+            name = f"rollout:{rollout_id}"
+            driver = wait_until(lambda: holder(engine, name), 20, what="a replica drives the rollout")
+            # wait for the canary wave to bake, then kill whoever drives the rollout (and its deployment)
+            wait_until(lambda: rollout(engine, rollout_id)[0] == "baking", 90, interval=0.2, what="wave 1 baking")
+            driver = holder(engine, name)
+            assert driver is not None
+            transitions_before = count_transitions(engine, rollout_id)
+            killed_at = time.monotonic()
+            cluster.replicas[driver[0]].proc.kill()
+
+            new = wait_until(
+                lambda: (h := holder(engine, name)) is not None and h[0] != driver[0] and h,
+                15,
+                interval=0.1,
+                what="another replica takes the rollout",
+            )
+            wait_until(
+                lambda: count_transitions(engine, rollout_id) > transitions_before,
+                15,
+                interval=0.1,
+                what="the next rollout step after the kill",
+            )
+            handover_s = time.monotonic() - killed_at
+            assert handover_s < 10 + 2, handover_s  # goal < 10 s; slack for a loaded 2-core machine
+            assert new[1] == driver[1] + 1  # a new acquisition: the next fencing token
+
+            wait_until(lambda: rollout(engine, rollout_id)[0] == "completed", 180, interval=0.5, what="completed")
+            live = as_controller(cluster.any_alive())
+            for d in devices:
+                assert active_version(live, d) == 2, d
+            with engine.connect() as conn:
+                takeovers = conn.execute(
+                    text("SELECT detail FROM audit_log WHERE action = 'cluster.takeover' AND target = :t"), {"t": name}
+                ).all()
+            messages = [str(dict(row[0])["message"]) if not isinstance(row[0], str) else row[0] for row in takeovers]
+            assert any(f"from {driver[0]}" in m for m in messages), messages
+            # no device installs twice: one switch to version 2 per device in the agents' own logs
+            switches = Counter({d: fleet.agents[d].log().count("switched to slot") for d in devices})
+            assert all(n == 1 for n in switches.values()), switches
+        finally:
+            engine.dispose()
+    finally:
+        fleet.controller = None
+        fleet.stop()
+
+
+def rollout(engine: object, rollout_id: str) -> tuple[str, int]:
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        row = conn.execute(text("SELECT state, wave_index FROM rollout WHERE id = :i"), {"i": rollout_id}).one()
+    return str(row[0]), int(row[1])
+
+
+def count_transitions(engine: object, rollout_id: str) -> int:
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM rollout_transition WHERE rollout_id = :i"), {"i": rollout_id}
+            ).scalar_one()
+        )
