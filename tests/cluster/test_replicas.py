@@ -4,6 +4,8 @@ within 10 s, every device ends on the new model exactly once, and the audit log 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -132,3 +134,68 @@ def count_transitions(engine: object, rollout_id: str) -> int:
                 text("SELECT count(*) FROM rollout_transition WHERE rollout_id = :i"), {"i": rollout_id}
             ).scalar_one()
         )
+
+
+def test_a_stopped_driver_is_replaced_and_its_late_writes_never_interleave(
+    cluster: Cluster, private_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """SIGSTOP the driver past its lease, let another replica take over and drive, SIGCONT: the rollout's
+    history stays one chain (each step starts where the last ended), and the woken replica drives nothing of it."""
+    first = cluster.start("s1")
+    ctl = as_controller(first)
+    register(ctl, tmp_path, 1)
+    key = pin_key(ctl, tmp_path / "controller.pem")
+    cluster.start("s2", template=first.data_dir)
+    fleet = Fleet(tmp_path / "agents", private_broker.url)
+    (tmp_path / "agents").mkdir()
+    fleet.controller = ctl
+    devices = ["p0", "p1"]
+    engine = create_engine(cluster.database_url)
+    stopped = None
+    try:
+        for d in devices:
+            fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps")
+        fleet.wait_online(devices, 60)
+        spec = {
+            "model": "pump",
+            "version": 1,
+            "variant": "fp32",
+            "selector": "fleet=pumps",
+            "waves": [{"until": "1", "bake_s": 20}, {"until": "100%", "bake_s": 1}],
+            "gates": NO_GATES,
+        }
+        r = httpx.post(ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"})
+        assert r.status_code == 201, r.text
+        rollout_id = r.json()["id"]
+        name = f"rollout:{rollout_id}"
+        wait_until(lambda: rollout(engine, rollout_id)[0] == "baking", 90, interval=0.2, what="wave 1 baking")
+        driver = holder(engine, name)
+        assert driver is not None
+        stopped = cluster.replicas[driver[0]].proc
+        os.kill(stopped.pid, signal.SIGSTOP)
+        new = wait_until(
+            lambda: (h := holder(engine, name)) is not None and h[0] != driver[0] and h,
+            20,
+            interval=0.1,
+            what="another replica takes the rollout from the stopped one",
+        )
+        assert new[1] > driver[1]
+        os.kill(stopped.pid, signal.SIGCONT)
+        stopped = None
+        wait_until(lambda: rollout(engine, rollout_id)[0] == "completed", 180, interval=0.5, what="completed")
+        with engine.connect() as conn:
+            chain = conn.execute(
+                text("SELECT from_state, to_state FROM rollout_transition WHERE rollout_id = :i ORDER BY id"),
+                {"i": rollout_id},
+            ).all()
+        for (_, to_state), (from_state, _) in zip(chain, chain[1:], strict=False):
+            assert from_state == to_state, chain  # one driver at a time: no step from a stale state
+        assert holder(engine, name) is None or holder(engine, name)[0] != driver[0]  # type: ignore[index]
+        woken = cluster.replicas[driver[0]].proc.log()
+        assert f"{driver[0]} lost {name}" in woken, woken[-3000:]  # it noticed and stopped driving on its own
+    finally:
+        if stopped is not None:
+            os.kill(stopped.pid, signal.SIGCONT)
+        engine.dispose()
+        fleet.controller = None
+        fleet.stop()
