@@ -123,6 +123,9 @@ class DeliveryService:
         if self.owner.clustered:
             self.targets_store.fence = lambda conn, deployment_id: self.owner.fence(conn, lease_name(deployment_id))
             self.targets_store.on_stale = self._stale
+        #: messages from other replicas handed to the transport's loop, and those it handled (deleted next drive)
+        self._inflight: set[int] = set()
+        self._handled: list[int] = []
 
     @property
     def grant_artifact(self) -> Callable[[str, str], None] | None:
@@ -639,15 +642,25 @@ class DeliveryService:
         for deployment_id in inbox.waiting(self.engine):
             if self.owner.drive(lease_name(deployment_id)) is not None:
                 self._adopt(deployment_id)
+        with self._lock:
+            handled, self._handled = self._handled, []
+            self._inflight.difference_update(handled)
+        inbox.done(self.engine, handled)
         mine = [name.removeprefix("deployment:") for name in self.owner.held() if name.startswith("deployment:")]
-        handled = self._handle(inbox.take(self.engine, mine))
+        transport = self.wire.transport
+        if transport is not None:
+            with self._lock:
+                fresh = [m for m in inbox.take(self.engine, mine) if m.id not in self._inflight]
+                self._inflight.update(m.id for m in fresh)
+            if fresh:
+                transport.call_soon(self._handle, fresh)  # reports and repairs run on the transport's loop
         active = set(running)
         for deployment_id in mine:
             info = self.targets_store.info(deployment_id)
             if deployment_id not in active and (info is None or info.status != "running"):
                 self.owner.release(lease_name(deployment_id))
                 self.lost(lease_name(deployment_id))
-        return handled
+        return len(handled)
 
     def _adopt(self, deployment_id: str) -> None:
         """Follow a deployment this replica just took (or took back): its targets from the database, and the
@@ -666,11 +679,20 @@ class DeliveryService:
         log.info(
             "delivery: %s drives deployment %s (%d devices)", self.owner.replica_id, deployment_id[:8], len(loaded)
         )
-        if self.wire.transport is not None and self.wire.transport.connected:
-            unfinished = [t for t in loaded if not t.terminal and t.artifact_id and not t.queued]
-            self._apply(unfinished, Control.RECONNECTED)
-            self._dispatch(deployment_id)
-            self._maybe_finish(deployment_id)
+        transport = self.wire.transport
+        if transport is not None:
+            transport.call_soon(self._resend, deployment_id)
+
+    def _resend(self, deployment_id: str) -> None:
+        """The commands of a taken-over deployment's unfinished devices again (transport loop)."""
+        unfinished = [
+            t
+            for t in self.targets_store.of_deployment(deployment_id)
+            if not t.terminal and t.artifact_id and not t.queued
+        ]
+        self._apply(unfinished, Control.RECONNECTED)
+        self._dispatch(deployment_id)
+        self._maybe_finish(deployment_id)
 
     def lost(self, name: str) -> None:
         """The lease of a deployment is gone (taken over, or not renewed in time): stop following it."""
@@ -704,10 +726,13 @@ class DeliveryService:
             log.exception("delivery: could not leave a %s for deployment %s to its driver", kind, deployment_id[:8])
 
     def _handle(self, messages: list[inbox.Message]) -> int:
+        """Messages other replicas left for deployments this one drives (transport loop), in order."""
         handled: list[int] = []
         for m in messages:
             try:
                 if self.owner.holds(lease_name(m.deployment_id)) is None:
+                    with self._lock:
+                        self._inflight.discard(m.id)
                     continue  # lost it meanwhile: stays for the next driver
                 if m.kind == inbox.EVENT:
                     self.on_event(m.device_id, DeploymentEvent.model_validate(m.payload))
@@ -718,7 +743,8 @@ class DeliveryService:
             except Exception:
                 log.exception("delivery: a %s for deployment %s failed", m.kind, m.deployment_id[:8])
             handled.append(m.id)
-        inbox.done(self.engine, handled)
+        with self._lock:
+            self._handled.extend(handled)
         return len(handled)
 
     def _operation(self, deployment_id: str, payload: dict[str, object]) -> None:

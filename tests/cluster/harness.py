@@ -39,6 +39,8 @@ class Cluster:
     broker_url: str
     lease_ttl_s: float = 6.0
     replicas: dict[str, Replica] = field(default_factory=dict)
+    #: more settings for every replica started from now on (SLMFLEET_* variables)
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self, replica_id: str, template: Path | None = None) -> Replica:
         """Start one replica; ``template``: a data directory to copy first (the signing key and artifacts the
@@ -52,6 +54,7 @@ class Cluster:
             "SLMFLEET_MQTT_CLIENT_ID": f"slmfleet-{replica_id}",
             "SLMFLEET_MQTT_SHARED_GROUP": "controllers",
             "SLMFLEET_LEASE_TTL_S": str(self.lease_ttl_s),
+            **self.env,
         }
         args = ("up", "--replica", "--replica-id", replica_id, "--data-dir", str(data), "--broker", self.broker_url)
         proc = Proc(slmfleet_cmd(*args, "--port", str(port)), self.root / f"{replica_id}.log", env=env)

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from controller.broker.embedded import EmbeddedBroker
 from tests.cluster.harness import Cluster, holder
 from tests.e2e.fleet import ControllerProc, Fleet
+from tests.e2e.test_deploy_faults import BIG_BYTES, deploy, ended, register_anomaly, register_big
 from tests.e2e.test_deploy_real_agents import active_version, pin_key, register
 from tests.helpers import wait_until
 from tests.postgres import own_database
@@ -196,6 +197,64 @@ def test_a_stopped_driver_is_replaced_and_its_late_writes_never_interleave(
     finally:
         if stopped is not None:
             os.kill(stopped.pid, signal.SIGCONT)
+        engine.dispose()
+        fleet.controller = None
+        fleet.stop()
+
+
+def test_killing_the_broadcast_driver_mid_transfer_finishes_every_device_once(
+    cluster: Cluster, private_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A deployment whose chunks are on the wire when its driver dies: another replica takes the deployment,
+    repairs what the devices miss, and every device ends on the new model, switched exactly once."""
+    cluster.env["SLMFLEET_CHUNK_SIZE"] = "4096"
+    first = cluster.start("b1")
+    ctl = as_controller(first)
+    v1 = register_anomaly(ctl, tmp_path, 1)
+    v2 = register_big(ctl, tmp_path, BIG_BYTES, seed=5)
+    key = pin_key(ctl, tmp_path / "controller.pem")
+    for rid in ("b2", "b3"):
+        cluster.start(rid, template=first.data_dir)
+    fleet = Fleet(tmp_path / "agents", private_broker.url)
+    (tmp_path / "agents").mkdir()
+    fleet.controller = ctl
+    devices = ["t0", "t1", "t2"]
+    engine = create_engine(cluster.database_url)
+    try:
+        for d in devices:
+            fleet.start_agent(d, "--signing-key-file", str(key))
+        fleet.wait_online(devices, 60)
+        assert ended(ctl, deploy(ctl, v1, devices), 120)["status"] == "completed"
+        dep = deploy(ctl, v2, devices)
+        name = f"deployment:{dep}"
+        driver = wait_until(lambda: holder(engine, name), 20, what="a replica drives the deployment")
+        assert driver[0] == "b1"  # the replica that created it
+
+        def mid_transfer() -> bool:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT state, chunks_have, chunks_total FROM deployment_target WHERE deployment_id = :d"),
+                    {"d": dep},
+                ).all()
+            return any(r[0] == "downloading" and 0 < r[1] < r[2] for r in rows)
+
+        wait_until(mid_transfer, 60, interval=0.02, what="chunks on the wire")
+        killed_at = time.monotonic()
+        cluster.replicas["b1"].proc.kill()
+        new = wait_until(
+            lambda: (h := holder(engine, name)) is not None and h[0] != "b1" and h, 15, interval=0.1, what="takeover"
+        )
+        assert time.monotonic() - killed_at < 12 and new[1] == driver[1] + 1
+        live = as_controller(cluster.replicas[new[0]])
+        done = ended(live, dep, 180)
+        assert done["status"] == "completed", done
+        for d in devices:
+            wait_until(lambda d=d: active_version(live, d) == v2, 30, what=f"{d} on version {v2}")  # type: ignore[misc]
+        switches = {d: fleet.agents[d].log().count("switched to slot") for d in devices}
+        assert switches == dict.fromkeys(devices, 2), switches  # v1, then v2: never twice the same
+        for d in devices:
+            assert "Traceback" not in fleet.agents[d].log(), d
+    finally:
         engine.dispose()
         fleet.controller = None
         fleet.stop()
