@@ -22,6 +22,7 @@ BENCHMARKS = {
     "floors": "benchmarks.floors",
     "hardening": "benchmarks.hardening",
     "gates": "benchmarks.gates",
+    "failover": "benchmarks.failover",
 }
 
 
