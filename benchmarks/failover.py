@@ -116,7 +116,8 @@ def lease_holder(engine: Engine, name: str) -> tuple[str, int] | None:
     with engine.connect() as conn:
         row = conn.execute(
             text(
-                "SELECT holder, token FROM cluster_lease WHERE name = :n AND expires_at > EXTRACT(EPOCH FROM clock_timestamp())"
+                "SELECT holder, token FROM cluster_lease"
+                " WHERE name = :n AND expires_at > EXTRACT(EPOCH FROM clock_timestamp())"
             ),
             {"n": name},
         ).first()
