@@ -302,6 +302,12 @@ class ControllerRuntime:
         if bridge is None or bridge.connected_since is None:
             return []
         now = time.time()
+        if self.owner.clustered:  # a device's telemetry is spread over the replicas: what the others heard counts
+            t = table(Device).c
+            with self.engine.connect() as conn:
+                rows = conn.execute(select(t.id, t.last_seen).where(t.status == "online")).all()
+            for device_id, last_seen in rows:
+                self.registry.learned(device_id, last_seen.timestamp())
         lapsed = self.registry.lapsed(now, bridge.connected_since)
         for device_id in lapsed:
             log.info("device %s silent beyond its keepalive: marked offline", device_id)

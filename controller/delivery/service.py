@@ -126,6 +126,9 @@ class DeliveryService:
         #: messages from other replicas handed to the transport's loop, and those it handled (deleted next drive)
         self._inflight: set[int] = set()
         self._handled: list[int] = []
+        #: replicas: the device's time of the last report applied per target; an older one (it came the long way,
+        #: through another replica and the database) is stale and ignored
+        self._report_ts: dict[tuple[str, str], float] = {}
 
     @property
     def grant_artifact(self) -> Callable[[str, str], None] | None:
@@ -448,6 +451,12 @@ class DeliveryService:
             if self.owner.clustered:  # another replica drives it: it reads the report from the database
                 self._forward(event.deployment_id, device_id, inbox.EVENT, event.model_dump(mode="json"))
             return
+        if self.owner.clustered:
+            key = (event.deployment_id, device_id)
+            with self._lock:
+                if event.ts < self._report_ts.get(key, 0.0):
+                    return  # overtaken by a later report that reached this replica directly
+                self._report_ts[key] = event.ts
         with self._lock:
             step = transitions.step(target.state, event.state, self._facts(target))
             if step.ignored:
@@ -699,6 +708,9 @@ class DeliveryService:
         if name.startswith("deployment:"):
             deployment_id = name.removeprefix("deployment:")
             self.targets_store.drop(deployment_id)
+            with self._lock:
+                for key in [k for k in self._report_ts if k[0] == deployment_id]:
+                    del self._report_ts[key]
             self.wire.forget(deployment_id)
 
     def _stale(self, deployment_id: str, exc: StaleLease) -> None:
