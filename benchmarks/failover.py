@@ -151,10 +151,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     replicas = Replicas(root, url, broker.url)
     agents: dict[str, Child] = {}
     engine = create_engine(url)
+    ok = False
     try:
         replicas.start("f1")
         with replicas.client("f1") as c:
-            for seed in (1, 2):
+            for seed in range(1, rounds + 2):  # devices take only newer versions: one more per round
                 model = big_model(root / f"m{seed}.onnx", 64 * 1024, seed=seed)
                 r = c.post(
                     "/api/v1/models/pump/versions",
@@ -195,8 +196,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         wait_for(online, 90, 0.5)
         results: list[dict[str, Any]] = []
         for index in range(rounds):
-            results.append(one_round(engine, replicas, agents, devices, 2 if index % 2 == 0 else 1))
+            results.append(one_round(engine, replicas, agents, devices, index + 2))
         steps_s = [r["to_next_step_s"] for r in results]
+        ok = True
         return {
             "replicas": 3,
             "devices": n_devices,
@@ -217,7 +219,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-        shutil.rmtree(root, ignore_errors=True)
+        if ok:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"failover: logs kept in {root}", file=sys.stderr)
 
 
 def one_round(

@@ -65,7 +65,7 @@ def acquire(engine: Engine, name: str, me: str, ttl_s: float) -> Acquired | None
     now = now_sql(engine)
     with engine.begin() as conn:
         before = conn.execute(
-            text("SELECT holder, token FROM cluster_lease WHERE name = :name"), {"name": name}
+            text("SELECT holder, token, expires_at FROM cluster_lease WHERE name = :name"), {"name": name}
         ).first()
         row = conn.execute(
             text(
@@ -85,7 +85,7 @@ def acquire(engine: Engine, name: str, me: str, ttl_s: float) -> Acquired | None
     if row is None:
         return None
     token = int(row[0])
-    if before is not None and before[0] != me:
+    if before is not None and before[0] != me and float(before[2]) > 0:  # 0: released, not taken over
         return Acquired(token, str(before[0]), int(before[1]))
     return Acquired(token, None, None)
 

@@ -648,7 +648,8 @@ class DeliveryService:
         for deployment_id in running:
             if self.owner.drive(lease_name(deployment_id), ("deployment", len(running))) is not None:
                 self._adopt(deployment_id)
-        for deployment_id in inbox.waiting(self.engine):
+        waiting = set(inbox.waiting(self.engine))
+        for deployment_id in waiting:
             if self.owner.drive(lease_name(deployment_id)) is not None:
                 self._adopt(deployment_id)
         with self._lock:
@@ -666,7 +667,7 @@ class DeliveryService:
         active = set(running)
         for deployment_id in mine:
             info = self.targets_store.info(deployment_id)
-            if deployment_id not in active and (info is None or info.status != "running"):
+            if deployment_id not in active | waiting and (info is None or info.status != "running"):
                 self.owner.release(lease_name(deployment_id))
                 self.lost(lease_name(deployment_id))
         return len(handled)

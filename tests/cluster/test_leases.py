@@ -90,7 +90,7 @@ def test_release_lets_another_take_at_once(db: Engine) -> None:
     assert not leases.release(db, "rollout:r", "B", got.token)
     assert leases.release(db, "rollout:r", "A", got.token)
     taken = leases.acquire(db, "rollout:r", "B", 30)
-    assert taken is not None and taken.token == 2
+    assert taken is not None and taken.token == 2 and taken.previous is None  # released: a handover, not a takeover
 
 
 def test_fence_refuses_a_stale_token_inside_the_write_transaction(db: Engine) -> None:
