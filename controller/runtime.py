@@ -220,6 +220,9 @@ class ControllerRuntime:
                 protocol=s.mqtt_protocol,
                 reconnect_max_s=5.0,
                 max_packet_size=s.max_control_payload + RECEIVE_OVERHEAD,
+                # a replica's session ends with its connection: the broker stops handing it a share of the device
+                # traffic as soon as it dies, instead of queueing that share for a session nobody resumes
+                persistent_session=not s.replica,
             )
             subscriptions = self.handler.subscriptions(s.mqtt_shared_group)
             if self.broker_admin is not None:

@@ -129,6 +129,8 @@ class DeliveryService:
         #: replicas: the device's time of the last report applied per target; an older one (it came the long way,
         #: through another replica and the database) is stale and ignored
         self._report_ts: dict[tuple[str, str], float] = {}
+        #: replicas: when a quiet device was last sent its command again (it answers with its state)
+        self._nudged: dict[tuple[str, str], float] = {}
 
     @property
     def grant_artifact(self) -> Callable[[str, str], None] | None:
@@ -664,6 +666,16 @@ class DeliveryService:
                 self._inflight.update(m.id for m in fresh)
             if fresh:
                 transport.call_soon(self._handle, fresh)  # reports and repairs run on the transport's loop
+            now = self.clock()
+            quiet = self.targets_store.select(
+                lambda t: not t.terminal and not t.queued and bool(t.artifact_id) and now - t.updated_at > NUDGE_S
+            )
+            with self._lock:
+                due = [t for t in quiet if now - self._nudged.get((t.deployment_id, t.device_id), 0.0) > NUDGE_S]
+                for t in due:
+                    self._nudged[(t.deployment_id, t.device_id)] = now
+            if due:
+                transport.call_soon(self._apply, due, Control.RECONNECTED)
         active = set(running)
         for deployment_id in mine:
             info = self.targets_store.info(deployment_id)
@@ -712,6 +724,8 @@ class DeliveryService:
             with self._lock:
                 for key in [k for k in self._report_ts if k[0] == deployment_id]:
                     del self._report_ts[key]
+                for key in [k for k in self._nudged if k[0] == deployment_id]:
+                    del self._nudged[key]
             self.wire.forget(deployment_id)
 
     def _stale(self, deployment_id: str, exc: StaleLease) -> None:
@@ -774,6 +788,11 @@ class DeliveryService:
         elif op == "add_devices":
             devices = payload.get("devices")
             self.add_devices(deployment_id, [str(d) for d in devices] if isinstance(devices, list) else [])
+
+
+#: replicas: a device of a running deployment silent this long gets its command again (a repeated Deploy makes it
+#: report where it is): a report lost with a replica that died while it was on its way is asked for again
+NUDGE_S = 15.0
 
 
 def lease_name(deployment_id: str) -> str:
