@@ -158,3 +158,14 @@ def test_fair_share_leaves_work_to_other_live_replicas(db: Engine) -> None:
 def test_sole_owner_drives_everything_without_the_database() -> None:
     owner = SoleOwner()
     assert owner.drive("rollout:x") == 0 and owner.holds("job:y") == 0 and owner.held() == {}
+
+
+def test_a_schema_newer_than_this_version_is_left_alone(db: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """A rolling upgrade: a newer replica migrated the database; an older one (re)started then runs on it."""
+    with db.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    migrate(db)  # no "Can't locate revision": a warning, and the schema is not touched
+    assert "newer than this controller knows" in caplog.text
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "9999_from_the_future"
+    assert leases.acquire(db, "job:x", "old-replica", 30) is not None

@@ -258,3 +258,28 @@ def test_killing_the_broadcast_driver_mid_transfer_finishes_every_device_once(
         engine.dispose()
         fleet.controller = None
         fleet.stop()
+
+
+def test_a_rolling_restart_hands_work_over_without_waiting_for_leases(cluster: Cluster) -> None:
+    """One replica at a time: SIGTERM releases its leases (another replica takes its jobs at its next run, not a
+    lease TTL later), and started again it rejoins the cluster."""
+    first = cluster.start("u1")
+    cluster.start("u2", template=first.data_dir)
+    engine = create_engine(cluster.database_url)
+    try:
+        name = "job:presence-sweep"  # runs every 5 s: taken at once after a release
+        owner = wait_until(lambda: holder(engine, name), 20, what="the sweep has a driver")
+        other = "u2" if owner[0] == "u1" else "u1"
+        stopped_at = time.monotonic()
+        assert cluster.replicas[owner[0]].proc.stop(20) == 0
+        assert holder(engine, name) is None  # released on the way out, not left to expire
+        moved = wait_until(lambda: (h := holder(engine, name)) is not None and h[0] == other and h, 15, interval=0.1)
+        assert time.monotonic() - stopped_at < 5 + cluster.lease_ttl_s  # one sweep interval, not a TTL on top
+        assert moved[1] == owner[1] + 1
+        with engine.connect() as conn:
+            takeovers = conn.execute(text("SELECT count(*) FROM audit_log WHERE action = 'cluster.takeover'")).scalar()
+        assert takeovers == 0  # a handover after a release is not a takeover
+        back = cluster.start(owner[0])
+        assert {r["id"]: r["alive"] for r in back.cluster()["replicas"]} == {"u1": True, "u2": True}
+    finally:
+        engine.dispose()
