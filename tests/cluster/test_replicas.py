@@ -283,3 +283,77 @@ def test_a_rolling_restart_hands_work_over_without_waiting_for_leases(cluster: C
         assert {r["id"]: r["alive"] for r in back.cluster()["replicas"]} == {"u1": True, "u2": True}
     finally:
         engine.dispose()
+
+
+def test_a_rollout_survives_its_driver_killed_in_several_states_and_an_approval_on_another_replica(
+    cluster: Cluster, private_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Kill the driver while a wave deploys, while the rollout awaits approval, and while the next wave deploys
+    (each killed replica comes back); approve through a replica that does not drive it: the rollout completes,
+    every device is on the new version, switched once, and each handover is audited."""
+    first = cluster.start("k1")
+    ctl = as_controller(first)
+    register(ctl, tmp_path, 1)
+    key = pin_key(ctl, tmp_path / "controller.pem")
+    for rid in ("k2", "k3"):
+        cluster.start(rid, template=first.data_dir)
+    fleet = Fleet(tmp_path / "agents", private_broker.url)
+    (tmp_path / "agents").mkdir()
+    fleet.controller = ctl
+    devices = ["s0", "s1", "s2"]
+    engine = create_engine(cluster.database_url)
+    try:
+        for d in devices:
+            fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps")
+        fleet.wait_online(devices, 60)
+        spec = {
+            "model": "pump",
+            "version": 1,
+            "variant": "fp32",
+            "selector": "fleet=pumps",
+            "waves": [{"until": "1", "bake_s": 2, "require_approval": True}, {"until": "100%", "bake_s": 2}],
+            "gates": NO_GATES,
+        }
+        r = httpx.post(ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"})
+        assert r.status_code == 201, r.text
+        rollout_id = r.json()["id"]
+        name = f"rollout:{rollout_id}"
+
+        def kill_driver_in(state: str, wave: int) -> str:
+            wait_until(lambda: rollout(engine, rollout_id) == (state, wave), 120, interval=0.02, what=state)
+            driver = holder(engine, name)
+            assert driver is not None
+            cluster.replicas[driver[0]].proc.kill()
+            wait_until(
+                lambda: (h := holder(engine, name)) is not None and h[0] != driver[0], 15, interval=0.1, what="takeover"
+            )
+            cluster.start(driver[0])  # back, as a restarted replica
+            return driver[0]
+
+        killed = [kill_driver_in("deploying", 0), kill_driver_in("awaiting_approval", 0)]
+        driver = holder(engine, name)
+        assert driver is not None
+        elsewhere = next(rep for rid, rep in cluster.replicas.items() if rid != driver[0] and rep.proc.alive())
+        r = httpx.post(
+            f"{elsewhere.api}/api/v1/rollouts/{rollout_id}/approve",
+            headers={"Authorization": f"Bearer {elsewhere.token}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        killed.append(kill_driver_in("deploying", 1))
+        wait_until(lambda: rollout(engine, rollout_id)[0] == "completed", 180, interval=0.5, what="completed")
+        live = as_controller(cluster.any_alive())
+        for d in devices:
+            assert active_version(live, d) == 1, d
+        switches = {d: fleet.agents[d].log().count("switched to slot") for d in devices}
+        assert switches == dict.fromkeys(devices, 1), switches
+        with engine.connect() as conn:
+            handed = conn.execute(
+                text("SELECT detail FROM audit_log WHERE action = 'cluster.takeover' AND target = :t"), {"t": name}
+            ).all()
+        sources = [dict(row[0])["from"] if not isinstance(row[0], str) else row[0] for row in handed]
+        assert all(k in sources for k in killed) and len(sources) >= 3, (killed, sources)  # every handover audited
+    finally:
+        engine.dispose()
+        fleet.controller = None
+        fleet.stop()
