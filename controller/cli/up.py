@@ -181,7 +181,13 @@ def up(
             f"  metrics       {api}/metrics\n"
             f"  MQTT broker   {settings.device_broker_url or settings.broker_url}{broker_note}\n"
             f"  database      {settings.resolved_database_url}\n"
-            f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
+            + (
+                f"  replica       {runtime.owner.replica_id} (lease TTL {settings.lease_ttl_s:g} s;"
+                f" who drives what: {api}/api/v1/cluster)\n"
+                if settings.replica
+                else ""
+            )
+            + f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
             f"  signing key   {public_key}  (public; devices pin it, also GET /api/v1/signing-key)\n"
             + (
                 "  connect a device:  slmfleet enrollment create  (admin token), then on the device:\n"

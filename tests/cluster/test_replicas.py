@@ -279,6 +279,7 @@ def test_a_rolling_restart_hands_work_over_without_waiting_for_leases(cluster: C
         with engine.connect() as conn:
             takeovers = conn.execute(text("SELECT count(*) FROM audit_log WHERE action = 'cluster.takeover'")).scalar()
         assert takeovers == 0  # a handover after a release is not a takeover
+        assert f"replica       {other} (lease TTL 6 s" in cluster.replicas[other].proc.log()  # the banner says so
         back = cluster.start(owner[0])
         assert {r["id"]: r["alive"] for r in back.cluster()["replicas"]} == {"u1": True, "u2": True}
     finally:
