@@ -55,7 +55,9 @@ def version_series(
     n_steps = max(1, math.ceil((end - start) / step))
     c = table(HealthRollup).c
     rows = conn.execute(
-        select(c.bucket_start, c.reports, c.inferences, c.errors, c.drops, c.latency, c.labels, c.scores, c.variant)
+        select(
+            c.bucket_start, c.reports, c.inferences, c.errors, c.drops, c.latency, c.labels, c.scores, c.variant
+        )
         .where(
             c.model == model,
             c.model_version == version,

@@ -101,7 +101,8 @@ class Triggers:
                     "devices": len(targets),
                     "counts": counts,
                     "failed": [
-                        {"device_id": t.device_id, "state": t.state, "reason": t.reason[:500]} for t in bad[:MAX_FAILED]
+                        {"device_id": t.device_id, "state": t.state, "reason": t.reason[:500]}
+                        for t in bad[:MAX_FAILED]
                     ],
                     **self._link(f"/deployments/{dep.id}"),
                 }

@@ -38,7 +38,7 @@ def options_json(values: dict[str, Any]) -> str:
             if isinstance(loaded, dict):
                 options = loaded
             else:
-                errors["options"] = 'a JSON object, e.g. {"labels": ["negative", "positive"]}'
+                errors["options"] = "a JSON object, e.g. {\"labels\": [\"negative\", \"positive\"]}"
     if values["task"] and values["task"] not in TASKS:
         errors["task"] = f"one of {', '.join(TASKS)}"
     if errors:

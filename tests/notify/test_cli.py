@@ -59,8 +59,7 @@ def test_an_admin_manages_webhooks_from_the_command_line(
         bad = runner.invoke(cli_app, ["webhooks", "add", "x", "http://h/x", "--event", "rollout.oops", *common])
         assert bad.exit_code == 1 and "Traceback" not in bad.output
         assert bad.output.strip().splitlines() == [
-            "error: events: 'rollout.oops' matches no event; events are: "
-            + ", ".join(t.value for t in EventType)
+            "error: events: 'rollout.oops' matches no event; events are: " + ", ".join(t.value for t in EventType)
             + " (wildcards: rollout.*, *)"
         ]
         missing = runner.invoke(cli_app, ["webhooks", "show", "nope", *common])
@@ -72,10 +71,9 @@ def test_an_admin_manages_webhooks_from_the_command_line(
         assert denied.exit_code == 1 and "403" in denied.output
 
         removed = runner.invoke(cli_app, ["webhooks", "remove", "pager", *common])
-        assert (
-            removed.exit_code == 0
-            and json.loads(runner.invoke(cli_app, ["webhooks", "list", "--json", *common]).stdout) == []
-        )
+        assert removed.exit_code == 0 and json.loads(
+            runner.invoke(cli_app, ["webhooks", "list", "--json", *common]).stdout
+        ) == []
         events = runner.invoke(cli_app, ["webhooks", "events", *common]).stdout
         assert "rollout.awaiting_approval" in events and "device.offline" in events
     finally:

@@ -64,7 +64,9 @@ def create_webhook(body: WebhookCreate, runtime: RuntimeDep, session: SessionDep
         row, secret = webhooks.create(session, body, who.name)
     except NotifyError as exc:
         raise _refused(exc) from None
-    audit.record(session, who.name, "webhook.create", body.name, {"id": row.id, "url": body.url, "events": body.events})
+    audit.record(
+        session, who.name, "webhook.create", body.name, {"id": row.id, "url": body.url, "events": body.events}
+    )
     session.commit()
     session.refresh(row)
     _changed(runtime)

@@ -255,7 +255,6 @@ def random_windows(n_features: int, n: int, seed: int = 0) -> list[dict[str, Any
 # ---------------------------------------------------------------------------------------------------------
 # Latency and memory, in a process of the candidate's own
 
-
 def probe_candidate(bundle: ExportedBundle, samples: list[dict[str, Any]], threads: int = 0) -> dict[str, Any]:
     """Load ``bundle`` in a fresh interpreter, time one call per sample, and report p50/p95 and peak RSS."""
     import numpy as np

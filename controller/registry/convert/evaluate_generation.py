@@ -252,7 +252,6 @@ def default_prompts(bundle: ExportedBundle, n: int = DEFAULT_PROMPTS, seed: int 
 # ---------------------------------------------------------------------------------------------------------
 # Measuring in a process of the bundle's own
 
-
 def measure_generation(
     bundle: ExportedBundle,
     records: list[dict[str, Any]],
