@@ -42,8 +42,12 @@ setup-test: $(VENV)/.test-deps
 run: setup
 	$(BIN)/slmfleet up $(ARGS)
 
+# Two test files at a time (most tests wait on brokers, agents and controllers they start, so two share 2 cores well);
+# a file's tests stay together in one worker (module fixtures are built once). TEST_WORKERS=0 runs them one by one.
+TEST_WORKERS ?= 2
+
 test: setup-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup-test
 	$(BIN)/python -m benchmarks $(BENCH)

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "hardening": "benchmarks.hardening",
     "gates": "benchmarks.gates",
     "failover": "benchmarks.failover",
+    "artifacts": "benchmarks.artifacts",
 }
 
 

@@ -3,13 +3,45 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
 from controller.broker.embedded import EmbeddedBroker, mosquitto_binary
+
+#: the PostgreSQL server benchmarks and tests create their throwaway databases on
+POSTGRES_ADMIN_URL = os.environ.get("SLMFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[tuple[str | None, str]]:
+    """``(url, "")`` of a new, empty database on POSTGRES_ADMIN_URL, dropped afterwards; ``(None, why)`` when
+    no server answers."""
+    try:
+        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        yield None, f"no PostgreSQL at {POSTGRES_ADMIN_URL} ({type(exc).__name__})"
+        return
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False), ""
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 class JsonProc:

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: room for the topic, packet id and MQTT 5 properties around the largest payload the controller accepts
 RECEIVE_OVERHEAD = 8 * 1024
+#: with a shared artifact store, how old this replica's copy of the corrupt marks may be (another marks or repairs)
+MARKS_REFRESH_S = 5.0
 
 
 class ControllerRuntime:
@@ -88,6 +90,13 @@ class ControllerRuntime:
             on_written=self._written,
             on_dropped=self.metrics.ingest_dropped.inc,
         )
+        if settings.shared_artifacts:
+            migrate(self.engine)  # the signing key the replicas share is read from the database just below
+        elif settings.mqtt_shared_group:
+            log.warning(
+                "several controllers (mqtt_shared_group) with a local artifact store: a replica that did not import a"
+                ' version cannot send it, and each signs with its own key; set artifact_store = "database"'
+            )
         self.models = RegistryService(
             self.engine,
             settings.data_dir,
@@ -95,11 +104,18 @@ class ControllerRuntime:
             validity_days=settings.manifest_validity_days,
             max_unpacked_bytes=settings.unpack_max_bytes,
             floors=settings.min_agreement,
+            artifact_store=settings.artifact_store,
+            secrets_key=settings.shared_secrets_key,
         )
         #: every command to a device goes out through this: sealed for that device (wire.signing)
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)
         #: artifacts damaged in the store (marked, announced, repaired); listeners get each new mark
-        self.integrity = ArtifactIntegrity(self.engine, self.models.store, self.metrics)
+        self.integrity = ArtifactIntegrity(
+            self.engine,
+            self.models.store,
+            self.metrics,
+            refresh_s=MARKS_REFRESH_S if self.models.store.shared else None,
+        )
         self.webhook_sender = WebhookSender(
             self.engine,
             SenderSettings(
@@ -149,7 +165,7 @@ class ControllerRuntime:
         if settings.device_certificates:
             self.pki = DevicePki(
                 self.engine,
-                pki_broker.authority(settings),
+                pki_broker.authority(settings, self.engine),
                 pki_broker.crl_path(settings),
                 timedelta(hours=settings.device_cert_hours),
                 settings.broker_reload_command,

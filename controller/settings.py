@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography.fernet import Fernet
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -22,6 +23,18 @@ class ControllerSettings(BaseSettings):
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL; default sqlite:///<data_dir>/controller.db (PostgreSQL: postgresql+psycopg://...)",
+    )
+    artifact_store: str = Field(
+        "local",
+        description="where model files live: local (<data_dir>/registry/store, one controller); database (rows of"
+        " database_url, which every replica reaches: use it with several replicas); or the absolute path of a"
+        " directory every replica mounts. Not local: the signing key (and the controller's own device CA) are"
+        " shared through the database too",
+    )
+    shared_secrets_key: str | None = Field(
+        None,
+        description="a Fernet key, the same on every replica, that encrypts the secrets replicas share in the"
+        " database (signing key, device CA) when artifact_store is not local; unset: stored unencrypted",
     )
     broker_url: str | None = Field(
         None, description="existing broker, mqtt://host:port; unset: start an embedded broker"
@@ -263,6 +276,34 @@ class ControllerSettings(BaseSettings):
     def _absolute_data_dir(cls, v: Path) -> Path:
         """Absolute from the start: subprocesses (model evaluation) and later chdirs see the same place."""
         return v.expanduser().absolute()
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store(cls, v: str) -> str:
+        if v in ("local", "database"):
+            return v
+        if not Path(v).expanduser().is_absolute():
+            raise ValueError(f"artifact_store is local, database or the absolute path of a shared directory, not {v!r}")
+        return str(Path(v).expanduser())
+
+    @field_validator("shared_secrets_key")
+    @classmethod
+    def _fernet_key(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        try:
+            Fernet(v.encode())
+        except (ValueError, TypeError):
+            raise ValueError(
+                "shared_secrets_key must be a Fernet key (url-safe base64 of 32 bytes); make one with: python -c"
+                " 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+            ) from None
+        return v
+
+    @property
+    def shared_artifacts(self) -> bool:
+        """Artifacts (and the secrets that sign them) live where several replicas reach them."""
+        return self.artifact_store != "local"
 
     @field_validator("public_url")
     @classmethod

@@ -23,6 +23,13 @@ from tests.helpers import wait_until
 BROKER_ENGINE = os.environ.get("SLMFLEET_TEST_BROKER", "auto")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with slow-marked tests first (stable otherwise): with ``make test``'s two workers taking whole files in
+    this order, the long files start early instead of ending the run on one worker while the other idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     found = mosquitto_binary()
     engine = BROKER_ENGINE if BROKER_ENGINE != "auto" else ("mosquitto" if found else "amqtt")

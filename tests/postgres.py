@@ -4,33 +4,20 @@ when no server answers."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-ADMIN_URL = os.environ.get("SLMFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+from benchmarks.common import POSTGRES_ADMIN_URL, postgres_database
+
+ADMIN_URL = POSTGRES_ADMIN_URL
 
 
 @contextmanager
 def own_database(prefix: str = "slmfleet_test") -> Iterator[str]:
     """The URL of a new, empty database; skips the test when no server answers."""
-    try:
-        admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL} ({type(exc).__name__}); set SLMFLEET_TEST_POSTGRES to run this")
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database(prefix) as (url, why):
+        if url is None:
+            pytest.skip(f"{why}; set SLMFLEET_TEST_POSTGRES to run this")
+        yield url

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 ROOT = "slmfleet/v1"
 DEVICE_PREFIX = f"{ROOT}/dev"
@@ -103,8 +104,12 @@ _DEVICE_TOPIC_RE = re.compile(
 )
 
 
+@lru_cache(maxsize=65_536)
 def parse_device(topic: str) -> DeviceTopic | None:
-    """Parse ``slmfleet/v1/dev/{id}/{channel}``; None for anything else (including bad ids)."""
+    """Parse ``slmfleet/v1/dev/{id}/{channel}``; None for anything else (including bad ids).
+
+    Cached (bounded): a fleet sends on the same few topics per device all day, and the two regular
+    expressions cost more than the rest of routing a message. ``DeviceTopic`` is immutable."""
     m = _DEVICE_TOPIC_RE.match(topic)
     if m is None or not is_valid_id(m.group("id")):
         return None

@@ -22,6 +22,7 @@ import logging
 import random
 import socket
 import ssl
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -35,11 +36,46 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.transport import paho_speed
 from agent.transport.base import TransportRefused, Will
 
 log = logging.getLogger(__name__)
 
 Protocol = Literal["auto", "5", "3.1.1"]
+
+paho_speed.install()
+
+#: packets read in one turn of the loop when more are already waiting (then the loop serves the others)
+READ_BATCH = 256
+
+if sys.platform != "win32":
+    import fcntl
+    import termios
+
+    def _received(sock: Any) -> int:
+        try:
+            buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return 0
+        return int.from_bytes(buf, sys.byteorder)
+
+else:  # pragma: no cover - no FIONREAD on sockets there: what the poll reports, one packet a turn
+
+    def _received(sock: Any) -> int:
+        return 0
+
+
+def _waiting(sock: Any) -> int:
+    """Bytes received and not read yet: in the read buffer, decrypted by TLS, in the kernel."""
+    if isinstance(sock, paho_speed.BufferedReads):
+        buffered = sock.buffered()
+        if buffered:
+            return buffered
+        sock = sock.raw
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return sock.pending()
+    return _received(sock)
+
 
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
 _RC_UNSUPPORTED_PROTOCOL = 132
@@ -160,6 +196,12 @@ class MqttTransport:
         self._protocol_v5 = config.protocol in ("auto", "5")
         self._client: mqtt.Client | None = None
         self._sock: Any = None
+        #: a write of what paho queued is scheduled on the loop (see _on_register_write)
+        self._flush_scheduled = False
+        #: the socket is registered with the loop for writing (its buffer was full)
+        self._writer_added = False
+        #: turns of the loop that read from the socket (several packets are read in one when they are waiting)
+        self.read_turns = 0
         self._subs: dict[str, int] = {}
         self._connected = False
         self._got_connack = False
@@ -570,7 +612,7 @@ class MqttTransport:
                 log.exception("%s: on_published handler failed", self.name)
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._sock = sock
+        self._sock = paho_speed.buffer_reads(client) or sock
         self._call_in_loop(self._loop.add_reader, sock, self._readable, client)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -579,28 +621,62 @@ class MqttTransport:
         self._call_in_loop(self._forget_socket, sock)
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._call_in_loop(self._add_writer, sock, client)
+        if self._in_loop_thread():
+            # Coalesce: everything queued in this turn of the loop (the PUBACKs of a batch of received
+            # messages, a burst of publishes) goes out in one write after it, not one poll cycle each.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        else:
+            self._loop.call_soon_threadsafe(self._add_writer, sock, client)
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._call_in_loop(self._remove_writer, sock)
+        if not self._in_loop_thread():
+            self._loop.call_soon_threadsafe(self._remove_writer, sock)
+        elif self._writer_added:
+            self._remove_writer(sock)
 
     # ---------------------------------------------------- loop plumbing --
 
     def _readable(self, client: mqtt.Client) -> None:
+        self.read_turns += 1
         client.loop_read()
+        # Whole packets often arrive together: read what is already here in this turn (bounded).
+        sock = self._sock
+        for _ in range(READ_BATCH - 1):
+            if sock is None or sock is not self._sock or _waiting(sock) <= 0:
+                return
+            client.loop_read()
+        if sock is not None and sock is self._sock and _waiting(sock) > 0:
+            # more is here, some of it maybe only in the read buffer (no poll would report it): go on next turn
+            self._loop.call_soon(self._readable, client)
 
-    def _writable(self, client: mqtt.Client) -> None:
+    def _writable(self, sock: Any, client: mqtt.Client) -> None:
         client.loop_write()
+        if not client.want_write():  # all written (also when paho had already said so: a late add_writer)
+            self._remove_writer(sock)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        sock, client = self._sock, self._client
+        if sock is None or client is None:
+            return
+        client.loop_write()
+        if client.want_write() and not self._writer_added:  # the socket's buffer is full: the rest when it drains
+            self._add_writer(sock, client)
 
     def _add_writer(self, sock: Any, client: mqtt.Client) -> None:
         if sock is self._sock and sock.fileno() >= 0:
-            self._loop.add_writer(sock, self._writable, client)
+            self._loop.add_writer(sock, self._writable, sock, client)
+            self._writer_added = True
 
     def _remove_writer(self, sock: Any) -> None:
+        self._writer_added = False
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_writer(sock)
 
     def _forget_socket(self, sock: Any) -> None:
+        self._writer_added = False
         for remove in (self._loop.remove_reader, self._loop.remove_writer):
             with contextlib.suppress(ValueError, OSError):
                 remove(sock)

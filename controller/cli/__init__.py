@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from controller.cli import (
+    artifacts,
     broker,
     deploy,
     devices,
@@ -61,3 +62,4 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(enrollment.app, name="enrollment")
 app.add_typer(broker.app, name="broker")
 app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(artifacts.app, name="artifacts")

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Table,
     Text,
@@ -216,6 +217,43 @@ class Artifact(SQLModel, table=True):
     #: set when the store's copy failed its hashes: nothing is sent from it until a repair verifies it again
     corrupt_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
     corrupt_reason: str | None = Field(default=None, max_length=1024)
+
+
+class ArtifactBlob(SQLModel, table=True):
+    """A file of the database artifact store (``artifact_store = "database"``): its sha256, size and how it is cut.
+
+    Its bytes are ``pieces`` rows of ``artifact_blob_piece``, each ``piece_size`` bytes (the last one shorter):
+    the delivery's chunk size when the importer stored it, so reading one chunk reads one indexed row."""
+
+    __tablename__ = "artifact_blob"
+
+    sha256: str = Field(sa_column=Column(String(64), primary_key=True))
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    piece_size: int = Field(sa_column=Column(Integer, nullable=False))
+    pieces: int = Field(sa_column=Column(Integer, nullable=False))
+    #: when it was stored or last stored again (an import of the same content): garbage collection spares recent ones
+    stored_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+
+
+class ArtifactBlobPiece(SQLModel, table=True):
+    """Piece ``idx`` of a blob of the database artifact store (bytea on PostgreSQL, BLOB on SQLite)."""
+
+    __tablename__ = "artifact_blob_piece"
+
+    sha256: str = Field(sa_column=Column(String(64), primary_key=True))
+    idx: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class SharedSecret(SQLModel, table=True):
+    """A secret every replica must hold the same of (the manifest signing key, the device CA), when the artifacts
+    are shared (``artifact_store`` not local): made once by the first replica, read by the others."""
+
+    __tablename__ = "shared_secret"
+
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    value: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 
 
 class ImportJob(SQLModel, table=True):

@@ -27,7 +27,7 @@ from controller.delivery.transfer import (
 from controller.devices.commands import CommandSender
 from controller.metrics import Metrics
 from controller.registry.keys import SigningKey
-from controller.registry.store import ContentStore
+from controller.registry.store import ArtifactStore
 from wire import signing
 from wire.manifest import SignedManifest
 from wire.messages import Activate, Cancel, Commit, Deploy, Rollback, ShadowSpec
@@ -58,7 +58,7 @@ class DeliveryLink:
     def __init__(
         self,
         engine: Engine,
-        store: ContentStore,
+        store: ArtifactStore,
         key: SigningKey,
         metrics: Metrics,
         settings: TransferSettings,

@@ -49,7 +49,7 @@ from controller.devices.commands import CommandSender
 from controller.metrics import Metrics
 from controller.registry.integrity import ArtifactIntegrity
 from controller.registry.keys import SigningKey
-from controller.registry.store import ContentStore
+from controller.registry.store import ArtifactStore
 from wire import signing
 from wire.manifest import SignedManifest
 from wire.messages import (
@@ -77,7 +77,7 @@ class DeliveryService:
     def __init__(
         self,
         engine: Engine,
-        store: ContentStore,
+        store: ArtifactStore,
         key: SigningKey,
         metrics: Metrics,
         settings: TransferSettings | None = None,

@@ -16,18 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controller.registry.store import BlobMissing, ContentStore
+from controller.registry.store import ArtifactStore, BlobMissing
 from wire import chunks as frames
 from wire import topics
 from wire.manifest import Manifest
 
 log = logging.getLogger(__name__)
+
+#: chunks repairs read ahead in a worker thread per round (256 KiB each by default: 16 MiB at most)
+PREFETCH_MAX = 64
 
 PublishTracked = Callable[[str, bytes, Callable[[], None]], bool]
 
@@ -67,21 +71,42 @@ class ChunkSource:
     must refuse; one flipped after its check is caught when devices report it damaged (``recheck``).
     """
 
-    def __init__(self, manifest: Manifest, store: ContentStore, verified: set[int] | None = None) -> None:
+    def __init__(self, manifest: Manifest, store: ArtifactStore, verified: set[int] | None = None) -> None:
         self.manifest = manifest
         self.store = store
         self.artifact_id = manifest.artifact_id
         self.verified = verified if verified is not None else set()
+        #: reads may take milliseconds (a database, a network filesystem): broadcasts make them in a worker thread,
+        #: repairs prefetch them there (``prefetch``)
+        self.shared = store.shared
+        self._prefetched: dict[int, bytes] = {}
 
     def __len__(self) -> int:
         return len(self.manifest.chunks)
+
+    def prefetch(self, indices: list[int]) -> None:
+        """Read these chunks now (in a worker thread), for ``frame`` to use once; a failed read is left for
+        ``frame`` to make again and report."""
+        for index in indices:
+            if index in self._prefetched:
+                continue
+            ref = self.manifest.chunks[index]
+            with contextlib.suppress(Exception):
+                self._prefetched[index] = self.store.read_range(
+                    self.manifest.files[ref.file].sha256, ref.offset, ref.size
+                )
+
+    def drop_prefetched(self) -> None:
+        self._prefetched.clear()
 
     def frame(self, index: int, recheck: bool = False) -> bytes:
         """The frame of chunk ``index``; ChunkUnavailable when the store's copy is missing or damaged."""
         ref = self.manifest.chunks[index]
         entry = self.manifest.files[ref.file]
+        data = None if recheck else self._prefetched.pop(index, None)
         try:
-            data = self.store.read_range(entry.sha256, ref.offset, ref.size)
+            if data is None:
+                data = self.store.read_range(entry.sha256, ref.offset, ref.size)
         except (BlobMissing, OSError) as exc:
             detail = "missing from the store" if isinstance(exc, BlobMissing) else f"unreadable: {exc}"
             raise ChunkUnavailable(self.artifact_id, index, entry.path, entry.sha256, detail) from None
@@ -190,7 +215,11 @@ class Broadcast:
                 while (
                     self.next_index < total and self.next_index < position + s.window and self.inflight < s.max_inflight
                 ):
-                    if not self._send(self.next_index):
+                    if self.source.shared:  # a database or network read: off the loop that hears the devices
+                        frame = await asyncio.to_thread(self.source.frame, self.next_index)
+                    else:
+                        frame = self.source.frame(self.next_index)
+                    if not self._send(frame):
                         break
                     self.next_index += 1
                 if self.next_index < total:
@@ -213,8 +242,7 @@ class Broadcast:
         listening = {d for d, p in self.participants.items() if p.listening or not p.downloading}
         return bool(listening) and self.expected <= listening
 
-    def _send(self, index: int) -> bool:
-        frame = self.source.frame(index)
+    def _send(self, frame: bytes) -> bool:
         generation = self.generation
 
         def acked() -> None:
@@ -300,6 +328,7 @@ class Repairs:
     async def _run(self) -> None:
         while True:
             try:
+                await self._prefetch()
                 sent_any = self._send_round()
             except Exception:  # the repair task serves every device: it must outlive one bad round
                 log.exception("chunk repairs failed; retrying")
@@ -308,6 +337,29 @@ class Repairs:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
+
+    async def _prefetch(self) -> None:
+        """Chunks of shared stores (a database, a network filesystem) the next round will send, read in a worker
+        thread (at most ``PREFETCH_MAX`` a round), so the MQTT loop does not wait on them."""
+        wanted: dict[str, list[int]] = {}
+        budget = PREFETCH_MAX
+        for (device_id, artifact_id), queue in list(self._queues.items()):
+            source = self._sources.get(artifact_id)
+            if source is None or not source.shared or budget <= 0:
+                continue
+            room = min(budget, self.settings.repair_inflight - self._inflight.get(device_id, 0))
+            indices = list(itertools.islice(queue, max(0, room)))
+            wanted.setdefault(artifact_id, []).extend(indices)
+            budget -= len(indices)
+        if not wanted:
+            return
+        sources = {a: self._sources[a] for a in wanted}
+
+        def read() -> None:
+            for artifact_id, indices in wanted.items():
+                sources[artifact_id].prefetch(indices)
+
+        await asyncio.to_thread(read)
 
     def _send_round(self) -> bool:
         sent_any = False
@@ -333,6 +385,8 @@ class Repairs:
                 sent_any = True
             if not queue:
                 self._queues.pop((device_id, artifact_id), None)
+        for source in self._sources.values():
+            source.drop_prefetched()  # what a full device could not take: read again next time, memory bounded
         return sent_any
 
     def _send(self, device_id: str, topic: str, source: ChunkSource, index: int) -> bool:

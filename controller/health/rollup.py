@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import Connection, Engine, and_, case, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -115,7 +115,8 @@ class HealthRollupJob:
                     tel.variant,
                     tel.inference_count,
                     tel.inference_errors,
-                    tel.data["inference"].label("inference"),
+                    # only what is counted: a row serving no model is skipped below, its JSON not parsed
+                    case((tel.model.is_not(None), tel.data["inference"]), else_=None).label("inference"),
                 )
                 .where(tel.id > after)
                 .order_by(tel.id)

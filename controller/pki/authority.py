@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from controller.db import secrets
+from controller.db.secrets import SharedSecrets
 from controller.errors import ControllerError
 
 CA_CERT = "device-ca.pem"
@@ -149,6 +151,29 @@ class Authority:
         if basic is None or not basic.ca:
             raise PkiError(f"{cert_path} is not a CA certificate (basicConstraints CA:TRUE)")
         return cls(cert, key, own)
+
+    @classmethod
+    def load_or_create_shared(cls, shared: SharedSecrets, pki_dir: Path) -> Authority:
+        """The controller's own CA as every replica holds it: from the database (``shared_secret``), made by the
+        first replica (from its ``pki_dir`` when it has one there), written to ``pki_dir`` for the broker."""
+        cert_path, key_path = pki_dir / CA_CERT, pki_dir / CA_KEY
+        local = (cert_path.read_bytes(), key_path.read_bytes()) if cert_path.is_file() and key_path.is_file() else None
+        key_pem_bytes, cert_pem_bytes = shared.read(secrets.DEVICE_CA_KEY), shared.read(secrets.DEVICE_CA_CERT)
+        if key_pem_bytes is None or cert_pem_bytes is None:
+            if local is None:
+                cls._create(cert_path, key_path)
+                local = (cert_path.read_bytes(), key_path.read_bytes())
+            offered = shared.offer({secrets.DEVICE_CA_KEY: local[1], secrets.DEVICE_CA_CERT: local[0]})
+            key_pem_bytes, cert_pem_bytes = offered[secrets.DEVICE_CA_KEY], offered[secrets.DEVICE_CA_CERT]
+        if local is not None and local[0] != cert_pem_bytes:
+            raise PkiError(
+                f"{cert_path} is another device CA than the one the replicas share in the database: devices"
+                " certified by one are refused by a broker trusting the other. Move the pki directory away to use"
+                " the shared CA, or set device_ca_cert_file and device_ca_key_file to one CA for every replica"
+            )
+        write_private(key_path, key_pem_bytes)
+        write_public(cert_path, cert_pem_bytes)
+        return cls.load_or_create(pki_dir)
 
     @classmethod
     def _create(cls, cert_path: Path, key_path: Path) -> Authority:

@@ -15,8 +15,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from sqlalchemy import Engine
 
 from controller.broker.embedded import ClientCertListener
+from controller.db.secrets import SharedSecrets
 from controller.pki.authority import Authority, key_pem, pem, utc_now, write_private, write_public
 from controller.pki.service import CRL_FILE, empty_crl_if_missing
 from controller.settings import ControllerSettings
@@ -36,7 +38,11 @@ def crl_path(settings: ControllerSettings) -> Path:
     return settings.device_crl_file or pki_dir(settings) / CRL_FILE
 
 
-def authority(settings: ControllerSettings) -> Authority:
+def authority(settings: ControllerSettings, engine: Engine | None = None) -> Authority:
+    """The operator's CA, else the controller's own: shared through the database (``engine``) when the artifacts
+    are (several replicas issue certificates the one broker must trust)."""
+    if settings.device_ca_cert_file is None and settings.shared_artifacts and engine is not None:
+        return Authority.load_or_create_shared(SharedSecrets(engine, settings.shared_secrets_key), pki_dir(settings))
     return Authority.load_or_create(pki_dir(settings), settings.device_ca_cert_file, settings.device_ca_key_file)
 
 

@@ -32,7 +32,7 @@ from controller.registry.bundles import (
 )
 from controller.registry.convert import ConversionError, ExportedBundle
 from controller.registry.keys import SigningKey
-from controller.registry.store import ContentStore
+from controller.registry.store import ArtifactStore
 from controller.registry.upload import UnpackLimits, is_archive, unpack
 from wire import signing
 from wire.manifest import (
@@ -126,7 +126,7 @@ class Importer:
     def __init__(
         self,
         engine: Engine,
-        store: ContentStore,
+        store: ArtifactStore,
         key: SigningKey,
         *,
         chunk_size: int,
@@ -387,9 +387,10 @@ class Importer:
 
     # ----------------------------------------------------------- register --
 
-    def _manifest(
-        self, name: str, number: int, variant: str, bundle: ExportedBundle, metrics: Metrics, options: ImportOptions
-    ) -> Manifest:
+    def _store(self, bundle: ExportedBundle) -> tuple[list[FileEntry], list[ChunkRef]]:
+        """Put the bundle's files in the artifact store: their entries and chunks for the manifest. Done before the
+        version's transaction opens: a database store writes in a transaction of its own (on SQLite it would wait
+        for the version's write lock), and no artifact row ever names a blob that is not stored yet."""
         files: list[FileEntry] = []
         chunks: list[ChunkRef] = []
         for rel in bundle.files():
@@ -399,6 +400,19 @@ class Importer:
             sha, size, chunk_hashes = self.store.put_file_chunked(bundle.root / rel, self.chunk_size)
             chunks += file_chunks(len(files), size, chunk_hashes, self.chunk_size, len(chunks))
             files.append(FileEntry(path=posix, sha256=sha, size=size))
+        return files, chunks
+
+    def _manifest(
+        self,
+        name: str,
+        number: int,
+        variant: str,
+        bundle: ExportedBundle,
+        metrics: Metrics,
+        options: ImportOptions,
+        stored: tuple[list[FileEntry], list[ChunkRef]],
+    ) -> Manifest:
+        files, chunks = stored
         size_bytes = sum(f.size for f in files)
         metrics = metrics.model_copy(update={"size_bytes": size_bytes})
         min_ram = int((metrics.peak_rss_bytes or size_bytes * 2) * 1.25)
@@ -432,6 +446,7 @@ class Importer:
         built: list[tuple[str, ExportedBundle, Metrics]],
         refused: list[dict[str, Any]],
     ) -> ImportResult:
+        stored = {variant: self._store(bundle) for variant, bundle, _ in built}
         for _attempt in range(5):
             with Session(self.engine) as session:
                 model = session.exec(select(Model).where(Model.name == req.model_name)).first()
@@ -459,7 +474,9 @@ class Importer:
                 session.flush()
                 assert version.id is not None
                 for variant, bundle, metrics in built:
-                    manifest = self._manifest(req.model_name, number, variant, bundle, metrics, options)
+                    manifest = self._manifest(
+                        req.model_name, number, variant, bundle, metrics, options, stored[variant]
+                    )
                     signed = signing.sign(manifest, self.key.private)
                     session.add(
                         Artifact(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from controller import audit
 from controller.db.models import Artifact, Model, ModelVersion
 from controller.db.types import utcnow
 from controller.metrics import Metrics
-from controller.registry.store import ContentStore, sha256_file
+from controller.registry.store import ArtifactStore, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +67,38 @@ class IntegrityReport:
 
 
 class ArtifactIntegrity:
-    def __init__(self, engine: Engine, store: ContentStore, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, store: ArtifactStore, metrics: Metrics, refresh_s: float | None = None) -> None:
+        """``refresh_s``: re-read the marks from the database at most this often (several replicas share them:
+        one marks, another repairs); None: only this process changes them (a single controller)."""
         self.engine = engine
         self.store = store
         self.metrics = metrics
+        self.refresh_s = refresh_s
+        self._loaded_at = 0.0
         self.listeners: list[Callable[[Corruption], None]] = []
         #: called with an artifact id once a repair verified it again
         self.on_repaired: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._corrupt: dict[str, str] = {}
 
-    def load(self) -> None:
-        """Read the marks from the database (at start)."""
+    def load(self) -> list[str]:
+        """Read the marks from the database (at start; then every ``refresh_s`` with replicas); returns the
+        artifacts whose mark went away (another replica repaired them)."""
+        self._loaded_at = time.monotonic()
         with Session(self.engine) as session:
             rows = session.exec(select(Artifact).where(col(Artifact.corrupt_at).is_not(None))).all()
-            with self._lock:
-                self._corrupt = {a.id: a.corrupt_reason or "damaged in the store" for a in rows}
+            marks = {a.id: a.corrupt_reason or "damaged in the store" for a in rows}
+        with self._lock:
+            cleared = [a for a in self._corrupt if a not in marks]
+            self._corrupt = marks
+        return cleared
 
     def corrupt_reason(self, artifact_id: str) -> str | None:
         """Why the artifact is marked corrupt, or None when it is not."""
+        if self.refresh_s is not None and time.monotonic() - self._loaded_at >= self.refresh_s:
+            for repaired in self.load():  # by another replica: its chunks are checked again before they are sent
+                for callback in list(self.on_repaired):
+                    callback(repaired)
         with self._lock:
             return self._corrupt.get(artifact_id)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from controller.db.secrets import SIGNING_KEY as SIGNING_KEY_SECRET
+from controller.db.secrets import SharedSecrets
 from controller.errors import ControllerError
 from wire.signing import key_id, public_key_pem
 
@@ -60,6 +62,43 @@ def load_or_create(keys_dir: Path) -> SigningKey:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return SigningKey(key, path)
+
+
+def _parse(pem: bytes, where: str) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ControllerError(f"the signing key {where} cannot be read ({exc}); restore it from a backup") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ControllerError(f"{where} is not an Ed25519 private key")
+    return key
+
+
+def load_shared(shared: SharedSecrets, keys_dir: Path) -> SigningKey:
+    """The key every replica signs with, from the database (``shared_secret`` ``signing-key``).
+
+    The first replica stores its data directory's key when it has one (devices of an existing install pin it),
+    else a new one. A data directory holding another key is refused: devices pinned to one would refuse
+    manifests signed with the other."""
+    path = keys_dir / KEY_FILE
+    local = path.read_bytes() if path.is_file() else None
+
+    def make() -> bytes:
+        if local is not None:
+            return local
+        return Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    key = _parse(shared.get_or_make(SIGNING_KEY_SECRET, make), "in the database (shared_secret)")
+    if local is not None and key_id(_parse(local, str(path)).public_key()) != key_id(key.public_key()):
+        raise ControllerError(
+            f"{path} holds another signing key than the one the replicas share in the database: devices pinned to"
+            " one refuse manifests signed with the other. Move it away to sign with the shared key (devices that"
+            " pinned it must be given the key from GET /api/v1/signing-key), or start this controller with"
+            ' artifact_store = "local" and its own database'
+        )
     return SigningKey(key, path)
 
 

@@ -6,6 +6,7 @@ import logging
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,30 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from controller.db.models import Artifact, ImportJob, Model, ModelVersion
+from controller.db.secrets import SharedSecrets
 from controller.db.types import utcnow
 from controller.registry import keys
 from controller.registry.bundles import BundleError, ImportOptions
+from controller.registry.dbstore import DatabaseStore
 from controller.registry.importer import Importer, ImportRequest
-from controller.registry.store import ContentStore
+from controller.registry.store import SHARED_GRACE_S, ArtifactStore, ContentStore
 from controller.registry.upload import UploadError, remove_tree
 from wire.manifest import SignedManifest
 
 log = logging.getLogger(__name__)
+
+#: with a shared store, an import job silent this long at a replica's start-up is taken for one whose replica died
+IMPORT_SILENCE_S = 3600.0
+
+
+def open_store(spec: str, engine: Engine, local_root: Path, piece_size: int) -> ArtifactStore:
+    """The artifact store the ``artifact_store`` setting names: local (``local_root``), database, or a shared
+    directory (its path)."""
+    if spec == "local":
+        return ContentStore(local_root)
+    if spec == "database":
+        return DatabaseStore(engine, piece_size)
+    return ContentStore(Path(spec), shared=True)
 
 
 class RegistryService:
@@ -34,12 +50,19 @@ class RegistryService:
         validity_days: float,
         max_unpacked_bytes: int,
         floors: dict[str, float] | None = None,
+        artifact_store: str = "local",
+        secrets_key: str | None = None,
     ) -> None:
+        """``artifact_store``: local, database or the path of a directory every replica mounts (settings);
+        ``secrets_key``: the Fernet key of the secrets replicas share (shared_secrets_key)."""
         self.engine = engine
         self.root = data_dir / "registry"
-        self.store = ContentStore(self.root / "store")
-        self.staging = self.root / "staging"
-        self.key = keys.load_or_create(data_dir / "keys")
+        self.store = open_store(artifact_store, engine, self.root / "store", chunk_size)
+        self.staging = self.root / "staging"  # per replica: uploads being unpacked and converted
+        # every replica signs with the same key, from the database, once the artifacts are shared
+        shared = SharedSecrets(engine, secrets_key)
+        load = keys.load_or_create if artifact_store == "local" else lambda d: keys.load_shared(shared, d)
+        self.key = load(data_dir / "keys")
         self.importer = Importer(
             engine,
             self.store,
@@ -57,54 +80,60 @@ class RegistryService:
     # ------------------------------------------------------------ life --
 
     def start(self) -> None:
-        """Clean up after a crash: interrupted jobs fail, staging and stray blobs go."""
+        """Clean up after a crash: interrupted jobs fail, staging and stray blobs go. With a shared store, jobs
+        that made progress in the last IMPORT_SILENCE_S may be another replica's, running: left alone."""
+        recent = utcnow() - timedelta(seconds=IMPORT_SILENCE_S)
         with Session(self.engine) as session:
             for job in session.exec(select(ImportJob).where(ImportJob.status.in_(("queued", "running")))).all():  # type: ignore[attr-defined]
+                if self.store.shared and job.updated_at > recent:
+                    continue
                 job.status, job.error, job.updated_at = "failed", "the controller stopped during the import", utcnow()
                 session.add(job)
             session.commit()
         remove_tree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.store.clean_tmp()
+        log.info("artifact store: %s", self.store.kind if self.store.kind != "local" else self.root / "store")
         removed = self.collect_garbage()
         if removed:
             log.info("registry: removed %d blobs no artifact refers to (left by an interrupted import)", removed)
 
     def stop(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
     def collect_garbage(self) -> int:
-        """Delete blobs that no manifest lists. Only safe while no import runs (start-up)."""
+        """Delete blobs that no manifest lists. Only safe while no import runs (start-up); in a shared store only
+        blobs older than SHARED_GRACE_S (younger ones may belong to another replica's import in progress)."""
+        referenced = self._referenced()
+        removed = 0
+        for sha in self.store.list_blobs(SHARED_GRACE_S if self.store.shared else 0.0):
+            if sha not in referenced and self.store.delete(sha):
+                removed += 1
+        return removed
+
+    def _referenced(self) -> set[str]:
         referenced: set[str] = set()
         with Session(self.engine) as session:
             for signed in session.exec(select(Artifact.signed_manifest)).all():
-                for f in signed["manifest"]["files"]:
-                    referenced.add(f["sha256"])
-        removed = 0
-        for blob in self.store.blobs.glob("*/*/*"):
-            if blob.name not in referenced:
-                blob.unlink(missing_ok=True)
-                removed += 1
-        return removed
+                referenced.update(f["sha256"] for f in signed["manifest"]["files"])
+        return referenced
 
     def drop_unreferenced(self, candidates: list[str]) -> int:
         """Delete the blobs among ``candidates`` that no artifact lists any more.
 
         Skipped while an import runs (it may have stored the same blob and not committed yet): the
-        next start-up's garbage collection removes them then.
+        next start-up's garbage collection removes them then. In a shared store another replica's import may
+        have too: only blobs older than SHARED_GRACE_S go.
         """
         with self._lock:
             if any(not f.done() for f in self._futures.values()):
                 return 0
-        referenced: set[str] = set()
-        with Session(self.engine) as session:
-            for signed in session.exec(select(Artifact.signed_manifest)).all():
-                referenced.update(f["sha256"] for f in signed["manifest"]["files"])
+        if self.store.shared:
+            candidates = list(set(candidates) & set(self.store.list_blobs(SHARED_GRACE_S)))
         removed = 0
-        for sha in set(candidates) - referenced:
-            path = self.store.path(sha)
-            if path.exists():
-                path.unlink()
+        for sha in set(candidates) - self._referenced():
+            if self.store.delete(sha):
                 removed += 1
         return removed
 

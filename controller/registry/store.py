@@ -1,22 +1,35 @@
 """The content-addressed artifact store: every file is kept once, under its sha256.
 
-Writes are atomic (temporary file in the store, fsync, rename), so a crash
-leaves either a complete blob or nothing; a blob is never half-written under
-its final name. Manifests are stored as blobs too, under their artifact id.
+``ArtifactStore`` is what the registry, the delivery and the integrity checks use of it; two backends:
+
+- ``ContentStore`` (this module): a directory, ``<data_dir>/registry/store`` (``artifact_store = "local"``), or
+  a directory every replica mounts (``artifact_store = "/path"``, ``shared``). Writes are atomic (temporary
+  file in the store, fsync, rename, fsync of the directory), so a crash leaves either a complete blob or
+  nothing; a blob is never half-written under its final name, and two replicas writing the same content
+  at once both rename a complete copy of the same bytes over the same name: harmless.
+- ``DatabaseStore`` (``controller.registry.dbstore``): rows of the controller's database
+  (``artifact_store = "database"``), which every replica reaches.
+
+In a shared store other replicas may be writing while this one starts: their temporary files and the blobs
+of an import they have not committed yet are left alone (``SHARED_GRACE_S``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 _COPY_BLOCK = 1024 * 1024
+#: in a shared store, what is younger than this may be another replica's import in progress: never collected
+SHARED_GRACE_S = 24 * 3600.0
 
 
 def sha256_file(path: Path) -> str:
@@ -32,13 +45,75 @@ class BlobMissing(KeyError):
     """A blob the database refers to is not in the store."""
 
 
+class ArtifactStore(Protocol):
+    """Blobs under their sha256: what every backend promises (``tests/contracts/test_artifact_store.py``)."""
+
+    #: "local", "shared directory" or "database"
+    kind: str
+    #: other replicas use it too (garbage collection spares what is younger than SHARED_GRACE_S)
+    shared: bool
+
+    def has(self, sha256: str) -> bool: ...
+
+    def put_file(self, src: Path, replace: bool = False) -> tuple[str, int]:
+        """Store the file at ``src``: (sha256, size). Identical content is kept once; ``replace``: overwrite the
+        store's (damaged) copy."""
+        ...
+
+    def put_file_chunked(self, src: Path, chunk_size: int) -> tuple[str, int, list[str]]:
+        """Store ``src``, hashing it in ``chunk_size`` pieces too: (sha256, size, chunk hashes)."""
+        ...
+
+    def put_bytes(self, data: bytes) -> str: ...
+
+    def read(self, sha256: str) -> bytes:
+        """The whole blob; BlobMissing when the store has none."""
+        ...
+
+    def read_range(self, sha256: str, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` (fewer at the end); BlobMissing when the store has none."""
+        ...
+
+    def check(self, sha256: str, size: int) -> str | None:
+        """Why the blob is not what its name says (missing, wrong size, wrong content), or None when it is."""
+        ...
+
+    def list_blobs(self, older_than_s: float = 0.0) -> list[str]:
+        """The sha256 of every blob stored (or stored again) more than ``older_than_s`` ago."""
+        ...
+
+    def delete(self, sha256: str) -> bool: ...
+
+    def clean_tmp(self) -> int:
+        """Remove leftovers of interrupted writes (at start-up); in a shared store only old ones."""
+        ...
+
+    def where(self, sha256: str) -> str:
+        """Where the blob lives, for messages."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds open (at stop)."""
+        ...
+
+
 class ContentStore:
-    def __init__(self, root: Path) -> None:
+    """The directory backend: ``blobs/ab/cd/<sha256>``, temporary files in ``tmp/``."""
+
+    def __init__(self, root: Path, shared: bool = False) -> None:
         self.root = root
+        self.shared = shared
+        self.kind = "shared directory" if shared else "local"
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def where(self, sha256: str) -> str:
+        return str(self.path(sha256))
+
+    def close(self) -> None:
+        """Nothing held open."""
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -78,6 +153,7 @@ class ContentStore:
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         if self.has(sha):
+            self._touch(self.path(sha))
             return sha
         with self._atomic(sha) as out:
             out.write(data)
@@ -100,9 +176,11 @@ class ContentStore:
             final = self.path(sha)
             if final.is_file() and not replace:
                 os.unlink(tmp_name)
+                self._touch(final)
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp_name, final)
+                _fsync_dir(final.parent)
             return sha, size
         except BaseException:
             if os.path.exists(tmp_name):
@@ -120,6 +198,7 @@ class ContentStore:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp_name, final)
+            _fsync_dir(final.parent)
         except BaseException:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
@@ -167,13 +246,59 @@ class ContentStore:
                 shutil.copyfile(self.path(sha), target)
         return dest
 
+    def _touch(self, path: Path) -> None:
+        """Stored again: a shared store's garbage collection counts its age from now."""
+        if self.shared:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    def list_blobs(self, older_than_s: float = 0.0) -> list[str]:
+        cutoff = time.time() - older_than_s
+        found = []
+        for blob in self.blobs.glob("*/*/*"):
+            try:
+                if older_than_s <= 0 or blob.stat().st_mtime < cutoff:
+                    found.append(blob.name)
+            except FileNotFoundError:
+                continue  # another replica deleted it
+        return found
+
+    def delete(self, sha256: str) -> bool:
+        try:
+            self.path(sha256).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def clean_tmp(self) -> int:
-        """Remove leftovers of interrupted writes (call at start-up, before any import runs)."""
+        """Remove leftovers of interrupted writes (call at start-up, before any import runs); in a shared
+        directory only those older than SHARED_GRACE_S (the others may be another replica's writes)."""
         removed = 0
+        cutoff = time.time() - SHARED_GRACE_S
         for leftover in self.tmp.iterdir():
+            if self.shared:
+                try:
+                    if leftover.stat().st_mtime >= cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a shared filesystem may otherwise show the old entry after a crash)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

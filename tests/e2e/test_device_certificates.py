@@ -89,7 +89,9 @@ def test_client_certificates_rotate_without_downtime_and_revocation_shuts_the_de
         auth = {"Authorization": f"Bearer {ctl.token}"}
 
         def enroll(device_id: str) -> Path:
-            token = httpx.post(ctl.api + "/api/v1/enrollment-tokens", json={}, headers=auth).json()["token"]
+            token = httpx.post(ctl.api + "/api/v1/enrollment-tokens", json={}, headers=auth, timeout=30.0).json()[
+                "token"
+            ]
             (tmp_path / f"{device_id}.token").write_text(token)
             etc = tmp_path / device_id / "etc"
             done = subprocess.run(

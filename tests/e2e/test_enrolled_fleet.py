@@ -62,7 +62,9 @@ def test_enrolled_device_gets_a_deployment_and_a_revoked_one_is_shut_out(tmp_pat
         auth = {"Authorization": f"Bearer {ctl.token}"}
 
         def enroll(device_id: str) -> Path:
-            r = httpx.post(ctl.api + "/api/v1/enrollment-tokens", json={"labels": {"site": "lab"}}, headers=auth)
+            r = httpx.post(
+                ctl.api + "/api/v1/enrollment-tokens", json={"labels": {"site": "lab"}}, headers=auth, timeout=30.0
+            )
             token_file = tmp_path / f"{device_id}.token"
             token_file.write_text(r.json()["token"])
             out = tmp_path / device_id

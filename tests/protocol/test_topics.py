@@ -40,3 +40,16 @@ def test_parse_device_round_trips_and_rejects_other_topics() -> None:
 )
 def test_filter_matching(filter_: str, topic: str, expected: bool) -> None:
     assert topics.matches(filter_, topic) is expected
+
+
+def test_parsed_device_topics_are_cached_and_bad_ones_stay_refused() -> None:
+    good = topics.telemetry("cache-dev-1")
+    before = topics.parse_device.cache_info().hits
+    first = topics.parse_device(good)
+    assert topics.parse_device(good) is first  # the same (immutable) answer, from the cache
+    assert first == topics.DeviceTopic("cache-dev-1", topics.DeviceChannel.TELEMETRY)
+    for bad in ("slmfleet/v1/dev/-bad/telemetry", "slmfleet/v1/dev/a/nope", "slmfleet/v1/dev/a+b/state"):
+        assert topics.parse_device(bad) is None
+        assert topics.parse_device(bad) is None
+    assert topics.parse_device.cache_info().hits >= before + 4
+    assert topics.parse_device.cache_info().maxsize == 65_536  # bounded: forged topics cannot grow it

@@ -155,7 +155,9 @@ def test_unsigned_and_replayed_configure_are_refused_and_the_signed_one_obeyed(
     attacker.subscribe(topics.cmd("dev-c"))
 
     # the operator's configure: sealed for dev-c by the controller, obeyed (the birth announces the interval)
-    r = httpx.post(ctl.api + "/api/v1/devices/dev-c/configure", json={"telemetry_interval_s": 30}, headers=auth)
+    r = httpx.post(
+        ctl.api + "/api/v1/devices/dev-c/configure", json={"telemetry_interval_s": 30}, headers=auth, timeout=30.0
+    )
     assert r.status_code == 202, r.text
     wait_until(lambda: interval() == 30.0, 20, what="the signed configure obeyed")
     captured = wait_until(lambda: [p for t, p, _ in attacker.received(topics.cmd("dev-c"))], 10)[0]
@@ -166,7 +168,9 @@ def test_unsigned_and_replayed_configure_are_refused_and_the_signed_one_obeyed(
     wait_until(lambda: any("unsigned" in m for m in refusals(ctl, "dev-c")), 20, what="the unsigned configure refused")
 
     # the operator changes it again; the attacker replays the captured (genuine) configure: refused
-    r = httpx.post(ctl.api + "/api/v1/devices/dev-c/configure", json={"telemetry_interval_s": 20}, headers=auth)
+    r = httpx.post(
+        ctl.api + "/api/v1/devices/dev-c/configure", json={"telemetry_interval_s": 20}, headers=auth, timeout=30.0
+    )
     assert r.status_code == 202, r.text
     wait_until(lambda: interval() == 20.0, 20, what="the second signed configure obeyed")
     attacker.publish(topics.cmd("dev-c"), captured)

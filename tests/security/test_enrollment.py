@@ -231,6 +231,7 @@ def test_agent_enroll_writes_private_files_the_agent_runs_with(live_server, tmp_
         server.url + "/api/v1/enrollment-tokens",
         json={"labels": {"site": "lab", "tier": "canary"}},
         headers={"Authorization": f"Bearer {server.admin_token}"},
+        timeout=30.0,
     )
     token_file = tmp_path / "token"
     token_file.write_text(r.json()["token"] + "\n")
@@ -263,7 +264,7 @@ def test_the_enroll_command_names_the_public_url_or_the_address_asked(live_serve
     proxied = live_server(public_url="https://fleet.example.com/slmfleet/")
     for server, url in ((plain, plain.url), (proxied, "https://fleet.example.com/slmfleet")):
         headers = {"Authorization": f"Bearer {server.admin_token}"}
-        created = httpx.post(server.url + "/api/v1/enrollment-tokens", json={}, headers=headers).json()
+        created = httpx.post(server.url + "/api/v1/enrollment-tokens", json={}, headers=headers, timeout=30.0).json()
         assert created["controller_url"] == url
         assert created["enroll_command"] == f"slmfleet agent enroll --controller {url} --token-file TOKEN_FILE"
         assert created["token"] not in created["enroll_command"]
@@ -299,6 +300,7 @@ def test_the_installer_enrolls_once_and_keeps_the_enrollment(live_server, tmp_pa
         server.url + "/api/v1/enrollment-tokens",
         json={"device_id": "gw-3", "labels": {"site": "depot"}},
         headers={"Authorization": f"Bearer {server.admin_token}"},
+        timeout=30.0,
     )
     token_file = tmp_path / "token"
     token_file.write_text(r.json()["token"])

@@ -157,7 +157,7 @@ def test_cli_creates_lists_and_revokes(live_server: Callable[..., LiveServer]) -
     assert "nightly" in listed.stdout and "viewer" in listed.stdout and secret not in listed.stdout
     token_id = next(
         t["id"]
-        for t in httpx.get(f"{live.url}/api/v1/tokens", headers=_bearer(live.admin_token)).json()
+        for t in httpx.get(f"{live.url}/api/v1/tokens", headers=_bearer(live.admin_token), timeout=30.0).json()
         if t["name"] == "nightly"
     )
 

@@ -32,6 +32,9 @@ REDUCED = {
 
 #: bounds on the phases that wait for the fleet (reached only when something is wrong; keeps CI bounded)
 LIMITS = {"limits.baseline_max_s": 40, "limits.settle_s": 40, "limits.ready_timeout_s": 60}
+#: a run that waited out every limit above takes longer than this; a healthy run on a loaded 2-core CI machine
+#: (the suite runs two test files at once) takes well under it
+BUDGET_S = 200
 
 
 def _run(name: str, broker: EmbeddedBroker, out: Path, devices: int | None) -> RunResult:
@@ -68,7 +71,7 @@ def test_every_shipped_scenario_has_a_ci_size() -> None:
 @pytest.mark.parametrize("name", sorted(REDUCED))
 def test_scenario_meets_its_expectations(name: str, private_broker: EmbeddedBroker, tmp_path: Path) -> None:
     result = _run(name, private_broker, tmp_path / "report", REDUCED[name])
-    _check_run(result, 110)
+    _check_run(result, BUDGET_S)
     report = result.report
     assert report["error"] is None
     assert report["scenario"]["devices"] == REDUCED[name]
@@ -81,7 +84,7 @@ def test_scenario_meets_its_expectations(name: str, private_broker: EmbeddedBrok
 def test_report_json_and_html(private_broker: EmbeddedBroker, tmp_path: Path) -> None:
     """A faulty run's report: per-state timeline overall and per wave, download progress, gates, faults."""
     result = _run("flaky-network", private_broker, tmp_path / "report", 30)
-    _check_run(result, 110)
+    _check_run(result, BUDGET_S)
     assert result.json_path.is_file() and result.html_path.is_file()
     report = json.loads(result.json_path.read_text())
     timeline = report["timeline"]
@@ -176,6 +179,6 @@ def test_a_full_disk_on_the_canary_fails_it_with_the_reason_and_aborts(
         path, devices=20, overrides={"broker.url": private_broker.url, "broker.engine": private_broker.engine, **LIMITS}
     )
     result = run_scenario(scenario, RunOptions(out_dir=tmp_path / "out", live=False))
-    _check_run(result, 110)
+    _check_run(result, BUDGET_S)
     reasons = result.report.get("failure_reasons") or {}
     assert reasons and all("MiB of disk" in r for r in reasons), reasons

@@ -1,7 +1,7 @@
 """cluster: leases, replicas, messages for another replica's deployment
 
-Revision ID: 0016
-Revises: 0011
+Revision ID: 0017
+Revises: 0016
 Create Date: 2026-12-07 17:40:00.000000
 """
 
@@ -13,8 +13,8 @@ from alembic import op
 
 import controller.db.types
 
-revision = '0016'
-down_revision = '0011'
+revision = '0017'
+down_revision = '0016'
 branch_labels = None
 depends_on = None
 

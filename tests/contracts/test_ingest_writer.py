@@ -1,0 +1,95 @@
+"""The ingest writer's bulk path on both databases (issue 16): one executemany on SQLite, one COPY per table
+on PostgreSQL. Same rows either way: values, instants, JSON, NULLs; and on PostgreSQL, whose columns hold
+their lengths, one row the database refuses costs only itself."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlmodel import Session
+
+from controller.db.models import DeviceEvent, TelemetryRecord
+from controller.telemetry.ingest import EventIn, IngestWriter, TelemetryIn
+from tests.contracts.test_database import db
+from wire.messages import AgentEvent, CommandAck, InferenceStats, LatencySummary, ModelRef, Telemetry
+
+__all__ = ["db"]  # the database suite's fixture: a migrated, empty database of each dialect
+
+
+def _telemetry(seq: int, ts: float, *, model: bool = True) -> Telemetry:
+    latency = LatencySummary(p50_ms=1.5, p95_ms=2.5, p99_ms=3.5, mean_ms=1.7, max_ms=4.0, buckets=[(40, 9), (41, 1)])
+    return Telemetry(
+        ts=ts,
+        seq=seq,
+        interval_s=10,
+        uptime_s=60,
+        cpu_percent=12.25,
+        rss_bytes=3 * 2**32,  # beyond 32 bits
+        inference=InferenceStats(count=10, errors=1, latency=latency) if model else None,
+        model=ModelRef(model="m", version=3, variant="v" * 100) if model else None,  # the column keeps 64
+    )
+
+
+def _write(engine: Engine, ops: list[TelemetryIn | EventIn]) -> IngestWriter:
+    writer = IngestWriter(engine, flush_interval_s=0.05)
+    for op in ops:
+        assert writer.put(op)
+    writer.start()
+    try:
+        assert writer.flush(30)
+    finally:
+        writer.stop()
+    return writer
+
+
+def test_telemetry_and_events_are_stored_as_received(db: Engine) -> None:
+    now = time.time()
+    ops: list[TelemetryIn | EventIn] = [
+        TelemetryIn("dev-1", _telemetry(1, now - 1.000001), now),
+        TelemetryIn("dev-1", _telemetry(2, now + 3600, model=False), now + 0.5, clock_skew_s=3599.5),  # skewed
+        EventIn("dev-2", AgentEvent(ts=now, seq=4, kind="started", message="tab\tnew\nline \\ back"), now),
+        EventIn("dev-2", CommandAck(ts=now, seq=5, command_id="c-1", ok=True, detail=""), now),
+    ]
+    writer = _write(db, ops)
+    assert writer.failed_batches == 0 and writer.batches == 1
+    with Session(db) as s:
+        rows = s.exec(select(TelemetryRecord).order_by(TelemetryRecord.seq)).scalars().all()
+        events = s.exec(select(DeviceEvent).order_by(DeviceEvent.seq)).scalars().all()
+    assert [r.seq for r in rows] == [1, 2]
+    first, skewed = rows
+    assert first.device_id == "dev-1" and first.rss_bytes == 3 * 2**32 and first.cpu_percent == 12.25
+    assert abs(first.ts.timestamp() - (now - 1.000001)) < 2e-6 and abs(first.received_at.timestamp() - now) < 2e-6
+    assert (first.model, first.model_version, first.variant) == ("m", 3, "v" * 64)
+    assert (first.latency_p50_ms, first.latency_p95_ms, first.latency_p99_ms) == (1.5, 2.5, 3.5)
+    assert first.inference_count == 10 and first.inference_errors == 1
+    assert first.data["inference"]["latency"]["buckets"] == [[40, 9], [41, 1]] and "clock_skew_s" not in first.data
+    # a clock far off: stored at the receive time, the skew in the data
+    assert abs(skewed.ts.timestamp() - (now + 0.5)) < 2e-6 and skewed.data["clock_skew_s"] == 3599.5
+    assert skewed.model is None and skewed.latency_p95_ms is None and skewed.inference_count == 0
+    assert [(e.type, e.kind, e.message) for e in events] == [
+        ("agent", "started", "tab\tnew\nline \\ back"),
+        ("ack", "c-1", ""),
+    ]
+
+
+def test_one_row_the_database_refuses_costs_only_itself(db: Engine) -> None:
+    if db.dialect.name != "postgresql":
+        pytest.skip("SQLite does not hold a VARCHAR to its length")
+    now = time.time()
+    ops: list[TelemetryIn | EventIn] = [TelemetryIn(f"dev-{i}", _telemetry(i, now), now) for i in range(5)]
+    ops.insert(2, TelemetryIn("d" * 200, _telemetry(99, now), now))  # device_id is VARCHAR(128)
+    dropped: list[int] = []
+    writer = IngestWriter(db, flush_interval_s=0.05, on_dropped=dropped.append)
+    for op in ops:
+        writer.put(op)
+    writer.start()
+    try:
+        assert writer.flush(30)
+    finally:
+        writer.stop()
+    assert writer.failed_batches == 1 and dropped == [1]
+    with Session(db) as s:
+        stored = s.exec(select(TelemetryRecord.device_id).order_by(TelemetryRecord.seq)).scalars().all()
+    assert stored == [f"dev-{i}" for i in range(5)]
