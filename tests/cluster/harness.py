@@ -54,6 +54,7 @@ class Cluster:
             "SLMFLEET_MQTT_CLIENT_ID": f"slmfleet-{replica_id}",
             "SLMFLEET_MQTT_SHARED_GROUP": "controllers",
             "SLMFLEET_LEASE_TTL_S": str(self.lease_ttl_s),
+            "SLMFLEET_ARTIFACT_STORE": "database",  # every replica serves what any one imported
             **self.env,
         }
         args = ("up", "--replica", "--replica-id", replica_id, "--data-dir", str(data), "--broker", self.broker_url)

@@ -51,7 +51,7 @@ def test_killing_the_rollout_driver_hands_the_rollout_and_its_deployment_over(
     register(ctl, tmp_path, 2)
     key = pin_key(ctl, tmp_path / "controller.pem")
     for rid in ("r2", "r3"):
-        cluster.start(rid, template=first.data_dir)
+        cluster.start(rid)
     clustered = first.cluster()
     assert clustered["clustered"] and {r["id"] for r in clustered["replicas"]} == {"r1", "r2", "r3"}
 
@@ -146,7 +146,7 @@ def test_a_stopped_driver_is_replaced_and_its_late_writes_never_interleave(
     ctl = as_controller(first)
     register(ctl, tmp_path, 1)
     key = pin_key(ctl, tmp_path / "controller.pem")
-    cluster.start("s2", template=first.data_dir)
+    cluster.start("s2")
     fleet = Fleet(tmp_path / "agents", private_broker.url)
     (tmp_path / "agents").mkdir()
     fleet.controller = ctl
@@ -214,7 +214,7 @@ def test_killing_the_broadcast_driver_mid_transfer_finishes_every_device_once(
     v2 = register_big(ctl, tmp_path, BIG_BYTES, seed=5)
     key = pin_key(ctl, tmp_path / "controller.pem")
     for rid in ("b2", "b3"):
-        cluster.start(rid, template=first.data_dir)
+        cluster.start(rid)
     fleet = Fleet(tmp_path / "agents", private_broker.url)
     (tmp_path / "agents").mkdir()
     fleet.controller = ctl
@@ -264,7 +264,7 @@ def test_a_rolling_restart_hands_work_over_without_waiting_for_leases(cluster: C
     """One replica at a time: SIGTERM releases its leases (another replica takes its jobs at its next run, not a
     lease TTL later), and started again it rejoins the cluster."""
     first = cluster.start("u1")
-    cluster.start("u2", template=first.data_dir)
+    cluster.start("u2")
     engine = create_engine(cluster.database_url)
     try:
         name = "job:presence-sweep"  # runs every 5 s: taken at once after a release
@@ -297,7 +297,7 @@ def test_a_rollout_survives_its_driver_killed_in_several_states_and_an_approval_
     register(ctl, tmp_path, 1)
     key = pin_key(ctl, tmp_path / "controller.pem")
     for rid in ("k2", "k3"):
-        cluster.start(rid, template=first.data_dir)
+        cluster.start(rid)
     fleet = Fleet(tmp_path / "agents", private_broker.url)
     (tmp_path / "agents").mkdir()
     fleet.controller = ctl
