@@ -77,16 +77,15 @@ class Replicas:
         self.procs: dict[str, Child] = {}
         self.apis: dict[str, str] = {}
 
-    def start(self, rid: str, template: Path | None = None) -> str:
+    def start(self, rid: str) -> str:
         data = self.root / rid
-        if template is not None and not data.exists():
-            shutil.copytree(template, data, ignore=shutil.ignore_patterns("*.lock", "controller.json"))
         port = free_port()
         env = {
             "SLMFLEET_DATABASE_URL": self.database_url,
             "SLMFLEET_MQTT_CLIENT_ID": f"slmfleet-{rid}",
             "SLMFLEET_MQTT_SHARED_GROUP": "controllers",
             "SLMFLEET_LEASE_TTL_S": str(LEASE_TTL_S),
+            "SLMFLEET_ARTIFACT_STORE": "database",  # every replica serves what any one imported
         }
         args = ["up", "--replica", "--replica-id", rid, "--data-dir", str(data), "--broker", self.broker_url]
         child = Child([*args, "--port", str(port)], self.root / f"{rid}.log", env)
@@ -167,7 +166,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             key = root / "signing-key.pem"
             key.write_text(c.get("/api/v1/signing-key").json()["public_key_pem"])
         for rid in ("f2", "f3"):
-            replicas.start(rid, template=root / "f1")
+            replicas.start(rid)
         devices = [f"fo{i}" for i in range(n_devices)]
         for d in devices:
             agents[d] = Child(

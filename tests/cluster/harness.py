@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,10 @@ class Cluster:
     #: more settings for every replica started from now on (SLMFLEET_* variables)
     env: dict[str, str] = field(default_factory=dict)
 
-    def start(self, replica_id: str, template: Path | None = None) -> Replica:
-        """Start one replica; ``template``: a data directory to copy first (the signing key and artifacts the
-        other replicas have: what the shared artifact store gives them in production)."""
+    def start(self, replica_id: str) -> Replica:
+        """Start one replica (or start it again, on its data directory); artifacts and the signing key come from
+        the database (artifact_store database)."""
         data = self.root / replica_id
-        if template is not None and not data.exists():
-            shutil.copytree(template, data, ignore=shutil.ignore_patterns("*.lock", "controller.json"))
         port = free_port()
         env = {
             "SLMFLEET_DATABASE_URL": self.database_url,
