@@ -263,7 +263,7 @@ def test_killing_the_broadcast_driver_mid_transfer_finishes_every_device_once(
 def test_a_rolling_restart_hands_work_over_without_waiting_for_leases(cluster: Cluster) -> None:
     """One replica at a time: SIGTERM releases its leases (another replica takes its jobs at its next run, not a
     lease TTL later), and started again it rejoins the cluster."""
-    first = cluster.start("u1")
+    cluster.start("u1")
     cluster.start("u2")
     engine = create_engine(cluster.database_url)
     try:
