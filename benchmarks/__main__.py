@@ -24,6 +24,7 @@ BENCHMARKS = {
     "floors": "benchmarks.floors",
     "hardening": "benchmarks.hardening",
     "gates": "benchmarks.gates",
+    "failover": "benchmarks.failover",
     "artifacts": "benchmarks.artifacts",
 }
 

@@ -12,6 +12,7 @@ from controller import web
 from controller.api import docs, openapi
 from controller.api.ratelimit import ApiLimits, RateLimitMiddleware
 from controller.api.routes import (
+    cluster,
     deployments,
     devices,
     enrollment,
@@ -54,7 +55,7 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     app.state.settings = settings
     app.state.api_limits = limits = ApiLimits(settings, rt.metrics.api_throttled)
     app.add_middleware(RateLimitMiddleware, limits=limits)
-    modules = (index, health, devices, models, deployments, rollouts, users, tokens, enrollment, pki, webhooks)
+    modules = (index, health, cluster, devices, models, deployments, rollouts, users, tokens, enrollment, pki, webhooks)
     routers = [m.router for m in modules]
     for router in routers:
         app.include_router(router)

@@ -22,11 +22,11 @@ class _DeviceCollector(Collector):
 
 
 class _StateCollector(Collector):
-    def __init__(self, name: str, doc: str, counts: Callable[[], dict[str, int]]) -> None:
-        self._name, self._doc, self._counts = name, doc, counts
+    def __init__(self, name: str, doc: str, counts: Callable[[], dict[str, int]], label: str = "state") -> None:
+        self._name, self._doc, self._counts, self._label = name, doc, counts, label
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self._name, self._doc, labels=["state"])
+        family = GaugeMetricFamily(self._name, self._doc, labels=[self._label])
         for state, n in sorted(self._counts().items()):
             family.add_metric([state], n)
         yield family
@@ -127,6 +127,11 @@ class Metrics:
 
     def watch_broker(self, broker: SupervisedBroker) -> None:
         self.registry.register(_BrokerCollector(broker))
+
+    def watch_leases(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(
+            _StateCollector("slmfleet_leases_held", "Leases this replica holds, by kind", counts, label="kind")
+        )
 
     def watch_targets(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(

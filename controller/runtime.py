@@ -7,16 +7,21 @@ with different settings in one process.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import delete, select
 
+from agent import __version__
 from agent.transport.mqtt import MqttConfig, parse_broker_url
 from controller.broker import dynsec
 from controller.broker.dynsec import DynsecAdmin
 from controller.broker.embedded import EmbeddedBroker
+from controller.cluster.keeper import LeaseKeeper, Ownership, SoleOwner
 from controller.db.engine import make_engine, migrate
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import utcnow
@@ -60,6 +65,20 @@ class ControllerRuntime:
         self.embedded_broker = embedded_broker
         self.engine = make_engine(settings.resolved_database_url)
         self.metrics = Metrics()
+        #: who drives what: one controller drives everything; a replica what it holds leases for
+        self.keeper: LeaseKeeper | None = None
+        self.owner: Ownership = SoleOwner()
+        if settings.replica:
+            scheme = "https" if settings.https else "http"
+            self.keeper = LeaseKeeper(
+                self.engine,
+                settings.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+                settings.lease_ttl_s,
+                url=settings.public_url or f"{scheme}://{settings.http_host}:{settings.http_port}",
+                version=__version__,
+            )
+            self.owner = self.keeper
+        self.metrics.watch_leases(self._leases_by_kind)
         if embedded_broker is not None:
             self.metrics.watch_broker(embedded_broker)
         self.registry = DeviceRegistry(settings.offline_after_factor)
@@ -137,9 +156,14 @@ class ControllerRuntime:
                 if self.broker_admin is not None and settings.broker_artifact_acl != "fleet"
                 else None
             ),
+            owner=self.owner,
         )
         self.metrics.watch_targets(self.delivery.state_counts)
-        self.rollouts = RolloutEngine(self.engine, self.delivery, on_transition=self.triggers.rollout_transition)
+        self.rollouts = RolloutEngine(
+            self.engine, self.delivery, on_transition=self.triggers.rollout_transition, owner=self.owner
+        )
+        if self.keeper is not None:
+            self.keeper.on_lost.append(self.delivery.lost)
         self.health = HealthRollupJob(self.engine)
         #: client certificates for devices (mutual TLS with the broker), when device_certificates is on
         self.pki: DevicePki | None = None
@@ -190,6 +214,8 @@ class ControllerRuntime:
         """Migrate the schema, load the registry, start writer, MQTT and scheduled jobs."""
         s = self.settings
         migrate(self.engine)
+        if self.keeper is not None:
+            self.keeper.start()
         self._load_registry()
         self.enrollment.load()
         self.integrity.load()
@@ -215,6 +241,9 @@ class ControllerRuntime:
                 protocol=s.mqtt_protocol,
                 reconnect_max_s=5.0,
                 max_packet_size=s.max_control_payload + RECEIVE_OVERHEAD,
+                # a replica's session ends with its connection: the broker stops handing it a share of the device
+                # traffic as soon as it dies, instead of queueing that share for a session nobody resumes
+                persistent_session=not s.replica,
             )
             device_filters = self.handler.subscriptions(s.mqtt_shared_group)
             subscriptions = list(device_filters)
@@ -265,18 +294,35 @@ class ControllerRuntime:
                 self.nats_ingest.start()
         else:
             log.warning("no broker_url: the controller serves its API but hears no devices")
-        self.scheduler.add_job(self.sweep, "interval", seconds=s.sweep_interval_s, id="presence-sweep")
-        self.scheduler.add_job(self.apply_retention, "interval", hours=1, id="telemetry-retention")
+        # jobs over the whole fleet run on the replica holding their lease (job:<id>); the per-process ones
+        # (this replica's memory: last-seen, the delivery's flush and timeouts) run everywhere
+        self.scheduler.add_job(
+            self._leased("presence-sweep", self.sweep), "interval", seconds=s.sweep_interval_s, id="presence-sweep"
+        )
+        self.scheduler.add_job(
+            self._leased("telemetry-retention", self.apply_retention), "interval", hours=1, id="telemetry-retention"
+        )
         self.scheduler.add_job(self.flush_last_seen, "interval", seconds=5, id="last-seen")
         self.scheduler.add_job(self.delivery.flush, "interval", seconds=1, id="delivery-flush")
         self.scheduler.add_job(self.delivery.check_timeouts, "interval", seconds=2, id="delivery-timeouts")
-        self.scheduler.add_job(self.health.run, "interval", seconds=s.health_interval_s, id="health-rollup")
+        self.scheduler.add_job(
+            self._leased("health-rollup", self.health.run), "interval", seconds=s.health_interval_s, id="health-rollup"
+        )
         if s.notify_offline_after_s > 0:
             every = max(1.0, min(15.0, s.notify_offline_after_s / 4))
-            self.scheduler.add_job(self.triggers.check_devices, "interval", seconds=every, id="notify-offline")
+            self.scheduler.add_job(
+                self._leased("notify-offline", self.triggers.check_devices),
+                "interval",
+                seconds=every,
+                id="notify-offline",
+            )
         if self.pki is not None:  # a CRL expires; a broker holding an expired one refuses every device
             interval = CRL_REFRESH.total_seconds()
-            self.scheduler.add_job(self.pki.publish_crl, "interval", seconds=interval, id="device-crl")
+            self.scheduler.add_job(
+                self._leased("device-crl", self.pki.publish_crl), "interval", seconds=interval, id="device-crl"
+            )
+        if self.keeper is not None:
+            self.scheduler.add_job(self.delivery.drive, "interval", seconds=1, id="delivery-drive")
         self.rollouts.resume_all()
         self.scheduler.add_job(self.rollouts.step_all, "interval", seconds=s.rollout_step_s, id="rollouts")
         self.scheduler.start()
@@ -290,6 +336,8 @@ class ControllerRuntime:
         self.delivery.stop()
         if self.nats_ingest is not None:
             self.nats_ingest.stop()
+        if self.keeper is not None:
+            self.keeper.stop()  # the other replicas take this one's work over at once
         if self.bridge is not None:
             self.bridge.stop()
         self.delivery.flush()  # what devices reported while the connection was closing
@@ -307,6 +355,12 @@ class ControllerRuntime:
         if bridge is None or bridge.connected_since is None:
             return []
         now = time.time()
+        if self.owner.clustered:  # a device's telemetry is spread over the replicas: what the others heard counts
+            t = table(Device).c
+            with self.engine.connect() as conn:
+                rows = conn.execute(select(t.id, t.last_seen).where(t.status == "online")).all()
+            for device_id, last_seen in rows:
+                self.registry.learned(device_id, last_seen.timestamp())
         lapsed = self.registry.lapsed(now, bridge.connected_since)
         for device_id in lapsed:
             log.info("device %s silent beyond its keepalive: marked offline", device_id)
@@ -334,6 +388,23 @@ class ControllerRuntime:
         return removed
 
     # --------------------------------------------------------- helpers --
+
+    def _leased(self, job_id: str, job: Callable[[], object]) -> Callable[[], None]:
+        """``job`` run only while this process holds the lease ``job:<job_id>`` (always, for one controller)."""
+
+        def run() -> None:
+            if self.owner.drive(f"job:{job_id}") is not None:
+                job()
+
+        run.__name__ = f"leased_{job_id}"
+        return run
+
+    def _leases_by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name in self.owner.held():
+            kind = name.split(":", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
 
     def _publish(self, topic: str, payload: bytes) -> int:
         """Publish through the bridge (QoS 1) once start() made it; 0 before."""

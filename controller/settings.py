@@ -70,6 +70,20 @@ class ControllerSettings(BaseSettings):
         description="CA bundle that signed tls_cert_file, written to controller.json so the CLI on this machine"
         " verifies the API with it",
     )
+    replica: bool = Field(
+        False,
+        description="run as one of several controller replicas on one PostgreSQL database (database_url) and an"
+        " external broker (broker_url): each rollout, deployment and periodic job is driven by the replica holding"
+        " its lease; no embedded broker is started",
+    )
+    replica_id: str | None = Field(
+        None, description="this replica's name in leases, the audit log and /api/v1/cluster (default: host-pid)"
+    )
+    lease_ttl_s: Annotated[float, Field(ge=1, le=600)] = Field(
+        6.0,
+        description="how long a replica's lease outlives its last renewal (renewed every third of it): a dead"
+        " replica's work is taken over within about this long",
+    )
     mqtt_client_id: str = Field("slmfleet-controller", description="client id of the controller's MQTT session")
     mqtt_username: str | None = Field(None, description="controller's broker user")
     mqtt_password: str | None = Field(None, description="controller's broker password")

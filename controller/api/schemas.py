@@ -126,6 +126,14 @@ class BrokerHealth(BaseModel):
     nats: NatsIngestHealth | None = None
 
 
+class ReplicaHealth(BaseModel):
+    """This replica of a cluster: its id and the leases it holds (what it drives)."""
+
+    id: str
+    clustered: bool
+    drives: list[str]
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
@@ -133,6 +141,7 @@ class Health(BaseModel):
     broker: BrokerHealth
     devices: dict[str, int]
     ingest_queue: int
+    replica: ReplicaHealth | None = None
 
 
 # ------------------------------------------------------------------ models --

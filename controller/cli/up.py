@@ -72,6 +72,18 @@ def up(
         Path | None, typer.Option(help="serve the REST API over HTTPS with this PEM certificate (with --tls-key-file)")
     ] = None,
     tls_key_file: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert-file")] = None,
+    replica: Annotated[
+        bool | None,
+        typer.Option(
+            "--replica",
+            help="join other controllers on one database (--database-url, PostgreSQL) and broker (--broker, required):"
+            " rollouts, deployments and periodic jobs are driven by whichever replica holds their lease",
+        ),
+    ] = None,
+    replica_id: Annotated[str | None, typer.Option(help="this replica's name [default: host-pid]")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="database URL (e.g. postgresql+psycopg://...) [default: SQLite in the data dir]")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = None,
 ) -> None:
@@ -91,7 +103,12 @@ def up(
             tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file,
             log_level=log_level,
+            replica=replica,
+            replica_id=replica_id,
+            database_url=database_url,
         )
+        if settings.replica and settings.broker_url is None:
+            raise ControllerError("--replica needs the broker every replica shares: --broker mqtt://host:port")
     except ControllerError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -164,7 +181,13 @@ def up(
             f"  metrics       {api}/metrics\n"
             f"  MQTT broker   {settings.device_broker_url or settings.broker_url}{broker_note}\n"
             f"  database      {settings.resolved_database_url}\n"
-            f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
+            + (
+                f"  replica       {runtime.owner.replica_id} (lease TTL {settings.lease_ttl_s:g} s;"
+                f" who drives what: {api}/api/v1/cluster)\n"
+                if settings.replica
+                else ""
+            )
+            + f"  admin token   {token_file}  (mode 0600; send it as 'Authorization: Bearer <token>')\n"
             f"  signing key   {public_key}  (public; devices pin it, also GET /api/v1/signing-key)\n"
             + (
                 "  connect a device:  slmfleet enrollment create  (admin token), then on the device:\n"

@@ -10,6 +10,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -55,5 +58,20 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision."""
-    command.upgrade(alembic_config(engine), "head")
+    """Bring the schema to the newest revision. A database already at a revision this code does not know (a newer
+    controller migrated it: a rolling upgrade of several replicas) is left as it is, with a warning: migrations
+    keep the previous version working, so an old replica restarted mid-upgrade still runs."""
+    cfg = alembic_config(engine)
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current is not None:
+        try:
+            ScriptDirectory.from_config(cfg).get_revision(current)
+        except CommandError:
+            log.warning(
+                "the database schema is at revision %s, newer than this controller knows: running without"
+                " migrating (a rolling upgrade in progress? upgrade this replica too)",
+                current,
+            )
+            return
+    command.upgrade(cfg, "head")

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -390,7 +391,6 @@ class WebSession(SQLModel, table=True):
     last_seen_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
 
 
-
 class HealthRollup(SQLModel, table=True):
     """What the devices serving one model version reported in one time bucket, summed over the fleet.
 
@@ -516,3 +516,51 @@ class DeviceOfflineNotice(SQLModel, table=True):
 def table(model: type[SQLModel]) -> Table:
     """The Core table of a SQLModel class (for bulk statements that bypass the ORM)."""
     return model.__table__  # type: ignore[attr-defined]
+
+
+class Lease(SQLModel, table=True):
+    """Who drives a thing (a rollout, a deployment, a periodic job) among the controller replicas
+    (``controller.cluster.leases``). Times are the database's clock in epoch seconds, so replicas' clocks never
+    matter; ``token`` grows by one at every new acquisition and fences a stale holder's writes."""
+
+    __tablename__ = "cluster_lease"
+
+    name: str = Field(sa_column=Column(String(200), primary_key=True))
+    holder: str = Field(sa_column=Column(String(128), nullable=False))
+    token: int = Field(sa_column=Column(BigInteger, nullable=False))
+    expires_at: float = Field(sa_column=Column(Double, nullable=False))
+    acquired_at: float = Field(sa_column=Column(Double, nullable=False))
+
+
+class Replica(SQLModel, table=True):
+    """A controller process of a cluster, heard from every few seconds (``controller.cluster.replicas``)."""
+
+    __tablename__ = "cluster_replica"
+
+    id: str = Field(sa_column=Column(String(128), primary_key=True))
+    host: str = Field(default="", max_length=256)
+    pid: int = 0
+    url: str = Field(default="", max_length=512)
+    version: str = Field(default="", max_length=64)
+    #: database clock, epoch seconds
+    started_at: float = Field(sa_column=Column(Double, nullable=False))
+    heartbeat_at: float = Field(sa_column=Column(Double, nullable=False))
+
+
+class ClusterMessage(SQLModel, table=True):
+    """A device's report, or an operation, for a deployment another replica drives: the driver takes it from here
+    (``controller.cluster.inbox``) so nothing that reached the wrong replica is lost."""
+
+    __tablename__ = "cluster_message"
+    __table_args__ = (Index("ix_cluster_message_deployment", "deployment_id", "id"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    )
+    deployment_id: str = Field(sa_column=Column(String(64), nullable=False))
+    device_id: str = Field(default="", sa_column=Column(String(128), nullable=False))
+    kind: str = Field(max_length=16)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    sender: str = Field(default="", max_length=128)
+    at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))

@@ -25,6 +25,9 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from controller.cluster import inbox
+from controller.cluster.keeper import Ownership, SoleOwner
+from controller.cluster.leases import StaleLease
 from controller.db.models import Artifact, Deployment, Device, ModelVersion
 from controller.db.models import Model as ModelRow
 from controller.delivery import transitions
@@ -86,6 +89,7 @@ class DeliveryService:
         on_target_change: Sequence[TargetListener] = (),
         on_finish: FinishListener | None = None,
         grant_artifact: Callable[[str, str], None] | None = None,
+        owner: Ownership | None = None,
     ) -> None:
         """``is_online``: whether a device is online now (offline ones are not waited for);
         ``on_finish``: writes notifications of a deployment's end in its transaction;
@@ -114,6 +118,19 @@ class DeliveryService:
         self.integrity.on_repaired.append(self.wire.forget_checks)
         #: devices' reports of chunks that arrived damaged
         self.damage = DamageReports(metrics)
+        #: who drives which deployment: replicas follow only those whose lease ``deployment:<id>`` they hold
+        self.owner: Ownership = owner or SoleOwner()
+        if self.owner.clustered:
+            self.targets_store.fence = lambda conn, deployment_id: self.owner.fence(conn, lease_name(deployment_id))
+            self.targets_store.on_stale = self._stale
+        #: messages from other replicas handed to the transport's loop, and those it handled (deleted next drive)
+        self._inflight: set[int] = set()
+        self._handled: list[int] = []
+        #: replicas: the device's time of the last report applied per target; an older one (it came the long way,
+        #: through another replica and the database) is stale and ignored
+        self._report_ts: dict[tuple[str, str], float] = {}
+        #: replicas: when a quiet device was last sent its command again (it answers with its state)
+        self._nudged: dict[tuple[str, str], float] = {}
 
     @property
     def grant_artifact(self) -> Callable[[str, str], None] | None:
@@ -134,7 +151,10 @@ class DeliveryService:
         self.wire.stop()
 
     def _resume(self) -> None:
-        """Reload unfinished deployments (their commands go out again when the broker connection is up)."""
+        """Reload unfinished deployments (their commands go out again when the broker connection is up). A replica
+        loads none here: it takes deployments over one lease at a time (``drive``)."""
+        if self.owner.clustered:
+            return
         for session, dep, targets in self.targets_store.resume():
             for target in targets:
                 if not target.terminal and target.artifact_id:
@@ -200,6 +220,7 @@ class DeliveryService:
             for target in targets:
                 self.targets_store.insert(session, target)
             session.commit()
+            self.owner.drive(lease_name(deployment_id))  # a new lease: the creating replica drives it
             with self._lock:
                 self.targets_store.follow(deployment_id, DeploymentInfo(request.timeout_s, request.max_concurrent))
                 for target in targets:
@@ -216,6 +237,8 @@ class DeliveryService:
 
     def add_devices(self, deployment_id: str, device_ids: list[str]) -> list[str]:
         """Add devices to a running deployment (late joiners of a rollout wave); returns those added."""
+        if not self._local(deployment_id, "add_devices", devices=device_ids):
+            return []
         self.targets(deployment_id)  # make sure a finished deployment's devices are known
         with Session(self.engine) as session:
             dep = session.get(Deployment, deployment_id)
@@ -311,6 +334,8 @@ class DeliveryService:
 
     def cancel(self, deployment_id: str, actor: str) -> int:
         """Stop a deployment on every device that has not switched yet; returns how many were told."""
+        if not self._local(deployment_id, "cancel", actor=actor):
+            return 0
         with self._lock:
             info = self.targets_store.info(deployment_id)
             if info is None:
@@ -326,6 +351,8 @@ class DeliveryService:
         with Session(self.engine) as session:
             if session.get(Deployment, deployment_id) is None:
                 raise DeploymentError(f"deployment {deployment_id!r} not found", 404)
+        if not self._local(deployment_id, "rollback", actor=actor, reason=reason):
+            return 0
         with self._lock:
             targets = self.targets_store.of_deployment(deployment_id)
             info = self.targets_store.info(deployment_id)
@@ -362,10 +389,14 @@ class DeliveryService:
 
     def activate(self, deployment_id: str) -> int:
         """Switch devices waiting in STAGED or SHADOW (a deployment created with activate=false)."""
+        if not self._local(deployment_id, "activate"):
+            return 0
         return self._apply(self.targets_store.of_deployment(deployment_id), Control.ACTIVATE)
 
     def commit(self, deployment_id: str) -> int:
         """Tell every device that switched that the new model is confirmed (it may free the old slot)."""
+        if not self._local(deployment_id, "commit"):
+            return 0
         return self._apply(self.targets_store.of_deployment(deployment_id), Control.COMMIT)
 
     def device_online(self, device_id: str) -> None:
@@ -419,7 +450,15 @@ class DeliveryService:
         now = self.clock()
         target = self.targets_store.get(event.deployment_id, device_id)
         if target is None:
+            if self.owner.clustered:  # another replica drives it: it reads the report from the database
+                self._forward(event.deployment_id, device_id, inbox.EVENT, event.model_dump(mode="json"))
             return
+        if self.owner.clustered:
+            key = (event.deployment_id, device_id)
+            with self._lock:
+                if event.ts < self._report_ts.get(key, 0.0):
+                    return  # overtaken by a later report that reached this replica directly
+                self._report_ts[key] = event.ts
         with self._lock:
             step = transitions.step(target.state, event.state, self._facts(target))
             if step.ignored:
@@ -454,6 +493,9 @@ class DeliveryService:
             self._carry_out(target, event.state, step, done=Action.SEND_ROLLBACK)
 
     def on_chunk_request(self, device_id: str, request: ChunkRequest) -> None:
+        if self.owner.clustered and self.targets_store.get(request.deployment_id, device_id) is None:
+            self._forward(request.deployment_id, device_id, inbox.CHUNKS, request.model_dump(mode="json"))
+            return
         with self._lock:
             target = self.targets_store.get(request.deployment_id, device_id)
             if target is None or request.artifact_id not in (target.artifact_id, target.rollback_artifact):
@@ -568,7 +610,11 @@ class DeliveryService:
             if status != "running":
                 self.wire.forget(deployment_id)
         if status != "running":
-            self.targets_store.finish(deployment_id, status, targets, self.on_finish)
+            try:
+                self.targets_store.finish(deployment_id, status, targets, self.on_finish)
+            except StaleLease as exc:
+                self._stale(deployment_id, exc)
+                return
             log.info("deployment %s %s", deployment_id[:8], status)
 
     def flush(self) -> int:
@@ -578,7 +624,10 @@ class DeliveryService:
     # ------------------------------------------------------------ reads --
 
     def targets(self, deployment_id: str) -> list[Target]:
-        """The devices of a deployment; finished ones not in memory (after a restart) are read back."""
+        """The devices of a deployment; finished ones not in memory (after a restart) are read back; on a replica,
+        those of a deployment another replica drives are read from the database each time."""
+        if self.owner.clustered and self.targets_store.info(deployment_id) is None:
+            return self.targets_store.read(deployment_id)
         return self.targets_store.targets(deployment_id)
 
     def live_status(self, deployment_id: str) -> str | None:
@@ -587,6 +636,167 @@ class DeliveryService:
 
     def state_counts(self) -> dict[str, int]:
         return self.targets_store.state_counts()
+
+    # ------------------------------------------------------------ replicas --
+
+    def drive(self) -> int:
+        """Replicas (a scheduler job each second): take the running deployments nobody drives (up to a fair
+        share), and those with messages waiting; handle the messages of the deployments this replica drives;
+        let go of finished ones. Returns how many messages were handled."""
+        if not self.owner.clustered:
+            return 0
+        with Session(self.engine) as session:
+            running = list(session.exec(select(Deployment.id).where(Deployment.status == "running")).all())
+        for deployment_id in running:
+            if self.owner.drive(lease_name(deployment_id), ("deployment", len(running))) is not None:
+                self._adopt(deployment_id)
+        waiting = set(inbox.waiting(self.engine))
+        for deployment_id in waiting:
+            if self.owner.drive(lease_name(deployment_id)) is not None:
+                self._adopt(deployment_id)
+        with self._lock:
+            handled, self._handled = self._handled, []
+            self._inflight.difference_update(handled)
+        inbox.done(self.engine, handled)
+        mine = [name.removeprefix("deployment:") for name in self.owner.held() if name.startswith("deployment:")]
+        transport = self.wire.transport
+        if transport is not None:
+            with self._lock:
+                fresh = [m for m in inbox.take(self.engine, mine) if m.id not in self._inflight]
+                self._inflight.update(m.id for m in fresh)
+            if fresh:
+                transport.call_soon(self._handle, fresh)  # reports and repairs run on the transport's loop
+            now = self.clock()
+            quiet = self.targets_store.select(
+                lambda t: not t.terminal and not t.queued and bool(t.artifact_id) and now - t.updated_at > NUDGE_S
+            )
+            with self._lock:
+                due = [t for t in quiet if now - self._nudged.get((t.deployment_id, t.device_id), 0.0) > NUDGE_S]
+                for t in due:
+                    self._nudged[(t.deployment_id, t.device_id)] = now
+            if due:
+                transport.call_soon(self._apply, due, Control.RECONNECTED)
+        active = set(running)
+        for deployment_id in mine:
+            info = self.targets_store.info(deployment_id)
+            if deployment_id not in active | waiting and (info is None or info.status != "running"):
+                self.owner.release(lease_name(deployment_id))
+                self.lost(lease_name(deployment_id))
+        return len(handled)
+
+    def _adopt(self, deployment_id: str) -> None:
+        """Follow a deployment this replica just took (or took back): its targets from the database, and the
+        commands of unfinished devices again (devices ignore a Deploy they already have)."""
+        if self.targets_store.info(deployment_id) is not None:
+            return
+        loaded: list[Target] = []
+        for session, dep, targets in self.targets_store.resume(only=deployment_id):
+            for target in targets:
+                if not target.terminal and target.artifact_id:
+                    self._remember(session, dep, target)
+            loaded = targets
+        if not loaded:  # finished: its rows, for late reports
+            self.targets_store.targets(deployment_id)
+            return
+        log.info(
+            "delivery: %s drives deployment %s (%d devices)", self.owner.replica_id, deployment_id[:8], len(loaded)
+        )
+        transport = self.wire.transport
+        if transport is not None:
+            transport.call_soon(self._resend, deployment_id)
+
+    def _resend(self, deployment_id: str) -> None:
+        """The commands of a taken-over deployment's unfinished devices again (transport loop)."""
+        unfinished = [
+            t
+            for t in self.targets_store.of_deployment(deployment_id)
+            if not t.terminal and t.artifact_id and not t.queued
+        ]
+        self._apply(unfinished, Control.RECONNECTED)
+        self._dispatch(deployment_id)
+        self._maybe_finish(deployment_id)
+
+    def lost(self, name: str) -> None:
+        """The lease of a deployment is gone (taken over, or not renewed in time): stop following it."""
+        if name.startswith("deployment:"):
+            deployment_id = name.removeprefix("deployment:")
+            self.targets_store.drop(deployment_id)
+            with self._lock:
+                for key in [k for k in self._report_ts if k[0] == deployment_id]:
+                    del self._report_ts[key]
+                for key in [k for k in self._nudged if k[0] == deployment_id]:
+                    del self._nudged[key]
+            self.wire.forget(deployment_id)
+
+    def _stale(self, deployment_id: str, exc: StaleLease) -> None:
+        refused = getattr(self.owner, "refused_write", None)
+        if refused is not None:
+            refused(lease_name(deployment_id), exc)
+        self.owner.release(lease_name(deployment_id))
+        self.lost(lease_name(deployment_id))
+
+    def _local(self, deployment_id: str, op: str, **args: object) -> bool:
+        """Whether this process acts on ``deployment_id`` itself; on a replica that does not drive it (and cannot
+        take it), the operation is left for its driver in the database."""
+        if not self.owner.clustered:
+            return True
+        if self.owner.drive(lease_name(deployment_id)) is not None:
+            self._adopt(deployment_id)
+            return True
+        self._forward(deployment_id, "", inbox.OP, {"op": op, **args})
+        return False
+
+    def _forward(self, deployment_id: str, device_id: str, kind: str, payload: dict[str, object]) -> None:
+        try:
+            inbox.put(self.engine, deployment_id, device_id, kind, payload, self.owner.replica_id)
+        except Exception:
+            log.exception("delivery: could not leave a %s for deployment %s to its driver", kind, deployment_id[:8])
+
+    def _handle(self, messages: list[inbox.Message]) -> int:
+        """Messages other replicas left for deployments this one drives (transport loop), in order."""
+        handled: list[int] = []
+        for m in messages:
+            try:
+                if self.owner.holds(lease_name(m.deployment_id)) is None:
+                    with self._lock:
+                        self._inflight.discard(m.id)
+                    continue  # lost it meanwhile: stays for the next driver
+                if m.kind == inbox.EVENT:
+                    self.on_event(m.device_id, DeploymentEvent.model_validate(m.payload))
+                elif m.kind == inbox.CHUNKS:
+                    self.on_chunk_request(m.device_id, ChunkRequest.model_validate(m.payload))
+                elif m.kind == inbox.OP:
+                    self._operation(m.deployment_id, m.payload)
+            except Exception:
+                log.exception("delivery: a %s for deployment %s failed", m.kind, m.deployment_id[:8])
+            handled.append(m.id)
+        with self._lock:
+            self._handled.extend(handled)
+        return len(handled)
+
+    def _operation(self, deployment_id: str, payload: dict[str, object]) -> None:
+        op = payload.get("op")
+        actor = str(payload.get("actor", "replica"))
+        if op == "cancel":
+            self.cancel(deployment_id, actor)
+        elif op == "rollback":
+            self.rollback(deployment_id, actor, str(payload.get("reason", "")))
+        elif op == "activate":
+            self.activate(deployment_id)
+        elif op == "commit":
+            self.commit(deployment_id)
+        elif op == "add_devices":
+            devices = payload.get("devices")
+            self.add_devices(deployment_id, [str(d) for d in devices] if isinstance(devices, list) else [])
+
+
+#: replicas: a device of a running deployment silent this long gets its command again (a repeated Deploy makes it
+#: report where it is): a report lost with a replica that died while it was on its way is asked for again
+NUDGE_S = 15.0
+
+
+def lease_name(deployment_id: str) -> str:
+    return f"deployment:{deployment_id}"
 
 
 def iso(ts: float | None) -> str | None:

@@ -13,9 +13,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Connection, Engine, update
 from sqlmodel import Session, select
 
+from controller.cluster.leases import StaleLease
 from controller.db.models import Deployment, DeploymentTarget, table
 from controller.db.types import from_epoch, utcnow
 from controller.delivery.targets import Target
@@ -83,13 +84,21 @@ class TargetStore:
         self._by_device: dict[str, set[str]] = {}
         self._deployments: dict[str, DeploymentInfo] = {}
         self._known: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        #: replicas: refuses (StaleLease) a write about a deployment whose lease this replica lost
+        self.fence: Callable[[Connection, str], None] | None = None
+        #: told of a refused write (the delivery stops following that deployment)
+        self.on_stale: Callable[[str, StaleLease], None] | None = None
 
     # ------------------------------------------------------------ load --
 
-    def resume(self) -> Iterator[tuple[Session, Deployment, list[Target]]]:
-        """Load every running deployment and its targets (a restart); yields each within its session."""
+    def resume(self, only: str | None = None) -> Iterator[tuple[Session, Deployment, list[Target]]]:
+        """Load every running deployment (or ``only`` that one) and its targets (a restart, or a replica that
+        takes a deployment over); yields each within its session."""
         with Session(self.engine) as session:
-            for dep in session.exec(select(Deployment).where(Deployment.status == "running")).all():
+            query = select(Deployment).where(Deployment.status == "running")
+            if only is not None:
+                query = query.where(Deployment.id == only)
+            for dep in session.exec(query).all():
                 rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == dep.id)).all()
                 targets = [_target_of(row, self.clock()) for row in rows]
                 with self.lock:
@@ -118,6 +127,27 @@ class TargetStore:
             self._targets[(target.deployment_id, target.device_id)] = target
             self._by_deployment.setdefault(target.deployment_id, {})[target.device_id] = target
             self._by_device.setdefault(target.device_id, set()).add(target.deployment_id)
+
+    def drop(self, deployment_id: str) -> list[Target]:
+        """Stop following a deployment (another replica drives it now): its targets leave the working copy,
+        unflushed changes are discarded (the new driver's are the ones that count)."""
+        with self.lock:
+            self._deployments.pop(deployment_id, None)
+            dropped = list(self._by_deployment.pop(deployment_id, {}).values())
+            for t in dropped:
+                self._targets.pop((deployment_id, t.device_id), None)
+                devices = self._by_device.get(t.device_id)
+                if devices is not None:
+                    devices.discard(deployment_id)
+                    if not devices:
+                        del self._by_device[t.device_id]
+            return dropped
+
+    def read(self, deployment_id: str) -> list[Target]:
+        """A deployment's targets as its rows say now, not kept (one another replica drives)."""
+        with Session(self.engine) as session:
+            rows = session.exec(select(DeploymentTarget).where(DeploymentTarget.deployment_id == deployment_id)).all()
+            return [_target_of(row, None) for row in rows]
 
     def follow(self, deployment_id: str, info: DeploymentInfo) -> DeploymentInfo:
         """Start following a deployment (or keep the info already there); returns the one kept."""
@@ -194,6 +224,8 @@ class TargetStore:
         """Record a deployment's end (its targets flushed first); ``on_finish`` writes in the same transaction."""
         self.flush()
         with Session(self.engine) as session:
+            if self.fence is not None:
+                self.fence(session.connection(), deployment_id)
             session.execute(
                 update(table(Deployment))
                 .where(table(Deployment).c.id == deployment_id)
@@ -207,7 +239,8 @@ class TargetStore:
             session.commit()
 
     def flush(self) -> int:
-        """Write changed targets to the database; returns how many."""
+        """Write changed targets to the database; returns how many. With ``fence`` set (replicas), a deployment's
+        rows are written only while this replica's lease token is still current; a stale one's are refused."""
         with self.lock:
             rows = []
             for t in self._targets.values():
@@ -222,9 +255,29 @@ class TargetStore:
         if not rows:
             return 0
         tt = table(DeploymentTarget)
-        with self.engine.begin() as conn:
-            for deployment_id, device_id, row in rows:
-                conn.execute(
-                    update(tt).where(tt.c.deployment_id == deployment_id, tt.c.device_id == device_id).values(**row)
-                )
-        return len(rows)
+        if self.fence is None:
+            with self.engine.begin() as conn:
+                for deployment_id, device_id, row in rows:
+                    conn.execute(
+                        update(tt).where(tt.c.deployment_id == deployment_id, tt.c.device_id == device_id).values(**row)
+                    )
+            return len(rows)
+        by_deployment: dict[str, list[tuple[str, dict[str, object]]]] = {}
+        for deployment_id, device_id, row in rows:
+            by_deployment.setdefault(deployment_id, []).append((device_id, row))
+        written = 0
+        for deployment_id, changes in by_deployment.items():
+            try:
+                with self.engine.begin() as conn:
+                    self.fence(conn, deployment_id)
+                    for device_id, row in changes:
+                        conn.execute(
+                            update(tt)
+                            .where(tt.c.deployment_id == deployment_id, tt.c.device_id == device_id)
+                            .values(**row)
+                        )
+                written += len(changes)
+            except StaleLease as exc:
+                if self.on_stale is not None:
+                    self.on_stale(deployment_id, exc)
+        return written

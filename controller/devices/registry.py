@@ -78,6 +78,13 @@ class DeviceRegistry:
             live.last_seen = now
             self._seen[device_id] = now
 
+    def learned(self, device_id: str, last_seen: float) -> None:
+        """Another controller replica heard the device at ``last_seen`` (the database says so): counts against its
+        silence here too, without being written back."""
+        live = self._devices.get(device_id)
+        if live is not None and last_seen > live.last_seen:
+            live.last_seen = last_seen
+
     def take_seen(self) -> dict[str, float]:
         """Last-heard times that changed since the previous call (for a periodic database update)."""
         with self._lock:

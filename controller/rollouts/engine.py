@@ -15,13 +15,16 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from controller.cluster.keeper import Ownership, SoleOwner
+from controller.cluster.leases import StaleLease
 from controller.db.models import Deployment, Device, ModelVersion, Rollout, RolloutTransition
 from controller.db.models import Model as ModelRow
 from controller.delivery.port import Deliveries
@@ -60,9 +63,15 @@ class RolloutEngine:
         delivery: Deliveries,
         clock: Any = time.time,
         on_transition: Callable[[Session, Rollout, str, str, str, str, str], None] | None = None,
+        owner: Ownership | None = None,
     ) -> None:
-        """The delivery tells the engine of each target's change: give it ``on_target_change``."""
+        """The delivery tells the engine of each target's change: give it ``on_target_change``. ``owner``: who
+        drives which rollout (replicas: the holder of the lease ``rollout:<id>``; every write it makes is fenced
+        with the lease's token); default: this process drives them all."""
         self.engine = engine
+        self.owner: Ownership = owner or SoleOwner()
+        #: set while an operator's action (API) writes: not fenced, whichever replica serves the request
+        self._operator = False
         self.delivery = delivery
         self.clock = clock
         self._lock = threading.RLock()
@@ -136,13 +145,37 @@ class RolloutEngine:
                 select(Rollout.id).where(col(Rollout.state).notin_([S.ABORTED.value, S.COMPLETED.value]))
             ).all()
         for rollout_id in ids:
+            name = lease_name(rollout_id)
+            if self.owner.drive(name, ("rollout", len(ids))) is None:
+                continue  # another replica drives it (or this one has its fair share already)
             try:
                 self.step(rollout_id)
+            except StaleLease as exc:
+                self._refused(name, exc)
             except Exception:
                 log.exception("rollout %s: step failed", rollout_id[:8])
+        if self.owner.clustered:  # finished rollouts need no driver any more
+            active = {lease_name(i) for i in ids}
+            for name in self.owner.held():
+                if name.startswith("rollout:") and name not in active:
+                    self.owner.release(name)
+
+    def _refused(self, name: str, exc: StaleLease) -> None:
+        refused = getattr(self.owner, "refused_write", None)
+        if refused is not None:
+            refused(name, exc)
+        else:
+            log.warning("%s", exc)
 
     def step(self, rollout_id: str) -> str:
-        """Advance one rollout as far as the facts allow; returns its state."""
+        """Advance one rollout as far as the facts allow; returns its state (unchanged when another replica
+        drives it)."""
+        if self.owner.clustered and self.owner.drive(lease_name(rollout_id)) is None:
+            with Session(self.engine) as session:
+                found = session.get(Rollout, rollout_id)
+                if found is None:
+                    raise RolloutError(f"rollout {rollout_id!r} not found", 404)
+                return found.state
         with self._lock, Session(self.engine) as session:
             rollout = session.get(Rollout, rollout_id)
             if rollout is None:
@@ -398,7 +431,7 @@ class RolloutEngine:
 
     def act(self, rollout_id: str, action: str, actor: str, reason: str = "") -> str:
         """pause, resume, abort, approve or advance; returns the new state."""
-        with self._lock, Session(self.engine) as session:
+        with self._lock, Session(self.engine) as session, self._as_operator():
             r = session.get(Rollout, rollout_id)
             if r is None:
                 raise RolloutError(f"rollout {rollout_id!r} not found", 404)
@@ -485,8 +518,12 @@ class RolloutEngine:
         rollout_id = self._deployment_rollout.get(target.deployment_id)
         if rollout_id is None or target.state not in FAILED_STATES | TERMINAL:
             return
+        if self.owner.holds(lease_name(rollout_id)) is None:
+            return  # its driver steps it (every rollout_step_s)
         try:
             self.step(rollout_id)
+        except StaleLease as exc:
+            self._refused(lease_name(rollout_id), exc)
         except Exception:
             log.exception("rollout %s: step after a device change failed", rollout_id[:8])
 
@@ -532,8 +569,22 @@ class RolloutEngine:
             )
         )
 
-    @staticmethod
-    def _persist(session: Session, r: Rollout) -> None:
+    @contextmanager
+    def _as_operator(self) -> Iterator[None]:
+        self._operator = True
+        try:
+            yield
+        finally:
+            self._operator = False
+
+    def _persist(self, session: Session, r: Rollout) -> None:
         session.add(r)
+        if not self._operator:
+            # fenced: refused (StaleLease) unless this replica's token is still the rollout lease's
+            self.owner.fence(session.connection(), lease_name(r.id))
         session.commit()
         session.refresh(r)
+
+
+def lease_name(rollout_id: str) -> str:
+    return f"rollout:{rollout_id}"

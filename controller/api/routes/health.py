@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from agent import __version__
 from controller.api.deps import RuntimeDep
-from controller.api.schemas import BrokerHealth, EmbeddedBrokerHealth, Health, NatsIngestHealth
+from controller.api.schemas import BrokerHealth, EmbeddedBrokerHealth, Health, NatsIngestHealth, ReplicaHealth
 from controller.db.types import from_epoch
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ def health(runtime: RuntimeDep, response: Response) -> Health:
         broker=broker,
         devices=runtime.registry.counts(),
         ingest_queue=runtime.writer.depth,
+        replica=ReplicaHealth(
+            id=runtime.owner.replica_id, clustered=runtime.owner.clustered, drives=sorted(runtime.owner.held())
+        ),
     )
 
 

@@ -13,6 +13,7 @@ PREFIX = "/api/v1"
 #: each collection of the API and what it holds
 RESOURCES = {
     "health": "database and broker status, device counts",
+    "cluster": "controller replicas sharing the database, and the leases: which replica drives what",
     "devices": "the fleet: presence, hardware, labels, installed models; telemetry and events per device",
     "models": "the model registry: versions and their variants (upload with POST /models/{name}/versions)",
     "deployments": "a model version sent to devices, with per-device state",

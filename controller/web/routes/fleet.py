@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from sqlmodel import Session
 
 from controller import audit
+from controller.cluster import leases, replicas
 from controller.db.types import utcnow
 from controller.devices import selectors
 from controller.enrollment.service import EnrollmentError
@@ -35,7 +36,16 @@ def overview(request: Request, who: UserDep) -> Response:
     with runtime_of(request).engine.connect() as conn:
         summary = queries.fleet_summary(conn)
         needs = attention(conn)
-    bridge = runtime_of(request).bridge
+    runtime = runtime_of(request)
+    bridge = runtime.bridge
+    cluster = None
+    if runtime.owner.clustered:  # several controllers: which replica drives what
+        stale_after = runtime.settings.lease_ttl_s * 3
+        cluster = {
+            "me": runtime.owner.replica_id,
+            "replicas": [(r, r.alive(stale_after)) for r in replicas.all_replicas(runtime.engine)],
+            "leases": [row for row in leases.all_leases(runtime.engine) if row.live],
+        }
     return page(
         request,
         "overview.html",
@@ -45,6 +55,7 @@ def overview(request: Request, who: UserDep) -> Response:
             "s": summary,
             "a": needs,
             "broker_connected": bool(bridge and bridge.connected),
+            "cluster": cluster,
         },
     )
 
