@@ -354,6 +354,15 @@ class ControllerSettings(BaseSettings):
         """Whether the REST API is served over HTTPS."""
         return self.tls_cert_file is not None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _replicas_share_artifacts(cls, data: Any) -> Any:
+        """A replica serves versions another replica imported: unless told otherwise, artifacts and the signing key
+        live in the database every replica reaches."""
+        if isinstance(data, dict) and str(data.get("replica", "")).lower() in ("true", "1", "yes", "on"):
+            data.setdefault("artifact_store", "database")
+        return data
+
     @model_validator(mode="after")
     def _nats_ingest_is_complete(self) -> ControllerSettings:
         if self.ingest == "nats" and (self.nats_url is None or self.broker_url is None):

@@ -43,7 +43,7 @@ class Cluster:
 
     def start(self, replica_id: str) -> Replica:
         """Start one replica (or start it again, on its data directory); artifacts and the signing key come from
-        the database (artifact_store database)."""
+        the database (artifact_store database, the default with --replica)."""
         data = self.root / replica_id
         port = free_port()
         env = {
@@ -51,7 +51,6 @@ class Cluster:
             "SLMFLEET_MQTT_CLIENT_ID": f"slmfleet-{replica_id}",
             "SLMFLEET_MQTT_SHARED_GROUP": "controllers",
             "SLMFLEET_LEASE_TTL_S": str(self.lease_ttl_s),
-            "SLMFLEET_ARTIFACT_STORE": "database",  # every replica serves what any one imported
             **self.env,
         }
         args = ("up", "--replica", "--replica-id", replica_id, "--data-dir", str(data), "--broker", self.broker_url)

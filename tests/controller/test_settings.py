@@ -46,3 +46,12 @@ def test_a_relative_data_dir_is_made_absolute_where_the_controller_starts(
     s = load_settings(data_dir=Path(".slmfleet"))
     assert s.data_dir == tmp_path / ".slmfleet" and s.data_dir.is_absolute()
     assert load_settings().data_dir == tmp_path / ".slmfleet"
+
+
+def test_a_replica_keeps_artifacts_where_every_replica_reaches_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One controller keeps its files local; a replica defaults to the database store, unless told otherwise."""
+    assert load_settings().artifact_store == "local"
+    assert load_settings(replica=True, broker_url="mqtt://127.0.0.1:1").artifact_store == "database"
+    monkeypatch.setenv("SLMFLEET_REPLICA", "true")
+    assert load_settings(broker_url="mqtt://127.0.0.1:1").artifact_store == "database"
+    assert load_settings(broker_url="mqtt://127.0.0.1:1", artifact_store="local").artifact_store == "local"
