@@ -4,10 +4,13 @@ when no server answers."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from benchmarks.common import POSTGRES_ADMIN_URL, postgres_database
 
@@ -21,3 +24,23 @@ def own_database(prefix: str = "slmfleet_test") -> Iterator[str]:
         if url is None:
             pytest.skip(f"{why}; set SLMFLEET_TEST_POSTGRES to run this")
         yield url
+
+
+#: parametrize a fixture over both dialects the controller supports (PostgreSQL ones carry the ``postgres`` mark)
+DIALECTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@contextmanager
+def migrated_engine(dialect: str, tmp_path: Path, prefix: str) -> Iterator[Engine]:
+    """A migrated, empty database of ``dialect``: a SQLite file in ``tmp_path`` or a PostgreSQL database of its own."""
+    from controller.db.engine import make_engine, migrate
+
+    with contextlib.ExitStack() as stack:
+        if dialect == "sqlite":
+            url = f"sqlite:///{tmp_path / (prefix + '.db')}"
+        else:
+            url = stack.enter_context(own_database(prefix))
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        migrate(engine)
+        yield engine

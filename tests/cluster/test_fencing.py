@@ -4,7 +4,6 @@ the refusal is in the audit log and the rollout's history has only the new drive
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,23 +14,15 @@ from sqlalchemy import Engine, text
 from sqlmodel import Session, select
 
 from controller.cluster.keeper import LeaseKeeper
-from controller.db.engine import make_engine, migrate
 from controller.db.models import AuditEntry, Model, ModelVersion, Rollout, RolloutTransition
 from controller.db.types import utcnow
 from controller.rollouts.engine import RolloutEngine, lease_name
-from tests.postgres import own_database
+from tests.postgres import DIALECTS, migrated_engine
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'fencing.db'}"
-        else:
-            url = stack.enter_context(own_database("slmfleet_fencing"))
-        engine = make_engine(url)
-        stack.callback(engine.dispose)
-        migrate(engine)
+    with migrated_engine(request.param, tmp_path, "slmfleet_fencing") as engine:
         yield engine
 
 

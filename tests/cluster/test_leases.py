@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,21 +12,14 @@ from sqlmodel import Session, select
 from controller.cluster import leases, replicas
 from controller.cluster.keeper import LeaseKeeper, SoleOwner
 from controller.cluster.leases import StaleLease
-from controller.db.engine import make_engine, migrate
+from controller.db.engine import migrate
 from controller.db.models import AuditEntry
-from tests.postgres import own_database
+from tests.postgres import DIALECTS, migrated_engine
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'leases.db'}"
-        else:
-            url = stack.enter_context(own_database("slmfleet_leases"))
-        engine = make_engine(url)
-        stack.callback(engine.dispose)
-        migrate(engine)
+    with migrated_engine(request.param, tmp_path, "slmfleet_leases") as engine:
         yield engine
 
 

@@ -8,7 +8,6 @@ paths, timezone-aware datetimes, upserts, LIKE prefixes and their escaping, bulk
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,6 @@ from sqlmodel import Session
 
 from controller.api.ids import resolve
 from controller.db.bulk import BulkInsert
-from controller.db.engine import make_engine, migrate
 from controller.db.models import (
     AuditEntry,
     Deployment,
@@ -38,24 +36,17 @@ from controller.rollouts.gates import telemetry_gates
 from controller.rollouts.plan import GateSpec
 from controller.telemetry.ingest import TELEMETRY_COLUMNS, TelemetryIn, telemetry_row
 from controller.web.queries import count_matching, device_page, json_object_size
-from tests.postgres import own_database
+from tests.postgres import DIALECTS, migrated_engine
 from wire.histogram import quantile_from_buckets
 from wire.messages import InferenceStats, LatencySummary, ModelRef, Telemetry
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated, empty database of the parametrized dialect."""
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'contract.db'}"
-        else:
-            url = stack.enter_context(own_database("slmfleet_contract"))
-        engine = make_engine(url)
-        stack.callback(engine.dispose)
-        migrate(engine)
+    with migrated_engine(request.param, tmp_path, "slmfleet_contract") as engine:
         yield engine
 
 

@@ -4,7 +4,6 @@ directory's), the others get the same; a data directory holding other ones is re
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,26 +13,18 @@ from cryptography.fernet import Fernet
 from sqlalchemy import Engine, select
 
 from controller.db import secrets
-from controller.db.engine import make_engine, migrate
 from controller.db.models import SharedSecret, table
 from controller.db.secrets import SEALED, SharedSecrets
 from controller.errors import ControllerError, SettingsError
 from controller.pki.authority import Authority, PkiError
 from controller.registry import keys
 from controller.settings import load_settings
-from tests.postgres import own_database
+from tests.postgres import DIALECTS, migrated_engine
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'shared.db'}"
-        else:
-            url = stack.enter_context(own_database("slmfleet_secrets"))
-        engine = make_engine(url)
-        stack.callback(engine.dispose)
-        migrate(engine)
+    with migrated_engine(request.param, tmp_path, "slmfleet_secrets") as engine:
         yield engine
 
 
