@@ -25,22 +25,6 @@ def ctl(private_broker, make_controller):  # type: ignore[no-untyped-def]
     return make_controller(private_broker, chunk_size=CHUNK)
 
 
-@pytest.fixture
-def peers(ctl):  # type: ignore[no-untyped-def]
-    made: list[PeerDevice] = []
-    key = ctl.client.get("/api/v1/signing-key").json()["public_key_pem"]
-
-    def make(device_id: str, **kw: Any) -> PeerDevice:
-        peer = PeerDevice(ctl.broker.port, device_id, key, **kw)
-        made.append(peer)
-        wait_until(lambda: ctl.client.get(f"/api/v1/devices/{device_id}").status_code == 200, 10)
-        return peer
-
-    yield make
-    for p in made:
-        p.close()
-
-
 def register_anomaly(ctl, tmp_path: Path, name: str = "pump") -> dict:  # type: ignore[no-untyped-def]
     path, threshold = anomaly_model(tmp_path / "m.onnx")
     options = {"task": "anomaly", "anomaly": {"threshold": threshold, "higher_is_anomalous": False, "output": "scores"}}

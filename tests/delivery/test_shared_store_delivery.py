@@ -5,12 +5,10 @@ exactly as the signed manifest says (the peers check each one)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from controller.delivery import transfer
-from tests.delivery.peer import PeerDevice
 from tests.delivery.test_delivery import CHUNK, deploy, deployment, register_anomaly
 from tests.helpers import wait_until
 
@@ -18,22 +16,6 @@ from tests.helpers import wait_until
 @pytest.fixture
 def ctl(private_broker, make_controller):  # type: ignore[no-untyped-def]
     return make_controller(private_broker, chunk_size=CHUNK, artifact_store="database")
-
-
-@pytest.fixture
-def peers(ctl):  # type: ignore[no-untyped-def]
-    made: list[PeerDevice] = []
-    key = ctl.client.get("/api/v1/signing-key").json()["public_key_pem"]
-
-    def make(device_id: str, **kw: Any) -> PeerDevice:
-        peer = PeerDevice(ctl.broker.port, device_id, key, **kw)
-        made.append(peer)
-        wait_until(lambda: ctl.client.get(f"/api/v1/devices/{device_id}").status_code == 200, 10)
-        return peer
-
-    yield make
-    for p in made:
-        p.close()
 
 
 def test_broadcast_and_repairs_come_from_the_database_store(
