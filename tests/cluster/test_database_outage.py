@@ -79,7 +79,10 @@ def lease_ends(engine: Any) -> dict[str, float]:
     before = time.monotonic()
     with engine.connect() as conn:
         rows = conn.execute(
-            text("SELECT holder, max(expires_at) - EXTRACT(EPOCH FROM clock_timestamp()) FROM cluster_lease GROUP BY holder")
+            text(
+                "SELECT holder, max(expires_at) - EXTRACT(EPOCH FROM clock_timestamp())"
+                " FROM cluster_lease GROUP BY holder"
+            )
         ).all()
     return {str(h): before + float(left) for h, left in rows if float(left) > 0}
 
@@ -141,15 +144,19 @@ def test_database_killed_under_load_replicas_stop_driving_reconnect_and_lose_not
         wait_until(lambda: time.monotonic() - killed_at > TTL_S + 2, TTL_S + 5, interval=0.2, what="outage")
         assert all(not drives(rep) for rep in cluster.replicas.values())
         pg.start()
+        restarted_at = time.monotonic()
 
         # --- the same processes reconnect; the rollout resumes and completes ---
         assert {rid: r.proc.pid for rid, r in cluster.replicas.items() if r.proc.alive()} == pids
         wait_until(
-            lambda: all(httpx.get(r.api + "/api/v1/health", timeout=5).status_code == 200 for r in cluster.replicas.values()),
+            lambda: all(
+                httpx.get(r.api + "/api/v1/health", timeout=5).status_code == 200 for r in cluster.replicas.values()
+            ),
             30,
             interval=0.2,
             what="every replica's health ok again",
         )
+        healthy_s = time.monotonic() - restarted_at
         wait_until(lambda: rollout(engine, rollout_id)[0] == "completed", 120, interval=0.5, what="completed")
         for d in devices:
             assert active_version(ctl, d) == 1, d
@@ -179,6 +186,16 @@ def test_database_killed_under_load_replicas_stop_driving_reconnect_and_lose_not
         wait_until(lambda: sent <= stored(), 30, interval=0.5, what="every telemetry message stored")
         got = stored()
         assert got == sent, sorted(sent ^ got)[:20]
+        with engine.connect() as conn:
+            rows = int(conn.execute(text("SELECT count(*) FROM telemetry")).scalar_one())
+        assert rows == len(sent)  # stored once each
+        print(  # the figures for the README (pytest -s)
+            f"outage {restarted_at - killed_at:.1f} s; stopped driving after "
+            + ", ".join(f"{rid} {t - killed_at:.1f} s" for rid, t in sorted(stopped_at.items()))
+            + "; ahead of lease end "
+            + ", ".join(f"{rid} {ends[rid] - stopped_at[rid]:.1f} s" for rid in sorted(ends))
+            + f"; healthy {healthy_s:.1f} s after restart; telemetry sent {len(sent)}, stored {rows}"
+        )
         for d in devices:
             seqs = sorted(s for dev, s in got if dev == d)
             assert seqs == list(range(len(seqs))), d  # each agent's counter, no gap
