@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, case, insert, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from controller.db.bulk import BulkInsert
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
@@ -202,6 +203,9 @@ class IngestWriter:
         self._flush_requested = False
         self.batches = 0
         self.failed_batches = 0
+        #: messages refused because the queue was full (also counted through ``on_dropped``)
+        self.refused = 0
+        self._refused_logged = -1e9
         self._telemetry_insert = BulkInsert(engine, table(TelemetryRecord), TELEMETRY_COLUMNS)
         self._event_insert = BulkInsert(engine, table(DeviceEvent), EVENT_COLUMNS)
 
@@ -214,6 +218,11 @@ class IngestWriter:
         if len(self._queue) >= self.queue_max:
             if self._on_dropped is not None:
                 self._on_dropped(1)
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged >= 10:  # reported, not silent; once per 10 s at most
+                self._refused_logged = now
+                log.error("ingest queue full (%d): refused received messages (%d so far)", self.queue_max, self.refused)
             return False
         self._queue.append(op)
         self._enqueued += 1
@@ -273,13 +282,36 @@ class IngestWriter:
                 self._done_cv.notify_all()
 
     def _write_with_retry(self, batch: list[Op]) -> None:
-        for attempt in (1, 2, 3):
+        attempt = 0
+        outage_since: float | None = None
+        pause = 0.2
+        while attempt < 3:
             try:
                 n_tel, n_evt = self._write(batch)
+            except (OperationalError, InterfaceError) as exc:
+                # The database is unreachable (restarted, network cut): no row is at fault, so keep the batch and
+                # retry until it is back (or the writer stops). Messages keep queueing meanwhile, up to queue_max;
+                # past it put() refuses and counts them (slmfleet_ingest_dropped_total).
+                if self._stop:
+                    log.error("database unreachable at stop: %d received messages not written", len(batch))
+                    break
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.warning("database unreachable, holding %d received messages: %s", len(batch), exc)
+                time.sleep(pause)
+                pause = min(2.0, pause * 2)
+                continue
             except Exception:
+                attempt += 1
                 log.exception("writing %d received messages failed (attempt %d of 3)", len(batch), attempt)
                 time.sleep(0.2 * attempt)
                 continue
+            if outage_since is not None:
+                log.warning(
+                    "database back after %.1f s: wrote the held messages (%d queued)",
+                    time.monotonic() - outage_since,
+                    len(self._queue),
+                )
             self.batches += 1
             if self._on_written is not None:
                 self._on_written(n_tel, n_evt)

@@ -93,3 +93,45 @@ def test_one_row_the_database_refuses_costs_only_itself(db: Engine) -> None:
     with Session(db) as s:
         stored = s.exec(select(TelemetryRecord.device_id).order_by(TelemetryRecord.seq)).scalars().all()
     assert stored == [f"dev-{i}" for i in range(5)]
+
+
+def test_a_full_queue_refuses_and_reports_it(db: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """Past queue_max the writer refuses a message: counted (on_dropped, ``refused``) and logged, never silent."""
+    dropped: list[int] = []
+    writer = IngestWriter(db, queue_max=3, on_dropped=dropped.append)  # not started: the queue only fills
+    now = time.time()
+    accepted = [writer.put(TelemetryIn("dev-q", _telemetry(i, now), now)) for i in range(5)]
+    assert accepted == [True, True, True, False, False]
+    assert dropped == [1, 1] and writer.refused == 2
+    assert "ingest queue full (3)" in caplog.text
+
+
+@pytest.mark.postgres
+def test_the_writer_holds_its_batch_while_the_database_is_down() -> None:
+    """PostgreSQL killed (a server of this test's own): the writer keeps the batch and what comes after, retries,
+    and writes all of it once the server is back; nothing is dropped."""
+    from controller.db.engine import make_engine, migrate
+    from tests.postgres_server import postgres_server
+
+    with postgres_server() as pg:
+        engine = make_engine(pg.url)
+        try:
+            migrate(engine)
+            dropped: list[int] = []
+            writer = IngestWriter(engine, flush_interval_s=0.05, on_dropped=dropped.append)
+            writer.start()
+            now = time.time()
+            assert writer.put(TelemetryIn("dev-o", _telemetry(0, now), now))
+            assert writer.flush(30)
+            pg.kill()
+            for seq in range(1, 50):
+                assert writer.put(TelemetryIn("dev-o", _telemetry(seq, now), now))
+            assert not writer.flush(3)  # held, not dropped: the database is down
+            pg.start()
+            assert writer.flush(60)
+            writer.stop()
+            with Session(engine) as s:
+                seqs = s.exec(select(TelemetryRecord.seq).order_by(TelemetryRecord.seq)).scalars().all()
+            assert seqs == list(range(50)) and dropped == [] and writer.failed_batches == 0
+        finally:
+            engine.dispose()
