@@ -23,7 +23,7 @@ import yaml
 from agent.transport.mqtt import first_server
 from benchmarks.nats_cluster import NatsCluster
 from simulations.infra import Api
-from simulations.runner import RunOptions, Runner, RunResult, run_scenario
+from simulations.runner import Runner, RunOptions, RunResult, run_scenario
 from simulations.scenario import bundled, load_scenario
 
 pytestmark = pytest.mark.slow
@@ -64,9 +64,7 @@ class NodeKiller:
     def _run(self, runner: Runner, api: Api, prefix: str) -> None:
         try:
             time.sleep(KILL_AFTER_S)  # a fixed point in the rollout, not a wait for a condition
-            on_node = [
-                d for d, st in runner.device_states().items() if st[5] == 1 and first_server(d, 3) == self.index
-            ]
+            on_node = [d for d, st in runner.device_states().items() if st[5] == 1 and first_server(d, 3) == self.index]
             if not on_node:
                 self.errors.append(f"no connected device on {self.node.name} when it was to be killed")
             self.on_node = len(on_node)
@@ -113,8 +111,12 @@ def telemetry_gaps(db: Path, node_index: int) -> dict[str, Any]:
         missing = sorted(set(range(min(have), max(have) + 1)) - have)
         if missing or len(got) != len(have):
             near = [r for q, r in got if missing and abs(q - missing[0]) <= 1]
-            gaps[device] = {"missing": missing, "twice": len(got) - len(have), "on_killed_node":
-                            first_server(device, 3) == node_index, "stored_around": near}
+            gaps[device] = {
+                "missing": missing,
+                "twice": len(got) - len(have),
+                "on_killed_node": first_server(device, 3) == node_index,
+                "stored_around": near,
+            }
     return gaps
 
 
