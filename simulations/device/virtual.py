@@ -92,6 +92,8 @@ class DeviceStats:
     frames_corrupted: int = 0
     disk_corruptions: int = 0
     telemetry: int = 0
+    #: telemetry still in the spool (never acknowledged by a broker) when the device stopped for good
+    telemetry_unsent: int = 0
     acked: int = 0
     inferences: int = 0
     #: inferences reported on the model installed before the rollout (the gates' baseline)
@@ -401,6 +403,11 @@ class VirtualDevice:
         actions, pump = item
         if self.powered and self.shell is not None:
             self.shell.execute(actions, pump)
+
+    def count_unsent(self) -> None:
+        """At the end of the run: the telemetry the spool still holds was counted as sent but never left."""
+        entries = self.spool.after(0, len(self.spool) + 1)
+        self.stats.telemetry_unsent = sum(1 for e in entries if e.topic.endswith("/telemetry"))
 
     def _count_publish(self, action: Publish) -> None:
         if action.topic.endswith("/telemetry"):

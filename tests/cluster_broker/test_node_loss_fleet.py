@@ -184,7 +184,7 @@ def check(result: RunResult, killer: NodeKiller) -> None:
     # the rollout completed with every device on v2, and nothing the fleet sent was lost
     if report["resources"]["controller_telemetry_stored_after_drain"] != fleet["telemetry"]:
         assert killer.controller_db is not None
-        explain += f"; gaps {telemetry_gaps(killer.controller_db, 0)}"
+        explain += f"; unsent {fleet.get('telemetry_unsent')}; gaps {telemetry_gaps(killer.controller_db, 0)}"
     assert result.ok, explain
     assert report["rollout"]["state"] == "completed", explain
     stored = report["resources"]["controller_telemetry_stored_after_drain"]
