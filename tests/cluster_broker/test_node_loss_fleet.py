@@ -105,9 +105,11 @@ def telemetry_gaps(db: Path, node_index: int) -> dict[str, Any]:
     seqs: dict[str, list[tuple[int, str]]] = {}
     for device, seq, received in rows:
         seqs.setdefault(device, []).append((seq, received))
-    gaps: dict[str, Any] = {}
+    gaps: dict[str, Any] = {"rows": len(rows), "devices": len(seqs)}
     for device, got in seqs.items():
         have = {q for q, _ in got}
+        if min(have) > 0:
+            gaps[device] = {"first_stored": min(have), "on_killed_node": first_server(device, 3) == node_index}
         missing = sorted(set(range(min(have), max(have) + 1)) - have)
         if missing or len(got) != len(have):
             near = [r for q, r in got if missing and abs(q - missing[0]) <= 1]
