@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -61,6 +62,9 @@ class RunOptions:
     log_level: str = "WARNING"
     keep_data: bool = False
     sample_every_s: float = 0.5
+    #: called (in the runner's thread) right after the rollout is created, with the runner: a test's hook to
+    #: bring a fault the scenario file cannot describe (e.g. SIGKILL a node of a broker cluster it runs)
+    on_rollout: Callable[[Runner], None] | None = None
 
 
 @dataclass
@@ -261,6 +265,8 @@ class Runner:
         broker = parse_broker_url(self.broker.url)
         if self.broker.engine == "amqtt":
             broker["protocol"] = "3.1.1"
+        elif s.broker.protocol != "auto":
+            broker["protocol"] = s.broker.protocol
         baseline = None
         if s.fleet.installed is not None:
             number = self.versions[(s.fleet.installed.model, _version_key(s.fleet.installed.version))]
@@ -380,6 +386,8 @@ class Runner:
         self.rollout = created
         for w in self.workers:
             self._send(w, "rollout", self.t0)
+        if self.options.on_rollout is not None:
+            self.options.on_rollout(self)
         waves = ", ".join(f"{w['name'] or w['index']}: {w['devices']}" for w in created["waves"])
         self.console.log(f"rollout {self.rollout_id[:8]} of {body['model']} v{body['version']} created ({waves})")
 

@@ -73,8 +73,22 @@ class ControllerSpec(_Strict):
 
 
 class BrokerSpec(_Strict):
-    url: str | None = Field(None, description="a running broker (mqtt://host:port); unset: start a private one")
+    url: str | None = Field(
+        None,
+        description="a running broker (mqtt://host:port), or the nodes of a cluster as a comma-separated list or a"
+        " YAML list (devices spread over them and move to another when theirs dies); unset: start a private one",
+    )
     engine: Literal["auto", "mosquitto", "amqtt"] = "auto"
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description='the devices\' MQTT version ("3.1.1" for NATS; "auto" tries 5 first)'
+    )
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _nodes(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return ",".join(str(v).strip() for v in value)
+        return value
 
 
 # ---------------------------------------------------------------------- models --

@@ -180,6 +180,8 @@ class Worker:
         if coros:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*coros, return_exceptions=True), 15)
+        for device in self.devices:
+            device.count_unsent()
         self._send("final", self.status())
 
     def _send(self, kind: str, body: Any) -> None:

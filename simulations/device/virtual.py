@@ -81,6 +81,8 @@ class WorkerEnv:
 @dataclass
 class DeviceStats:
     connects: int = 0
+    #: connections made to another broker node than the last one (a cluster node died or refused)
+    node_moves: int = 0
     disconnects: int = 0
     power_losses: int = 0
     boots: int = 0
@@ -90,6 +92,8 @@ class DeviceStats:
     frames_corrupted: int = 0
     disk_corruptions: int = 0
     telemetry: int = 0
+    #: telemetry still in the spool (never acknowledged by a broker) when the device stopped for good
+    telemetry_unsent: int = 0
     acked: int = 0
     inferences: int = 0
     #: inferences reported on the model installed before the rollout (the gates' baseline)
@@ -105,6 +109,8 @@ class VirtualDevice:
         self.loop = env.loop
         self.on_fault = on_fault or (lambda device, kind, detail: None)
         self.stats = DeviceStats()
+        #: the broker node of the last connection (a move to another node is counted in ``stats.node_moves``)
+        self.last_server: str | None = None
         seed = zlib.crc32(f"{env.seed}:{spec.id}".encode())
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(seed)
@@ -307,6 +313,10 @@ class VirtualDevice:
         if self.core is None:
             return
         self.stats.connects += 1
+        server = self.transport.server_url if self.transport is not None else None
+        if self.last_server is not None and server != self.last_server:
+            self.stats.node_moves += 1
+        self.last_server = server
         self._execute(self.core.on_connected(self.now()), pump=False)
         self.loop.call_soon(self._pump)  # after paho re-sent what was in flight: keeps the order
 
@@ -393,6 +403,11 @@ class VirtualDevice:
         actions, pump = item
         if self.powered and self.shell is not None:
             self.shell.execute(actions, pump)
+
+    def count_unsent(self) -> None:
+        """At the end of the run: the telemetry the spool still holds was counted as sent but never left."""
+        entries = self.spool.after(0, len(self.spool) + 1)
+        self.stats.telemetry_unsent = sum(1 for e in entries if e.topic.endswith("/telemetry"))
 
     def _count_publish(self, action: Publish) -> None:
         if action.topic.endswith("/telemetry"):
