@@ -21,6 +21,7 @@ import asyncio
 import getpass
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -85,13 +86,29 @@ _recent_ports: deque[int] = deque(maxlen=256)
 _recent_lock = threading.Lock()
 
 
+def _listening_range() -> range:
+    """Ports below the kernel's ephemeral range: no outgoing connection is ever given one of them, so a port found
+    free here stays free until its taker binds it, even while many connections come and go on the machine."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(max(10_000, low - 16_000), low)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now and that this process did not hand out recently."""
+    """A TCP port that is free on ``host`` right now and that this process did not hand out recently (a random one
+    below the ephemeral range where there is such a range, else one the kernel picks)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = _listening_range()
     with _recent_lock:
-        for _ in range(64):
+        for attempt in range(64):
             with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((host, 0))
+                port = random.choice(candidates) if candidates and attempt < 48 else 0
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
                 port = int(s.getsockname()[1])
             if port not in _recent_ports:
                 break
