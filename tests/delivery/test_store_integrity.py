@@ -15,9 +15,8 @@ from tests.delivery import test_delivery as base
 from tests.delivery.test_delivery import CHUNK, deploy, deployment, register_anomaly
 from tests.helpers import metric_value, wait_until
 
-# the same controller (chunks of CHUNK bytes, a real broker) and protocol peers as the delivery tests
+# the same controller (chunks of CHUNK bytes, a real broker) as the delivery tests; peers come from conftest.py
 ctl = base.ctl
-peers = base.peers
 
 
 def blob_path(controller: Any, sha256: str) -> Path:
