@@ -84,6 +84,8 @@ def packet_limit(chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
 #: second caller that is given it before the first one binds would collide (a fleet asks for several at once)
 _recent_ports: deque[int] = deque(maxlen=256)
 _recent_lock = threading.Lock()
+#: the OS's randomness, never the seedable module-level generator (a seeded simulation would pick the same ports)
+_port_rng = random.SystemRandom()
 
 
 def _listening_range() -> range:
@@ -104,7 +106,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     with _recent_lock:
         for attempt in range(64):
             with socket.socket(family, socket.SOCK_STREAM) as s:
-                port = random.choice(candidates) if candidates and attempt < 48 else 0
+                port = _port_rng.choice(candidates) if candidates and attempt < 48 else 0
                 try:
                     s.bind((host, port))
                 except OSError:
