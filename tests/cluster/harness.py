@@ -10,7 +10,11 @@ import httpx
 from sqlalchemy import Engine, text
 
 from controller.broker.embedded import free_port
+from tests.e2e.fleet import ControllerProc, Fleet
 from tests.helpers import Proc, slmfleet_cmd, wait_until
+
+#: rollouts in these tests judge the takeover, not the model
+NO_GATES = {"error_rate_max": None, "p95_latency_ratio_max": None, "rss_ratio_max": None, "shadow_agreement_min": None}
 
 
 @dataclass
@@ -82,3 +86,27 @@ def holder(engine: Engine, name: str) -> tuple[str, int] | None:
             text(f"SELECT holder, token FROM cluster_lease WHERE name = :n AND expires_at > {now}"), {"n": name}
         ).first()
     return (str(row[0]), int(row[1])) if row else None
+
+
+def start_pumps(fleet: Fleet, devices: list[str], key: Path, *extra: str) -> None:
+    """Real agents labelled fleet=pumps, pinning the replicas' signing key, all online."""
+    for d in devices:
+        fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps", *extra)
+    fleet.wait_online(devices, 60)
+
+
+def start_rollout(ctl: ControllerProc, version: int, waves: list[dict[str, Any]]) -> str:
+    """A gate-less rollout of pump@version (fp32) over fleet=pumps; its id."""
+    spec = {
+        "model": "pump",
+        "version": version,
+        "variant": "fp32",
+        "selector": "fleet=pumps",
+        "waves": waves,
+        "gates": NO_GATES,
+    }
+    r = httpx.post(
+        ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"}, timeout=30
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])

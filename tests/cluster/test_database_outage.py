@@ -20,8 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, text
 
 from controller.broker.embedded import EmbeddedBroker
-from tests.cluster.harness import Cluster, Replica
-from tests.cluster.test_replicas import NO_GATES, as_controller, rollout
+from tests.cluster.harness import Cluster, Replica, start_pumps, start_rollout
+from tests.cluster.test_replicas import as_controller, rollout
 from tests.e2e.fleet import Fleet
 from tests.e2e.test_deploy_real_agents import active_version, pin_key, register
 from tests.helpers import wait_until
@@ -105,20 +105,8 @@ def test_database_killed_under_load_replicas_stop_driving_reconnect_and_lose_not
         pids = {rid: r.proc.pid for rid, r in cluster.replicas.items()}
         fleet.controller = ctl
         devices = ["g0", "g1", "g2"]
-        for d in devices:
-            fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps", "--telemetry-interval", "0.5")
-        fleet.wait_online(devices, 60)
-        spec = {
-            "model": "pump",
-            "version": 1,
-            "variant": "fp32",
-            "selector": "fleet=pumps",
-            "waves": [{"until": "1", "bake_s": 20}, {"until": "100%", "bake_s": 1}],
-            "gates": NO_GATES,
-        }
-        r = httpx.post(ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"})
-        assert r.status_code == 201, r.text
-        rollout_id = r.json()["id"]
+        start_pumps(fleet, devices, key, "--telemetry-interval", "0.5")
+        rollout_id = start_rollout(ctl, 1, [{"until": "1", "bake_s": 20}, {"until": "100%", "bake_s": 1}])
         name = f"rollout:{rollout_id}"
         wait_until(lambda: rollout(engine, rollout_id)[0] == "baking", 90, interval=0.2, what="wave 1 baking")
         assert any(name in drives(rep) for rep in cluster.replicas.values())

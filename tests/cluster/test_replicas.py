@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from controller.broker.embedded import EmbeddedBroker
-from tests.cluster.harness import Cluster, holder
+from tests.cluster.harness import Cluster, holder, start_pumps, start_rollout
 from tests.e2e.fleet import ControllerProc, Fleet
 from tests.e2e.test_deploy_faults import BIG_BYTES, deploy, ended, register_anomaly, register_big
 from tests.e2e.test_deploy_real_agents import active_version, pin_key, register
@@ -24,8 +24,6 @@ from tests.helpers import wait_until
 from tests.postgres import own_database
 
 pytestmark = pytest.mark.slow
-
-NO_GATES = {"error_rate_max": None, "p95_latency_ratio_max": None, "rss_ratio_max": None, "shadow_agreement_min": None}
 
 
 @pytest.fixture
@@ -60,20 +58,8 @@ def test_killing_the_rollout_driver_hands_the_rollout_and_its_deployment_over(
     fleet.controller = ctl
     devices = ["c0", "c1", "c2", "c3"]
     try:
-        for d in devices:
-            fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps")
-        fleet.wait_online(devices, 60)
-        spec = {
-            "model": "pump",
-            "version": 2,
-            "selector": "fleet=pumps",
-            "variant": "fp32",
-            "waves": [{"until": "1", "bake_s": 8}, {"until": "100%", "bake_s": 2}],
-            "gates": NO_GATES,
-        }
-        r = httpx.post(ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"})
-        assert r.status_code == 201, r.text
-        rollout_id = r.json()["id"]
+        start_pumps(fleet, devices, key)
+        rollout_id = start_rollout(ctl, 2, [{"until": "1", "bake_s": 8}, {"until": "100%", "bake_s": 2}])
         engine = create_engine(cluster.database_url)
         try:
             name = f"rollout:{rollout_id}"
@@ -154,20 +140,8 @@ def test_a_stopped_driver_is_replaced_and_its_late_writes_never_interleave(
     engine = create_engine(cluster.database_url)
     stopped = None
     try:
-        for d in devices:
-            fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps")
-        fleet.wait_online(devices, 60)
-        spec = {
-            "model": "pump",
-            "version": 1,
-            "variant": "fp32",
-            "selector": "fleet=pumps",
-            "waves": [{"until": "1", "bake_s": 20}, {"until": "100%", "bake_s": 1}],
-            "gates": NO_GATES,
-        }
-        r = httpx.post(ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"})
-        assert r.status_code == 201, r.text
-        rollout_id = r.json()["id"]
+        start_pumps(fleet, devices, key)
+        rollout_id = start_rollout(ctl, 1, [{"until": "1", "bake_s": 20}, {"until": "100%", "bake_s": 1}])
         name = f"rollout:{rollout_id}"
         wait_until(lambda: rollout(engine, rollout_id)[0] == "baking", 90, interval=0.2, what="wave 1 baking")
         driver = holder(engine, name)
@@ -304,20 +278,10 @@ def test_a_rollout_survives_its_driver_killed_in_several_states_and_an_approval_
     devices = ["s0", "s1", "s2"]
     engine = create_engine(cluster.database_url)
     try:
-        for d in devices:
-            fleet.start_agent(d, "--signing-key-file", str(key), "--label=fleet=pumps")
-        fleet.wait_online(devices, 60)
-        spec = {
-            "model": "pump",
-            "version": 1,
-            "variant": "fp32",
-            "selector": "fleet=pumps",
-            "waves": [{"until": "1", "bake_s": 2, "require_approval": True}, {"until": "100%", "bake_s": 2}],
-            "gates": NO_GATES,
-        }
-        r = httpx.post(ctl.api + "/api/v1/rollouts", json=spec, headers={"Authorization": f"Bearer {ctl.token}"})
-        assert r.status_code == 201, r.text
-        rollout_id = r.json()["id"]
+        start_pumps(fleet, devices, key)
+        rollout_id = start_rollout(
+            ctl, 1, [{"until": "1", "bake_s": 2, "require_approval": True}, {"until": "100%", "bake_s": 2}]
+        )
         name = f"rollout:{rollout_id}"
 
         def kill_driver_in(state: str, wave: int) -> str:
