@@ -41,7 +41,7 @@ from agent.runtime.nonces import DiskNonceStore
 from agent.runtime.notify import Notifier
 from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
-from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap
+from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap, tune_heap
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
 from wire import codec, topics
 from wire.manifest import Task
@@ -67,6 +67,7 @@ class AgentService:
         self.notifier = notifier or Notifier()
         self.counters = InferenceCounters()
         configure_sessions(allow_spinning=settings.ort_allow_spinning)
+        tune_heap()  # chunk-sized buffers reused, not mapped and faulted in again per frame
         self.host = ModelHost(threads=settings.threads)
         self.loader = ModelLoader(self.host, settings.model_max_rss_mib * MIB)
         self._cpu = CpuMeter()
