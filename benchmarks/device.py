@@ -45,6 +45,19 @@ MEMORY_LIMIT_MIB = 256
 DELIVERY_MIB = 26
 
 
+def _own_group(controller: str) -> str:
+    """This process's cgroup path (relative) in the hierarchy of ``controller`` ("" : the v2 hierarchy)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        _id, names, path = line.split(":", 2)
+        if (controller and controller in names.split(",")) or (not controller and _id == "0" and not names):
+            return path.lstrip("/")
+    return ""
+
+
 class MemoryGroup:
     """A memory cgroup of this process's own (v2, else v1), or the reason there is none."""
 
@@ -52,8 +65,10 @@ class MemoryGroup:
         self.path: Path | None = None
         self.version = 0
         self.reason = ""
-        v2 = Path("/sys/fs/cgroup")
-        v1 = Path("/sys/fs/cgroup/memory")
+        # Below this process's own group (a child of it), not beside it: the limit and the accounting stay
+        # inside whatever limits the benchmark itself runs under.
+        v2 = Path("/sys/fs/cgroup") / _own_group("")
+        v1 = Path("/sys/fs/cgroup/memory") / _own_group("memory")
         controllers = v2 / "cgroup.controllers"
         try:
             if controllers.exists() and "memory" in controllers.read_text().split():
