@@ -354,6 +354,9 @@ def measure(root: Path, setup: Setup) -> dict[str, Any]:
         returned = watch(ctl, dep, away, away, setup.timeout_s)
         back = {d: round(returned.active[d] + returned.started - back_at, 2) for d in returned.active}
         pub3, tx3 = published(), sent()
+        latest = versions[1]["number"]
+        with contextlib.suppress(TimeoutError):  # a device's report of its installed models may trail its event
+            wait_for(lambda: all(active_version(ctl, d, "links") == latest for d in every), 30, interval=0.2)
         active_versions = {d: active_version(ctl, d, "links") for d in every}
 
         def spread(values: list[float]) -> dict[str, float] | None:
