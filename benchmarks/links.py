@@ -107,6 +107,10 @@ class Links:
         self.hub_addr = f"10.{self.net}.0.2"
         try:
             self._add_netns(self.hub)
+        except RuntimeError as exc:  # a container without CAP_SYS_ADMIN, a kernel without namespaces
+            self.close()
+            raise LinksUnavailable(f"cannot create a network namespace: {exc}") from None
+        try:
             self._host_if = f"sf{self.tag}h0"
             _run("ip", "link", "add", self._host_if, "type", "veth", "peer", "name", f"sf{self.tag}h1")
             _run("ip", "link", "set", f"sf{self.tag}h1", "netns", self.hub)

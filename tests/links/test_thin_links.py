@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.links import Setup, measure
+from benchmarks.links import LinksUnavailable, Setup, measure
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,7 +26,10 @@ def test_slow_lossy_links_do_not_hold_the_fleet_back_and_everyone_ends_on_the_mo
     in 4 KiB chunks: 1025 chunks, four times the broadcast's window of 256, so pacing to the slow links would
     hold the fast devices until the slow ones were three quarters done."""
     setup = Setup(fast=4, slow=2, offline=1, size_bytes=4 * 2**20, chunk_size=4096, rate_kbit=1000, loss_pct=5.0)
-    r = measure(tmp_path, setup)
+    try:
+        r = measure(tmp_path, setup)
+    except LinksUnavailable as exc:
+        pytest.skip(str(exc))
     base, mixed, offline = r["baseline"], r["mixed"], r["offline"]
     summary = f"figures: {r}"
     assert r["conditions"]["chunks"] > 1000, summary
