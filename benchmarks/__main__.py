@@ -27,6 +27,7 @@ BENCHMARKS = {
     "failover": "benchmarks.failover",
     "artifacts": "benchmarks.artifacts",
     "device": "benchmarks.device",
+    "links": "benchmarks.links",
 }
 
 

@@ -91,17 +91,28 @@ BIG_MODEL_OPTIONS = {
 
 
 class Controller:
-    """``slmfleet up`` as a child process on a free loopback port, against ``broker_url``."""
+    """``slmfleet up`` as a child process on a free loopback port, against ``broker_url``.
 
-    def __init__(self, root: Path, broker_url: str, env: dict[str, str] | None = None) -> None:
+    ``prefix`` runs it under another command (``ip netns exec NS``, benchmarks/links.py) listening on ``host``;
+    ``broker_url`` None: on its embedded broker."""
+
+    def __init__(
+        self,
+        root: Path,
+        broker_url: str | None,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+    ) -> None:
         self.data_dir = root / "controller"
-        self.port = free_port()
-        self.api = f"http://127.0.0.1:{self.port}"
+        self.port = free_port() if not prefix else 8080  # a namespace of its own: every port is free
+        self.api = f"http://{host}:{self.port}"
         self.log_path = root / "controller.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        cmd = [sys.executable, "-m", "slmfleet", "up", "--data-dir", str(self.data_dir)]
-        cmd += ["--broker", broker_url, "--port", str(self.port)]
+        cmd = [*prefix, sys.executable, "-m", "slmfleet", "up", "--data-dir", str(self.data_dir)]
+        cmd += ["--broker", broker_url] if broker_url else []
+        cmd += ["--host", host, "--port", str(self.port)]
         self.popen = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self.client = httpx.Client(base_url=self.api, timeout=30)
         wait_for(self._up, 60, interval=0.1)

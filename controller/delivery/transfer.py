@@ -5,8 +5,13 @@ QoS 1 messages for a slow subscriber and silently drops the rest while the
 publisher still gets every acknowledgement. So the broadcast never runs more
 than ``window`` chunks ahead of the slowest device that is still making
 progress (its ``contiguous`` count); a device that stalls is left out of the
-pacing and catches up through repairs. Repairs go to the device's own topic,
-at most ``repair_window`` chunks outstanding per device.
+pacing and catches up through repairs. Neither does one slow link hold the
+others back: a device that stays more than half a window behind the head for
+``laggard_after_s`` while another device has every chunk sent so far (it waits
+for the slow one) is a laggard, no longer waited for. It keeps reading the
+broadcast at its own pace from its queue at the broker, and repairs what the
+broker dropped. Repairs go to the device's own topic, at most
+``repair_window`` chunks outstanding per device.
 
 Everything here runs on the controller's MQTT event loop.
 """
@@ -42,6 +47,8 @@ class TransferSettings:
     max_inflight: int = 64
     start_grace_s: float = 2.0
     stall_s: float = 5.0
+    #: a device this long more than half a window behind while another waits for it stops pacing the broadcast
+    laggard_after_s: float = 5.0
     repair_window: int = 256
     repair_inflight: int = 32
 
@@ -130,6 +137,10 @@ class Participant:
     downloading: bool = True
     #: subscribed to the broadcast topic (its report said so): the first chunk may go out for it
     listening: bool = False
+    #: since when it holds the broadcast back while another device waits (None: it does not)
+    behind_since: float | None = None
+    #: too slow to wait for: the broadcast no longer paces to it (it reads its broker queue, then repairs)
+    laggard: bool = False
 
 
 class Broadcast:
@@ -158,6 +169,8 @@ class Broadcast:
         self.generation = 0
         self.created_at = time.time()
         self.finished = False
+        #: devices the broadcast stopped waiting for (``_find_laggards``)
+        self.laggards = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -190,14 +203,43 @@ class Broadcast:
         self.poke()
 
     def position(self, now: float) -> int | None:
-        """Where the slowest active downloader is; None when nobody needs the broadcast any more."""
-        downloading = [p for p in self.participants.values() if p.downloading]
-        if not downloading:
+        """Where the slowest active downloader that is not a laggard is; None when nobody needs the broadcast
+        any more."""
+        if not any(p.downloading for p in self.participants.values()):
             return None
-        active = [p for p in downloading if now - p.last_progress_at < self.settings.stall_s]
+        active = {
+            d: p
+            for d, p in self.participants.items()
+            if p.downloading and not p.laggard and now - p.last_progress_at < self.settings.stall_s
+        }
         if not active:
-            return self.next_index  # everyone stalled: hold; they will ask for repairs
-        return min(p.contiguous for p in active)
+            return self.next_index  # everyone stalled or too slow: go on; they read their queue and repair
+        self._find_laggards(active, now)
+        paced = [p.contiguous for p in active.values() if not p.laggard]
+        return min(paced) if paced else self.next_index
+
+    def _find_laggards(self, active: dict[str, Participant], now: float) -> None:
+        """Mark the devices that have held the broadcast back for ``laggard_after_s`` while another device had
+        every chunk sent so far: more than half a window behind the head, continuously. Devices of a fleet
+        that all read at the broadcast's pace are never more than half a window apart for long, so this
+        leaves out slow links, not the slowest of equals."""
+        s = self.settings
+        waiting = any(p.contiguous >= self.next_index - max(1, s.window // 8) for p in active.values())
+        for device_id, p in active.items():
+            if waiting and p.contiguous < self.next_index - s.window // 2:
+                if p.behind_since is None:
+                    p.behind_since = now
+                elif now - p.behind_since >= s.laggard_after_s:
+                    p.laggard = True
+                    self.laggards += 1
+                    log.info(
+                        "broadcast of %s: %s is %d chunks behind while others wait: no longer waited for",
+                        self.source.artifact_id[:12],
+                        device_id,
+                        self.next_index - p.contiguous,
+                    )
+            else:
+                p.behind_since = None
 
     async def _run(self) -> None:
         s = self.settings
@@ -224,7 +266,13 @@ class Broadcast:
                     self.next_index += 1
                 if self.next_index < total:
                     await self._sleep(0.25)
-            log.info("broadcast of %s: %d of %d chunks sent", self.source.artifact_id[:12], self.next_index, total)
+            log.info(
+                "broadcast of %s: %d of %d chunks sent (%d devices too slow to wait for)",
+                self.source.artifact_id[:12],
+                self.next_index,
+                total,
+                self.laggards,
+            )
         except asyncio.CancelledError:
             raise
         except ChunkUnavailable as exc:
