@@ -50,12 +50,19 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class Verify:
-    """Hash every file, then self-test the candidate; keep it loaded when it is about to serve or shadow."""
+    """Check the files, then self-test the candidate; keep it loaded when it is about to serve or shadow.
+
+    ``fresh`` (a chunk bitmap, ``ChunkBitmap.to_bytes``) names the chunks this process received, checked
+    against their signed sha256 and wrote during this download: they are not read back. Every other
+    chunk (copied, resumed after a restart, held by a slot verified before) is read back and checked,
+    and a file the manifest's chunks do not cover whole is hashed whole (``jobs.JobRunner._verify``).
+    """
 
     token: int
     slot: str
     signed: SignedManifest
     keep: bool
+    fresh: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

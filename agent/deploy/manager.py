@@ -118,6 +118,8 @@ class DeploymentManager:
         self._signed: SignedManifest | None = None
         self._signed_id = ""
         self._bitmap: ChunkBitmap | None = None
+        #: chunks received, checked and written by this process in this download (not read back to verify)
+        self._fresh: ChunkBitmap | None = None
         self._prepared = False
         self._download_token = -1
         self._subscribed: str | None = None
@@ -514,6 +516,7 @@ class DeploymentManager:
         if result.error or result.bitmap is None:
             return self._fail(rec, result.error or "the slot could not be prepared", now)
         self._bitmap = result.bitmap
+        self._fresh = ChunkBitmap(result.bitmap.total)
         self._progress_count = result.bitmap.count
         self._prepared = True
         self._awaiting = None
@@ -564,6 +567,8 @@ class DeploymentManager:
         except StorageError as exc:
             return self._fail(rec, str(exc), now)
         bitmap.add(frame.index)
+        if self._fresh is not None:
+            self._fresh.add(frame.index)
         self.counters["chunks_received"] += 1
         self.counters["chunks_repaired" if topic == self._repair_topic else "chunks_broadcast"] += 1
         self._outstanding.pop(frame.index, None)
@@ -640,7 +645,8 @@ class DeploymentManager:
         self._outstanding.clear()
         self._repair_mode = False
         actions.append(Checkpoint(self._download_token, rec.target_slot, self._bitmap.to_bytes()))
-        actions.append(Verify(self._await(), rec.target_slot, signed, keep=self._keep(rec)))
+        fresh = self._fresh.to_bytes() if self._fresh is not None else b""
+        actions.append(Verify(self._await(), rec.target_slot, signed, keep=self._keep(rec), fresh=fresh))
         return actions
 
     # ---------------------------------------------------- stage / switch --

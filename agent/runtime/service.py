@@ -18,7 +18,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.core import AgentCore, CoreAction, CoreConfig, Reconnect, TelemetrySample
@@ -36,13 +36,15 @@ from agent.inference.loader import MIB, ModelLoader
 from agent.inference.session import InputError, ModelLoadError, configure_sessions
 from agent.inference.sinks import FileSink, MqttSink
 from agent.runtime.config import AgentSettings, ConfigError
-from agent.runtime.identity import ClientIdentity
 from agent.runtime.nonces import DiskNonceStore
 from agent.runtime.notify import Notifier
 from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
-from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap
+from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap, tune_heap
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
+
+if TYPE_CHECKING:
+    from agent.runtime.identity import ClientIdentity
 from wire import codec, topics
 from wire.manifest import Task
 from wire.messages import InstalledModel
@@ -67,6 +69,7 @@ class AgentService:
         self.notifier = notifier or Notifier()
         self.counters = InferenceCounters()
         configure_sessions(allow_spinning=settings.ort_allow_spinning)
+        tune_heap()  # chunk-sized buffers reused, not mapped and faulted in again per frame
         self.host = ModelHost(threads=settings.threads)
         self.loader = ModelLoader(self.host, settings.model_max_rss_mib * MIB)
         self._cpu = CpuMeter()
@@ -124,6 +127,9 @@ class AgentService:
 
         files = s.client_cert_files()
         if files is not None:
+            # Only here: cryptography's x509 costs ~2 MiB of RSS an agent without client certificates never needs.
+            from agent.runtime.identity import ClientIdentity
+
             self.identity = ClientIdentity(s.device_id, files[0], files[1], s.data_dir / "tls")
         now = time.time()
         self.core = AgentCore(

@@ -4,6 +4,7 @@ measurements): ``python -m benchmarks.tools.agent_bundles OUT_DIR`` prints ``{na
 MiniLM (real weights, embeddings) and DistilBERT (real size, random weights, classification), each as
 fp32 and int8, plus the llama-small generation seed built by onnxruntime-genai's model builder. Every
 bundle gets a ``slmfleet.json`` run spec, the form ``slmfleet agent --model DIR`` serves.
+``python -m benchmarks.tools.agent_bundles OUT_DIR minilm`` builds MiniLM's two only (``benchmarks device``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
     minilm = export_hf(minilm_checkpoint(), Task.EMBEDDINGS, out / "minilm-fp32")
     made["minilm-fp32"] = _write(minilm)
     made["minilm-int8"] = _write(quantize_int8(minilm, out / "minilm-int8"))
+    if sys.argv[2:] == ["minilm"]:
+        print(json.dumps(made))
+        return
     checkpoint = build_seed("distilbert", out / "distilbert-checkpoint", task="text-classification")
     distilbert = export_hf(checkpoint, Task.TEXT_CLASSIFICATION, out / "distilbert-fp32")
     made["distilbert-fp32"] = _write(distilbert)

@@ -343,6 +343,44 @@ def test_controller_restart_mid_transfer(fleet: Fleet, tmp_path: Path) -> None:
     no_tracebacks(fleet, agent.device_id)
 
 
+def _held_chunks(data_dir: Path) -> int:
+    """Chunks the agent's checkpoints record as held (durable), over both slots."""
+    total = 0
+    for held in data_dir.glob("deploy/slots/*/held.bin"):
+        total += sum(bin(b).count("1") for b in held.read_bytes()[32:])
+    return total
+
+
+def test_agent_sigkilled_mid_transfer_resumes_from_its_checkpoint_and_verifies(fleet: Fleet, tmp_path: Path) -> None:
+    """SIGKILL while chunks arrive (fsync per checkpoint, not per chunk): the restarted agent keeps what its
+    last checkpoint recorded, fetches the rest, checks again every chunk it did not receive itself, and serves."""
+    ctl = fleet.start_controller(env=SMALL_CHUNKS)
+    v1 = register_anomaly(ctl, tmp_path, 1)
+    v2 = register_big(ctl, tmp_path, BIG_BYTES, seed=5)
+    key = tmp_path / "controller.pem"
+    key.write_text(ctl.get("/api/v1/signing-key").json()["public_key_pem"])
+    agent = Agent("edge-kill9", free_port())
+    start_agent(fleet, agent, key)
+    online(ctl, agent.device_id)
+    assert ended(ctl, deploy(ctl, v1, [agent.device_id]))["status"] == "completed"
+
+    dep = deploy(ctl, v2, [agent.device_id])
+    data_dir = fleet.root / agent.device_id
+    wait_until(lambda: _held_chunks(data_dir) > 0, 60, interval=0.01, what="a checkpoint with chunks held")
+    assert agent.proc is not None
+    agent.proc.kill()  # SIGKILL: nothing on the way out
+    held = _held_chunks(data_dir)
+    total = target(ctl, dep, agent.device_id)["chunks_total"]
+    assert 0 < held < total, (held, total)
+    start_agent(fleet, agent, key, log="-restarted")
+    done = ended(ctl, dep, 120)
+    assert done["status"] == "completed", done
+    wait_until(lambda: active_version(ctl, agent.device_id) == v2, 30, what="version 2 reported")
+    assert infer(agent.http_port) == v2
+    log = (fleet.root / f"{agent.device_id}-restarted.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+
+
 def test_full_disk_fails_with_a_reason_and_keeps_the_old_model(fleet: Fleet, tmp_path: Path) -> None:
     """A store cap (--store-max-bytes) that holds version 1 but not version 1 and version 2 together."""
     ctl = fleet.start_controller()

@@ -28,7 +28,7 @@ from tests.agent.deploy.harness import (
     rollback,
 )
 from tests.helpers import wait_until
-from wire.manifest import SignedManifest
+from wire.manifest import ChunkRef, SignedManifest
 from wire.messages import DeployState, ShadowSpec
 
 S = DeployState
@@ -253,3 +253,66 @@ def test_a_download_killed_half_way_keeps_the_chunks_on_disk(key: Ed25519Private
     asked = sorted(i for r in d.requests() for a, b in r.ranges for i in range(a, b))
     assert asked == list(range(40, len(big)))
     assert d.state == S.ACTIVE and d.active_artifact() == big.id
+
+
+class CountingStorage(DiskSlotStorage):
+    """Disk slots that count what the verification reads back."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.read_back: list[int] = []
+        self.files_hashed = 0
+
+    def chunk_sha256(self, slot: str, ref: ChunkRef) -> str:
+        self.read_back.append(ref.index)
+        return super().chunk_sha256(slot, ref)
+
+    def file_sha256(self, slot: str, file_index: int) -> str:
+        self.files_hashed += 1
+        return super().file_sha256(slot, file_index)
+
+
+def test_chunks_checked_on_arrival_are_not_read_back_but_those_held_before_a_restart_are(
+    key: Ed25519PrivateKey, data_dir: Path
+) -> None:
+    data = bytes(range(256)) * 4 * 60  # 60 chunks of 1 KiB
+    big = artifact({"model.onnx": data, "tokenizer.json": b"{}"}, key, version=2)
+    storage = CountingStorage(data_dir)
+    d = Device(key, storage, DiskRecordStore(data_dir))  # simulated models: bytes only
+    d.start()
+    d.command(deploy(big, "dep-2"))
+    for index in range(40):
+        d.chunk(big.frame(index), art=big)
+    d.tick(1.0)  # a progress report checkpoints the 40 chunks (fsync first, then the held bitmap)
+    d.restart()  # killed (nothing in memory survives)
+    assert d.manager.bitmap is not None and d.manager.bitmap.count == 40
+    # While the agent was down, a held chunk rotted on disk.
+    slot = d.manager.record.target_slot if d.manager.record else None
+    assert slot is not None
+    ref = big.manifest.chunks[7]
+    with open(data_dir / "slots" / slot / "files" / "model.onnx", "r+b") as f:
+        f.seek(ref.offset)
+        f.write(b"\xff" * 16)
+    storage.read_back.clear()
+    deliver(d, big, drop=set())
+    # The 40 chunks held from before the restart were read back and checked; the 21 received after it were
+    # not; the rotten one was found and fetched again, then read back itself (the repair download began a
+    # fresh round that received only it).
+    first_pass = storage.read_back[:40]
+    assert sorted(first_pass) == list(range(40)), storage.read_back
+    assert 7 in {i for r in d.requests() for a, b in r.ranges for i in range(a, b)}
+    assert storage.files_hashed == 0  # every file is covered by its chunks
+    assert d.state == S.ACTIVE and d.active_artifact() == big.id
+    assert (data_dir / "slots" / slot / "files" / "model.onnx").read_bytes() == data
+
+
+def test_only_chunks_that_tile_a_file_exactly_stand_for_its_hash(key: Ed25519PrivateKey) -> None:
+    from agent.deploy.jobs import covers
+
+    refs = list(artifact({"model.onnx": bytes(3000), "tokenizer.json": b"{}"}, key).manifest.chunks)[:3]
+    assert len(refs) == 3 and covers(refs, 3000) and covers(refs[::-1], 3000)
+    assert not covers(refs[1:], 3000)  # a gap at the start
+    assert not covers(refs[:-1], 3000)  # the end is not covered
+    assert not covers(refs, 3001)  # the file is longer than its chunks
+    assert not covers([*refs, refs[-1]], 3000)  # an overlap
+    assert not covers([], 0)  # no chunks: the file's own sha256 decides
