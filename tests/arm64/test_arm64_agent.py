@@ -1,0 +1,174 @@
+"""The agent on arm64 under emulation: deploy/install-agent.sh installed it into an arm64 Debian root
+(deploy/arm64/arm64-root.sh, with the aarch64 wheels of onnxruntime, numpy, tokenizers, cryptography and
+pydantic from PyPI) and it runs there under qemu-aarch64. Next to a native x86-64 agent, it connects to a
+real broker and ``slmfleet up``, receives one deployment through the broadcast, self-tests, switches and
+answers its HTTP endpoint with the embeddings the x86-64 agent gives, within float tolerance.
+
+The root is cached in /var/cache/slmfleet/arm64-rootfs and built here on first use (root, apt and PyPI
+reachable; ~10 min, see the README); the test skips, saying why, where it cannot run."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from controller.broker.embedded import EmbeddedBroker, free_port
+from tests.e2e.fleet import ControllerProc, Fleet
+from tests.e2e.test_exporters_on_agents import import_export
+from tests.helpers import REPO, Proc, wait_until
+from tests.registry.test_exporters import reference
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # the first run builds the root (minutes)
+
+SCRIPT = REPO / "deploy" / "arm64" / "arm64-root.sh"
+CACHE = Path(os.environ.get("SLMFLEET_ARM64_CACHE", "/var/cache/slmfleet/arm64-rootfs"))
+DEVICE, ARM64 = "edge-x86-64", "edge-arm64"
+LAYOUT = "sentence-transformers-cls"  # a BERT encoder with its tokenizer: MatMul, attention, LayerNorm, GELU
+TOLERANCE = 1e-5  # absolute, per embedding value (they are normalized: |v| <= 1)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10):
+            return True
+    except OSError:
+        return False
+
+
+def _why_not() -> str | None:
+    if platform.system() != "Linux":
+        return "arm64 emulation needs Linux (binfmt_misc and qemu-user)"
+    if platform.machine() == "aarch64":
+        return "the host is arm64 itself: the rest of the suite tests the agent natively"
+    if os.geteuid() != 0:
+        return "needs root (binfmt_misc registration, chroot, mmdebstrap)"
+    for tool, package in (("qemu-aarch64-static", "qemu-user-static"), ("unshare", "util-linux")):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (apt-get install {package}; 'make setup-test' does it as root)"
+    if not any(CACHE.glob("root-*/opt/slmfleet/venv/bin/slmfleet")):
+        if shutil.which("mmdebstrap") is None:
+            return "no cached arm64 root and mmdebstrap not found to build one (apt-get install mmdebstrap)"
+        for url in ("http://deb.debian.org/debian/dists/bookworm/Release", "https://pypi.org/simple/onnxruntime/"):
+            if not _reachable(url):
+                return f"no cached arm64 root, and {url} is not reachable to build one"
+    return None
+
+
+@pytest.fixture(scope="module")
+def arm64_root() -> Iterator[Path]:
+    """The cached root with this checkout's agent, locked for this module (another run waits, and cannot
+    reinstall the agent under a running one)."""
+    reason = _why_not()
+    if reason is not None:
+        pytest.skip(reason)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = dict(os.environ, SLMFLEET_ARM64_LOCK_HELD="1", BUILD_PYTHON=sys.executable)
+        built = subprocess.run(
+            [str(SCRIPT), "build"], capture_output=True, text=True, timeout=3000, env=env, cwd=REPO, check=False
+        )
+        assert built.returncode == 0, f"building the arm64 root failed:\n{built.stderr[-6000:]}"
+        yield Path(built.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, private_broker: EmbeddedBroker) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, private_broker.url)
+    yield f
+    f.stop()
+
+
+@pytest.fixture
+def in_root(arm64_root: Path) -> Iterator[tuple[Path, str]]:
+    """A directory of this test's own inside the root: (its host path, its path inside)."""
+    inside = f"/tmp/arm64-test-{uuid.uuid4().hex[:8]}"
+    host = arm64_root / inside.lstrip("/")
+    host.mkdir(parents=True)
+    yield host, inside
+    shutil.rmtree(host, ignore_errors=True)
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) > 0
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def deploy_and_wait(ctl: ControllerProc, name: str, devices: list[str], timeout: float) -> dict[str, Any]:
+    body = {"model": name, "version": 1, "variant": "fp32", "target": {"devices": devices}}
+    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers={"Authorization": f"Bearer {ctl.token}"}, timeout=10)
+    assert r.status_code == 201, r.text
+    dep = r.json()["id"]
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: (d := ctl.get(f"/api/v1/deployments/{dep}").json())["status"] in ("completed", "failed") and d,
+        timeout,
+        what=f"{name} deployed to {devices}",
+    )
+
+
+def test_the_arm64_agent_installs_deploys_and_answers_like_the_x86_64_one(
+    fleet: Fleet, arm64_root: Path, in_root: tuple[Path, str], tmp_path: Path
+) -> None:
+    host_dir, inside = in_root
+    ctl = fleet.start_controller()
+    key = ctl.get("/api/v1/signing-key").json()["public_key_pem"]
+    (tmp_path / "controller.pem").write_text(key)
+    (host_dir / "controller.pem").write_text(key)
+
+    native_port, arm_port = free_port(), free_port()
+    fleet.start_agent(DEVICE, "--signing-key-file", str(tmp_path / "controller.pem"), "--http-port", str(native_port))
+    # The agent the installer put into the root, run by the root's arm64 python3.11 (binfmt -> qemu-aarch64).
+    arm = Proc(
+        [
+            str(SCRIPT),
+            "run",
+            str(arm64_root),
+            "/opt/slmfleet/venv/bin/slmfleet",
+            "agent",
+            *("--broker", fleet.broker_url, "--device-id", ARM64, "--data-dir", f"{inside}/data"),
+            *("--signing-key-file", f"{inside}/controller.pem", "--http-port", str(arm_port)),
+            *("--reconnect-max", "1"),
+        ],
+        tmp_path / f"{ARM64}.log",
+    )
+    fleet.agents[ARM64] = arm
+    fleet.wait_online([DEVICE, ARM64], 300)  # imports under emulation take a while
+
+    # It really is aarch64: the kernel runs it through qemu, and the agent's birth says aarch64.
+    exe = os.readlink(f"/proc/{arm.pid}/exe")
+    assert "qemu-aarch64" in exe, exe
+    hardware = ctl.get(f"/api/v1/devices/{ARM64}").json()["hardware"]
+    assert hardware["arch"] == "aarch64", hardware
+    assert ctl.get(f"/api/v1/devices/{DEVICE}").json()["hardware"]["arch"] == "x86_64"
+
+    # One deployment to both devices: the broadcast, verification, self-test and switch on each.
+    import_export(ctl, "encoder", LAYOUT, {"variants": ["fp32"]})
+    done = deploy_and_wait(ctl, "encoder", [DEVICE, ARM64], 600)
+    assert done["status"] == "completed" and {t["state"] for t in done["targets"]} == {"active"}, done
+
+    cases = reference(LAYOUT)
+    answers: dict[str, list[list[float]]] = {DEVICE: [], ARM64: []}
+    for device, port in ((DEVICE, native_port), (ARM64, arm_port)):
+        for case in cases:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/infer", json=case["input"], timeout=120)
+            assert r.status_code == 200, (device, r.text)
+            body = r.json()
+            assert (body["model"]["model"], body["model"]["version"]) == ("encoder", 1), body["model"]
+            answers[device].append(body["result"]["embedding"])
+    for case, native, arm64 in zip(cases, answers[DEVICE], answers[ARM64], strict=True):
+        assert max_diff(native, arm64) <= TOLERANCE, case["input"]
+        assert max_diff(case["expected"]["embedding"], arm64) <= 1e-4, case["input"]  # and the framework's
+    # The comparison can fail: the texts' embeddings differ by far more than the tolerance.
+    assert max_diff(answers[ARM64][0], answers[ARM64][1]) > 100 * TOLERANCE
