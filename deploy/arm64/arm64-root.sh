@@ -6,6 +6,8 @@
 #   sudo deploy/arm64/arm64-root.sh build           build or reuse the root; print its path (last line)
 #   sudo deploy/arm64/arm64-root.sh run ROOT CMD..  run CMD in ROOT (chroot with /proc, /sys, /dev, in a
 #                                                   private mount namespace: nothing stays mounted)
+#   QEMU_CPU=cortex-a72 ... run ROOT CMD..          the CPU qemu emulates (default: qemu's "max", with
+#                                                   features such as SVE a Raspberry Pi 4's A72 lacks)
 #
 # build:
 #   1. registers qemu-aarch64 with binfmt_misc (mounting /proc/sys/fs/binfmt_misc when needed)
@@ -85,7 +87,7 @@ run_in_root() {
         r=$1; shift
         mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" || exit 1
         exec chroot "$r" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-            HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 "$@"' sh "$root" "$@"
+            HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 ${QEMU_CPU:+QEMU_CPU="$QEMU_CPU"} "$@"' sh "$root" "$@"
 }
 
 build_root() {  # build_root TARGET STAGE: Debian + the installer into TARGET

@@ -101,6 +101,37 @@ def in_root(arm64_root: Path) -> Iterator[tuple[Path, str]]:
     shutil.rmtree(host, ignore_errors=True)
 
 
+def elf_machine(path: Path) -> int:
+    """The e_machine field of an ELF file (183 = EM_AARCH64, 62 = EM_X86_64)."""
+    with open(path, "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF", path
+    return int.from_bytes(header[18:20], "little")
+
+
+def test_the_installer_put_an_arm64_agent_and_its_service_into_the_root(arm64_root: Path) -> None:
+    """What deploy/install-agent.sh left in the root: a venv on the root's python whose native wheels are
+    aarch64 builds, the configuration, and the unit enabled (systemctl in a chroot only enables)."""
+    venv = arm64_root / "opt/slmfleet/venv"
+    assert "/usr/bin" in (venv / "pyvenv.cfg").read_text()
+    site = next((venv / "lib").glob("python3.*/site-packages"))
+    for pattern in (
+        "onnxruntime/capi/onnxruntime_pybind11_state*.so",
+        "tokenizers/tokenizers*.so",
+        "pydantic_core/_pydantic_core*.so",
+        "numpy/*core/_multiarray_umath*.so",
+        "cryptography/hazmat/bindings/_rust*.so",
+    ):
+        found = sorted(site.glob(pattern))
+        assert found, f"{pattern} is not installed in {site}"
+        assert elf_machine(found[0]) == 183, f"{found[0]} is not an aarch64 build"
+    assert elf_machine(arm64_root / "usr/bin/python3.11") == 183
+    config = (arm64_root / "etc/slmfleet/agent.toml").read_text()
+    assert 'device_id = "arm64-device"' in config and 'data_dir = "/var/lib/slmfleet-agent"' in config
+    assert (arm64_root / "etc/systemd/system/slmfleet-agent.service").is_file()
+    assert (arm64_root / "etc/systemd/system/multi-user.target.wants/slmfleet-agent.service").is_symlink()
+
+
 def max_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b) > 0
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
@@ -108,7 +139,8 @@ def max_diff(a: list[float], b: list[float]) -> float:
 
 def deploy_and_wait(ctl: ControllerProc, name: str, devices: list[str], timeout: float) -> dict[str, Any]:
     body = {"model": name, "version": 1, "variant": "fp32", "target": {"devices": devices}}
-    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers={"Authorization": f"Bearer {ctl.token}"}, timeout=10)
+    auth = {"Authorization": f"Bearer {ctl.token}"}
+    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=auth, timeout=10)
     assert r.status_code == 201, r.text
     dep = r.json()["id"]
     return wait_until(  # type: ignore[no-any-return]
@@ -119,7 +151,7 @@ def deploy_and_wait(ctl: ControllerProc, name: str, devices: list[str], timeout:
 
 
 def test_the_arm64_agent_installs_deploys_and_answers_like_the_x86_64_one(
-    fleet: Fleet, arm64_root: Path, in_root: tuple[Path, str], tmp_path: Path
+    arm64_root: Path, in_root: tuple[Path, str], fleet: Fleet, tmp_path: Path
 ) -> None:
     host_dir, inside = in_root
     ctl = fleet.start_controller()
