@@ -6,17 +6,19 @@
 #   sudo deploy/arm64/arm64-root.sh build           build or reuse the root; print its path (last line)
 #   sudo deploy/arm64/arm64-root.sh run ROOT CMD..  run CMD in ROOT (chroot with /proc, /sys, /dev, in a
 #                                                   private mount namespace: nothing stays mounted)
-#   QEMU_CPU=cortex-a72 ... run ROOT CMD..          the CPU qemu emulates (default: qemu's "max", with
-#                                                   features such as SVE a Raspberry Pi 4's A72 lacks)
+#   QEMU_CPU=max ... run ROOT CMD..                 another CPU for qemu to emulate (default cortex-a72, a
+#                                                   Raspberry Pi 4's core; "max" adds SVE, dot product, ...)
 #
 # build:
 #   1. registers qemu-aarch64 with binfmt_misc (mounting /proc/sys/fs/binfmt_misc when needed)
 #   2. mmdebstrap --arch=arm64 bookworm with python3, python3-venv, ca-certificates and systemd, then runs the
 #      real installer inside it: deploy/install-agent.sh --no-start (venv + pip install of the agent with its
-#      aarch64 wheels from PyPI; systemctl sees the chroot and only enables the unit)
+#      aarch64 wheels from PyPI; SYSTEMD_OFFLINE=1, as in any image build: systemctl enables the unit and
+#      skips daemon-reload, there being no systemd running in the root)
 #   3. installs this checkout's code (a wheel, --no-deps --force-reinstall) when it differs from the last one
 # The root is cached in CACHE (default /var/cache/slmfleet/arm64-rootfs, env SLMFLEET_ARM64_CACHE) as
-# root-<hash of this script, the installer, the unit and the agent's dependencies>; other roots there are removed.
+# root-<hash of the recipe here, the installer, the unit and the agent's dependencies>; other roots there are
+# removed.
 # Needs root, mmdebstrap and qemu-user-static (apt-get install mmdebstrap qemu-user-static; 'make setup-test'
 # installs them when run as root). The host's own CAs (/usr/local/share/ca-certificates) are trusted in the root
 # too, so pip works behind the same TLS-inspecting proxy as the host.
@@ -25,6 +27,7 @@ set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE="${SLMFLEET_ARM64_CACHE:-/var/cache/slmfleet/arm64-rootfs}"
+RECIPE=1
 SUITE="bookworm"
 MIRROR="http://deb.debian.org/debian"
 PACKAGES="python3,python3-venv,ca-certificates,systemd"
@@ -66,9 +69,12 @@ source_hash() {
     (cd "$1" && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
 }
 
+# What the root is made of: the recipe (bump RECIPE when build_root changes), the installer, the unit and the
+# agent's dependencies. The checkout's code is not in it (refresh_agent installs that).
 root_key() {
     {
-        cat "$0" "$REPO/deploy/install-agent.sh" "$REPO/deploy/systemd/slmfleet-agent.service"
+        echo "$RECIPE $SUITE $MIRROR $PACKAGES $DEVICE_ID"
+        cat "$REPO/deploy/install-agent.sh" "$REPO/deploy/systemd/slmfleet-agent.service"
         "$BUILD_PYTHON" -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]; print(p["dependencies"], p["optional-dependencies"]["agent"])' "$REPO/pyproject.toml"
     } | sha256sum | cut -c1-16
 }
@@ -77,17 +83,34 @@ build_wheel() {  # build_wheel SRC OUT: the slmfleet wheel of SRC in OUT
     "$BUILD_PYTHON" -m pip wheel --quiet --no-deps -w "$2" "$1" >&2 || die "cannot build the slmfleet wheel"
 }
 
-# run ROOT CMD...: CMD inside ROOT, with /proc, /sys and /dev mounted in a private mount namespace (gone on exit),
-# a clean environment (the host's PIP_* and the like stay out) and the caller's PID (every step execs).
+# An arm64 /proc/cpuinfo (a Cortex-A72, as on a Raspberry Pi 4; one entry per host CPU). qemu 7.2 shows the
+# guest the host's x86 one, and onnxruntime's CPU detection (pytorch/cpuinfo) then crashes while it loads
+# (SIGSEGV); a real board has its own.
+arm64_cpuinfo() {
+    i=0
+    while [ "$i" -lt "$(nproc)" ]; do
+        printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$i"
+        printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n'
+        i=$((i + 1))
+    done
+}
+
+# run ROOT CMD...: CMD inside ROOT, with /proc (its cpuinfo an arm64 one), /sys and /dev mounted in a private
+# mount namespace (gone on exit), a clean environment (the host's PIP_* and the like stay out), qemu emulating a
+# Cortex-A72 unless QEMU_CPU says otherwise, and the caller's PID (every step execs).
 run_in_root() {
     root=$1
     shift
     [ -x "$root/usr/bin/python3" ] || die "$root is not an arm64 root built by '$0 build'"
+    mkdir -p "$root/etc/slmfleet-emulation"
+    arm64_cpuinfo > "$root/etc/slmfleet-emulation/cpuinfo"
     exec unshare --mount --propagation private -- sh -c '
         r=$1; shift
-        mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" || exit 1
+        export QEMU_CPU="${QEMU_CPU:-cortex-a72}"  # for the root'"'"'s env too, an arm64 program
+        mount -t proc proc "$r/proc" && mount --bind "$r/etc/slmfleet-emulation/cpuinfo" "$r/proc/cpuinfo" \
+            && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" || exit 1
         exec chroot "$r" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-            HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 ${QEMU_CPU:+QEMU_CPU="$QEMU_CPU"} "$@"' sh "$root" "$@"
+            HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 QEMU_CPU="$QEMU_CPU" "$@"' sh "$root" "$@"
 }
 
 build_root() {  # build_root TARGET STAGE: Debian + the installer into TARGET
@@ -105,7 +128,7 @@ build_root() {  # build_root TARGET STAGE: Debian + the installer into TARGET
         --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \
         --customize-hook="cp -a '$stage/.' \"\$1/tmp/slmfleet-install/\"" \
         --customize-hook="chroot \"\$1\" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-            sh /tmp/slmfleet-install/deploy/install-agent.sh --no-start --device-id $DEVICE_ID \
+            SYSTEMD_OFFLINE=1 sh /tmp/slmfleet-install/deploy/install-agent.sh --no-start --device-id $DEVICE_ID \
             --package '/tmp/slmfleet-install/dist/$wheel[agent]'" \
         --customize-hook='rm -rf "$1/tmp/slmfleet-install"' \
         "$SUITE" "$target" "deb $MIRROR $SUITE main" "deb $MIRROR-security $SUITE-security main" >&2 \

@@ -37,6 +37,7 @@ CACHE = Path(os.environ.get("SLMFLEET_ARM64_CACHE", "/var/cache/slmfleet/arm64-r
 DEVICE, ARM64 = "edge-x86-64", "edge-arm64"
 LAYOUT = "sentence-transformers-cls"  # a BERT encoder with its tokenizer: MatMul, attention, LayerNorm, GELU
 TOLERANCE = 1e-5  # absolute, per embedding value (they are normalized: |v| <= 1)
+INT8_TOLERANCE = 1e-4  # int8: integer kernels agree exactly; dequantization may round differently
 
 
 def _reachable(url: str) -> bool:
@@ -137,8 +138,8 @@ def max_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def deploy_and_wait(ctl: ControllerProc, name: str, devices: list[str], timeout: float) -> dict[str, Any]:
-    body = {"model": name, "version": 1, "variant": "fp32", "target": {"devices": devices}}
+def deploy_and_wait(ctl: ControllerProc, name: str, variant: str, devices: list[str], timeout: float) -> dict[str, Any]:
+    body = {"model": name, "version": 1, "variant": variant, "target": {"devices": devices}}
     auth = {"Authorization": f"Bearer {ctl.token}"}
     r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=auth, timeout=10)
     assert r.status_code == 201, r.text
@@ -186,21 +187,40 @@ def test_the_arm64_agent_installs_deploys_and_answers_like_the_x86_64_one(
     assert ctl.get(f"/api/v1/devices/{DEVICE}").json()["hardware"]["arch"] == "x86_64"
 
     # One deployment to both devices: the broadcast, verification, self-test and switch on each.
-    import_export(ctl, "encoder", LAYOUT, {"variants": ["fp32"]})
-    done = deploy_and_wait(ctl, "encoder", [DEVICE, ARM64], 600)
+    import_export(ctl, "encoder", LAYOUT, {"variants": ["fp32", "int8"]})
+    deploy_both(ctl, "fp32")
+    assert "broadcast of" in ctl.proc.log()
+    cases = reference(LAYOUT)
+    native, arm64 = ask(native_port, cases, "fp32"), ask(arm_port, cases, "fp32")
+    worst = max(max_diff(a, b) for a, b in zip(native, arm64, strict=True))
+    print(f"fp32: max |x86-64 - arm64| = {worst:.2e}")
+    assert worst <= TOLERANCE
+    for case, got in zip(cases, arm64, strict=True):  # and the framework's own outputs
+        assert max_diff(case["expected"]["embedding"], got) <= 1e-4, case["input"]
+    # The comparison can fail: the texts' embeddings differ by far more than the tolerance.
+    assert max_diff(arm64[0], arm64[1]) > 100 * TOLERANCE
+
+    # The int8 variant of the same version: a switch while serving, and the integer kernels (x86-64's and
+    # arm64's MLAS differ) giving the same embeddings within quantization's own noise.
+    deploy_both(ctl, "int8")
+    native8, arm8 = ask(native_port, cases, "int8"), ask(arm_port, cases, "int8")
+    worst8 = max(max_diff(a, b) for a, b in zip(native8, arm8, strict=True))
+    print(f"int8: max |x86-64 - arm64| = {worst8:.2e}")
+    assert worst8 <= INT8_TOLERANCE
+
+
+def deploy_both(ctl: ControllerProc, variant: str) -> None:
+    done = deploy_and_wait(ctl, "encoder", variant, [DEVICE, ARM64], 600)
     assert done["status"] == "completed" and {t["state"] for t in done["targets"]} == {"active"}, done
 
-    cases = reference(LAYOUT)
-    answers: dict[str, list[list[float]]] = {DEVICE: [], ARM64: []}
-    for device, port in ((DEVICE, native_port), (ARM64, arm_port)):
-        for case in cases:
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/infer", json=case["input"], timeout=120)
-            assert r.status_code == 200, (device, r.text)
-            body = r.json()
-            assert (body["model"]["model"], body["model"]["version"]) == ("encoder", 1), body["model"]
-            answers[device].append(body["result"]["embedding"])
-    for case, native, arm64 in zip(cases, answers[DEVICE], answers[ARM64], strict=True):
-        assert max_diff(native, arm64) <= TOLERANCE, case["input"]
-        assert max_diff(case["expected"]["embedding"], arm64) <= 1e-4, case["input"]  # and the framework's
-    # The comparison can fail: the texts' embeddings differ by far more than the tolerance.
-    assert max_diff(answers[ARM64][0], answers[ARM64][1]) > 100 * TOLERANCE
+
+def ask(port: int, cases: list[dict[str, Any]], variant: str) -> list[list[float]]:
+    """The embeddings an agent's HTTP endpoint gives for each reference case, served by ``variant``."""
+    out = []
+    for case in cases:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/infer", json=case["input"], timeout=120)
+        assert r.status_code == 200, (port, r.text)
+        model = r.json()["model"]
+        assert (model["model"], model["version"], model["variant"]) == ("encoder", 1, variant), model
+        out.append(r.json()["result"]["embedding"])
+    return out
