@@ -4,6 +4,7 @@
 # docs/ARCHITECTURE.md, "The agent on arm64 under emulation".
 #
 #   sudo deploy/arm64/arm64-root.sh build           build or reuse the root; print its path (last line)
+#   sudo deploy/arm64/arm64-root.sh binfmt          only step 1 below (fails, saying why, where it cannot)
 #   sudo deploy/arm64/arm64-root.sh run ROOT CMD..  run CMD in ROOT (chroot with /proc, /sys, /dev, in a
 #                                                   private mount namespace: nothing stays mounted)
 #   QEMU_CPU=max ... run ROOT CMD..                 another CPU for qemu to emulate (default cortex-a72, a
@@ -190,6 +191,7 @@ build() {
 
 case "${1:-}" in
     build) shift; [ $# -eq 0 ] || die "build takes no arguments"; build ;;
+    binfmt) need_root; ensure_binfmt ;;
     run) shift; [ $# -ge 2 ] || die "usage: $0 run ROOT CMD..."; need_root; ensure_binfmt; run_in_root "$@" ;;
     -h|--help) usage ;;
     *) usage >&2; exit 2 ;;
