@@ -5,7 +5,7 @@ real broker and ``slmfleet up``, receives one deployment through the broadcast, 
 answers its HTTP endpoint with the embeddings the x86-64 agent gives, within float tolerance.
 
 The root is cached in /var/cache/slmfleet/arm64-rootfs and built here on first use (root, apt and PyPI
-reachable; ~10 min, see the README); the test skips, saying why, where it cannot run."""
+reachable; about 21 min on 2 shared cores, see the README); the test skips, saying why, where it cannot run."""
 
 from __future__ import annotations
 
@@ -208,8 +208,9 @@ def test_the_arm64_agent_installs_deploys_and_answers_like_the_x86_64_one(
     deploy_both(ctl, "int8")
     native8, arm8 = ask(native_port, cases, "int8"), ask(arm_port, cases, "int8")
     worst8 = max(max_diff(a, b) for a, b in zip(native8, arm8, strict=True))
-    print(f"int8: max |x86-64 - arm64| = {worst8:.2e}")
-    assert worst8 <= INT8_TOLERANCE
+    quantized = max(max_diff(a, b) for a, b in zip(arm64, arm8, strict=True))
+    print(f"int8: max |x86-64 - arm64| = {worst8:.2e} (int8 against fp32: {quantized:.2e})")
+    assert worst8 <= INT8_TOLERANCE and quantized > worst8  # and int8 is not fp32 again
 
 
 def deploy_both(ctl: ControllerProc, variant: str) -> None:
