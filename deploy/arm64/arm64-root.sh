@@ -22,7 +22,8 @@
 # removed.
 # Needs root, mmdebstrap and qemu-user-static (apt-get install mmdebstrap qemu-user-static; 'make setup-test'
 # installs them when run as root). The host's own CAs (/usr/local/share/ca-certificates) are trusted in the root
-# too, so pip works behind the same TLS-inspecting proxy as the host.
+# too, so pip works behind the same TLS-inspecting proxy as the host. BUILD_PYTHON (default python3; 3.11 or newer,
+# with pip) builds the checkout's wheel on the host.
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
