@@ -27,6 +27,8 @@ setup: $(VENV)/.run-deps
 # Installed here when missing and we may (root with apt-get); otherwise those tests skip and say why.
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
 
+# The arm64 test (tests/arm64) runs the agent in an arm64 Debian root under qemu-user emulation: it needs
+# qemu-user-static and mmdebstrap, installed the same way (on x86-64 hosts); otherwise that test skips and says why.
 setup-test: $(VENV)/.test-deps
 	@if [ -n "$(CHROMIUM)" ] || [ -x /usr/bin/chromium ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -37,6 +39,16 @@ setup-test: $(VENV)/.test-deps
 	else \
 		echo "Chromium not found: the dashboard's browser tests will be skipped."; \
 		echo "  Install it with: sudo apt-get install chromium  (or set SLMFLEET_CHROMIUM=/path/to/chromium)"; \
+	fi
+	@if [ "$$(uname -m)" != x86_64 ] || { command -v qemu-aarch64-static && command -v mmdebstrap; } >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing qemu-user-static and mmdebstrap for the arm64 test (apt-get install)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static mmdebstrap >/dev/null || \
+		echo "could not install qemu-user-static and mmdebstrap: the arm64 test will be skipped"; \
+	else \
+		echo "qemu-user-static or mmdebstrap not found: the arm64 test will be skipped."; \
+		echo "  Install them with: sudo apt-get install qemu-user-static mmdebstrap"; \
 	fi
 
 run: setup
