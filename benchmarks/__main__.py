@@ -26,6 +26,7 @@ BENCHMARKS = {
     "gates": "benchmarks.gates",
     "failover": "benchmarks.failover",
     "artifacts": "benchmarks.artifacts",
+    "delta": "benchmarks.delta",
 }
 
 
