@@ -20,8 +20,8 @@ Each case reports the artifact's bytes and what the device receives (absolute an
   (``Broadcast.next_index``), and an agent that holds most of an artifact asks for its missing chunks
   alone (``DeployConfig.sparse_fraction``): the smaller of the two, which is ``missing`` when the agent
   goes sparse;
-* ``zstd_patch``: when the ``zstandard`` package is installed, a zstd patch-from (the installed file as the
-  dictionary, long-distance matching) per changed file, for comparison: what a binary delta would ship.
+* ``zstd_patch``: for comparison, what a binary delta would ship: a zstd patch-from of each changed file
+  against the installed one (``pyzstd``, in the ``dev`` extra; None without it).
 """
 
 from __future__ import annotations
@@ -65,9 +65,11 @@ def fetch_bytes(base: list[ChunkRef], target: list[ChunkRef]) -> dict[str, int]:
 
 
 def zstd_patch_bytes(base: dict[str, bytes], target: dict[str, bytes]) -> int | None:
-    """Bytes of zstd patch-from deltas of each changed file against the installed file of the same path."""
+    """Bytes of zstd patch-from deltas (``zstd --patch-from``: the installed file as a prefix, long-distance
+    matching, a window over both) of each changed file against the installed file of the same path; None
+    without the ``pyzstd`` package (the ``dev`` extra)."""
     try:
-        import zstandard
+        import pyzstd
     except ImportError:
         return None
     total = 0
@@ -76,14 +78,14 @@ def zstd_patch_bytes(base: dict[str, bytes], target: dict[str, bytes]) -> int | 
         if old == data:
             continue
         if old is None:
-            total += len(zstandard.ZstdCompressor(level=3).compress(data))
+            total += len(pyzstd.compress(data, 3))
             continue
-        window = max(len(old), len(data)).bit_length() + 1
-        params = zstandard.ZstdCompressionParameters.from_level(
-            3, window_log=min(window, 31), enable_ldm=True, source_size=len(data)
-        )
-        prefix = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        total += len(zstandard.ZstdCompressor(dict_data=prefix, compression_params=params).compress(data))
+        options = {
+            pyzstd.CParameter.compressionLevel: 3,
+            pyzstd.CParameter.windowLog: min((len(old) + len(data)).bit_length(), 31),
+            pyzstd.CParameter.enableLongDistanceMatching: 1,
+        }
+        total += len(pyzstd.compress(data, options, pyzstd.ZstdDict(old, is_raw=True).as_prefix))
     return total
 
 
