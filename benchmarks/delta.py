@@ -16,10 +16,10 @@ Each case reports the artifact's bytes and what the device receives (absolute an
   fixed, content-addressed chunks): what a device copies from its installed slot is never fetched;
 * ``broadcast_before``: what the broadcast sent a device before deltas (every chunk from index 0 once any
   chunk was missing: a device's held chunks were skipped on its disk, not on the link);
-* ``broadcast_after``: the broadcast now starts at the first chunk the slowest device lacks
-  (``Broadcast.next_index``), and an agent that holds most of an artifact asks for its missing chunks
-  alone (``DeployConfig.sparse_fraction``): the smaller of the two, which is ``missing`` when the agent
-  goes sparse;
+* ``broadcast_after``: now the broadcast starts at the first chunk the slowest device lacks
+  (``Broadcast.next_index``: the tail from there), unless the agent goes sparse (``agent/deploy/delta.py``:
+  few missing chunks, scattered) and asks for exactly its missing chunks (``missing``); ``sparse`` says
+  which;
 * ``zstd_patch``: for comparison, what a binary delta would ship: a zstd patch-from of each changed file
   against the installed one (``pyzstd``, in the ``dev`` extra; None without it).
 """
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.deploy.config import DeployConfig
+from agent.deploy.delta import sparse_is_better
 from wire.manifest import DEFAULT_CHUNK_SIZE, ChunkRef, describe_files
 
 #: the agent goes sparse (requests exactly its missing chunks) when it lacks at most this share
@@ -53,7 +54,8 @@ def fetch_bytes(base: list[ChunkRef], target: list[ChunkRef]) -> dict[str, int]:
     total = sum(c.size for c in target)
     first = missing[0].index if missing else len(target)
     tail = sum(c.size for c in target[first:])
-    sparse = len(missing) < len(target) and sum(c.size for c in missing) <= SPARSE_FRACTION * total
+    held_flags = [(c.sha256, c.size) in held for c in target]
+    sparse = any(held_flags) and sparse_is_better([c.size for c in target], held_flags, SPARSE_FRACTION)
     return {
         "artifact_bytes": total,
         "chunks": len(target),
@@ -61,6 +63,7 @@ def fetch_bytes(base: list[ChunkRef], target: list[ChunkRef]) -> dict[str, int]:
         "missing_bytes": sum(c.size for c in missing),
         "broadcast_before_bytes": total if missing else 0,
         "broadcast_after_bytes": sum(c.size for c in missing) if sparse else tail,
+        "sparse": sparse,
     }
 
 

@@ -1,5 +1,6 @@
-"""Deltas on the device: a device that holds most of a new artifact (copied from its installed model) asks for
-the chunks it lacks alone instead of following the broadcast; one without the base follows the broadcast."""
+"""Deltas on the device: a device that holds most of a new artifact (copied from its installed model) and lacks
+a few scattered chunks asks for them alone instead of following the broadcast; one that lacks a tail, or has
+no base, follows the broadcast (which starts at the first chunk the slowest device lacks)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.deploy.bitmap import ChunkBitmap
 from agent.deploy.config import DeployConfig
-from agent.deploy.delta import goes_sparse, missing_bytes
+from agent.deploy.delta import goes_sparse, missing_bytes, sparse_is_better
 from tests.agent.deploy.harness import Artifact, Device, artifact, deliver, deploy, memory_device
 from wire import topics
 from wire.messages import DeployState
@@ -36,17 +37,24 @@ def running(key: Ed25519PrivateKey, art: Artifact, **kw: object) -> Device:
     return d
 
 
-def test_goes_sparse_only_when_the_installed_model_supplied_most_of_the_bytes(key: Ed25519PrivateKey) -> None:
-    _, v2 = versions(key, 40, {39})
-    manifest = v2.manifest
+def test_sparse_only_for_few_scattered_missing_chunks_copied_from_the_installed_model(
+    key: Ed25519PrivateKey,
+) -> None:
+    sizes = [1024] * 40
+    tail = [i < 36 for i in range(40)]  # the last 4 missing: the broadcast from chunk 36 on is just those
+    scattered = [i not in (2, 20, 39) for i in range(40)]
+    assert not sparse_is_better(sizes, tail, 0.25), "a missing tail comes by the broadcast, one copy for all"
+    assert sparse_is_better(sizes, scattered, 0.25), "3 chunks asked for rather than 38 received"
+    assert not sparse_is_better(sizes, scattered, 0.05), "over the sparse share: follow the broadcast"
+    assert not sparse_is_better(sizes, [True] * 40, 1.0), "nothing missing"
+    _, v2 = versions(key, 40, {2, 20, 39})
     held = ChunkBitmap(len(v2))
-    for index in range(30):
-        held.add(index)
-    assert missing_bytes(manifest, held) == sum(ref.size for ref in manifest.chunks[30:])
-    assert not goes_sparse(manifest, held, copied=0, fraction=0.5), "resumed, not copied: follow the broadcast"
-    assert goes_sparse(manifest, held, copied=30, fraction=0.5)
-    assert not goes_sparse(manifest, held, copied=30, fraction=0.1), "a quarter missing is over 10%"
-    assert not goes_sparse(manifest, ChunkBitmap.full(len(v2)), copied=len(v2), fraction=1.0), "nothing left"
+    for index in range(len(v2)):
+        if index not in (2, 20, 39):
+            held.add(index)
+    assert missing_bytes(v2.manifest, held) == 3 * 1024
+    assert goes_sparse(v2.manifest, held, copied=37, fraction=0.25)
+    assert not goes_sparse(v2.manifest, held, copied=0, fraction=0.25), "resumed, not copied: the broadcast"
 
 
 def test_a_device_holding_the_base_asks_for_the_changed_chunks_alone(key: Ed25519PrivateKey) -> None:
@@ -70,8 +78,18 @@ def test_a_device_holding_the_base_asks_for_the_changed_chunks_alone(key: Ed2551
     assert counters["copied"] == len(v2) - len(changed)
 
 
-def test_a_device_without_the_base_follows_the_broadcast(key: Ed25519PrivateKey) -> None:
-    _, v2 = versions(key, 40, {3})
+def test_a_device_lacking_the_tail_follows_the_broadcast_and_one_without_the_base_too(
+    key: Ed25519PrivateKey,
+) -> None:
+    v1, v2 = versions(key, 40, {38, 39})  # a fine-tuned head: stored last
+    d = running(key, v1)
+    d.command(deploy(v2, "dep-2"))
+    assert topics.artifact_chunks(v2.id) in d.subscriptions
+    event = d.events("dep-2")[-1]
+    assert not event.sparse and event.listening and event.contiguous == 38 and event.chunks_have == 39
+    deliver(d, v2)
+    assert d.state == S.ACTIVE and d.active_artifact() == v2.id
+
     d = memory_device(key)
     d.start()
     d.command(deploy(v2, "dep-2"))
