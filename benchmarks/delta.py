@@ -1,6 +1,6 @@
 """Model deltas: the bytes a device must fetch for an update when it already holds the previous artifact.
 
-``python -m benchmarks delta [--quick]``. DistilBERT at its real size (66.4M parameters, random weights,
+``python -m benchmarks delta [--quick]``. DistilBERT at its real size (about 67M parameters, random weights,
 seeded; ``bert-small`` with ``--quick``) is built locally, exported to ONNX and quantized to int8 exactly as
 the registry does (``export_hf``, ``quantize_int8``), then changed the ways real updates change a model:
 
@@ -61,6 +61,8 @@ def fetch_bytes(base: list[ChunkRef], target: list[ChunkRef]) -> dict[str, int]:
         "chunks": len(target),
         "missing_chunks": len(missing),
         "missing_bytes": sum(c.size for c in missing),
+        "first_missing_chunk": first,
+        "tail_bytes": tail,
         "broadcast_before_bytes": total if missing else 0,
         "broadcast_after_bytes": sum(c.size for c in missing) if sparse else tail,
         "sparse": sparse,
@@ -106,7 +108,7 @@ def _case(base_dir: Path, target_dir: Path) -> dict[str, Any]:
         out["zstd_patch_s"] = round(time.perf_counter() - started, 2)
     out["changed_files"] = sorted(p for p, d in target_files.items() if base_files.get(p) != d)
     total = out["artifact_bytes"]
-    for key in ("missing", "broadcast_before", "broadcast_after", "zstd_patch"):
+    for key in ("missing", "tail", "broadcast_before", "broadcast_after", "zstd_patch"):
         out[f"{key}_pct"] = _percent(out[f"{key}_bytes"], total)
     return out
 

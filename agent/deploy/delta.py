@@ -26,7 +26,7 @@ from wire.manifest import Manifest
 
 #: a device follows the broadcast when what it would receive from its first missing chunk on is at most this many
 #: times the bytes it lacks
-TAIL_SLACK = 2.0
+TAIL_SLACK = 4.0
 
 
 def missing_bytes(manifest: Manifest, bitmap: ChunkBitmap) -> int:
