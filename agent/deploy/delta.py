@@ -8,15 +8,16 @@ by file (VERIFYING) before it can be loaded, like any download.
 
 What is left decides how the rest travels. One broadcast serves the whole fleet, and it starts at the first
 chunk the slowest device lacks (``controller/delivery/transfer.py``), so when the missing chunks are (nearly)
-the artifact's tail, as for a fine-tuned head (exporters store it last) or a new tokenizer (sorted after the
-graph), following the broadcast costs every device the same few chunks and the controller one copy. When
-they are scattered (a rotted chunk of the installed model, a changed file at the front), following the
-broadcast would mean receiving everything after the first one: a device that lacks at most
-``DeployConfig.sparse_fraction`` of the artifact's bytes and would receive over ``TAIL_SLACK`` times those
-bytes from the broadcast goes **sparse**: it does not subscribe to the broadcast, says so in its progress
-(``DeploymentEvent.sparse``: the broadcast neither waits for it nor runs for it) and asks for exactly its
-missing chunks with ``ChunkRequest`` (sent to it alone). A device without the base copies nothing and
-follows the broadcast for the full artifact.
+the artifact's tail, as for DistilBERT's fine-tuned head in int8 (its last 3 chunks of 258) or a new
+tokenizer (its own file, sorted after the graph), following the broadcast costs every device the same few
+chunks and the controller one copy. When they are scattered (the fp32 head: 10 chunks from chunk 364 of
+1,023; a rotted chunk of the installed model; a changed file at the front), following the broadcast would
+mean receiving everything after the first one: a device that lacks at most ``DeployConfig.sparse_fraction``
+of the artifact's bytes and would receive over ``TAIL_SLACK`` times those bytes from the broadcast goes
+**sparse**: it does not subscribe to the broadcast, says so in its progress (``DeploymentEvent.sparse``: the
+broadcast neither waits for it nor runs for it) and asks for exactly its missing chunks with
+``ChunkRequest`` (sent to it alone; the controller then sends them once per device). A device without the
+base copies nothing and follows the broadcast for the full artifact.
 """
 
 from __future__ import annotations
