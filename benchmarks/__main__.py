@@ -28,6 +28,7 @@ BENCHMARKS = {
     "artifacts": "benchmarks.artifacts",
     "device": "benchmarks.device",
     "links": "benchmarks.links",
+    "delta": "benchmarks.delta",
 }
 
 

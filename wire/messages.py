@@ -245,6 +245,11 @@ class DeploymentEvent(_Message):
     listening: bool = Field(
         False, description="subscribed to the artifact's broadcast topic: chunks published from now on reach it"
     )
+    sparse: bool = Field(
+        False,
+        description="holds most of the artifact already (chunks copied from its installed model) and asks for the"
+        " few it lacks by ChunkRequest: the broadcast need not wait for it",
+    )
     reason: Annotated[str, StringConstraints(max_length=4096)] = ""
     installed: InstalledModel | None = None
     metrics: Annotated[dict[Name, Metric], Field(max_length=64)] = {}

@@ -15,6 +15,9 @@ class DeployConfig:
     request_window: int = 256
     #: chunks asked for that have not come after this long are asked for again
     request_timeout_s: float = 10.0
+    #: a device that lacks at most this share of an artifact's bytes after copying what its installed model
+    #: shares with it asks for the missing chunks alone instead of following the broadcast (``delta.py``)
+    sparse_fraction: float = 0.05
     #: download progress is reported (and the held-chunks bitmap checkpointed) at most this often
     progress_interval_s: float = 1.0
     #: starts in the same state without progress before the deployment is given up (crash-loop guard)

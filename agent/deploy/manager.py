@@ -49,6 +49,7 @@ from agent.deploy.actions import (
 )
 from agent.deploy.bitmap import ChunkBitmap, ranges
 from agent.deploy.config import DeployConfig
+from agent.deploy.delta import goes_sparse
 from agent.deploy.errors import StorageError
 from agent.deploy.ids import artifact_id
 from agent.deploy.record import DeploymentRecord, PersistedState, RecordStore, SeenDeployment
@@ -127,6 +128,8 @@ class DeploymentManager:
         #: chunks that arrived and failed their sha256 since the last request: the controller hears of them
         self._bad: set[int] = set()
         self._repair_mode = False
+        #: asks for its few missing chunks instead of following the broadcast (``delta.goes_sparse``)
+        self._sparse = False
         self._last_chunk_at = 0.0
         self._last_progress_at = -math.inf
         self._progress_dirty = False
@@ -246,6 +249,7 @@ class DeploymentManager:
             chunks_total=total,
             contiguous=contiguous,
             listening=rec.state == S.DOWNLOADING and self._subscribed is not None,
+            sparse=rec.state == S.DOWNLOADING and self._sparse,
             reason=rec.reason,
             installed=installed,
             metrics=metrics,
@@ -508,6 +512,7 @@ class DeploymentManager:
     ) -> list[Action]:
         assert rec.target_slot is not None
         self._prepared = False
+        self._sparse = False
         self._download_token = self._await()
         source = self.storage.active_slot()
         return [Prepare(self._download_token, rec.target_slot, signed, source, discard)]
@@ -526,6 +531,13 @@ class DeploymentManager:
         self._repair_mode = rec.attempts.get("repair", 0) > 0
         if result.bitmap.complete:
             return self._downloaded(rec, now)
+        signed = self._manifest_of(rec)
+        assert signed is not None
+        self._sparse = goes_sparse(signed.manifest, result.bitmap, result.copied, self.config.sparse_fraction)
+        if self._sparse:
+            self._repair_mode = True
+            self.counters["sparse_downloads"] += 1
+            return [*self._progress(rec, now), *self._request(rec, now)]
         self._subscribed = topics.artifact_chunks(rec.artifact_id)
         actions: list[Action] = [Subscribe(self._subscribed, 1), *self._progress(rec, now)]
         if self._repair_mode:

@@ -488,7 +488,9 @@ class DeliveryService:
         broadcast = self.wire.broadcasts.get(event.artifact_id)
         if broadcast is not None:
             downloading = event.state == DeployState.DOWNLOADING
-            broadcast.progress(device_id, event.contiguous, event.chunks_have, downloading, event.listening)
+            broadcast.progress(
+                device_id, event.contiguous, event.chunks_have, downloading, event.listening, event.sparse
+            )
         if step.actions != RECORD_ONLY:
             self._carry_out(target, event.state, step, done=Action.SEND_ROLLBACK)
 

@@ -188,7 +188,18 @@ class Broadcast:
         self.participants.setdefault(device_id, Participant())
         self.poke()
 
-    def progress(self, device_id: str, contiguous: int, have: int, downloading: bool, listening: bool = False) -> None:
+    def progress(
+        self,
+        device_id: str,
+        contiguous: int,
+        have: int,
+        downloading: bool,
+        listening: bool = False,
+        sparse: bool = False,
+    ) -> None:
+        """A device's report. A ``sparse`` one asks for its few missing chunks by request (it holds the rest
+        from its installed model): it no longer paces the broadcast, as one that finished."""
+        downloading = downloading and not sparse
         p = self.participants.setdefault(device_id, Participant())
         if contiguous > p.contiguous or have > p.have or downloading != p.downloading:
             p.last_progress_at = time.time()
@@ -254,6 +265,9 @@ class Broadcast:
                 if position is None:
                     log.info("broadcast of %s: no device needs it any more", self.source.artifact_id[:12])
                     break
+                # Every device still following holds the chunks before its ``contiguous`` (copied from the
+                # model it runs, or received): start at the first one the slowest lacks, not at 0.
+                self.next_index = max(self.next_index, position)
                 while (
                     self.next_index < total and self.next_index < position + s.window and self.inflight < s.max_inflight
                 ):
