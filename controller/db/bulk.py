@@ -17,7 +17,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, insert
 
-
 #: "YYYY-MM-DD HH:MM:SS" by whole second since the epoch (a batch's rows fall in a few seconds)
 _SECONDS: dict[int, str] = {}
 
