@@ -179,7 +179,9 @@ def test_stored_json_and_replaced_values_are_the_contract_s() -> None:
         exclude_none=True
     )
     assert quick.cpu_percent == 23.5  # a copy: the decoded message is left as it was
-    left_out = fast.decode(b'{"ts": 1, "seq": 0, "interval_s": 1, "uptime_s": 0, "cpu_percent": 0, "rss_bytes": 0}', LIMIT)
+    left_out = fast.decode(
+        b'{"ts": 1, "seq": 0, "interval_s": 1, "uptime_s": 0, "cpu_percent": 0, "rss_bytes": 0}', LIMIT
+    )
     assert not left_out.inference and not left_out.model and not left_out.temperature_c  # UNSET: false, as None
 
 
