@@ -265,7 +265,7 @@ def _mqtt_read_stages(items: list[tuple[str, bytes]], rounds: int = 5) -> tuple[
             a.setblocking(False)
             got = [0]
 
-            def deliver(topic: str, payload: bytes) -> None:
+            def deliver(topic: str, payload: bytes, got: list[int] = got) -> None:
                 got[0] += 1
 
             client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)

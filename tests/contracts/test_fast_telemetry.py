@@ -158,11 +158,9 @@ def test_the_fast_decoder_accepts_and_refuses_as_the_contract_does() -> None:
         want = _outcome(contract, payload)
         got = _outcome(lambda p: fast.decode(p, LIMIT), payload)
         assert got == want, payload[:300]
-        accepted += want[0] == "accepted"
-        try:
+        if want[0] == "accepted":
+            accepted += 1
             fast_taken += isinstance(fast.decode(payload, LIMIT), fast.FastTelemetry)
-        except codec.PayloadError:
-            pass
     # both kinds are exercised: most accepted payloads take msgspec's path, the looser ones pydantic's
     assert accepted > 1000 and accepted - 100 > fast_taken > accepted // 2, (accepted, fast_taken)
 
