@@ -189,3 +189,22 @@ def test_size_limits_are_the_contract_s(size: int) -> None:
     with pytest.raises(codec.PayloadError) as exc:
         fast.decode(payload, LIMIT)
     assert exc.value.reason == ("empty" if size == 0 else "too_large")
+
+
+def test_the_structs_name_every_field_of_the_contract_in_its_order() -> None:
+    """A field added to ``wire.messages.Telemetry`` (or its parts) and not to the structs would be dropped
+    silently from what is stored: this fails first."""
+    import msgspec
+    from pydantic import BaseModel
+
+    from wire import messages
+
+    pairs = [(fast.FastTelemetry, messages.Telemetry)]
+    pairs += [(getattr(fast, name), getattr(messages, name)) for name in ("ModelRef", "LatencySummary")]
+    pairs += [(getattr(fast, name), getattr(messages, name)) for name in ("DriftStats", "InferenceStats")]
+    for struct, model in pairs:
+        assert issubclass(model, BaseModel)
+        assert [f.name for f in msgspec.structs.fields(struct)] == list(model.model_fields), struct.__name__
+        for f in msgspec.structs.fields(struct):
+            required = model.model_fields[f.name].is_required()
+            assert required == (f.required), (struct.__name__, f.name)
