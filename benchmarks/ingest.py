@@ -193,12 +193,21 @@ def _stages(n: int, database_url: str | None, data_dir: Path) -> dict[str, float
     else:
         paho_speed.install()
         out["paho_publish_decode"] = per_msg(lambda: [_packet.decode_publish(0x32, publish, 5) for _ in range(n)], n)
+    read = _mqtt_read_stages(items[:2000])
+    if read is not None:
+        out["mqtt_read_paho"], out["mqtt_read"] = read
     parse = getattr(topics.parse_device, "__wrapped__", topics.parse_device)
     out["topic_parse_uncached"] = per_msg(lambda: [parse(t) for t, _ in items], n)
     out["topic_parse"] = per_msg(lambda: [topics.parse_device(t) for t, _ in items], n)
     out["validate_json_pydantic"] = per_msg(
         lambda: [codec.decode(DeviceChannel.TELEMETRY, p, 65536) for _, p in items], n
     )
+    try:
+        from controller.telemetry import fast
+    except ImportError:  # the code before msgspec: pydantic validates every message
+        validate = out["validate_json_pydantic"]
+    else:
+        validate = out["validate_json_msgspec"] = per_msg(lambda: [fast.decode(p, 65536) for _, p in items], n)
     settings = load_settings(data_dir=data_dir, database_url=database_url)
     runtime = ControllerRuntime(settings)  # not started: its handler and writer, no threads
     try:
@@ -212,7 +221,7 @@ def _stages(n: int, database_url: str | None, data_dir: Path) -> dict[str, float
         thirds = [items[k::3] for k in range(3)]
         runs = iter(thirds)
         whole = per_msg(lambda: [handler(t, p) for t, p in next(runs)], len(thirds[2]))
-        out["handler_rest"] = whole - out["topic_parse"] - out["validate_json_pydantic"]
+        out["handler_rest"] = whole - out["topic_parse"] - validate
         ops = [op for op in writer._queue if isinstance(op, TelemetryIn)]
         writer._queue.clear()
         dt = writer._telemetry_insert.datetime
@@ -224,6 +233,69 @@ def _stages(n: int, database_url: str | None, data_dir: Path) -> dict[str, float
     finally:
         runtime.engine.dispose()
     return {k: round(v, 2) for k, v in out.items()}
+
+
+def _mqtt_read_stages(items: list[tuple[str, bytes]], rounds: int = 5) -> tuple[float, float] | None:
+    """us per received QoS 1 PUBLISH (MQTT 5, as mosquitto sends them), from the socket to the callback with its
+    PUBACK written: paho's own per-packet reading, then ``paho_speed.read_publishes`` (None before it)."""
+    import socket
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.transport import paho_speed
+
+    if not hasattr(paho_speed, "read_publishes"):
+        return None
+    stream = b"".join(
+        bytes([0x32])
+        + _varint(2 + len(t) + 2 + 1 + len(p))
+        + struct.pack("!H", len(t))
+        + t.encode()
+        + struct.pack("!H", 1 + i % 65535)
+        + b"\x00"
+        + p
+        for i, (t, p) in enumerate(items)
+    )
+    results = []
+    for fast in (False, True):
+        best = float("inf")
+        for _ in range(rounds):
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            got = [0]
+
+            def deliver(topic: str, payload: bytes, got: list[int] = got) -> None:
+                got[0] += 1
+
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            client.on_message = lambda c, u, m: deliver(m.topic, m.payload)
+            reads = paho_speed.BufferedReads(a)
+            client._sock = reads  # type: ignore[assignment]
+            sender = threading.Thread(target=b.sendall, args=(stream,), daemon=True)  # more than a socket buffer
+            sender.start()
+            t0 = time.thread_time()
+            while got[0] < len(items):
+                # as the transport: whole packets from the buffer, the rest (a packet cut at its end) by paho
+                if not (fast and reads.buffered() and paho_speed.read_publishes(client, reads, deliver, 1 << 30)):
+                    client.loop_read()
+            client.loop_write()
+            best = min(best, time.thread_time() - t0)
+            sender.join(10)
+            client._sock = None
+            a.close()
+            b.close()
+        results.append(best / len(items) * 1e6)
+    return results[0], results[1]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _figures(controller: dict[str, Any], baseline: dict[str, Any], n: int, broker_dir: Path) -> dict[str, Any]:

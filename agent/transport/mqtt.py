@@ -664,21 +664,30 @@ class MqttTransport:
         self._schedule_reconnect()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # paho hands it over all the same
+            log.warning("%s: dropped a message whose topic is not UTF-8", self.name)
+            return
+        self._deliver(topic, message.payload)
+
+    def _deliver(self, topic: str, payload: bytes | bytearray) -> None:
+        """A received message to ``on_message`` (from paho's callback, or ``paho_speed.read_publishes``)."""
         handler = self.on_message
         if handler is None:
             return
         limit = self.config.max_packet_size
-        if limit is not None and len(message.payload) > limit:
+        if limit is not None and len(payload) > limit:
             # An MQTT 5 broker never sends these (CONNECT told it the limit); a 3.1.1 one may: drop before copying.
             self.oversize_dropped += 1
             if self.on_oversize is not None:
-                self.on_oversize(message.topic, len(message.payload))
+                self.on_oversize(topic, len(payload))
             return
         try:
-            handler(message.topic, bytes(message.payload))
+            handler(topic, payload if type(payload) is bytes else bytes(payload))
         except Exception:
             # A faulty handler must never break the network loop.
-            log.exception("%s: message handler failed for topic %s", self.name, message.topic)
+            log.exception("%s: message handler failed for topic %s", self.name, topic)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if self.on_published is not None:
@@ -717,12 +726,21 @@ class MqttTransport:
     def _readable(self, client: mqtt.Client) -> None:
         self.read_turns += 1
         client.loop_read()
-        # Whole packets often arrive together: read what is already here in this turn (bounded).
+        # Whole packets often arrive together: read what is already here in this turn (bounded). The PUBLISH
+        # packets lying whole in the read buffer are taken by paho_speed.read_publishes, the rest by paho.
         sock = self._sock
-        for _ in range(READ_BATCH - 1):
-            if sock is None or sock is not self._sock or _waiting(sock) <= 0:
+        budget = READ_BATCH - 1
+        while budget > 0:
+            if sock is None or sock is not self._sock:
+                return
+            if isinstance(sock, paho_speed.BufferedReads):
+                budget -= paho_speed.read_publishes(client, sock, self._deliver, budget)
+                if budget <= 0 or sock is not self._sock:
+                    break
+            if _waiting(sock) <= 0:
                 return
             client.loop_read()
+            budget -= 1
         if sock is not None and sock is self._sock and _waiting(sock) > 0:
             # more is here, some of it maybe only in the read buffer (no poll would report it): go on next turn
             self._loop.call_soon(self._readable, client)

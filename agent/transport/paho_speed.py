@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from paho.mqtt import client as paho_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -106,3 +107,88 @@ def buffer_reads(client: Any) -> Any:
     wrapped = BufferedReads(sock)
     client._sock = wrapped
     return wrapped
+
+
+#: MQTT fixed-header types (the high nibble)
+_PUBLISH = 0x30
+_PUBACK = 0x40
+
+
+def read_publishes(client: Any, reads: BufferedReads, deliver: Any, limit: int) -> int:
+    """Deliver up to ``limit`` QoS 0/1 PUBLISH packets that lie whole in ``reads``' buffer, and queue their
+    PUBACKs with paho as one packet; returns how many were taken.
+
+    paho handles each received packet with a dozen Python calls and dictionaries (its read state, an
+    ``MQTTMessage``, its callback look-ups, a debug log call) and queues every PUBACK as a packet of its own
+    (one ``send`` each). Here a whole PUBLISH is sliced from the buffer, ``deliver(topic, payload)`` is called
+    and its 4-byte PUBACK appended to the others of the batch; PUBACKs go out after the batch's callbacks,
+    as paho sends each one after its callback. Anything else stops the batch and is left in the buffer for
+    paho's own reader, which reads it next: other packet types, QoS 2, MQTT 5 properties, a topic that is
+    not UTF-8 or empty, a packet that is not all here yet, anything malformed; so does paho being half-way
+    through a packet, or a client in manual-ack mode.
+    """
+    in_packet = client._in_packet
+    if in_packet["command"] != 0 or client._manual_ack or limit <= 0:
+        return 0
+    v5 = client._protocol == 5
+    buf, pos = reads._buf, reads._pos
+    end = len(buf)
+    acks = bytearray()
+    taken = 0
+    try:
+        while taken < limit and pos + 4 <= end:
+            header = buf[pos]
+            if header & 0xF0 != _PUBLISH:
+                break
+            qos = (header >> 1) & 0x03
+            if qos > 1:
+                break
+            # remaining length: 1 to 4 bytes, 7 bits each
+            length, shift, i = 0, 0, pos + 1
+            while True:
+                if i >= end or i - pos > 4:
+                    length = -1
+                    break
+                byte = buf[i]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                i += 1
+                if byte < 0x80:
+                    break
+            stop = i + length
+            if length < 2 or stop > end:
+                break
+            topic_len = (buf[i] << 8) | buf[i + 1]
+            start = i + 2 + topic_len
+            if topic_len == 0:
+                break
+            mid = 0
+            if qos:
+                if start + 2 > stop:
+                    break
+                mid = (buf[start] << 8) | buf[start + 1]
+                start += 2
+            if v5:
+                if start >= stop or buf[start] != 0:  # properties: paho decodes those
+                    break
+                start += 1
+            if start > stop:
+                break
+            try:
+                topic = buf[i + 2 : i + 2 + topic_len].decode()
+            except UnicodeDecodeError:
+                break
+            pos = reads._pos = stop  # taken before the callback, which may re-enter the client
+            taken += 1
+            deliver(topic, buf[start:stop])
+            if qos:
+                acks += bytes((_PUBACK, 2, mid >> 8, mid & 0xFF))
+            if reads._buf is not buf or client._sock is not reads:  # the callback closed or replaced the socket
+                return taken
+    finally:
+        if taken:
+            with client._msgtime_mutex:
+                client._last_bytes_received = paho_client.time_func()
+            if acks and client._sock is reads:
+                client._packet_queue(_PUBACK, bytes(acks), 0, 0)
+    return taken

@@ -10,16 +10,35 @@ executemany there cost the writer about three times as much CPU per row).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, insert
 
+#: "YYYY-MM-DD HH:MM:SS" by whole second since the epoch (a batch's rows fall in a few seconds)
+_SECONDS: dict[int, str] = {}
+
 
 def _sqlite_datetime(epoch: float) -> str:
-    # The format SQLAlchemy's SQLite DATETIME type writes and parses back.
-    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    """The format SQLAlchemy's SQLite DATETIME type writes and parses back, as
+    ``datetime.fromtimestamp(epoch, UTC).isoformat(" ", "microseconds")`` without the timezone gives it (the
+    same rounding: half to even, on the fraction as ``fromtimestamp`` splits it), the seconds' text cached:
+    a third of the CPU."""
+    frac, whole = math.modf(epoch)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1.0, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1.0, micros + 1_000_000
+    second = int(whole)
+    text = _SECONDS.get(second)
+    if text is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        text = _SECONDS[second] = datetime.fromtimestamp(second, UTC).replace(tzinfo=None).isoformat(" ")
+    return f"{text}.{micros:06d}"
 
 
 def _native_datetime(epoch: float) -> datetime:

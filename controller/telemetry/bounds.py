@@ -20,6 +20,8 @@ from collections import OrderedDict
 from prometheus_client import Counter
 
 from controller.metrics import Metrics
+from controller.telemetry import fast
+from controller.telemetry.fast import FastTelemetry
 from wire.messages import HardwareProfile, Telemetry
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class ValueBounds:
         with self._lock:
             self._limits.pop(device_id, None)
 
-    def telemetry(self, device_id: str, msg: Telemetry) -> Telemetry:
+    def telemetry(self, device_id: str, msg: Telemetry | FastTelemetry) -> Telemetry | FastTelemetry:
         """``msg`` with CPU and RSS clamped to the device's limits (unchanged when it has none on record)."""
         limits = self._limits.get(device_id)
         if limits is None:
@@ -85,7 +87,7 @@ class ValueBounds:
         self._note(
             device_id, "%s beyond what it has (%.0f %% CPU, %d bytes RAM): clamped", ", ".join(update), cpu_max, ram
         )
-        return msg.model_copy(update=update)
+        return fast.replace(msg, **update)
 
     def clock_skew(self, device_id: str, channel: str, ts: float, now: float) -> float | None:
         """How far ``ts`` is from ``now`` when that is too far (the message is then stored at ``now``), else None."""

@@ -22,6 +22,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from controller.db.bulk import BulkInsert
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
 from controller.db.types import from_epoch
+from controller.telemetry import fast
+from controller.telemetry.fast import FastTelemetry
 from wire.messages import AgentEvent, ChunkRequest, CommandAck, DeploymentEvent, DeviceOnline, Telemetry
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ class Offline:
 @dataclass(slots=True)
 class TelemetryIn:
     device_id: str
-    msg: Telemetry
+    #: validated (``controller.telemetry.fast.decode``): its optional parts are tested by truth, not ``is None``
+    msg: Telemetry | FastTelemetry
     at: float
     #: set when the device's timestamp was too far off the controller's clock: stored at ``at`` instead
     clock_skew_s: float | None = None
@@ -101,13 +104,14 @@ def out_of_range(msg: object) -> str | None:
     whole batch it is written in, with every other device's rows.
     """
     checks: list[tuple[str, int, int]] = []
-    if isinstance(msg, Telemetry):
+    if isinstance(msg, FastTelemetry | Telemetry):
         checks += [("seq", msg.seq, INT32_MAX), ("rss_bytes", msg.rss_bytes, INT64_MAX)]
-        if msg.inference is not None:
-            checks += [("inference.count", msg.inference.count, INT32_MAX)]
-            checks += [("inference.errors", msg.inference.errors, INT32_MAX)]
-        if msg.model is not None:
-            checks.append(("model.version", msg.model.version, INT32_MAX))
+        inference, model = msg.inference, msg.model  # None or UNSET when left out: both false
+        if inference:
+            checks += [("inference.count", inference.count, INT32_MAX)]
+            checks += [("inference.errors", inference.errors, INT32_MAX)]
+        if model:
+            checks.append(("model.version", model.version, INT32_MAX))
     elif isinstance(msg, AgentEvent | CommandAck):
         checks.append(("seq", msg.seq, INT32_MAX))
     elif isinstance(msg, DeploymentEvent):
@@ -129,9 +133,17 @@ def out_of_range(msg: object) -> str | None:
 def _stored(op: TelemetryIn | EventIn) -> tuple[float, str]:
     """The time to store (the device's, or the receive time when its clock is far off) and the data column:
     the validated message re-serialized (unknown fields a device added are not stored), with the skew if any."""
+    msg = op.msg
     if op.clock_skew_s is None:
-        return op.msg.ts, op.msg.model_dump_json(exclude_none=True)
-    data = {**op.msg.model_dump(mode="json", exclude_none=True), "clock_skew_s": round(op.clock_skew_s, 3)}
+        if isinstance(msg, FastTelemetry | Telemetry):
+            return msg.ts, fast.to_json(msg)
+        return msg.ts, msg.model_dump_json(exclude_none=True)
+    obj = (
+        fast.to_dict(msg)
+        if isinstance(msg, FastTelemetry | Telemetry)
+        else msg.model_dump(mode="json", exclude_none=True)
+    )
+    data = {**obj, "clock_skew_s": round(op.clock_skew_s, 3)}
     return op.at, json.dumps(data)
 
 
@@ -139,9 +151,10 @@ def telemetry_row(op: TelemetryIn, dt: Callable[[float], Any]) -> tuple[Any, ...
     """Column values (TELEMETRY_COLUMNS order); ``dt`` converts epoch seconds for the dialect."""
     msg = op.msg
     ts, data = _stored(op)
-    inf = msg.inference
-    lat = inf.latency if inf is not None else None
-    model = msg.model
+    # optional parts left out are None (pydantic) or UNSET (msgspec): both false
+    inf: Any = msg.inference
+    lat: Any = inf.latency if inf else None
+    model: Any = msg.model
     return (
         op.device_id,
         dt(op.at),
@@ -150,14 +163,14 @@ def telemetry_row(op: TelemetryIn, dt: Callable[[float], Any]) -> tuple[Any, ...
         msg.interval_s,
         msg.cpu_percent,
         msg.rss_bytes,
-        inf.count if inf is not None else 0,
-        inf.errors if inf is not None else 0,
-        lat.p50_ms if lat is not None else None,
-        lat.p95_ms if lat is not None else None,
-        lat.p99_ms if lat is not None else None,
-        model.model if model is not None else None,
-        model.version if model is not None else None,
-        model.variant[:64] if model is not None else None,  # the column is 64 long, the wire allows 128
+        inf.count if inf else 0,
+        inf.errors if inf else 0,
+        lat.p50_ms if lat else None,
+        lat.p95_ms if lat else None,
+        lat.p99_ms if lat else None,
+        model.model if model else None,
+        model.version if model else None,
+        model.variant[:64] if model else None,  # the column is 64 long, the wire allows 128
         data,
     )
 

@@ -36,11 +36,14 @@ def test_the_stage_table_names_every_stage_on_sqlite(tmp_path: Path) -> None:
     assert set(stages) == {
         "paho_publish_decode_paho_properties",
         "paho_publish_decode",
+        "mqtt_read_paho",
+        "mqtt_read",
         "topic_parse_uncached",
         "topic_parse",
         "validate_json_pydantic",
+        "validate_json_msgspec",
         "handler_rest",
         "writer_row",
         "writer_insert_commit",
     }
-    assert all(stages[k] > 0 for k in ("paho_publish_decode", "validate_json_pydantic", "writer_row"))
+    assert all(stages[k] > 0 for k in ("paho_publish_decode", "mqtt_read", "validate_json_msgspec", "writer_row"))

@@ -210,6 +210,23 @@ def test_ingested_telemetry_rows_are_what_the_gates_read(db: Engine) -> None:
     assert latency.samples == 2 * 150 and latency.status == "fail", latency  # 3 rows of 50 a device after
 
 
+def test_sqlite_datetime_text_is_what_the_datetime_type_writes() -> None:
+    """The writer's cached SQLite datetime text (issue 16) is the text of ``fromtimestamp(...).isoformat``:
+    the same rounding of microseconds (half to even, carrying into the next second), any second."""
+    import random
+
+    from controller.db.bulk import _sqlite_datetime
+
+    rng = random.Random(16)
+    values = [rng.uniform(0, 32_503_680_000.0) for _ in range(20_000)]
+    values += [T0.timestamp() + rng.uniform(0, 5) for _ in range(20_000)]  # many in one second: the cache
+    values += [k + 0.5e-6 for k in range(200)] + [k + 1.5e-6 for k in range(200)] + [1.9999995, 1.0000005, 0.0]
+    values += [k + 0.9999996 for k in range(1_000_000_000, 1_000_000_300)]  # rounds up into the next second
+    for v in values:
+        want = datetime.fromtimestamp(v, UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        assert _sqlite_datetime(v) == want, v
+
+
 # --------------------------------------------------------------------------------------------- audit --
 
 

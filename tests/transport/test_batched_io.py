@@ -151,3 +151,137 @@ def test_buffered_reads_hand_out_the_bytes_in_order_across_refills() -> None:
         assert reads.recv(1) == b""  # closed
     finally:
         a.close()
+
+
+# ------------------------------------------------------------- read_publishes: a scripted broker --
+
+
+def _frame(header: int, body: bytes) -> bytes:
+    length, out = len(body), bytearray([header])
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out) + body
+
+
+def _publish(topic: str, payload: bytes, qos: int, mid: int, v5: bool, props: bytes = b"\x00") -> bytes:
+    body = struct.pack("!H", len(topic.encode())) + topic.encode()
+    if qos:
+        body += struct.pack("!H", mid)
+    return _frame(0x30 | (qos << 1), body + (props if v5 else b"") + payload)
+
+
+def _read_packet(conn: socket.socket, buf: bytearray) -> tuple[int, bytes]:
+    """One whole packet from ``conn`` (``buf`` keeps what was read past it): (header byte, body)."""
+    while True:
+        if len(buf) >= 2:
+            length, shift, i = 0, 0, 1
+            while i < len(buf):
+                length |= (buf[i] & 0x7F) << shift
+                shift += 7
+                i += 1
+                if buf[i - 1] < 0x80:
+                    if len(buf) >= i + length:
+                        header, body = buf[0], bytes(buf[i : i + length])
+                        del buf[: i + length]
+                        return header, body
+                    break
+        data = conn.recv(65536)
+        if not data:
+            raise ConnectionError("the client closed the connection")
+        buf += data
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_publishes_read_from_the_buffer_arrive_as_paho_s_own_whole_split_or_mixed(
+    loop: LoopThread, protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scripted broker sends QoS 0, 1 and 2 PUBLISH packets (MQTT 5: some with properties), a PINGRESP and a
+    large payload, in pieces that cut packets anywhere: every message is delivered once, in order, with its
+    own topic and payload; every QoS 1 one is acknowledged, after its delivery, and QoS 2 goes through paho."""
+    v5 = protocol == "5"
+    taken: list[int] = []
+    real = paho_speed.read_publishes
+
+    def counting(*args: object) -> int:
+        n = real(*args)  # type: ignore[arg-type]
+        taken.append(n)
+        return n
+
+    monkeypatch.setattr(paho_speed, "read_publishes", counting)
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("k", "v")]
+    expected: list[tuple[str, bytes]] = []
+    stream = bytearray()
+    acks_expected: list[int] = []
+    for i in range(120):
+        qos = (0, 1, 1)[i % 3]
+        topic, payload = f"slmfleet/v1/dev/d{i % 7}/telemetry", f'{{"n":{i}}}'.encode() * (1 + i % 5)
+        if i == 50:
+            payload = bytes(range(256)) * 600  # 150 KiB: more than one read buffer
+        with_props = v5 and i % 10 == 4
+        stream += _publish(topic, payload, qos, 1000 + i, v5, props.pack() if with_props else b"\x00")
+        expected.append((topic, payload))
+        if qos:
+            acks_expected.append(1000 + i)
+        if i == 60:
+            stream += bytes((0xD0, 0))  # a PINGRESP nobody asked for: paho's
+    qos2 = _publish("q2/topic", b"exactly once", 2, 7777, v5)
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    got: list[tuple[str, bytes]] = []
+    acked_before: list[tuple[int, int]] = []  # (mid, messages delivered when the PUBACK arrived)
+    result: dict[str, object] = {}
+
+    def broker() -> None:
+        conn, _ = server.accept()
+        conn.settimeout(20)
+        buf = bytearray()
+        try:
+            header, _body = _read_packet(conn, buf)
+            assert header == 0x10  # CONNECT
+            conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
+            # pieces of 1 to 997 bytes, then the rest in one send: packets cut at every kind of place
+            pos, size = 0, 1
+            while pos < len(stream):
+                cut = min(len(stream), pos + (size if pos < 40_000 else len(stream)))
+                conn.sendall(stream[pos:cut])
+                pos, size = cut, (size * 7 + 3) % 997 + 1
+            while len(acked_before) < len(acks_expected):
+                header, body = _read_packet(conn, buf)
+                assert header == 0x40, hex(header)
+                acked_before.append((struct.unpack("!H", body[:2])[0], len(got)))
+            conn.sendall(qos2)
+            header, body = _read_packet(conn, buf)
+            result["pubrec"] = (header, struct.unpack("!H", body[:2])[0])
+            conn.sendall(_frame(0x62, struct.pack("!H", 7777)))  # PUBREL
+            header, body = _read_packet(conn, buf)
+            result["pubcomp"] = (header, struct.unpack("!H", body[:2])[0])
+        except Exception as exc:  # reported by the test below
+            result["error"] = repr(exc)
+        finally:
+            result["done"] = True
+            conn.close()
+
+    thread = threading.Thread(target=broker, daemon=True)
+    thread.start()
+    config = MqttConfig(port=port, protocol=protocol, reconnect_min_s=0.05, reconnect_max_s=0.5)  # type: ignore[arg-type]
+    t = loop.call(lambda: MqttTransport(config, "scripted-sub", loop=loop.loop))
+    t.on_message = lambda topic, payload: got.append((topic, payload))
+    loop.call(t.start)
+    try:
+        wait_until(lambda: result.get("done"), 30, what="the scripted broker's exchange")
+        assert "error" not in result, result["error"]
+        assert got[: len(expected)] == expected  # each once, in order, whole
+        assert got[len(expected) :] == [("q2/topic", b"exactly once")]
+        assert [mid for mid, _ in acked_before] == acks_expected
+        # a PUBACK never comes before its message was handed over
+        index = {1000 + i: i for i in range(len(expected))}
+        assert all(delivered > index[mid] for mid, delivered in acked_before)
+        assert result["pubrec"] == (0x50, 7777) and result["pubcomp"] == (0x70, 7777)
+        assert sum(taken) > len(expected) // 2  # most of them came through the buffer path
+    finally:
+        loop.run(t.stop(timeout=1))
+        server.close()
