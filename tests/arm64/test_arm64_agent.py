@@ -5,7 +5,7 @@ real broker and ``slmfleet up``, receives one deployment through the broadcast, 
 answers its HTTP endpoint with the embeddings the x86-64 agent gives, within float tolerance.
 
 The root is cached in /var/cache/slmfleet/arm64-rootfs and built here on first use (root, apt and PyPI
-reachable; about 21 min on 2 shared cores, see the README); the test skips, saying why, where it cannot run."""
+reachable; 14-21 min on 2 shared cores, see the README); the test skips, saying why, where it cannot run."""
 
 from __future__ import annotations
 
