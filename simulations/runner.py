@@ -1008,6 +1008,11 @@ class Runner:
                 "final_states": dict(by_state),
                 "final_models": dict(by_model),
             }
+        out["real"]["specs"] = [
+            {"id": d.id, "profile": d.profile, "arch": d.arch, "ram_bytes": d.ram_bytes}
+            for d in self.devices
+            if d.real_agent
+        ]
         if self.real is not None:
             out["real"]["restarts"] = sum(a.restarts for a in self.real.agents.values())
             out["real"]["inputs_dropped"] = sum(a.dropped for a in self.real.agents.values())
