@@ -251,6 +251,12 @@ class FleetSpec(_Strict):
         " self-tests, data directories) beside the virtual ones, spread over the profiles",
     )
 
+    @model_validator(mode="after")
+    def _real_fits(self) -> FleetSpec:
+        if self.real_agents > self.devices:
+            raise ValueError(f"real_agents ({self.real_agents}) is more than the fleet's {self.devices} devices")
+        return self
+
 
 # ---------------------------------------------------------------------- faults --
 
@@ -528,6 +534,8 @@ def load_scenario(path: Path | str, *, devices: int | None = None, overrides: di
             if version.path is not None and not version.path.is_absolute():
                 version.path = (path.parent / version.path).resolve()
     cal = scenario.calibration
+    if cal.download == "measured" and cal.profile is None:
+        raise ScenarioError(f"{path}: calibration.download: measured needs calibration.profile (a recorded profile)")
     if cal.profile is not None and not cal.profile.is_absolute():
         cal.profile = (path.parent / cal.profile).resolve()
     if cal.profile is not None and not cal.profile.is_file():
