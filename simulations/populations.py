@@ -35,35 +35,38 @@ def wave_times(
     wave_targets: dict[int, list[dict[str, Any]]],
     first_seen: dict[tuple[str, str], dict[str, float]],
     wave_dep: dict[int, str],
+    wave_starts: dict[int, float],
 ) -> list[dict[str, Any]]:
-    """Per wave, for ``devices``: seconds from the controller sending the deployment to each device (its
-    target's ``started_at``) to the end of its download (first sample past it: runner's sampling, about 1 s
-    resolution) and to its final state (the target's ``finished_at``: the controller's clock, exact)."""
+    """Per wave, for ``devices``: seconds from the wave's start (its ``deploying`` transition, the controller's
+    clock) to each device's end of download, its activation and its first final state, as the runner first
+    saw them (worker status every second, controller targets every half second: about 1 s resolution)."""
     mine = set(devices)
     out = []
     for wave in sorted(wave_targets):
         targets = [t for t in wave_targets[wave] if t["device_id"] in mine]
         dep = wave_dep.get(wave, "")
+        start = wave_starts.get(wave)
         download, activation, done = [], [], []
         finals: Counter[str] = Counter()
         for t in targets:
             finals[t["state"]] += 1
-            start = _dt(t["started_at"]).timestamp()
             seen = first_seen.get((t["device_id"], dep), {})
             past = [v for s, v in seen.items() if s in PAST_DOWNLOAD]
+            ended = [v for s, v in seen.items() if s in FINAL]
+            if start is None:
+                continue
             if past:
                 download.append(max(0.0, min(past) - start))
-            if t.get("finished_at"):
-                end = _dt(t["finished_at"]).timestamp()
-                done.append(end - start)
-                if t["state"] == "active" and past:
-                    activation.append(max(0.0, end - min(past)))
+            if "active" in seen:
+                activation.append(max(0.0, seen["active"] - start))
+            if ended:
+                done.append(max(0.0, min(ended) - start))
         out.append(
             {
                 "wave": wave + 1,
                 "devices": len(targets),
                 "download_s": _stats(download),
-                "activation_s": _stats(activation),
+                "active_s": _stats(activation),
                 "done_s": _stats(done),
                 "duration_s": round(max(done), 2) if done else None,
                 "final": dict(finals),
@@ -72,19 +75,25 @@ def wave_times(
     return out
 
 
+def wave_starts(rollout: dict[str, Any] | None) -> dict[int, float]:
+    """Wave index -> when it started deploying (the rollout's transitions)."""
+    starts: dict[int, float] = {}
+    for t in (rollout or {}).get("transitions") or []:
+        if t["to_state"] == "deploying":
+            starts.setdefault(int(t["wave"]), _dt(t["at"]).timestamp())
+    return starts
+
+
 def wave_durations(rollout: dict[str, Any] | None) -> list[float | None]:
     """Seconds each wave took, from the rollout's transitions: from its deployment (``start`` or
     ``next_wave``) to the next wave's or the rollout's end (completed, aborted, paused)."""
     if not rollout:
         return []
-    starts: dict[int, float] = {}
+    starts = wave_starts(rollout)
     end: float | None = None
     for t in rollout.get("transitions") or []:
-        at = _dt(t["at"]).timestamp()
-        if t["to_state"] == "deploying":
-            starts.setdefault(int(t["wave"]), at)
         if t["to_state"] in ("completed", "aborted", "paused") and end is None:
-            end = at
+            end = _dt(t["at"]).timestamp()
     out: list[float | None] = []
     for i in range(len(rollout.get("waves") or [])):
         if i not in starts:

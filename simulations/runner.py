@@ -39,7 +39,7 @@ from simulations.errors import SimulationError
 from simulations.infra import Api, BrokerHandle, ControllerHandle, process_cpu_s
 from simulations.models import text_classifier
 from simulations.plan import DeviceSpec, build_fleet, chunks_of
-from simulations.populations import load_profile, wave_durations
+from simulations.populations import load_profile, wave_durations, wave_starts
 from simulations.scenario import ModelSpec, Scenario, VersionSpec
 from simulations.worker import WorkerConfig, worker_main
 from wire.messages import DeployState
@@ -1052,7 +1052,9 @@ class Runner:
             out[name] = {
                 "devices": len(ids),
                 "profiles": dict(Counter(d.profile for d in members)),
-                "waves": wave_times(ids, self.final_wave_targets_or_empty(), self.first_seen, wave_dep),
+                "waves": wave_times(
+                    ids, self.final_wave_targets_or_empty(), self.first_seen, wave_dep, wave_starts(self.rollout)
+                ),
                 "gates": gates,
                 "final_states": dict(by_state),
                 "final_models": dict(by_model),
