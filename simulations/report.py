@@ -386,7 +386,7 @@ def _populations_section(pops: dict[str, Any]) -> str:
                     escape(_text(w["final"])),
                 ]
             )
-    out.append("<h3>Per wave (seconds after the wave's deployment appeared)</h3>")
+    out.append("<h3>Per wave (seconds after the wave started deploying; sampled, about 1 s resolution)</h3>")
     out.append(
         _table(
             [
