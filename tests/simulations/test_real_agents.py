@@ -2,7 +2,8 @@
 
 Three of six devices run as ``slmfleet agent`` processes (real onnxruntime on the registry's artifacts, real
 chunk downloads over the scenario's broker, real self-tests, their own data directories), the other three
-in a worker process; both populations must take v2 and the report must show them side by side.
+in a worker process; both populations must take v2 and the report must show them side by side. One real
+agent loses power during the rollout (killed, booted again from its data directory) and still ends on v2.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ OVERRIDES = {
     # of a ~1 ms model is scheduling noise there (after/before ratios of 1.7-2.4 were measured with an
     # identical model, see README "Fidelity"). The gate stays on, with room for that noise.
     "rollout.gates.p95_latency_ratio_max": 4.0,
+    # sim-00000 is a real agent: its power loss is applied (SIGKILL, a boot from its data directory), the latency
+    # of its link is not (loopback) and the report says so
+    "faults": [
+        {"kind": "power_loss", "at_s": 1, "duration_s": 2, "devices": {"ids": ["sim-00000"]}},
+        {"kind": "latency", "latency_ms": 100, "devices": {"ids": ["sim-00000"]}},
+    ],
 }
 
 
@@ -61,6 +68,9 @@ def test_real_and_virtual_devices_take_the_rollout_side_by_side(tmp_path: Path) 
         assert hw["arch"] == specs[device]["arch"] and hw["ram_bytes"] == specs[device]["ram_bytes"], (device, hw)
         assert labels.get("profile") == specs[device]["profile"]
     assert {d["profile"] for d in specs.values()} == {"gateway-x86", "box-arm64"}
+
+    assert report["faults"]["counts"].get("power_loss") == 1 and pops["real"]["restarts"] == 1
+    assert [(f["kind"], f["real_agents"]) for f in pops["faults_not_applied"]] == [("latency", 1)]
 
     assert report["calibration"]["latency"] == "assumed"
     html = result.html_path.read_text()
