@@ -46,7 +46,9 @@ KNOWN = {
 def _outcome(report: dict[str, Any]) -> dict[str, Any]:
     rollout = report.get("rollout") or {}
     failed = sorted({g["name"] for g in rollout.get("gates") or [] if g.get("status") == "fail"})
-    reason = rollout.get("reason") or ""
+    # why it ended: the transition into aborting (gates, failures) rather than the rollback's last word
+    ending = [t for t in rollout.get("transitions") or [] if t.get("to_state") in ("aborting", "completed", "paused")]
+    reason = (ending[0]["reason"] if ending else rollout.get("reason")) or ""
     if not failed and "gate" in reason:
         failed = sorted({g["name"] for g in rollout.get("gates") or [] if g["name"] in reason})
     return {
