@@ -29,6 +29,7 @@ BENCHMARKS = {
     "device": "benchmarks.device",
     "links": "benchmarks.links",
     "delta": "benchmarks.delta",
+    "fidelity": "benchmarks.fidelity",
 }
 
 

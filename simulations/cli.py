@@ -19,6 +19,14 @@ def simulate(
     live: Annotated[bool, typer.Option(help="live console view (on a terminal)")] = True,
     keep_data: Annotated[bool, typer.Option(help="keep the temporary broker, controller and device data")] = False,
     log_level: Annotated[str, typer.Option(help="log level of the worker processes")] = "WARNING",
+    real: Annotated[
+        int | None,
+        typer.Option(help="run N devices as real agent processes beside the virtual ones (fleet.real_agents)"),
+    ] = None,
+    record_profile: Annotated[
+        Path | None,
+        typer.Option(help="write the real agents' per-variant latency, memory and download rate to this YAML"),
+    ] = None,
 ) -> None:
     """Run N virtual devices (the real agent code over real MQTT) against a controller, with faults.
 
@@ -38,6 +46,8 @@ def simulate(
             typer.echo(f"error: --set {item!r}: use KEY=VALUE", err=True)
             raise typer.Exit(2)
         overrides[key] = yaml.safe_load(value)
+    if real is not None:
+        overrides["fleet.real_agents"] = real
     try:
         path = Path(scenario) if Path(scenario).is_file() else bundled(scenario)
         parsed = load_scenario(path, devices=devices, overrides=overrides)
@@ -51,6 +61,14 @@ def simulate(
 
     signal.signal(signal.SIGTERM, _terminate)
     result = run_scenario(
-        parsed, RunOptions(out_dir=out, live=live, processes=processes, log_level=log_level, keep_data=keep_data)
+        parsed,
+        RunOptions(
+            out_dir=out,
+            live=live,
+            processes=processes,
+            log_level=log_level,
+            keep_data=keep_data,
+            record_profile=record_profile,
+        ),
     )
     raise typer.Exit(0 if result.ok else 1)

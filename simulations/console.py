@@ -170,4 +170,14 @@ class Console:
         for a in report["assertions"]:
             mark = Text("✓", style="green") if a["ok"] else Text("✗", style="red")
             self.rich.print(Text.assemble("  ", mark, f" {a['name']}: expected {a['expected']}, got {a['actual']}"))
+        pops = report.get("populations") or {}
+        for name in ("real", "virtual"):
+            if pops.get(name, {}).get("devices"):
+                p = pops[name]
+                serving = ", ".join(f"{k}: {v}" for k, v in sorted(p["final_models"].items()))
+                self.rich.print(f"  {name}: {p['devices']} devices, serving {serving}", highlight=False)
+        for f in pops.get("faults_not_applied") or []:
+            self.rich.print(
+                f"  not applied to {f['real_agents']} real agents: {f['kind']} ({f['why']})", highlight=False
+            )
         self.rich.print(f"  report: {json_path}  {html_path}", highlight=False)

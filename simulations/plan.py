@@ -33,6 +33,8 @@ class DeviceSpec:
     labels: dict[str, str]
     inference_rate: float
     real_onnx: bool = False
+    #: runs as a real agent process (``simulations.device.agents``), not in a worker
+    real_agent: bool = False
     #: faults of this device: the scenario's fault dicts (kind and parameters), resolved
     faults: list[dict[str, Any]] = field(default_factory=list)
     #: the artifact installed at the factory (None: no model)
@@ -88,6 +90,12 @@ def select(devices: list[DeviceSpec], sel: DeviceSelect, seed: int, salt: str) -
         chosen.extend(order[:n])
         del name
     return chosen
+
+
+def spread(total: int, n: int) -> list[int]:
+    """``n`` indices evenly spaced over ``total`` devices (ordered by profile: each profile gets its share)."""
+    n = min(n, total)
+    return [int(i * total / n) for i in range(n)] if n else []
 
 
 def resolve_ram(profile: Profile, variants: dict[tuple[str, str, str], dict[str, Any]]) -> int:
@@ -160,6 +168,9 @@ def build_fleet(
             )
             real_left -= 1
             index += 1
+    for i in spread(len(devices), fleet.real_agents):
+        devices[i].real_agent = True
+        devices[i].real_onnx = False
     for i, tag in enumerate(fleet.tags):
         for d in select(devices, tag.devices, scenario.seed, f"tag{i}"):
             d.labels.update(tag.labels)
@@ -190,7 +201,7 @@ def _factory_install(
     if not by_variant:
         raise ScenarioError(f"the installed version {installed.model} {key} has no registered artifacts")
     for d in devices:
-        if d.real_onnx:
+        if d.real_onnx or d.real_agent:
             continue  # real files cannot be conjured: the runner deploys the installed version to these
         choice = choose_variant(d.hardware(), by_variant)
         if choice.artifact_id is None:

@@ -153,6 +153,10 @@ def render_html(report: dict[str, Any]) -> str:
             "waiting yellow, fail red); dashed: the threshold.</p>"
         )
         parts.append(gates)
+    if report.get("populations"):
+        parts.append(_populations_section(report["populations"]))
+    if report.get("calibration"):
+        parts.append(_calibration_section(report["calibration"]))
     parts.append("<h2>Rollout transitions</h2>")
     parts.append(
         _table(
@@ -344,4 +348,112 @@ def _faults_section(report: dict[str, Any], t0: float) -> str:
     if events:
         rows = [[_num(round(e[0] - t0, 1)), escape(e[1]), escape(e[2]), escape(e[3])] for e in events[:200]]
         out.append("<h3>First events</h3>" + _table(["t (s)", "device", "fault", "detail"], rows, numeric={0}))
+    return "\n".join(out)
+
+
+def _populations_section(pops: dict[str, Any]) -> str:
+    """Real agents and virtual devices side by side: per wave, times, gates, final states."""
+    out = ["<h2>Real agents and virtual devices</h2>"]
+    names = [n for n in ("real", "virtual") if n in pops]
+    out.append(
+        _table(
+            ["", *names],
+            [
+                ["devices", *[pops[n]["devices"] for n in names]],
+                ["profiles", *[escape(_text(pops[n]["profiles"])) for n in names]],
+                ["final states", *[escape(_text(pops[n]["final_states"])) for n in names]],
+                ["serving at the end", *[escape(_text(pops[n]["final_models"])) for n in names]],
+            ],
+        )
+    )
+    rows = []
+    waves = sorted({w["wave"] for n in names for w in pops[n]["waves"]})
+    for wave in waves:
+        for n in names:
+            w = next((x for x in pops[n]["waves"] if x["wave"] == wave), None)
+            if w is None or not w["devices"]:
+                continue
+            rows.append(
+                [
+                    wave,
+                    n,
+                    w["devices"],
+                    _num(w["download_s"]["median"]),
+                    _num(w["download_s"]["max"]),
+                    _num(w["active_s"]["median"]),
+                    _num(w["done_s"]["median"]),
+                    _num(w["duration_s"]),
+                    escape(_text(w["final"])),
+                ]
+            )
+    out.append("<h3>Per wave (seconds after the wave started deploying; sampled, about 1 s resolution)</h3>")
+    out.append(
+        _table(
+            [
+                "wave",
+                "population",
+                "devices",
+                "download median",
+                "download max",
+                "active median",
+                "final state median",
+                "wave done",
+                "final",
+            ],
+            rows,
+            numeric={2, 3, 4, 5, 6, 7},
+        )
+    )
+    gate_rows = []
+    for n in names:
+        for w in pops[n].get("gates") or []:
+            for gate, g in w["gates"].items():
+                gate_rows.append([w["wave"], n, escape(gate), _num(g["value"]), escape(g["status"]), g["samples"]])
+    if gate_rows:
+        out.append("<h3>Gates per population (the controller's gate code on each population's devices)</h3>")
+        out.append(_table(["wave", "population", "gate", "value", "status", "samples"], gate_rows, numeric={3, 5}))
+    missing = pops.get("faults_not_applied") or []
+    if missing:
+        out.append("<h3>Faults not applied to real agents</h3>")
+        out.append(
+            _table(
+                ["fault", "kind", "real agents it selected", "why"],
+                [[f["fault"], escape(f["kind"]), f["real_agents"], escape(f["why"])] for f in missing],
+                numeric={2},
+            )
+        )
+    return "\n".join(out)
+
+
+def _calibration_section(cal: dict[str, Any]) -> str:
+    out = ["<h2>Calibration of the virtual devices</h2>"]
+    out.append(
+        _table(
+            ["value", "source"],
+            [
+                ["latency", escape(cal["latency"])],
+                ["memory", escape(cal["memory"])],
+                ["download", escape(cal["download"])],
+                ["recorded profile", escape(_text(cal.get("profile")))],
+                ["reference CPU", escape(cal.get("reference_cpu", ""))],
+            ],
+        )
+    )
+    rows = [
+        [
+            escape(k),
+            _num(v.get("latency_ms_p50")),
+            _num(v.get("latency_ms_p95")),
+            _num((v.get("peak_rss_bytes") or 0) / 2**20) if v.get("peak_rss_bytes") else "",
+            _num(v.get("used_latency_ms")),
+        ]
+        for k, v in sorted((cal.get("variants") or {}).items())
+    ]
+    out.append(
+        _table(
+            ["variant", "registry p50 ms", "registry p95 ms", "registry peak RSS MiB", "latency used (ms, speed 1.0)"],
+            rows,
+            numeric={1, 2, 3, 4},
+        )
+    )
     return "\n".join(out)

@@ -16,6 +16,7 @@ import logging
 import math
 import multiprocessing
 import shutil
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -33,10 +34,12 @@ from rich.markup import escape
 from agent.transport.mqtt import parse_broker_url
 from simulations.assertions import evaluate
 from simulations.console import Console
+from simulations.device.agents import RealAgents
 from simulations.errors import SimulationError
 from simulations.infra import Api, BrokerHandle, ControllerHandle, process_cpu_s
 from simulations.models import text_classifier
 from simulations.plan import DeviceSpec, build_fleet, chunks_of
+from simulations.populations import load_profile, wave_durations, wave_starts
 from simulations.scenario import ModelSpec, Scenario, VersionSpec
 from simulations.worker import WorkerConfig, worker_main
 from wire.messages import DeployState
@@ -65,6 +68,9 @@ class RunOptions:
     #: called (in the runner's thread) right after the rollout is created, with the runner: a test's hook to
     #: bring a fault the scenario file cannot describe (e.g. SIGKILL a node of a broker cluster it runs)
     on_rollout: Callable[[Runner], None] | None = None
+    #: write the real agents' per-variant latency, memory and download rate here (a YAML a scenario's
+    #: ``calibration.profile`` replays)
+    record_profile: Path | None = None
 
 
 @dataclass
@@ -119,6 +125,18 @@ class Runner:
         self.notes: list[str] = []
         self._tmp: Path | None = None
         self._wave_of_dep: dict[str, int] = {}
+        #: the real agent processes (``fleet.real_agents``), None without any
+        self.real: RealAgents | None = None
+        #: deployment id -> its targets as the controller last reported them (real agents' deployment state)
+        self._targets: dict[str, dict[str, dict[str, Any]]] = {}
+        self._finished_deps: set[str] = set()
+        self._install_dep: str | None = None
+        #: (device, deployment) -> state -> when the runner first saw the device in it
+        self.first_seen: dict[tuple[str, str], dict[str, float]] = {}
+        self._power_fired: set[tuple[str, int]] = set()
+        #: (model, version key, variant) -> the latency (ms, reference CPU) and download rate virtual devices use
+        self._used_latency: dict[tuple[str, str, str], float] = {}
+        self._used_download: dict[tuple[str, str, str], float] = {}
 
     # ------------------------------------------------------------------ run --
 
@@ -136,6 +154,11 @@ class Runner:
             self._collect(error)  # while the controller still answers
             self._teardown()
         report = self._report(started, error)
+        if self.options.record_profile is not None:
+            try:
+                self._record_profile(report)
+            except (OSError, SimulationError) as exc:  # the report is still written
+                self.notes.append(f"no profile recorded to {self.options.record_profile}: {exc}")
         result = self._write(report)
         if not self.options.keep_data and self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -219,6 +242,9 @@ class Runner:
                         "min_ram_bytes": int(v["requirements"].get("min_ram_bytes", 0)),
                         "min_disk_bytes": int(v["requirements"].get("min_disk_bytes", 0)),
                         "size_bytes": int(v["size_bytes"]),
+                        "latency_ms_p50": (v.get("metrics") or {}).get("latency_ms_p50"),
+                        "latency_ms_p95": (v.get("metrics") or {}).get("latency_ms_p95"),
+                        "peak_rss_bytes": (v.get("metrics") or {}).get("peak_rss_bytes"),
                     }
                 sizes = ", ".join(f"{v['variant']} {v['size_bytes'] / 1e6:.2f} MB" for v in body["variants"])
                 self.console.log(
@@ -239,15 +265,42 @@ class Runner:
         raise SimulationError(f"importing {model} did not finish within 30 minutes")
 
     def _behaviours(self) -> dict[str, dict[str, Any]]:
+        """Each version's behaviour for the workers, calibrated as ``scenario.calibration`` says: measured
+        latency per variant from the recorded profile, else from the registry's measurement at import; RSS
+        per variant from the recorded profile (else the registry's peak RSS, which virtual devices report
+        already, times ``rss_factor`` unless memory is measured)."""
+        cal = self.scenario.calibration
+        recorded = load_profile(cal.profile) if cal.profile is not None else {}
         table = {}
         for model in self.scenario.models:
             for version in model.versions:
                 assert version.key is not None
                 number = self.versions[(model.name, version.key)]
+                behaviour = version.behaviour.model_dump()
+                variant_ms: dict[str, float] = {}
+                variant_rss: dict[str, int] = {}
+                for (m, k, variant), info in self.variants.items():
+                    if (m, k) != (model.name, version.key):
+                        continue
+                    rec = recorded.get((m, k, variant), {})
+                    if cal.latency == "measured":
+                        ms = rec.get("latency_ms_p50") or info.get("latency_ms_p50")
+                        if ms:
+                            variant_ms[variant] = float(ms)
+                    if cal.memory == "measured":
+                        behaviour["rss_factor"] = 1.0
+                        if rec.get("rss_bytes"):
+                            variant_rss[variant] = int(rec["rss_bytes"])
+                    assumed = version.behaviour.latency_ms * model.variant_latency.get(variant, 1.0)
+                    self._used_latency[(m, k, variant)] = round(variant_ms.get(variant) or assumed, 3)
+                    if rec.get("download_bytes_per_s"):
+                        self._used_download[(m, k, variant)] = rec["download_bytes_per_s"]
                 table[f"{model.name}@{number}"] = {
-                    **version.behaviour.model_dump(),
+                    **behaviour,
                     "variant_latency": model.variant_latency,
                     "variant_agreement_loss": model.variant_agreement_loss,
+                    "variant_ms": variant_ms,
+                    "variant_rss": variant_rss,
                 }
         return table
 
@@ -258,7 +311,11 @@ class Runner:
         assert api is not None and self.broker is not None and self._tmp is not None
         self.devices = build_fleet(s, variants=self.variants, versions=self.versions)
         n = len(self.devices)
-        processes = self.options.processes or s.fleet.processes or math.ceil(n / s.fleet.devices_per_process)
+        virtual = [d for d in self.devices if not d.real_agent]
+        self._calibrate_links(virtual)
+        processes = self.options.processes or s.fleet.processes or math.ceil(len(virtual) / s.fleet.devices_per_process)
+        if not virtual:
+            processes = 0
         key = api.get("/api/v1/signing-key")["public_key_pem"]
         installed = {d.installed_artifact for d in self.devices if d.installed_artifact}
         manifests = {a: api.get(f"/api/v1/artifacts/{a}/manifest") for a in installed}
@@ -273,7 +330,7 @@ class Runner:
             baseline = (s.fleet.installed.model, number)
         ctx = multiprocessing.get_context("spawn")
         behaviours = self._behaviours()
-        for i, bucket in enumerate(chunks_of(self.devices, processes)):
+        for i, bucket in enumerate(chunks_of(virtual, processes) if virtual else []):
             config = WorkerConfig(
                 index=i,
                 broker=broker,
@@ -298,7 +355,11 @@ class Runner:
             process.start()
             child.close()
             self.workers.append(_WorkerHandle(i, process, parent, bucket))
-        self.console.log(f"{n} devices in {len(self.workers)} worker processes")
+        self._start_real_agents(key, broker)
+        self.console.log(
+            f"{len(virtual)} virtual devices in {len(self.workers)} worker processes"
+            + (f", {n - len(virtual)} real agent processes" if self.real else "")
+        )
         deadline = time.time() + s.limits.ready_timeout_s
         prefix = f"{s.fleet.prefix}-"
         online = 0
@@ -317,11 +378,54 @@ class Runner:
             )
         self.console.log(f"{n} devices online in {time.time() - self.phases['fleet']:.1f}s")
 
+    def _calibrate_links(self, virtual: list[DeviceSpec]) -> None:
+        """``calibration.download: measured``: every virtual device's link runs at the real agents' recorded
+        download rate (the median over the recorded variants), applied as a bandwidth cap from the start."""
+        cal = self.scenario.calibration
+        if cal.download != "measured" or cal.profile is None:
+            return
+        rates = [e["download_bytes_per_s"] for e in load_profile(cal.profile).values() if e.get("download_bytes_per_s")]
+        if not rates:
+            self.notes.append(f"calibration.download: measured, but {cal.profile} has no download rate: link assumed")
+            return
+        rate = float(statistics.median(rates))
+        self.link_bytes_per_s = rate
+        for d in virtual:
+            d.faults.append(
+                {
+                    "id": -1,
+                    "kind": "bandwidth",
+                    "bytes_per_s": rate,
+                    "at_s": None,
+                    "duration_s": None,
+                    "calibration": True,
+                }
+            )
+
+    def _start_real_agents(self, key: str, broker: dict[str, Any]) -> None:
+        s = self.scenario
+        specs = [d for d in self.devices if d.real_agent]
+        if not specs:
+            return
+        assert self.broker is not None and self._tmp is not None
+        self.real = RealAgents(
+            specs,
+            self._tmp / "agents",
+            broker_url=self.broker.url,
+            public_key_pem=key,
+            protocol=str(broker.get("protocol", "auto")),
+            telemetry_interval_s=s.fleet.telemetry_interval_s,
+            keepalive_s=s.fleet.keepalive_s,
+            log_level="WARNING" if self.options.log_level == "WARNING" else self.options.log_level,
+        )
+        self.real.start()
+
     def _real_onnx_install(self) -> None:
-        """Real-onnxruntime devices get the installed version over the air (real files need real bytes)."""
+        """Real-onnxruntime devices and real agents get the installed version over the air (real files need
+        real bytes)."""
         s, api = self.scenario, self.api
         assert api is not None
-        real = [d.id for d in self.devices if d.real_onnx]
+        real = [d.id for d in self.devices if d.real_onnx or d.real_agent]
         if not real or s.fleet.installed is None:
             return
         number = self.versions[(s.fleet.installed.model, _version_key(s.fleet.installed.version))]
@@ -329,15 +433,17 @@ class Runner:
             "/api/v1/deployments",
             json={"model": s.fleet.installed.model, "version": number, "devices": real, "timeout_s": 300},
         )
+        self._install_dep = dep["id"]
         deadline = time.time() + 300
         while time.time() < deadline:
             self._poll(0.5)
+            self._sample()
             body = api.get(f"/api/v1/deployments/{dep['id']}")
             if body["status"] != "running":
                 if body["status"] != "completed":
                     reasons = {t["device_id"]: t["reason"] for t in body["targets"] if t["state"] != "active"}
                     raise SimulationError(f"installing the real-onnxruntime devices failed: {reasons}")
-                self.console.log(f"{len(real)} real-onnxruntime devices installed over the air")
+                self.console.log(f"{len(real)} real-onnxruntime devices and real agents installed over the air")
                 return
         raise SimulationError("installing the real-onnxruntime devices did not finish within 300s")
 
@@ -360,6 +466,8 @@ class Runner:
                 self._poll(0.5)
                 self._sample()
                 counts = [c for w in self.workers if w.status for c in w.status["baseline_inferences"]]
+                if self.real is not None:
+                    counts += [self.real.processed(d) for d in self.real.agents]
                 if len(counts) == len(self.devices) and min(counts) >= need:
                     break
             else:
@@ -447,6 +555,12 @@ class Runner:
         """Read what the workers sent; raise if one died."""
         from multiprocessing.connection import wait
 
+        if self.real is not None:
+            dead = self.real.dead()
+            if dead:
+                agent = self.real.agents[dead[0]]
+                code = agent.proc.poll() if agent.proc else None
+                raise SimulationError(f"real agent {dead[0]} exited (code {code}): {agent.log_tail()}")
         conns = [w.conn for w in self.workers if w.final is None]
         if not conns:
             time.sleep(timeout)
@@ -475,7 +589,7 @@ class Runner:
                 w.final = body
 
     def _connected(self) -> int:
-        return sum(1 for w in self.workers if w.status for st in w.status["devices"] if st[5] == 1)
+        return sum(1 for st in self.device_states().values() if st[5] == 1)
 
     def device_states(self) -> dict[str, tuple[str, float, int, str, str, int, str]]:
         """Device id -> (state, progress, active version, variant, deployment id, connected, model)."""
@@ -485,7 +599,79 @@ class Runner:
                 continue
             for spec, st in zip(w.devices, w.status["devices"], strict=True):
                 out[spec.id] = (STATE_NAMES[st[0]], st[1], st[2], st[3], st[4], st[5], st[6])
+        if self.real is not None:
+            out.update(self._real_states())
         return out
+
+    def _real_states(self) -> dict[str, tuple[str, float, int, str, str, int, str]]:
+        """Real agents: the served model and the connection from their own health, the deployment state from
+        the controller's targets (the newest deployment that names the device)."""
+        assert self.real is not None
+        latest: dict[str, tuple[str, dict[str, Any]]] = {}
+        for dep_id, targets in self._targets.items():  # insertion order: older deployments first
+            for device, target in targets.items():
+                latest[device] = (dep_id, target)
+        out = {}
+        for device, agent in self.real.agents.items():
+            health = self.real.health(device)
+            model = (health or {}).get("model") or {}
+            connected = 1 if health and health.get("broker_connected") else (0 if agent.alive() else -1)
+            dep, target = latest.get(device, ("", {}))
+            state = target.get("state") or ("active" if model else "idle")
+            if state not in STATE_NAMES:
+                state = "idle"
+            progress = float(target.get("progress", 0.0)) if target else 0.0
+            out[device] = (
+                state,
+                round(progress, 3),
+                int(model.get("version") or 0),
+                str(model.get("variant") or ""),
+                dep,
+                connected,
+                str(model.get("model") or ""),
+            )
+        return out
+
+    def _refresh_targets(self) -> None:
+        """The controller's targets of the deployments real agents take part in (finished ones once more)."""
+        if self.real is None or self.api is None:
+            return
+        deps = [self._install_dep] if self._install_dep else []
+        deps += [w["deployment_id"] for w in (self.rollout or {}).get("waves", []) if w.get("deployment_id")]
+        for dep_id in deps:
+            if dep_id in self._finished_deps:
+                continue
+            body = self.api.get(f"/api/v1/deployments/{dep_id}")
+            self._targets[dep_id] = {t["device_id"]: t for t in body["targets"] if t["device_id"] in self.real.agents}
+            if body["status"] != "running":
+                self._finished_deps.add(dep_id)
+
+    def _real_faults(self) -> None:
+        """The scenario's power losses on real agents: SIGKILL, then a boot from the data directory."""
+        if self.real is None:
+            return
+        now = time.time()
+        states = self._real_states()
+        for device, agent in self.real.agents.items():
+            for fault in agent.spec.faults:
+                if fault["kind"] != "power_loss":
+                    continue
+                fired = sum(1 for d, i in self._power_fired if d == device and i == fault["id"])
+                if fired >= int(fault.get("times", 1)) or agent.proc is None:
+                    continue
+                when = fault.get("when")
+                if when is not None:
+                    st = states[device]
+                    due = st[0] == when["state"] and (when["state"] != "downloading" or st[1] >= when["progress"])
+                elif fault.get("at_s") is not None:
+                    due = self.t0 is not None and now >= self.t0 + float(fault["at_s"])
+                else:
+                    due = True
+                if due:
+                    self._power_fired.add((device, fault["id"]))
+                    at = f" at {when['state']} {when['progress']:.0%}" if when else ""
+                    detail = f"down {fault['duration_s']}s{at}"
+                    self.real.power_loss(device, float(fault["duration_s"]), detail)
 
     def stats(self) -> dict[str, Any]:
         total: Counter[str] = Counter()
@@ -495,15 +681,24 @@ class Runner:
                 continue
             total.update(w.status["stats"])
             faults.update(w.status["fault_counts"])
+        if self.real is not None:
+            faults.update(self.real.fault_counts)
         return {"devices": dict(total), "faults": dict(faults)}
 
     # ----------------------------------------------------------- sampling --
 
     def _sample(self) -> None:
+        if self.real is not None:
+            self._refresh_targets()
+            self._real_faults()
+            self.fault_events.extend(self.real.take_fault_events())
         states = self.device_states()
         if not states:
             return
         now = time.time()
+        for device, st in states.items():
+            if st[4] in self._wave_of_dep:
+                self.first_seen.setdefault((device, st[4]), {}).setdefault(st[0], now)
         waves: list[dict[str, Any]] = []
         rollout = self.rollout
         wave_sizes = [w["devices"] for w in rollout["waves"]] if rollout else []
@@ -575,11 +770,16 @@ class Runner:
             kind: int(samples.get(f'slmfleet_chunks_published_total{{kind="{kind}"}}', 0))
             for kind in ("broadcast", "repair")
         }
+        self.final_wave_targets: dict[int, list[dict[str, Any]]] = {}
         if self.api is None or error is not None:
             return
         try:
             if self.rollout_id is not None:
                 self.rollout = self.api.get(f"/api/v1/rollouts/{self.rollout_id}")
+                for wave in self.rollout.get("waves", []):
+                    if wave.get("deployment_id"):
+                        dep = self.api.get(f"/api/v1/deployments/{wave['deployment_id']}")
+                        self.final_wave_targets[wave["index"]] = dep["targets"]
             self.final_reasons = self._failure_reasons()
             self.final_disagreements = self.disagreements()
         except SimulationError as exc:
@@ -630,6 +830,8 @@ class Runner:
     # ------------------------------------------------------------ teardown --
 
     def _teardown(self) -> None:
+        if self.real is not None:
+            self.real.stop()
         for w in self.workers:
             self._send(w, "stop", None)
         deadline = time.time() + 30
@@ -742,11 +944,11 @@ class Runner:
             "rollout": self.rollout,
             "timeline": self.timeline,
             "faults": {
-                "counts": self.stats()["faults"] if self.workers else {},
+                "counts": self.stats()["faults"] if (self.workers or self.real) else {},
                 "events": [list(e) for e in self.fault_events[:1000]],
             },
-            "fleet": self.stats()["devices"] if self.workers else {},
-            "devices": self._final_devices() if self.workers else {},
+            "fleet": self.stats()["devices"] if (self.workers or self.real) else {},
+            "devices": self._final_devices() if (self.workers or self.real) else {},
             "failure_reasons": getattr(self, "final_reasons", {}),
             "controller_disagreements": (getattr(self, "final_disagreements", None) or [])[:50],
             "resources": {
@@ -763,6 +965,12 @@ class Runner:
                 "chunk_hash_misses": sum(ws["hash_misses"] for ws in worker_status if ws),
             },
         }
+        if self.real is not None:
+            report["resources"]["real_agents_telemetry_stored"] = self._real_telemetry_rows()
+        report["wave_durations_s"] = wave_durations(self.rollout)
+        report["calibration"] = self._calibration_report()
+        if self.real is not None or s.fleet.real_agents:
+            report["populations"] = self._populations()
         assertions = evaluate(
             s, report, self.devices, versions=self.versions, disagreements=getattr(self, "final_disagreements", None)
         )
@@ -771,6 +979,177 @@ class Runner:
         report["assertions"] = assertions
         report["ok"] = all(a["ok"] for a in assertions)
         return report
+
+    def _db_url(self) -> str | None:
+        """The started controller's SQLite database (the populations' gates and the recorded profile read it)."""
+        s = self.scenario
+        if s.controller.url is not None or self._tmp is None or "database_url" in s.controller.settings:
+            return None
+        path = self._tmp / "controller" / "controller.db"
+        return f"sqlite:///{path.resolve()}" if path.is_file() else None
+
+    def _real_telemetry_rows(self) -> int | None:
+        """Telemetry rows the controller stored from the real agents (their sends are not counted device-side)."""
+        db = self._db_url()
+        if db is None or self.real is None:
+            return None
+        from sqlalchemy import create_engine, func, select
+
+        from controller.db.models import TelemetryRecord, table
+
+        t = table(TelemetryRecord)
+        engine = create_engine(db)
+        try:
+            with engine.connect() as conn:
+                query = select(func.count()).select_from(t).where(t.c.device_id.in_(sorted(self.real.agents)))
+                return int(conn.execute(query).scalar_one())
+        except Exception as exc:  # the report says so instead of failing
+            self.notes.append(f"could not count the real agents' telemetry: {exc}")
+            return None
+        finally:
+            engine.dispose()
+
+    def _populations(self) -> dict[str, Any]:
+        """Real agents and virtual devices side by side (``simulations.populations``)."""
+        from simulations.populations import population_gates, wave_times
+
+        final = self._final_devices() if (self.workers or self.real) else {"states": {}}
+        wave_dep = {w: d for d, w in self._wave_of_dep.items()}
+        deps = set(wave_dep.values())
+        activated_at = {
+            d: seen["active"] for (d, dep), seen in self.first_seen.items() if dep in deps and "active" in seen
+        }
+        rollout = self.scenario.rollout or {}
+        model = rollout.get("model")
+        version = self.versions.get((model, _version_key(rollout.get("version", 1)))) if model else None
+        out: dict[str, Any] = {}
+        for name, members in (
+            ("real", [d for d in self.devices if d.real_agent]),
+            ("virtual", [d for d in self.devices if not d.real_agent]),
+        ):
+            ids = {d.id for d in members}
+            by_state: Counter[str] = Counter()
+            by_model: Counter[str] = Counter()
+            for device in ids:
+                st = final["states"].get(device)
+                if st is None:
+                    continue
+                by_state[st[0]] += 1
+                by_model[f"{st[6]} v{st[2]} {st[3]}" if st[2] else "no model"] += 1
+            try:
+                gates = population_gates(
+                    self._db_url(),
+                    self.scenario.rollout,
+                    model,
+                    version,
+                    self.final_wave_targets_or_empty(),
+                    ids,
+                    activated_at,
+                )
+            except Exception as exc:  # the report still shows the rest
+                gates = []
+                self.notes.append(f"population gates ({name}) could not be computed: {exc}")
+            out[name] = {
+                "devices": len(ids),
+                "profiles": dict(Counter(d.profile for d in members)),
+                "waves": wave_times(
+                    ids, self.final_wave_targets_or_empty(), self.first_seen, wave_dep, wave_starts(self.rollout)
+                ),
+                "gates": gates,
+                "final_states": dict(by_state),
+                "final_models": dict(by_model),
+            }
+        out["real"]["specs"] = [
+            {"id": d.id, "profile": d.profile, "arch": d.arch, "ram_bytes": d.ram_bytes}
+            for d in self.devices
+            if d.real_agent
+        ]
+        if self.real is not None:
+            out["real"]["restarts"] = sum(a.restarts for a in self.real.agents.values())
+            out["real"]["inputs_dropped"] = sum(a.dropped for a in self.real.agents.values())
+        out["faults_not_applied"] = self._faults_not_applied()
+        return out
+
+    def _record_profile(self, report: dict[str, Any]) -> None:
+        """The real agents' measurements per variant, written for ``calibration.profile`` (and the report)."""
+        from simulations.populations import measured_profile, write_profile
+
+        path = self.options.record_profile
+        assert path is not None
+        db = self._db_url()
+        if self.real is None or db is None:
+            self.notes.append(f"no profile recorded to {path}: it needs real agents and a started controller")
+            return
+        keys = {(m, n): k for (m, k), n in self.versions.items()}
+        rates: dict[tuple[str, str, str], list[float]] = {}
+        wave_dep = {w: d for d, w in self._wave_of_dep.items()}
+        rollout = self.scenario.rollout or {}
+        key = _version_key(rollout.get("version", 1)) if rollout else ""
+        for wave, targets in self.final_wave_targets_or_empty().items():
+            for t in targets:
+                if t["device_id"] not in self.real.agents or not t.get("variant"):
+                    continue
+                seen = self.first_seen.get((t["device_id"], wave_dep.get(wave, "")), {})
+                past = [v for st, v in seen.items() if st in ("verifying", "staged", "shadow", "activating", "active")]
+                info = self.variants.get((rollout["model"], key, t["variant"]))
+                if "downloading" in seen and past and info and min(past) > seen["downloading"]:
+                    rates.setdefault((rollout["model"], key, t["variant"]), []).append(
+                        info["size_bytes"] / (min(past) - seen["downloading"])
+                    )
+        entries = measured_profile(db, set(self.real.agents), keys, rates)
+        write_profile(
+            path,
+            entries,
+            {
+                "scenario": self.scenario.name,
+                "real_agents": len(self.real.agents),
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "note": "latency and RSS on this machine (cpu_speed 1.0); download rate over the loopback broker",
+            },
+        )
+        report["recorded_profile"] = {"path": str(path), "variants": entries}
+        self.console.log(f"recorded profile of {len(entries)} variants to {path}")
+
+    def final_wave_targets_or_empty(self) -> dict[int, list[dict[str, Any]]]:
+        return getattr(self, "final_wave_targets", {})
+
+    def _faults_not_applied(self) -> list[dict[str, Any]]:
+        """The scenario's faults that selected real agents and could not be applied to them, and why."""
+        from simulations.device.agents import APPLIED_FAULTS, NOT_APPLIED
+
+        counts: dict[tuple[int, str], int] = {}
+        for d in self.devices:
+            if not d.real_agent:
+                continue
+            for fault in d.faults:
+                if fault["kind"] not in APPLIED_FAULTS:
+                    counts[(fault["id"], fault["kind"])] = counts.get((fault["id"], fault["kind"]), 0) + 1
+        return [
+            {"fault": i, "kind": kind, "real_agents": n, "why": NOT_APPLIED.get(kind, "not modelled for real agents")}
+            for (i, kind), n in sorted(counts.items())
+        ]
+
+    def _calibration_report(self) -> dict[str, Any]:
+        """Which of the virtual devices' numbers were measured and which assumed, and the values used."""
+        cal = self.scenario.calibration
+        return {
+            "latency": cal.latency,
+            "memory": cal.memory,
+            "download": cal.download,
+            "profile": str(cal.profile) if cal.profile else None,
+            "reference_cpu": "this machine (cpu_speed 1.0): the registry measures here, real agents run here",
+            "link_bytes_per_s": getattr(self, "link_bytes_per_s", None),
+            "variants": {
+                f"{m}@{k}/{v}": {
+                    "latency_ms_p50": info.get("latency_ms_p50"),
+                    "latency_ms_p95": info.get("latency_ms_p95"),
+                    "peak_rss_bytes": info.get("peak_rss_bytes"),
+                    "used_latency_ms": self._used_latency.get((m, k, v)),
+                    "used_download_bytes_per_s": self._used_download.get((m, k, v)),
+                }
+                for (m, k, v), info in self.variants.items()
+            },
+        }
 
     def _write(self, report: dict[str, Any]) -> RunResult:
         from simulations.report import render_html

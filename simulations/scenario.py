@@ -245,6 +245,17 @@ class FleetSpec(_Strict):
     deploy: dict[str, float] = Field(
         default_factory=dict, description="agent DeployConfig overrides (chunk_idle_s, request_timeout_s, ...)"
     )
+    real_agents: Annotated[int, Field(ge=0, le=200)] = Field(
+        0,
+        description="devices that run as real agent processes (``slmfleet agent``: real onnxruntime, downloads,"
+        " self-tests, data directories) beside the virtual ones, spread over the profiles",
+    )
+
+    @model_validator(mode="after")
+    def _real_fits(self) -> FleetSpec:
+        if self.real_agents > self.devices:
+            raise ValueError(f"real_agents ({self.real_agents}) is more than the fleet's {self.devices} devices")
+        return self
 
 
 # ---------------------------------------------------------------------- faults --
@@ -402,6 +413,24 @@ class Limits(_Strict):
     )
 
 
+class Calibration(_Strict):
+    """Where a virtual device's numbers come from: ``measured`` or ``assumed`` (the report shows which).
+
+    ``latency``: measured = each variant's median latency the registry measured at import (or a recorded
+    profile's), scaled by the profile's ``cpu_speed``; assumed = the version's ``behaviour.latency_ms``
+    times ``variant_latency``. ``memory``: measured = the registry's peak RSS of the variant (or a recorded
+    profile's), assumed = the same times ``behaviour.rss_factor``. ``download``: the simulated link is
+    always assumed (unlimited on loopback unless a bandwidth fault caps it), unless a recorded profile
+    gives the real agents' download rate. ``profile``: a YAML written by ``slmfleet simulate
+    --record-profile`` (per variant: latency, RSS, download rate measured on real agents).
+    """
+
+    latency: Literal["measured", "assumed"] = "assumed"
+    memory: Literal["measured", "assumed"] = "assumed"
+    download: Literal["measured", "assumed"] = "assumed"
+    profile: Path | None = None
+
+
 class Scenario(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
     description: str = ""
@@ -416,6 +445,7 @@ class Scenario(_Strict):
     )
     expect: Expect = Field(default_factory=lambda: Expect())
     limits: Limits = Field(default_factory=lambda: Limits())
+    calibration: Calibration = Field(default_factory=lambda: Calibration())
 
     @field_validator("rollout")
     @classmethod
@@ -503,6 +533,13 @@ def load_scenario(path: Path | str, *, devices: int | None = None, overrides: di
         for version in model.versions:
             if version.path is not None and not version.path.is_absolute():
                 version.path = (path.parent / version.path).resolve()
+    cal = scenario.calibration
+    if cal.download == "measured" and cal.profile is None:
+        raise ScenarioError(f"{path}: calibration.download: measured needs calibration.profile (a recorded profile)")
+    if cal.profile is not None and not cal.profile.is_absolute():
+        cal.profile = (path.parent / cal.profile).resolve()
+    if cal.profile is not None and not cal.profile.is_file():
+        raise ScenarioError(f"{path}: calibration.profile {cal.profile} does not exist")
     return scenario
 
 

@@ -102,6 +102,12 @@ class AgentSettings(BaseModel):
         None, description="its private key (PEM, mode 0600), or credential mqtt-client-key"
     )
     labels: Labels = Field(default_factory=dict, description="labels the device reports on first contact")
+    report_hardware: dict[str, int | str] = Field(
+        default_factory=dict,
+        description="fields of the hardware profile to report instead of the measured ones (ram_bytes, arch,"
+        " cpu_count, disk_free_bytes, os): a rehearsal's real agent standing in for another class of device"
+        " (``slmfleet simulate --real``); the controller then picks variants as for that device",
+    )
     threads: Annotated[int, Field(ge=0, le=256)] = Field(0, description="onnxruntime intra-op threads (0: automatic)")
     ort_allow_spinning: bool = Field(
         False,
@@ -131,6 +137,15 @@ class AgentSettings(BaseModel):
         if v is None:
             return []
         return [v] if isinstance(v, str) else v
+
+    @field_validator("report_hardware")
+    @classmethod
+    def _hardware_fields(cls, v: dict[str, int | str]) -> dict[str, int | str]:
+        allowed = {"ram_bytes", "arch", "cpu_count", "disk_free_bytes", "os", "cpu_model"}
+        unknown = sorted(set(v) - allowed)
+        if unknown:
+            raise ValueError(f"unknown hardware fields {unknown} (known: {sorted(allowed)})")
+        return v
 
     @field_validator("http_host")
     @classmethod

@@ -141,7 +141,7 @@ class AgentService:
                 labels=dict(s.labels),
                 capabilities=capabilities(s),
             ),
-            hardware_profile(s.data_dir),
+            hardware_profile(s.data_dir).model_copy(update=s.report_hardware),
             self._sample,
             started_at=now,
             installed=self._installed,

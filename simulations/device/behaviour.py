@@ -33,9 +33,14 @@ class ModelBehaviour:
     rss_factor: float = 1.0
     variant_latency: dict[str, float] = field(default_factory=dict)
     variant_agreement_loss: dict[str, float] = field(default_factory=dict)
+    #: measured median latency per variant on the reference CPU (calibration.latency: measured)
+    variant_ms: dict[str, float] = field(default_factory=dict)
+    #: measured process RSS per variant (calibration.memory: measured, from a recorded profile)
+    variant_rss: dict[str, int] = field(default_factory=dict)
 
     def median_ms(self, variant: str, cpu_speed: float, jitter: float = 1.0) -> float:
-        return self.latency_ms * self.variant_latency.get(variant, 1.0) * jitter / max(cpu_speed, 1e-6)
+        base = self.variant_ms.get(variant) or self.latency_ms * self.variant_latency.get(variant, 1.0)
+        return base * jitter / max(cpu_speed, 1e-6)
 
     def agreement_of(self, variant: str) -> float:
         return max(0.0, min(1.0, self.agreement - self.variant_agreement_loss.get(variant, 0.0)))
@@ -102,4 +107,7 @@ def rss_of(serving: Serving | None, behaviour: ModelBehaviour | None, rng: np.ra
     """The process RSS the device reports: the manifest's measured need (min_ram / 1.25), scaled."""
     if serving is None or behaviour is None:
         return BASE_RSS
+    measured = behaviour.variant_rss.get(serving.variant)
+    if measured:
+        return int(measured * float(rng.normal(1.0, 0.01)))
     return int(serving.manifest_rss * behaviour.rss_factor * float(rng.normal(1.0, 0.01)))

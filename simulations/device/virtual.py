@@ -558,7 +558,8 @@ class VirtualDevice:
         fid, kind = f["id"], f["kind"]
         self._fired[fid] = self._fired.get(fid, 0) + 1
         state = self.driver.manager.state.value if self.driver is not None else "off"
-        self.on_fault(self, kind, f"in state {state}")
+        if not f.get("calibration"):  # a measured link speed (calibration.download) is no fault
+            self.on_fault(self, kind, f"in state {state}")
         if kind == "power_loss":
             if self.powered:
                 self.power_loss(f["duration_s"])

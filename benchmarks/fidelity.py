@@ -1,0 +1,166 @@
+"""Does the simulator predict the real rollout (issue 21)? Each shipped scenario at a size real agents reach on
+this machine, once with every device a real agent process (``fleet.real_agents`` = all: ``slmfleet agent``
+with real onnxruntime, downloads and self-tests) and once all virtual, several runs each.
+
+Per scenario: the outcome of every run (rollout state, the wave it ended in, the gates that failed),
+whether all runs of both kinds agree, each wave's duration (from the rollout's transitions) as a ratio
+virtual/real of the means, the gate values the controller judged each wave with (mean and run-to-run range
+per kind, and whether the virtual mean lies within the real runs' range), and what the virtual device model
+leaves out where they differ (``KNOWN``: the scenario's assumptions real agents cannot reproduce, and the
+faults not applied to real agents, from each run's report).
+
+Both kinds run in this one process, one after the other, on the same machine: the ratios compare like with
+like. ``--quick``: fewer devices, one run of each kind.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from simulations.runner import RunOptions, run_scenario
+from simulations.scenario import bundled, load_scenario
+
+SCENARIOS = ("happy-path", "bad-model", "flaky-network", "low-ram-int4")
+#: bounds on the waiting phases (reached only when something is wrong)
+LIMITS = {"limits.baseline_max_s": 60, "limits.settle_s": 40, "limits.ready_timeout_s": 120}
+#: what the virtual device model assumes that real agents on this machine do not reproduce, per scenario
+KNOWN = {
+    "happy-path": [],
+    "bad-model": [
+        "v2's behaviour (latency_ms 27 vs 9: '3x slower') is an assumption: the real v2 is a generated classifier"
+        " of v1's size and runs as fast as v1, so real agents give the latency gate nothing to fail on",
+        "model_crash on the ARMv7 sensors is simulated: real agents run the real model on x86, which does not crash",
+    ],
+    "flaky-network": [
+        "latency, loss, bandwidth, disconnects, corrupted chunks and clock skew are simulated on the virtual link"
+        " only; real agents talk to the broker over loopback (power loss is applied: SIGKILL and a restart)",
+    ],
+    "low-ram-int4": [],
+}
+
+
+def _outcome(report: dict[str, Any]) -> dict[str, Any]:
+    rollout = report.get("rollout") or {}
+    failed = sorted({g["name"] for g in rollout.get("gates") or [] if g.get("status") == "fail"})
+    # why it ended: the transition into aborting (gates, failures) rather than the rollback's last word
+    ending = [t for t in rollout.get("transitions") or [] if t.get("to_state") in ("aborting", "completed", "paused")]
+    reason = (ending[0]["reason"] if ending else rollout.get("reason")) or ""
+    if not failed and "gate" in reason:
+        failed = sorted({g["name"] for g in rollout.get("gates") or [] if g["name"] in reason})
+    return {
+        "state": rollout.get("state"),
+        "wave": (rollout.get("wave_index", 0) + 1) if rollout else None,
+        "failed_gates": failed,
+        "reason": reason[:200],
+    }
+
+
+def _gate_values(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Wave (from 1) -> gate -> the last value the controller judged that wave with."""
+    out: dict[str, dict[str, float]] = {}
+    for sample in report.get("timeline") or []:
+        if sample.get("wave") is None or sample.get("rollout") not in ("gating", "baking", "aborting"):
+            continue
+        for g in sample.get("gates") or []:
+            if g.get("value") is not None:
+                out.setdefault(str(sample["wave"] + 1), {})[g["name"]] = float(g["value"])
+    return out
+
+
+def _one(name: str, devices: int, real: bool, root: Path) -> dict[str, Any]:
+    overrides: dict[str, Any] = {**LIMITS, "fleet.real_agents": devices if real else 0}
+    scenario = load_scenario(bundled(name), devices=devices, overrides=overrides)
+    started = time.monotonic()
+    result = run_scenario(scenario, RunOptions(out_dir=root, live=False))
+    report = result.report
+    pops = report.get("populations") or {}
+    return {
+        "ok": result.ok,
+        "failures": result.failures,
+        "error": report.get("error"),
+        "outcome": _outcome(report),
+        "wave_durations_s": report.get("wave_durations_s") or [],
+        "gates": _gate_values(report),
+        "rollout_s": report.get("rollout_duration_s"),
+        "wall_s": round(time.monotonic() - started, 1),
+        "faults_not_applied": pops.get("faults_not_applied") or [],
+        "faults_fired": (report.get("faults") or {}).get("counts") or {},
+        "report": str(result.json_path),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 3) if values else None
+
+
+def _compare(name: str, real: list[dict[str, Any]], virtual: list[dict[str, Any]]) -> dict[str, Any]:
+    def key(run: dict[str, Any]) -> tuple[Any, ...]:
+        o = run["outcome"]
+        return (o["state"], o["wave"], tuple(o["failed_gates"]))
+
+    outcomes = {key(r) for r in real + virtual}
+    waves = max((len(r["wave_durations_s"]) for r in real + virtual), default=0)
+    ratios: list[float | None] = []
+    per_wave = []
+    for i in range(waves):
+        rv = [r["wave_durations_s"][i] for r in real if i < len(r["wave_durations_s"]) and r["wave_durations_s"][i]]
+        vv = [r["wave_durations_s"][i] for r in virtual if i < len(r["wave_durations_s"]) and r["wave_durations_s"][i]]
+        ratio = round(statistics.fmean(vv) / statistics.fmean(rv), 3) if rv and vv else None
+        ratios.append(ratio)
+        per_wave.append({"wave": i + 1, "real_s": rv, "virtual_s": vv, "ratio_virtual_over_real": ratio})
+    gates: dict[str, dict[str, Any]] = {}
+    for wave in sorted({w for r in real + virtual for w in r["gates"]}):
+        for gate in sorted({g for r in real + virtual for g in r["gates"].get(wave, {})}):
+            rv = [r["gates"][wave][gate] for r in real if gate in r["gates"].get(wave, {})]
+            vv = [r["gates"][wave][gate] for r in virtual if gate in r["gates"].get(wave, {})]
+            vm = _mean(vv)
+            gates[f"wave {wave} {gate}"] = {
+                "real": {"mean": _mean(rv), "min": min(rv, default=None), "max": max(rv, default=None), "n": len(rv)},
+                "virtual": {
+                    "mean": vm,
+                    "min": min(vv, default=None),
+                    "max": max(vv, default=None),
+                    "n": len(vv),
+                },
+                "virtual_mean_within_real_range": (min(rv) <= vm <= max(rv)) if rv and vm is not None else None,
+            }
+    not_applied = sorted({f"{f['kind']} ({f['why']})" for r in real for f in r["faults_not_applied"]})
+    within = [abs(r - 1.0) <= 0.2 for r in ratios if r is not None]
+    return {
+        "outcomes_real": [r["outcome"] for r in real],
+        "outcomes_virtual": [r["outcome"] for r in virtual],
+        "same_outcome_every_run": len(outcomes) == 1,
+        "waves": per_wave,
+        "wave_ratios_within_20pct": all(within) if within else None,
+        "gates": gates,
+        "why_they_differ": KNOWN.get(name, []),
+        "faults_not_applied_to_real_agents": not_applied,
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    devices = 6 if quick else 10
+    runs = 1 if quick else 2
+    out: dict[str, Any] = {
+        "devices": devices,
+        "runs_per_kind": runs,
+        "conditions": "every device a real agent process vs every device virtual; one controller, broker and"
+        " fleet on this machine (2 cores, shared with whatever else runs)",
+        "scenarios": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="slmfleet-bench-fidelity-") as tmp:
+        for name in SCENARIOS:
+            real, virtual = [], []
+            for i in range(runs):
+                real.append(_one(name, devices, True, Path(tmp) / f"{name}-real-{i}"))
+                virtual.append(_one(name, devices, False, Path(tmp) / f"{name}-virtual-{i}"))
+            summary = _compare(name, real, virtual)
+            for runs_of_kind in (real, virtual):
+                for r in runs_of_kind:
+                    r.pop("report", None)
+            out["scenarios"][name] = {**summary, "runs_real": real, "runs_virtual": virtual}
+    return out
