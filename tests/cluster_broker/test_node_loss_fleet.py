@@ -153,9 +153,9 @@ def test_a_broker_node_dies_under_a_reporting_fleet_mid_rollout(nats_cluster: Na
             "controller.settings.nats_url": f"{n2.nats_url},{n3.nats_url}",
             "controller.settings.mqtt_protocol": "3.1.1",
             "controller.settings.ingest_flush_interval_s": 0.05,
-            # NATS creates a JetStream-backed session per device: 1,000 connecting at once on 2 loaded cores time
-            # out and retry for minutes; a fleet coming up over 20 s (250 devices: 5 s) does not
-            "fleet.connect_rate": 50,
+            # NATS persists a JetStream-backed session per device: 1,000 connecting at once on 2 loaded cores
+            # time out ("unable to persist session") and retry for minutes; paced, they come up
+            "fleet.connect_rate": 50 / SCALE,
             "limits.baseline_max_s": 40,
             "limits.settle_s": 60,
             "limits.ready_timeout_s": 90 * SCALE,
