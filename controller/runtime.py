@@ -251,9 +251,10 @@ class ControllerRuntime:
             over_nats: list[tuple[str, int]] = []
             if s.ingest == "nats":
                 # Telemetry and events (the shared filters) come over NATS in a queue group. State comes both ways,
-                # to every replica: over NATS in order with the device's telemetry (a birth before the telemetry
-                # it allows), and over MQTT, where retained births arrive on subscribing and those sent while this
-                # controller was away wait in its persistent session. The second copy of a state is dropped.
+                # to every replica: over NATS, and over MQTT, where retained births arrive on subscribing and those
+                # sent while this controller was away wait in its persistent session. The second copy of a state is
+                # dropped. A birth may be handled after the telemetry it allows (another subscription, another
+                # nats-py task): the handler holds that telemetry for it (unknown_hold_s, controller/mqtt/held.py).
                 by_group = self.handler.subscriptions(s.nats_queue_group)
                 over_nats = list(by_group)
                 subscriptions = [f for f in by_group if not f[0].startswith("$share/")]
