@@ -193,6 +193,7 @@ class ControllerRuntime:
             knows_deployment=self.delivery.knows,
             on_cert_request=self._certificate_requested if self.pki is not None else None,
             on_ack=self._acknowledged if self.pki is not None else None,
+            unknown_hold_s=settings.effective_unknown_hold_s,
         )
         self.enrollment = EnrollmentService(
             self.engine,
@@ -250,9 +251,10 @@ class ControllerRuntime:
             over_nats: list[tuple[str, int]] = []
             if s.ingest == "nats":
                 # Telemetry and events (the shared filters) come over NATS in a queue group. State comes both ways,
-                # to every replica: over NATS in order with the device's telemetry (a birth before the telemetry
-                # it allows), and over MQTT, where retained births arrive on subscribing and those sent while this
-                # controller was away wait in its persistent session. The second copy of a state is dropped.
+                # to every replica: over NATS, and over MQTT, where retained births arrive on subscribing and those
+                # sent while this controller was away wait in its persistent session. The second copy of a state is
+                # dropped. A birth may be handled after the telemetry it allows (another subscription, another
+                # nats-py task): the handler holds that telemetry for it (unknown_hold_s, controller/mqtt/held.py).
                 by_group = self.handler.subscriptions(s.nats_queue_group)
                 over_nats = list(by_group)
                 subscriptions = [f for f in by_group if not f[0].startswith("$share/")]
@@ -305,6 +307,9 @@ class ControllerRuntime:
         self.scheduler.add_job(self.flush_last_seen, "interval", seconds=5, id="last-seen")
         self.scheduler.add_job(self.delivery.flush, "interval", seconds=1, id="delivery-flush")
         self.scheduler.add_job(self.delivery.check_timeouts, "interval", seconds=2, id="delivery-timeouts")
+        self.scheduler.add_job(self.delivery.nudge, "interval", seconds=2, id="delivery-nudge")
+        if self.handler.held is not None:
+            self.scheduler.add_job(self._expire_held, "interval", seconds=1, id="held-traffic")
         self.scheduler.add_job(
             self._leased("health-rollup", self.health.run), "interval", seconds=s.health_interval_s, id="health-rollup"
         )
@@ -419,6 +424,13 @@ class ControllerRuntime:
                 self.broker_admin.on_response(payload)
             return
         self.handler(topic, payload)
+
+    def _expire_held(self) -> None:
+        """Drop what waited too long for its device's birth, on the MQTT loop (where the handler runs)."""
+        if self.bridge is not None:
+            self.bridge.call_soon(self.handler.expire_held)
+        else:
+            self.handler.expire_held()
 
     def _drop_subscriptions(self, filters: list[tuple[str, int]]) -> None:
         transport = self.bridge.transport if self.bridge is not None else None

@@ -152,6 +152,13 @@ class ControllerSettings(BaseSettings):
     nats_queue_group: str = Field(
         "slmfleet-ingest", description="NATS queue group: the replicas in it share telemetry and events"
     )
+    unknown_hold_s: Annotated[float, Field(ge=0, le=60)] | None = Field(
+        None,
+        description="seconds telemetry and events of a device whose birth has not arrived yet are held for it"
+        " (then handled after the birth, or dropped as unknown_device); unset: 5 where births and telemetry"
+        " come on different subscriptions that may be handled out of order (ingest = nats, or"
+        " mqtt_shared_group), 0 (dropped at once) otherwise",
+    )
     nats_user: str | None = Field(None, description="user on the NATS servers (ingest = nats)")
     nats_password: str | None = Field(None, description="password on the NATS servers (ingest = nats)")
     max_control_payload: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = Field(
@@ -314,6 +321,13 @@ class ControllerSettings(BaseSettings):
                 " 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
             ) from None
         return v
+
+    @property
+    def effective_unknown_hold_s(self) -> float:
+        """``unknown_hold_s``, or its default: held where births and telemetry may be handled out of order."""
+        if self.unknown_hold_s is not None:
+            return self.unknown_hold_s
+        return 5.0 if self.ingest == "nats" or self.mqtt_shared_group else 0.0
 
     @property
     def shared_artifacts(self) -> bool:

@@ -668,16 +668,6 @@ class DeliveryService:
                 self._inflight.update(m.id for m in fresh)
             if fresh:
                 transport.call_soon(self._handle, fresh)  # reports and repairs run on the transport's loop
-            now = self.clock()
-            quiet = self.targets_store.select(
-                lambda t: not t.terminal and not t.queued and bool(t.artifact_id) and now - t.updated_at > NUDGE_S
-            )
-            with self._lock:
-                due = [t for t in quiet if now - self._nudged.get((t.deployment_id, t.device_id), 0.0) > NUDGE_S]
-                for t in due:
-                    self._nudged[(t.deployment_id, t.device_id)] = now
-            if due:
-                transport.call_soon(self._apply, due, Control.RECONNECTED)
         active = set(running)
         for deployment_id in mine:
             info = self.targets_store.info(deployment_id)
@@ -685,6 +675,33 @@ class DeliveryService:
                 self.owner.release(lease_name(deployment_id))
                 self.lost(lease_name(deployment_id))
         return len(handled)
+
+    def nudge(self) -> int:
+        """A scheduler job (every process, replica or not): every device of a deployment this process drives that
+        has been silent ``NUDGE_S`` while its target is unfinished gets its command again, at most once per
+        ``NUDGE_S``. A Deploy lost on its way (with a broker node that died, say) is never acknowledged, and a
+        report lost with a replica never arrives: either way the device hears the command again and answers
+        with where it is (devices ignore a Deploy they already carried out). Returns how many were nudged."""
+        transport = self.wire.transport
+        if transport is None:
+            return 0
+        now = self.clock()
+        quiet = self.targets_store.select(
+            lambda t: not t.terminal and not t.queued and bool(t.artifact_id) and now - t.updated_at > NUDGE_S
+        )
+        with self._lock:
+            # only the quiet ones are remembered: one heard since starts its NUDGE_S again from its report
+            nudged = {
+                (t.deployment_id, t.device_id): self._nudged.get((t.deployment_id, t.device_id), 0.0) for t in quiet
+            }
+            due = [t for t in quiet if now - nudged[(t.deployment_id, t.device_id)] > NUDGE_S]
+            for t in due:
+                nudged[(t.deployment_id, t.device_id)] = now
+            self._nudged = nudged
+        if due:
+            log.info("delivery: %d devices silent %.0f s mid-deployment get their command again", len(due), NUDGE_S)
+            transport.call_soon(self._apply, due, Control.RECONNECTED)
+        return len(due)
 
     def _adopt(self, deployment_id: str) -> None:
         """Follow a deployment this replica just took (or took back): its targets from the database, and the
@@ -792,8 +809,8 @@ class DeliveryService:
             self.add_devices(deployment_id, [str(d) for d in devices] if isinstance(devices, list) else [])
 
 
-#: replicas: a device of a running deployment silent this long gets its command again (a repeated Deploy makes it
-#: report where it is): a report lost with a replica that died while it was on its way is asked for again
+#: a device of a running deployment silent this long gets its command again (a repeated Deploy makes it report
+#: where it is): a command lost on its way (a broker node died) or a report lost with a replica is asked again
 NUDGE_S = 15.0
 
 

@@ -16,6 +16,7 @@ from prometheus_client import Counter
 
 from controller.devices.registry import DeviceRegistry
 from controller.metrics import Metrics
+from controller.mqtt.held import HeldTraffic
 from controller.telemetry import fast
 from controller.telemetry.bounds import ValueBounds
 from controller.telemetry.ingest import Birth, EventIn, IngestWriter, Offline, TelemetryIn, out_of_range
@@ -58,6 +59,7 @@ class DeviceTrafficHandler:
         knows_deployment: Callable[[str, str], bool] = lambda device_id, deployment_id: True,
         on_cert_request: Callable[[str, CertificateRequest], None] | None = None,
         on_ack: Callable[[str, CommandAck], None] | None = None,
+        unknown_hold_s: float = 0.0,
     ) -> None:
         self.registry = registry
         self.writer = writer
@@ -98,6 +100,16 @@ class DeviceTrafficHandler:
         self.bounds = ValueBounds(metrics, max_clock_skew_s, max_age_s)
         #: whether (device, deployment) is one the controller created; reports of others are dropped
         self.knows_deployment = knows_deployment
+        #: telemetry and events of a device not born yet, held until its birth (births and telemetry arrive on
+        #: different subscriptions, which may be handled out of order); None: dropped at once
+        self.held = HeldTraffic(unknown_hold_s) if unknown_hold_s > 0 else None
+        self.held_messages = Counter(
+            "slmfleet_held_before_birth",
+            "Telemetry and event messages that arrived before their device's birth and were held for it"
+            " (unknown_hold_s), by outcome: released (handled after the birth), expired or full (dropped)",
+            ["outcome"],
+            registry=metrics.registry,
+        )
 
     def subscriptions(self, shared_group: str | None = None) -> list[tuple[str, int]]:
         """Topic filters to subscribe to; telemetry and events may be shared between controller replicas."""
@@ -162,10 +174,42 @@ class DeviceTrafficHandler:
             self.writer.put(Birth(device_id, msg, now))
             if self.on_birth is not None:
                 self.on_birth(device_id)
+            if self.held is not None:
+                released = self.held.release(device_id)
+                if released:
+                    self.held_messages.labels("released").inc(len(released))
+                for held_channel, held_msg in released:  # in the order they came, after the birth
+                    self._route(device_id, held_channel, held_msg, self.clock())
             return
         if not self.registry.known(device_id):
+            if channel is DeviceChannel.STATE:
+                pass  # a will or goodbye of a device never born: nothing to wait for
+            elif self.held is not None and self.held.hold(device_id, channel, msg, len(payload), now):
+                return
+            elif self.held is not None:
+                self.held_messages.labels("full").inc()
             self.drops.drop(device_id, channel.value, "unknown_device", "no birth message was received from it")
             return
+        self._route(device_id, channel, msg, now)
+
+    def expire_held(self) -> int:
+        """Drop (as ``unknown_device``) what was held longer than ``unknown_hold_s`` without a birth; returns
+        how many messages. Called periodically, on any thread."""
+        if self.held is None:
+            return 0
+        dropped = 0
+        for device_id, messages in self.held.expire(self.clock()):
+            for channel, _msg in messages:
+                self.drops.drop(
+                    device_id, channel.value, "unknown_device", "no birth message was received from it (held for it)"
+                )
+            dropped += len(messages)
+        if dropped:
+            self.held_messages.labels("expired").inc(dropped)
+        return dropped
+
+    def _route(self, device_id: str, channel: DeviceChannel, msg: Any, now: float) -> None:
+        """A decoded, checked message of a known device: its offline, telemetry, event or request."""
         if channel is DeviceChannel.STATE:  # offline: will or goodbye
             self.registry.offline(device_id)
             self.writer.put(Offline(device_id, msg.reason, now))

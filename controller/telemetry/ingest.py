@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, case, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.sql.expression import Executable
 
 from controller.db.bulk import BulkInsert
 from controller.db.models import Device, DeviceEvent, TelemetryRecord, table
@@ -399,7 +402,7 @@ class IngestWriter:
                         conn.execute(update(table(Device)).where(where).values(**_kept(values)))
                     elif "agent_version" in values:  # only a birth registers a device
                         row = Device(id=device_id, labels=birth_labels.get(device_id, {}), **values)
-                        conn.execute(insert(table(Device)).values(**row.model_dump()))
+                        conn.execute(_register(conn.dialect.name, row.model_dump(), _kept(values)))
             self._telemetry_insert.execute(conn, telemetry)
             self._event_insert.execute(conn, events)
             # devices with a birth or status change in this batch got last_seen with it; an empty executemany
@@ -414,6 +417,19 @@ class IngestWriter:
                     last_seen,
                 )
         return len(telemetry), len(events)
+
+
+def _register(dialect: str, row: dict[str, Any], birth: dict[str, Any]) -> Executable:
+    """The INSERT of a device's first row. Replicas each handle every birth: another one may register the
+    device between this batch's SELECT and its INSERT, so on a conflict the row takes this birth's values (as
+    an UPDATE of a known device would) instead of the batch failing and being retried (INSERT ... ON CONFLICT,
+    SQLite and PostgreSQL; a plain INSERT elsewhere)."""
+    devices = table(Device)
+    if dialect == "postgresql":
+        return pg_insert(devices).values(**row).on_conflict_do_update(index_elements=[devices.c.id], set_=birth)
+    if dialect == "sqlite":
+        return sqlite_insert(devices).values(**row).on_conflict_do_update(index_elements=[devices.c.id], set_=birth)
+    return insert(devices).values(**row)
 
 
 def _kept(values: dict[str, Any]) -> dict[str, Any]:

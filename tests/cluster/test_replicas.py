@@ -17,10 +17,11 @@ from sqlalchemy import create_engine, text
 
 from controller.broker.embedded import EmbeddedBroker
 from tests.cluster.harness import Cluster, holder, start_pumps, start_rollout
+from tests.controller import devices_util as du
 from tests.e2e.fleet import ControllerProc, Fleet
 from tests.e2e.test_deploy_faults import BIG_BYTES, deploy, ended, register_anomaly, register_big
 from tests.e2e.test_deploy_real_agents import active_version, pin_key, register
-from tests.helpers import wait_until
+from tests.helpers import RawMqtt, wait_until
 from tests.postgres import own_database
 
 pytestmark = pytest.mark.slow
@@ -322,3 +323,60 @@ def test_a_rollout_survives_its_driver_killed_in_several_states_and_an_approval_
         engine.dispose()
         fleet.controller = None
         fleet.stop()
+
+
+def test_a_rolling_upgrade_keeps_old_replicas_serving_on_the_newer_schema(
+    cluster: Cluster, private_broker: EmbeddedBroker
+) -> None:
+    """A rolling upgrade, one replica at a time: the first replica of the next version migrates the database (here
+    its migration is applied as it would be: additive, as ours are within a version, a nullable column on the
+    device and telemetry tables, a new table, its revision). A replica still on this version goes on ingesting and
+    serving on that schema; another one (re)started mid-upgrade runs on it without migrating, and takes the jobs
+    over when the first stops for its own upgrade."""
+    cluster.start("g2")
+    engine = create_engine(cluster.database_url)
+    raw = RawMqtt(private_broker.port, "upgrade-device")
+
+    def telemetry_rows(device: str) -> int:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(text("SELECT count(*) FROM telemetry WHERE device_id = :d"), {"d": device}).one()[0]
+            )
+
+    def report(device: str, seqs: range) -> None:
+        raw.publish(*du.birth(device))
+        for seq in seqs:
+            raw.publish(*du.telemetry(device, seq))
+
+    try:
+        report("up-before", range(3))
+        wait_until(lambda: telemetry_rows("up-before") == 3, 30, what="telemetry before the upgrade")
+        with engine.begin() as conn:  # the next version's first replica migrates
+            conn.execute(text("ALTER TABLE device ADD COLUMN firmware_channel VARCHAR(32)"))
+            conn.execute(text("ALTER TABLE telemetry ADD COLUMN energy_mwh DOUBLE PRECISION"))
+            conn.execute(text("CREATE TABLE device_note (id SERIAL PRIMARY KEY, device_id VARCHAR(128), body TEXT)"))
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999_next_release'"))
+        # the running old replica goes on: a device new since the migration is registered, its telemetry stored
+        report("up-during", range(5))
+        wait_until(lambda: telemetry_rows("up-during") == 5, 30, what="telemetry on the newer schema")
+        # an old replica started mid-upgrade runs on the newer schema without touching it
+        g1 = cluster.start("g1")
+        assert "newer than this controller knows" in g1.proc.log()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "9999_next_release"
+        for replica in cluster.replicas.values():
+            headers = {"Authorization": f"Bearer {replica.token}"}
+            assert replica.get("/api/v1/devices/up-during", headers=headers).status_code == 200
+        # and drives: g2 goes down for its own upgrade, g1 takes its jobs and ingests alone
+        assert cluster.replicas["g2"].proc.stop(20) == 0
+        wait_until(
+            lambda: (h := holder(engine, "job:presence-sweep")) is not None and h[0] == "g1",
+            20,
+            what="the presence sweep driven by the old replica started on the newer schema",
+        )
+        report("up-after", range(4))
+        wait_until(lambda: telemetry_rows("up-after") == 4, 30, what="telemetry through that replica alone")
+        assert "Traceback" not in g1.proc.log()
+    finally:
+        raw.close()
+        engine.dispose()

@@ -5,6 +5,7 @@ their lengths, one row the database refuses costs only itself."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
@@ -13,7 +14,7 @@ from sqlmodel import Session
 from controller.db.models import DeviceEvent, TelemetryRecord
 from controller.telemetry.ingest import EventIn, IngestWriter, TelemetryIn
 from tests.contracts.test_database import db
-from wire.messages import AgentEvent, CommandAck, InferenceStats, LatencySummary, ModelRef, Telemetry
+from wire.messages import AgentEvent, CommandAck, DeviceOnline, InferenceStats, LatencySummary, ModelRef, Telemetry
 
 __all__ = ["db"]  # the database suite's fixture: a migrated, empty database of each dialect
 
@@ -32,7 +33,7 @@ def _telemetry(seq: int, ts: float, *, model: bool = True) -> Telemetry:
     )
 
 
-def _write(engine: Engine, ops: list[TelemetryIn | EventIn]) -> IngestWriter:
+def _write(engine: Engine, ops: list[Any]) -> IngestWriter:
     writer = IngestWriter(engine, flush_interval_s=0.05)
     for op in ops:
         assert writer.put(op)
@@ -135,3 +136,41 @@ def test_the_writer_holds_its_batch_while_the_database_is_down() -> None:
             assert seqs == list(range(50)) and dropped == [] and writer.failed_batches == 0
         finally:
             engine.dispose()
+
+
+def test_a_birth_whose_device_another_replica_just_registered_updates_it(
+    db: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas each write every birth: another one may insert the device's row between this batch's SELECT of
+    the known devices and its INSERT (here: just before the INSERT, on its connection). The INSERT then updates
+    the row (ON CONFLICT) instead of failing the batch (a UniqueViolation, the batch retried)."""
+    from sqlalchemy import event, insert
+
+    from controller.db.models import Device, table
+    from controller.telemetry.ingest import Birth
+    from tests.controller.devices_util import HW
+
+    raced = []
+
+    def other_replica_first(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not raced and " ".join(statement.split()).startswith("INSERT INTO device ("):
+            raced.append(statement)  # before the nested execute: it comes through here too
+            row = Device(id="dev-raced", status="offline", agent_version="0.0.1", hardware={}, labels={"a": "b"})
+            conn.execute(insert(table(Device)).values(**row.model_dump()))
+
+    event.listen(db, "before_cursor_execute", other_replica_first)
+    now = time.time()
+    birth = DeviceOnline(ts=now, agent_version="0.2.0", hardware=HW, keepalive_s=30, telemetry_interval_s=10)
+    try:
+        writer = _write(db, [Birth("dev-raced", birth, now), TelemetryIn("dev-raced", _telemetry(0, now), now)])
+    finally:
+        event.remove(db, "before_cursor_execute", other_replica_first)
+    assert raced, "the race was not set up"
+    assert writer.batches == 1 and writer.failed_batches == 0
+    assert "failed" not in caplog.text, caplog.text
+    with Session(db) as s:
+        device = s.get(Device, "dev-raced")
+        assert device is not None
+        assert (device.status, device.agent_version, device.labels) == ("online", "0.2.0", {"a": "b"})
+        assert device.hardware["cpu_count"] == HW.cpu_count
+        assert s.exec(select(TelemetryRecord.seq)).scalars().all() == [0]

@@ -40,8 +40,12 @@ class PeerDevice:
         ignore_broadcast: bool = False,
         drop: set[int] | None = None,
         installed: list[InstalledModel] | None = None,
+        lose_first_deploy: bool = False,
     ) -> None:
         self.device_id = device_id
+        #: the first Deploy is as if lost on its way (a broker node died with it): not acted on, not answered
+        self.lose_first_deploy = lose_first_deploy
+        self.lost: list[Deploy] = []
         self.public_key = signing.load_public_key(public_key_pem)
         self.ignore_broadcast = ignore_broadcast
         self.drop = set(drop or ())
@@ -163,6 +167,9 @@ class PeerDevice:
             command = codec.decode(DeviceChannel.CMD, msg.payload)
             self.commands.append(command)
             if isinstance(command, Deploy):
+                if self.lose_first_deploy and not self.lost:
+                    self.lost.append(command)
+                    return
                 if command.deployment_id == self.deployment_id:
                     self.deploys.append(command)
                     return  # a repeat: nothing to restart

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from controller.delivery import service as delivery_service
 from controller.delivery.variants import choose_variant
 from tests.delivery.peer import PeerDevice
 from tests.helpers import metric_value, wait_until
@@ -243,3 +244,21 @@ def test_a_device_that_switches_after_its_timeout_is_believed_or_sent_back(ctl, 
         else:
             wait_until(lambda: any(c.type == "rollback" for c in rolled.commands), 15, what="a rollback command")
             assert deployment(ctl, dep["id"])["targets"][0]["state"] == "rolling_back"
+
+
+def test_a_deploy_command_the_device_never_acknowledged_is_sent_again(ctl, peers, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16: a Deploy lost on its way (with a broker node that died under load) is never acknowledged; the
+    device stays online (it moved to another node without missing a keepalive) and nothing else re-sends it. The
+    controller, replica or not, sends the command again to a device silent NUDGE_S mid-deployment."""
+    monkeypatch.setattr(delivery_service, "NUDGE_S", 1.0)
+    register_anomaly(ctl, tmp_path)
+    peer = peers("lost-cmd", lose_first_deploy=True)
+    dep = deploy(ctl, model="pump", version=1, devices=["lost-cmd"])
+    wait_until(lambda: peer.lost, 10, what="the first Deploy (lost)")
+    assert not ctl.runtime.settings.replica
+    wait_until(lambda: peer.deploys, 15, what="the Deploy sent again to the silent device")
+    assert peer.deploys[0].deployment_id == dep["id"]
+    wait_until(peer.complete, 30, what="every chunk at the device")
+    peer.finish()
+    done = wait_until(lambda: (x := deployment(ctl, dep["id"]))["status"] == "completed" and x, 15)
+    assert done["targets"][0]["state"] == "active"
