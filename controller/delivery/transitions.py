@@ -151,6 +151,8 @@ def _rows() -> dict[tuple[State, Event], Rule]:
     rows[(D.ACTIVE, Control.COMMIT)] = Step(None, (A.SEND_COMMIT,))
     rows[(PENDING, Control.ONLINE)] = Step(None, (A.SEND_DEPLOY,))
     rows[(D.ROLLING_BACK, Control.ONLINE)] = Step(None, (A.SEND_ROLLBACK,))
+    # a device rolling back is re-sent its rollback grant, not the Deploy it is undoing (nudges, broker reconnects)
+    rows[(D.ROLLING_BACK, Control.RECONNECTED)] = Step(None, (A.SEND_ROLLBACK,))
     return rows
 
 

@@ -55,6 +55,8 @@ def expected(state: str, event: object, facts: Facts) -> Step:
     if event == Control.GIVE_UP:
         return IGNORE if state in TERMINAL else Step(D.FAILED, (A.SEND_CANCEL, A.NOTIFY, A.SETTLE))
     if event == Control.RECONNECTED:
+        if state == D.ROLLING_BACK:
+            return Step(None, (A.SEND_ROLLBACK,))
         return IGNORE if state in TERMINAL else Step(None, (A.SEND_DEPLOY,))
     if event == Control.ACTIVATE:
         return Step(None, (A.SEND_ACTIVATE,)) if state in (D.STAGED, D.SHADOW) else IGNORE
