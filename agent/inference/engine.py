@@ -316,7 +316,10 @@ class InferenceEngine:
         task: Any = None
         compute_s = 0.0
         if loaded is None:
+            # not served, which is not the model's error: counted as drops, so a device that boots (or switches)
+            # while inputs arrive does not charge its model's error rate with them
             results: list[dict[str, Any]] = [{"error": NO_MODEL} for _ in batch]
+            self.counters.record_drop(len(batch))
         else:
             ref, task = loaded.ref, loaded.spec.task
             started = time.perf_counter()
@@ -336,7 +339,7 @@ class InferenceEngine:
         now = time.time()
         latencies = [(done - r.enqueued) * 1000.0 for r in batch]
         ok_latencies = [lat for lat, res in zip(latencies, results, strict=True) if "error" not in res]
-        errors = len(results) - len(ok_latencies)
+        errors = len(results) - len(ok_latencies) if loaded is not None else 0
         self.counters.record_many(ok_latencies)
         if errors:
             self.counters.record_error(errors)
@@ -403,7 +406,7 @@ class InferenceEngine:
     def _stream(self, request: StreamRequest) -> None:
         loaded = self.host.acquire()
         if loaded is None:
-            self.counters.record_error()
+            self.counters.record_drop()
             self._emit(request, "error", {"error": NO_MODEL})
             return
         started = time.perf_counter()
