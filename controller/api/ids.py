@@ -13,6 +13,9 @@ Row = TypeVar("Row", bound=SQLModel)
 #: how many candidates an ambiguous prefix lists
 SHOWN_CANDIDATES = 10
 
+#: path parameters the routes resolve with :func:`resolve` (a prefix may be ambiguous: 409 in the OpenAPI document)
+PREFIX_PARAMS = frozenset({"deployment_id", "rollout_id", "job_id", "artifact_id"})
+
 
 def resolve(session: Session, table: type[Row], given: str, kind: str) -> Row:
     """The row whose id is ``given`` or, failing that, the only one whose id starts with it.

@@ -5,7 +5,8 @@ here, from what each route depends on, so a new route gets them without anyone r
 
 - 401 for routes that read a bearer token (reads too: a token that is presented is checked), and 403
   for routes that need the operator or admin role;
-- 404 for routes with a path parameter (they look something up), 400 for routes with a JSON body
+- 404 for routes with a path parameter (they look something up), 409 for those whose id may be given as a
+  prefix (``ids.PREFIX_PARAMS``: a prefix several ids start with), 400 for routes with a JSON body
   (a body that is not UTF-8 cannot be parsed), 429 for every route (the rate limit);
 - 422 with :class:`ValidationFailed`: pydantic's list of field errors, or one sentence where a route
   checks more than the schema can say (a selector that does not parse).
@@ -26,7 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
-from controller.api import deps
+from controller.api import deps, ids
 
 
 class ApiError(BaseModel):
@@ -58,7 +59,7 @@ DESCRIPTIONS = {
     401: "no token, or a token that is unknown, expired or revoked",
     403: "the token's role is too low for this",
     404: "not found: a name, id or version in the request does not exist",
-    409: "valid, but the current state refuses it (the reason says which)",
+    409: "valid, but the current state refuses it, or an id prefix that several ids start with (the reason says which)",
     413: "the upload is larger than upload_max_bytes",
     422: "the request does not fit the schema, or a value checked beyond it does not hold",
     429: "too many requests from this address or with this token: wait Retry-After seconds",
@@ -93,6 +94,8 @@ def implied_codes(route: APIRoute) -> set[int]:
         codes.add(401)
     if route.dependant.path_params:
         codes.add(404)
+        if {p.name for p in route.dependant.path_params} & ids.PREFIX_PARAMS:
+            codes.add(409)  # an id prefix that several ids start with
     if route.body_field is not None:
         codes.add(400)
     if route.body_field is not None or route.dependant.query_params or route.dependant.path_params:
