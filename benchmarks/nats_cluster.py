@@ -234,6 +234,15 @@ class NatsCluster:
                         return next((n for n in self.nodes if n.name == leader), None)
         return None
 
+    def meta_leader(self) -> NatsNode | None:
+        """The JetStream meta leader, when every live node names the same live one (after a node loss: elected
+        again and known to all). Stream and consumer creation and deletion go through it."""
+        named = {(jsz.get("meta_cluster") or {}).get("leader") for _node, jsz in self._monitor("/jsz", {})}
+        if len(named) != 1:
+            return None
+        leader = next((n for n in self.nodes if n.name in named), None)
+        return leader if leader is not None and leader.alive() else None
+
     def streams_led(self, streams: list[str]) -> bool:
         """Every one of ``streams`` has a live leader (after a node loss: elected again)."""
         leaders = [self.stream_leader(s) for s in streams]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, text
 
-from agent.transport.mqtt import first_server
+from agent.transport.mqtt import MqttConfig, MqttTransport, first_server, parse_broker_url
 from benchmarks.nats_cluster import NatsCluster, NatsNode
 from controller.broker.embedded import free_port
 from controller.mqtt.nats_ingest import NatsIngest, ingest_subscriptions
@@ -39,20 +40,44 @@ from wire import topics
 pytestmark = pytest.mark.slow
 
 
-def client(node: NatsNode, client_id: str, *, clean: bool = True) -> tuple[mqtt.Client, list[mqtt.MQTTMessage]]:
-    """A paho MQTT 3.1.1 client on one node (NATS speaks 3.1.1), with the messages it receives."""
+#: How long a client may take to connect, a subscription to be granted or a queued message to arrive after a node
+#: was killed. NATS serves an MQTT CONNECT with JetStream API calls (the session record's load and save; on a node's
+#: first MQTT client also the $MQTT_ streams' lookups and the deletion and creation of its retained-messages consumer),
+#: and a SUBSCRIBE QoS 1 with a consumer's creation. Each call fails after 4 s (mqttJSAPITimeout in nats-server 2.9)
+#: while the meta, stream and consumer raft groups the dead node led elect again (election timeout 4-9 s, a round
+#: more on a split vote); the server then closes the connection (no CONNACK) or refuses the subscription (0x80) and
+#: the client asks again. Two election rounds (18 s), the attempt in flight (up to a few 4-s timeouts) and the one
+#: that succeeds on 2 loaded cores: 45 s.
+NODE_LOSS_S = 45.0
+
+
+def client(
+    node: NatsNode, client_id: str, *, clean: bool = True, timeout: float = 15.0
+) -> tuple[mqtt.Client, list[mqtt.MQTTMessage]]:
+    """A paho MQTT 3.1.1 client on one node (NATS speaks 3.1.1), with the messages it receives.
+
+    It connects as our agents do: again after a refused or dropped attempt, a second or two later (the agent's
+    backoff is jittered, from 0.5 s: agent/transport/mqtt.py), until ``timeout``. Right after a node loss NATS
+    drops a CONNECT whose JetStream calls time out ("unable to connect: timeout for request type ..." in the
+    node's log), so one attempt is not enough there (``NODE_LOSS_S``)."""
     received: list[mqtt.MQTTMessage] = []
     lock = threading.Lock()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=clean)
+    c.reconnect_delay_set(min_delay=1, max_delay=2)
 
     def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with lock:
             received.append(msg)
 
     c.on_message = on_message
-    c.connect("127.0.0.1", node.mqtt_port, keepalive=30)
+    c.connect_async("127.0.0.1", node.mqtt_port, keepalive=30)
     c.loop_start()
-    wait_until(c.is_connected, 15, what=f"MQTT client {client_id} connected to {node.name}")
+    try:
+        wait_until(c.is_connected, timeout, what=f"MQTT client {client_id} connected to {node.name}")
+    except AssertionError as exc:
+        close(c)
+        refusals = [line for line in node.log().splitlines() if f'"{client_id}"' in line and "[ERR]" in line]
+        raise AssertionError(f"{exc}; {node.name} logged: {refusals[-5:]}") from None
     return c, received
 
 
@@ -183,7 +208,8 @@ def test_an_agent_moves_to_another_node_when_its_node_dies_and_every_telemetry_m
     spooled = set(wait_until(lambda: spooled_at_least(tmp_path / device, device, 5), 30, what="telemetry spooled"))
     nats_cluster.kill(n1)
     killed = time.monotonic()
-    moved_to = wait_until(lambda: nats_cluster.node_of_client(device), 30, what="the agent on another node")
+    # the agent's CONNECT on the next node is served once JetStream has leaders again (``NODE_LOSS_S``)
+    moved_to = wait_until(lambda: nats_cluster.node_of_client(device), NODE_LOSS_S, what="the agent on another node")
     moved_s = time.monotonic() - killed
     assert moved_to in (n2, n3)
     assert agent.alive()
@@ -230,28 +256,66 @@ def test_a_retained_message_and_a_persistent_session_survive_the_node_leading_th
     assert leader is not None, "retained messages are kept in JetStream"
     nats_cluster.kill(leader)
     alive = [n for n in nats_cluster.nodes if n.alive()]
+    # the dead node may have led the meta group too (it creates and deletes the consumers a CONNECT needs)
     wait_until(
-        lambda: nats_cluster.streams_led(["$MQTT_rmsgs", "$MQTT_sess", "$MQTT_msgs"]),
+        lambda: nats_cluster.meta_leader() and nats_cluster.streams_led(["$MQTT_rmsgs", "$MQTT_sess", "$MQTT_msgs"]),
         30,
-        what="stream leaders elected again",
+        what="meta and stream leaders elected again",
     )
 
     # A message for the away session, published on a surviving node.
-    publisher, _ = client(alive[0], "pub-2")
+    publisher, _ = client(alive[0], "pub-2", timeout=NODE_LOSS_S)
     publisher.publish(queued_topic, b"while away", qos=1).wait_for_publish(10)
     close(publisher)
 
-    watcher, seen = client(alive[-1], "watch-1")
-    subscribe(watcher, retained_topic)
+    # The watcher's node may serve its first MQTT client now: NATS then sets the account's MQTT state up there.
+    watcher, seen = client(alive[-1], "watch-1", timeout=NODE_LOSS_S)
+    subscribe(watcher, retained_topic, NODE_LOSS_S)
     wait_until(lambda: seen, 15, what="the retained message after the node loss")
     assert (seen[0].payload, seen[0].retain) == (b"kept", True)
     close(watcher)
 
     # The session comes back on another node: the broker remembers its subscription and kept the message.
-    back, got = client(alive[-1], "sess-1", clean=False)
-    wait_until(lambda: got, 15, what="the message queued for the persistent session")
+    back, got = client(alive[-1], "sess-1", clean=False, timeout=NODE_LOSS_S)
+    wait_until(lambda: got, NODE_LOSS_S, what="the message queued for the persistent session")
     assert [(m.topic, m.payload) for m in got] == [(queued_topic, b"while away")]
     close(back)
+
+
+def test_the_transport_asks_a_node_again_after_nats_drops_its_connect_and_connects_once_jetstream_is_back(
+    nats_cluster: NatsCluster,
+) -> None:
+    """NATS (2.9) serves an MQTT CONNECT with JetStream calls; when they fail (here no quorum: two of the three
+    nodes are down) it logs "unable to connect" and closes the connection without a CONNACK. The transport of the
+    agents and the controller takes that as a failed attempt and asks again with backoff, and is connected once
+    the cluster has its quorum back: a dropped CONNECT never stops it."""
+    n1, n2, n3 = nats_cluster.nodes
+    nats_cluster.kill(n1)
+    nats_cluster.kill(n2)
+    client_id = "retry-1"
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="transport-loop", daemon=True)
+    runner.start()
+    config = MqttConfig(**parse_broker_url(n3.mqtt_url), protocol="3.1.1", reconnect_min_s=0.5, reconnect_max_s=2)
+    transport = MqttTransport(config, client_id, loop=loop)
+    try:
+        loop.call_soon_threadsafe(transport.start)
+
+        def dropped() -> list[str]:
+            return [line for line in n3.log().splitlines() if f'"{client_id}" - unable to connect' in line]
+
+        drops = wait_until(lambda: len(dropped()) >= 2 and dropped(), 40, what=f"two CONNECTs dropped by {n3.name}")
+        assert not transport.connected and transport.connects == 0, drops
+        for node in (n1, n2):
+            nats_cluster.restart(node)
+        wait_until(lambda: transport.connected, NODE_LOSS_S, what=f"the transport connected to {n3.name} again")
+        assert transport.connects == 1 and transport.server_url == n3.mqtt_url
+        print(f"{len(dropped())} CONNECTs dropped by {n3.name} without quorum, then connected: {drops[0][-160:]}")
+    finally:
+        asyncio.run_coroutine_threadsafe(transport.stop(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
 
 
 def test_two_ingesters_in_one_queue_group_share_telemetry_and_both_hear_state(nats_cluster: NatsCluster) -> None:
@@ -370,7 +434,7 @@ def test_the_controller_moves_to_another_node_when_its_nats_node_dies_and_ingest
             what="the NATS ingest on another node",
         )
         assert runtime.bridge is not None
-        wait_until(lambda: runtime.bridge.connected, 30, what="the controller's MQTT connection")
+        wait_until(lambda: runtime.bridge.connected, NODE_LOSS_S, what="the controller's MQTT connection")
         assert nats_cluster.node_of_client(device) in agent_nodes
         after = len(stored_telemetry(db, device))
         wait_until(lambda: len(stored_telemetry(db, device)) >= after + 10, 60, what="telemetry after the move")
