@@ -403,6 +403,7 @@ def measure(root: Path, setup: Setup) -> dict[str, Any]:
                 "slow_share_held_when_fast_done": {
                     d: round(held[d] / mixed.chunks, 3) if mixed.chunks else None for d in slow if d in held
                 },
+                "slow_chunks_held_when_fast_done": {d: held[d] for d in slow if d in held},
                 "controller_copies": copies(pub1, pub2),
                 "link_copies": copies(tx1, tx2, fast + slow),
                 "hub_side_drops": {d: links.dropped(d) for d in slow},

@@ -24,6 +24,11 @@ class ControllerProc:
     def token(self) -> str:
         return (self.data_dir / "admin-token").read_text().strip()
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The admin's headers for the API."""
+        return {"Authorization": f"Bearer {self.token}"}
+
     def get(self, path: str, **kw: object) -> httpx.Response:
         return httpx.get(self.api + path, timeout=10, **kw)  # type: ignore[arg-type]
 

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
-from controller.broker.embedded import EmbeddedBroker
 from tests.e2e.fleet import Fleet
 from tests.helpers import wait_until
 
@@ -34,13 +32,6 @@ def tiny_model(path: Path) -> Path:
     model.ir_version = 9
     onnx.save(model, path)
     return path
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker):  # type: ignore[no-untyped-def]
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
 
 
 def totals(ctl, device_id: str) -> tuple[int, int, list[dict]]:  # type: ignore[no-untyped-def]

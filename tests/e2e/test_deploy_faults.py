@@ -51,10 +51,6 @@ def test_crash_states_cover_the_table() -> None:
 # --------------------------------------------------------------- helpers --
 
 
-def _auth(ctl: ControllerProc) -> dict[str, str]:
-    return {"Authorization": f"Bearer {ctl.token}"}
-
-
 def register_anomaly(ctl: ControllerProc, tmp: Path, seed: int) -> int:
     path, threshold = anomaly_model(tmp / f"m{seed}.onnx", seed=seed)
     options = {
@@ -75,7 +71,7 @@ def _upload(ctl: ControllerProc, path: Path, options: dict[str, Any]) -> int:
         ctl.api + "/api/v1/models/pump/versions",
         files=[("file", ("m.onnx", path.read_bytes()))],
         data={"options": json.dumps(options)},
-        headers=_auth(ctl),
+        headers=ctl.auth,
         timeout=300,
     )
     assert r.status_code == 201, r.text
@@ -89,7 +85,7 @@ def size_of(ctl: ControllerProc, version: int) -> int:
 
 def deploy(ctl: ControllerProc, version: int, devices: list[str]) -> str:
     body = {"model": "pump", "version": version, "variant": "fp32", "target": {"devices": devices}}
-    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=_auth(ctl), timeout=10)
+    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=ctl.auth, timeout=10)
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
 
@@ -236,7 +232,7 @@ def test_agent_killed_in_each_state_ends_with_a_model(crash_fleet: CrashFleet, s
     wait_until(lambda: infer(agent.http_port) in (cf.v1, cf.v2), 30, what="serving before the fault")
 
     if rollback:
-        r = httpx.post(ctl.api + f"/api/v1/deployments/{dep}/rollback", headers=_auth(ctl), timeout=10)
+        r = httpx.post(ctl.api + f"/api/v1/deployments/{dep}/rollback", headers=ctl.auth, timeout=10)
         assert r.status_code == 200, r.text
     else:
         dep = deploy(ctl, cf.v2, [agent.device_id])
@@ -270,13 +266,6 @@ def test_agent_killed_in_each_state_ends_with_a_model(crash_fleet: CrashFleet, s
 
 
 # ------------------------------------------------ infrastructure restarts --
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
 
 
 #: big enough that a transfer in 4 KiB chunks lasts well beyond a restart of the broker or controller

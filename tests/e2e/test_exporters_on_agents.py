@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.broker.embedded import EmbeddedBroker, free_port
+from controller.broker.embedded import free_port
 from tests.e2e.fleet import ControllerProc, Fleet
 from tests.helpers import wait_until
 from tests.registry.test_exporters import FIXTURES, LAYOUTS, reference, tar_gz
@@ -21,17 +21,6 @@ from tests.registry.test_exporters import FIXTURES, LAYOUTS, reference, tar_gz
 pytestmark = pytest.mark.slow
 
 DEVICE = "edge-byom"
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker):  # type: ignore[no-untyped-def]
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
-
-
-def _auth(ctl: ControllerProc) -> dict[str, str]:
-    return {"Authorization": f"Bearer {ctl.token}"}
 
 
 def import_export(ctl: ControllerProc, name: str, layout: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +34,7 @@ def import_export(ctl: ControllerProc, name: str, layout: str, options: dict[str
         ctl.api + f"/api/v1/models/{name}/versions",
         files=files,
         data={"options": json.dumps(options)},
-        headers=_auth(ctl),
+        headers=ctl.auth,
         timeout=300,
     )
     assert r.status_code == 201, r.text
@@ -54,7 +43,7 @@ def import_export(ctl: ControllerProc, name: str, layout: str, options: dict[str
 
 def deploy_and_wait(ctl: ControllerProc, name: str, version: int, variant: str) -> None:
     body = {"model": name, "version": version, "variant": variant, "target": {"devices": [DEVICE]}}
-    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=_auth(ctl), timeout=10)
+    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=ctl.auth, timeout=10)
     assert r.status_code == 201, r.text
     dep = r.json()["id"]
     done = wait_until(

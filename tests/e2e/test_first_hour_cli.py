@@ -8,24 +8,16 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from controller.broker.embedded import EmbeddedBroker, free_port
+from controller.broker.embedded import free_port
 from tests.e2e.fleet import Fleet
 from tests.helpers import REPO, Proc, slmfleet_cmd, wait_until
 
 pytestmark = pytest.mark.slow
 PUMP = REPO / "examples" / "pump"
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
 
 
 def cli(fleet: Fleet, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

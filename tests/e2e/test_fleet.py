@@ -5,24 +5,15 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from controller.broker.embedded import EmbeddedBroker, free_port
 from tests.e2e.fleet import Fleet, broker_url_from_banner
 from tests.helpers import Proc, slmfleet_cmd, wait_until
 
 KEEPALIVE = 4
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
 
 
 def test_three_agents_online_telemetry_kill_restart(fleet: Fleet, private_broker: EmbeddedBroker) -> None:

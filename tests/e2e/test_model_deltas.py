@@ -21,7 +21,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from controller.broker.embedded import EmbeddedBroker, free_port
+from controller.broker.embedded import free_port
 from tests.e2e.fleet import ControllerProc, Fleet
 from tests.helpers import metric_value, wait_until
 from tests.registry.tiny_models import WORDS, word_tokenizer
@@ -84,17 +84,6 @@ def classifier(out_dir: Path, head_seed: int) -> Path:
     return out_dir
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker):  # type: ignore[no-untyped-def]
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
-
-
-def _auth(ctl: ControllerProc) -> dict[str, str]:
-    return {"Authorization": f"Bearer {ctl.token}"}
-
-
 def register(ctl: ControllerProc, bundle: Path) -> dict[str, Any]:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -103,7 +92,7 @@ def register(ctl: ControllerProc, bundle: Path) -> dict[str, Any]:
         ctl.api + "/api/v1/models/clf/versions",
         files=[("file", ("b.tar", buf.getvalue()))],
         data={"options": json.dumps({"task": "text-classification"})},
-        headers=_auth(ctl),
+        headers=ctl.auth,
         timeout=300,
     )
     assert r.status_code == 201, r.text
@@ -112,7 +101,7 @@ def register(ctl: ControllerProc, bundle: Path) -> dict[str, Any]:
 
 def deploy_and_wait(ctl: ControllerProc, version: int, device: str) -> dict[str, Any]:
     body = {"model": "clf", "version": version, "variant": "fp32", "target": {"devices": [device]}}
-    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=_auth(ctl), timeout=10)
+    r = httpx.post(ctl.api + "/api/v1/deployments", json=body, headers=ctl.auth, timeout=10)
     assert r.status_code == 201, r.text
     dep = r.json()["id"]
     done: dict[str, Any] = wait_until(

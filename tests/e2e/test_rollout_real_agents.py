@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import httpx
 import numpy as np
 import pytest
 
-from controller.broker.embedded import EmbeddedBroker, free_port
+from controller.broker.embedded import free_port
 from controller.rollouts.gates import MIN_INTERVALS
 from tests.e2e.fleet import ControllerProc, Fleet
-from tests.e2e.test_deploy_real_agents import WINDOW, _auth, active_version, deploy, deployment, pin_key, register
+from tests.e2e.test_deploy_real_agents import WINDOW, active_version, deploy, deployment, pin_key, register
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
@@ -35,13 +34,6 @@ pytestmark = pytest.mark.slow
 #: the agents, the controller and the load share 2 cores with whatever else runs on the machine, and their
 #: latency follows that machine's load over time (a device of its own does not)
 GATES = {"min_samples": 20, "warmup_s": 2, "deadline_s": 120, "p95_latency_ratio_max": 1.5}
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, private_broker: EmbeddedBroker) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, private_broker.url)
-    yield f
-    f.stop()
 
 
 class Load:
@@ -107,7 +99,7 @@ def register_file(ctl: ControllerProc, path: Path) -> dict[str, Any]:
         ctl.api + "/api/v1/models/pump/versions",
         files=[("file", ("m.onnx", path.read_bytes()))],
         data={"options": json.dumps(options)},
-        headers=_auth(ctl),
+        headers=ctl.auth,
         timeout=120,
     )
     assert r.status_code == 201, r.text
@@ -163,7 +155,7 @@ def v1_inferences(ctl: ControllerProc, device: str) -> int:
 
 def start_rollout(ctl: ControllerProc, waves: list[dict[str, Any]]) -> dict[str, Any]:
     body = {"model": "pump", "version": 2, "variant": "fp32", "selector": "fleet=pumps", "waves": waves, "gates": GATES}
-    r = httpx.post(ctl.api + "/api/v1/rollouts", json=body, headers=_auth(ctl), timeout=30)
+    r = httpx.post(ctl.api + "/api/v1/rollouts", json=body, headers=ctl.auth, timeout=30)
     assert r.status_code == 201, r.text
     return dict(r.json())
 

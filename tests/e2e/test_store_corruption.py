@@ -11,15 +11,11 @@ from pathlib import Path
 import pytest
 
 from controller.broker.embedded import free_port
-from tests.e2e import test_deploy_real_agents as real_agents
 from tests.e2e.fleet import Fleet, served_version
 from tests.e2e.test_deploy_real_agents import deploy, deployment, pin_key, register
 from tests.helpers import REPO, metric_value, slmfleet_cmd, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-fleet = real_agents.fleet  # a controller and agents as processes, on a private broker
 
 
 def test_a_flipped_byte_in_the_store_fails_fast_and_is_repaired(fleet: Fleet, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.links import LinksUnavailable, Setup, measure
+from controller.delivery.transfer import TransferSettings
 
 pytestmark = [
     pytest.mark.slow,
@@ -19,6 +20,11 @@ pytestmark = [
         reason="needs root and iproute2 (network namespaces, tc)",
     ),
 ]
+
+#: how much slower than the baseline (the fast devices alone, in the same run) they may be with the slow links
+#: present (plus the laggard wait): a loaded machine's speed changes between phases; paced to the slow links
+#: they were 5.8-6.5 times slower
+FAST_VS_BASELINE = 3.0
 
 
 def test_slow_lossy_links_do_not_hold_the_fleet_back_and_everyone_ends_on_the_model(tmp_path: Path) -> None:
@@ -39,12 +45,20 @@ def test_slow_lossy_links_do_not_hold_the_fleet_back_and_everyone_ends_on_the_mo
     assert mixed["slow"]["finished"] == 2 and offline["finished"] == 1, summary
     assert set(r["active_versions"].values()) == {r["versions"][1]}, summary
 
-    # the slow links do not hold the fast devices back: they are done before the slow ones are half done,
-    # and within a generous bound of the baseline without slow devices (it includes the few seconds the
-    # broadcast waits before it stops waiting for a slow device)
-    assert all(share < 0.5 for share in mixed["slow_share_held_when_fast_done"].values()), summary
-    assert mixed["fast"]["downloaded_s"]["max"] < mixed["slow"]["downloaded_s"]["min"] / 2, summary
-    assert mixed["fast"]["downloaded_s"]["max"] <= 3 * base["fast"]["downloaded_s"]["max"] + 10, summary
+    # The slow links do not hold the fast devices back. Both bounds hold on a loaded machine: the first compares
+    # with the baseline measured in this run, the second follows from the broadcast's window, not from time.
+    # - The fast devices take about as long as without slow devices: at most FAST_VS_BASELINE times the
+    #   baseline (the load may change between the phases), plus the once-per-broadcast wait before a slow
+    #   device stops being waited for (laggard_after_s). Paced to the slow links they take the slow links'
+    #   time to three quarters of the artifact: 5.8-6.5 times the baseline, measured with the laggard rule off.
+    # - A broadcast paced to a device never runs more than a window ahead of it, so the fast devices could not
+    #   have every chunk before the slow ones held all but the last window (0.75 of 1025 chunks; 0.76-0.78 measured
+    #   with the laggard rule off). With the rule they hold what their link carried meanwhile (0.22-0.33).
+    settings = TransferSettings()
+    fast_s, base_s = mixed["fast"]["downloaded_s"]["max"], base["fast"]["downloaded_s"]["max"]
+    assert fast_s <= FAST_VS_BASELINE * base_s + settings.laggard_after_s, summary
+    paced_floor = r["conditions"]["chunks"] - settings.window
+    assert all(held < paced_floor for held in mixed["slow_chunks_held_when_fast_done"].values()), summary
 
     # bytes: the controller publishes one copy for the whole fleet and repairs at most a copy per slow device;
     # each link carries about one copy (frame, MQTT and TCP/IP overhead, retransmissions on the lossy links)
