@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from agent.inference.bundle import ModelSource
 from agent.inference.host import Loaded, ModelHost
 from agent.inference.session import ModelLoadError
-from agent.telemetry.system import heap_in_use_bytes, rss_bytes, trim_heap
+from agent.telemetry.system import heap_in_use_bytes, release_file_pages, rss_bytes, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class ModelLoader:
         _preload_runtime()
         started = time.perf_counter()
         trim_heap()
+        # measured from what the process runs, not what it once mapped (skipped right after a previous load)
+        release_file_pages(min_interval_s=1.0)
         before, heap_before = rss_bytes(), heap_in_use_bytes()
         loaded = self._build(source)
         try:
@@ -85,6 +87,7 @@ class ModelLoader:
             self.host.discard(loaded)
             raise ModelLoadError(f"model {source.describe()} failed its warm-up inference: {exc}") from exc
         trim_heap()  # what loading parsed and freed goes back to the system before measuring
+        release_file_pages()  # library code loading mapped and will not run again (see its doc)
         measured = max(0, rss_bytes() - before)
         heap_after = heap_in_use_bytes()
         if heap_before is not None and heap_after is not None:
