@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from agent.inference.bundle import ModelSource
 from agent.inference.host import Loaded, ModelHost
 from agent.inference.session import ModelLoadError
-from agent.telemetry.system import heap_in_use_bytes, rss_bytes, trim_heap
+from agent.telemetry.system import heap_in_use_bytes, release_file_pages, rss_bytes, trim_heap
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+#: Back-to-back loads give library pages back at most this often (``release_file_pages``).
+RELEASE_INTERVAL_S = 1.0
 
 
 class ModelTooLarge(ModelLoadError):
@@ -56,6 +58,7 @@ class ModelLoader:
         self.host = host
         self.max_rss_bytes = max_rss_bytes
         self.last_report: LoadReport | None = None
+        self._released_at = -RELEASE_INTERVAL_S
 
     def estimate_bytes(self, source: ModelSource) -> int:
         """A lower bound of the memory ``source`` needs: the bytes of its graphs and external weights."""
@@ -76,6 +79,8 @@ class ModelLoader:
         _preload_runtime()
         started = time.perf_counter()
         trim_heap()
+        # measured from what the process runs, not what it once mapped (skipped right after a previous load)
+        release_file_pages(min_interval_s=RELEASE_INTERVAL_S)
         before, heap_before = rss_bytes(), heap_in_use_bytes()
         loaded = self._build(source)
         try:
@@ -85,6 +90,11 @@ class ModelLoader:
             self.host.discard(loaded)
             raise ModelLoadError(f"model {source.describe()} failed its warm-up inference: {exc}") from exc
         trim_heap()  # what loading parsed and freed goes back to the system before measuring
+        if time.monotonic() - self._released_at >= RELEASE_INTERVAL_S:
+            # library code loading mapped and will not run again (see its doc); at most once a second when
+            # models load back to back, as each call reads /proc/self/smaps
+            release_file_pages()
+            self._released_at = time.monotonic()
         measured = max(0, rss_bytes() - before)
         heap_after = heap_in_use_bytes()
         if heap_before is not None and heap_after is not None:

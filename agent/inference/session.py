@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from agent.inference import mapped
 
 #: onnxruntime type names to numpy dtype names (resolved with numpy when a model loads).
 _ORT_TYPES: dict[str, str] = {
@@ -67,10 +70,14 @@ def load_session(path: str | os.PathLike[str], threads: int = 0) -> Any:
     if threads > 0:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    data = mapped.data_files(Path(path))
+    mapped.evict(data)  # its rows come back one page at a time (agent.inference.mapped)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+    mapped.read_randomly(data)
+    return session
 
 
 class TensorModel:

@@ -40,7 +40,15 @@ from agent.runtime.nonces import DiskNonceStore
 from agent.runtime.notify import Notifier
 from agent.telemetry.spool import SqliteSpool
 from agent.telemetry.stats import InferenceCounters
-from agent.telemetry.system import CpuMeter, hardware_profile, rss_bytes, temperature_c, trim_heap, tune_heap
+from agent.telemetry.system import (
+    CpuMeter,
+    hardware_profile,
+    release_file_pages,
+    rss_bytes,
+    temperature_c,
+    trim_heap,
+    tune_heap,
+)
 from agent.transport.mqtt import MqttConfig, MqttTransport, parse_broker_url
 
 if TYPE_CHECKING:
@@ -174,6 +182,7 @@ class AgentService:
         try:
             await self._load_initial_model()
             await self._start_inputs()
+            release_file_pages()  # what starting mapped of its libraries and will not run again
             self.ready.set()
             self.notifier.ready(f"device {s.device_id}: {self._serving_status()}")
             await self._stop.wait()

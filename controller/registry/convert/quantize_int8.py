@@ -3,6 +3,8 @@
 Works on any bundle layout: the encoders' ``model.onnx`` as well as the generation bundles'
 ``decoder.onnx`` / ``encoder.onnx``, with or without external data. Files that are not graphs (tokenizer,
 configs) are copied; the fp32 external-data files are not, since the quantized graphs no longer need them.
+Each quantized graph keeps its weights in an external-data file of its own (``model.onnx`` +
+``model.onnx.data``), which onnxruntime memory-maps on the device.
 
 Per-channel weights are not optional: on MiniLM per-tensor int8 drops the mean cosine to fp32 from 0.992
 to 0.965. ``quant_pre_process`` and ORT's transformer optimizer are deliberately not used:
@@ -92,8 +94,10 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
             weight_type=QuantType.QInt8,
             op_types_to_quantize=op_types,
             nodes_to_exclude=nodes_to_exclude,
-            # Only huge graphs go to external data: a single file is simpler to ship and verify.
-            use_external_data_format=big,
+            # The weights go to external data (``<graph>.data``, signed and hashed like every file of the
+            # bundle): onnxruntime maps that file instead of copying it into its heap, so a Gather over the
+            # word embeddings keeps only the rows it reads resident (agent.inference.mapped; MiniLM: -12 MiB).
+            use_external_data_format=True,
             # optimum's merged decoders keep every layer inside the branches of an If (weights in the outer
             # graph): without this the int8 variant of a merged decoder quantized none of them
             extra_options={"EnableSubgraph": True},
