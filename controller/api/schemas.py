@@ -351,6 +351,8 @@ class DeriveJobPublic(BaseModel):
     worker_pid: int | None
     replica_id: str | None
     cancel_requested: bool
+    #: worker processes started for the current step (a worker killed by a signal is started again)
+    attempts: int
     created_by: str
     created_at: datetime
     updated_at: datetime

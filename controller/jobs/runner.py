@@ -33,8 +33,8 @@ from controller.registry.upload import UploadError
 
 log = logging.getLogger(__name__)
 
-#: a worker killed by a signal (not asked to stop) is started again this many times before the job fails
-MAX_ATTEMPTS = 3
+#: workers started for one step (after a crash, or a controller restart) before a crash fails the job
+MAX_ATTEMPTS = 5
 #: the share of a step's progress its worker accounts for (the rest is the import)
 WORKER_SHARE = 0.8
 
@@ -261,11 +261,14 @@ class JobRunner:
                 raise Interrupted("the controller is stopping or lost the job's lease")
             attempts = self.job().attempts + 1
             worker = Worker(step_dir, self.d.limits)
-            self.update(worker_pid=worker.pid, attempts=attempts)
+            note = f"step {index + 1}/{n} {kind}: worker {worker.pid} starting" + (
+                f" (attempt {attempts})" if attempts > 1 else ""
+            )
+            self.update(worker_pid=worker.pid, attempts=attempts, message=note)
             rc, stop_reason = self._watch(worker, index, n, kind)
             state = worker.state
             if rc == 0 and state.report is not None and (step_dir / "out").is_dir():
-                self.update(worker_pid=None)
+                self.update(worker_pid=None, attempts=0)
                 return state.report
             if stop_reason == "cancel" or (rc == 3 and self.cancel_requested()):
                 raise JobCancelled(f"cancelled during step {index + 1} ({kind}); it made no version")

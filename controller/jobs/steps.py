@@ -21,7 +21,7 @@ class _Params(BaseModel):
 
 class DistillParams(_Params):
     student: str = Field(min_length=1, max_length=200, description="bert-tiny | bert-mini | bert-small | layers=3,...")
-    epochs: int = Field(3, ge=1, le=100)
+    epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=1024)
     lr: float = Field(1e-4, gt=0, le=1)
     max_length: int = Field(128, ge=8, le=4096)
@@ -39,7 +39,7 @@ class PruneParams(_Params):
 
 class FinetuneParams(_Params):
     lora_rank: int | None = Field(None, ge=1, le=256)
-    epochs: int = Field(3, ge=1, le=100)
+    epochs: int = Field(3, ge=1, le=1000)
     lr: float = Field(5e-5, gt=0, le=1)
     max_length: int = Field(128, ge=8, le=4096)
     held_out: float = Field(0.2, gt=0, lt=1)

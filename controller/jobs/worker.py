@@ -70,6 +70,14 @@ def check_network(host: str, port: int) -> dict[str, str]:
     return out
 
 
+#: set by SIGTERM (the controller's cancel, or its shutdown): the step stops at its next safe point
+_stop = {"requested": False}
+
+
+def _on_term(_signum: int, _frame: Any) -> None:
+    _stop["requested"] = True
+
+
 def run_step(step_dir: Path) -> int:
     from controller.registry import shrink
 
@@ -79,13 +87,6 @@ def run_step(step_dir: Path) -> int:
     if report_path.exists() and out.is_dir():  # done before a restart: nothing to run again
         emit(report=json.loads(report_path.read_text()))
         return 0
-    stop = {"requested": False}
-
-    def on_term(_signum: int, _frame: Any) -> None:
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
     last = [0.0]
 
     def progress(fraction: float, message: str) -> None:
@@ -98,7 +99,7 @@ def run_step(step_dir: Path) -> int:
     ctx = shrink.StepContext(
         work_dir=step_dir / "work",
         progress=progress,
-        cancelled=lambda: stop["requested"],
+        cancelled=lambda: _stop["requested"],
         threads=threads,
         seed=int(spec.get("seed", 0)),
     )
@@ -151,7 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         sys.stderr.write("usage: python -m controller.jobs.worker STEP_DIR | --check-network HOST PORT\n")
         return 64
-    import torch  # noqa: F401  (threads are set before the step builds anything)
+    signal.signal(signal.SIGTERM, _on_term)  # before the slow imports: a stop while starting is a clean one
+    signal.signal(signal.SIGINT, _on_term)
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        emit(error=f"derive jobs need the convert extra on the controller ({exc.name} is missing): pip install"
+             " 'slmfleet[convert]'")
+        return EXIT_REFUSED
+    if _stop["requested"]:
+        emit(cancelled=True)
+        return EXIT_CANCELLED
 
     threads = int(json.loads((Path(args[0]) / "step.json").read_text()).get("threads", 1))
     torch.set_num_threads(max(1, threads))

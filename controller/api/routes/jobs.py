@@ -30,6 +30,7 @@ _PARAMS = TypeAdapter(dict[str, Any])
 
 Sha256 = Annotated[str, Form(pattern="^[0-9a-f]{64}$", description="the sha256 of a data file an unfinished job keeps")]
 DataFile = Annotated[UploadFile | None, File(description='the data: JSON lines ({"text": ...} or with a "label")')]
+ParamsForm = Annotated[str | None, Form(description="the step's parameters as a JSON object")]
 SUBMIT_ERRORS = errors(
     404,
     409,
@@ -55,6 +56,7 @@ def job_public(job: DeriveJob) -> DeriveJobPublic:
         worker_pid=job.worker_pid,
         replica_id=job.replica_id,
         cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
         created_by=job.created_by,
         created_at=job.created_at,
         updated_at=job.updated_at,
@@ -133,7 +135,7 @@ def _one_step(kind: str, summary: str) -> None:
         number: VersionNumber,
         runtime: RuntimeDep,
         who: OperatorDep,
-        params: Annotated[str | None, Form(description=f"the {kind} parameters as a JSON object")] = None,
+        params: ParamsForm = None,
         data: DataFile = None,
         data_sha256: Sha256 | None = None,
         target_model: Annotated[ModelName | None, Form()] = None,
