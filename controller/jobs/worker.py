@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
     except ModuleNotFoundError as exc:
-        emit(error=f"derive jobs need the convert extra on the controller ({exc.name} is missing): pip install"
-             " 'slmfleet[convert]'")
+        emit(
+            error=f"derive jobs need the convert extra on the controller ({exc.name} is missing): pip install"
+            " 'slmfleet[convert]'"
+        )
         return EXIT_REFUSED
     if _stop["requested"]:
         emit(cancelled=True)

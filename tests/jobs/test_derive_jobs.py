@@ -117,11 +117,15 @@ def test_distill_makes_a_version_with_its_lineage_and_report(make_controller, te
     assert page.status_code == 200
 
     # refusals: no data for a distillation, bad parameters, an unknown version, a version imported as ONNX
-    r = ctl.client.post("/api/v1/models/tiny/versions/1/distill", data={"params": '{"student": "bert-mini"}'}, headers=ctl.auth)
+    r = ctl.client.post(
+        "/api/v1/models/tiny/versions/1/distill", data={"params": '{"student": "bert-mini"}'}, headers=ctl.auth
+    )
     assert r.status_code == 422 and "needs a data file" in r.json()["detail"]
     r = ctl.client.post("/api/v1/models/tiny/versions/1/prune", data={"params": '{"heads": 2}'}, headers=ctl.auth)
     assert r.status_code == 422 and "heads" in r.json()["detail"]
-    r = ctl.client.post("/api/v1/models/tiny/versions/9/prune", data={"params": '{"heads": 0.5, "ffn": 0.5}'}, headers=ctl.auth)
+    r = ctl.client.post(
+        "/api/v1/models/tiny/versions/9/prune", data={"params": '{"heads": 0.5, "ffn": 0.5}'}, headers=ctl.auth
+    )
     assert r.status_code == 404 and "no version 9" in r.json()["detail"]
     r = ctl.client.post(
         "/api/v1/models/onnx-only/versions",
@@ -156,7 +160,9 @@ def test_cancel_stops_the_worker_and_makes_no_version(make_controller, teacher: 
     assert r.status_code == 409 and "cancelled" in r.json()["detail"]
 
 
-def test_a_killed_worker_and_a_stopped_controller_resume_the_job(make_controller, teacher: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_worker_and_a_stopped_controller_resume_the_job(
+    make_controller, teacher: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     data_dir = tmp_path / "ctl"
     ctl = make_controller(None, data_dir=data_dir)
     import_teacher(ctl, teacher)

@@ -3,15 +3,17 @@ reports and cancellation. The steps run in worker processes (``controller/jobs``
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path as PathLib
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import TypeAdapter, ValidationError
 from sqlmodel import Session, col, select
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from controller import audit
 from controller.api import ids
@@ -28,9 +30,6 @@ router = APIRouter(prefix="/api/v1", tags=["derive jobs"])
 _STEPS = TypeAdapter(list[StepSpec])
 _PARAMS = TypeAdapter(dict[str, Any])
 
-Sha256 = Annotated[str, Form(pattern="^[0-9a-f]{64}$", description="the sha256 of a data file an unfinished job keeps")]
-DataFile = Annotated[UploadFile | None, File(description='the data: JSON lines ({"text": ...} or with a "label")')]
-ParamsForm = Annotated[str | None, Form(description="the step's parameters as a JSON object")]
 SUBMIT_ERRORS = errors(
     404,
     409,
@@ -73,23 +72,65 @@ def _json(text: str | None, adapter: TypeAdapter[Any], what: str) -> Any:
         raise HTTPException(422, f"{what} is not valid: {problems}") from None
 
 
+DATA_HELP = 'the data: JSON lines ({"text": ...}; finetune: with a "label")'
+SHA_HELP = "instead of data: the sha256 of a data file an unfinished job keeps"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def _form_schema(fields: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """The multipart body of a submit route, declared by hand: the route reads the form itself so that every
+    refusal is one sentence (a field FastAPI parsed would be refused as a list of field errors)."""
+    properties = {
+        "data": {"type": "string", "format": "binary", "description": DATA_HELP},
+        "data_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": SHA_HELP},
+        "target_model": {"type": "string", "pattern": MODEL_NAME_PATTERN, "minLength": 1, "maxLength": 128},
+        **fields,
+    }
+    body = {"type": "object", "properties": properties, "required": required}
+    return {"requestBody": {"content": {"multipart/form-data": {"schema": body}}, "required": True}}
+
+
+async def _read_form(request: Request) -> tuple[dict[str, str], bytes | None]:
+    """The form's text fields, and the data file's bytes (a file part, or a text field given for it)."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # starlette: a body that is not a form
+        raise HTTPException(422, f"the body is not a form (multipart/form-data): {exc}") from None
+    fields: dict[str, str] = {}
+    data: bytes | None = None
+    for key, value in form.multi_items():
+        if key == "data":
+            data = await value.read() if isinstance(value, StarletteUpload) else value.encode()
+        elif isinstance(value, str):
+            fields[key] = value
+    return fields, data
+
+
+def _checked(fields: dict[str, str]) -> tuple[str | None, str | None]:
+    sha, target = fields.get("data_sha256") or None, fields.get("target_model") or None
+    if sha is not None and re.fullmatch("[0-9a-f]{64}", sha) is None:
+        raise HTTPException(422, "data_sha256 is the hex sha256 (64 characters) of a data file a job keeps")
+    if target is not None and (len(target) > 128 or re.fullmatch(MODEL_NAME_PATTERN, target) is None):
+        raise HTTPException(422, f"target_model {target[:130]!r} is not a model name")
+    return sha, target
+
+
 async def _submit(
     runtime: RuntimeDep,
     who: OperatorDep,
     name: str,
     number: int,
     steps: list[StepSpec],
-    data: UploadFile | None,
-    data_sha256: str | None,
-    target_model: str | None,
+    fields: dict[str, str],
+    data: bytes | None,
 ) -> DeriveJobPublic:
+    data_sha256, target_model = _checked(fields)
     tmp = PathLib(tempfile.mkdtemp(prefix="derive-data-", dir=runtime.models.staging))
     try:
         path: PathLib | None = None
         if data is not None:
             path = tmp / "data.jsonl"
-            with open(path, "wb") as out:
-                await anyio.to_thread.run_sync(shutil.copyfileobj, data.file, out)
+            path.write_bytes(data)
         job_id = await anyio.to_thread.run_sync(
             lambda: runtime.jobs.submit(
                 name, number, steps, who.name, data=path, data_sha256=data_sha256, target_model=target_model
@@ -113,38 +154,30 @@ async def _submit(
     response_model=DeriveJobPublic,
     status_code=status.HTTP_202_ACCEPTED,
     responses=SUBMIT_ERRORS,
+    openapi_extra=_form_schema(
+        {"steps": {"type": "string", "description": 'the steps as JSON: [{"kind": "distill", "params": {...}}, ...]'}},
+        ["steps"],
+    ),
 )
 async def derive(
-    name: ModelName,
-    number: VersionNumber,
-    runtime: RuntimeDep,
-    who: OperatorDep,
-    steps: Annotated[str, Form(description='the steps as JSON: [{"kind": "distill", "params": {...}}, ...]')],
-    data: DataFile = None,
-    data_sha256: Sha256 | None = None,
-    target_model: Annotated[ModelName | None, Form()] = None,
+    name: ModelName, number: VersionNumber, request: Request, runtime: RuntimeDep, who: OperatorDep
 ) -> DeriveJobPublic:
     """Queue a chain of steps (distill, prune, finetune, quantize) on a version; each step's output becomes a
     version of its own, with its lineage. 404 no such version; 409 a version imported as ONNX (no checkpoint)."""
-    return await _submit(runtime, who, name, number, _json(steps, _STEPS, "steps"), data, data_sha256, target_model)
+    fields, data = await _read_form(request)
+    if not fields.get("steps"):
+        raise HTTPException(422, 'give the steps: [{"kind": "distill", "params": {"student": "bert-mini"}}, ...]')
+    steps = _json(fields["steps"], _STEPS, "steps")
+    return await _submit(runtime, who, name, number, steps, fields, data)
 
 
 def _one_step(kind: str, summary: str) -> None:
     async def route(
-        name: ModelName,
-        number: VersionNumber,
-        runtime: RuntimeDep,
-        who: OperatorDep,
-        params: ParamsForm = None,
-        data: DataFile = None,
-        data_sha256: Sha256 | None = None,
-        target_model: Annotated[ModelName | None, Form()] = None,
+        name: ModelName, number: VersionNumber, request: Request, runtime: RuntimeDep, who: OperatorDep
     ) -> DeriveJobPublic:
-        try:
-            step = StepSpec(kind=kind, params=_json(params, _PARAMS, "params"))
-        except ValidationError as exc:
-            raise HTTPException(422, str(exc)) from None
-        return await _submit(runtime, who, name, number, [step], data, data_sha256, target_model)
+        fields, data = await _read_form(request)
+        step = StepSpec(kind=kind, params=_json(fields.get("params"), _PARAMS, "params"))
+        return await _submit(runtime, who, name, number, [step], fields, data)
 
     route.__name__ = kind
     route.__doc__ = summary
@@ -155,6 +188,9 @@ def _one_step(kind: str, summary: str) -> None:
         response_model=DeriveJobPublic,
         status_code=status.HTTP_202_ACCEPTED,
         responses=SUBMIT_ERRORS,
+        openapi_extra=_form_schema(
+            {"params": {"type": "string", "description": f"the {kind} parameters as a JSON object"}}, []
+        ),
     )
 
 
