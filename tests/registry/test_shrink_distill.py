@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from controller.registry.shrink import Cancelled, ShrinkError, distill, finetune, parse_student, prune, read_labeled, read_texts
+from controller.registry.shrink import (
+    Cancelled,
+    ShrinkError,
+    distill,
+    finetune,
+    parse_student,
+    prune,
+    read_labeled,
+    read_texts,
+)
 from tests.registry.shrink_models import context, sentences, tiny_bert
 from wire.manifest import Task
 

@@ -111,7 +111,9 @@ def load_model(path: Path, task: Task, **overrides: Any) -> Any:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if "position_ids" not in k and not k.startswith("classifier")]
         if missing or unexpected:
-            raise ShrinkError(f"{path}: weights do not fit the pruned config (missing {missing[:3]}, extra {unexpected[:3]})")
+            raise ShrinkError(
+                f"{path}: weights do not fit the pruned config (missing {missing[:3]}, extra {unexpected[:3]})"
+            )
     else:
         try:
             model = model_class(task).from_pretrained(
