@@ -22,6 +22,7 @@ Every job runs with 2 threads and reports its seconds. ``--quick``: fewer senten
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import random
 import re
@@ -31,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: pydoc topic groups -> label (the finetune benchmark's labels)
 TOPIC_GROUPS = {
@@ -103,7 +106,14 @@ def labeled_set() -> list[tuple[str, str]]:
 def _ctx(work: Path) -> Any:
     from controller.registry.shrink import StepContext
 
-    return StepContext(work_dir=work, progress=lambda _f, _m: None, cancelled=lambda: False, threads=2, seed=0)
+    last = {"tenth": -1}
+
+    def progress(fraction: float, message: str) -> None:
+        if int(fraction * 10) != last["tenth"]:
+            last["tenth"] = int(fraction * 10)
+            log.warning("%s: %3.0f%% %s", work.name, fraction * 100, message)
+
+    return StepContext(work_dir=work, progress=progress, cancelled=lambda: False, threads=2, seed=0)
 
 
 def _bundles(ckpt: Path, task: Any, work: Path) -> tuple[Any, Any]:
@@ -167,22 +177,29 @@ def _compare(
     }
 
 
+#: the stages, in the order they run; ``SHRINK_STAGES=distill-2,finetune`` runs some only
+STAGES = ("distill-2", "finetune", "prune", "distill-3")
+#: sentences used (train + held out): enough for the goals, few enough for minutes on 2 shared cores
+MAX_SENTENCES = 5000
+
+
 def run(quick: bool = False) -> dict[str, Any]:
+    """Each stage's figures land in the result as it finishes (and in ``benchmarks/results/shrink-partial.json``);
+    a stage that fails records its error and the others still run."""
+    import json
+
     import torch
 
     from benchmarks.seeds.encoders import minilm_checkpoint
-    from controller.registry.shrink import distill, finetune, prune
     from controller.registry.shrink.data import split
     from wire.manifest import Task
 
     torch.set_num_threads(2)
-    texts = corpus()
-    if quick:
-        texts = texts[:1500]
+    texts = corpus()[: 1500 if quick else MAX_SENTENCES]
     held_out = 0.1
     train, held = split(texts, held_out, 0)
-    speed_texts = held[:100] if quick else held[:300]
-    teacher_ckpt = minilm_checkpoint()
+    speed_texts = held[: 100 if quick else 200]
+    stages = [s for s in os.environ.get("SHRINK_STAGES", ",".join(STAGES)).split(",") if s]
     result: dict[str, Any] = {
         "data": {
             "source": "pydoc_data.topics + standard-library docstrings, split into sentences, deduplicated",
@@ -194,8 +211,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "threads": 2,
         "cpus": os.cpu_count(),
     }
+    partial = Path("benchmarks/results/shrink-partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-shrink-") as tmp:
         work = Path(tmp)
+        teacher_ckpt = minilm_checkpoint()
         fp32, int8 = _bundles(teacher_ckpt, Task.EMBEDDINGS, work / "teacher")
         teacher = {
             "vectors": _embed(fp32, held),
@@ -212,51 +232,78 @@ def run(quick: bool = False) -> dict[str, Any]:
             "bytes_int8": teacher["bytes_int8"],
             "int8_vs_fp32": _cos(_embed(int8, held), teacher["vectors"]),
         }
-        result["distill"] = {}
-        students = ("layers=2",) if quick else ("layers=2", "layers=3")
-        for spec in students:
-            out = work / f"student-{spec}"
-            report = distill(
-                teacher_ckpt, out, _ctx(work / f"job-{spec}"), texts=texts, student=spec,
-                epochs=1 if quick else 3, lr=2e-4, max_length=128, held_out=held_out,
-            )  # fmt: skip
-            entry = {"job_seconds": report.seconds, "torch": report.quality, "params": report.params_after}
-            entry |= {"settings": report.settings, "notes": report.notes}
-            entry |= _compare(spec, out, work, teacher, held, speed_texts)
-            result["distill"][spec] = entry
+        env = {"teacher_ckpt": teacher_ckpt, "teacher": teacher, "texts": texts, "held": held, "quick": quick}
+        env |= {"speed": speed_texts, "held_out": held_out, "work": work}
+        for stage in stages:
+            log.warning("stage %s", stage)
+            try:
+                result[stage] = _STAGE_FUNCS[stage.split("-")[0]](stage, env)
+            except Exception as exc:  # a failed stage is a figure too; the others still run
+                log.exception("stage %s failed", stage)
+                result[stage] = {"error": f"{type(exc).__name__}: {exc}"}
             result["load_average"] = os.getloadavg()
-
-        out = work / "pruned"
-        report = prune(
-            teacher_ckpt, out, _ctx(work / "job-prune"), heads=0.5, ffn=0.5, recover_texts=texts,
-            recover_epochs=1, max_length=128, held_out=held_out,
-        )  # fmt: skip
-        result["prune"] = {
-            "job_seconds": report.seconds,
-            "torch": report.quality,
-            "params_before": report.params_before,
-            "params_after": report.params_after,
-            "settings": report.settings,
-            "notes": report.notes,
-        } | _compare("pruned", out, work, teacher, held, speed_texts)
-
-        examples = labeled_set()
-        result["finetune"] = {
-            "labels_from": "the pydoc topic each sentence comes from, grouped: "
-            + "; ".join(f"{k} = {'/'.join(v)}" for k, v in TOPIC_GROUPS.items()),
-            "examples": len(examples),
-        }
-        for name, rank in (("full", None), ("lora-8", 8)):
-            report = finetune(
-                teacher_ckpt, work / f"classifier-{name}", _ctx(work / f"job-ft-{name}"), examples=examples,
-                lora_rank=rank, epochs=1 if quick else 4, lr=5e-5 if rank is None else 1e-3, held_out=0.2,
-            )  # fmt: skip
-            result["finetune"][name] = {
-                "job_seconds": report.seconds,
-                "train": report.examples,
-                "held_out": report.held_out,
-                **report.quality,
-                "settings": report.settings,
-            }
-        result["load_average"] = os.getloadavg()
+            partial.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
+
+
+def _distill_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
+    from controller.registry.shrink import distill
+
+    spec = "layers=" + stage.split("-")[1]
+    work = env["work"]
+    out = work / f"student-{stage}"
+    report = distill(
+        env["teacher_ckpt"], out, _ctx(work / f"job-{stage}"), texts=env["texts"], student=spec,
+        epochs=1 if env["quick"] else 2, lr=2e-4, max_length=64, held_out=env["held_out"],
+    )  # fmt: skip
+    entry = {"student": spec, "job_seconds": report.seconds, "torch": report.quality, "params": report.params_after}
+    entry |= {"settings": report.settings, "notes": report.notes}
+    return entry | _compare(stage, out, work, env["teacher"], env["held"], env["speed"])
+
+
+def _prune_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
+    from controller.registry.shrink import prune
+
+    work = env["work"]
+    out = work / "pruned"
+    report = prune(
+        env["teacher_ckpt"], out, _ctx(work / "job-prune"), heads=0.5, ffn=0.5, recover_texts=env["texts"],
+        recover_epochs=1, max_length=64, held_out=env["held_out"],
+    )  # fmt: skip
+    return {
+        "job_seconds": report.seconds,
+        "torch": report.quality,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "settings": report.settings,
+        "notes": report.notes,
+    } | _compare("pruned", out, work, env["teacher"], env["held"], env["speed"])
+
+
+def _finetune_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
+    from controller.registry.shrink import finetune
+
+    work = env["work"]
+    examples = labeled_set()
+    result: dict[str, Any] = {
+        "labels_from": "the pydoc topic each sentence comes from, grouped: "
+        + "; ".join(f"{k} = {'/'.join(v)}" for k, v in TOPIC_GROUPS.items()),
+        "examples": len(examples),
+    }
+    for name, rank in (("full", None), ("lora-8", 8)):
+        report = finetune(
+            env["teacher_ckpt"], work / f"classifier-{name}", _ctx(work / f"job-ft-{name}"), examples=examples,
+            lora_rank=rank, epochs=1 if env["quick"] else 3, lr=5e-5 if rank is None else 1e-3, max_length=64,
+            held_out=0.2,
+        )  # fmt: skip
+        result[name] = {
+            "job_seconds": report.seconds,
+            "train": report.examples,
+            "held_out": report.held_out,
+            **report.quality,
+            "settings": report.settings,
+        }
+    return result
+
+
+_STAGE_FUNCS = {"distill": _distill_stage, "prune": _prune_stage, "finetune": _finetune_stage}

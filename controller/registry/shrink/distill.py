@@ -155,7 +155,8 @@ def init_from_teacher(student: Any, teacher: Any, layers: list[int]) -> int:
 def save_checkpoint(model: Any, source: Path, out: Path, hidden: int | None = None) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        copy_side_files(source, tmp)
+        # a classifier made from an embeddings model keeps only the tokenizer (no pooling config)
+        copy_side_files(source, tmp, sentence_transformers=not hasattr(model, "classifier"))
         if hidden is not None:
             set_pooling_width(tmp, hidden)
 

@@ -108,11 +108,11 @@ def finetune(
         "seed": ctx.seed,
     }
     if lora_rank:
-        trainable = add_adapters(classifier, lora_rank)
+        classifier, trainable = add_adapters(classifier, lora_rank)
         notes.append(
             f"LoRA rank {lora_rank} on query/value ({trainable} trainable parameters), merged into the weights"
         )
-    head = [p for n, p in classifier.named_parameters() if n.startswith("classifier") and p.requires_grad]
+    head = [p for n, p in classifier.named_parameters() if ".classifier." in f".{n}" and p.requires_grad]
     head_ids = {id(p) for p in head}
     body = [p for p in classifier.parameters() if p.requires_grad and id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
@@ -141,7 +141,7 @@ def finetune(
     if result.resumed_from:
         notes.append(f"resumed at optimizer step {result.resumed_from} of {result.steps}")
     if lora_rank:
-        merge_adapters(classifier)
+        classifier = merge_adapters(classifier)
     scores = dict(baseline)
     if held:
         logits = encoder.run_all(classifier, [t for t, _ in held], Task.TEXT_CLASSIFICATION)
