@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from controller.registry.shrink import Cancelled, ShrinkError, distill, finetune, parse_student, prune, read_labeled, read_texts
+from controller.registry.shrink import (
+    Cancelled,
+    ShrinkError,
+    distill,
+    finetune,
+    parse_student,
+    prune,
+    read_labeled,
+    read_texts,
+)
 from tests.registry.shrink_models import context, sentences, tiny_bert
 from wire.manifest import Task
 
@@ -109,3 +118,46 @@ def test_shapes_and_data_files(tmp_path: Path) -> None:
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ShrinkError, match="no texts"):
         read_texts(tmp_path / "e.jsonl")
+
+
+_KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from controller.registry.shrink import StepContext, distill
+from tests.registry.test_shrink_distill import NARROW, TEXTS
+
+def slow(_fraction, _message):
+    time.sleep(0.05)  # gives the test time to kill it mid-run, between saves
+
+ctx = StepContext(work_dir=Path(sys.argv[2]), progress=slow, cancelled=lambda: False)
+distill(Path(sys.argv[1]), Path(sys.argv[3]), ctx, texts=TEXTS, student=NARROW, epochs=12, lr=2e-3, held_out=0.2)
+"""
+
+
+def test_a_distillation_killed_mid_run_resumes_from_its_last_save(teacher: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from controller.registry.shrink.train import SAVE_EVERY
+    from tests.helpers import wait_until
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUN, str(teacher), str(work), str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        state = work / "distill_state.pt"
+        wait_until(state.is_file, timeout=120, what="the first saved state")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (tmp_path / "out").exists()
+    saved = torch.load(work / "distill_state.pt", weights_only=False)["steps"]
+    assert saved % SAVE_EVERY == 0 and saved < 60
+    ctx, _ = context(work)
+    report = distill(teacher, tmp_path / "out", ctx, texts=TEXTS, student=NARROW, epochs=12, lr=2e-3, held_out=0.2)
+    assert f"resumed at optimizer step {saved} of 60" in report.notes
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out.tmp").exists()

@@ -37,7 +37,9 @@ def _lines(path: Path, limit: int) -> list[tuple[int, Any]]:
             try:
                 rows.append((number, json.loads(line)))
             except ValueError as exc:
-                raise ShrinkError(f"{path.name} line {number} is not JSON ({exc}): write one JSON value per line") from None
+                raise ShrinkError(
+                    f"{path.name} line {number} is not JSON ({exc}): write one JSON value per line"
+                ) from None
     return rows
 
 
@@ -47,11 +49,11 @@ def read_texts(path: Path, limit: int = 200_000) -> tuple[list[str], str]:
     for number, value in _lines(path, limit):
         text = value.get("text") if isinstance(value, dict) else value
         if not isinstance(text, str):
-            raise ShrinkError(f"{Path(path).name} line {number}: expected a string or {{\"text\": ...}}")
+            raise ShrinkError(f'{Path(path).name} line {number}: expected a string or {{"text": ...}}')
         if text.strip():
             texts.append(text)
     if not texts:
-        raise ShrinkError(f"{Path(path).name} holds no texts: one JSON string or {{\"text\": ...}} per line")
+        raise ShrinkError(f'{Path(path).name} holds no texts: one JSON string or {{"text": ...}} per line')
     return texts, sha256_file(path)
 
 

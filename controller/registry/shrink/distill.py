@@ -54,7 +54,12 @@ def teacher_outputs(
     """The teacher's outputs on ``texts``, computed once (no grad) and cached in the work dir."""
     import torch
 
-    fingerprint = {"texts": texts_digest(texts), "max_length": encoder.max_length, "teacher": source, "task": task.value}
+    fingerprint = {
+        "texts": texts_digest(texts),
+        "max_length": encoder.max_length,
+        "teacher": source,
+        "task": task.value,
+    }
     state = load_state(ctx.work_dir, name, fingerprint)
     if state is not None:
         return state["outputs"]
@@ -67,7 +72,9 @@ def teacher_outputs(
 
                 raise Cancelled("cancelled while computing the teacher's outputs")
             parts.append(encoder.outputs(teacher, texts[i : i + batch], task))
-            ctx.progress(0.15 * min(1.0, (i + batch) / len(texts)), f"teacher outputs {min(i + batch, len(texts))}/{len(texts)}")
+            ctx.progress(
+                0.15 * min(1.0, (i + batch) / len(texts)), f"teacher outputs {min(i + batch, len(texts))}/{len(texts)}"
+            )
     outputs = torch.cat(parts)
     save_state(ctx.work_dir, name, {"fingerprint": fingerprint, "outputs": outputs})
     return outputs
@@ -148,7 +155,8 @@ def init_from_teacher(student: Any, teacher: Any, layers: list[int]) -> int:
 def save_checkpoint(model: Any, source: Path, out: Path, hidden: int | None = None) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        copy_side_files(source, tmp)
+        # a classifier made from an embeddings model keeps only the tokenizer (no pooling config)
+        copy_side_files(source, tmp, sentence_transformers=not hasattr(model, "classifier"))
         if hidden is not None:
             set_pooling_width(tmp, hidden)
 
@@ -199,7 +207,9 @@ def distill(
         skipped = init_from_teacher(model, teacher_model, layers)
         notes.append(f"initialised from the teacher: embeddings and layers {layers}")
         if skipped:
-            notes.append(f"{skipped} weight tensors of another shape than the teacher's start random (e.g. a narrower FFN)")
+            notes.append(
+                f"{skipped} weight tensors of another shape than the teacher's start random (e.g. a narrower FFN)"
+            )
     else:
         layers = []
         notes.append(

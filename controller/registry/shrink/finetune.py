@@ -50,11 +50,12 @@ def finetune(
 
     started = time.perf_counter()
     if not examples:
-        raise ShrinkError("no labeled examples: give a JSON-lines file of {\"text\": ..., \"label\": ...}")
+        raise ShrinkError('no labeled examples: give a JSON-lines file of {"text": ..., "label": ...}')
     labels = sorted({label for _, label in examples})
     if len(labels) < 2:
         raise ShrinkError(
-            f"every example has the label {labels[0]!r}: a classifier needs at least two labels; add examples of the others"
+            f"every example has the label {labels[0]!r}: a classifier needs at least two labels;"
+            " add examples of the others"
         )
     if epochs < 1 or not lr > 0 or max_length < 8:
         raise ShrinkError(f"epochs must be >= 1 and lr > 0 (got {epochs}, {lr}), max_length >= 8")
@@ -66,7 +67,9 @@ def finetune(
     torch.set_num_threads(max(1, ctx.threads))
     torch.manual_seed(ctx.seed)
     train, held = stratified_split(examples, held_out, ctx.seed)
-    encoder = Encoder(load_tokenizer(model), max_length, pooling_of(model) if source_task == Task.EMBEDDINGS else "mean")
+    encoder = Encoder(
+        load_tokenizer(model), max_length, pooling_of(model) if source_task == Task.EMBEDDINGS else "mean"
+    )
     notes = []
 
     baseline: dict[str, float] = {}
@@ -105,9 +108,11 @@ def finetune(
         "seed": ctx.seed,
     }
     if lora_rank:
-        trainable = add_adapters(classifier, lora_rank)
-        notes.append(f"LoRA rank {lora_rank} on query/value ({trainable} trainable parameters), merged into the weights")
-    head = [p for n, p in classifier.named_parameters() if n.startswith("classifier") and p.requires_grad]
+        classifier, trainable = add_adapters(classifier, lora_rank)
+        notes.append(
+            f"LoRA rank {lora_rank} on query/value ({trainable} trainable parameters), merged into the weights"
+        )
+    head = [p for n, p in classifier.named_parameters() if ".classifier." in f".{n}" and p.requires_grad]
     head_ids = {id(p) for p in head}
     body = [p for p in classifier.parameters() if p.requires_grad and id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
@@ -136,12 +141,14 @@ def finetune(
     if result.resumed_from:
         notes.append(f"resumed at optimizer step {result.resumed_from} of {result.steps}")
     if lora_rank:
-        merge_adapters(classifier)
+        classifier = merge_adapters(classifier)
     scores = dict(baseline)
     if held:
         logits = encoder.run_all(classifier, [t for t, _ in held], Task.TEXT_CLASSIFICATION)
         predicted = logits.argmax(-1).tolist()
-        scores["accuracy"] = round(sum(id2label[p] == label for p, (_, label) in zip(predicted, held, strict=True)) / len(held), 5)
+        scores["accuracy"] = round(
+            sum(id2label[p] == label for p, (_, label) in zip(predicted, held, strict=True)) / len(held), 5
+        )
         scores["chance"] = round(max(sum(1 for _, lb in held if lb == label) for label in labels) / len(held), 5)
     save_checkpoint(classifier, model, Path(out))
     ctx.progress(1.0, "done")

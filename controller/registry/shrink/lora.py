@@ -1,64 +1,29 @@
-"""Low-rank adapters (LoRA, Hu et al. 2021) on a model's attention projections, merged into the weights.
-
-Hand-written (a few lines) rather than peft: peft is not in the convert extra, and a merged adapter leaves
-a plain checkpoint behind, so nothing downstream needs to know it was used.
-"""
+"""LoRA adapters (Hu et al. 2021) with peft on a model's attention projections, merged into the weights at the
+end, so the checkpoint left behind is a plain transformers one and nothing downstream knows adapters were used."""
 
 from __future__ import annotations
 
 from typing import Any
 
 #: Linear layers that get adapters (BERT names): the attention's query and value projections.
-TARGETS = ("query", "value")
+TARGETS = ["query", "value"]
 
 
-def _lora_class() -> type:
-    import torch
+def add_adapters(model: Any, rank: int) -> tuple[Any, int]:
+    """The model wrapped with rank-``rank`` adapters (alpha 2 x rank, the encoder frozen, the classification
+    head trained in full) and its number of trainable parameters."""
+    from peft import LoraConfig, TaskType, get_peft_model
 
-    class LoRALinear(torch.nn.Module):
-        def __init__(self, base: torch.nn.Linear, rank: int, alpha: float) -> None:
-            super().__init__()
-            self.base = base
-            self.scale = alpha / rank
-            self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) / rank**0.5 * 0.01)
-            self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
-
-        def merged(self) -> torch.nn.Linear:
-            with torch.no_grad():
-                self.base.weight += (self.b @ self.a) * self.scale
-            return self.base
-
-    return LoRALinear
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS, task_type=TaskType.SEQ_CLS
+    )
+    wrapped = get_peft_model(model, config)
+    return wrapped, sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
 
 
-def add_adapters(model: Any, rank: int, alpha: float | None = None) -> int:
-    """Freeze the encoder, wrap TARGETS in adapters; the classification head stays trainable. Returns the
-    number of trainable parameters."""
-    lora = _lora_class()
-    for p in model.parameters():
-        p.requires_grad = False
-    for module in list(model.modules()):
-        for name in TARGETS:
-            child = getattr(module, name, None)
-            if child is not None and type(child).__name__ == "Linear":
-                setattr(module, name, lora(child, rank, float(alpha or 2 * rank)))
-    head = getattr(model, "classifier", None)
-    if head is not None:
-        for p in head.parameters():
-            p.requires_grad = True
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def merge_adapters(model: Any) -> None:
-    """Fold every adapter into its base weight (W += B A * scale) and put the plain Linear back."""
-    lora = _lora_class()
-    for module in list(model.modules()):
-        for name in TARGETS:
-            child = getattr(module, name, None)
-            if child is not None and type(child).__name__ == lora.__name__:
-                setattr(module, name, child.merged())
-    for p in model.parameters():
+def merge_adapters(wrapped: Any) -> Any:
+    """The plain model with every adapter folded into its base weight (W += B A x alpha / r)."""
+    merged = wrapped.merge_and_unload()
+    for p in merged.parameters():
         p.requires_grad = True
+    return merged

@@ -15,12 +15,10 @@ from typing import Any
 from controller.registry.shrink import ShrinkError
 from wire.manifest import Task
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 #: Files copied from the input checkpoint: tokenizer, sentence-transformers layout.
 SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
+    *TOKENIZER_FILES,
     "modules.json",
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
@@ -111,7 +109,9 @@ def load_model(path: Path, task: Task, **overrides: Any) -> Any:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if "position_ids" not in k and not k.startswith("classifier")]
         if missing or unexpected:
-            raise ShrinkError(f"{path}: weights do not fit the pruned config (missing {missing[:3]}, extra {unexpected[:3]})")
+            raise ShrinkError(
+                f"{path}: weights do not fit the pruned config (missing {missing[:3]}, extra {unexpected[:3]})"
+            )
     else:
         try:
             model = model_class(task).from_pretrained(
@@ -194,12 +194,12 @@ def parameters(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer and sentence-transformers files from ``src`` into ``dst``."""
-    for name in SIDE_FILES:
+def copy_side_files(src: Path, dst: Path, sentence_transformers: bool = True) -> None:
+    """Tokenizer (and, for an embeddings model, sentence-transformers) files from ``src`` into ``dst``."""
+    for name in SIDE_FILES if sentence_transformers else TOKENIZER_FILES:
         if (Path(src) / name).is_file():
             shutil.copyfile(Path(src) / name, Path(dst) / name)
-    for name in SIDE_DIRS:
+    for name in SIDE_DIRS if sentence_transformers else ():
         if (Path(src) / name).is_dir():
             shutil.copytree(Path(src) / name, Path(dst) / name, dirs_exist_ok=True)
 

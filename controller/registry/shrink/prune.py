@@ -93,7 +93,9 @@ def _narrow(linear: Any, keep: Any, dim: int) -> Any:
     return new
 
 
-def apply_pruning(model: Any, head_scores: list[Any], ffn_scores: list[Any], heads: float, ffn: float) -> dict[str, int]:
+def apply_pruning(
+    model: Any, head_scores: list[Any], ffn_scores: list[Any], heads: float, ffn: float
+) -> dict[str, int]:
     """Remove the lowest-scoring heads (same number per layer) and FFN neurons in place."""
     import torch
 
@@ -122,7 +124,12 @@ def apply_pruning(model: Any, head_scores: list[Any], ffn_scores: list[Any], hea
         model.config.num_attention_heads = keep_heads
         model.config.attention_head_size = size
     model.config.intermediate_size = keep_ffn
-    return {"heads_per_layer": keep_heads, "heads_removed_per_layer": drop_heads, "ffn": keep_ffn, "ffn_removed": drop_ffn}
+    return {
+        "heads_per_layer": keep_heads,
+        "heads_removed_per_layer": drop_heads,
+        "ffn": keep_ffn,
+        "ffn_removed": drop_ffn,
+    }
 
 
 def prune(
@@ -210,8 +217,10 @@ def prune(
         if held:
             scores |= quality(embeddings, encoder.run_all(pruned, held, task), held_t)
             # the contract's names: *_before_recovery
-            scores = {(k.removeprefix("before_recovery_") + "_before_recovery" if k.startswith("before_") else k): v
-                      for k, v in scores.items()}
+            scores = {
+                (k.removeprefix("before_recovery_") + "_before_recovery" if k.startswith("before_") else k): v
+                for k, v in scores.items()
+            }
     else:
         notes.append("no texts: no recovery and no quality figures")
     save_checkpoint(pruned, model, Path(out))
