@@ -132,6 +132,12 @@ def run_step(step_dir: Path) -> int:
     except shrink.ShrinkError as exc:
         emit(error=str(exc))
         return EXIT_REFUSED
+    except ModuleNotFoundError as exc:
+        emit(
+            error=f"a {kind} step needs the Python package {exc.name!r}, missing on the controller: pip install"
+            " 'slmfleet[convert]'"
+        )
+        return EXIT_REFUSED
     except MemoryError:
         emit(error="the step ran out of memory (the jobs_memory_mb limit): raise it, or use smaller batches")
         return EXIT_REFUSED
