@@ -65,7 +65,7 @@ def test_distill_from_the_cli_survives_a_controller_crash_and_serves_on_an_agent
     assert added.returncode == 0, added.stderr
     data = texts_file(tmp_path / "texts.jsonl")
     queued = cli(
-        ctl, "model", "distill", "tiny@1", "--student", STUDENT, "--data", str(data), "--epochs", "40", "--json"
+        ctl, "model", "distill", "tiny@1", "--student", STUDENT, "--data", str(data), "--epochs", "28", "--json"
     )
     assert queued.returncode == 0, queued.stderr
     job_id = json.loads(queued.stdout)["id"]

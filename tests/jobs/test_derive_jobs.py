@@ -166,7 +166,7 @@ def test_a_killed_worker_and_a_stopped_controller_resume_the_job(
     data_dir = tmp_path / "ctl"
     ctl = make_controller(None, data_dir=data_dir)
     import_teacher(ctl, teacher)
-    queued = distill(ctl, texts_file(tmp_path / "texts.jsonl"), epochs=60)
+    queued = distill(ctl, texts_file(tmp_path / "texts.jsonl"), epochs=35)
     first = training(ctl, queued["id"], 30)["worker_pid"]  # past a save of its state (every 25 steps)
     os.kill(first, signal.SIGKILL)  # the OOM killer, say: the worker is started again, from its saved state
     second = training(ctl, queued["id"], 60, not_pid=first)
@@ -203,3 +203,24 @@ def test_a_worker_cannot_reach_the_network(tmp_path: Path) -> None:
         assert result["getaddrinfo"].startswith("refused")
         with pytest.raises(TimeoutError):
             listener.accept()
+
+
+def test_step_arguments_of_the_cli_parse_and_are_checked() -> None:
+    from controller.jobs.steps import StepsError, check_steps, parse_step_arg
+
+    distill_ = parse_step_arg("distill:student=layers=3,hidden=256,heads=4,epochs=2")
+    assert distill_.kind == "distill" and distill_.params == {"student": "layers=3,hidden=256,heads=4", "epochs": 2}
+    quantize = parse_step_arg("quantize:variants=int8+int4")
+    assert quantize.params == {"variants": ["int8", "int4"]}
+    checked = check_steps([distill_, parse_step_arg("prune:heads=0.5,ffn=0.25"), quantize], has_data=True)
+    assert checked[1]["params"]["recover"] is True and checked[0]["params"]["batch_size"] == 32
+    for bad, message in (
+        ("shrink:x=1", "must be one of"),
+        ("prune:heads", "not name=value"),
+    ):
+        with pytest.raises(StepsError, match=message):
+            parse_step_arg(bad)
+    with pytest.raises(StepsError, match=r"step 1 \(finetune\) needs a data file"):
+        check_steps([parse_step_arg("finetune:epochs=1")], has_data=False)
+    with pytest.raises(StepsError, match=r"step 1 \(quantize\): variants"):
+        check_steps([parse_step_arg("quantize:variants=int2")], has_data=False)
