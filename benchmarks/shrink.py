@@ -177,7 +177,8 @@ def _compare(
     }
 
 
-#: the stages, in the order they run; ``SHRINK_STAGES=distill-2,finetune`` runs some only
+#: the stages, in the order they run; ``SHRINK_STAGES=distill-2,finetune`` runs some only (and
+#: ``SHRINK_SENTENCES=3000`` uses fewer sentences)
 STAGES = ("distill-2", "finetune", "prune", "distill-3")
 #: sentences used (train + held out): enough for the goals, few enough for minutes on 2 shared cores
 MAX_SENTENCES = 5000
@@ -195,7 +196,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from wire.manifest import Task
 
     torch.set_num_threads(2)
-    texts = corpus()[: 1500 if quick else MAX_SENTENCES]
+    texts = corpus()[: 1500 if quick else int(os.environ.get("SHRINK_SENTENCES", MAX_SENTENCES))]
     held_out = 0.1
     train, held = split(texts, held_out, 0)
     speed_texts = held[: 100 if quick else 200]
@@ -211,7 +212,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "threads": 2,
         "cpus": os.cpu_count(),
     }
-    partial = Path("benchmarks/results/shrink-partial.json")
+    partial = Path(f"benchmarks/results/shrink-partial-{'+'.join(stages)}.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-shrink-") as tmp:
         work = Path(tmp)
