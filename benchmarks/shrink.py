@@ -178,7 +178,7 @@ def _compare(
 
 
 #: the stages, in the order they run; ``SHRINK_STAGES=distill-2,finetune`` runs some only (and
-#: ``SHRINK_SENTENCES=3000`` uses fewer sentences)
+#: ``SHRINK_SENTENCES=3000`` uses fewer sentences, ``SHRINK_FINETUNE=full`` skips LoRA)
 STAGES = ("distill-2", "finetune", "prune", "distill-3")
 #: sentences used (train + held out): enough for the goals, few enough for minutes on 2 shared cores
 MAX_SENTENCES = 5000
@@ -291,7 +291,10 @@ def _finetune_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
         + "; ".join(f"{k} = {'/'.join(v)}" for k, v in TOPIC_GROUPS.items()),
         "examples": len(examples),
     }
+    variants = os.environ.get("SHRINK_FINETUNE", "full,lora-8").split(",")
     for name, rank in (("full", None), ("lora-8", 8)):
+        if name not in variants:
+            continue
         report = finetune(
             env["teacher_ckpt"], work / f"classifier-{name}", _ctx(work / f"job-ft-{name}"), examples=examples,
             lora_rank=rank, epochs=1 if env["quick"] else 3, lr=5e-5 if rank is None else 1e-3, max_length=64,
