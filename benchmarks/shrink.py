@@ -177,7 +177,8 @@ def _compare(
     }
 
 
-#: the stages, in the order they run; ``SHRINK_STAGES=distill-2,finetune`` runs some only
+#: the stages, in the order they run; ``SHRINK_STAGES=distill-2,finetune`` runs some only (and
+#: ``SHRINK_SENTENCES=3000`` uses fewer sentences, ``SHRINK_FINETUNE=full`` skips LoRA)
 STAGES = ("distill-2", "finetune", "prune", "distill-3")
 #: sentences used (train + held out): enough for the goals, few enough for minutes on 2 shared cores
 MAX_SENTENCES = 5000
@@ -195,7 +196,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from wire.manifest import Task
 
     torch.set_num_threads(2)
-    texts = corpus()[: 1500 if quick else MAX_SENTENCES]
+    texts = corpus()[: 1500 if quick else int(os.environ.get("SHRINK_SENTENCES", MAX_SENTENCES))]
     held_out = 0.1
     train, held = split(texts, held_out, 0)
     speed_texts = held[: 100 if quick else 200]
@@ -211,7 +212,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "threads": 2,
         "cpus": os.cpu_count(),
     }
-    partial = Path("benchmarks/results/shrink-partial.json")
+    partial = Path(f"benchmarks/results/shrink-partial-{'+'.join(stages)}.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-shrink-") as tmp:
         work = Path(tmp)
@@ -290,7 +291,10 @@ def _finetune_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
         + "; ".join(f"{k} = {'/'.join(v)}" for k, v in TOPIC_GROUPS.items()),
         "examples": len(examples),
     }
+    variants = os.environ.get("SHRINK_FINETUNE", "full,lora-8").split(",")
     for name, rank in (("full", None), ("lora-8", 8)):
+        if name not in variants:
+            continue
         report = finetune(
             env["teacher_ckpt"], work / f"classifier-{name}", _ctx(work / f"job-ft-{name}"), examples=examples,
             lora_rank=rank, epochs=1 if env["quick"] else 3, lr=5e-5 if rank is None else 1e-3, max_length=64,

@@ -45,3 +45,12 @@ def test_pruning_half_the_heads_and_neurons_shrinks_the_matrices_and_the_onnx(tm
     pipeline = load_pipeline(bundle.spec, bundle.root)
     out = pipeline.run([{"text": texts[0]}, {"text": texts[1]}])
     assert np.isclose(np.linalg.norm(out[0]["embedding"]), 1.0, atol=1e-4)
+
+    # a derive chain goes on from the pruned checkpoint: fine-tuned into a classifier, it exports with its labels
+    from controller.registry.shrink import finetune
+
+    ctx, _ = context(tmp_path / "work-ft")
+    tuned = finetune(tmp_path / "out", tmp_path / "classifier", ctx, examples=sentences(60), epochs=1, lr=1e-3)
+    assert tuned.params_after < report.params_before
+    classifier = export_hf(tmp_path / "classifier", Task.TEXT_CLASSIFICATION, tmp_path / "onnx-classifier")
+    assert classifier.spec.postprocess.labels == ["food", "machines", "weather"]
