@@ -30,6 +30,7 @@ BENCHMARKS = {
     "links": "benchmarks.links",
     "delta": "benchmarks.delta",
     "fidelity": "benchmarks.fidelity",
+    "shrink": "benchmarks.shrink",
 }
 
 

@@ -18,6 +18,7 @@ from controller.api.routes import (
     enrollment,
     health,
     index,
+    jobs,
     models,
     pki,
     rollouts,
@@ -55,7 +56,21 @@ def create_app(settings: ControllerSettings, runtime: ControllerRuntime | None =
     app.state.settings = settings
     app.state.api_limits = limits = ApiLimits(settings, rt.metrics.api_throttled)
     app.add_middleware(RateLimitMiddleware, limits=limits)
-    modules = (index, health, cluster, devices, models, deployments, rollouts, users, tokens, enrollment, pki, webhooks)
+    modules = (
+        index,
+        health,
+        cluster,
+        devices,
+        models,
+        jobs,
+        deployments,
+        rollouts,
+        users,
+        tokens,
+        enrollment,
+        pki,
+        webhooks,
+    )
     routers = [m.router for m in modules]
     for router in routers:
         app.include_router(router)

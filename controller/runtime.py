@@ -30,6 +30,7 @@ from controller.devices.commands import CommandSender
 from controller.devices.registry import DeviceRegistry
 from controller.enrollment.service import EnrollmentService
 from controller.health.rollup import HealthRollupJob
+from controller.jobs.service import DeriveService, JobSettings
 from controller.metrics import Metrics
 from controller.mqtt.bridge import MqttBridge
 from controller.mqtt.handlers import DeviceTrafficHandler
@@ -107,6 +108,19 @@ class ControllerRuntime:
             floors=settings.min_agreement,
             artifact_store=settings.artifact_store,
             secrets_key=settings.shared_secrets_key,
+        )
+        self.jobs = DeriveService(
+            self.engine,
+            self.models,
+            settings.data_dir,
+            self.owner,
+            JobSettings(
+                memory_mb=settings.jobs_memory_mb,
+                threads=settings.jobs_threads,
+                nice=settings.jobs_nice,
+                concurrency=settings.jobs_concurrency,
+                max_unpacked_bytes=settings.unpack_max_bytes,
+            ),
         )
         #: every command to a device goes out through this: sealed for that device (wire.signing)
         self.commands = CommandSender(self.models.key, settings.command_ttl_s)
@@ -223,6 +237,7 @@ class ControllerRuntime:
         if self.pki is not None:
             self.pki.publish_crl()  # from the database: what the last run revoked, valid for a week again
         self.models.start()
+        self.jobs.start()
         self.writer.start()
         self.notifier.reload()
         self.webhook_sender.start()  # deliveries left pending by the last run go out now
@@ -328,6 +343,7 @@ class ControllerRuntime:
             )
         if self.keeper is not None:
             self.scheduler.add_job(self.delivery.drive, "interval", seconds=1, id="delivery-drive")
+        self.scheduler.add_job(self.jobs.drive, "interval", seconds=1, id="derive-drive", next_run_time=utcnow())
         self.rollouts.resume_all()
         self.scheduler.add_job(self.rollouts.step_all, "interval", seconds=s.rollout_step_s, id="rollouts")
         self.scheduler.start()
@@ -349,6 +365,7 @@ class ControllerRuntime:
         self.flush_last_seen()
         self.writer.stop()
         self.webhook_sender.stop()
+        self.jobs.stop()
         self.models.stop()
         self.engine.dispose()
 

@@ -245,6 +245,17 @@ class ControllerSettings(BaseSettings):
     import_wait_s: Annotated[float, Field(ge=0, le=3600)] = Field(
         120.0, description="how long an upload request waits for its import before answering 202 with a job"
     )
+    jobs_memory_mb: Annotated[int, Field(ge=0)] = Field(
+        8192,
+        description="address-space limit of a derive job's worker process (distill, prune, finetune), MiB; 0: none",
+    )
+    jobs_threads: Annotated[int, Field(ge=1, le=256)] = Field(
+        1, description="threads (and CPUs it is pinned to, where allowed) of a derive job's worker"
+    )
+    jobs_nice: Annotated[int, Field(ge=0, le=19)] = Field(10, description="nice value of a derive job's worker")
+    jobs_concurrency: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="derive jobs this controller runs at once (the others wait, queued)"
+    )
     min_agreement: dict[str, float] = Field(
         default_factory=dict,
         description="agreement floors overriding the defaults, keyed by kind (cosine, top1, score-correlation,"

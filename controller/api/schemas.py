@@ -209,6 +209,10 @@ class VersionPublic(BaseModel):
     created_by: str
     variants: list[ArtifactSummary]
     refused: list[dict[str, Any]]
+    #: whether its Hugging Face checkpoint is kept (distill, prune and finetune jobs start from it)
+    has_checkpoint: bool = False
+    #: how a derived version was made: parent (model@version), teacher, step, settings, data_sha256, job
+    lineage: dict[str, Any] | None = None
 
 
 class ModelDetail(ModelPublic):
@@ -326,3 +330,31 @@ class ActionResult(BaseModel):
     deployment: str
     action: str
     devices: int
+
+
+# ------------------------------------------------------------- derive jobs --
+
+
+class DeriveJobPublic(BaseModel):
+    id: str
+    model: str
+    base_version: int
+    steps: list[dict[str, Any]]
+    data_sha256: str | None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    current_step: int
+    progress: float
+    message: str
+    error: str | None
+    report: list[dict[str, Any]]
+    produced: list[str]
+    worker_pid: int | None
+    replica_id: str | None
+    cancel_requested: bool
+    #: worker processes started for the current step (a worker killed by a signal is started again)
+    attempts: int
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    url: str

@@ -17,6 +17,7 @@ from controller.cli import (
     deploy,
     devices,
     enrollment,
+    jobs,
     models,
     rollouts,
     tokens,
@@ -53,7 +54,10 @@ def _options(
 
 app.command("up")(up.up)
 app.add_typer(devices.app, name="devices")
+for _command in (jobs.distill, jobs.prune, jobs.finetune, jobs.derive):
+    models.app.command()(_command)
 app.add_typer(models.app, name="model")
+app.add_typer(jobs.app, name="job")
 app.command("deploy")(deploy.deploy)
 app.add_typer(deploy.app, name="deployments")
 app.add_typer(rollouts.app, name="rollout")

@@ -173,6 +173,13 @@ def _print_version(version: dict[str, Any]) -> None:
     if not out.is_terminal:  # piped or in CI rich assumes 80 columns and cuts every cell: the table needs ~110
         out = data_console(width=max(out.width, 120))
     out.print(table)
+    lineage = version.get("lineage")
+    if lineage:
+        data = f", data sha256 {lineage['data_sha256'][:16]}" if lineage.get("data_sha256") else ""
+        console.print(
+            f"lineage: {escape(lineage['step'])} of {escape(lineage['parent'])}{data}, job {lineage['job'][:12]},"
+            f" settings {escape(json.dumps(lineage.get('settings') or {}))}"
+        )
     for r in version.get("refused", []):
         console.print(f"[yellow]{escape(r['variant'])} refused:[/yellow] {escape(r['reason'])}")
     for v in version["variants"]:

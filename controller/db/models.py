@@ -199,6 +199,15 @@ class ModelVersion(SQLModel, table=True):
     created_by: str = Field(default="", max_length=128)
     options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     refused: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    #: sha256 of the Hugging Face checkpoint it was made from (a tar in the content store; never shipped to
+    #: devices): what a distill, prune or finetune job starts from. None for versions imported as ONNX
+    source_checkpoint: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    #: how a derived version was made: parent (model@version), teacher, step kind, settings, data sha256, job
+    #: id, step index, the step's report. None for uploaded versions
+    lineage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    #: the derive job (and its step) that produced it: a resumed job skips the steps already registered
+    derive_job_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True, index=True))
+    derive_step: int | None = None
 
 
 class Artifact(SQLModel, table=True):
@@ -272,6 +281,40 @@ class ImportJob(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
     created_by: str = Field(default="", max_length=128)
+
+
+class DeriveJob(SQLModel, table=True):
+    """A chain of distill / prune / finetune / quantize steps on a version, run by a worker process
+    (``controller/jobs``); each step's output is imported as a version of its own, with its lineage."""
+
+    __tablename__ = "derive_job"
+
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    model_name: str = Field(max_length=128, index=True)
+    base_version: int
+    #: [{"kind": "distill" | "prune" | "finetune" | "quantize", "params": {...}}, ...]
+    steps: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    #: the operator's data file (JSON lines), a blob of the content store while the job is not finished
+    data_sha256: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    #: where produced versions go when the step's task is not the base model's (a classifier from an encoder)
+    target_model: str | None = Field(default=None, max_length=128)
+    status: str = Field(default="queued", max_length=16, index=True)
+    current_step: int = 0
+    progress: float = 0.0
+    message: str = Field(default="", max_length=1024)
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: per step: the algorithm's report (settings, quality, params) and the version's size and latency
+    report: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    #: "model@number" of each version produced so far, in step order
+    produced: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    worker_pid: int | None = None
+    replica_id: str | None = Field(default=None, max_length=128)
+    cancel_requested: bool = False
+    attempts: int = 0
+    created_by: str = Field(default="", max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime, nullable=False))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
 
 
 class Deployment(SQLModel, table=True):

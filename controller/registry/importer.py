@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from controller.db.models import Artifact, Model, ModelVersion
+from controller.registry import sources
 from controller.registry.bundles import (
     HINTS_FILE,
     QUANTIZATION_OF,
@@ -111,6 +112,10 @@ class ImportRequest:
     bundle_root: Path
     options: ImportOptions
     actor: str
+    #: a derive job's step: how the version was made (``ModelVersion.lineage``), the job and the step's index
+    lineage: dict[str, Any] | None = None
+    derive_job_id: str | None = None
+    derive_step: int | None = None
 
 
 @dataclass
@@ -206,7 +211,7 @@ class Importer:
             metrics = self._check_reference(candidate, options, metrics, variant)
             built.append((variant, candidate, metrics))
         progress("signing and storing", 0.92, "")
-        result = self._register(req, task, source, options, built, refused)
+        result = self._register(req, task, source, options, built, refused, work)
         result.notes = notes
         return result
 
@@ -445,8 +450,11 @@ class Importer:
         options: ImportOptions,
         built: list[tuple[str, ExportedBundle, Metrics]],
         refused: list[dict[str, Any]],
+        work: Path,
     ) -> ImportResult:
         stored = {variant: self._store(bundle) for variant, bundle, _ in built}
+        # a Hugging Face checkpoint is kept (not shipped): a later distill, prune or finetune job starts from it
+        checkpoint = sources.keep(self.store, req.bundle_root, work) if source == "hf" else None
         for _attempt in range(5):
             with Session(self.engine) as session:
                 model = session.exec(select(Model).where(Model.name == req.model_name)).first()
@@ -469,6 +477,10 @@ class Importer:
                     created_by=req.actor,
                     options=options.model_dump(mode="json", exclude={"eval_set"}, exclude_none=True),
                     refused=refused,
+                    source_checkpoint=checkpoint,
+                    lineage=req.lineage,
+                    derive_job_id=req.derive_job_id,
+                    derive_step=req.derive_step,
                 )
                 session.add(version)
                 session.flush()

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from controller.db.models import Artifact, ImportJob, Model, ModelVersion
+from controller.db.models import Artifact, DeriveJob, ImportJob, Model, ModelVersion
 from controller.db.secrets import SharedSecrets
 from controller.db.types import utcnow
 from controller.registry import keys
 from controller.registry.bundles import BundleError, ImportOptions
 from controller.registry.dbstore import DatabaseStore
-from controller.registry.importer import Importer, ImportRequest
+from controller.registry.importer import Importer, ImportRequest, ImportResult, Progress
 from controller.registry.store import SHARED_GRACE_S, ArtifactStore, ContentStore
 from controller.registry.upload import UploadError, remove_tree
 from wire.manifest import SignedManifest
@@ -76,6 +76,8 @@ class RegistryService:
         self._futures: dict[str, Future[None]] = {}
         self._staging: dict[str, Path] = {}
         self._lock = threading.Lock()
+        #: imports running outside the import thread (derive jobs' steps, run_import)
+        self._outside = 0
 
     # ------------------------------------------------------------ life --
 
@@ -117,6 +119,12 @@ class RegistryService:
         with Session(self.engine) as session:
             for signed in session.exec(select(Artifact.signed_manifest)).all():
                 referenced.update(f["sha256"] for f in signed["manifest"]["files"])
+            # kept beside the artifacts: source checkpoints, and the data of derive jobs not finished
+            referenced.update(
+                sha for sha in session.exec(select(ModelVersion.source_checkpoint)).all() if sha is not None
+            )
+            unfinished = select(DeriveJob.data_sha256).where(col(DeriveJob.status).in_(("queued", "running")))
+            referenced.update(sha for sha in session.exec(unfinished).all() if sha is not None)
         return referenced
 
     def drop_unreferenced(self, candidates: list[str]) -> int:
@@ -127,7 +135,7 @@ class RegistryService:
         have too: only blobs older than SHARED_GRACE_S go.
         """
         with self._lock:
-            if any(not f.done() for f in self._futures.values()):
+            if self._outside or any(not f.done() for f in self._futures.values()):
                 return 0
         if self.store.shared:
             candidates = list(set(candidates) & set(self.store.list_blobs(SHARED_GRACE_S)))
@@ -159,6 +167,16 @@ class RegistryService:
         with self._lock:
             self._futures[job_id] = self._executor.submit(self._run, request)
         return job_id
+
+    def run_import(self, request: ImportRequest, progress: Progress, work: Path) -> ImportResult:
+        """Import on the caller's thread (a derive job's step): the same all-or-nothing import as an upload's."""
+        with self._lock:
+            self._outside += 1
+        try:
+            return self.importer.run(request, progress, work)
+        finally:
+            with self._lock:
+                self._outside -= 1
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """Wait up to ``timeout`` for a job; True when it has finished."""

@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 
 from controller.web.deps import LoginRequired, WebForbidden, forbidden_handler, login_required_handler
 from controller.web.render import STATIC, make_environment
-from controller.web.routes import auth, deployments, enrollment, fleet, health, models, rollouts, webhooks
+from controller.web.routes import auth, deployments, enrollment, fleet, health, jobs, models, rollouts, webhooks
 from controller.web.sessions import LoginBackoff
 
 
@@ -21,7 +21,7 @@ def install(app: FastAPI) -> None:
     app.state.login_backoff = LoginBackoff()
     app.add_exception_handler(LoginRequired, login_required_handler)
     app.add_exception_handler(WebForbidden, forbidden_handler)
-    for module in (auth, fleet, models, deployments, rollouts, health, enrollment, webhooks):
+    for module in (auth, fleet, models, jobs, deployments, rollouts, health, enrollment, webhooks):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC, follow_symlink=False), name="static")
 

@@ -352,9 +352,18 @@ def models_overview(conn: Connection) -> list[dict[str, Any]]:
     by_id = {x["id"]: x for x in models}
     versions: dict[int, dict[str, Any]] = {}
     for r in conn.execute(
-        select(v.id, v.model_id, v.number, v.source, v.description, v.created_at, v.created_by, v.refused).order_by(
-            v.model_id, v.number.desc()
-        )
+        select(
+            v.id,
+            v.model_id,
+            v.number,
+            v.source,
+            v.description,
+            v.created_at,
+            v.created_by,
+            v.refused,
+            v.lineage,
+            v.source_checkpoint,
+        ).order_by(v.model_id, v.number.desc())
     ):
         item = dict(r._mapping, variants=[], devices=0)
         versions[item["id"]] = item

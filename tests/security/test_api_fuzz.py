@@ -46,7 +46,15 @@ CHECKS = [
 ]
 #: an upload's content (an ONNX graph, an archive, the options inside a JSON string) is checked beyond what a
 #: schema can say: a schema-valid upload that is not a model is refused with 422 and one sentence saying why
-CONTENT_CHECKED = {"POST /api/v1/models/{name}/versions"}
+#: so is a derive job's: its steps and parameters (JSON in form fields), whether a step that needs data got a
+#: data file, and the version (imported as ONNX: 409)
+CONTENT_CHECKED = {
+    "POST /api/v1/models/{name}/versions",
+    *(
+        f"POST /api/v1/models/{{name}}/versions/{{number}}/{kind}"
+        for kind in ("derive", "distill", "prune", "finetune")
+    ),
+}
 
 
 @pytest.mark.slow

@@ -111,6 +111,8 @@ def _version_public(session: Session, model: Model, version: ModelVersion) -> Ve
         created_by=version.created_by,
         variants=[_summary(a) for a in sorted(artifacts, key=lambda a: (order.get(a.variant, 9), a.variant))],
         refused=version.refused,
+        has_checkpoint=version.source_checkpoint is not None,
+        lineage=version.lineage,
     )
 
 
@@ -287,7 +289,8 @@ def delete_version(
     session.delete(version)
     audit.record(session, who.name, "model.version.delete", f"{name}@{number}")
     session.commit()
-    runtime.models.drop_unreferenced([f["sha256"] for a in artifacts for f in a.signed_manifest["manifest"]["files"]])
+    blobs = [f["sha256"] for a in artifacts for f in a.signed_manifest["manifest"]["files"]]
+    runtime.models.drop_unreferenced(blobs + ([version.source_checkpoint] if version.source_checkpoint else []))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

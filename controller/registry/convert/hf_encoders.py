@@ -247,6 +247,15 @@ def _load_model(ckpt: Path, task: Task, config: Any, allow_new_head: bool) -> An
         auto: Any = AutoModelForSequenceClassification
     else:
         auto = AutoModel
+    if getattr(config, "attention_head_size", None):
+        # heads pruned by controller.registry.shrink: stock BERT code cannot build the narrower attention
+        from controller.registry.shrink import ShrinkError
+        from controller.registry.shrink.models import load_model
+
+        try:
+            return load_model(ckpt, task)
+        except ShrinkError as exc:
+            raise ConversionError(str(exc)) from None
     # Eager attention traces to plain MatMul/Softmax, which the int8 quantizer handles on every family.
     model = auto.from_pretrained(ckpt, local_files_only=True, attn_implementation="eager")
     model.eval()
