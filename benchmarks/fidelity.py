@@ -15,8 +15,11 @@ like. ``--quick``: fewer devices, one run of each kind.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +44,33 @@ KNOWN = {
     ],
     "low-ram-int4": [],
 }
+
+
+#: devices a wave adds at the least at the benchmark's size: the shipped waves' shares were written for
+#: hundreds of devices, and at 10 a "1%" canary is one device whose gate evidence (the paired p95 ratio over
+#: its own few reports) seldom decides within the scenario's 60 s deadline
+MIN_WAVE = 3
+
+
+def sized_waves(waves: list[dict[str, Any]], devices: int) -> list[dict[str, Any]]:
+    """The scenario's waves with each share turned into a count of at least ``MIN_WAVE`` more devices than the
+    wave before (a last wave that would add fewer is merged into the one before it). Waves picked by a
+    selector, and every wave of a plan that has one, stay as they are (their sizes are the selector's)."""
+    if any(w.get("selector") for w in waves):
+        return waves
+    out: list[dict[str, Any]] = []
+    before = 0
+    for wave in waves:
+        until = str(wave.get("until", "100%"))
+        wanted = math.ceil(float(until[:-1]) * devices / 100) if until.endswith("%") else int(float(until))
+        count = min(devices, max(wanted, before + MIN_WAVE))
+        if devices - count < MIN_WAVE:
+            count = devices
+        out.append({**wave, "until": str(count)})
+        before = count
+        if count >= devices:
+            break
+    return out
 
 
 def _outcome(report: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +109,8 @@ def _gate_values(report: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def _one(name: str, devices: int, real: bool, root: Path) -> dict[str, Any]:
     overrides: dict[str, Any] = {**LIMITS, "fleet.real_agents": devices if real else 0}
+    shipped = load_scenario(bundled(name), devices=devices, overrides=overrides)
+    overrides["rollout.waves"] = sized_waves(list((shipped.rollout or {}).get("waves") or []), devices)
     scenario = load_scenario(bundled(name), devices=devices, overrides=overrides)
     started = time.monotonic()
     result = run_scenario(scenario, RunOptions(out_dir=root, live=False))
@@ -174,5 +206,7 @@ def run(quick: bool = False, scenarios: tuple[str, ...] = (), runs: int | None =
                 for r in runs_of_kind:
                     r.pop("report", None)
             out["scenarios"][name] = {**summary, "runs_real": real, "runs_virtual": virtual}
+            # each scenario as it finishes (a long run stopped early keeps what it measured)
+            print("fidelity " + json.dumps({name: out["scenarios"][name]}), file=sys.stderr, flush=True)
     out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return out

@@ -1098,8 +1098,9 @@ class Runner:
             except Exception as exc:  # the report still shows the rest
                 gates = []
                 self.notes.append(f"population gates ({name}) could not be computed: {exc}")
+            db = self._db_url()
             try:
-                stalls = latency_stalls(self._db_url(), ids) if ids else {"reports": 0}
+                stalls = latency_stalls(db, ids) if ids and db else {"reports": 0}
             except Exception as exc:  # the report still shows the rest
                 stalls = {}
                 self.notes.append(f"latency stalls ({name}) could not be computed: {exc}")
