@@ -45,12 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         help="ingest: the embedded broker (default) or a 3-node NATS cluster with controller replicas",
     )
     parser.add_argument("--replicas", type=int, default=3, help="ingest --broker nats-cluster: controller replicas")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=["happy-path", "bad-model", "flaky-network", "low-ram-int4"],
+        help="fidelity: only this shipped scenario (repeat for several; default all four)",
+    )
+    parser.add_argument("--runs", type=int, help="fidelity: runs of each kind (default 2, --quick 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where to keep the JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     name, options = BENCHMARKS[args.name], {}
     if args.name == "ingest" and args.broker == "nats-cluster":
         name, options = "benchmarks.ingest_cluster", {"replicas": args.replicas}
+    if args.name == "fidelity" and (args.scenario or args.runs):
+        options = {"scenarios": tuple(args.scenario or ()), "runs": args.runs}
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -62,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name + ("-nats-cluster" if options else "")
+    stem = args.name + ("-nats-cluster" if args.name == "ingest" and options else "")
+    if args.name == "fidelity" and args.scenario:
+        stem += "-" + "-".join(args.scenario)
     (args.out / f"{stem}{'-quick' if args.quick else ''}.json").write_text(text + "\n")
     return 0
 

@@ -228,6 +228,43 @@ def measured_profile(
     return out
 
 
+def latency_stalls(db_url: str, devices: set[str], factor: float = 5.0) -> dict[str, Any]:
+    """How often the devices' latency jumped at once, from their telemetry in the controller's database:
+    each report's p50, the median of them all, and the reports (and distinct seconds) whose p50 exceeds
+    ``factor`` times that median. On real agents sharing one machine such stalls come from its other work
+    (every agent at once); the gates' after/before p95 ratio swings with them."""
+    from sqlalchemy import create_engine, select
+
+    from controller.db.models import TelemetryRecord, table
+
+    t = table(TelemetryRecord)
+    engine = create_engine(db_url)
+    p50s: list[tuple[datetime, float]] = []
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(t.c.ts, t.c.data).where(t.c.device_id.in_(sorted(devices))))
+            for row in rows:
+                data = row.data if isinstance(row.data, dict) else json.loads(row.data)
+                hist = ((data.get("inference") or {}).get("latency") or {}).get("buckets") or []
+                if sum(int(c) for _, c in hist) >= 5:
+                    p50s.append((_dt(row.ts), quantile_from_buckets(sorted((int(i), int(c)) for i, c in hist), 0.5)))
+    finally:
+        engine.dispose()
+    if not p50s:
+        return {"reports": 0}
+    median = statistics.median(v for _, v in p50s)
+    stalled = [(at, v) for at, v in p50s if v > factor * median]
+    return {
+        "reports": len(p50s),
+        "median_p50_ms": round(median, 3),
+        "stalled_reports": len(stalled),
+        "stalled_share": round(len(stalled) / len(p50s), 4),
+        "stalled_seconds": len({at.replace(microsecond=0) for at, _ in stalled}),
+        "worst_p50_ms": round(max(v for _, v in p50s), 3),
+        "factor": factor,
+    }
+
+
 def write_profile(path: Any, entries: list[dict[str, Any]], source: dict[str, Any]) -> None:
     """Write a recorded profile (``slmfleet simulate --record-profile``) as YAML."""
     from pathlib import Path

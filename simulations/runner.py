@@ -133,7 +133,8 @@ class Runner:
         self._install_dep: str | None = None
         #: (device, deployment) -> state -> when the runner first saw the device in it
         self.first_seen: dict[tuple[str, str], dict[str, float]] = {}
-        self._power_fired: set[tuple[str, int]] = set()
+        #: (real agent, fault id) -> how often a power loss or a partition of it fired
+        self._real_fired: Counter[tuple[str, int]] = Counter()
         #: (model, version key, variant) -> the latency (ms, reference CPU) and download rate virtual devices use
         self._used_latency: dict[tuple[str, str, str], float] = {}
         self._used_download: dict[tuple[str, str, str], float] = {}
@@ -206,7 +207,13 @@ class Runner:
         assert self._tmp is not None and version.key is not None
         if version.generator is not None:
             g = version.generator
-            root = text_classifier(self._tmp / "models" / f"{model.name}-{version.key}", size_mb=g.size_mb, seed=g.seed)
+            root = text_classifier(
+                self._tmp / "models" / f"{model.name}-{version.key}",
+                size_mb=g.size_mb,
+                seed=g.seed,
+                compute=g.compute,
+                missing_words=tuple(g.missing_words),
+            )
             return [(p.name, p.read_bytes()) for p in sorted(root.iterdir()) if p.is_file()]
         assert version.path is not None
         path = version.path
@@ -460,15 +467,22 @@ class Runner:
                 self._poll(0.5)
                 self._sample()
         else:
+            from controller.rollouts.gates import MIN_INTERVALS
+
             need = int(((s.rollout or {}).get("gates") or {}).get("min_samples", 100))
-            end = time.time() + limits.baseline_max_s
+            # the latency and memory gates judge a device only on MIN_INTERVALS telemetry reports of the version
+            # before (the bootstrap resamples them): fewer, and a wave's gate is "off" for want of a baseline
+            reports_s = (MIN_INTERVALS + 1) * s.fleet.telemetry_interval_s
+            started = time.time()
+            end = started + limits.baseline_max_s
             while time.time() < end:
                 self._poll(0.5)
                 self._sample()
                 counts = [c for w in self.workers if w.status for c in w.status["baseline_inferences"]]
                 if self.real is not None:
                     counts += [self.real.processed(d) for d in self.real.agents]
-                if len(counts) == len(self.devices) and min(counts) >= need:
+                enough = len(counts) == len(self.devices) and min(counts) >= need
+                if enough and time.time() - started >= reports_s:
                     break
             else:
                 self.notes.append(f"baseline: not every device reached {need} inferences in {limits.baseline_max_s}s")
@@ -647,16 +661,27 @@ class Runner:
                 self._finished_deps.add(dep_id)
 
     def _real_faults(self) -> None:
-        """The scenario's power losses on real agents: SIGKILL, then a boot from the data directory."""
+        """The scenario's faults on real agents: power losses (SIGKILL, then a boot from the data directory),
+        partitions of their link (``disconnect``) and the link's latency, loss and bandwidth cap, which their
+        loopback proxies apply (the strongest of the faults active now, as on a virtual link)."""
         if self.real is None:
             return
         now = time.time()
         states = self._real_states()
         for device, agent in self.real.agents.items():
+            link: dict[str, float] = {}
             for fault in agent.spec.faults:
-                if fault["kind"] != "power_loss":
+                kind = fault["kind"]
+                if kind in ("latency", "loss", "bandwidth"):
+                    if self._fault_active(fault, now):
+                        for key in ("latency_ms", "jitter_ms", "rate", "rto_ms", "bytes_per_s"):
+                            if fault.get(key) is not None:
+                                value = float(fault[key])
+                                link[key] = min(link[key], value) if key == "bytes_per_s" and key in link else value
                     continue
-                fired = sum(1 for d, i in self._power_fired if d == device and i == fault["id"])
+                if kind not in ("power_loss", "disconnect"):
+                    continue
+                fired = self._real_fired[(device, fault["id"])]
                 if fired >= int(fault.get("times", 1)) or agent.proc is None:
                     continue
                 when = fault.get("when")
@@ -664,14 +689,38 @@ class Runner:
                     st = states[device]
                     due = st[0] == when["state"] and (when["state"] != "downloading" or st[1] >= when["progress"])
                 elif fault.get("at_s") is not None:
-                    due = self.t0 is not None and now >= self.t0 + float(fault["at_s"])
+                    at = float(fault["at_s"]) + fired * float(fault.get("repeat_every_s") or 0.0)
+                    due = self.t0 is not None and now >= self.t0 + at
                 else:
-                    due = True
+                    due = fired == 0
                 if due:
-                    self._power_fired.add((device, fault["id"]))
-                    at = f" at {when['state']} {when['progress']:.0%}" if when else ""
-                    detail = f"down {fault['duration_s']}s{at}"
-                    self.real.power_loss(device, float(fault["duration_s"]), detail)
+                    self._real_fired[(device, fault["id"])] += 1
+                    where = f" at {when['state']} {when['progress']:.0%}" if when else ""
+                    detail = f"down {fault['duration_s']}s{where}"
+                    if kind == "power_loss":
+                        self.real.power_loss(device, float(fault["duration_s"]), detail)
+                    else:
+                        self.real.disconnect(device, float(fault["duration_s"]), detail)
+            if self.real.links is not None and device in self.real.links.links:
+                self.real.links.configure(
+                    device,
+                    latency_ms=link.get("latency_ms", 0.0),
+                    jitter_ms=link.get("jitter_ms", 0.0),
+                    loss=link.get("rate", 0.0),
+                    rto_ms=link.get("rto_ms", 200.0),
+                    bytes_per_s=link.get("bytes_per_s"),
+                )
+
+    def _fault_active(self, fault: dict[str, Any], now: float) -> bool:
+        """Whether a link fault holds now: from ``at_s`` after the rollout's creation (unset: from the fleet's
+        start) for ``duration_s`` (unset: to the end)."""
+        if fault.get("at_s") is None:
+            start = self.phases.get("fleet", now)
+        elif self.t0 is None:
+            return False
+        else:
+            start = self.t0 + float(fault["at_s"])
+        return start <= now and (fault.get("duration_s") is None or now < start + float(fault["duration_s"]))
 
     def stats(self) -> dict[str, Any]:
         total: Counter[str] = Counter()
@@ -1011,7 +1060,7 @@ class Runner:
 
     def _populations(self) -> dict[str, Any]:
         """Real agents and virtual devices side by side (``simulations.populations``)."""
-        from simulations.populations import population_gates, wave_times
+        from simulations.populations import latency_stalls, population_gates, wave_times
 
         final = self._final_devices() if (self.workers or self.real) else {"states": {}}
         wave_dep = {w: d for d, w in self._wave_of_dep.items()}
@@ -1049,8 +1098,15 @@ class Runner:
             except Exception as exc:  # the report still shows the rest
                 gates = []
                 self.notes.append(f"population gates ({name}) could not be computed: {exc}")
+            db = self._db_url()
+            try:
+                stalls = latency_stalls(db, ids) if ids and db else {"reports": 0}
+            except Exception as exc:  # the report still shows the rest
+                stalls = {}
+                self.notes.append(f"latency stalls ({name}) could not be computed: {exc}")
             out[name] = {
                 "devices": len(ids),
+                "latency_stalls": stalls,
                 "profiles": dict(Counter(d.profile for d in members)),
                 "waves": wave_times(
                     ids, self.final_wave_targets_or_empty(), self.first_seen, wave_dep, wave_starts(self.rollout)

@@ -113,6 +113,16 @@ class Generator(_Strict):
     kind: Literal["text-classifier"] = "text-classifier"
     size_mb: Annotated[float, Field(gt=0, le=512)] = 1.0
     seed: int = 0
+    compute: Annotated[int, Field(ge=1, le=4096)] = Field(
+        1,
+        description="how many times each inference evaluates the hidden layer (real extra compute: a slower"
+        " version whose answers and file size stay the same)",
+    )
+    missing_words: list[str] = Field(
+        default_factory=list,
+        description="words whose rows the embedding table lacks: inference on any input holding one of them"
+        " fails in onnxruntime (index out of range), a real bug the registry's evaluation set need not hit",
+    )
 
 
 class VersionSpec(_Strict):

@@ -28,21 +28,21 @@ from typing import IO, Any
 
 import httpx
 
+from agent.transport.mqtt import parse_broker_url
 from controller.broker.embedded import free_port
 from controller.processes import die_with_parent
+from simulations.device.proxy import LinkProxy
 from simulations.device.real import SAMPLE_TEXTS
 from simulations.plan import DeviceSpec
 
 log = logging.getLogger(__name__)
 
+#: faults on a real agent's link, applied by its loopback TCP proxy (``simulations.device.proxy``)
+LINK_FAULTS = ("latency", "loss", "bandwidth", "disconnect")
 #: fault kinds a real agent takes as the scenario says (the rest are reported as not applied)
-APPLIED_FAULTS = ("power_loss",)
+APPLIED_FAULTS = ("power_loss", *LINK_FAULTS)
 #: why each other fault cannot reach a real agent (shown in the report)
 NOT_APPLIED = {
-    "latency": "the agent's link is the loopback socket (no latency injection)",
-    "loss": "the agent's link is the loopback socket (no loss injection)",
-    "bandwidth": "the agent's link is the loopback socket (no bandwidth cap)",
-    "disconnect": "a real agent's connection is not cut by the simulator",
     "disk_full": "a real agent writes to this machine's disk",
     "corrupt_chunks": "chunks reach a real agent as the broker sent them",
     "model_crash": "a real agent runs the real model, which does not crash",
@@ -104,6 +104,16 @@ class RealAgents:
         self.key_file = root / "controller-key.pem"
         self.key_file.write_text(public_key_pem)
         self.agents = {s.id: RealAgent(s, root / s.id, free_port()) for s in specs}
+        #: the loopback proxy of the agents whose faults touch their link (None when no fault does)
+        self.links: LinkProxy | None = None
+        self._broker_urls: dict[str, str] = {}
+        linked = [s.id for s in specs if any(f["kind"] in LINK_FAULTS for f in s.faults)]
+        if linked:
+            broker = parse_broker_url(broker_url)
+            self.links = LinkProxy(broker["host"], int(broker["port"]))
+            scheme = broker_url.split("://", 1)[0]
+            for device_id in linked:
+                self._broker_urls[device_id] = f"{scheme}://127.0.0.1:{self.links.add(device_id)}"
         self.fault_events: list[tuple[float, str, str, str]] = []
         self.fault_counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -158,7 +168,7 @@ class RealAgents:
             "--config",
             str(self._config(agent)),
             "--broker",
-            self.broker_url,
+            self._broker_urls.get(agent.spec.id, self.broker_url),
             "--device-id",
             agent.spec.id,
             "--data-dir",
@@ -245,6 +255,14 @@ class RealAgents:
 
     # ------------------------------------------------------------- faults --
 
+    def disconnect(self, device_id: str, down_s: float, detail: str) -> None:
+        """A partition of the agent's link (its proxy aborts the connection and refuses it for ``down_s``)."""
+        assert self.links is not None
+        self.links.cut(device_id, down_s)
+        with self._lock:
+            self.fault_counts["disconnect"] = self.fault_counts.get("disconnect", 0) + 1
+            self.fault_events.append((time.time(), device_id, "disconnect", detail))
+
     def power_loss(self, device_id: str, down_s: float, detail: str) -> None:
         """SIGKILL (no goodbye: the broker sends the will), then boot again from the data directory."""
         agent = self.agents[device_id]
@@ -305,6 +323,8 @@ class RealAgents:
                 proc.kill()
                 proc.wait(5)
         self._client.close()
+        if self.links is not None:
+            self.links.stop()
 
 
 def _toml_table(values: dict[str, Any]) -> str:
