@@ -128,6 +128,13 @@ def create(
     plan: Annotated[Path | None, typer.Option(help="JSON file: waves, gates, shadow, windows, start_at, ...")] = None,
     variant: Annotated[str, typer.Option(help="auto (per device), fp32, int8 or int4")] = "auto",
     shadow: Annotated[bool, typer.Option(help="run the candidate in shadow before switching")] = False,
+    shadow_parent: Annotated[
+        bool,
+        typer.Option(
+            help="shadow against the lineage parent: refuse unless the version is derived and every targeted device"
+            " serves its parent (implies --shadow)"
+        ),
+    ] = False,
     follow_it: Annotated[
         bool,
         typer.Option(
@@ -146,8 +153,10 @@ def create(
         raise usage_error(f"{ref!r}: give MODEL@VERSION, e.g. intent@3")
     body: dict[str, Any] = read_json_object(plan, "plan", PLAN_EXAMPLE) if plan else {}
     body.update(model=model, version=int(version), selector=selector, variant=variant)
-    if shadow and "shadow" not in body:
+    if (shadow or shadow_parent) and "shadow" not in body:
         body["shadow"] = {}
+    if shadow_parent:
+        body["shadow"]["against"] = "parent"
     validate(RolloutCreate, body, f"plan {plan}" if plan else "rollout")
     client = ApiClient(api, token, data_dir)
     rollout = client.request("POST", "/api/v1/rollouts", json=body)

@@ -31,7 +31,7 @@ from controller.delivery.port import Deliveries
 from controller.delivery.service import DeploymentError, DeploymentRequest
 from controller.delivery.targets import TERMINAL, Target
 from controller.devices import selectors
-from controller.rollouts import gates
+from controller.rollouts import baseline, gates
 from controller.rollouts.machine import ACTIVE_STATES, InvalidTransition, next_state
 from controller.rollouts.machine import RolloutEvent as E
 from controller.rollouts.machine import RolloutState as S
@@ -51,9 +51,11 @@ def shadow_spec(shadow: RolloutShadow | None) -> ShadowSpec | None:
 
 
 class RolloutError(Exception):
-    def __init__(self, message: str, status: int = 422) -> None:
+    def __init__(self, message: str, status: int = 422, field: str | None = None) -> None:
+        """``field``: the part of the request it is about, when that is not the model or the selector (forms)."""
         super().__init__(message)
         self.status = status
+        self.field = field
 
 
 class RolloutEngine:
@@ -100,13 +102,16 @@ class RolloutEngine:
             ).first()
             if version is None:
                 raise RolloutError(f"model {spec.model!r} has no version {spec.version}", 404)
-            devices = {
-                d.id: d.labels
-                for d in session.exec(select(Device).order_by(col(Device.id))).all()
-                if parsed.matches(d.labels)
-            }
+            rows = [d for d in session.exec(select(Device).order_by(col(Device.id))).all() if parsed.matches(d.labels)]
+            devices = {d.id: d.labels for d in rows}
             if not devices:
                 raise RolloutError(f"no device matches the selector {spec.selector!r}", 409)
+            reason = f"{len(devices)} devices in {len(waves)} waves"
+            if spec.shadow is not None:
+                try:
+                    reason += "; " + baseline.check(session, model, version, rows, spec.shadow)
+                except baseline.BaselineError as exc:
+                    raise RolloutError(str(exc), field="shadow_against") from None
             rollout_id = uuid.uuid4().hex
             assert version.id is not None
             stored = spec.model_dump(mode="json")
@@ -128,7 +133,7 @@ class RolloutEngine:
                     from_state="",
                     event="create",
                     to_state=S.PENDING,
-                    reason=f"{len(devices)} devices in {len(waves)} waves",
+                    reason=reason,
                     actor=actor,
                 )
             )

@@ -165,6 +165,11 @@ class RolloutShadow(BaseModel):
     sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.2
     min_samples: Annotated[int, Field(ge=1)] = 50
     max_duration_s: Annotated[float, Field(gt=0)] = 600.0
+    against: Literal["active", "parent"] = Field(
+        "active",
+        description="what the candidate is compared with: always the model each device serves; 'parent' also "
+        "requires the candidate to be a derived version and every targeted device to serve its lineage parent",
+    )
 
 
 class RolloutCreate(BaseModel):

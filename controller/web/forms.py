@@ -40,6 +40,7 @@ DEFAULTS: dict[str, str] = {
     "shadow_sample_rate": "0.2",
     "shadow_min_samples": "50",
     "shadow_agreement_min": "0.95",
+    "shadow_against": "active",
     "start_at": "",
     "late_devices": "current",
     "description": "",
@@ -157,6 +158,8 @@ def to_rollout(values: dict[str, str]) -> RolloutCreate:
             shadow["sample_rate"] = numbers["shadow_sample_rate"]
         if ints["shadow_min_samples"] is not None:
             shadow["min_samples"] = ints["shadow_min_samples"]
+        if values["shadow_against"]:
+            shadow["against"] = values["shadow_against"]
         body["shadow"] = shadow
     try:
         return RolloutCreate.model_validate(body)
@@ -186,9 +189,11 @@ def _field_errors(exc: ValidationError) -> dict[str, str]:
         elif loc[:1] == ("gates",):
             field = loc[1] if len(loc) > 1 else "error_rate_max"
         elif loc[:1] == ("shadow",):
-            field = {"sample_rate": "shadow_sample_rate", "min_samples": "shadow_min_samples"}.get(
-                loc[1] if len(loc) > 1 else "", "shadow"
-            )
+            field = {
+                "sample_rate": "shadow_sample_rate",
+                "min_samples": "shadow_min_samples",
+                "against": "shadow_against",
+            }.get(loc[1] if len(loc) > 1 else "", "shadow")
         else:
             field = _FIELD_OF.get(loc[:1], "form")
         message = str(e["msg"]).removeprefix("Value error, ")

@@ -63,8 +63,9 @@ def pin_key(ctl: ControllerProc, path: Path) -> Path:
 class Traffic:
     """Applications on the device: requests to the agent's local endpoint until stopped (bounded)."""
 
-    def __init__(self, port: int, limit: int = 20_000) -> None:
+    def __init__(self, port: int, limit: int = 20_000, body: dict[str, Any] | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}/v1/infer"
+        self.body = WINDOW if body is None else body
         self.versions: Counter[int] = Counter()
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -78,7 +79,7 @@ class Traffic:
                 if self._stop.is_set():
                     return
                 try:
-                    r = client.post(self.url, json=WINDOW)
+                    r = client.post(self.url, json=self.body)
                 except httpx.HTTPError as exc:
                     self.failures.append(repr(exc))
                     continue

@@ -92,7 +92,7 @@ def create_rollout(request: Request, who: OperatorFormDep, form: FormDep) -> Res
     try:
         rollout_id = runtime.rollouts.create(body, who.name)
     except RolloutError as exc:
-        field = "selector" if "selector" in str(exc) or "no device" in str(exc) else "ref"
+        field = exc.field or ("selector" if "selector" in str(exc) or "no device" in str(exc) else "ref")
         return _form_page(request, values, {field: str(exc)}, exc.status)
     with Session(runtime.engine) as session:
         audit.record(
