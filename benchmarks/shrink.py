@@ -195,9 +195,11 @@ MAX_SENTENCES = 5000
 #: work, where two spinning OpenMP threads per process wait on each other
 THREADS = int(os.environ.get("SHRINK_THREADS", "2"))
 #: training epochs (``SHRINK_EPOCHS``)
-EPOCHS = int(os.environ.get("SHRINK_EPOCHS", "2"))
+EPOCHS = int(os.environ.get("SHRINK_EPOCHS", "3"))
+#: fine-tuning epochs (``SHRINK_FINETUNE_EPOCHS``)
+FINETUNE_EPOCHS = int(os.environ.get("SHRINK_FINETUNE_EPOCHS", "5"))
 #: the distillation's learning rate (``SHRINK_LR``)
-LR = float(os.environ.get("SHRINK_LR", "2e-4"))
+LR = float(os.environ.get("SHRINK_LR", "5e-4"))
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -315,7 +317,7 @@ def _finetune_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
             continue
         report = finetune(
             env["teacher_ckpt"], work / f"classifier-{name}", _ctx(work / f"job-ft-{name}"), examples=examples,
-            lora_rank=rank, epochs=1 if env["quick"] else EPOCHS, lr=5e-5 if rank is None else 1e-3, max_length=64,
+            lora_rank=rank, epochs=1 if env["quick"] else FINETUNE_EPOCHS, lr=5e-5 if rank is None else 1e-3, max_length=64,
             held_out=0.2,
         )  # fmt: skip
         result[name] = {
