@@ -317,8 +317,8 @@ def _finetune_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
             continue
         report = finetune(
             env["teacher_ckpt"], work / f"classifier-{name}", _ctx(work / f"job-ft-{name}"), examples=examples,
-            lora_rank=rank, epochs=1 if env["quick"] else FINETUNE_EPOCHS, lr=5e-5 if rank is None else 1e-3, max_length=64,
-            held_out=0.2,
+            lora_rank=rank, epochs=1 if env["quick"] else FINETUNE_EPOCHS, lr=5e-5 if rank is None else 1e-3,
+            max_length=64, held_out=0.2,
         )  # fmt: skip
         result[name] = {
             "job_seconds": report.seconds,
