@@ -16,7 +16,9 @@ is held out from every training step and all quality figures are measured on it.
   names, e.g. errors = exceptions/try/raise/assert), fine-tuned from the MiniLM encoder, held-out accuracy
   against the agent's zero-shot prototype classifier (label names embedded, cosine argmax).
 
-Every job runs with 2 threads and reports its seconds. ``--quick``: fewer sentences, one student, 1 epoch.
+Every job reports its seconds (``SHRINK_THREADS`` torch and onnxruntime threads, 2 by default). Each stage
+can run in a process of its own (``SHRINK_STAGES``); the teacher's figures are then measured in each, and
+every stage times the teacher again, alternating with the student. ``--quick``: 1,500 sentences, 1 epoch.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def _ctx(work: Path) -> Any:
             last["tenth"] = int(fraction * 10)
             log.warning("%s: %3.0f%% %s", work.name, fraction * 100, message)
 
-    return StepContext(work_dir=work, progress=progress, cancelled=lambda: False, threads=2, seed=0)
+    return StepContext(work_dir=work, progress=progress, cancelled=lambda: False, threads=THREADS, seed=0)
 
 
 def _bundles(ckpt: Path, task: Any, work: Path) -> tuple[Any, Any]:
@@ -128,7 +130,7 @@ def _embed(bundle: Any, texts: list[str]) -> Any:
 
     from agent.inference.pipelines import load_pipeline
 
-    pipeline = load_pipeline(bundle.spec, bundle.root, threads=2)
+    pipeline = load_pipeline(bundle.spec, bundle.root, threads=THREADS)
     out = pipeline.run([{"text": t} for t in texts])
     return np.asarray([r["embedding"] for r in out], dtype=np.float32)
 
@@ -137,7 +139,7 @@ def _per_record_ms(bundle: Any, texts: list[str], rounds: int = 3) -> float:
     """Median over rounds of the mean time of one text per call (the agent's serving path, 2 threads)."""
     from agent.inference.pipelines import load_pipeline
 
-    pipeline = load_pipeline(bundle.spec, bundle.root, threads=2)
+    pipeline = load_pipeline(bundle.spec, bundle.root, threads=THREADS)
     pipeline.warmup()
     means = []
     for _ in range(rounds):
@@ -158,22 +160,29 @@ def _cos(a: Any, b: Any) -> dict[str, float]:
 def _compare(
     name: str, ckpt: Path, work: Path, teacher: dict[str, Any], held: list[str], speed: list[str]
 ) -> dict[str, Any]:
+    """The student's bundles against the teacher's: cosine on the held-out sentences, and time per record
+    measured alternately (teacher fp32, student fp32, teacher int8, student int8; 3 rounds, medians), so a
+    change in the machine's load falls on both."""
     from wire.manifest import Task
 
     fp32, int8 = _bundles(ckpt, Task.EMBEDDINGS, work / name)
-    ms32, ms8 = _per_record_ms(fp32, speed), _per_record_ms(int8, speed)
+    times: dict[str, list[float]] = {"t32": [], "s32": [], "t8": [], "s8": []}
+    for _ in range(3):
+        for key, bundle in (("t32", teacher["fp32"]), ("s32", fp32), ("t8", teacher["int8"]), ("s8", int8)):
+            times[key].append(_per_record_ms(bundle, speed, rounds=1))
+    ms = {k: statistics.median(v) for k, v in times.items()}
     return {
         "onnx_fp32_vs_teacher_fp32": _cos(_embed(fp32, held), teacher["vectors"]),
         "onnx_int8_vs_teacher_fp32": _cos(_embed(int8, held), teacher["vectors"]),
-        "ms_per_record_fp32": ms32,
-        "ms_per_record_int8": ms8,
-        "speedup_fp32_vs_teacher_fp32": round(teacher["ms_fp32"] / ms32, 2),
-        "speedup_int8_vs_teacher_int8": round(teacher["ms_int8"] / ms8, 2),
-        "speedup_int8_vs_teacher_fp32": round(teacher["ms_fp32"] / ms8, 2),
+        "ms_per_record": {k: round(v, 3) for k, v in ms.items()},
+        "speedup_fp32_vs_teacher_fp32": round(ms["t32"] / ms["s32"], 2),
+        "speedup_int8_vs_teacher_int8": round(ms["t8"] / ms["s8"], 2),
+        "speedup_int8_vs_teacher_fp32": round(ms["t32"] / ms["s8"], 2),
         "bytes_fp32": fp32.size_bytes,
         "bytes_int8": int8.size_bytes,
         "size_int8_vs_teacher_fp32": round(int8.size_bytes / teacher["bytes_fp32"], 3),
         "size_int8_vs_teacher_int8": round(int8.size_bytes / teacher["bytes_int8"], 3),
+        "load_average": os.getloadavg(),
     }
 
 
@@ -182,6 +191,15 @@ def _compare(
 STAGES = ("distill-2", "finetune", "prune", "distill-3")
 #: sentences used (train + held out): enough for the goals, few enough for minutes on 2 shared cores
 MAX_SENTENCES = 5000
+#: torch and onnxruntime threads (``SHRINK_THREADS``): 2, the machine's cores; 1 on a machine loaded by other
+#: work, where two spinning OpenMP threads per process wait on each other
+THREADS = int(os.environ.get("SHRINK_THREADS", "2"))
+#: training epochs (``SHRINK_EPOCHS``)
+EPOCHS = int(os.environ.get("SHRINK_EPOCHS", "3"))
+#: fine-tuning epochs (``SHRINK_FINETUNE_EPOCHS``)
+FINETUNE_EPOCHS = int(os.environ.get("SHRINK_FINETUNE_EPOCHS", "5"))
+#: the distillation's learning rate (``SHRINK_LR``)
+LR = float(os.environ.get("SHRINK_LR", "5e-4"))
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -195,7 +213,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from controller.registry.shrink.data import split
     from wire.manifest import Task
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     texts = corpus()[: 1500 if quick else int(os.environ.get("SHRINK_SENTENCES", MAX_SENTENCES))]
     held_out = 0.1
     train, held = split(texts, held_out, 0)
@@ -209,7 +227,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "held_out": len(held),
             "mean_words": round(statistics.mean(len(t.split()) for t in texts), 1),
         },
-        "threads": 2,
+        "threads": THREADS,
         "cpus": os.cpu_count(),
     }
     partial = Path(f"benchmarks/results/shrink-partial-{'+'.join(stages)}.json")
@@ -219,6 +237,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         teacher_ckpt = minilm_checkpoint()
         fp32, int8 = _bundles(teacher_ckpt, Task.EMBEDDINGS, work / "teacher")
         teacher = {
+            "fp32": fp32,
+            "int8": int8,
             "vectors": _embed(fp32, held),
             "ms_fp32": _per_record_ms(fp32, speed_texts),
             "ms_int8": _per_record_ms(int8, speed_texts),
@@ -255,7 +275,7 @@ def _distill_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
     out = work / f"student-{stage}"
     report = distill(
         env["teacher_ckpt"], out, _ctx(work / f"job-{stage}"), texts=env["texts"], student=spec,
-        epochs=1 if env["quick"] else 2, lr=2e-4, max_length=64, held_out=env["held_out"],
+        epochs=1 if env["quick"] else EPOCHS, lr=LR, max_length=64, held_out=env["held_out"],
     )  # fmt: skip
     entry = {"student": spec, "job_seconds": report.seconds, "torch": report.quality, "params": report.params_after}
     entry |= {"settings": report.settings, "notes": report.notes}
@@ -297,8 +317,8 @@ def _finetune_stage(stage: str, env: dict[str, Any]) -> dict[str, Any]:
             continue
         report = finetune(
             env["teacher_ckpt"], work / f"classifier-{name}", _ctx(work / f"job-ft-{name}"), examples=examples,
-            lora_rank=rank, epochs=1 if env["quick"] else 3, lr=5e-5 if rank is None else 1e-3, max_length=64,
-            held_out=0.2,
+            lora_rank=rank, epochs=1 if env["quick"] else FINETUNE_EPOCHS, lr=5e-5 if rank is None else 1e-3,
+            max_length=64, held_out=0.2,
         )  # fmt: skip
         result[name] = {
             "job_seconds": report.seconds,

@@ -4,7 +4,9 @@ Each step takes a local Hugging Face checkpoint directory and writes another one
 ``controller.registry.convert.export_hf`` accepts, so the importer turns it into a quantized, evaluated,
 signed version like any other. Steps save resumable state in ``ctx.work_dir`` and continue from it when
 called again; ``out`` appears complete or not at all. torch and transformers (the ``convert`` extra) are
-imported lazily; nothing here touches the network, a database or HTTP.
+imported lazily; nothing here touches the network, a database or HTTP. The modules are named
+``distillation``, ``pruning`` and ``finetuning``: a submodule named like a function would replace that
+function on the package once imported.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def distill(
     data_sha256: str | None = None,
 ) -> StepReport:
     """Train a smaller ``student`` shape to reproduce ``teacher`` on ``texts``; write it to ``out``."""
-    from controller.registry.shrink.distill import distill as run
+    from controller.registry.shrink.distillation import distill as run
 
     return run(
         teacher,
@@ -125,7 +127,7 @@ def prune(
     data_sha256: str | None = None,
 ) -> StepReport:
     """Remove a fraction of attention heads and FFN neurons (smaller matrices), optionally recover by distillation."""
-    from controller.registry.shrink.prune import prune as run
+    from controller.registry.shrink.pruning import prune as run
 
     return run(
         model,
@@ -155,7 +157,7 @@ def finetune(
     data_sha256: str | None = None,
 ) -> StepReport:
     """A classification head (and optionally LoRA adapters merged into the weights) trained on ``examples``."""
-    from controller.registry.shrink.finetune import finetune as run
+    from controller.registry.shrink.finetuning import finetune as run
 
     return run(
         model,

@@ -17,7 +17,7 @@ from typing import Any
 
 from controller.registry.shrink import ShrinkError, StepContext, StepReport
 from controller.registry.shrink.data import check_fraction, split
-from controller.registry.shrink.distill import save_checkpoint, teacher_outputs, texts_digest, train_student
+from controller.registry.shrink.distillation import save_checkpoint, teacher_outputs, texts_digest, train_student
 from controller.registry.shrink.models import Encoder, detect_task, load_model, load_tokenizer, parameters, pooling_of
 from controller.registry.shrink.report import quality
 from wire.manifest import Task

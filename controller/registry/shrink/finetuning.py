@@ -11,7 +11,7 @@ from typing import Any
 
 from controller.registry.shrink import ShrinkError, StepContext, StepReport
 from controller.registry.shrink.data import check_fraction, stratified_split
-from controller.registry.shrink.distill import save_checkpoint, texts_digest
+from controller.registry.shrink.distillation import save_checkpoint, texts_digest
 from controller.registry.shrink.lora import add_adapters, merge_adapters
 from controller.registry.shrink.models import Encoder, detect_task, load_model, load_tokenizer, parameters, pooling_of
 from controller.registry.shrink.train import run_loop
