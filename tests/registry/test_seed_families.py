@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import tarfile
 import time
@@ -612,8 +613,12 @@ def test_a_controller_killed_mid_import_leaves_no_half_registered_version(
     # No orphans: the store holds exactly what the remaining manifests list, nothing half-written.
     manifests = verified_manifests(ctl.get, kept_version)
     referenced = {f.sha256 for m in manifests.values() for f in m.files}
+    # ... and the source checkpoint the kept version keeps for derive jobs (never in a manifest)
+    with sqlite3.connect(data_dir / "controller.db") as db:
+        sources = {row[0] for row in db.execute("SELECT source_checkpoint FROM model_version") if row[0]}
+    assert len(sources) == 1, sources
     store = ctl.store()
-    assert {p.name for p in store.blobs.glob("*/*/*")} == referenced
+    assert {p.name for p in store.blobs.glob("*/*/*")} == referenced | sources
     assert list(store.tmp.iterdir()) == []
     assert list(staging.iterdir()) == []
     for m in manifests.values():

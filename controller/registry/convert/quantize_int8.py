@@ -125,7 +125,12 @@ def quantize_int8(bundle: ExportedBundle, out_dir: Path, **options: Any) -> Expo
     extra.update(
         {"quantize_seconds": round(seconds, 3), "reduce_range": reduce_range, "fp32_size_bytes": bundle.size_bytes}
     )
-    return replace(bundle, root=out, quantization=quantization, extra=extra)
+    keep = bundle.keep
+    if keep is not None:
+        # The device's files: the graphs, their new external data, and what was copied (not the fp32 weights).
+        written = {(rel.parent / loc).as_posix() for rel in graphs for loc in external_locations(out / rel)}
+        keep = sorted({p for p in keep if p not in external} | {rel.as_posix() for rel in graphs} | written)
+    return replace(bundle, root=out, quantization=quantization, extra=extra, keep=keep)
 
 
 def _weights_bytes(path: Path) -> int:
