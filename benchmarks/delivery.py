@@ -16,6 +16,9 @@ over disk slots, verification, self-test, switch), several of them in one asynci
 (``python -m benchmarks.delivery agents ...``), each with its own MQTT connection and data directory:
 50 OS processes would measure the 2-core machine's scheduler more than delivery.
 
+With ``SLMFLEET_BENCH_PROFILE=DIR`` in the environment each agents process runs under cProfile (its event
+loop thread) and leaves ``agents-*.prof`` in DIR (slower: for where the time goes, not for figures).
+
 Figures: ``ratio`` = baseline seconds / slmfleet seconds to verified (goal >= 0.5), ``chunks_lost``
 = chunks that had to be repaired (goal 0), ``controller_bytes_ratio`` = chunk bytes the controller
 published / artifact bytes (goal about 1, not N).
@@ -231,7 +234,15 @@ def agents_main(argv: list[str]) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         filename=str(root / f"agents-{ids[0]}.log"),
     )
-    asyncio.run(_agents_main(broker_url, key, root, ids))
+    profile_to = os.environ.get("SLMFLEET_BENCH_PROFILE")  # a directory: cProfile this agents process there
+    if not profile_to:
+        asyncio.run(_agents_main(broker_url, key, root, ids))
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        asyncio.run(_agents_main(broker_url, key, root, ids))
+    prof.dump_stats(str(Path(profile_to) / f"agents-{ids[0]}-{os.getpid()}.prof"))
 
 
 def cpu_seconds(pid: int) -> float:

@@ -51,18 +51,23 @@ class Outbox:
         self.max_inflight = max_inflight
         self._inflight: dict[int, int] = {}  # mid -> spool id
         self._sent_upto = 0  # highest spool id handed to the client since the last (re)start
+        # The spool held nothing after _sent_upto when last asked, and nothing was added since: pump need not
+        # ask again (it runs after every received message; asking SQLite each time cost a query per chunk).
+        self._drained = False
 
     def add(self, publish: Publish) -> None:
         # Entries in flight are with the MQTT client, which re-sends them after a reconnect: evicting them
         # would count as dropped messages that still arrive, so the bound spares them (at most max_inflight).
         self.spool.append(publish.topic, publish.payload, publish.qos, publish.retain, keep=self._inflight.values())
+        self._drained = False
 
     def pump(self, send: Send) -> int:
         """Send waiting entries while the in-flight window has room; returns how many were sent."""
         sent = 0
-        while len(self._inflight) < self.max_inflight:
+        while not self._drained and len(self._inflight) < self.max_inflight:
             batch = self.spool.after(self._sent_upto, self.max_inflight - len(self._inflight))
             if not batch:
+                self._drained = True
                 break
             for entry in batch:
                 mid = send(entry.topic, entry.payload, entry.qos, entry.retain)
@@ -88,6 +93,7 @@ class Outbox:
         """Forget what was in flight (a new client session): everything spooled is sent again."""
         self._inflight.clear()
         self._sent_upto = 0
+        self._drained = False
 
     @property
     def inflight(self) -> int:

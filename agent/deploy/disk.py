@@ -235,7 +235,7 @@ class DiskSlotStorage:
                 raise StorageError(f"slot {slot} is not being written")
             return opened.fds[file_index]
 
-    def write_chunk(self, slot: str, ref: ChunkRef, data: bytes) -> None:
+    def write_chunk(self, slot: str, ref: ChunkRef, data: bytes | memoryview) -> None:
         fd = self._fd(slot, ref.file)
         view = memoryview(data)
         offset = ref.offset

@@ -78,7 +78,7 @@ _BROADCAST_FILTER = f"{topics.ARTIFACT_PREFIX}/+/chunks"
 _MAX_STATES = 64
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -93,7 +93,7 @@ class DeploymentManager:
         key: Ed25519PublicKey | None,
         config: DeployConfig | None = None,
         *,
-        hash_chunk: Callable[[bytes], str] = sha256_hex,
+        hash_chunk: Callable[[bytes | memoryview], str] = sha256_hex,
     ) -> None:
         """``hash_chunk`` lets a simulator of thousands of devices share one hash per broadcast frame."""
         self.device_id = device_id

@@ -93,7 +93,7 @@ class MemorySlotStorage:
             raise StorageError(f"slot {slot} is not being written")
         return s
 
-    def write_chunk(self, slot: str, ref: ChunkRef, data: bytes) -> None:
+    def write_chunk(self, slot: str, ref: ChunkRef, data: bytes | memoryview) -> None:
         with self._lock:
             s = self._writable(slot)
             s.written.add(ref.index)  # type: ignore[union-attr]  # checked by _writable

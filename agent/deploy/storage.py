@@ -74,7 +74,7 @@ class SlotStorage(Protocol):
         """
         ...
 
-    def write_chunk(self, slot: str, ref: ChunkRef, data: bytes) -> None:
+    def write_chunk(self, slot: str, ref: ChunkRef, data: bytes | memoryview) -> None:
         """Write one verified chunk at its offset (not yet durable: see ``checkpoint``)."""
         ...
 

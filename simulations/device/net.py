@@ -145,7 +145,7 @@ class ChunkHashes:
         self.hits = 0
         self.misses = 0
 
-    def __call__(self, data: bytes) -> str:
+    def __call__(self, data: bytes | memoryview) -> str:
         key = (len(data), zlib.crc32(data))
         digest = self._cache.get(key)
         if digest is not None:

@@ -91,3 +91,58 @@ def test_drop_count_persists(tmp_path: Path) -> None:
         spool.append("t", b"x", 1, False)
     spool.close()
     assert SqliteSpool(tmp_path / "s.db", max_messages=2).dropped == 3
+
+
+class CountingSpool:
+    """A real spool that counts the look-ups ``Outbox.pump`` makes."""
+
+    def __init__(self, inner: MemorySpool | SqliteSpool) -> None:
+        self.inner = inner
+        self.lookups = 0
+        self.dropped = 0
+
+    def append(self, topic: str, payload: bytes, qos: int, retain: bool, keep=()) -> int:  # type: ignore[no-untyped-def]
+        return self.inner.append(topic, payload, qos, retain, keep)
+
+    def after(self, last_id: int, limit: int):  # type: ignore[no-untyped-def]
+        self.lookups += 1
+        return self.inner.after(last_id, limit)
+
+    def remove(self, entry_id: int) -> None:
+        self.inner.remove(entry_id)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def test_pump_asks_the_spool_only_when_something_may_be_waiting(spool_factory) -> None:  # type: ignore[no-untyped-def]
+    """The agent pumps after every received message (each chunk of a download): with nothing added since the
+    spool was last found empty, a pump must not query it; anything added, a restart or a full window still
+    send everything in order."""
+    spool = CountingSpool(spool_factory())
+    outbox, client = Outbox(spool, max_inflight=2), FakeClient()  # type: ignore[arg-type]
+    client.online = True
+    outbox.pump(client.send)  # a fresh outbox asks once: the spool may hold messages from before a restart
+    assert spool.lookups == 1
+    for _ in range(50):
+        outbox.pump(client.send)
+    assert spool.lookups == 1 and client.sent == []
+    for i in range(3):
+        outbox.add(msg(i))
+    outbox.pump(client.send)
+    assert client.sent == [b"m0", b"m1"]  # the window of 2 is full: m2 waits
+    for mid in (1, 2):
+        outbox.acked(mid)
+        outbox.pump(client.send)
+    assert client.sent == [b"m0", b"m1", b"m2"]
+    outbox.acked(3)
+    looked = spool.lookups
+    for _ in range(50):
+        outbox.pump(client.send)
+    assert spool.lookups == looked  # found empty after m2 went: no more look-ups
+    outbox.add(msg(3))
+    outbox.pump(client.send)
+    assert client.sent[-1] == b"m3"
+    outbox.restart()  # a new session: what is unacknowledged (m3) goes again
+    outbox.pump(client.send)
+    assert client.sent[-2:] == [b"m3", b"m3"]

@@ -196,7 +196,7 @@ class PeerDevice:
             self.bad_frames += 1
             return
         with self._lock:
-            self.chunks[frame.index] = frame.data
+            self.chunks[frame.index] = bytes(frame.data)
         if msg.topic == topics.chunks(self.device_id):
             self.from_repair += 1
         else:

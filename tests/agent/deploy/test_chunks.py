@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.deploy.config import DeployConfig
@@ -57,6 +58,18 @@ def test_frames_of_other_artifacts_and_malformed_frames_are_ignored(
     d.chunk(frames.encode(v1.id, 99, b"x"), art=v1)  # an index past the end
     assert d.manager.bitmap is not None and d.manager.bitmap.count == 0
     assert d.manager.counters["chunks_ignored"] == 1 and d.manager.drops.total == 2
+
+
+def test_a_frame_is_decoded_into_a_read_only_view_of_its_payload_not_a_copy() -> None:
+    """The agent hashes and writes each 256 KiB chunk from the received frame itself (issue 19)."""
+    payload = bytes(range(256)) * 1024
+    frame = frames.encode("ab" * 32, 7, payload)
+    got = frames.decode(frame)
+    assert (got.artifact_id, got.index, got.data) == ("ab" * 32, 7, payload)
+    assert got.data.obj is frame and got.data.readonly
+    assert hashlib.sha256(got.data).digest() == hashlib.sha256(payload).digest()
+    with pytest.raises(frames.FrameError, match="payload bytes"):
+        frames.decode(frame[:-1])
 
 
 def test_chunks_from_the_broadcast_and_the_repair_topic_both_count(key: Ed25519PrivateKey, v1: Artifact) -> None:
